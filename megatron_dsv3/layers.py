@@ -1,0 +1,225 @@
+"""The building blocks every module here is made of, chosen in one place.
+
+`get_backend(name)` returns the implementation of the four kinds of layer our modules use:
+  column(in, out)      weight split by output rows over tensor-parallel ranks
+  row(in, out)         weight split by input columns; output all-reduced over TP
+  replicated(in, out)  the same full weight on every TP rank (MLA's down-projections)
+  norm(hidden)         RMSNorm
+"local" is Megatron-Core's own tensor-parallel layers (`ColumnParallelLinear`,
+`RowParallelLinear`) plus our `ReplicatedLinear` and `RMSNorm`, and runs on CPU/gloo and
+GPU/NCCL. "te" is Transformer Engine's layers through Megatron's TE extension (GPU only).
+FP8 (DESIGN.md section 4) will be a third backend: nothing else needs to change.
+
+Every linear returns `(output, bias)` like Megatron's; bias is always None here (DeepSeek
+has no linear biases). The TP helpers at the bottom are device-agnostic: Megatron's own
+gather/scatter mappings allocate on `torch.cuda.current_device()`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+from .config import ConfigError
+
+
+def transformer_engine_available() -> bool:
+    try:
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+    except ImportError:
+        return False
+    return bool(HAVE_TE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Norm
+# ----------------------------------------------------------------------------------------------
+class RMSNorm(torch.nn.Module):
+    """RMSNorm computed in fp32 and cast back, as DeepSeek and Hugging Face do.
+
+    Signature matches Megatron's LayerNormBuilder: (config, hidden_size, eps).
+    """
+
+    def __init__(self, config=None, hidden_size: int = 0, eps: float = 1e-6):
+        super().__init__()
+        dtype = getattr(config, "params_dtype", torch.float32)
+        device = None if getattr(config, "use_cpu_initialization", True) else torch.cuda.current_device()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Replicated linear (the "duplicated" mode of TE's TELinear, for the local backend)
+# ----------------------------------------------------------------------------------------------
+class ReplicatedLinear(torch.nn.Module):
+    """y = x W^T with the full W on every tensor-parallel rank.
+
+    Its input and its output gradient are identical on all TP ranks (the gradient is reduced
+    downstream), so its weight gradient is too: no communication of its own.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, config, init_method: Callable,
+                 name: Optional[str] = None):
+        super().__init__()
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(
+            torch.empty(output_size, input_size, dtype=config.params_dtype, device=device))
+        with torch.no_grad():
+            master = torch.empty(output_size, input_size, dtype=torch.float32, device=device)
+            init_method(master)
+            self.weight.copy_(master)
+
+    def forward(self, x: torch.Tensor):
+        return F.linear(x, self.weight), None
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LinearBackend:
+    """Constructors for the four kinds of layer. Each linear returns (output, None)."""
+
+    name: str
+    column: Callable[..., torch.nn.Module]
+    row: Callable[..., torch.nn.Module]
+    replicated: Callable[..., torch.nn.Module]
+    norm: Callable[..., torch.nn.Module]
+
+
+def _local_column(input_size, output_size, *, config, init_method, tp_group, stride=1,
+                  gather_output=False, name=None):
+    return ColumnParallelLinear(input_size, output_size, config=config, init_method=init_method,
+                                bias=False, gather_output=gather_output, stride=stride,
+                                skip_bias_add=False, tp_group=tp_group, name=name)
+
+
+def _local_row(input_size, output_size, *, config, init_method, tp_group, name=None):
+    return RowParallelLinear(input_size, output_size, config=config, init_method=init_method,
+                             bias=False, input_is_parallel=True, skip_bias_add=False,
+                             tp_group=tp_group, name=name)
+
+
+def _local_replicated(input_size, output_size, *, config, init_method, tp_group=None,
+                      name=None):
+    return ReplicatedLinear(input_size, output_size, config=config, init_method=init_method,
+                            name=name)
+
+
+def _te_backend() -> LinearBackend:
+    from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelLinear,
+        TELinear,
+        TENorm,
+        TERowParallelLinear,
+    )
+
+    def column(input_size, output_size, *, config, init_method, tp_group, stride=1,
+               gather_output=False, name=None):
+        # TE has no `stride`: a fused [gate; up] weight is initialised per rank rather than
+        # split from one master draw. Same math, another random init; checkpoints convert.
+        return TEColumnParallelLinear(input_size, output_size, config=config,
+                                      init_method=init_method, gather_output=gather_output,
+                                      bias=False, skip_bias_add=False, is_expert=False,
+                                      tp_group=tp_group)
+
+    def row(input_size, output_size, *, config, init_method, tp_group, name=None):
+        return TERowParallelLinear(input_size, output_size, config=config,
+                                   init_method=init_method, bias=False, input_is_parallel=True,
+                                   skip_bias_add=False, is_expert=False, tp_group=tp_group)
+
+    def replicated(input_size, output_size, *, config, init_method, tp_group=None, name=None):
+        return TELinear(input_size, output_size, parallel_mode="duplicated", config=config,
+                        init_method=init_method, bias=False, skip_bias_add=False,
+                        skip_weight_param_allocation=False, tp_group=None)
+
+    def norm(config=None, hidden_size=0, eps=1e-6):
+        return TENorm(config=config, hidden_size=hidden_size, eps=eps)
+
+    return LinearBackend("te", column, row, replicated, norm)
+
+
+LOCAL = LinearBackend("local", _local_column, _local_row, _local_replicated, RMSNorm)
+
+
+@functools.cache
+def get_backend(name: str = "auto") -> LinearBackend:
+    """The layer implementations for `ModelConfig.linear_backend`."""
+    if name == "auto":
+        name = "te" if transformer_engine_available() else "local"
+    if name == "local":
+        return LOCAL
+    if name == "te":
+        if not transformer_engine_available():
+            raise ConfigError("linear_backend='te' is invalid here: Transformer Engine does not "
+                              "import; install transformer-engine[pytorch] or use 'local'")
+        return _te_backend()
+    raise ConfigError(f"linear_backend={name!r} is invalid: choose 'auto', 'local' or 'te'")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensor-parallel helpers that run on CPU (gloo) and GPU (NCCL) alike
+# ----------------------------------------------------------------------------------------------
+def tp_size(group) -> int:
+    return 1 if group is None else group.size()
+
+
+def tp_rank(group) -> int:
+    return 0 if group is None else group.rank()
+
+
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """Identity forward; all-reduce of the gradient over TP in backward."""
+    if tp_size(group) == 1:
+        return x
+    return copy_to_tensor_model_parallel_region(x, group=group)
+
+
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce over TP in forward; identity backward."""
+    if tp_size(group) == 1:
+        return x
+    return reduce_from_tensor_model_parallel_region(x, group=group)
+
+
+class _GatherLastDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(group.size())]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group = ctx.group
+        return grad.chunk(group.size(), dim=-1)[group.rank()].contiguous(), None
+
+
+def gather_last_dim_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """All-gather the last dimension over TP (forward); keep this rank's slice (backward)."""
+    if tp_size(group) == 1:
+        return x
+    return _GatherLastDim.apply(x, group)
+
+
+def mark_tensor_parallel(param: torch.nn.Parameter, dim: int, stride: int = 1) -> None:
+    """Megatron's metadata for a TP-split parameter (read by checkpointing and by our
+    sharding helpers in `megatron_dsv3.parallel`)."""
+    set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=stride)

@@ -1,0 +1,139 @@
+"""The DeepSeek-V3 model: Megatron-Core's GPTModel built from our specs.
+
+`DeepSeekV3Model` is Megatron's `GPTModel` (embedding, TransformerBlock, MTP block, output
+layer, vocab-parallel cross-entropy) with one change: with labels it returns the main and the
+per-depth MTP cross-entropies separately (`LMOutput`) instead of folding MTP into the backward
+with a constant weight, so the training step applies the lambda schedule and reports both.
+Without labels it returns the main logits [b, s, V] (vocab-parallel unless gathered).
+
+`build_model(cfg, ...)` builds one pipeline stage; `model_provider` is the same thing with the
+signature Megatron's `pretrain()` calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from .config import ModelConfig, to_megatron_config
+from .mtp import mtp_targets
+from .specs import decoder_block_spec, mtp_block_spec
+
+
+@dataclass
+class LMOutput:
+    """Per-token losses of one micro-batch.
+
+    lm_loss:     [b, s] cross-entropy of the next token
+    mtp_losses:  [D, b, s] cross-entropy of depth k's target t_{i+k+1}, or None without MTP
+    mtp_valid:   [D, b, s] bool, positions whose depth-k target exists (and is not masked)
+    """
+
+    lm_loss: torch.Tensor
+    mtp_losses: Optional[torch.Tensor] = None
+    mtp_valid: Optional[torch.Tensor] = None
+
+
+class DeepSeekV3Model(GPTModel):
+    """GPTModel whose post-processing reports MTP losses instead of hiding them."""
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, rotary_pos_emb,
+                     rotary_pos_cos, rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None,
+                     decoder_input=None, attention_mask=None, padding_mask=None,
+                     inference_params=None, packed_seq_params=None, sequence_len_offset=None,
+                     runtime_gather_output=None, extra_block_kwargs=None,
+                     inference_context=None, output_processor=None,
+                     output_processor_context=None):
+        if mtp_in_postprocess:
+            hidden_states = self.mtp(input_ids=input_ids, position_ids=position_ids,
+                                     hidden_states=hidden_states, attention_mask=attention_mask,
+                                     embedding=self.embedding)
+        if not self.post_process:
+            return hidden_states
+
+        depth = self.config.mtp_num_layers or 0
+        chunks = hidden_states.chunk(1 + depth, dim=0) if depth else (hidden_states,)
+        output_weight = (self.shared_embedding_or_output_weight()
+                         if self.share_embeddings_and_output_weights else None)
+
+        def logits_of(h):
+            logits, _ = self.output_layer(h, weight=output_weight,
+                                          runtime_gather_output=runtime_gather_output)
+            return logits  # [s, b, V/tp]
+
+        main_logits = logits_of(chunks[0])
+        if labels is None:
+            return main_logits.transpose(0, 1).contiguous()  # [b, s, V/tp]
+
+        lm_loss = self.compute_language_model_loss(labels, main_logits)
+        if depth == 0:
+            return LMOutput(lm_loss)
+        losses, valids = [], []
+        for k in range(1, depth + 1):
+            targets, valid = mtp_targets(labels, k)
+            if loss_mask is not None:
+                valid = valid & mtp_targets(loss_mask.bool(), k)[0]
+            losses.append(self.compute_language_model_loss(targets, logits_of(chunks[k])))
+            valids.append(valid)
+        return LMOutput(lm_loss, torch.stack(losses), torch.stack(valids))
+
+
+def build_model(cfg: ModelConfig, *, pg_collection: Optional[ProcessGroupCollection] = None,
+                megatron_config=None, pre_process: bool = True, post_process: bool = True,
+                vp_stage: Optional[int] = None) -> DeepSeekV3Model:
+    """One pipeline stage of the model (the whole model by default).
+
+    `megatron_config` defaults to `to_megatron_config(cfg)` with the TP size of
+    `pg_collection.tp`; `pg_collection` defaults to Megatron's global process groups.
+    """
+    if pg_collection is None:
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    if megatron_config is None:
+        megatron_config = to_megatron_config(cfg, tensor_parallel_size=pg_collection.tp.size(),
+                                             pipeline_parallel_size=pg_collection.pp.size())
+    return DeepSeekV3Model(
+        config=megatron_config,
+        transformer_layer_spec=decoder_block_spec(megatron_config, vp_stage=vp_stage),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.max_seq_len,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="none",
+        mtp_block_spec=mtp_block_spec(megatron_config, vp_stage=vp_stage),
+        pg_collection=pg_collection,
+        vp_stage=vp_stage,
+    )
+
+
+def model_provider(pre_process: bool = True, post_process: bool = True,
+                   vp_stage: Optional[int] = None, config=None, pg_collection=None,
+                   **unused) -> DeepSeekV3Model:
+    """`megatron.training.pretrain`'s model provider for this model.
+
+    The model config comes from Megatron's parsed arguments (`--multi-latent-attention
+    --q-lora-rank ... --num-experts ... --moe-router-score-function sigmoid ...`) through
+    `from_megatron_config`; pass `config` to override with a Megatron TransformerConfig.
+    """
+    from .config import from_megatron_config
+
+    if config is None:
+        from megatron.training import get_args
+        from megatron.training.arguments import core_transformer_config_from_args
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        args = get_args()
+        config = core_transformer_config_from_args(args, MLATransformerConfig)
+        vocab_size, max_seq_len = args.padded_vocab_size, args.max_position_embeddings
+    else:
+        vocab_size = getattr(config, "dsv3", None) and config.dsv3.vocab_size
+        max_seq_len = getattr(config, "dsv3", None) and config.dsv3.max_seq_len
+    cfg = from_megatron_config(config, vocab_size=vocab_size, max_seq_len=max_seq_len)
+    config.dsv3 = cfg
+    return build_model(cfg, pg_collection=pg_collection, megatron_config=config,
+                       pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)

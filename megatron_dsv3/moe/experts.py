@@ -1,0 +1,99 @@
+"""Routed experts (SwiGLU) over tokens already sorted by expert, and the dense SwiGLU FFN.
+
+Shape legend: N token-expert assignments sorted by expert, D hidden, E local experts,
+F expert FFN width on this TP rank (the width is split over tensor-parallel ranks).
+
+  fc1_EFD2 = weight [E, 2F, D] holding [gate; up] rows per expert (TP: each rank its slice
+             of gate and of up, i.e. stride 2), fc2_EDF = weight [E, D, F].
+  y_ND = (silu(x W_gate^T) * (x W_up^T)) W_2^T, per expert on its contiguous rows.
+
+Two implementations with one result: `grouped_mm` (one `torch._grouped_mm` per projection,
+the GPU path, no host sync) and `loop` (a Python loop over experts, the reference).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..layers import mark_tensor_parallel, tp_size
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def experts_loop(x_ND: torch.Tensor, fc1_EFD2: torch.Tensor, fc2_EDF: torch.Tensor,
+                 tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """Reference: one dense SwiGLU per expert on its slice of rows."""
+    counts = tokens_per_expert_E.tolist()
+    outputs, start = [], 0
+    for e, count in enumerate(counts):
+        rows = x_ND[start:start + count]
+        outputs.append(F.linear(swiglu(F.linear(rows, fc1_EFD2[e])), fc2_EDF[e]))
+        start += count
+    return torch.cat(outputs, dim=0) if outputs else x_ND.new_zeros(0, fc2_EDF.shape[1])
+
+
+def experts_grouped_mm(x_ND: torch.Tensor, fc1_EFD2: torch.Tensor, fc2_EDF: torch.Tensor,
+                       tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """Fast path: `torch._grouped_mm` with per-expert row offsets (bf16 on Hopper)."""
+    offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
+    h_NF2 = torch._grouped_mm(x_ND, fc1_EFD2.transpose(-2, -1), offs=offsets_E)
+    return torch._grouped_mm(swiglu(h_NF2), fc2_EDF.transpose(-2, -1), offs=offsets_E)
+
+
+EXPERT_IMPLS = {"loop": experts_loop, "grouped_mm": experts_grouped_mm}
+
+
+def pick_experts_impl(impl: str, device: torch.device):
+    if impl == "auto":
+        impl = "grouped_mm" if device.type == "cuda" else "loop"
+    return EXPERT_IMPLS[impl]
+
+
+class RoutedExperts(torch.nn.Module):
+    """The E routed experts' weights (all experts local; expert parallelism slices E later)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, *, tp_group,
+                 dtype: torch.dtype, device=None, init_std: float = 0.006, impl: str = "auto"):
+        super().__init__()
+        tp = tp_size(tp_group)
+        local_ffn = ffn_size // tp
+        self.impl = impl
+        self.fc1 = torch.nn.Parameter(
+            torch.empty(num_experts, 2 * local_ffn, hidden_size, dtype=dtype, device=device))
+        self.fc2 = torch.nn.Parameter(
+            torch.empty(num_experts, hidden_size, local_ffn, dtype=dtype, device=device))
+        mark_tensor_parallel(self.fc1, dim=1, stride=2)
+        mark_tensor_parallel(self.fc2, dim=2)
+        with torch.no_grad():
+            self.fc1.normal_(0.0, init_std)
+            self.fc2.normal_(0.0, init_std)
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+                impl: Optional[str] = None) -> torch.Tensor:
+        run = pick_experts_impl(impl or self.impl, x_ND.device)
+        return run(x_ND, self.fc1, self.fc2, tokens_per_expert_E)
+
+
+class SwiGLUMLP(torch.nn.Module):
+    """Dense FFN (and DeepSeekMoE's shared experts): fc1 [gate; up] column-parallel with
+    stride 2, fc2 row-parallel (its output is all-reduced over TP)."""
+
+    def __init__(self, hidden_size: int, ffn_size: int, *, backend, config, tp_group,
+                 init_std: float):
+        super().__init__()
+        init = lambda w: torch.nn.init.normal_(w, mean=0.0, std=init_std)  # noqa: E731
+        self.linear_fc1 = backend.column(hidden_size, 2 * ffn_size, config=config,
+                                         init_method=init, tp_group=tp_group, stride=2)
+        self.linear_fc2 = backend.row(ffn_size, hidden_size, config=config, init_method=init,
+                                      tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.linear_fc1(x)
+        out, _ = self.linear_fc2(swiglu(h))
+        return out

@@ -72,7 +72,7 @@ class MTPLayer(torch.nn.Module):
         Returns the new hidden states and the ids shifted one further, for the next depth.
         """
         input_ids = shift_left(input_ids, 1)
-        position_ids = shift_left(position_ids, 1)
+        position_ids = None if position_ids is None else shift_left(position_ids, 1)
         emb = embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, d]
         joint = torch.cat([self.enorm(emb), self.hnorm(hidden_states)], dim=-1)
         h, _ = self.eh_proj(joint)

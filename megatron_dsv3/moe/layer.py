@@ -116,7 +116,9 @@ class DeepSeekMoE(torch.nn.Module):
         routing = self.router(x_TD)
         gates_TK = copy_to_tp(routing.gates_TK, self.tp_group)  # sum gate grads over TP
 
-        x_ND, tokens_per_expert_E, state = self.dispatcher.dispatch(x_TD, routing)
+        # Each TP rank holds a slice of every expert's width: sum their input gradients.
+        x_ND, tokens_per_expert_E, state = self.dispatcher.dispatch(
+            copy_to_tp(x_TD, self.tp_group), routing)
         y_ND = self.experts(x_ND, tokens_per_expert_E)
         out_TD = reduce_from_tp(self.dispatcher.combine(y_ND, gates_TK, state), self.tp_group)
         if self.shared_experts is not None:

@@ -24,10 +24,13 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 
 def init_distributed(tensor_parallel_size: int = 1, *, backend: Optional[str] = None,
-                     timeout_s: int = 600) -> ProcessGroupCollection:
+                     seed: int = 1234, timeout_s: int = 600) -> ProcessGroupCollection:
     """Initialise torch.distributed from the launcher's environment (torchrun sets RANK,
     WORLD_SIZE, MASTER_ADDR/PORT; a plain `python` run is a world of one) and Megatron's
-    tensor/data-parallel groups. Returns the process groups the model takes."""
+    tensor/data-parallel groups. Returns the process groups the model takes.
+
+    On GPU, Megatron's parallel layers initialise their weights under its CUDA RNG tracker,
+    which is seeded here (`seed`); on CPU they draw from torch's global generator."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world_size % tensor_parallel_size != 0:
@@ -44,6 +47,10 @@ def init_distributed(tensor_parallel_size: int = 1, *, backend: Optional[str] = 
                                 timeout=datetime.timedelta(seconds=timeout_s))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    if use_cuda:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
     return ProcessGroupCollection.use_mpu_process_groups()
 
 

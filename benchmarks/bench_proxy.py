@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Forward + backward (and, separately, the full optimizer step) of a preset, against the peers.
+
+  python benchmarks/bench_proxy.py                       # proxy preset, bf16, one GPU
+  python benchmarks/bench_proxy.py --peers-dir .peers    # + HF transformers and torchtitan
+  python benchmarks/bench_proxy.py --preset tiny --device cpu --steps 2   # logic check on CPU
+
+Same shapes as the peers' `proxy` (../shared/peers): micro-batch 1 x 4096 tokens, random ids
+and labels, parameters in bf16 (no fp32 master copy, as the peers build theirs), no MTP unless
+`--mtp`. Model FLOPs per token from `megatron_dsv3.flops` (the peers' formula: 6 x active
+matmul parameters + causal attention). Prints a table and one JSON line; `--json-out` saves it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def build(args, device):
+    from megatron_dsv3.config import preset, to_megatron_config
+    from megatron_dsv3.model import build_model
+    from megatron_dsv3.parallel import init_distributed
+
+    cfg = preset(args.preset)
+    if not args.mtp:
+        cfg = cfg.replace(mtp__num_layers=0)
+    if args.dtype:
+        cfg = cfg.replace(params_dtype=args.dtype)
+    if args.attention:
+        cfg = cfg.replace(mla__attention_impl=args.attention)
+    if args.experts:
+        cfg = cfg.replace(moe__experts_impl=args.experts)
+    pg = init_distributed(tensor_parallel_size=1)
+    torch.manual_seed(0)
+    megatron_cfg = to_megatron_config(cfg, use_cpu_initialization=device.type != "cuda")
+    model = build_model(cfg, pg_collection=pg, megatron_config=megatron_cfg).to(device)
+    return cfg, model
+
+
+def time_steps(step_fn, steps: int, warmup: int, device) -> list[float]:
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        step_fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        if i == warmup - 1 and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+    return times
+
+
+def run_ours(args, device) -> dict:
+    from megatron_dsv3.flops import active_matmul_params, training_flops_per_token
+    from megatron_dsv3.mtp import mtp_loss
+
+    cfg, model = build(args, device)
+    seq = args.seq_len or cfg.max_seq_len
+    g = torch.Generator().manual_seed(1234)
+    input_ids = torch.randint(0, cfg.vocab_size, (args.batch, seq), generator=g).to(device)
+    labels = torch.randint(0, cfg.vocab_size, (args.batch, seq), generator=g).to(device)
+    tokens = args.batch * seq
+
+    def forward_backward():
+        out = model(input_ids, None, None, labels=labels)
+        loss = out.lm_loss.mean()
+        if out.mtp_losses is not None:
+            loss = loss + mtp_loss(out.mtp_losses, out.mtp_valid, 0.3)
+        loss.backward()
+        return loss
+
+    def fwd_bwd_step():
+        model.zero_grad(set_to_none=True)
+        forward_backward()
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5,
+                                  fused=device.type == "cuda")
+
+    def full_step():
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward()
+        optimizer.step()
+
+    if args.profile and device.type == "cuda":
+        profile(fwd_bwd_step, args.profile)
+
+    fb_times = time_steps(fwd_bwd_step, args.steps, args.warmup, device)
+    fb_peak = _peak_gib(device)
+    step_times = time_steps(full_step, args.steps, args.warmup, device)
+    step_peak = _peak_gib(device)
+    flops_tok = training_flops_per_token(cfg, seq, include_mtp=args.mtp)
+    fb = statistics.median(fb_times)
+    st = statistics.median(step_times)
+    return {
+        "impl": "megatron_dsv3", "preset": cfg.name, "mtp": cfg.mtp.num_layers,
+        "params": sum(p.numel() for p in model.parameters()),
+        "active_matmul_params": active_matmul_params(cfg, include_mtp=args.mtp),
+        "tokens": tokens, "flops_per_token": flops_tok,
+        "fwd_bwd_s": round(fb, 6), "tok_per_s": round(tokens / fb, 1),
+        "tflops": round(flops_tok * tokens / fb / 1e12, 1), "peak_gib": round(fb_peak, 2),
+        "step_s": round(st, 6), "step_tok_per_s": round(tokens / st, 1),
+        "step_peak_gib": round(step_peak, 2),
+        "fwd_bwd_times": [round(t, 5) for t in fb_times],
+        "attention": cfg.mla.attention_impl, "experts": cfg.moe.experts_impl,
+    }
+
+
+def profile(step_fn, path: str) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    for _ in range(2):
+        step_fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step_fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=60)
+    Path(path).write_text(table)
+    print(table[:6000], file=sys.stderr)
+
+
+def run_peer(name: str, peers_dir: Path, steps: int) -> dict:
+    script = {"hf": "anchor_hf.py", "torchtitan": "anchor_torchtitan.py"}[name]
+    env = dict(os.environ)
+    site = peers_dir / ".site"
+    if name == "torchtitan" and site.exists():
+        env["PYTHONPATH"] = f"{site}:{env.get('PYTHONPATH', '')}"
+    proc = subprocess.run([sys.executable, str(peers_dir / script), "proxy", str(steps)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return {"impl": name, "error": proc.stderr[-500:]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(proc.stderr[-1500:], file=sys.stderr)
+    return result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="proxy")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=[None, "bfloat16", "float32"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--mtp", action="store_true", help="include the preset's MTP modules")
+    parser.add_argument("--attention", default=None, choices=[None, "sdpa", "reference"])
+    parser.add_argument("--experts", default=None, choices=[None, "grouped_mm", "loop"])
+    parser.add_argument("--peers-dir", type=Path, default=None,
+                        help="folder with the peers' anchor_hf.py / anchor_torchtitan.py")
+    parser.add_argument("--peers", default="hf,torchtitan")
+    parser.add_argument("--profile", default=None, help="write a kernel profile table here")
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+    results = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "ours": run_ours(args, device), "peers": []}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if args.peers_dir is not None:
+        for name in args.peers.split(","):
+            results["peers"].append(run_peer(name, args.peers_dir, max(args.steps // 2, 3)))
+    ok_peers = [p for p in results["peers"] if "tok_per_s" in p]
+    if ok_peers:
+        best = max(ok_peers, key=lambda p: p["tok_per_s"])
+        results["speedup_vs_best_peer"] = round(results["ours"]["tok_per_s"] / best["tok_per_s"],
+                                                3)
+        results["best_peer"] = best["impl"]
+    ours = results["ours"]
+    print(f"ours: fwd+bwd {ours['fwd_bwd_s'] * 1e3:.1f} ms  {ours['tok_per_s']:.0f} tok/s  "
+          f"{ours['tflops']} TFLOP/s  peak {ours['peak_gib']} GiB | full step "
+          f"{ours['step_s'] * 1e3:.1f} ms  {ours['step_tok_per_s']:.0f} tok/s  peak "
+          f"{ours['step_peak_gib']} GiB", file=sys.stderr)
+    for peer in ok_peers:
+        print(f"{peer['impl']}: {peer['step_s'] * 1e3:.1f} ms  {peer['tok_per_s']:.0f} tok/s  "
+              f"peak {peer['peak_gib']} GiB", file=sys.stderr)
+    line = json.dumps(results)
+    print(line)
+    if args.json_out:
+        args.json_out.write_text(line + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -59,6 +59,10 @@ def build(args, device):
     torch.manual_seed(0)
     megatron_cfg = to_megatron_config(cfg, use_cpu_initialization=device.type != "cuda")
     model = build_model(cfg, pg_collection=pg, megatron_config=megatron_cfg).to(device)
+    if args.compile != "none":
+        from megatron_dsv3.model import compile_model
+
+        compile_model(model, scope=args.compile)
     return cfg, model
 
 
@@ -128,6 +132,7 @@ def run_ours(args, device) -> dict:
         "step_peak_gib": round(step_peak, 2),
         "fwd_bwd_times": [round(t, 5) for t in fb_times],
         "attention": cfg.mla.attention_impl, "experts": cfg.moe.experts_impl,
+        "compile": args.compile,
     }
 
 
@@ -170,10 +175,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation)")
     parser.add_argument("--mtp", action="store_true", help="include the preset's MTP modules")
     parser.add_argument("--attention", default=None, choices=[None, "sdpa", "reference"])
     parser.add_argument("--experts", default=None, choices=[None, "grouped_mm", "loop"])
+    parser.add_argument("--compile", default="none", choices=["none", "layers", "modules"],
+                        help="torch.compile each transformer layer or each of our modules")
     parser.add_argument("--peers-dir", type=Path, default=None,
                         help="folder with the peers' anchor_hf.py / anchor_torchtitan.py")
     parser.add_argument("--peers", default="hf,torchtitan")

@@ -47,7 +47,7 @@ def transformer_engine_available() -> bool:
 # Norm
 # ----------------------------------------------------------------------------------------------
 class RMSNorm(torch.nn.Module):
-    """RMSNorm computed in fp32 and cast back, as DeepSeek and Hugging Face do.
+    """RMSNorm with fp32 statistics (torch's fused kernel upcasts internally).
 
     Signature matches Megatron's LayerNormBuilder: (config, hidden_size, eps).
     """
@@ -60,8 +60,7 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * y.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,8 +30,44 @@ from .router import Router, Routing, sequence_balance_loss
 class DispatchState:
     """What combine needs to undo dispatch."""
 
-    inverse_order_N: torch.Tensor  # position of assignment n (token-major) in the sorted rows
+    order_N: torch.Tensor    # sorted position -> assignment n = t*K + k
+    inverse_N: torch.Tensor  # assignment n -> its sorted position
     num_tokens: int
+
+
+class _DispatchRows(torch.autograd.Function):
+    """x_TD -> x_ND = x_TD[order_N // K]: each token copied to its K sorted positions.
+
+    Backward sums the K copies' gradients with a gather and a reduction (deterministic, no
+    atomics), instead of autograd's scatter-add for indexing."""
+
+    @staticmethod
+    def forward(ctx, x_TD, order_N, inverse_N, top_k: int):
+        ctx.save_for_backward(inverse_N)
+        ctx.top_k = top_k
+        return x_TD.index_select(0, order_N // top_k)
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        (inverse_N,) = ctx.saved_tensors
+        tokens = inverse_N.numel() // ctx.top_k
+        grad_TD = grad_ND.index_select(0, inverse_N).view(tokens, ctx.top_k, -1).sum(dim=1)
+        return grad_TD, None, None, None
+
+
+class _UnpermuteRows(torch.autograd.Function):
+    """y_ND (expert-sorted) -> y_NK (token-major, n = t*K + k); backward is the inverse
+    permutation (a gather), not a scatter."""
+
+    @staticmethod
+    def forward(ctx, y_ND, order_N, inverse_N):
+        ctx.save_for_backward(order_N)
+        return y_ND.index_select(0, inverse_N)
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        (order_N,) = ctx.saved_tensors
+        return grad_N.index_select(0, order_N), None, None
 
 
 class LocalDispatcher:
@@ -41,16 +77,17 @@ class LocalDispatcher:
                  ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
         T, K = routing.topk_TK.shape
         order_N = routing.topk_TK.flatten().argsort(stable=True)  # sorted position -> assignment
-        x_ND = x_TD[order_N // K]
         inverse_N = torch.empty_like(order_N)
         inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-        return x_ND, routing.tokens_per_expert_E, DispatchState(inverse_N, T)
+        x_ND = _DispatchRows.apply(x_TD, order_N, inverse_N, K)
+        return x_ND, routing.tokens_per_expert_E, DispatchState(order_N, inverse_N, T)
 
     def combine(self, y_ND: torch.Tensor, gates_TK: torch.Tensor,
                 state: DispatchState) -> torch.Tensor:
+        """sum_k gate_{t,k} * y_{t,k}, in y's dtype (bf16 products, fp32-accumulated sum)."""
         T, K = gates_TK.shape
-        y_TKD = y_ND[state.inverse_order_N].view(T, K, -1)
-        return torch.einsum("tkd,tk->td", y_TKD.float(), gates_TK).to(y_ND.dtype)
+        y_TKD = _UnpermuteRows.apply(y_ND, state.order_N, state.inverse_N).view(T, K, -1)
+        return (y_TKD * gates_TK.unsqueeze(-1).to(y_ND.dtype)).sum(dim=1)
 
 
 class AuxLossInjector(torch.autograd.Function):

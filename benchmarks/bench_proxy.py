@@ -62,7 +62,8 @@ def build(args, device):
     if args.compile != "none":
         from megatron_dsv3.model import compile_model
 
-        compile_model(model, scope=args.compile)
+        compile_model(model, scope=args.compile,
+                      **({"mode": args.compile_mode} if args.compile_mode else {}))
     return cfg, model
 
 
@@ -132,7 +133,7 @@ def run_ours(args, device) -> dict:
         "step_peak_gib": round(step_peak, 2),
         "fwd_bwd_times": [round(t, 5) for t in fb_times],
         "attention": cfg.mla.attention_impl, "experts": cfg.moe.experts_impl,
-        "compile": args.compile,
+        "compile": args.compile, "compile_mode": args.compile_mode,
     }
 
 
@@ -179,8 +180,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--mtp", action="store_true", help="include the preset's MTP modules")
     parser.add_argument("--attention", default=None, choices=[None, "sdpa", "reference"])
     parser.add_argument("--experts", default=None, choices=[None, "grouped_mm", "loop"])
-    parser.add_argument("--compile", default="none", choices=["none", "layers", "modules"],
-                        help="torch.compile each transformer layer or each of our modules")
+    parser.add_argument("--compile", default="auto", choices=["auto", "none", "layers", "modules"],
+                        help="torch.compile each transformer layer or each of our modules "
+                             "(auto: modules on GPU, none on CPU)")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--peers-dir", type=Path, default=None,
                         help="folder with the peers' anchor_hf.py / anchor_torchtitan.py")
     parser.add_argument("--peers", default="hf,torchtitan")
@@ -190,6 +194,8 @@ def main(argv=None) -> dict:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
+    if args.compile == "auto":
+        args.compile = "modules" if device.type == "cuda" else "none"
     if device.type == "cpu":
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 

@@ -40,28 +40,22 @@ def rope_inv_freq(dim: int, base: float, yarn: Optional[YarnConfig]) -> torch.Te
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """cos/sin tables [positions, dim/2] for the rope channels, cached by length and device."""
+    """cos/sin tables [positions, dim/2] for the rope channels.
+
+    Recomputed at each call (an outer product and two elementwise ops, fused under
+    torch.compile): a cache would hand out tensors that CUDA-graph replays overwrite."""
 
     def __init__(self, dim: int, base: float, yarn: Optional[YarnConfig] = None):
         super().__init__()
         self.dim = dim
         self.register_buffer("inv_freq", rope_inv_freq(dim, base, yarn), persistent=False)
-        self._cache: dict = {}
 
     def cos_sin(self, seq_len: int, device: torch.device, offset: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin), each [seq_len, dim/2] fp32, for positions offset .. offset+seq_len-1."""
-        key = (device, offset, seq_len)
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached
         positions = torch.arange(offset, offset + seq_len, dtype=torch.float32, device=device)
         angles = torch.outer(positions, self.inv_freq.to(device))  # [s, dim/2]
-        result = (angles.cos(), angles.sin())
-        if len(self._cache) > 8:
-            self._cache.clear()
-        self._cache[key] = result
-        return result
+        return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -106,7 +106,9 @@ class Router(torch.nn.Module):
                              persistent=False)
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        logits_TE = torch.nn.functional.linear(x_TD.float(), self.weight.float())
+        # The GEMM runs in the activations' dtype (bf16 in bf16 training, as DeepSeek's own
+        # gate does: a skinny fp32 GEMM costs ~10x more); scores and selection are fp32.
+        logits_TE = torch.nn.functional.linear(x_TD, self.weight.to(x_TD.dtype)).float()
         scores_TE = logits_TE.sigmoid()
         with torch.no_grad():
             topk_TK = select_experts(scores_TE, self.expert_bias, self.cfg)

@@ -1,0 +1,758 @@
+"""The main job: train a preset end to end on the bundled corpus (`python -m megatron_dsv3.train`).
+
+What one optimizer step does (each rank; TP ranks of one DP replica see the same batches):
+  1. for each of `--grad-accum` micro-batches m: batch = get_batch(train, step, m, dp_rank);
+     loss_m = mean CE + mtp_loss(CE_k, lambda(tokens_seen)); backward(loss_m / grad_accum).
+     The routers' sequence-wise balance loss enters through its own injected gradient
+     (`DeepSeekMoE.aux_loss_scale` = 1 / grad_accum, the same normalisation).
+  2. gradients averaged over the data-parallel group (one flat all-reduce);
+  3. global gradient norm (TP-split parameters' squares summed over TP, replicated ones
+     counted once), clipped to `--clip-grad`;
+  4. AdamW at lr(step): linear warm-up, then cosine decay to `--min-lr`;
+  5. `update_expert_biases` over the DP group (aux-loss-free balancing, DESIGN.md section 2).
+
+Reproducibility. Every random draw after initialisation is keyed or checkpointed: batches are a
+pure function of (seed, step, micro-batch, dp_rank); the checkpoint holds the weights (with the
+routers' `expert_bias`), the AdamW state, step, tokens seen and every RNG state. A resumed run
+therefore repeats an uninterrupted one bit for bit on CPU. The initial weights are drawn as the
+full TP=1 model and each TP rank keeps its slice, so a seed gives the same model at any TP size.
+
+Deviations from Megatron's own `pretrain()`: no Megatron DDP or distributed optimizer (they
+assume CUDA streams; DP here is a plain all-reduce of the gradients, and each rank keeps a full
+AdamW state for its TP slice); parameters and AdamW stay fp32 (on GPU the forward runs under
+bf16 autocast); no pipeline parallelism. Checkpoints are per-rank torch files written to a
+temporary folder and renamed, then a `latest` marker is replaced atomically.
+
+Outputs in --out-dir: checkpoints/step_<N>/, metrics.jsonl, loss_curve.png, expert_load.png,
+expert_load.json and (unless --no-wandb) the W&B run under wandb/ (offline without an API key).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Megatron's jit_fuser is torch.compile: on CPU it compiles C++ for ~15 s and gains nothing.
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from .config import PRESETS, ConfigError, ModelConfig, preset, to_megatron_config  # noqa: E402
+from .data import DEFAULT_DATA_DIR, get_batch, load_corpus  # noqa: E402
+
+CHECKPOINT_FORMAT = 1
+LOAD_WINDOW_STEPS = 20  # expert_load.png shows the loads summed over the last this many steps
+# Arguments that fix the data stream and the model: a resume must keep them.
+RESUME_INVARIANT_ARGS = ("preset", "micro_batch_size", "grad_accum", "seq_len", "seed",
+                         "tensor_parallel_size")
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_dsv3.train",
+        description="Train a DeepSeek-V3 preset (MLA, DeepSeekMoE, MTP) on the bundled corpus. "
+                    "Defaults: the tiny preset, a few minutes on 2 CPU cores.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--preset", default="tiny", choices=sorted(PRESETS), help="model preset")
+    add("--steps", type=int, default=300, help="optimizer steps in total")
+    add("--micro-batch-size", type=int, default=16, help="sequences per micro-batch per DP rank")
+    add("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
+    add("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's "
+                                                  "max_seq_len)")
+    add("--lr", type=float, default=3e-3, help="peak learning rate")
+    add("--min-lr", type=float, default=3e-4, help="learning rate at the end of the cosine")
+    add("--warmup-steps", type=int, default=30, help="linear warm-up steps (then cosine decay)")
+    add("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay "
+                                                        "(matrices only)")
+    add("--clip-grad", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
+    add("--tensor-parallel-size", type=int, default=1, help="TP size; data parallelism is "
+                                                            "WORLD_SIZE / TP")
+    add("--seed", type=int, default=1234, help="seed of the initial weights and of the batches")
+    add("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="tokenizer.json + *.txt")
+    add("--val-fraction", type=float, default=0.05, help="tail of the corpus held out")
+    add("--out-dir", type=Path, default=None, help="run folder (default: runs/<preset>-<time>)")
+    add("--resume", default=None, help="checkpoint folder (step_<N>, or a checkpoints/ or run "
+                                       "folder: its latest), or 'auto': the latest in --out-dir "
+                                       "if there is one")
+    add("--save-interval", type=int, default=100, help="checkpoint every N steps and at the "
+                                                       "end (0: no checkpoints)")
+    add("--eval-interval", type=int, default=50, help="validate every N steps and at the end "
+                                                      "(0: never)")
+    add("--eval-batches", type=int, default=8, help="validation micro-batches per DP rank")
+    add("--wandb-project", default="megatron-dsv3", help="Weights & Biases project")
+    add("--no-wandb", action="store_true", help="do not log to Weights & Biases")
+    add("--device", default="auto", choices=("auto", "cpu", "cuda"),
+        help="auto: cuda when available")
+    add("--amp", default="auto", choices=("auto", "off", "bf16"),
+        help="autocast of the forward; auto: bf16 on cuda, off on cpu")
+    return p
+
+
+def _arg_error(flag: str, value, fix: str) -> str:
+    return f"{flag} {value} is invalid: {fix}"
+
+
+def validate_args(args: argparse.Namespace, cfg: ModelConfig, world_size: int) -> list[str]:
+    """Every problem with the arguments, each naming the flag and what to change."""
+    problems = []
+
+    def need(ok: bool, flag: str, value, fix: str) -> None:
+        if not ok:
+            problems.append(_arg_error(flag, value, fix))
+
+    for flag in ("steps", "micro_batch_size", "grad_accum", "eval_batches",
+                 "tensor_parallel_size"):
+        value = getattr(args, flag)
+        need(value > 0, "--" + flag.replace("_", "-"), value, "must be a positive integer")
+    for flag in ("save_interval", "eval_interval", "warmup_steps"):
+        value = getattr(args, flag)
+        need(value >= 0, "--" + flag.replace("_", "-"), value, "must be >= 0")
+    need(args.seq_len <= cfg.max_seq_len, "--seq-len", args.seq_len,
+         f"preset '{cfg.name}' has max_seq_len={cfg.max_seq_len}: pass --seq-len "
+         f"{cfg.max_seq_len} or less")
+    need(args.seq_len > cfg.mtp.num_layers + 1, "--seq-len", args.seq_len,
+         f"must exceed MTP depth + 1 = {cfg.mtp.num_layers + 1} so every depth has a target")
+    need(args.lr > 0, "--lr", args.lr, "must be > 0")
+    need(0 <= args.min_lr <= args.lr, "--min-lr", args.min_lr, f"must lie in [0, --lr={args.lr}]")
+    need(args.warmup_steps <= args.steps, "--warmup-steps", args.warmup_steps,
+         f"must not exceed --steps={args.steps}")
+    need(args.weight_decay >= 0, "--weight-decay", args.weight_decay, "must be >= 0")
+    need(args.clip_grad >= 0, "--clip-grad", args.clip_grad, "must be >= 0 (0 disables it)")
+    need(0 < args.val_fraction < 1, "--val-fraction", args.val_fraction,
+         "must lie strictly between 0 and 1")
+    need(args.device != "cuda" or torch.cuda.is_available(), "--device", args.device,
+         "no CUDA device is visible here: use --device cpu or auto")
+    need(not (args.amp == "bf16" and args.device == "cpu"), "--amp", args.amp,
+         "bf16 autocast is for cuda; use --amp off (or auto) on cpu")
+    need(args.resume != "auto" or args.out_dir is not None, "--resume", args.resume,
+         "'auto' looks in --out-dir, whose default is a new timestamped folder: pass --out-dir "
+         "of the run to continue")
+    tp = args.tensor_parallel_size
+    if tp > 0:
+        need(world_size % tp == 0, "--tensor-parallel-size", tp,
+             f"must divide the number of processes ({world_size}); launch NPROC = a multiple "
+             "of TP")
+        for field, width in (("mla.num_heads", cfg.mla.num_heads),
+                             ("moe.expert_ffn_size", cfg.moe.expert_ffn_size),
+                             ("moe.dense_ffn_size", cfg.moe.dense_ffn_size),
+                             ("vocab_size", cfg.vocab_size)):
+            need(width % tp == 0, "--tensor-parallel-size", tp,
+                 f"must divide the preset's {field}={width}; pick a divisor of it")
+    return problems
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, ModelConfig]:
+    """Parsed and validated arguments and the model config to train (fp32 parameters).
+
+    Invalid arguments exit through argparse (status 2) with every problem listed."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = preset(args.preset).replace(params_dtype="float32")  # AdamW on fp32 masters
+    except ConfigError as err:
+        parser.error(str(err))
+    if args.seq_len is None:
+        args.seq_len = cfg.max_seq_len
+    problems = validate_args(args, cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if problems:
+        parser.error("\n  " + "\n  ".join(problems))
+    return args, cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up: processes, device, model, optimizer
+# ----------------------------------------------------------------------------------------------
+def pick_device(args) -> torch.device:
+    if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def build_initial_model(cfg: ModelConfig, pg, seed: int, device: torch.device):
+    """The model with the same initial weights at every TP size for a given seed.
+
+    Weights are drawn on the CPU (the same draw on any machine): with TP > 1 each rank draws
+    the full TP=1 model (on a TP group of itself) and keeps its slice of every tensor."""
+    from .model import build_model
+    from .parallel import shard_state_dict
+
+    tp = pg.tp.size()
+    torch.manual_seed(seed)
+    # With TP > 1 Megatron's layers skip their own draw: every weight is loaded just below.
+    model = build_model(cfg, pg_collection=pg, megatron_config=to_megatron_config(
+        cfg, tensor_parallel_size=tp, use_cpu_initialization=True,
+        perform_initialization=tp == 1))
+    if tp > 1:
+        full = _full_model_state(cfg, pg, seed)
+        missing, unexpected = model.load_state_dict(shard_state_dict(full, model, pg.tp),
+                                                    strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        assert not missing and not unexpected, f"{missing=}, {unexpected=}"
+    return model.to(device)
+
+
+def _full_model_state(cfg: ModelConfig, pg, seed: int) -> dict:
+    from .model import build_model
+
+    # Every rank must create every group, in the same order.
+    own_groups = [dist.new_group([r]) for r in range(dist.get_world_size())]
+    solo = copy.copy(pg)
+    solo.tp = own_groups[dist.get_rank()]
+    torch.manual_seed(seed)
+    full = build_model(cfg, pg_collection=solo, megatron_config=to_megatron_config(
+        cfg, tensor_parallel_size=1, use_cpu_initialization=True))
+    return {k: v for k, v in full.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def build_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
+    """AdamW (DeepSeek-V3's betas) with weight decay on matrices, none on norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def lr_at(step: int, args) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps))
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def moe_layers(model: torch.nn.Module) -> list:
+    from .moe.layer import DeepSeekMoE
+
+    return [m for m in model.modules() if isinstance(m, DeepSeekMoE)]
+
+
+def layer_label(router_name: str) -> str:
+    """'decoder.layers.1.mlp.router' -> 'L1'; 'mtp.layers.0.transformer_layer...' -> 'mtp0'."""
+    parts = router_name.split(".")
+    if parts[0] == "decoder":
+        return f"L{parts[2]}"
+    if parts[0] == "mtp":
+        return f"mtp{parts[2]}"
+    return router_name.removesuffix(".router")
+
+
+# ----------------------------------------------------------------------------------------------
+# One optimizer step
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+    """Everything a step needs; `step` and `tokens_seen` count completed optimizer steps."""
+
+    args: argparse.Namespace
+    cfg: ModelConfig
+    pg: object
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    corpus: object
+    out_dir: Optional[Path] = None
+    step: int = 0
+    tokens_seen: int = 0
+    wandb_id: Optional[str] = None
+
+    @property
+    def dp_rank(self) -> int:
+        return self.pg.dp.rank()
+
+    @property
+    def tokens_per_step(self) -> int:
+        a = self.args
+        return a.micro_batch_size * a.seq_len * a.grad_accum * self.pg.dp.size()
+
+    def autocast(self):
+        use_bf16 = self.args.amp == "bf16" or (self.args.amp == "auto"
+                                                and self.device.type == "cuda")
+        if use_bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+
+def forward_losses(run: Run, input_ids: torch.Tensor, labels: torch.Tensor, mtp_lambda: float):
+    """(loss to backpropagate, next-token CE, weighted MTP loss, unweighted MTP CE)."""
+    from .mtp import mtp_loss
+
+    with run.autocast():
+        out = run.model(input_ids, None, None, labels=labels)
+    lm = out.lm_loss.float().mean()
+    if out.mtp_losses is None:
+        zero = torch.zeros((), device=lm.device)
+        return lm, lm, zero, zero
+    mtp = mtp_loss(out.mtp_losses.float(), out.mtp_valid, mtp_lambda)
+    with torch.no_grad():
+        mtp_ce = mtp_loss(out.mtp_losses.float(), out.mtp_valid, 1.0)
+    return lm + mtp, lm, mtp, mtp_ce
+
+
+def all_reduce_gradients(params: list[torch.Tensor], dp_group) -> None:
+    """Average gradients over the data-parallel group in one flat buffer."""
+    if dp_group.size() == 1:
+        return
+    grads = [p.grad for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=dp_group)
+    flat /= dp_group.size()
+    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
+
+
+def global_grad_norm(params: list[torch.Tensor], tp_group) -> torch.Tensor:
+    """L2 norm of the whole model's gradient: squares of TP-split parameters summed over the
+    TP group, those of replicated parameters (identical on every TP rank) counted once."""
+    split = [p.grad for p in params if getattr(p, "tensor_model_parallel", False)]
+    replicated = [p.grad for p in params if not getattr(p, "tensor_model_parallel", False)]
+
+    def sum_of_squares(grads):
+        if not grads:
+            return torch.zeros((), device=params[0].device)
+        return torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
+
+    split_sq = sum_of_squares(split)
+    if tp_group.size() > 1:
+        dist.all_reduce(split_sq, group=tp_group)
+    return (split_sq + sum_of_squares(replicated)).sqrt()
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float, tp_group) -> torch.Tensor:
+    """Scale gradients so their global norm is at most max_norm (0: no clipping); returns the
+    norm before clipping."""
+    norm = global_grad_norm(params, tp_group)
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_([p.grad for p in params], scale)
+    return norm
+
+
+def train_step(run: Run):
+    """One optimizer step (module docstring, steps 1-5): (metrics as DP means, ExpertLoads)."""
+    from .moe.balance import update_expert_biases
+
+    args, model = run.args, run.model
+    mtp_lambda = run.cfg.mtp.loss_weight(run.tokens_seen)
+    lr = lr_at(run.step, args)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    layers = moe_layers(model)
+
+    # Step 1: micro-batches.  sums: loss, lm, mtp, mtp_ce, balance (per micro-batch means)
+    sums = torch.zeros(5, device=run.device)
+    for micro in range(args.grad_accum):
+        input_ids, labels = get_batch(run.corpus.train, batch_size=args.micro_batch_size,
+                                      seq_len=args.seq_len, seed=args.seed, step=run.step,
+                                      micro_batch=micro, rank=run.dp_rank)
+        loss, lm, mtp, mtp_ce = forward_losses(run, input_ids.to(run.device),
+                                               labels.to(run.device), mtp_lambda)
+        (loss / args.grad_accum).backward()
+        balance = sum((m.last_aux_loss for m in layers if m.last_aux_loss is not None),
+                      torch.zeros((), device=run.device))
+        sums += torch.stack([loss.detach() + balance, lm.detach(), mtp.detach(), mtp_ce,
+                             balance]).float()
+    params = [p for p in model.parameters() if p.grad is not None]
+    # Step 2: data-parallel gradient average.
+    all_reduce_gradients(params, run.pg.dp)
+    # Step 3: clipping by the global norm.
+    grad_norm = clip_gradients(params, args.clip_grad, run.pg.tp)
+    # Step 4: AdamW.
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.tokens_seen += run.tokens_per_step
+    # Step 5: aux-loss-free balancing, loads summed over the DP replicas.
+    loads = update_expert_biases(model, group=run.pg.dp, tokens_seen=run.tokens_seen,
+                                 rate=run.cfg.moe.bias_update_rate,
+                                 stop_tokens=run.cfg.moe.bias_update_stop_tokens)
+
+    means = sums / args.grad_accum
+    if run.pg.dp.size() > 1:
+        dist.all_reduce(means, group=run.pg.dp)
+        means /= run.pg.dp.size()
+    loss, lm, mtp, mtp_ce, balance = means.tolist()
+    metrics = {"step": run.step, "loss": loss, "lm_loss": lm, "mtp_loss": mtp, "mtp_ce": mtp_ce,
+               "mtp_lambda": mtp_lambda, "balance_loss": balance, "lr": lr,
+               "grad_norm": grad_norm.item(), "tokens_seen": run.tokens_seen}
+    metrics.update(expert_metrics(model, loads))
+    return metrics, loads
+
+
+def expert_metrics(model: torch.nn.Module, loads) -> dict:
+    """Per MoE layer: load imbalance (max/mean) of this step and the bias spread (max - min)."""
+    from .moe.balance import routers
+
+    imbalance = loads.imbalance().tolist()
+    out = {}
+    for (name, router), value in zip(routers(model), imbalance):
+        label = layer_label(name)
+        out[f"moe/{label}/imbalance"] = value
+        bias = router.expert_bias
+        out[f"moe/{label}/bias_spread"] = (bias.max() - bias.min()).item()
+    return out
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict:
+    """Mean next-token and MTP CE over `--eval-batches` fixed validation batches (DP mean)."""
+    args = run.args
+    run.model.eval()
+    sums = torch.zeros(2, device=run.device)
+    for i in range(args.eval_batches):
+        input_ids, labels = get_batch(run.corpus.val, batch_size=args.micro_batch_size,
+                                      seq_len=args.seq_len, seed=args.seed, step=i,
+                                      rank=run.dp_rank)
+        _, lm, _, mtp_ce = forward_losses(run, input_ids.to(run.device), labels.to(run.device),
+                                          mtp_lambda=0.0)
+        sums += torch.stack([lm, mtp_ce]).float()
+    run.model.train()
+    sums /= args.eval_batches
+    if run.pg.dp.size() > 1:
+        dist.all_reduce(sums, group=run.pg.dp)
+        sums /= run.pg.dp.size()
+    val_lm, val_mtp = sums.tolist()
+    return {"val_loss": val_lm, "val_mtp_ce": val_mtp}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+def _rank_file(step_dir: Path, rank: int) -> Path:
+    return step_dir / f"rank_{rank:05d}.pt"
+
+
+def _rng_states(device: torch.device) -> dict:
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": np.random.get_state()}
+    if device.type == "cuda":
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        states["cuda"] = torch.cuda.get_rng_state(device)
+        states["megatron_cuda_tracker"] = get_cuda_rng_tracker().get_states()
+    return states
+
+
+def _set_rng_states(states: dict, device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    if device.type == "cuda" and "cuda" in states:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        torch.cuda.set_rng_state(states["cuda"], device)
+        get_cuda_rng_tracker().set_states(states["megatron_cuda_tracker"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_payload(run: Run) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "step": run.step,
+        "tokens_seen": run.tokens_seen,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "rng": _rng_states(run.device),
+        "model_config": dataclasses.asdict(run.cfg),
+        "train_args": {k: (str(v) if isinstance(v, Path) else v)
+                       for k, v in vars(run.args).items()},
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "wandb_id": run.wandb_id,
+    }
+
+
+def save_checkpoint(checkpoint_dir: Path, step: int, payload: dict, *, rank: int = 0) -> Path:
+    """Write `step_<step>/` with one file per rank, then point `latest` at it.
+
+    Atomic: files are written under `step_<step>.tmp/` (each as `.partial`, then renamed), the
+    folder is renamed to `step_<step>` once every rank is done, and `latest` is replaced by a
+    rename; a crash at any point leaves `latest` on the previous complete checkpoint."""
+    final, tmp = checkpoint_dir / f"step_{step}", checkpoint_dir / f"step_{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    partial = _rank_file(tmp, rank).with_suffix(".partial")
+    torch.save(payload, partial)
+    os.replace(partial, _rank_file(tmp, rank))
+    _barrier()
+    if rank == 0:
+        meta = {k: payload[k] for k in ("step", "tokens_seen", "model_config", "train_args",
+                                        "world_size")}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        marker = checkpoint_dir / "latest.tmp"
+        marker.write_text(final.name + "\n")
+        os.replace(marker, checkpoint_dir / "latest")
+    _barrier()
+    return final
+
+
+def find_checkpoint(resume: Optional[str], out_dir: Optional[Path]) -> Optional[Path]:
+    """The step folder to resume from, or None to start fresh ('auto' with no checkpoint)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        marker = out_dir / "checkpoints" / "latest"
+        return out_dir / "checkpoints" / marker.read_text().strip() if marker.exists() else None
+    path = Path(resume)
+    for root in (path, path / "checkpoints"):
+        if (root / "latest").is_file():
+            return root / (root / "latest").read_text().strip()
+    if _rank_file(path, 0).is_file():
+        return path
+    raise FileNotFoundError(f"--resume {resume} is invalid: it is neither a checkpoint folder "
+                            "(step_<N>/ with rank_*.pt files) nor a run or checkpoints/ folder "
+                            "with a 'latest' marker")
+
+
+def check_resumable(saved: dict, run: Run, step_dir: Path) -> None:
+    """Refuse a checkpoint of another model, TP/world size or data stream, saying what differs."""
+    problems = []
+    current_cfg = dataclasses.asdict(run.cfg)
+    saved_cfg = saved["model_config"]
+    for key in sorted(set(current_cfg) | set(saved_cfg)):
+        if json.dumps(current_cfg.get(key), default=str) != json.dumps(saved_cfg.get(key),
+                                                                        default=str):
+            problems.append(f"model config '{key}': checkpoint {saved_cfg.get(key)!r}, "
+                            f"now {current_cfg.get(key)!r}")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if saved["world_size"] != world:
+        problems.append(f"number of processes: checkpoint {saved['world_size']}, now {world} "
+                        "(launch with the checkpoint's NPROC)")
+    for key in RESUME_INVARIANT_ARGS:
+        was, now = saved["train_args"].get(key), getattr(run.args, key)
+        if was != now:
+            problems.append(f"--{key.replace('_', '-')}: checkpoint {was!r}, now {now!r}")
+    if problems:
+        raise ValueError(f"cannot resume from {step_dir}: it was written by a different run.\n  "
+                         + "\n  ".join(problems)
+                         + "\nPass the checkpoint's values, or start a new --out-dir without "
+                           "--resume.")
+
+
+def load_checkpoint(run: Run, step_dir: Path) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path = _rank_file(step_dir, rank)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} is missing; was {step_dir} written with as "
+                                "many processes as this run has?")
+    saved = torch.load(path, map_location=run.device, weights_only=False)
+    if saved.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} has checkpoint format {saved.get('format')}, this code reads "
+                         f"{CHECKPOINT_FORMAT}")
+    check_resumable(saved, run, step_dir)
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    _set_rng_states(saved["rng"], run.device)
+    run.step, run.tokens_seen = saved["step"], saved["tokens_seen"]
+    run.wandb_id = saved["wandb_id"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging (rank 0): metrics.jsonl, Weights & Biases, progress bar, plots
+# ----------------------------------------------------------------------------------------------
+class MetricsLog:
+    """Appends one JSON line per step; on resume keeps the history up to the resumed step."""
+
+    def __init__(self, out_dir: Path, start_step: int, history_from: Optional[Path]):
+        self.path = out_dir / "metrics.jsonl"
+        source = history_from if history_from is not None else self.path
+        kept = [r for r in _read_jsonl(source) if r["step"] <= start_step] if start_step else []
+        self.records = kept
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def merge_into_last(self, extra: dict) -> None:
+        """Add eval results to the last step's record (rewrites the file's last line)."""
+        self.records[-1].update(extra)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def start_wandb(run: Run, out_dir: Path):
+    if run.args.no_wandb:
+        return None
+    if "WANDB_API_KEY" not in os.environ:
+        os.environ.setdefault("WANDB_MODE", "offline")
+    import wandb
+
+    run.wandb_id = run.wandb_id or uuid.uuid4().hex[:8]
+    config = {"model": dataclasses.asdict(run.cfg),
+              "train": {k: (str(v) if isinstance(v, Path) else v)
+                        for k, v in vars(run.args).items()},
+              "world_size": dist.get_world_size(), "tensor_parallel": run.pg.tp.size(),
+              "data_parallel": run.pg.dp.size(), "device": str(run.device)}
+    return wandb.init(project=run.args.wandb_project, name=out_dir.name, dir=str(out_dir),
+                      id=run.wandb_id, resume="allow", config=config)
+
+
+def write_plots(out_dir: Path, records: list[dict], names: list[str],
+                recent_loads: collections.deque) -> None:
+    from .plots import plot_expert_load, plot_loss_curve
+
+    plot_loss_curve(records, out_dir / "loss_curve.png")
+    loads = (torch.stack(list(recent_loads)).sum(0).numpy() if recent_loads
+             else np.zeros((0, 0)))
+    labels = [layer_label(n) for n in names]
+    (out_dir / "expert_load.json").write_text(json.dumps(
+        {"layers": labels, "window_steps": len(recent_loads), "loads": loads.tolist()}))
+    plot_expert_load(labels, loads, records, out_dir / "expert_load.png",
+                     window_steps=len(recent_loads))
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+def resolve_out_dir(args) -> Path:
+    """--out-dir, the run folder of a --resume path, or runs/<preset>-<time> (rank 0's time)."""
+    if args.out_dir is not None:
+        return args.out_dir
+    if args.resume not in (None, "auto"):
+        step_dir = find_checkpoint(args.resume, None)
+        return step_dir.parent.parent
+    stamp = [time.strftime("%Y%m%d-%H%M%S")]
+    if dist.is_initialized():
+        dist.broadcast_object_list(stamp, src=0)
+    return Path("runs") / f"{args.preset}-{stamp[0]}"
+
+
+def setup(args, cfg) -> tuple[Run, Optional[Path]]:
+    from .parallel import init_distributed
+
+    backend = "gloo" if args.device == "cpu" else None
+    pg = init_distributed(args.tensor_parallel_size, backend=backend, seed=args.seed)
+    device = pick_device(args)
+    if device.type == "cpu" and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1)
+                                  // int(os.environ["LOCAL_WORLD_SIZE"])))
+    tokenizer, corpus = load_corpus(args.data_dir, val_fraction=args.val_fraction)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"--data-dir {args.data_dir}: its tokenizer has {tokenizer.vocab_size} "
+                         f"tokens, more than preset '{cfg.name}' vocab_size={cfg.vocab_size}; "
+                         "use a preset with a larger vocabulary or a smaller tokenizer")
+    model = build_initial_model(cfg, pg, args.seed, device)
+    for layer in moe_layers(model):
+        layer.aux_loss_scale = 1.0 / args.grad_accum
+    run = Run(args, cfg, pg, device, model, build_optimizer(model, args), corpus,
+              out_dir=resolve_out_dir(args))
+    step_dir = find_checkpoint(args.resume, run.out_dir)
+    if step_dir is not None:
+        load_checkpoint(run, step_dir)
+    elif args.resume == "auto" and dist.get_rank() == 0:
+        print(f"--resume auto: no checkpoint in {run.out_dir / 'checkpoints'}, starting fresh",
+              file=sys.stderr)
+    return run, step_dir
+
+
+def train(run: Run, step_dir: Optional[Path]) -> dict:
+    """The loop: step, log, evaluate, checkpoint; plots at the end. Returns a summary."""
+    from tqdm import tqdm
+
+    args, out_dir = run.args, run.out_dir
+    is_main = dist.get_rank() == 0
+    start_step = run.step
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    history_from = None
+    if step_dir is not None and step_dir.parent.parent.resolve() != out_dir.resolve():
+        history_from = step_dir.parent.parent / "metrics.jsonl"
+    log = MetricsLog(out_dir, start_step, history_from) if is_main else None
+    wandb_run = start_wandb(run, out_dir) if is_main else None
+    recent_loads: collections.deque = collections.deque(maxlen=LOAD_WINDOW_STEPS)
+    names: list[str] = []
+    progress = tqdm(total=args.steps, initial=start_step, disable=not is_main,
+                    desc=f"{run.cfg.name} tp={run.pg.tp.size()} dp={run.pg.dp.size()}",
+                    dynamic_ncols=True, mininterval=1.0)
+    summary = {"out_dir": str(out_dir), "steps": [], "losses": [], "grad_norms": []}
+    while run.step < args.steps:
+        start = time.perf_counter()
+        metrics, loads = train_step(run)
+        elapsed = time.perf_counter() - start
+        metrics["step_time_s"] = elapsed
+        metrics["tokens_per_s"] = run.tokens_per_step / elapsed
+        recent_loads.append(loads.loads)
+        names = loads.names
+        last = run.step == args.steps
+        if args.eval_interval and (run.step % args.eval_interval == 0 or last):
+            metrics.update(evaluate(run))
+            if is_main:
+                progress.write(f"step {run.step}: val loss {metrics['val_loss']:.4f}, "
+                               f"train loss {metrics['loss']:.4f}")
+        if is_main:
+            log.append(metrics)
+            if wandb_run is not None:
+                wandb_run.log(metrics, step=run.step)
+        summary["steps"].append(run.step)
+        summary["losses"].append(metrics["loss"])
+        summary["grad_norms"].append(metrics["grad_norm"])
+        summary.update(val_loss=metrics.get("val_loss", summary.get("val_loss")))
+        progress.set_postfix(loss=f"{metrics['loss']:.3f}",
+                             tok_s=f"{metrics['tokens_per_s']:.0f}")
+        progress.update(1)
+        if args.save_interval and (run.step % args.save_interval == 0 or last):
+            save_checkpoint(out_dir / "checkpoints", run.step, checkpoint_payload(run),
+                            rank=dist.get_rank())
+    progress.close()
+    if is_main:
+        if log.records:
+            write_plots(out_dir, log.records, names, recent_loads)
+        summary["wandb_dir"] = None
+        if wandb_run is not None:
+            summary["wandb_dir"] = str(Path(wandb_run.dir).parent)
+            wandb_run.finish()
+        print(f"run folder: {out_dir}" + (f"\nW&B run folder: {summary['wandb_dir']}"
+                                          if summary["wandb_dir"] else ""))
+    return summary
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    from .parallel import shutdown_distributed
+
+    args, cfg = parse_args(argv)
+    try:
+        run, step_dir = setup(args, cfg)
+        return train(run, step_dir)
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()

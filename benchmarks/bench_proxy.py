@@ -183,8 +183,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--compile", default="auto", choices=["auto", "none", "layers", "modules"],
                         help="torch.compile each transformer layer or each of our modules "
                              "(auto: modules on GPU, none on CPU)")
-    parser.add_argument("--compile-mode", default=None,
-                        help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument("--compile-mode", default="reduce-overhead",
+                        help="torch.compile mode (reduce-overhead: CUDA graphs; 'default')")
     parser.add_argument("--peers-dir", type=Path, default=None,
                         help="folder with the peers' anchor_hf.py / anchor_torchtitan.py")
     parser.add_argument("--peers", default="hf,torchtitan")

@@ -494,6 +494,13 @@ def from_megatron_config(megatron_cfg, *, vocab_size: Optional[int] = None,
     if megatron_cfg.num_moe_experts is None:
         raise ConfigError("num_moe_experts=None is invalid for megatron_dsv3 specs: pass "
                           "--num-experts (DeepSeekMoE layers need routed experts)")
+    for field_name, expected, flag in (("normalization", "RMSNorm", "--normalization RMSNorm"),
+                                       ("gated_linear_unit", True, "--swiglu"),
+                                       ("add_bias_linear", False, "--disable-bias-linear")):
+        value = getattr(megatron_cfg, field_name)
+        if value != expected:
+            raise ConfigError(f"{field_name}={value!r} is invalid: DeepSeek-V3 layers are "
+                              f"RMSNorm / SwiGLU / bias-free, pass {flag}")
     if megatron_cfg.moe_router_score_function != "sigmoid":
         raise ConfigError(f"moe_router_score_function={megatron_cfg.moe_router_score_function!r}"
                           " is invalid: DeepSeek-V3 routing uses 'sigmoid' "
@@ -512,6 +519,14 @@ def from_megatron_config(megatron_cfg, *, vocab_size: Optional[int] = None,
     if shared % expert_ffn != 0:
         raise ConfigError(f"moe_shared_expert_intermediate_size={shared} is invalid: must be a "
                           f"multiple of moe_ffn_hidden_size={expert_ffn}")
+    # Megatron's CLI gives one balancing type / coefficient per entry (nargs='+').
+    balance_types = megatron_cfg.moe_router_load_balancing_type
+    balance_types = list(balance_types) if isinstance(balance_types, (list, tuple)) else [
+        balance_types]
+    coeffs = megatron_cfg.moe_aux_loss_coeff
+    coeffs = list(coeffs) if isinstance(coeffs, (list, tuple)) else [coeffs] * len(balance_types)
+    seq_aux_loss_coeff = (float(coeffs[balance_types.index("seq_aux_loss")])
+                          if "seq_aux_loss" in balance_types else 0.0)
     yarn = None
     if megatron_cfg.rope_type == "yarn" and megatron_cfg.rotary_scaling_factor > 1.0:
         yarn = YarnConfig(factor=megatron_cfg.rotary_scaling_factor,
@@ -546,10 +561,7 @@ def from_megatron_config(megatron_cfg, *, vocab_size: Optional[int] = None,
                       num_groups=megatron_cfg.moe_router_num_groups or 1,
                       topk_groups=megatron_cfg.moe_router_group_topk or 1,
                       route_scale=megatron_cfg.moe_router_topk_scaling_factor or 1.0,
-                      seq_aux_loss_coeff=(megatron_cfg.moe_aux_loss_coeff
-                                          if "seq_aux_loss" in str(
-                                              megatron_cfg.moe_router_load_balancing_type)
-                                          else 0.0),
+                      seq_aux_loss_coeff=seq_aux_loss_coeff,
                       bias_update_rate=(megatron_cfg.moe_router_bias_update_rate
                                         if megatron_cfg.moe_router_enable_expert_bias else 0.0)),
         mtp=MTPConfig(num_layers=mtp_layers,

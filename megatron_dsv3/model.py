@@ -120,23 +120,37 @@ def model_provider(pre_process: bool = True, post_process: bool = True,
     --q-lora-rank ... --num-experts ... --moe-router-score-function sigmoid ...`) through
     `from_megatron_config`; pass `config` to override with a Megatron TransformerConfig.
     """
-    from .config import from_megatron_config
+    from .config import ConfigError, from_megatron_config
 
     if config is None:
-        from megatron.training import get_args
-        from megatron.training.arguments import core_transformer_config_from_args
         from megatron.core.transformer.transformer_config import MLATransformerConfig
+        from megatron.training.arguments import core_transformer_config_from_args
 
-        args = get_args()
-        config = core_transformer_config_from_args(args, MLATransformerConfig)
-        vocab_size, max_seq_len = args.padded_vocab_size, args.max_position_embeddings
+        config = core_transformer_config_from_args(_megatron_args(), MLATransformerConfig)
+    if isinstance(getattr(config, "dsv3", None), ModelConfig):
+        cfg = config.dsv3
     else:
-        vocab_size = getattr(config, "dsv3", None) and config.dsv3.vocab_size
-        max_seq_len = getattr(config, "dsv3", None) and config.dsv3.max_seq_len
-    cfg = from_megatron_config(config, vocab_size=vocab_size, max_seq_len=max_seq_len)
+        args = _megatron_args()
+        vocab_size = getattr(args, "padded_vocab_size", None)
+        if not vocab_size:
+            raise ConfigError("vocab_size=None is invalid: model_provider takes it from "
+                              "Megatron's parsed arguments (args.padded_vocab_size); build the "
+                              "config with megatron_dsv3.config.to_megatron_config(cfg) or "
+                              "initialise Megatron's arguments first")
+        cfg = from_megatron_config(config, vocab_size=vocab_size,
+                                   max_seq_len=getattr(args, "max_position_embeddings", None))
     config.dsv3 = cfg
     return build_model(cfg, pg_collection=pg_collection, megatron_config=config,
                        pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+
+
+def _megatron_args():
+    from megatron.training import get_args
+
+    try:
+        return get_args()
+    except AssertionError:  # Megatron's arguments were never parsed
+        return None
 
 
 def compile_model(model: torch.nn.Module, scope: str = "layers", **compile_kwargs) -> int:

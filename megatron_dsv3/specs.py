@@ -29,7 +29,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from .attention.mla import MLASubmodules, MultiLatentAttention
-from .config import ModelConfig, from_megatron_config
+from .config import ConfigError, ModelConfig, from_megatron_config
 from .layers import LinearBackend, get_backend
 from .moe.layer import DeepSeekMoE, DenseMLP
 from .mtp import MTPLayer, MTPSubmodules
@@ -75,6 +75,12 @@ def decoder_block_spec(config, vp_stage: Optional[int] = None,
     ModelConfig (no pipeline split) all layers are built.
     """
     cfg = _model_config(config)
+    if hasattr(config, "transformer") and config.transformer.mtp_num_layers:
+        raise ConfigError(
+            f"mtp_num_layers={config.transformer.mtp_num_layers} is invalid with --spec: "
+            "Megatron's GPTModelBuilder builds the MTP block from its own layer specs, not "
+            "ours; build the model with megatron_dsv3.model.model_provider (our MTP spec), or "
+            "pass --mtp-num-layers 0")
     backend = get_backend(cfg.linear_backend)
     specs = [layer_spec(cfg, i, backend) for i in range(cfg.num_layers)]
     transformer = getattr(config, "transformer", config)

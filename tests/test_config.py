@@ -444,11 +444,6 @@ def test_from_megatron_config_reads_an_integer_layer_freq_of_one_as_all_moe():
     assert back.moe.first_k_dense == 0 and back.is_moe_layer(0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Megatron's CLI stores moe_router_load_balancing_type / moe_aux_loss_coeff as lists "
-    "(nargs='+', one coefficient per balancing type); from_megatron_config copies the list "
-    "into MoEConfig.seq_aux_loss_coeff and the `>= 0` check raises TypeError. Fix: listify "
-    "both and pick coeffs[types.index('seq_aux_loss')], else 0.0."))
 def test_from_megatron_config_reads_list_valued_balance_loss_fields_as_megatrons_cli_sets_them():
     mc = _megatron_without_dsv3(moe_router_load_balancing_type=["aux_loss", "seq_aux_loss"],
                                 moe_aux_loss_coeff=[1e-2, 1e-4])

@@ -213,11 +213,6 @@ def test_spec_flag_through_megatrons_argument_parser_builds_our_model(dist_singl
     assert model.decoder.layers[2].mlp.cfg == expected.moe
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Megatron's parser gives --moe-router-load-balancing-type and --moe-aux-loss-coeff as "
-    "lists (nargs='+'); config.from_megatron_config passes the list on as "
-    "MoEConfig.seq_aux_loss_coeff, whose `>= 0` check raises TypeError. Fix there: listify "
-    "both fields and take the coefficient at the index of 'seq_aux_loss' (0.0 if absent)."))
 def test_spec_flag_with_the_v3_balance_loss_flags_builds_our_moe_layers(dist_single):
     from megatron.training.models.gpt import GPTModelBuilder
 
@@ -227,19 +222,15 @@ def test_spec_flag_with_the_v3_balance_loss_flags_builds_our_moe_layers(dist_sin
     assert model.decoder.layers[2].mlp.cfg == small_config().moe  # seq_aux_loss_coeff 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Megatron's GPTModelBuilder ignores our mtp_block_spec: with --mtp-num-layers it builds "
-    "the MTP block from its own get_gpt_decoder_layer_specs (TE spec by default; here TE is "
-    "absent and it raises, with TE it would build Megatron's MLA/MoE, not ours). The --spec "
-    "path cannot reach the MTP spec; the plugin needs its own builder (GPTModelConfig "
-    "subclass whose `builder` calls specs.mtp_block_spec) or must route MTP through "
-    "model_provider."))
-def test_spec_flag_with_mtp_builds_our_mtp_layers(dist_single):
+def test_spec_flag_with_mtp_is_refused_with_a_pointer_to_model_provider(dist_single):
+    """Megatron's GPTModelBuilder builds the MTP block from its own layer specs (Megatron's
+    MLA/MoE, which need TE), so `--spec` + `--mtp-num-layers` must fail loudly, not build a
+    different model."""
     from megatron.training.models.gpt import GPTModelBuilder
 
     model_cfg = _gpt_config_from_cli(_megatron_cli("--mtp-num-layers", "1"))
-    model = GPTModelBuilder(model_cfg).build_model(dist_single)
-    assert isinstance(model.mtp.layers[0], MTPLayer)
+    with pytest.raises(ConfigError, match="mtp_num_layers=1.*model_provider"):
+        GPTModelBuilder(model_cfg).build_model(dist_single)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +268,7 @@ def test_decoder_block_spec_builds_the_layers_megatrons_offsets_assign_to_a_stag
 def test_decoder_block_spec_slices_stages_of_a_gpt_model_config_too():
     from megatron.training.models.gpt import GPTModelConfig
 
-    cfg = small_config(num_layers=4, moe__first_k_dense=3)
+    cfg = small_config(num_layers=4, moe__first_k_dense=3, mtp__num_layers=0)  # --spec: no MTP
     megatron_cfg = _without_carried_config(to_megatron_config(cfg, pipeline_parallel_size=2))
     model_cfg = GPTModelConfig(transformer=megatron_cfg, vocab_size=64, seq_length=16)
     stage_1 = decoder_block_spec(model_cfg, pp_rank=1)
@@ -346,13 +337,6 @@ def test_model_provider_without_post_process_builds_no_output_layer(dist_single)
     assert not hasattr(model, "output_layer")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "model_provider reads vocab_size/max_seq_len only from a carried `.dsv3`; for a Megatron "
-    "config without it both are None, from_megatron_config defaults vocab_size to 1, and a "
-    "model with a 1-token vocabulary is built silently. Fix in model.model_provider: when "
-    "`config` has no `.dsv3`, take vocab_size=args.padded_vocab_size and "
-    "max_seq_len=args.max_position_embeddings from megatron.training.get_args() (as the "
-    "config=None branch does), and raise ConfigError naming vocab_size when unavailable."))
 def test_model_provider_with_a_plain_megatron_config_uses_megatrons_vocab_size(
         dist_single, monkeypatch):
     from megatron.training import global_vars

@@ -39,6 +39,11 @@ class MLASubmodules:
     backend: LinearBackend
 
 
+# DeepSeek's reference code (and Hugging Face) build the two latent norms with RMSNorm's
+# default eps whatever the model's norm_eps is; so do we, so that checkpoints compute the same.
+LATENT_NORM_EPS = 1e-6
+
+
 def _init_method(std: float):
     return lambda weight: torch.nn.init.normal_(weight, mean=0.0, std=std)
 
@@ -64,7 +69,7 @@ class MultiLatentAttention(torch.nn.Module):
         if mla.q_lora_rank > 0:
             self.linear_q_down = backend.replicated(d, mla.q_lora_rank, **common)
             self.q_norm = backend.norm(config=config, hidden_size=mla.q_lora_rank,
-                                       eps=cfg.norm_eps)
+                                       eps=LATENT_NORM_EPS)
             self.linear_q_up = backend.column(mla.q_lora_rank, mla.num_heads * mla.qk_head_dim,
                                               **common)
         else:
@@ -72,7 +77,7 @@ class MultiLatentAttention(torch.nn.Module):
         self.linear_kv_down = backend.replicated(d, mla.kv_lora_rank + mla.qk_rope_head_dim,
                                                  **common)
         self.kv_norm = backend.norm(config=config, hidden_size=mla.kv_lora_rank,
-                                    eps=cfg.norm_eps)
+                                    eps=LATENT_NORM_EPS)
         self.linear_kv_up = backend.column(
             mla.kv_lora_rank, mla.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim), **common)
         self.linear_proj = backend.row(mla.num_heads * mla.v_head_dim, d, **common)

@@ -56,27 +56,15 @@ class ConversionError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------
-# Hugging Face builds q_a_layernorm / kv_a_layernorm with RMSNorm's default eps whatever
-# rms_norm_eps says (DeepSeek's reference code does the same); ours use ModelConfig.norm_eps.
-HF_LATENT_NORM_EPS = 1e-6
-
-
-def hf_config_from_model_config(cfg: ModelConfig, *, strict: bool = True, **overrides):
+def hf_config_from_model_config(cfg: ModelConfig, **overrides):
     """The `transformers.DeepseekV3Config` whose model computes what ours computes.
 
-    strict: refuse a ModelConfig that Hugging Face would compute differently (today only
-    norm_eps != 1e-6: HF's latent norms keep 1e-6, a difference of ~1e-6 relative in the
-    logits at norm_eps=1e-5, too small for a parity test to notice). `overrides` go to
-    DeepseekV3Config as they are (e.g. attn_implementation="eager").
+    (HF's q_a_layernorm / kv_a_layernorm keep eps=1e-6 whatever rms_norm_eps says, as ours do:
+    `attention.mla.LATENT_NORM_EPS`.) `overrides` go to DeepseekV3Config as they are (e.g.
+    attn_implementation="eager").
     """
     from transformers import DeepseekV3Config
 
-    if strict and cfg.norm_eps != HF_LATENT_NORM_EPS:
-        raise ConversionError(
-            f"ModelConfig.norm_eps={cfg.norm_eps} cannot be expressed in Hugging Face: its "
-            f"q_a_layernorm/kv_a_layernorm always use eps={HF_LATENT_NORM_EPS} (ours use "
-            f"norm_eps); use norm_eps={HF_LATENT_NORM_EPS} (V3's value), or pass strict=False "
-            "to export with that small difference")
     mla, moe = cfg.mla, cfg.moe
     rope: dict = {"rope_type": "default", "rope_theta": mla.rope_theta}
     if mla.yarn is not None:

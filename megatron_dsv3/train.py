@@ -287,11 +287,30 @@ class Run:
         return a.micro_batch_size * a.seq_len * a.grad_accum * self.pg.dp.size()
 
     def autocast(self):
-        use_bf16 = self.args.amp == "bf16" or (self.args.amp == "auto"
-                                                and self.device.type == "cuda")
-        if use_bf16:
+        if uses_bf16_autocast(self.args, self.device):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
+
+
+def uses_bf16_autocast(args, device: torch.device) -> bool:
+    return args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
+
+
+def experts_impl_for_autocast(cfg: ModelConfig, args, device: torch.device) -> ModelConfig:
+    """The experts' path that runs under this run's autocast.
+
+    `torch._grouped_mm` (the GPU path of `moe/experts.py`) has no autocast rule: under bf16
+    autocast it receives bf16 rows and the fp32 master weights and refuses the mix. Until that
+    path casts its weights to the activations' dtype, the experts run as the per-expert loop,
+    whose F.linear autocasts."""
+    if (device.type == "cuda" and uses_bf16_autocast(args, device)
+            and cfg.moe.experts_impl != "loop"):
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"note: moe.experts_impl={cfg.moe.experts_impl!r} -> 'loop' under bf16 "
+                  "autocast (torch._grouped_mm has no autocast rule for fp32 weights)",
+                  file=sys.stderr)
+        return cfg.replace(moe__experts_impl="loop")
+    return cfg
 
 
 def forward_losses(run: Run, input_ids: torch.Tensor, labels: torch.Tensor, mtp_lambda: float):
@@ -536,8 +555,8 @@ def find_checkpoint(resume: Optional[str], out_dir: Optional[Path]) -> Optional[
 def check_resumable(saved: dict, run: Run, step_dir: Path) -> None:
     """Refuse a checkpoint of another model, TP/world size or data stream, saying what differs."""
     problems = []
-    current_cfg = dataclasses.asdict(run.cfg)
-    saved_cfg = saved["model_config"]
+    current_cfg = _without_implementation_choices(dataclasses.asdict(run.cfg))
+    saved_cfg = _without_implementation_choices(saved["model_config"])
     for key in sorted(set(current_cfg) | set(saved_cfg)):
         if json.dumps(current_cfg.get(key), default=str) != json.dumps(saved_cfg.get(key),
                                                                         default=str):
@@ -556,6 +575,17 @@ def check_resumable(saved: dict, run: Run, step_dir: Path) -> None:
                          + "\n  ".join(problems)
                          + "\nPass the checkpoint's values, or start a new --out-dir without "
                            "--resume.")
+
+
+def _without_implementation_choices(cfg_dict: dict) -> dict:
+    """The model config minus how it is computed (experts_impl, attention_impl,
+    linear_backend), which may differ between machines resuming the same run."""
+    out = {}
+    for key, value in cfg_dict.items():
+        if key.endswith("_impl") or key == "linear_backend":
+            continue
+        out[key] = _without_implementation_choices(value) if isinstance(value, dict) else value
+    return out
 
 
 def load_checkpoint(run: Run, step_dir: Path) -> None:
@@ -662,6 +692,7 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
     if device.type == "cpu" and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1)
                                   // int(os.environ["LOCAL_WORLD_SIZE"])))
+    cfg = experts_impl_for_autocast(cfg, args, device)
     tokenizer, corpus = load_corpus(args.data_dir, val_fraction=args.val_fraction)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"--data-dir {args.data_dir}: its tokenizer has {tokenizer.vocab_size} "

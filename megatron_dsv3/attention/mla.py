@@ -28,7 +28,7 @@ import torch
 
 from ..config import ModelConfig, from_megatron_config
 from ..layers import LinearBackend, copy_to_tp, get_backend, tp_size
-from .core import pick_attention_core
+from .core import cudnn_attention_takes_unequal_widths, pick_attention_core
 from .rope import RotaryEmbedding, apply_rope
 
 
@@ -82,6 +82,8 @@ class MultiLatentAttention(torch.nn.Module):
             mla.kv_lora_rank, mla.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim), **common)
         self.linear_proj = backend.row(mla.num_heads * mla.v_head_dim, d, **common)
         self.rotary = RotaryEmbedding(mla.qk_rope_head_dim, mla.rope_theta, mla.yarn)
+        # Decided once, outside any compiled region: pad v for flash unless cuDNN takes it.
+        self.sdpa_pad_value = not cudnn_attention_takes_unequal_widths()
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, inference_context=None,
                 packed_seq_params=None, **unused):
@@ -97,7 +99,8 @@ class MultiLatentAttention(torch.nn.Module):
                 "MultiLatentAttention: packed sequences (THD) are not supported; pass "
                 "[s, b] batches with packed_seq_params=None")
         query, key, value = self.qkv(hidden_states)
-        core = pick_attention_core(self.cfg.attention_impl, hidden_states.device)
+        core = pick_attention_core(self.cfg.attention_impl, hidden_states.device,
+                                   pad_value=self.sdpa_pad_value)
         context = core(query, key, value, self.cfg.softmax_scale)  # [b, h, s, v]
         s, b = hidden_states.shape[:2]
         context = context.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, h*v]

@@ -295,3 +295,16 @@ def test_moe_zero_aux_coeff_or_eval_mode_injects_nothing(dist_single):
     assert moe.last_aux_loss is None, f"eval mode: {moe.last_aux_loss=}"
     assert_close(module["router.weight"], naive["router.weight"], FP32_REORDER, WHY_NAIVE,
                  "router.weight in eval mode")
+
+
+def test_grouped_mm_training_on_cpu_is_refused_with_a_clear_error():
+    """torch._grouped_mm's CPU backward fails deep inside torch; the choice is refused up front
+    (inference on the CPU, without gradients, stays allowed)."""
+    from megatron_dsv3.config import ConfigError
+    from megatron_dsv3.moe.experts import experts_grouped_mm, pick_experts_impl
+
+    with pytest.raises(ConfigError, match="experts_impl='grouped_mm'.*'loop' or 'auto'"):
+        pick_experts_impl("grouped_mm", torch.device("cpu"))
+    with torch.no_grad():
+        assert pick_experts_impl("grouped_mm", torch.device("cpu")) is experts_grouped_mm
+    assert pick_experts_impl("auto", torch.device("cpu")) is experts_loop

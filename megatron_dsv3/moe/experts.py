@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..config import ConfigError
 from ..layers import mark_tensor_parallel, tp_size
 
 
@@ -52,6 +53,10 @@ EXPERT_IMPLS = {"loop": experts_loop, "grouped_mm": experts_grouped_mm}
 def pick_experts_impl(impl: str, device: torch.device):
     if impl == "auto":
         impl = "grouped_mm" if device.type == "cuda" else "loop"
+    if impl == "grouped_mm" and device.type == "cpu" and torch.is_grad_enabled():
+        raise ConfigError("experts_impl='grouped_mm' is invalid for training on the CPU: "
+                          "torch._grouped_mm has no CPU backward (its forward runs); use "
+                          "'loop' or 'auto'")
     return EXPERT_IMPLS[impl]
 
 

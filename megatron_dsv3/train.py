@@ -65,6 +65,11 @@ RESUME_INVARIANT_ARGS = ("preset", "micro_batch_size", "grad_accum", "seq_len", 
                          "tensor_parallel_size")
 
 
+class TrainError(ValueError):
+    """A problem with what the run was asked to do (a checkpoint, the data); the message says
+    what to change. The command line prints it without a traceback."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------
@@ -547,7 +552,7 @@ def find_checkpoint(resume: Optional[str], out_dir: Optional[Path]) -> Optional[
             return root / (root / "latest").read_text().strip()
     if _rank_file(path, 0).is_file():
         return path
-    raise FileNotFoundError(f"--resume {resume} is invalid: it is neither a checkpoint folder "
+    raise TrainError(f"--resume {resume} is invalid: it is neither a checkpoint folder "
                             "(step_<N>/ with rank_*.pt files) nor a run or checkpoints/ folder "
                             "with a 'latest' marker")
 
@@ -571,7 +576,7 @@ def check_resumable(saved: dict, run: Run, step_dir: Path) -> None:
         if was != now:
             problems.append(f"--{key.replace('_', '-')}: checkpoint {was!r}, now {now!r}")
     if problems:
-        raise ValueError(f"cannot resume from {step_dir}: it was written by a different run.\n  "
+        raise TrainError(f"cannot resume from {step_dir}: it was written by a different run.\n  "
                          + "\n  ".join(problems)
                          + "\nPass the checkpoint's values, or start a new --out-dir without "
                            "--resume.")
@@ -592,11 +597,11 @@ def load_checkpoint(run: Run, step_dir: Path) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     path = _rank_file(step_dir, rank)
     if not path.is_file():
-        raise FileNotFoundError(f"--resume: {path} is missing; was {step_dir} written with as "
+        raise TrainError(f"--resume: {path} is missing; was {step_dir} written with as "
                                 "many processes as this run has?")
     saved = torch.load(path, map_location=run.device, weights_only=False)
     if saved.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} has checkpoint format {saved.get('format')}, this code reads "
+        raise TrainError(f"{path} has checkpoint format {saved.get('format')}, this code reads "
                          f"{CHECKPOINT_FORMAT}")
     check_resumable(saved, run, step_dir)
     run.model.load_state_dict(saved["model"])
@@ -692,18 +697,19 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
     if device.type == "cpu" and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1)
                                   // int(os.environ["LOCAL_WORLD_SIZE"])))
+    out_dir = resolve_out_dir(args)
+    step_dir = find_checkpoint(args.resume, out_dir)  # before the slow part: fail early
     cfg = experts_impl_for_autocast(cfg, args, device)
     tokenizer, corpus = load_corpus(args.data_dir, val_fraction=args.val_fraction)
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"--data-dir {args.data_dir}: its tokenizer has {tokenizer.vocab_size} "
+        raise TrainError(f"--data-dir {args.data_dir}: its tokenizer has {tokenizer.vocab_size} "
                          f"tokens, more than preset '{cfg.name}' vocab_size={cfg.vocab_size}; "
                          "use a preset with a larger vocabulary or a smaller tokenizer")
     model = build_initial_model(cfg, pg, args.seed, device)
     for layer in moe_layers(model):
         layer.aux_loss_scale = 1.0 / args.grad_accum
     run = Run(args, cfg, pg, device, model, build_optimizer(model, args), corpus,
-              out_dir=resolve_out_dir(args))
-    step_dir = find_checkpoint(args.resume, run.out_dir)
+              out_dir=out_dir)
     if step_dir is not None:
         load_checkpoint(run, step_dir)
     elif args.resume == "auto" and dist.get_rank() == 0:
@@ -781,6 +787,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     try:
         run, step_dir = setup(args, cfg)
         return train(run, step_dir)
+    except TrainError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
     finally:
         shutdown_distributed()
 

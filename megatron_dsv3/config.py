@@ -311,7 +311,8 @@ def tiny() -> ModelConfig:
                       qk_rope_head_dim=16, v_head_dim=32),
         moe=MoEConfig(num_experts=8, top_k=2, expert_ffn_size=64, num_shared_experts=1,
                       first_k_dense=1, dense_ffn_size=256, num_groups=4, topk_groups=2,
-                      route_scale=2.5, seq_aux_loss_coeff=1e-4, bias_update_rate=1e-3),
+                      # 10x V3's rate: a few hundred steps must show the balancing at work.
+                      route_scale=2.5, seq_aux_loss_coeff=1e-4, bias_update_rate=1e-2),
         mtp=MTPConfig(num_layers=1),
         init_std=0.02,
     )

@@ -301,23 +301,6 @@ def uses_bf16_autocast(args, device: torch.device) -> bool:
     return args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
 
 
-def experts_impl_for_autocast(cfg: ModelConfig, args, device: torch.device) -> ModelConfig:
-    """The experts' path that runs under this run's autocast.
-
-    `torch._grouped_mm` (the GPU path of `moe/experts.py`) has no autocast rule: under bf16
-    autocast it receives bf16 rows and the fp32 master weights and refuses the mix. Until that
-    path casts its weights to the activations' dtype, the experts run as the per-expert loop,
-    whose F.linear autocasts."""
-    if (device.type == "cuda" and uses_bf16_autocast(args, device)
-            and cfg.moe.experts_impl != "loop"):
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"note: moe.experts_impl={cfg.moe.experts_impl!r} -> 'loop' under bf16 "
-                  "autocast (torch._grouped_mm has no autocast rule for fp32 weights)",
-                  file=sys.stderr)
-        return cfg.replace(moe__experts_impl="loop")
-    return cfg
-
-
 def forward_losses(run: Run, input_ids: torch.Tensor, labels: torch.Tensor, mtp_lambda: float):
     """(loss to backpropagate, next-token CE, weighted MTP loss, unweighted MTP CE)."""
     from .mtp import mtp_loss
@@ -699,7 +682,6 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
                                   // int(os.environ["LOCAL_WORLD_SIZE"])))
     out_dir = resolve_out_dir(args)
     step_dir = find_checkpoint(args.resume, out_dir)  # before the slow part: fail early
-    cfg = experts_impl_for_autocast(cfg, args, device)
     tokenizer, corpus = load_corpus(args.data_dir, val_fraction=args.val_fraction)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise TrainError(f"--data-dir {args.data_dir}: its tokenizer has {tokenizer.vocab_size} "

@@ -82,7 +82,13 @@ class RoutedExperts(torch.nn.Module):
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                 impl: Optional[str] = None) -> torch.Tensor:
         run = pick_experts_impl(impl or self.impl, x_ND.device)
-        return run(x_ND, self.fc1, self.fc2, tokens_per_expert_E)
+        fc1, fc2 = self.fc1, self.fc2
+        device_type = x_ND.device.type
+        if torch.is_autocast_enabled(device_type):
+            # torch._grouped_mm has no autocast rule: cast as autocast casts F.linear's inputs.
+            dtype = torch.get_autocast_dtype(device_type)
+            x_ND, fc1, fc2 = x_ND.to(dtype), fc1.to(dtype), fc2.to(dtype)
+        return run(x_ND, fc1, fc2, tokens_per_expert_E)
 
 
 class SwiGLUMLP(torch.nn.Module):

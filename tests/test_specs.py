@@ -30,7 +30,8 @@ def small_config(**changes):
     fields = dict(hidden_size=32, vocab_size=64, num_layers=3, max_seq_len=16,
                   mla__num_heads=2, mla__q_lora_rank=16, mla__kv_lora_rank=8,
                   mla__qk_nope_head_dim=8, mla__qk_rope_head_dim=4, mla__v_head_dim=8,
-                  moe__expert_ffn_size=16, moe__dense_ffn_size=32, linear_backend="local")
+                  moe__expert_ffn_size=16, moe__dense_ffn_size=32, linear_backend="local",
+                  moe__bias_update_rate=1e-3)  # Megatron CLI default (tiny uses 1e-2)
     fields.update(changes)
     return tiny().replace(**fields)
 

@@ -35,6 +35,23 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from .config import ConfigError
 
 
+def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Megatron-style init_method: N(0, std) in place (DeepSeek draws every matrix so)."""
+    return lambda weight: torch.nn.init.normal_(weight, mean=0.0, std=std)
+
+
+def init_device(config):
+    """Where Megatron's config says parameters are created: the CPU or the current GPU."""
+    if getattr(config, "use_cpu_initialization", True):
+        return None
+    return torch.cuda.current_device()
+
+
+def tp_group_of(pg_collection):
+    """The tensor-parallel group of a Megatron ProcessGroupCollection (None: no TP)."""
+    return pg_collection.tp if pg_collection is not None else None
+
+
 def transformer_engine_available() -> bool:
     try:
         from megatron.core.extensions.transformer_engine import HAVE_TE
@@ -55,7 +72,7 @@ class RMSNorm(torch.nn.Module):
     def __init__(self, config=None, hidden_size: int = 0, eps: float = 1e-6):
         super().__init__()
         dtype = getattr(config, "params_dtype", torch.float32)
-        device = None if getattr(config, "use_cpu_initialization", True) else torch.cuda.current_device()
+        device = init_device(config)
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
 
@@ -76,7 +93,7 @@ class ReplicatedLinear(torch.nn.Module):
     def __init__(self, input_size: int, output_size: int, *, config, init_method: Callable,
                  name: Optional[str] = None):
         super().__init__()
-        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        device = init_device(config)
         self.weight = torch.nn.Parameter(
             torch.empty(output_size, input_size, dtype=config.params_dtype, device=device))
         with torch.no_grad():

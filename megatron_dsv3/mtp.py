@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from .config import ModelConfig, from_megatron_config
-from .layers import LinearBackend, gather_last_dim_from_tp, get_backend
+from .layers import LinearBackend, gather_last_dim_from_tp, normal_init, tp_group_of
 
 
 def shift_left(x: torch.Tensor, k: int, fill: int | float = 0) -> torch.Tensor:
@@ -52,12 +52,12 @@ class MTPLayer(torch.nn.Module):
         cfg: ModelConfig = from_megatron_config(config)
         backend = submodules.backend
         self.layer_number = layer_number
-        self.tp_group = pg_collection.tp if pg_collection is not None else None
+        self.tp_group = tp_group_of(pg_collection)
         d = cfg.hidden_size
         self.enorm = backend.norm(config=config, hidden_size=d, eps=cfg.norm_eps)
         self.hnorm = backend.norm(config=config, hidden_size=d, eps=cfg.norm_eps)
-        init = lambda w: torch.nn.init.normal_(w, mean=0.0, std=cfg.init_std)  # noqa: E731
-        self.eh_proj = backend.column(2 * d, d, config=config, init_method=init,
+        self.eh_proj = backend.column(2 * d, d, config=config,
+                                      init_method=normal_init(cfg.init_std),
                                       tp_group=self.tp_group)
         self.transformer_layer = build_module(
             submodules.transformer_layer, config=config, layer_number=layer_number,

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig, from_megatron_config
-from ..layers import LinearBackend, copy_to_tp, get_backend, tp_size
+from ..layers import LinearBackend, copy_to_tp, get_backend, normal_init, tp_group_of, tp_size
 from .core import cudnn_attention_takes_unequal_widths, pick_attention_core
 from .rope import RotaryEmbedding, apply_rope
 
@@ -44,10 +44,6 @@ class MLASubmodules:
 LATENT_NORM_EPS = 1e-6
 
 
-def _init_method(std: float):
-    return lambda weight: torch.nn.init.normal_(weight, mean=0.0, std=std)
-
-
 class MultiLatentAttention(torch.nn.Module):
     """MLA self-attention with Megatron's attention-module call signature."""
 
@@ -59,11 +55,11 @@ class MultiLatentAttention(torch.nn.Module):
             cfg.linear_backend)
         self.cfg = cfg.mla
         self.layer_number = layer_number
-        self.tp_group = pg_collection.tp if pg_collection is not None else None
+        self.tp_group = tp_group_of(pg_collection)
         tp = tp_size(self.tp_group)
         mla, d = cfg.mla, cfg.hidden_size
         self.num_local_heads = mla.num_heads // tp
-        init = _init_method(cfg.init_std)
+        init = normal_init(cfg.init_std)
         common = dict(config=config, init_method=init, tp_group=self.tp_group)
 
         if mla.q_lora_rank > 0:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from ..layers import mark_tensor_parallel, tp_size
+from ..layers import mark_tensor_parallel, normal_init, tp_size
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -98,7 +98,7 @@ class SwiGLUMLP(torch.nn.Module):
     def __init__(self, hidden_size: int, ffn_size: int, *, backend, config, tp_group,
                  init_std: float):
         super().__init__()
-        init = lambda w: torch.nn.init.normal_(w, mean=0.0, std=init_std)  # noqa: E731
+        init = normal_init(init_std)
         self.linear_fc1 = backend.column(hidden_size, 2 * ffn_size, config=config,
                                          init_method=init, tp_group=tp_group, stride=2)
         self.linear_fc2 = backend.row(ffn_size, hidden_size, config=config, init_method=init,

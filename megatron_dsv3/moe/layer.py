@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig, from_megatron_config
-from ..layers import copy_to_tp, get_backend, reduce_from_tp
+from ..layers import copy_to_tp, get_backend, init_device, reduce_from_tp, tp_group_of
 from .experts import RoutedExperts, SwiGLUMLP
 from .router import Router, Routing, sequence_balance_loss
 
@@ -108,10 +108,6 @@ class AuxLossInjector(torch.autograd.Function):
         return grad_output, torch.full_like(aux_loss, ctx.scale), None
 
 
-def _megatron_pg_tp(pg_collection):
-    return pg_collection.tp if pg_collection is not None else None
-
-
 class DeepSeekMoE(torch.nn.Module):
     """Shared + routed experts with the DeepSeek-V3 router. Megatron MlpBuilder signature."""
 
@@ -121,14 +117,14 @@ class DeepSeekMoE(torch.nn.Module):
         cfg: ModelConfig = from_megatron_config(config)
         moe = cfg.moe
         self.cfg = moe
-        self.tp_group = _megatron_pg_tp(pg_collection)
+        self.tp_group = tp_group_of(pg_collection)
         self.is_mtp_layer = is_mtp_layer
         self.layer_number = 0
         # Gradient scale of the balance loss, set by the training step to match the main
         # loss's normalisation (1 / number of micro-batches).
         self.aux_loss_scale = 1.0
         self.last_aux_loss: Optional[torch.Tensor] = None
-        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        device = init_device(config)
         self.router = Router(cfg.hidden_size, moe, dtype=config.params_dtype, device=device,
                              init_std=cfg.init_std)
         self.experts = RoutedExperts(moe.num_experts, cfg.hidden_size, moe.expert_ffn_size,
@@ -178,7 +174,7 @@ class DenseMLP(SwiGLUMLP):
         cfg: ModelConfig = from_megatron_config(config)
         super().__init__(cfg.hidden_size, cfg.moe.dense_ffn_size,
                          backend=get_backend(cfg.linear_backend), config=config,
-                         tp_group=_megatron_pg_tp(pg_collection), init_std=cfg.init_std)
+                         tp_group=tp_group_of(pg_collection), init_std=cfg.init_std)
 
     def forward(self, hidden_states: torch.Tensor, padding_mask=None, **unused):
         return super().forward(hidden_states), None

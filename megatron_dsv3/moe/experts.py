@@ -3,6 +3,11 @@
 Shape legend: N token-expert assignments sorted by expert, D hidden, E local experts,
 F expert FFN width on this TP rank (the width is split over tensor-parallel ranks).
 
+Expert parallelism: a rank holds E = num_experts / EP whole experts (the global experts
+[expert_offset, expert_offset + E)). fc1/fc2 carry `expert_parallel = True` (split along dim 0
+over the EP group, read by `parallel.shard_state_dict` / `gather_state_dict`) and Megatron's
+`allreduce = False` (their gradient is reduced over the expert-data-parallel group, not DP).
+
   fc1_EFD2 = weight [E, 2F, D] holding [gate; up] rows per expert (TP: each rank its slice
              of gate and of up, i.e. stride 2), fc2_EDF = weight [E, D, F].
   y_ND = (silu(x W_gate^T) * (x W_up^T)) W_2^T, per expert on its contiguous rows.
@@ -60,21 +65,35 @@ def pick_experts_impl(impl: str, device: torch.device):
     return EXPERT_IMPLS[impl]
 
 
-class RoutedExperts(torch.nn.Module):
-    """The E routed experts' weights (all experts local; expert parallelism slices E later)."""
+def mark_expert_parallel(param: torch.nn.Parameter) -> None:
+    """A routed-expert weight: dim 0 indexes experts, split over the EP group; replicated only
+    over the expert-data-parallel group (Megatron's `allreduce = False` convention)."""
+    param.expert_parallel = True
+    param.allreduce = False
 
-    def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, *, tp_group,
-                 dtype: torch.dtype, device=None, init_std: float = 0.006, impl: str = "auto"):
+
+class RoutedExperts(torch.nn.Module):
+    """This rank's routed experts' weights: the global experts
+    [expert_offset, expert_offset + num_local_experts)."""
+
+    def __init__(self, num_local_experts: int, hidden_size: int, ffn_size: int, *, tp_group,
+                 dtype: torch.dtype, device=None, init_std: float = 0.006, impl: str = "auto",
+                 expert_offset: int = 0):
         super().__init__()
         tp = tp_size(tp_group)
         local_ffn = ffn_size // tp
         self.impl = impl
+        self.num_local_experts = num_local_experts
+        self.expert_offset = expert_offset
         self.fc1 = torch.nn.Parameter(
-            torch.empty(num_experts, 2 * local_ffn, hidden_size, dtype=dtype, device=device))
+            torch.empty(num_local_experts, 2 * local_ffn, hidden_size, dtype=dtype,
+                        device=device))
         self.fc2 = torch.nn.Parameter(
-            torch.empty(num_experts, hidden_size, local_ffn, dtype=dtype, device=device))
+            torch.empty(num_local_experts, hidden_size, local_ffn, dtype=dtype, device=device))
         mark_tensor_parallel(self.fc1, dim=1, stride=2)
         mark_tensor_parallel(self.fc2, dim=2)
+        mark_expert_parallel(self.fc1)
+        mark_expert_parallel(self.fc2)
         with torch.no_grad():
             self.fc1.normal_(0.0, init_std)
             self.fc2.normal_(0.0, init_std)

@@ -5,89 +5,34 @@
 The routed path is four separable steps, so that expert parallelism (all-to-all) and the
 DualPipe split (attention / dispatch / MLP / combine) can replace or interleave them:
   route     Router -> Routing (expert ids, gates, counts)
-  dispatch  tokens permuted so each expert's rows are contiguous          (LocalDispatcher)
-  experts   grouped GEMM over the sorted rows                             (RoutedExperts)
-  combine   rows un-permuted, weighted by the gates, summed per token     (LocalDispatcher)
+  dispatch  tokens permuted so each expert's rows are contiguous; with expert parallelism
+            also sent to the rank holding the expert   (moe/dispatcher.py: LocalDispatcher,
+                                                        AllToAllDispatcher when EP > 1)
+  experts   grouped GEMM over the sorted rows of this rank's experts     (RoutedExperts)
+  combine   rows sent home, un-permuted, weighted by the gates, summed per token
 No token is ever dropped. Under tensor parallelism each rank computes its slice of every
 expert's FFN width; the routed partial sums are all-reduced after combine, the shared
-experts' by their own row-parallel output projection.
+experts' by their own row-parallel output projection. Under expert parallelism (the
+`pg_collection.ep` group, size P) EP rank p holds the experts [p*E/P, (p+1)*E/P); the router,
+shared experts and everything else stay replicated.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..config import ModelConfig, from_megatron_config
 from ..layers import copy_to_tp, get_backend, init_device, reduce_from_tp, tp_group_of
+from .dispatcher import (  # noqa: F401 - DispatchState re-exported for callers of layer.py
+    AllToAllDispatcher,
+    DispatchState,
+    LocalDispatcher,
+    experts_per_rank,
+)
 from .experts import RoutedExperts, SwiGLUMLP
-from .router import Router, Routing, sequence_balance_loss
-
-
-@dataclass
-class DispatchState:
-    """What combine needs to undo dispatch."""
-
-    order_N: torch.Tensor    # sorted position -> assignment n = t*K + k
-    inverse_N: torch.Tensor  # assignment n -> its sorted position
-    num_tokens: int
-
-
-class _DispatchRows(torch.autograd.Function):
-    """x_TD -> x_ND = x_TD[order_N // K]: each token copied to its K sorted positions.
-
-    Backward sums the K copies' gradients with a gather and a reduction (deterministic, no
-    atomics), instead of autograd's scatter-add for indexing."""
-
-    @staticmethod
-    def forward(ctx, x_TD, order_N, inverse_N, top_k: int):
-        ctx.save_for_backward(inverse_N)
-        ctx.top_k = top_k
-        return x_TD.index_select(0, order_N // top_k)
-
-    @staticmethod
-    def backward(ctx, grad_ND):
-        (inverse_N,) = ctx.saved_tensors
-        tokens = inverse_N.numel() // ctx.top_k
-        grad_TD = grad_ND.index_select(0, inverse_N).view(tokens, ctx.top_k, -1).sum(dim=1)
-        return grad_TD, None, None, None
-
-
-class _UnpermuteRows(torch.autograd.Function):
-    """y_ND (expert-sorted) -> y_NK (token-major, n = t*K + k); backward is the inverse
-    permutation (a gather), not a scatter."""
-
-    @staticmethod
-    def forward(ctx, y_ND, order_N, inverse_N):
-        ctx.save_for_backward(order_N)
-        return y_ND.index_select(0, inverse_N)
-
-    @staticmethod
-    def backward(ctx, grad_N):
-        (order_N,) = ctx.saved_tensors
-        return grad_N.index_select(0, order_N), None, None
-
-
-class LocalDispatcher:
-    """Permutation to and from expert-sorted order, on one rank (no expert parallelism)."""
-
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing
-                 ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
-        T, K = routing.topk_TK.shape
-        order_N = routing.topk_TK.flatten().argsort(stable=True)  # sorted position -> assignment
-        inverse_N = torch.empty_like(order_N)
-        inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-        x_ND = _DispatchRows.apply(x_TD, order_N, inverse_N, K)
-        return x_ND, routing.tokens_per_expert_E, DispatchState(order_N, inverse_N, T)
-
-    def combine(self, y_ND: torch.Tensor, gates_TK: torch.Tensor,
-                state: DispatchState) -> torch.Tensor:
-        """sum_k gate_{t,k} * y_{t,k}, in y's dtype (bf16 products, fp32-accumulated sum)."""
-        T, K = gates_TK.shape
-        y_TKD = _UnpermuteRows.apply(y_ND, state.order_N, state.inverse_N).view(T, K, -1)
-        return (y_TKD * gates_TK.unsqueeze(-1).to(y_ND.dtype)).sum(dim=1)
+from .router import Router, sequence_balance_loss
 
 
 class AuxLossInjector(torch.autograd.Function):
@@ -118,6 +63,9 @@ class DeepSeekMoE(torch.nn.Module):
         moe = cfg.moe
         self.cfg = moe
         self.tp_group = tp_group_of(pg_collection)
+        ep_group = getattr(pg_collection, "ep", None) if pg_collection is not None else None
+        ep_size = ep_group.size() if ep_group is not None else 1
+        num_local_experts = experts_per_rank(moe.num_experts, ep_size)
         self.is_mtp_layer = is_mtp_layer
         self.layer_number = 0
         # Gradient scale of the balance loss, set by the training step to match the main
@@ -127,17 +75,19 @@ class DeepSeekMoE(torch.nn.Module):
         device = init_device(config)
         self.router = Router(cfg.hidden_size, moe, dtype=config.params_dtype, device=device,
                              init_std=cfg.init_std)
-        self.experts = RoutedExperts(moe.num_experts, cfg.hidden_size, moe.expert_ffn_size,
+        self.experts = RoutedExperts(num_local_experts, cfg.hidden_size, moe.expert_ffn_size,
                                      tp_group=self.tp_group, dtype=config.params_dtype,
                                      device=device, init_std=cfg.init_std,
-                                     impl=moe.experts_impl)
+                                     impl=moe.experts_impl,
+                                     expert_offset=(ep_group.rank() * num_local_experts
+                                                    if ep_size > 1 else 0))
         self.shared_experts = None
         if moe.num_shared_experts > 0:
             self.shared_experts = SwiGLUMLP(cfg.hidden_size, moe.shared_ffn_size,
                                             backend=get_backend(cfg.linear_backend),
                                             config=config, tp_group=self.tp_group,
                                             init_std=cfg.init_std)
-        self.dispatcher = LocalDispatcher()
+        self.dispatcher = AllToAllDispatcher(ep_group) if ep_size > 1 else LocalDispatcher()
 
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
@@ -150,9 +100,10 @@ class DeepSeekMoE(torch.nn.Module):
         gates_TK = copy_to_tp(routing.gates_TK, self.tp_group)  # sum gate grads over TP
 
         # Each TP rank holds a slice of every expert's width: sum their input gradients.
-        x_ND, tokens_per_expert_E, state = self.dispatcher.dispatch(
+        # With EP, N rows of this rank's tokens leave and M rows for its local experts arrive.
+        x_ND, tokens_per_local_expert, state = self.dispatcher.dispatch(
             copy_to_tp(x_TD, self.tp_group), routing)
-        y_ND = self.experts(x_ND, tokens_per_expert_E)
+        y_ND = self.experts(x_ND, tokens_per_local_expert)
         out_TD = reduce_from_tp(self.dispatcher.combine(y_ND, gates_TK, state), self.tp_group)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)  # its row-parallel fc2 reduces over TP

@@ -1,0 +1,231 @@
+"""Token dispatch to the routed experts and back: on one rank, or over an expert-parallel group.
+
+Shape legend: T tokens on this rank, K experts per token, N = T*K token-expert assignments,
+D hidden, E routed experts in all, P ranks in the expert-parallel (EP) group, L = E/P experts
+per rank (EP rank p holds the global experts [p*L, (p+1)*L)), M rows this rank's experts
+receive from the whole EP group.
+
+LocalDispatcher (no EP)
+  dispatch  x_TD -> x_ND: each token copied to its K slots, sorted by expert (stable)
+  combine   y_ND -> out_TD = sum_k gate_{t,k} * y_{t,k}        (un-permute, weight, sum over K)
+
+AllToAllDispatcher(ep_group)
+  dispatch  1. the same permutation as LocalDispatcher: x_ND sorted by global expert id, which
+               also sorts it by destination rank (experts are contiguous per rank)
+            2. counts: tokens_per_expert_E viewed [P, L] go through one all-to-all of E int64
+               -> recv_PL[p, l] = rows source p sends to local expert l
+            3. HOST SYNC (the only one): the split sizes, send_P = sum_l, recv_P = sum_l of recv
+            4. all_to_all_single of the rows with those splits: x_ND -> x_MD (source-major)
+            5. regroup x_MD source-major -> local-expert-major (a permutation built on device)
+            returns (x_MD, tokens_per_local_expert_L, state)
+  combine   5 and 4 undone (the reverse all-to-all, splits swapped: the rows come home), then
+            LocalDispatcher's un-permute and gate-weighted sum, on the source rank. EP=1 and
+            EP=P therefore run the same arithmetic on the same rows; only the order in which
+            an expert's weight gradient sums its rows differs.
+
+What crosses the wire, per MoE layer and micro-batch: forward E int64 counts, N rows of D
+activations out (dispatch) and M rows of D expert outputs back (combine), in the activations'
+dtype; backward the same row volumes in the opposite directions (the gradient of a dispatch
+all-to-all is a combine-direction all-to-all and vice versa; `_AllToAllRows`). Expert ids, gates
+and their gradients never leave the source rank. Under tensor parallelism each TP rank of a
+replica sends the same tokens to the same-TP-rank peers of its EP group (expert TP = TP), and
+the routed partial sums are all-reduced over TP after combine (`moe/layer.py`).
+
+Node-limited routing (`router.select_experts`) keeps each token within `topk_groups` expert
+groups; when the number of groups is a multiple of P, each rank holds whole groups and a
+token's rows go to at most `topk_groups` ranks.
+
+dispatch and combine share nothing but the returned state, so a schedule (DualPipe) can run
+the dispatch of one micro-batch, the experts of another and the combine of a third in any
+interleaving. Every permutation here is a gather in forward and in backward (no scatter-add,
+no atomics: deterministic). Device-agnostic: the collectives are torch.distributed's, on
+gloo (CPU) and NCCL (GPU) alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError
+from .router import Routing
+
+
+# ----------------------------------------------------------------------------------------------
+# Row permutations with gather-only backward
+# ----------------------------------------------------------------------------------------------
+class _DispatchRows(torch.autograd.Function):
+    """x_TD -> x_ND = x_TD[order_N // K]: each token copied to its K sorted positions.
+
+    Backward sums the K copies' gradients with a gather and a reduction (deterministic, no
+    atomics), instead of autograd's scatter-add for indexing."""
+
+    @staticmethod
+    def forward(ctx, x_TD, order_N, inverse_N, top_k: int):
+        ctx.save_for_backward(inverse_N)
+        ctx.top_k = top_k
+        return x_TD.index_select(0, order_N // top_k)
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        (inverse_N,) = ctx.saved_tensors
+        tokens = inverse_N.numel() // ctx.top_k
+        grad_TD = grad_ND.index_select(0, inverse_N).view(tokens, ctx.top_k, -1).sum(dim=1)
+        return grad_TD, None, None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """out[i] = x[index[i]] for a permutation `index`; backward is the inverse permutation
+    (`inverse[index[i]] = i`), again a gather, not autograd's scatter."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def _unpermute_rows(y_ND: torch.Tensor, order_N: torch.Tensor,
+                    inverse_N: torch.Tensor) -> torch.Tensor:
+    """y_ND (expert-sorted) -> y_N (token-major, n = t*K + k)."""
+    return _PermuteRows.apply(y_ND, inverse_N, order_N)
+
+
+def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
+
+
+# ----------------------------------------------------------------------------------------------
+# One rank
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DispatchState:
+    """What combine needs to undo dispatch."""
+
+    order_N: torch.Tensor    # sorted position -> assignment n = t*K + k
+    inverse_N: torch.Tensor  # assignment n -> its sorted position
+    num_tokens: int
+
+
+def _sort_by_expert(x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchState]:
+    T, K = routing.topk_TK.shape
+    order_N = routing.topk_TK.flatten().argsort(stable=True)  # sorted position -> assignment
+    inverse_N = _inverse_permutation(order_N)
+    return _DispatchRows.apply(x_TD, order_N, inverse_N, K), DispatchState(order_N, inverse_N, T)
+
+
+def _weighted_sum(y_ND: torch.Tensor, gates_TK: torch.Tensor, state: DispatchState
+                  ) -> torch.Tensor:
+    """sum_k gate_{t,k} * y_{t,k}, in y's dtype (bf16 products, fp32-accumulated sum)."""
+    T, K = gates_TK.shape
+    y_TKD = _unpermute_rows(y_ND, state.order_N, state.inverse_N).view(T, K, -1)
+    return (y_TKD * gates_TK.unsqueeze(-1).to(y_ND.dtype)).sum(dim=1)
+
+
+class LocalDispatcher:
+    """Permutation to and from expert-sorted order, on one rank (no expert parallelism)."""
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing
+                 ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
+        x_ND, state = _sort_by_expert(x_TD, routing)
+        return x_ND, routing.tokens_per_expert_E, state
+
+    def combine(self, y_ND: torch.Tensor, gates_TK: torch.Tensor,
+                state: DispatchState) -> torch.Tensor:
+        return _weighted_sum(y_ND, gates_TK, state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert parallelism: all-to-all over the EP group
+# ----------------------------------------------------------------------------------------------
+def _all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int],
+                group) -> torch.Tensor:
+    out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+    return out
+
+
+class _AllToAllRows(torch.autograd.Function):
+    """Rows exchanged over `group` with the given split sizes; backward is the reverse
+    exchange (splits swapped) of the gradients."""
+
+    @staticmethod
+    def forward(ctx, x, output_splits: list[int], input_splits: list[int], group):
+        ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
+        return _all_to_all(x, output_splits, input_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, ctx.input_splits, ctx.output_splits, ctx.group), None, None, None
+
+
+@dataclass
+class AllToAllState:
+    """What combine needs to send the expert outputs home and undo the permutations."""
+
+    local: DispatchState      # the source-side sort by global expert (as LocalDispatcher's)
+    send_splits: list[int]    # [P] rows this rank sent to each EP rank
+    recv_splits: list[int]    # [P] rows this rank received from each EP rank
+    order_M: torch.Tensor     # expert-major position -> received (source-major) row
+    inverse_M: torch.Tensor   # received row -> its expert-major position
+
+
+def experts_per_rank(num_experts: int, ep_size: int) -> int:
+    """L = E / P, with an error naming the fix when P does not divide E."""
+    if num_experts % ep_size != 0:
+        raise ConfigError(f"expert_parallel_size={ep_size} is invalid: it must divide "
+                          f"MoEConfig.num_experts={num_experts} (each EP rank holds E/EP whole "
+                          "experts); pick a divisor of num_experts")
+    return num_experts // ep_size
+
+
+def destination_ranks(topk_TK: torch.Tensor, num_experts: int, ep_size: int) -> torch.Tensor:
+    """[T, K] the EP rank holding each chosen expert."""
+    return topk_TK // experts_per_rank(num_experts, ep_size)
+
+
+class AllToAllDispatcher:
+    """Dispatch/combine with the experts sharded over `ep_group` (module docstring)."""
+
+    def __init__(self, ep_group):
+        self.ep_group = ep_group
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing
+                 ) -> tuple[torch.Tensor, torch.Tensor, AllToAllState]:
+        group = self.ep_group
+        P = group.size()
+        E = routing.tokens_per_expert_E.numel()
+        L = experts_per_rank(E, P)
+        # Step 1: sort by global expert id (= by destination rank).
+        x_ND, local = _sort_by_expert(x_TD, routing)
+        # Step 2: counts per (destination, local expert) -> per (source, local expert).
+        send_PL = routing.tokens_per_expert_E.view(P, L)
+        recv_PL = _all_to_all(send_PL.flatten(), [L] * P, [L] * P, group).view(P, L)
+        # Step 3: the host sync: all-to-all split sizes must be Python ints.
+        splits = torch.cat([send_PL.sum(1), recv_PL.sum(1)]).tolist()
+        send_splits, recv_splits = splits[:P], splits[P:]
+        # Step 4: the rows; they arrive source-major, each source's rows by local expert.
+        x_MD = _AllToAllRows.apply(x_ND, recv_splits, send_splits, group)
+        # Step 5: block (p, l) of recv_PL -> expert-major key l * P + p; stable sort of the keys.
+        M = sum(recv_splits)
+        block_M = torch.repeat_interleave(torch.arange(P * L, device=recv_PL.device),
+                                          recv_PL.flatten(), output_size=M)
+        order_M = ((block_M % L) * P + block_M // L).argsort(stable=True)
+        inverse_M = _inverse_permutation(order_M)
+        x_MD = _PermuteRows.apply(x_MD, order_M, inverse_M)
+        state = AllToAllState(local, send_splits, recv_splits, order_M, inverse_M)
+        return x_MD, recv_PL.sum(0), state
+
+    def combine(self, y_MD: torch.Tensor, gates_TK: torch.Tensor,
+                state: AllToAllState) -> torch.Tensor:
+        y_MD = _PermuteRows.apply(y_MD, state.inverse_M, state.order_M)  # back to source-major
+        y_ND = _AllToAllRows.apply(y_MD, state.send_splits, state.recv_splits, self.ep_group)
+        return _weighted_sum(y_ND, gates_TK, state.local)

@@ -400,6 +400,10 @@ def to_megatron_config(cfg: ModelConfig, *, tensor_parallel_size: int = 1,
                         ("dense_ffn_size", moe.dense_ffn_size)):
         _check(width % tensor_parallel_size == 0, "tensor_parallel_size", tensor_parallel_size,
                f"must divide MoEConfig.{name}={width}")
+    _check(isinstance(expert_parallel_size, int) and expert_parallel_size > 0
+           and moe.num_experts % expert_parallel_size == 0, "expert_parallel_size",
+           expert_parallel_size, f"must be a positive divisor of MoEConfig.num_experts="
+           f"{moe.num_experts} (each EP rank holds num_experts / EP whole experts)")
     if use_cpu_initialization is None:
         use_cpu_initialization = not torch.cuda.is_available()
     dtype = cfg.torch_dtype

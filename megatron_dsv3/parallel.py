@@ -1,14 +1,23 @@
 """How the model is sharded, apart from what it computes.
 
-  init_distributed(tp)        torch.distributed (gloo on CPU, NCCL on GPU) + Megatron's groups
-  shard_state_dict(full, model)   the slice of a full (TP=1) state dict this rank's model holds
-  gather_state_dict(model)    the full tensors from every TP rank's slices (values or grads)
+  init_distributed(tp, ep)    torch.distributed (gloo on CPU, NCCL on GPU) + Megatron's groups
+  shard_state_dict(full, model, tp_group, ep_group)
+                              the slice of a full (TP=1, EP=1) state dict this rank's model holds
+  gather_state_dict(model, tp_group, ep_group)
+                              the full tensors from every TP/EP rank's slices (values or grads)
 
-Which dimension of a parameter is split, and with which stride, is read from Megatron's own
-parameter metadata (`tensor_model_parallel`, `partition_dim`, `partition_stride`), which
+Which dimension of a parameter is split over TP, and with which stride, is read from Megatron's
+own parameter metadata (`tensor_model_parallel`, `partition_dim`, `partition_stride`), which
 Megatron's parallel layers and ours (`layers.mark_tensor_parallel`) set. A stride-s split cuts
 the full dimension into s * tp chunks and gives rank r chunks r, r + tp, ... (so a fused
-[gate; up] weight keeps [gate_r; up_r] on rank r).
+[gate; up] weight keeps [gate_r; up_r] on rank r). Routed-expert weights also carry
+`expert_parallel = True` (`moe.experts.mark_expert_parallel`): their dim 0 indexes experts and
+EP rank p holds the contiguous block p of P (independent of their TP split along another dim).
+
+Megatron carves the groups out of the world in the order tp-cp-ep-dp-pp, with expert TP = TP:
+  dp       replicas of the non-expert weights (world / (TP * PP)); contains the EP group
+  ep       ranks holding different experts (consecutive DP ranks of one TP rank)
+  expt_dp  replicas of one expert shard (DP / EP)
 """
 
 from __future__ import annotations
@@ -23,11 +32,13 @@ from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 
-def init_distributed(tensor_parallel_size: int = 1, *, backend: Optional[str] = None,
-                     seed: int = 1234, timeout_s: int = 600) -> ProcessGroupCollection:
+def init_distributed(tensor_parallel_size: int = 1, expert_parallel_size: int = 1, *,
+                     backend: Optional[str] = None, seed: int = 1234,
+                     timeout_s: int = 600) -> ProcessGroupCollection:
     """Initialise torch.distributed from the launcher's environment (torchrun sets RANK,
     WORLD_SIZE, MASTER_ADDR/PORT; a plain `python` run is a world of one) and Megatron's
-    tensor/data-parallel groups. Returns the process groups the model takes.
+    tensor / data / expert-parallel groups (expert TP = TP). Returns the process groups the
+    model takes: `.tp`, `.dp`, `.ep`, `.expt_dp`, `.tp_ep`, ...
 
     On GPU, Megatron's parallel layers initialise their weights under its CUDA RNG tracker,
     which is seeded here (`seed`); on CPU they draw from torch's global generator."""
@@ -36,6 +47,12 @@ def init_distributed(tensor_parallel_size: int = 1, *, backend: Optional[str] = 
     if world_size % tensor_parallel_size != 0:
         raise ValueError(f"tensor_parallel_size={tensor_parallel_size} is invalid: it must "
                          f"divide the number of processes WORLD_SIZE={world_size}")
+    data_parallel_size = world_size // tensor_parallel_size
+    if expert_parallel_size < 1 or data_parallel_size % expert_parallel_size != 0:
+        raise ValueError(f"expert_parallel_size={expert_parallel_size} is invalid: it must "
+                         f"divide the data-parallel size WORLD_SIZE / TP = {world_size} / "
+                         f"{tensor_parallel_size} = {data_parallel_size} (EP groups are carved "
+                         "out of DP)")
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -46,7 +63,15 @@ def init_distributed(tensor_parallel_size: int = 1, *, backend: Optional[str] = 
                                 world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
+                                                 expert_model_parallel_size=expert_parallel_size)
+    sizes = (parallel_state.get_tensor_model_parallel_world_size(),
+             parallel_state.get_expert_model_parallel_world_size())
+    if sizes != (tensor_parallel_size, expert_parallel_size):
+        raise RuntimeError(f"Megatron's groups are already initialised with (TP, EP) = {sizes}, "
+                           f"not the requested ({tensor_parallel_size}, {expert_parallel_size}); "
+                           "call shutdown_distributed() (or parallel_state."
+                           "destroy_model_parallel()) first")
     if use_cuda:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -75,6 +100,17 @@ def _split_spec(param: torch.Tensor) -> Optional[tuple[int, int]]:
     return None
 
 
+EXPERT_DIM = 0  # routed-expert weights are [experts, ...]
+
+
+def is_expert_parallel(param: torch.Tensor) -> bool:
+    return getattr(param, "expert_parallel", False)
+
+
+def _size(group) -> int:
+    return 1 if group is None else group.size()
+
+
 def shard_tensor(full: torch.Tensor, dim: int, stride: int, rank: int, size: int) -> torch.Tensor:
     chunks = full.chunk(stride * size, dim=dim)
     return torch.cat(chunks[rank::size], dim=dim)
@@ -87,37 +123,51 @@ def unshard_tensor(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Te
 
 
 @torch.no_grad()
-def shard_state_dict(full_state_dict: dict, model: torch.nn.Module, tp_group) -> dict:
-    """This TP rank's state dict from a full one (keys as in `model.state_dict()`)."""
-    rank, size = tp_group.rank(), tp_group.size()
+def shard_state_dict(full_state_dict: dict, model: torch.nn.Module, tp_group,
+                     ep_group=None) -> dict:
+    """This rank's state dict from a full one (keys as in `model.state_dict()`): TP-split
+    parameters sliced over `tp_group`, expert-parallel ones also over `ep_group` (dim 0)."""
     params = dict(model.named_parameters())
     local = {}
     for name, value in model.state_dict().items():
         if name not in full_state_dict:
             continue
-        full = full_state_dict[name]
-        spec = _split_spec(params[name]) if name in params else None
-        local[name] = full if spec is None else shard_tensor(full, spec[0], spec[1], rank, size)
+        tensor = full_state_dict[name]
+        param = params.get(name)
+        if param is not None and is_expert_parallel(param) and _size(ep_group) > 1:
+            tensor = shard_tensor(tensor, EXPERT_DIM, 1, ep_group.rank(), ep_group.size())
+        spec = _split_spec(param) if param is not None else None
+        if spec is not None:
+            tensor = shard_tensor(tensor, spec[0], spec[1], tp_group.rank(), tp_group.size())
+        local[name] = tensor
         if local[name].shape != value.shape:
             raise ValueError(f"{name}: shard shape {tuple(local[name].shape)} does not match the "
                              f"model's {tuple(value.shape)}; was the full state dict built for "
-                             "the same config?")
+                             "the same config, and are tp_group / ep_group the model's?")
     return local
 
 
+def _all_gather(tensor: torch.Tensor, group) -> list[torch.Tensor]:
+    parts = [torch.empty_like(tensor) for _ in range(group.size())]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return parts
+
+
 @torch.no_grad()
-def gather_state_dict(model: torch.nn.Module, tp_group, *, grads: bool = False) -> dict:
-    """Full tensors of every parameter (or its gradient) assembled from all TP ranks."""
+def gather_state_dict(model: torch.nn.Module, tp_group, *, grads: bool = False,
+                      ep_group=None) -> dict:
+    """Full tensors of every parameter (or its gradient) assembled from all TP ranks and, for
+    expert-parallel parameters, all EP ranks. Every rank of both groups must call it."""
     out = {}
     for name, param in model.named_parameters():
         tensor = param.grad if grads else param.data
         if tensor is None:
             continue
+        tensor = tensor.detach()
         spec = _split_spec(param)
-        if spec is None or tp_group.size() == 1:
-            out[name] = tensor.detach().clone()
-            continue
-        parts = [torch.empty_like(tensor) for _ in range(tp_group.size())]
-        dist.all_gather(parts, tensor.contiguous(), group=tp_group)
-        out[name] = unshard_tensor(parts, spec[0], spec[1])
+        if spec is not None and tp_group.size() > 1:
+            tensor = unshard_tensor(_all_gather(tensor, tp_group), spec[0], spec[1])
+        if is_expert_parallel(param) and _size(ep_group) > 1:
+            tensor = torch.cat(_all_gather(tensor, ep_group), dim=EXPERT_DIM)
+        out[name] = tensor.clone()
     return out

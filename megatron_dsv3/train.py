@@ -5,21 +5,26 @@ What one optimizer step does (each rank; TP ranks of one DP replica see the same
      loss_m = mean CE + mtp_loss(CE_k, lambda(tokens_seen)); backward(loss_m / grad_accum).
      The routers' sequence-wise balance loss enters through its own injected gradient
      (`DeepSeekMoE.aux_loss_scale` = 1 / grad_accum, the same normalisation).
-  2. gradients averaged over the data-parallel group (one flat all-reduce);
-  3. global gradient norm (TP-split parameters' squares summed over TP, replicated ones
-     counted once), clipped to `--clip-grad`;
+  2. gradients reduced by group (`reduce_gradients`): the DP mean of the replicas' losses for
+     every parameter; non-expert ones summed over DP, routed-expert shards (with expert
+     parallelism, `--expert-parallel-size`) summed over the expert-data-parallel group, both
+     divided by the DP size;
+  3. global gradient norm (TP-split parameters' squares summed over TP, expert shards' over TP
+     and EP, replicated ones counted once), clipped to `--clip-grad`;
   4. AdamW at lr(step): linear warm-up, then cosine decay to `--min-lr`;
-  5. `update_expert_biases` over the DP group (aux-loss-free balancing, DESIGN.md section 2).
+  5. `update_expert_biases` over the DP group (aux-loss-free balancing, DESIGN.md section 2;
+     the DP group contains the EP group, so every token of the step is counted once).
 
 Reproducibility. Every random draw after initialisation is keyed or checkpointed: batches are a
 pure function of (seed, step, micro-batch, dp_rank); the checkpoint holds the weights (with the
 routers' `expert_bias`), the AdamW state, step, tokens seen and every RNG state. A resumed run
 therefore repeats an uninterrupted one bit for bit on CPU. The initial weights are drawn as the
-full TP=1 model and each TP rank keeps its slice, so a seed gives the same model at any TP size.
+full TP=1 model and each TP/EP rank keeps its slice, so a seed gives the same model at any TP
+and EP size.
 
 Deviations from Megatron's own `pretrain()`: no Megatron DDP or distributed optimizer (they
 assume CUDA streams; DP here is a plain all-reduce of the gradients, and each rank keeps a full
-AdamW state for its TP slice); parameters and AdamW stay fp32 (on GPU the forward runs under
+AdamW state for its TP/EP slice); parameters and AdamW stay fp32 (on GPU the forward runs under
 bf16 autocast); no pipeline parallelism. Checkpoints are per-rank torch files written to a
 temporary folder and renamed, then a `latest` marker is replaced atomically.
 
@@ -62,7 +67,7 @@ CHECKPOINT_FORMAT = 1
 LOAD_WINDOW_STEPS = 20  # expert_load.png shows the loads summed over the last this many steps
 # Arguments that fix the data stream and the model: a resume must keep them.
 RESUME_INVARIANT_ARGS = ("preset", "micro_batch_size", "grad_accum", "seq_len", "seed",
-                         "tensor_parallel_size")
+                         "tensor_parallel_size", "expert_parallel_size")
 
 
 class TrainError(ValueError):
@@ -94,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--clip-grad", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
     add("--tensor-parallel-size", type=int, default=1, help="TP size; data parallelism is "
                                                             "WORLD_SIZE / TP")
+    add("--expert-parallel-size", type=int, default=1,
+        help="EP size: routed experts sharded over EP data-parallel ranks (must divide "
+             "WORLD_SIZE / TP and the preset's number of experts)")
     add("--seed", type=int, default=1234, help="seed of the initial weights and of the batches")
     add("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="tokenizer.json + *.txt")
     add("--val-fraction", type=float, default=0.05, help="tail of the corpus held out")
@@ -128,7 +136,7 @@ def validate_args(args: argparse.Namespace, cfg: ModelConfig, world_size: int) -
             problems.append(_arg_error(flag, value, fix))
 
     for flag in ("steps", "micro_batch_size", "grad_accum", "eval_batches",
-                 "tensor_parallel_size"):
+                 "tensor_parallel_size", "expert_parallel_size"):
         value = getattr(args, flag)
         need(value > 0, "--" + flag.replace("_", "-"), value, "must be a positive integer")
     for flag in ("save_interval", "eval_interval", "warmup_steps"):
@@ -165,6 +173,16 @@ def validate_args(args: argparse.Namespace, cfg: ModelConfig, world_size: int) -
                              ("vocab_size", cfg.vocab_size)):
             need(width % tp == 0, "--tensor-parallel-size", tp,
                  f"must divide the preset's {field}={width}; pick a divisor of it")
+    ep = args.expert_parallel_size
+    if ep > 0 and tp > 0 and world_size % tp == 0:
+        dp = world_size // tp
+        need(dp % ep == 0, "--expert-parallel-size", ep,
+             f"must divide the data-parallel size WORLD_SIZE / TP = {world_size} / {tp} = {dp} "
+             "(EP groups are carved out of DP); launch NPROC = a multiple of TP * EP")
+    if ep > 0:
+        need(cfg.moe.num_experts % ep == 0, "--expert-parallel-size", ep,
+             f"must divide the preset's moe.num_experts={cfg.moe.num_experts} (each EP rank "
+             "holds whole experts); pick a divisor of it")
     return problems
 
 
@@ -196,22 +214,23 @@ def pick_device(args) -> torch.device:
 
 
 def build_initial_model(cfg: ModelConfig, pg, seed: int, device: torch.device):
-    """The model with the same initial weights at every TP size for a given seed.
+    """The model with the same initial weights at every TP and EP size for a given seed.
 
-    Weights are drawn on the CPU (the same draw on any machine): with TP > 1 each rank draws
-    the full TP=1 model (on a TP group of itself) and keeps its slice of every tensor."""
+    Weights are drawn on the CPU (the same draw on any machine): with TP > 1 or EP > 1 each
+    rank draws the full TP=1, EP=1 model (on groups of itself) and keeps its slice of every
+    tensor."""
     from .model import build_model
     from .parallel import shard_state_dict
 
-    tp = pg.tp.size()
+    tp, ep = pg.tp.size(), pg.ep.size()
     torch.manual_seed(seed)
     # With TP > 1 Megatron's layers skip their own draw: every weight is loaded just below.
     model = build_model(cfg, pg_collection=pg, megatron_config=to_megatron_config(
-        cfg, tensor_parallel_size=tp, use_cpu_initialization=True,
+        cfg, tensor_parallel_size=tp, expert_parallel_size=ep, use_cpu_initialization=True,
         perform_initialization=tp == 1))
-    if tp > 1:
+    if tp > 1 or ep > 1:
         full = _full_model_state(cfg, pg, seed)
-        missing, unexpected = model.load_state_dict(shard_state_dict(full, model, pg.tp),
+        missing, unexpected = model.load_state_dict(shard_state_dict(full, model, pg.tp, pg.ep),
                                                     strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         assert not missing and not unexpected, f"{missing=}, {unexpected=}"
@@ -224,7 +243,7 @@ def _full_model_state(cfg: ModelConfig, pg, seed: int) -> dict:
     # Every rank must create every group, in the same order.
     own_groups = [dist.new_group([r]) for r in range(dist.get_world_size())]
     solo = copy.copy(pg)
-    solo.tp = own_groups[dist.get_rank()]
+    solo.tp = solo.ep = own_groups[dist.get_rank()]
     torch.manual_seed(seed)
     full = build_model(cfg, pg_collection=solo, megatron_config=to_megatron_config(
         cfg, tensor_parallel_size=1, use_cpu_initialization=True))
@@ -317,39 +336,67 @@ def forward_losses(run: Run, input_ids: torch.Tensor, labels: torch.Tensor, mtp_
     return lm + mtp, lm, mtp, mtp_ce
 
 
-def all_reduce_gradients(params: list[torch.Tensor], dp_group) -> None:
-    """Average gradients over the data-parallel group in one flat buffer."""
-    if dp_group.size() == 1:
+def _all_reduce_sum(grads: list[torch.Tensor], group, scale: float) -> None:
+    """grad <- scale * sum over `group` of grad, in one flat buffer."""
+    if not grads:
         return
-    grads = [p.grad for p in params]
+    if group.size() == 1:
+        if scale != 1.0:
+            torch._foreach_mul_(grads, scale)
+        return
     flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=dp_group)
-    flat /= dp_group.size()
+    dist.all_reduce(flat, group=group)
+    flat *= scale
     for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
         grad.copy_(synced)
 
 
-def global_grad_norm(params: list[torch.Tensor], tp_group) -> torch.Tensor:
-    """L2 norm of the whole model's gradient: squares of TP-split parameters summed over the
-    TP group, those of replicated parameters (identical on every TP rank) counted once."""
-    split = [p.grad for p in params if getattr(p, "tensor_model_parallel", False)]
-    replicated = [p.grad for p in params if not getattr(p, "tensor_model_parallel", False)]
+def reduce_gradients(params: list[torch.Tensor], pg) -> None:
+    """Each gradient becomes that of the DP mean of the replicas' losses, L = 1/DP sum_r L_r.
+
+    A non-expert parameter is replicated on every DP rank r, whose gradient is dL_r/dtheta:
+    sum over DP, divide by DP. A routed expert lives on one rank of each EP group; the
+    all-to-all backward has already summed into it the gradients of the EP group's EP losses
+    (dispatch sent it their tokens), so summing over its replicas, the expert-data-parallel
+    group (DP / EP ranks), gives sum_r dL_r/dW over all DP ranks: divide by DP too, not by
+    the expt_dp size (Megatron's DDP: pre-scale edp/dp, then average over edp). With EP = 1
+    expt_dp is the DP group and both rules coincide."""
+    from .parallel import is_expert_parallel
+
+    dp = pg.dp.size()
+    _all_reduce_sum([p.grad for p in params if not is_expert_parallel(p)], pg.dp, 1.0 / dp)
+    _all_reduce_sum([p.grad for p in params if is_expert_parallel(p)], pg.expt_dp, 1.0 / dp)
+
+
+def global_grad_norm(params: list[torch.Tensor], pg) -> torch.Tensor:
+    """L2 norm of the whole model's gradient, each distinct shard counted once: squares of
+    TP-split parameters summed over the TP group, those of routed-expert shards over TP and
+    then EP (expert TP = TP), replicated parameters (identical on every TP rank) once."""
+    from .parallel import is_expert_parallel
 
     def sum_of_squares(grads):
         if not grads:
             return torch.zeros((), device=params[0].device)
         return torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
 
-    split_sq = sum_of_squares(split)
-    if tp_group.size() > 1:
-        dist.all_reduce(split_sq, group=tp_group)
-    return (split_sq + sum_of_squares(replicated)).sqrt()
+    def squares(expert: bool, tp_split: bool):
+        return sum_of_squares([p.grad for p in params if is_expert_parallel(p) == expert
+                               and getattr(p, "tensor_model_parallel", False) == tp_split])
+
+    tp_split_sq = torch.stack([squares(expert=False, tp_split=True),
+                               squares(expert=True, tp_split=True)])
+    if pg.tp.size() > 1:
+        dist.all_reduce(tp_split_sq, group=pg.tp)
+    expert_sq = tp_split_sq[1] + squares(expert=True, tp_split=False)
+    if pg.ep.size() > 1:
+        dist.all_reduce(expert_sq, group=pg.ep)
+    return (tp_split_sq[0] + squares(expert=False, tp_split=False) + expert_sq).sqrt()
 
 
-def clip_gradients(params: list[torch.Tensor], max_norm: float, tp_group) -> torch.Tensor:
+def clip_gradients(params: list[torch.Tensor], max_norm: float, pg) -> torch.Tensor:
     """Scale gradients so their global norm is at most max_norm (0: no clipping); returns the
     norm before clipping."""
-    norm = global_grad_norm(params, tp_group)
+    norm = global_grad_norm(params, pg)
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_([p.grad for p in params], scale)
@@ -381,16 +428,16 @@ def train_step(run: Run):
         sums += torch.stack([loss.detach() + balance, lm.detach(), mtp.detach(), mtp_ce,
                              balance]).float()
     params = [p for p in model.parameters() if p.grad is not None]
-    # Step 2: data-parallel gradient average.
-    all_reduce_gradients(params, run.pg.dp)
+    # Step 2: gradient reduction: DP for replicated parameters, expert-DP for expert shards.
+    reduce_gradients(params, run.pg)
     # Step 3: clipping by the global norm.
-    grad_norm = clip_gradients(params, args.clip_grad, run.pg.tp)
+    grad_norm = clip_gradients(params, args.clip_grad, run.pg)
     # Step 4: AdamW.
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     run.tokens_seen += run.tokens_per_step
-    # Step 5: aux-loss-free balancing, loads summed over the DP replicas.
+    # Step 5: aux-loss-free balancing, loads summed over the DP replicas (EP included).
     loads = update_expert_biases(model, group=run.pg.dp, tokens_seen=run.tokens_seen,
                                  rate=run.cfg.moe.bias_update_rate,
                                  stop_tokens=run.cfg.moe.bias_update_stop_tokens)
@@ -554,8 +601,11 @@ def check_resumable(saved: dict, run: Run, step_dir: Path) -> None:
     if saved["world_size"] != world:
         problems.append(f"number of processes: checkpoint {saved['world_size']}, now {world} "
                         "(launch with the checkpoint's NPROC)")
+    defaults = build_parser()
     for key in RESUME_INVARIANT_ARGS:
-        was, now = saved["train_args"].get(key), getattr(run.args, key)
+        # A flag added after the checkpoint was written had its default value then.
+        was = saved["train_args"].get(key, defaults.get_default(key))
+        now = getattr(run.args, key)
         if was != now:
             problems.append(f"--{key.replace('_', '-')}: checkpoint {was!r}, now {now!r}")
     if problems:
@@ -636,7 +686,8 @@ def start_wandb(run: Run, out_dir: Path):
               "train": {k: (str(v) if isinstance(v, Path) else v)
                         for k, v in vars(run.args).items()},
               "world_size": dist.get_world_size(), "tensor_parallel": run.pg.tp.size(),
-              "data_parallel": run.pg.dp.size(), "device": str(run.device)}
+              "expert_parallel": run.pg.ep.size(), "data_parallel": run.pg.dp.size(),
+              "device": str(run.device)}
     return wandb.init(project=run.args.wandb_project, name=out_dir.name, dir=str(out_dir),
                       id=run.wandb_id, resume="allow", config=config)
 
@@ -675,7 +726,8 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
     from .parallel import init_distributed
 
     backend = "gloo" if args.device == "cpu" else None
-    pg = init_distributed(args.tensor_parallel_size, backend=backend, seed=args.seed)
+    pg = init_distributed(args.tensor_parallel_size, args.expert_parallel_size,
+                          backend=backend, seed=args.seed)
     device = pick_device(args)
     if device.type == "cpu" and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1)
@@ -718,7 +770,8 @@ def train(run: Run, step_dir: Optional[Path]) -> dict:
     recent_loads: collections.deque = collections.deque(maxlen=LOAD_WINDOW_STEPS)
     names: list[str] = []
     progress = tqdm(total=args.steps, initial=start_step, disable=not is_main,
-                    desc=f"{run.cfg.name} tp={run.pg.tp.size()} dp={run.pg.dp.size()}",
+                    desc=f"{run.cfg.name} tp={run.pg.tp.size()} ep={run.pg.ep.size()} "
+                         f"dp={run.pg.dp.size()}",
                     dynamic_ncols=True, mininterval=1.0)
     summary = {"out_dir": str(out_dir), "steps": [], "losses": [], "grad_norms": []}
     while run.step < args.steps:

@@ -371,13 +371,15 @@ def reduce_gradients(params: list[torch.Tensor], pg) -> None:
 def global_grad_norm(params: list[torch.Tensor], pg) -> torch.Tensor:
     """L2 norm of the whole model's gradient, each distinct shard counted once: squares of
     TP-split parameters summed over the TP group, those of routed-expert shards over TP and
-    then EP (expert TP = TP), replicated parameters (identical on every TP rank) once."""
+    then EP (expert TP = TP), replicated parameters (identical on every TP rank) once.
+    Accumulated in float64: an fp32 norm of the 262k-element tiny embedding is off by ~1e-5
+    relative, and differently for each shard shape, which would blur TP/EP parity."""
     from .parallel import is_expert_parallel
 
     def sum_of_squares(grads):
         if not grads:
-            return torch.zeros((), device=params[0].device)
-        return torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
+            return torch.zeros((), dtype=torch.float64, device=params[0].device)
+        return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).pow(2).sum()
 
     def squares(expert: bool, tp_split: bool):
         return sum_of_squares([p.grad for p in params if is_expert_parallel(p) == expert
@@ -390,7 +392,7 @@ def global_grad_norm(params: list[torch.Tensor], pg) -> torch.Tensor:
     expert_sq = tp_split_sq[1] + squares(expert=True, tp_split=False)
     if pg.ep.size() > 1:
         dist.all_reduce(expert_sq, group=pg.ep)
-    return (tp_split_sq[0] + squares(expert=False, tp_split=False) + expert_sq).sqrt()
+    return (tp_split_sq[0] + squares(expert=False, tp_split=False) + expert_sq).sqrt().float()
 
 
 def clip_gradients(params: list[torch.Tensor], max_norm: float, pg) -> torch.Tensor:

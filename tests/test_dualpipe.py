@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from megatron_dsv3.pipeline import (ChunkTimes, DeferredWgradLinear, DualPipe, DualPipeV,
                                     TensorSpec, Tracer, WeightGradStore, draw_timeline,
                                     paper_bubble, split_layers, validate_dualpipe,
-                                    validate_dualpipev)
+                                    validate_dualpipev, write_trace_files)
 from megatron_dsv3.pipeline import dualpipe, dualpipev
 from megatron_dsv3.pipeline.overlap import run_backward, run_forward
 from megatron_dsv3.pipeline.stages import check_stage_modules
@@ -103,7 +103,7 @@ def reference_run(num_stages: int, microbatches: range, inputs, labels):
 # ---- multi-rank parity (gloo) -------------------------------------------------------------
 
 def _check_step(name: str, num_ranks: int, rank: int, num_microbatches: int,
-                with_hook: bool) -> dict:
+                with_hook: bool, trace_dir: str) -> dict:
     schedule_cls, expected_order = SCHEDULES[name]
     group = torch.distributed.group.WORLD
     stage_cls = ToyStageWithOverlap if with_hook else ToyStage
@@ -125,6 +125,7 @@ def _check_step(name: str, num_ranks: int, rank: int, num_microbatches: int,
     expected = expected_order(rank, num_ranks, num_microbatches)
     assert tracer.executed_order() == expected, \
         f"{ctx}: executed order\n{tracer.executed_order()}\n!= expected\n{expected}"
+    summary = write_trace_files(tracer, trace_dir)
     if with_hook:
         pairs = sum(op.paired for op in expected if op.op == "F")
         calls = sum(m.overlap_calls for m in modules)
@@ -168,7 +169,7 @@ def _check_step(name: str, num_ranks: int, rank: int, num_microbatches: int,
         for i, mb in enumerate(result_fwd.microbatches):
             assert_equal(result_fwd.losses[i], ref_losses[mb], f"{ctx} forward-only loss {mb}")
             assert_equal(result_fwd.outputs[i][0], ref_outputs[mb], f"{ctx} output {mb}")
-    return tracer.to_dict()
+    return summary
 
 
 def _bad_step_settings(name: str, num_ranks: int, rank: int) -> None:
@@ -191,15 +192,15 @@ def _bad_step_settings(name: str, num_ranks: int, rank: int) -> None:
             schedule_cls(wrong, p2p_specs=[TensorSpec(MICROBATCH_SHAPE)])
 
 
-def _pipeline_worker(rank: int, world_size: int, cases: list) -> list:
+def _pipeline_worker(rank: int, world_size: int, cases: list, trace_dir: str) -> list:
+    # a short timeout turns a schedule that deadlocks into an error instead of a hung test
     torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     try:
-        traces = []
         for name in SCHEDULES:
             _bad_step_settings(name, world_size, rank)
-        for name, num_microbatches, with_hook in cases:
-            traces.append(_check_step(name, world_size, rank, num_microbatches, with_hook))
-        return traces
+        return [_check_step(name, world_size, rank, num_microbatches, with_hook,
+                            os.path.join(trace_dir, f"case{case}"))
+                for case, (name, num_microbatches, with_hook) in enumerate(cases)]
     finally:
         torch.distributed.destroy_process_group()
 
@@ -211,16 +212,22 @@ def _cases(pp: int) -> list:
 
 @pytest.mark.parametrize("pp", [2, 4])
 def test_dualpipe_and_dualpipev_match_single_process_and_expected_order(pp, tmp_path):
-    traces_by_rank = run_gloo(_pipeline_worker, pp, _cases(pp))
-    # the recorded timelines make a picture and a bubble fraction per rank
+    summaries = run_gloo(_pipeline_worker, pp, _cases(pp), str(tmp_path))
+    # rank 0 wrote every rank's timeline (JSON), the picture and a summary per case
     for case, (name, num_microbatches, _) in enumerate(_cases(pp)):
-        traces = [traces_by_rank[r][case] for r in range(pp)]
-        for trace in traces:
-            assert 0.0 <= trace["bubble_fraction"] < 1.0
-            assert trace["schedule"] == name and trace["num_microbatches"] == num_microbatches
-        path = tmp_path / f"{name}_{case}.png"
-        draw_timeline(traces, path)
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        summary = summaries[0][case]
+        assert all(s[case] is None for s in summaries[1:])
+        assert (summary["schedule"], summary["num_microbatches"]) == (name, num_microbatches)
+        assert all(0.0 <= b < 1.0 for b in summary["bubble_fraction"]), summary
+        assert summary["paper_bubble_time"] == paper_bubble(
+            name.lower(), pp, ChunkTimes(**summary["chunk_times"]))
+        case_dir = tmp_path / f"case{case}"
+        for rank in range(pp):
+            trace = json.loads((case_dir / f"trace_rank{rank}.json").read_text())
+            order = [ScheduledOp(e["op"], e["chunk"], e["microbatch"], e["paired"])
+                     for e in trace["events"]]
+            assert order == SCHEDULES[name][1](rank, pp, num_microbatches)
+        assert (case_dir / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---- the schedules' orders, without processes ---------------------------------------------

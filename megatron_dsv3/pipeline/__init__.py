@@ -16,7 +16,8 @@ from .dualpipev import DualPipeV, validate_dualpipev
 from .executor import StepResult
 from .overlap import BackwardWork, ForwardWork, run_backward, run_forward
 from .stages import split_layers
-from .trace import ChunkTimes, ScheduledOp, Tracer, draw_timeline, paper_bubble
+from .trace import (ChunkTimes, ScheduledOp, Tracer, draw_timeline, paper_bubble,
+                    write_trace_files)
 from .weight_grad import (DeferredWgradLinear, WeightGradStore, attach_weight_grad_store,
                           linear_deferred_wgrad)
 
@@ -24,4 +25,4 @@ __all__ = ["BackwardWork", "ChunkTimes", "CommStream", "DeferredWgradLinear", "D
            "DualPipeV", "ForwardWork", "P2PComm", "ScheduledOp", "StepResult", "TensorSpec",
            "Tracer", "WeightGradStore", "attach_weight_grad_store", "draw_timeline",
            "linear_deferred_wgrad", "paper_bubble", "run_backward", "run_forward",
-           "split_layers", "validate_dualpipe", "validate_dualpipev"]
+           "split_layers", "validate_dualpipe", "validate_dualpipev", "write_trace_files"]

@@ -335,6 +335,7 @@ class TwoChunkSchedule:
         for module in self.modules:
             attach_weight_grad_store(module, self.weight_grad_store)
         self.comm = P2PComm(self.group, p2p_specs, self.device)
+        self._communicators_ready = False
 
     @staticmethod
     def stages_of_rank(rank: int, num_ranks: int) -> tuple[int, int]:
@@ -365,13 +366,21 @@ class TwoChunkSchedule:
                 raise ValueError(f"{self.name}.step: {where}, the first stage, so it needs "
                                  f"inputs: a sequence of num_microbatches={num_microbatches} "
                                  "micro-batches indexed by micro-batch id (unused ones may be None)")
-            if route.last_stage and not forward_only:
+            wants_loss = not forward_only or loss_fn is not None
+            if route.last_stage and wants_loss:
                 if loss_fn is None or labels is None or len(labels) != num_microbatches:
                     raise ValueError(f"{self.name}.step: {where}, the last stage, so training "
-                                     "needs loss_fn and labels: a sequence of "
+                                     "(or a forward-only step with loss_fn) needs loss_fn and "
+                                     "labels: a sequence of "
                                      f"num_microbatches={num_microbatches} label tuples indexed "
                                      "by micro-batch id (unused ones may be None)")
         self.weight_grad_store.clear()
+        if not self._communicators_ready:
+            # One collective on the whole group before the first p2p: NCCL creates its
+            # communicator lazily, and a batched p2p must not be the group's first call
+            # unless every rank joins it (torch.distributed.batch_isend_irecv docs).
+            dist.barrier(group=self.group)
+            self._communicators_ready = True
         if tracer is not None:
             tracer.begin(self.group, self.device, schedule=self.name, rank=self.rank,
                          num_ranks=self.num_ranks, num_microbatches=num_microbatches,

@@ -8,6 +8,7 @@
                          `executed_order()` for tests, `to_dict()` / `write_json()` for files
   bubble_fraction(...)   idle / total over the step, idle = time not covered by any op
   draw_timeline(traces, path)   PNG, one row per rank (matplotlib, headless)
+  write_trace_files(tracer, dir) all ranks' JSON, the PNG and a summary, written by rank 0
   ChunkTimes, measured_chunk_times(events), paper_bubble(schedule, num_ranks, times)
                          the DualPipe paper's bubble formulas from measured F, B, W, F&B
 
@@ -191,6 +192,42 @@ def measured_chunk_times(events: Sequence[TraceEvent]) -> ChunkTimes:
     if forward is None or backward is None:
         raise ValueError("measured_chunk_times: the trace has no unpaired F or no backward")
     return ChunkTimes(forward, backward, weight, mean(durations(FORWARD, True)))
+
+
+def write_trace_files(tracer: Tracer, directory: Path,
+                      group: Optional[dist.ProcessGroup] = None) -> Optional[dict]:
+    """Gather every rank's trace of the last step on group rank 0, which writes
+    `trace_rank{r}.json`, `timeline.png` and `summary.json` (bubble fraction and idle time
+    per rank, measured chunk times, the paper's bubble time for them). Returns the summary on
+    group rank 0, None elsewhere. Every rank of `group` must call it."""
+    traces: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(traces, tracer.to_dict(), group=group)
+    if dist.get_rank(group) != 0:
+        return None
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for rank, trace in enumerate(traces):
+        (directory / f"trace_rank{rank}.json").write_text(json.dumps(trace, indent=1))
+    meta = traces[0]
+    title = (f"{meta.get('schedule', '?')}, PP={len(traces)}, "
+             f"{meta.get('num_microbatches', '?')} micro-batches")
+    draw_timeline(traces, directory / "timeline.png", title)
+    summary = {"schedule": meta.get("schedule"), "num_ranks": len(traces),
+               "num_microbatches": meta.get("num_microbatches"),
+               "bubble_fraction": [t["bubble_fraction"] for t in traces],
+               "idle_time": [t["bubble_fraction"] * t["duration"] for t in traces],
+               "duration": [t["duration"] for t in traces]}
+    try:
+        times = measured_chunk_times([e for t in traces for e in events_from_dict(t)])
+    except ValueError:  # forward only: no backward to time
+        times = None
+    if times is not None:
+        summary["chunk_times"] = asdict(times)
+        schedule = str(meta.get("schedule", "")).lower()
+        if schedule in ("dualpipe", "dualpipev"):
+            summary["paper_bubble_time"] = paper_bubble(schedule, len(traces), times)
+    (directory / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 # ---- picture ------------------------------------------------------------------------------

@@ -87,14 +87,15 @@ def build_model(cfg: ModelConfig, *, pg_collection: Optional[ProcessGroupCollect
                 vp_stage: Optional[int] = None) -> DeepSeekV3Model:
     """One pipeline stage of the model (the whole model by default).
 
-    `megatron_config` defaults to `to_megatron_config(cfg)` with the TP size of
-    `pg_collection.tp`; `pg_collection` defaults to Megatron's global process groups.
+    `megatron_config` defaults to `to_megatron_config(cfg)` with the TP, PP and EP sizes of
+    `pg_collection`; `pg_collection` defaults to Megatron's global process groups.
     """
     if pg_collection is None:
         pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     if megatron_config is None:
         megatron_config = to_megatron_config(cfg, tensor_parallel_size=pg_collection.tp.size(),
-                                             pipeline_parallel_size=pg_collection.pp.size())
+                                             pipeline_parallel_size=pg_collection.pp.size(),
+                                             expert_parallel_size=pg_collection.ep.size())
     return DeepSeekV3Model(
         config=megatron_config,
         transformer_layer_spec=decoder_block_spec(megatron_config, vp_stage=vp_stage),

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_dsv3.pipeline import (ChunkTimes, DeferredWgradLinear, DualPipe, DualPipeV,
-                                    TensorSpec, Tracer, WeightGradStore, draw_timeline,
+                                    P2PComm, TensorSpec, schedule_class, Tracer, WeightGradStore, draw_timeline,
                                     paper_bubble, split_layers, validate_dualpipe,
                                     validate_dualpipev, write_trace_files)
 from megatron_dsv3.pipeline import dualpipe, dualpipev
@@ -325,6 +325,13 @@ def test_bad_settings_raise_with_the_fix():
         check_stage_modules([same, same], (0, 1), "DualPipe", 0)
     with pytest.raises(ValueError, match="chunk 1 must hold stage 3"):
         check_stage_modules([ToyStage(0), ToyStage(2)], (0, 3), "DualPipeV", 0)
+    with pytest.raises(ValueError, match="unknown pipeline schedule 'zb'"):
+        schedule_class("zb")
+    assert schedule_class("DualPipeV") is DualPipeV
+    # a stage output of the wrong shape is refused before it reaches (and hangs) the peer
+    comm = P2PComm(None, [TensorSpec(MICROBATCH_SHAPE)], torch.device("cpu"))
+    with pytest.raises(ValueError, match="p2p spec says \\(2, 3, 16\\)"):
+        comm.post_send([torch.zeros(2, 3, 8)], peer=1)
 
 
 # ---- B/W split ----------------------------------------------------------------------------

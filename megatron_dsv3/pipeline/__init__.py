@@ -8,6 +8,7 @@ deferral, on any stage modules; see DESIGN.md section 5.
   trace           Tracer, bubble fraction, timeline picture, the paper's bubble formulas
   executor        the per-rank machinery the schedules share (ChunkExecutor, StepResult)
   stages          stage-module checks, equal layer split
+  schedule_class(name)   the schedule a config names: 'dualpipe' | 'dualpipev'
 """
 
 from .comm import CommStream, P2PComm, TensorSpec
@@ -21,8 +22,21 @@ from .trace import (ChunkTimes, ScheduledOp, Tracer, draw_timeline, paper_bubble
 from .weight_grad import (DeferredWgradLinear, WeightGradStore, attach_weight_grad_store,
                           linear_deferred_wgrad)
 
-__all__ = ["BackwardWork", "ChunkTimes", "CommStream", "DeferredWgradLinear", "DualPipe",
-           "DualPipeV", "ForwardWork", "P2PComm", "ScheduledOp", "StepResult", "TensorSpec",
-           "Tracer", "WeightGradStore", "attach_weight_grad_store", "draw_timeline",
-           "linear_deferred_wgrad", "paper_bubble", "run_backward", "run_forward",
-           "split_layers", "validate_dualpipe", "validate_dualpipev", "write_trace_files"]
+SCHEDULES = {"dualpipe": DualPipe, "dualpipev": DualPipeV}
+
+
+def schedule_class(name: str) -> type:
+    """The schedule a config names ("dualpipe" or "dualpipev", any case)."""
+    try:
+        return SCHEDULES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown pipeline schedule {name!r}; use one of "
+                         f"{sorted(SCHEDULES)}") from None
+
+
+__all__ = ["SCHEDULES", "BackwardWork", "ChunkTimes", "CommStream", "DeferredWgradLinear",
+           "DualPipe", "DualPipeV", "ForwardWork", "P2PComm", "ScheduledOp", "StepResult",
+           "TensorSpec", "Tracer", "WeightGradStore", "attach_weight_grad_store",
+           "draw_timeline", "linear_deferred_wgrad", "paper_bubble", "run_backward",
+           "run_forward", "schedule_class", "split_layers", "validate_dualpipe",
+           "validate_dualpipev", "write_trace_files"]

@@ -5,11 +5,11 @@ the backward chunk of another as one step, so that the all-to-all of one (MoE di
 combine) runs while the other computes. The schedule describes the two halves as data
 (`ForwardWork`, `BackwardWork`) and calls
 
-    outputs, loss = type(fwd.module).overlapped_forward_backward(fwd, bwd)
+    outputs, loss = fwd.module.overlapped_forward_backward(fwd, bwd)
 
-when the forward module's class defines that (static or class) method and the backward module
-is an instance of the same class; otherwise it runs `run_forward(fwd)` then
-`run_backward(bwd)`. A hook must:
+when the forward module's class defines that method (static, class or plain: it is looked up
+on `fwd.module`, the backward module is `bwd.module`) and the backward module is an instance
+of the same class; otherwise it runs `run_forward(fwd)` then `run_backward(bwd)`. A hook must:
   1. return exactly what `run_forward(fwd)` returns (outputs as a tuple, the loss when
      `fwd.loss_fn` is set, else None), and leave the same gradients as `run_backward(bwd)`:
      gradients of `bwd.module`'s parameters and `.grad` on the tensors `bwd` was fed with
@@ -92,8 +92,9 @@ def run_backward(work: BackwardWork) -> None:
 
 
 def find_overlap_hook(fwd_module: nn.Module, bwd_module: nn.Module) -> Optional[Callable]:
-    """The class's `overlapped_forward_backward` if both modules share a class that has one."""
-    hook = getattr(type(fwd_module), "overlapped_forward_backward", None)
-    if hook is None or type(bwd_module) is not type(fwd_module):
+    """`fwd_module.overlapped_forward_backward` if both modules share a class that has one."""
+    if type(bwd_module) is not type(fwd_module):
         return None
-    return hook
+    if getattr(type(fwd_module), "overlapped_forward_backward", None) is None:
+        return None
+    return fwd_module.overlapped_forward_backward

@@ -266,9 +266,10 @@ def draw_timeline(traces: Sequence[dict], path: Path, title: str = "") -> None:
                         for r, t in enumerate(traces)])
     ax.set_xlim(0, end)
     ax.set_xlabel("seconds from the start of the step")
-    ax.set_title(title or "pipeline schedule (numbers: micro-batch; hatched: chunk 1)")
+    ax.set_title((title or "pipeline schedule") + "\nnumbers: micro-batch; hatched: chunk 1; "
+                 "half-height pairs: one overlapped F&B step", loc="left", fontsize=9)
     ax.legend(handles=[Patch(color=c, label=op) for op, c in _COLORS.items()],
-              loc="upper right", ncol=4, fontsize=7)
+              loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=4, fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -24,9 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_dsv3.pipeline import (ChunkTimes, DeferredWgradLinear, DualPipe, DualPipeV,
-                                    P2PComm, TensorSpec, schedule_class, Tracer, WeightGradStore, draw_timeline,
-                                    paper_bubble, split_layers, validate_dualpipe,
-                                    validate_dualpipev, write_trace_files)
+                                    P2PComm, TensorSpec, Tracer, WeightGradStore,
+                                    draw_timeline, paper_bubble, schedule_class, split_layers,
+                                    validate_dualpipe, validate_dualpipev, write_trace_files)
 from megatron_dsv3.pipeline import dualpipe, dualpipev
 from megatron_dsv3.pipeline.overlap import run_backward, run_forward
 from megatron_dsv3.pipeline.stages import check_stage_modules
@@ -358,7 +358,8 @@ def test_deferred_weight_grad_b_then_w_equals_plain_backward():
         assert_equal(split.bias.grad, plain.bias.grad, f"bias grad, step {step}")
     # the same math as F.linear (a different matmul kernel for the weight gradient)
     x_ref = x.clone().requires_grad_()
-    weight, bias = plain.weight.detach().clone().requires_grad_(), plain.bias.detach().clone().requires_grad_()
+    weight = plain.weight.detach().clone().requires_grad_()
+    bias = plain.bias.detach().clone().requires_grad_()
     F.linear(x_ref, weight, bias).backward(grad_y)
     assert_close(plain.weight.grad / 2, weight.grad, FP32_REORDER, "mm kernel order", "dW")
     assert_close(x_plain.grad, x_ref.grad, FP32_REORDER, "mm kernel order", "dX")

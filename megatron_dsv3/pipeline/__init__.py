@@ -9,6 +9,23 @@ deferral, on any stage modules; see DESIGN.md section 5.
   executor        the per-rank machinery the schedules share (ChunkExecutor, StepResult)
   stages          stage-module checks, equal layer split
   schedule_class(name)   the schedule a config names: 'dualpipe' | 'dualpipev'
+
+Plugging a model in (the contract; wiring DeepSeek-V3 into stages is not done yet):
+  * Cut the model into stages (DualPipeV: 2*PP, DualPipe: PP; `split_layers`), each an
+    nn.Module `stage(*inputs) -> hidden` with `stage_index` set. Stage 0 embeds; the last
+    stage's outputs go to `loss_fn(outputs, labels[m])`, which may be a bound method of the
+    last stage (final norm, output head, MTP, cross-entropy), so those parameters belong to
+    that stage. Whatever the loss needs (labels, loss mask, MTP tokens) travels in labels[m];
+    the last stage sits on rank 0 (DualPipeV) or on both end ranks (DualPipe).
+  * Messages between stages are fixed tensors (`TensorSpec`, e.g. [seq, micro_batch, hidden]
+    bf16); their gradients have the same specs.
+  * Linear layers that should move their weight gradient into W use `linear_deferred_wgrad`
+    / `DeferredWgradLinear` and expose `weight_grad_store`; the schedule attaches its store.
+  * A stage class that can interleave two micro-batches implements
+    `overlapped_forward_backward(fwd, bwd)` (overlap.py); without it F&B runs F then B.
+  * DualPipe keeps two copies of every stage: `sync_mirrored_parameters()` after loading
+    weights, `reduce_mirrored_grads()` after each step and before data-parallel reduction;
+    count each stage once in the gradient norm and save only the chunk-0 copies.
 """
 
 from .comm import CommStream, P2PComm, TensorSpec

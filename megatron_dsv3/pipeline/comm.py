@@ -74,8 +74,9 @@ class P2PComm:
         for i, (tensor, spec) in enumerate(zip(tensors, self.specs)):
             if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
                 raise ValueError(f"tensor {i} sent to rank {peer} is {tuple(tensor.shape)} "
-                                 f"{tensor.dtype}, but the p2p spec says {spec.shape} {spec.dtype}: "
-                                 "stage outputs must match the schedule's p2p_specs")
+                                 f"{tensor.dtype}, but the p2p spec says {spec.shape} "
+                                 f"{spec.dtype}: stage outputs (and their gradients) must "
+                                 "match the schedule's p2p_specs")
             tensor = tensor.detach().contiguous()
             self._keep_alive.append(tensor)
             self._ops.append(dist.P2POp(dist.isend, tensor, group=self.group, group_peer=peer))
@@ -111,7 +112,8 @@ class CommStream:
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def __enter__(self) -> None:
-        self._context = torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
+        self._context = (torch.cuda.stream(self._stream) if self._stream is not None
+                         else nullcontext())
         self._context.__enter__()
 
     def __exit__(self, *exc) -> None:

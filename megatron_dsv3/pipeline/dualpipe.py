@@ -197,11 +197,11 @@ class DualPipe(TwoChunkSchedule):
         """Add the mirror copy's gradient to each parameter's (`main_grad` if it has one), so
         both copies of a stage hold the gradient of all micro-batches. The two sums have the
         same operands (a + b on one rank, b + a on the other), so the copies stay bit-identical."""
-        own = [_grad_of(p) for p in self.modules[0].parameters()] + \
-              [_grad_of(p) for p in self.modules[1].parameters()]
+        trained = [[p for p in module.parameters() if p.requires_grad] for module in self.modules]
+        own = [_grad_of(p) for p in trained[0]] + [_grad_of(p) for p in trained[1]]
         mirror = [torch.empty_like(g) for g in own]
         self._exchange_with_mirror(own, mirror)
-        num_chunk0 = len(list(self.modules[0].parameters()))
+        num_chunk0 = len(trained[0])
         # my chunk 0 is the mirror's chunk 1 and vice versa
         theirs = mirror[num_chunk0:] + mirror[:num_chunk0]
         with torch.no_grad():

@@ -145,7 +145,8 @@ class ChunkExecutor:
         if send:
             self.send_backward(chunk)
 
-    def forward_backward_chunk(self, fwd_chunk: int, bwd_chunk: int, *, recv_forward: bool = True) -> None:
+    def forward_backward_chunk(self, fwd_chunk: int, bwd_chunk: int, *,
+                               recv_forward: bool = True) -> None:
         if recv_forward:
             self.recv_forward(fwd_chunk)
         self.recv_backward(bwd_chunk)
@@ -170,10 +171,12 @@ class ChunkExecutor:
         self.comm.flush()
         for chunk, route in enumerate(self.routes):
             expected = len(route.microbatches)
+            no_backward = self.forward_only
             done = {"forward": self._num_forward[chunk],
-                    "backward": expected if self.forward_only else self._num_backward[chunk],
-                    "sent forward": expected if route.send_to is None else self._num_sent_forward[chunk],
-                    "sent backward": (expected if route.recv_from is None or self.forward_only
+                    "backward": expected if no_backward else self._num_backward[chunk],
+                    "sent forward": (expected if route.send_to is None
+                                     else self._num_sent_forward[chunk]),
+                    "sent backward": (expected if route.recv_from is None or no_backward
                                       else self._num_sent_backward[chunk])}
             for what, count in done.items():
                 if count != expected:
@@ -202,7 +205,8 @@ class ChunkExecutor:
             loss_fn, labels = None, ()
         return k, ForwardWork(self.modules[chunk], inputs, loss_fn, labels, chunk, microbatch)
 
-    def _finish_forward(self, chunk: int, k: int, outputs: tuple, loss: Optional[torch.Tensor]) -> None:
+    def _finish_forward(self, chunk: int, k: int, outputs: tuple,
+                        loss: Optional[torch.Tensor]) -> None:
         route = self.routes[chunk]
         microbatch = route.microbatches[k]
         if self.forward_only:
@@ -233,7 +237,8 @@ class ChunkExecutor:
                                  "step() (or run it under torch.no_grad() for forward only)")
             outputs, output_grads = (), ()
         else:
-            loss, outputs, output_grads = None, self._outputs[chunk][k], self._output_grads[chunk][k]
+            loss = None
+            outputs, output_grads = self._outputs[chunk][k], self._output_grads[chunk][k]
         return k, BackwardWork(self.modules[chunk], loss, outputs, output_grads, chunk,
                                route.microbatches[k])
 
@@ -261,7 +266,8 @@ class ChunkExecutor:
     def _backward(self, chunk: int, defer_w: bool) -> None:
         k, work = self._backward_work(chunk)
         op = BACKWARD_INPUT if defer_w else BACKWARD_FULL
-        deferring = self.store.deferring(label=(chunk, work.microbatch)) if defer_w else nullcontext()
+        deferring = (self.store.deferring(label=(chunk, work.microbatch)) if defer_w
+                     else nullcontext())
         with self._span(ScheduledOp(op, chunk, work.microbatch)), deferring:
             run_backward(work)
         self._finish_backward(chunk, k)
@@ -331,7 +337,9 @@ class TwoChunkSchedule:
             device = params[0].device if params else torch.device("cpu")
         self.device = torch.device(device)
         # The schedule owns the store; every deferrable layer of its modules points at it.
-        self.weight_grad_store = weight_grad_store if weight_grad_store is not None else WeightGradStore()
+        if weight_grad_store is None:
+            weight_grad_store = WeightGradStore()
+        self.weight_grad_store = weight_grad_store
         for module in self.modules:
             attach_weight_grad_store(module, self.weight_grad_store)
         self.comm = P2PComm(self.group, p2p_specs, self.device)
@@ -365,7 +373,8 @@ class TwoChunkSchedule:
             if route.first_stage and (inputs is None or len(inputs) != num_microbatches):
                 raise ValueError(f"{self.name}.step: {where}, the first stage, so it needs "
                                  f"inputs: a sequence of num_microbatches={num_microbatches} "
-                                 "micro-batches indexed by micro-batch id (unused ones may be None)")
+                                 "micro-batches indexed by micro-batch id (unused ones may be "
+                                 "None)")
             wants_loss = not forward_only or loss_fn is not None
             if route.last_stage and wants_loss:
                 if loss_fn is None or labels is None or len(labels) != num_microbatches:

@@ -44,7 +44,8 @@ LossFn = Callable[[Tensors, tuple], torch.Tensor]
 
 @dataclass
 class ForwardWork:
-    """A forward chunk: `outputs = module(*inputs)`, then `loss_fn(outputs, labels)` on the last stage."""
+    """A forward chunk: `outputs = module(*inputs)`, then, on the last stage only,
+    `loss = loss_fn(outputs, labels)`."""
     module: nn.Module
     inputs: tuple[Any, ...]
     loss_fn: Optional[LossFn]   # set only on the last stage of the pipeline

@@ -8,7 +8,7 @@ instead of running it. The schedule later runs the queued closures of one backwa
 one W step.
 
   store = WeightGradStore()
-  layer = DeferredWgradLinear(d_in, d_out, store=store)   # or attach_weight_grad_store(model, store)
+  layer = DeferredWgradLinear(d_in, d_out, store=store)  # or attach_weight_grad_store(m, store)
   with store.deferring(label=("B", 0, 3)):                 # the schedule's B step
       torch.autograd.backward(outputs, output_grads)       # input grads only
   store.run_next()                                         # the W step: weight grads of that B
@@ -152,7 +152,8 @@ class _LinearDeferredWgrad(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def linear_deferred_wgrad(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+def linear_deferred_wgrad(x: torch.Tensor, weight: torch.Tensor,
+                          bias: Optional[torch.Tensor] = None,
                           store: Optional[WeightGradStore] = None) -> torch.Tensor:
     """F.linear(x, weight, bias) whose weight/bias gradients go to `store` while it defers."""
     return _LinearDeferredWgrad.apply(x, weight, bias, store)
@@ -171,7 +172,8 @@ class DeferredWgradLinear(nn.Linear):
 
 
 def attach_weight_grad_store(module: nn.Module, store: Optional[WeightGradStore]) -> int:
-    """Point every submodule that has a `weight_grad_store` attribute at `store`; return how many."""
+    """Point every submodule that has a `weight_grad_store` attribute at `store`; return the
+    number of such submodules."""
     count = 0
     for sub in module.modules():
         if hasattr(sub, "weight_grad_store"):

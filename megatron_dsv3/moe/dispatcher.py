@@ -37,7 +37,17 @@ token's rows go to at most `topk_groups` ranks.
 
 dispatch and combine share nothing but the returned state, so a schedule (DualPipe) can run
 the dispatch of one micro-batch, the experts of another and the combine of a third in any
-interleaving. Every permutation here is a gather in forward and in backward (no scatter-add,
+interleaving. For that, both dispatchers also expose the steps one by one (the DualPipe split,
+`pipeline/moe_overlap.py`):
+  plan(x_TD, routing)          1-3 and the index of 5: x_ND (still on this rank), the counts,
+                               the state; the host sync happens here, before any row moves
+  send_rows / return_rows      4 and its reverse, as autograd functions (identity without EP);
+                               `row_splits(state, toward_experts)` gives their split sizes to
+                               a caller that runs the exchange itself (asynchronously)
+  to_expert_order / to_source_order   5 and its inverse (identity without EP)
+  weighted_sum                 the un-permute and gate-weighted sum of combine
+dispatch = to_expert_order . send_rows . plan, combine = weighted_sum . return_rows .
+to_source_order. Every permutation here is a gather in forward and in backward (no scatter-add,
 no atomics: deterministic). Device-agnostic: the collectives are torch.distributed's, on
 gloo (CPU) and NCCL (GPU) alike.
 """
@@ -133,14 +143,36 @@ def _weighted_sum(y_ND: torch.Tensor, gates_TK: torch.Tensor, state: DispatchSta
 class LocalDispatcher:
     """Permutation to and from expert-sorted order, on one rank (no expert parallelism)."""
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing
-                 ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
+    ep_group = None  # no rows leave this rank
+
+    def plan(self, x_TD: torch.Tensor, routing: Routing
+             ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
         x_ND, state = _sort_by_expert(x_TD, routing)
         return x_ND, routing.tokens_per_expert_E, state
 
+    def send_rows(self, x_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        return x_ND
+
+    def return_rows(self, y_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        return y_ND
+
+    def to_expert_order(self, x_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        return x_ND
+
+    def to_source_order(self, y_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        return y_ND
+
+    def weighted_sum(self, y_ND: torch.Tensor, gates_TK: torch.Tensor,
+                     state: DispatchState) -> torch.Tensor:
+        return _weighted_sum(y_ND, gates_TK, state)
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing
+                 ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
+        return self.plan(x_TD, routing)
+
     def combine(self, y_ND: torch.Tensor, gates_TK: torch.Tensor,
                 state: DispatchState) -> torch.Tensor:
-        return _weighted_sum(y_ND, gates_TK, state)
+        return self.weighted_sum(y_ND, gates_TK, state)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,8 +230,9 @@ class AllToAllDispatcher:
     def __init__(self, ep_group):
         self.ep_group = ep_group
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing
-                 ) -> tuple[torch.Tensor, torch.Tensor, AllToAllState]:
+    def plan(self, x_TD: torch.Tensor, routing: Routing
+             ) -> tuple[torch.Tensor, torch.Tensor, AllToAllState]:
+        """Steps 1-3 and the index of step 5: (x_ND, tokens_per_local_expert_L, state)."""
         group = self.ep_group
         P = group.size()
         E = routing.tokens_per_expert_E.numel()
@@ -212,20 +245,49 @@ class AllToAllDispatcher:
         # Step 3: the host sync: all-to-all split sizes must be Python ints.
         splits = torch.cat([send_PL.sum(1), recv_PL.sum(1)]).tolist()
         send_splits, recv_splits = splits[:P], splits[P:]
-        # Step 4: the rows; they arrive source-major, each source's rows by local expert.
-        x_MD = _AllToAllRows.apply(x_ND, recv_splits, send_splits, group)
-        # Step 5: block (p, l) of recv_PL -> expert-major key l * P + p; stable sort of the keys.
+        # Step 5's index: the rows will arrive source-major, each source's rows by local
+        # expert; block (p, l) of recv_PL -> expert-major key l * P + p; stable sort of the keys.
         M = sum(recv_splits)
         block_M = torch.repeat_interleave(torch.arange(P * L, device=recv_PL.device),
                                           recv_PL.flatten(), output_size=M)
         order_M = ((block_M % L) * P + block_M // L).argsort(stable=True)
         inverse_M = _inverse_permutation(order_M)
-        x_MD = _PermuteRows.apply(x_MD, order_M, inverse_M)
         state = AllToAllState(local, send_splits, recv_splits, order_M, inverse_M)
-        return x_MD, recv_PL.sum(0), state
+        return x_ND, recv_PL.sum(0), state
+
+    @staticmethod
+    def row_splits(state: AllToAllState, toward_experts: bool) -> tuple[list[int], list[int]]:
+        """(output_splits, input_splits) of step 4 (toward_experts) or of its reverse."""
+        if toward_experts:
+            return state.recv_splits, state.send_splits
+        return state.send_splits, state.recv_splits
+
+    def send_rows(self, x_ND: torch.Tensor, state: AllToAllState) -> torch.Tensor:
+        """Step 4: x_ND -> x_MD (source-major)."""
+        return _AllToAllRows.apply(x_ND, *self.row_splits(state, True), self.ep_group)
+
+    def return_rows(self, y_MD: torch.Tensor, state: AllToAllState) -> torch.Tensor:
+        """Step 4 reversed: y_MD (source-major) -> y_ND, back on the source rank."""
+        return _AllToAllRows.apply(y_MD, *self.row_splits(state, False), self.ep_group)
+
+    def to_expert_order(self, x_MD: torch.Tensor, state: AllToAllState) -> torch.Tensor:
+        """Step 5: source-major -> local-expert-major."""
+        return _PermuteRows.apply(x_MD, state.order_M, state.inverse_M)
+
+    def to_source_order(self, y_MD: torch.Tensor, state: AllToAllState) -> torch.Tensor:
+        return _PermuteRows.apply(y_MD, state.inverse_M, state.order_M)
+
+    def weighted_sum(self, y_ND: torch.Tensor, gates_TK: torch.Tensor,
+                     state: AllToAllState) -> torch.Tensor:
+        return _weighted_sum(y_ND, gates_TK, state.local)
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing
+                 ) -> tuple[torch.Tensor, torch.Tensor, AllToAllState]:
+        x_ND, tokens_per_local_expert_L, state = self.plan(x_TD, routing)
+        x_MD = self.to_expert_order(self.send_rows(x_ND, state), state)
+        return x_MD, tokens_per_local_expert_L, state
 
     def combine(self, y_MD: torch.Tensor, gates_TK: torch.Tensor,
                 state: AllToAllState) -> torch.Tensor:
-        y_MD = _PermuteRows.apply(y_MD, state.inverse_M, state.order_M)  # back to source-major
-        y_ND = _AllToAllRows.apply(y_MD, state.send_splits, state.recv_splits, self.ep_group)
-        return _weighted_sum(y_ND, gates_TK, state.local)
+        y_ND = self.return_rows(self.to_source_order(y_MD, state), state)
+        return self.weighted_sum(y_ND, gates_TK, state)

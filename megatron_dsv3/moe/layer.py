@@ -10,6 +10,15 @@ DualPipe split (attention / dispatch / MLP / combine) can replace or interleave 
                                                         AllToAllDispatcher when EP > 1)
   experts   grouped GEMM over the sorted rows of this rank's experts     (RoutedExperts)
   combine   rows sent home, un-permuted, weighted by the gates, summed per token
+`DeepSeekMoE.forward` runs these as methods that the DualPipe split (pipeline/moe_overlap.py)
+also calls one by one, so the piecewise and the plain layer run the same code:
+  route(u)                    router, gates (+ balance-loss injection), dispatch plan   [attn]
+  dispatcher.send_rows        rows to the experts' ranks                        [dispatch]
+  routed_experts, shared_experts_output                                            [MLP]
+  dispatcher.return_rows      rows back                                          [combine]
+  combine_output              un-permute, gate-weighted sum, TP reduce, + shared [combine]
+The balance loss is injected on the gates (AuxLossInjector: identity forward, the loss's
+gradient added in backward), so its gradient stays inside the attention-side piece.
 No token is ever dropped. Under tensor parallelism each rank computes its slice of every
 expert's FFN width; the routed partial sums are all-reduced after combine, the shared
 experts' by their own row-parallel output projection. Under expert parallelism (the
@@ -19,7 +28,8 @@ shared experts and everything else stay replicated.
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 
@@ -27,6 +37,7 @@ from ..config import ModelConfig, from_megatron_config
 from ..layers import copy_to_tp, get_backend, init_device, reduce_from_tp, tp_group_of
 from .dispatcher import (  # noqa: F401 - DispatchState re-exported for callers of layer.py
     AllToAllDispatcher,
+    AllToAllState,
     DispatchState,
     LocalDispatcher,
     experts_per_rank,
@@ -51,6 +62,18 @@ class AuxLossInjector(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         (aux_loss,) = ctx.saved_tensors
         return grad_output, torch.full_like(aux_loss, ctx.scale), None
+
+
+@dataclass
+class MoERoute:
+    """What `DeepSeekMoE.route` hands to the later steps of one micro-batch."""
+
+    x_TD: torch.Tensor                   # the MoE input, tokens flattened (shared experts read it)
+    x_ND: torch.Tensor                   # routed rows sorted by expert (= destination), on this rank
+    gates_TK: torch.Tensor               # combine weights; carry the balance-loss gradient
+    tokens_per_local_expert: torch.Tensor  # [L] rows this rank's experts receive
+    state: Union[DispatchState, AllToAllState]
+    shape: torch.Size                    # [s, b, d] of the layer's hidden states
 
 
 class DeepSeekMoE(torch.nn.Module):
@@ -94,27 +117,52 @@ class DeepSeekMoE(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, padding_mask=None, **unused):
         """hidden_states [s, b, d] -> ([s, b, d], None)."""
+        route = self.route(hidden_states)
+        x_MD = self.dispatcher.send_rows(route.x_ND, route.state)
+        y_MD = self.routed_experts(x_MD, route)
+        y_ND = self.dispatcher.return_rows(y_MD, route.state)
+        # The shared experts after the routed path: backward then reaches the input through
+        # them first, as it does in the piecewise layer (the order of a 3-term gradient sum).
+        shared_TD = self.shared_experts_output(route.x_TD)
+        return self.combine_output(y_ND, route.gates_TK, shared_TD, route), None
+
+    def route(self, hidden_states: torch.Tensor) -> MoERoute:
+        """Router, gates and the dispatch plan (with EP: the count exchange and host sync)."""
         s, b, d = hidden_states.shape
         x_TD = hidden_states.reshape(s * b, d)
         routing = self.router(x_TD)
         gates_TK = copy_to_tp(routing.gates_TK, self.tp_group)  # sum gate grads over TP
-
-        # Each TP rank holds a slice of every expert's width: sum their input gradients.
-        # With EP, N rows of this rank's tokens leave and M rows for its local experts arrive.
-        x_ND, tokens_per_local_expert, state = self.dispatcher.dispatch(
-            copy_to_tp(x_TD, self.tp_group), routing)
-        y_ND = self.experts(x_ND, tokens_per_local_expert)
-        out_TD = reduce_from_tp(self.dispatcher.combine(y_ND, gates_TK, state), self.tp_group)
-        if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(x_TD)  # its row-parallel fc2 reduces over TP
-        out = out_TD.view(s, b, d)
-
         if self.training and self.cfg.seq_aux_loss_coeff > 0 and torch.is_grad_enabled():
             aux = self.cfg.seq_aux_loss_coeff * sequence_balance_loss(
                 routing.scores_TE, routing.topk_TK, s, self.cfg)
             self.last_aux_loss = aux.detach()
-            out = AuxLossInjector.apply(out, aux, self.aux_loss_scale)
-        return out, None
+            gates_TK = AuxLossInjector.apply(gates_TK, aux, self.aux_loss_scale)
+        # Each TP rank holds a slice of every expert's width: sum their input gradients.
+        # With EP, N rows of this rank's tokens will leave and M rows arrive for its experts.
+        x_ND, tokens_per_local_expert, state = self.dispatcher.plan(
+            copy_to_tp(x_TD, self.tp_group), routing)
+        return MoERoute(x_TD, x_ND, gates_TK, tokens_per_local_expert, state,
+                        hidden_states.shape)
+
+    def routed_experts(self, x_MD: torch.Tensor, route: MoERoute) -> torch.Tensor:
+        """Received rows (source-major) -> this rank's experts' outputs, source-major."""
+        x_MD = self.dispatcher.to_expert_order(x_MD, route.state)
+        y_MD = self.experts(x_MD, route.tokens_per_local_expert)
+        return self.dispatcher.to_source_order(y_MD, route.state)
+
+    def shared_experts_output(self, x_TD: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.shared_experts is None:
+            return None
+        return self.shared_experts(x_TD)  # its row-parallel fc2 reduces over TP
+
+    def combine_output(self, y_ND: torch.Tensor, gates_TK: torch.Tensor,
+                       shared_TD: Optional[torch.Tensor], route: MoERoute) -> torch.Tensor:
+        """Expert outputs back home -> the layer's MLP output [s, b, d]."""
+        out_TD = reduce_from_tp(self.dispatcher.weighted_sum(y_ND, gates_TK, route.state),
+                                self.tp_group)
+        if shared_TD is not None:
+            out_TD = out_TD + shared_TD
+        return out_TD.view(route.shape)
 
 
 class DenseMLP(SwiGLUMLP):

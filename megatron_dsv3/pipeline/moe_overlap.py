@@ -1,0 +1,531 @@
+"""DualPipe's computation-communication overlap for our MoE layers: a TransformerLayer run as
+four pieces, and the F&B hook that interleaves the pieces of two micro-batches.
+
+Shape legend (moe/dispatcher.py): s, b, d the layer's [seq, batch, hidden]; T = s*b tokens;
+N = T*K routed rows of this rank's tokens; M rows this rank's experts receive.
+
+Pieces of one MoE layer (`MoELayerPieces`; the layer's own submodules and methods, in the order
+`TransformerLayer.forward` and `DeepSeekMoE.forward` run them, so the math is theirs):
+  attn      compute  h [s,b,d] -> input_layernorm, MLA, residual (`_forward_attention`),
+                     pre_mlp_layernorm, `DeepSeekMoE.route`: router, gates, sort by expert and,
+                     with EP, the count exchange and the one host sync (the split sizes)
+                     out: mid [s,b,d] (the residual), x_TD (shared experts' input), x_ND (rows
+                     to send), gates_TK
+  dispatch  comm     x_ND -> x_MD: all-to-all of the rows over the EP group (EP=1: nothing)
+  mlp       compute  x_MD -> y_MD: to expert order, routed experts, back to source order;
+                     x_TD -> shared_TD (shared experts)
+  combine   comm     y_MD -> y_ND: the reverse all-to-all; then compute: un-permute,
+                     gate-weighted sum, TP reduce, + shared_TD, residual (`combine_output`,
+                     `_forward_post_mlp`) -> the layer's output h' [s,b,d]
+Dense layers (first_k_dense) run whole, as one compute piece.
+
+Each compute piece starts from leaves (`detach().requires_grad_()` of what it receives) and keeps
+its outputs with their autograd graph; that is what it saves for backward. Its backward is one
+`torch.autograd.backward(outputs, received gradients)`, after which the leaves hold the
+gradients to send on. The communication pieces have no graph: their backward is the reverse
+exchange of the gradient rows (what `_AllToAllRows.backward` does), run explicitly so that it
+can be asynchronous too. Backward order per layer: combine (its compute part, then the
+exchange of d y_ND), mlp, dispatch (exchange of d x_MD), attn.
+
+Overlap (`run_interleaved`): each micro-batch's work is a generator that runs its compute up to
+the next exchange, issues the exchange asynchronously and yields; the waits happen at the start
+of the compute piece that needs the rows. Alternating the backward of B and the forward of A:
+  B.combine(issue) | A.attn | A.dispatch(issue) | B.mlp | B.dispatch(issue) | A.mlp |
+  A.combine(issue) | B.attn, B.combine of the next layer (issue) | A.combine, A.attn ...
+so every exchange of one micro-batch is in flight while the other computes (DualPipe's figure).
+
+Streams and events (`AsyncExchange`, the only device-specific code): on GPU the all-to-alls are
+issued on a side CUDA stream (`comm.CommStream`) that first waits for the compute stream (the
+rows are ready), with `async_op=True`; finishing waits for the work on the side stream, then
+makes the compute stream wait for the side stream. Buffers are allocated on the compute
+stream, and the sent rows are kept alive until the wait, so no `record_stream` is needed. On
+CPU (gloo) the same calls run: gloo executes the async all-to-all on its own threads while
+the host computes the other micro-batch. The count exchange and host sync of `attn` are
+synchronous and queue behind in-flight exchanges of the same EP group (a communicator runs its
+collectives in issue order); the attention compute enqueued before them still overlaps.
+
+Stage-module contract (`PiecewiseLayers`, `MoEOverlapStage`, `overlapped_forward_backward`):
+a stage runs its decoder layers through `self.piecewise_layers(hidden, **layer_kwargs)`.
+With grad enabled that call runs the pieces in sequence and returns the output through one
+autograd node (`_StackBoundary`) whose backward runs the pieces' backward in sequence and then
+`torch.autograd.backward(stack input, its gradient)`, so the stage's plain forward and backward
+(`run_forward`, `run_backward`) give the layer-by-layer results. The F&B hook: B's backward
+from its loss/outputs runs whole until it reaches B's boundary, which only hands over its
+gradient (capture); A's forward then runs, and its `piecewise_layers` call interleaves A's
+layer pieces with B's; finally B's stack input gets its gradient (B's embedding etc.).
+
+Not done: measuring hidden communication on GPU; a B/W split inside the pieces (F&B computes
+weight gradients with input gradients, as the contract asks); a separate group for the count
+exchange; recompute, fp32 residuals, chunked MLPs, packed sequences (refused with an error).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Generator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..moe.layer import DeepSeekMoE, MoERoute
+from .comm import CommStream
+from .overlap import BackwardWork, ForwardWork, run_backward, run_forward
+
+Program = Generator[None, None, Optional[torch.Tensor]]  # yields after each exchange it issues
+
+
+# ----------------------------------------------------------------------------------------------
+# Asynchronous all-to-all (the one device-specific place)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _Pending:
+    output: torch.Tensor
+    work: Any = None                      # torch.distributed Work, None when nothing was sent
+    sent: Optional[torch.Tensor] = None   # kept alive until the wait
+    stream: Optional[CommStream] = None
+
+
+class AsyncExchange:
+    """Row all-to-alls issued now and waited for later (see the module note)."""
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, CommStream] = {}
+
+    def start(self, rows: torch.Tensor, group, output_splits: Optional[list[int]],
+              input_splits: Optional[list[int]]) -> _Pending:
+        if group is None:  # no expert parallelism: the rows stay here
+            return _Pending(rows)
+        rows = rows.contiguous()
+        output = rows.new_empty((sum(output_splits),) + tuple(rows.shape[1:]))
+        stream = self._streams.setdefault(rows.device, CommStream(rows.device))
+        stream.wait_compute()
+        with stream:
+            work = dist.all_to_all_single(output, rows, output_splits, input_splits, group=group,
+                                          async_op=True)
+        return _Pending(output, work, rows, stream)
+
+    @staticmethod
+    def finish(pending: _Pending) -> torch.Tensor:
+        if pending.work is not None:
+            with pending.stream:
+                pending.work.wait()
+            pending.stream.compute_waits()
+        return pending.output
+
+
+def _exchange_rows(exchange: AsyncExchange, rows: torch.Tensor, moe: DeepSeekMoE,
+                   route: MoERoute, toward_experts: bool) -> _Pending:
+    group = moe.dispatcher.ep_group
+    splits = (moe.dispatcher.row_splits(route.state, toward_experts) if group is not None
+              else (None, None))
+    return exchange.start(rows, group, *splits)
+
+
+# ----------------------------------------------------------------------------------------------
+# One layer, one micro-batch
+# ----------------------------------------------------------------------------------------------
+def _leaf(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Where a piece starts: the received tensor, cut from the previous piece's graph."""
+    if t is None:
+        return None
+    return t.detach().requires_grad_(t.requires_grad)
+
+
+def _grad_or_zeros(leaf: torch.Tensor) -> torch.Tensor:
+    return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+
+
+def _backward(outputs: Sequence[Optional[torch.Tensor]],
+              grads: Sequence[Optional[torch.Tensor]]) -> None:
+    pairs = [(o, g) for o, g in zip(outputs, grads)
+             if o is not None and g is not None and o.requires_grad]
+    if pairs:
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+
+
+def check_piecewise_layer(layer) -> None:
+    """Refuse TransformerLayer settings whose code path the pieces do not reproduce."""
+    config = layer.config
+    unsupported = {"recompute_input_layernorm": layer.recompute_input_layernorm,
+                   "recompute_pre_mlp_layernorm": layer.recompute_pre_mlp_layernorm,
+                   "recompute_mlp": layer.recompute_mlp,
+                   "fp32_residual_connection": config.fp32_residual_connection,
+                   "mlp_chunks_for_training > 1": config.mlp_chunks_for_training > 1}
+    on = [name for name, value in unsupported.items() if value]
+    if on:
+        raise ValueError(f"layer {layer.layer_number}: {on} is not supported by the piecewise "
+                         "MoE layer (pipeline/moe_overlap.py); switch it off for DualPipe "
+                         "overlap, or run the stage's layers whole")
+
+
+class MoELayerPieces:
+    """One MoE TransformerLayer (mlp = DeepSeekMoE) run for one micro-batch as four pieces.
+
+    Forward: attention(h), start_dispatch(), finish_dispatch(), mlp(), start_combine(),
+    combine() -> h'. Backward (after the forward): combine_backward(dh'),
+    start_combine_backward(), finish_combine_backward(), mlp_backward(),
+    start_dispatch_backward(), attention_backward() -> dh. `forward`/`backward` run them in
+    sequence."""
+
+    def __init__(self, layer, exchange: AsyncExchange, layer_kwargs: Optional[dict] = None):
+        if not isinstance(layer.mlp, DeepSeekMoE):
+            raise TypeError(f"layer {layer.layer_number}: mlp is {type(layer.mlp).__name__}, "
+                            "not DeepSeekMoE; run it whole (DenseLayerRun)")
+        check_piecewise_layer(layer)
+        self.layer, self.moe, self.exchange = layer, layer.mlp, exchange
+        self.kwargs = layer_kwargs or {}
+        self._pending: Optional[_Pending] = None
+
+    # ---- forward ----------------------------------------------------------------------
+
+    def attention(self, hidden: torch.Tensor) -> None:
+        self.h_in = _leaf(hidden)
+        mid, _ = self.layer._forward_attention(self.h_in, **self.kwargs)
+        route = self.moe.route(self.layer._forward_pre_mlp_layernorm(mid))
+        self.route = route
+        self.attn_out = (mid, route.x_TD, route.x_ND, route.gates_TK)
+        self.mid, self.x_TD, self.gates_TK = _leaf(mid), _leaf(route.x_TD), _leaf(route.gates_TK)
+
+    def start_dispatch(self) -> None:
+        self._pending = _exchange_rows(self.exchange, self.route.x_ND.detach(), self.moe,
+                                       self.route, toward_experts=True)
+
+    def finish_dispatch(self) -> None:
+        x_MD = self.exchange.finish(self._take())  # a fresh tensor: the exchange's output
+        self.x_MD = x_MD.requires_grad_(self.route.x_ND.requires_grad)
+
+    def mlp(self) -> None:
+        y_MD = self.moe.routed_experts(self.x_MD, self.route)
+        shared_TD = self.moe.shared_experts_output(self.x_TD)
+        self.mlp_out = (y_MD, shared_TD)
+        self.shared_TD = _leaf(shared_TD)
+
+    def start_combine(self) -> None:
+        self._pending = _exchange_rows(self.exchange, self.mlp_out[0].detach(), self.moe,
+                                       self.route, toward_experts=False)
+
+    def combine(self) -> torch.Tensor:
+        y_ND = self.exchange.finish(self._take())  # a fresh tensor: the exchange's output
+        self.y_ND = y_ND.requires_grad_(self.mlp_out[0].requires_grad)
+        out = self.moe.combine_output(self.y_ND, self.gates_TK, self.shared_TD, self.route)
+        self.output = self.layer._forward_post_mlp((out, None), self.mid)
+        return self.output
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.attention(hidden)
+        self.start_dispatch()
+        self.finish_dispatch()
+        self.mlp()
+        self.start_combine()
+        return self.combine()
+
+    # ---- backward ---------------------------------------------------------------------
+
+    def combine_backward(self, grad_output: torch.Tensor) -> None:
+        _backward((self.output,), (grad_output,))
+        self.output = None
+
+    def start_combine_backward(self) -> None:
+        self._pending = _exchange_rows(self.exchange, _grad_or_zeros(self.y_ND), self.moe,
+                                       self.route, toward_experts=True)
+        self.y_ND = None
+
+    def finish_combine_backward(self) -> None:
+        self._grad_y_MD = self.exchange.finish(self._take())
+
+    def mlp_backward(self) -> None:
+        grad_shared = self.shared_TD.grad if self.shared_TD is not None else None
+        _backward(self.mlp_out, (self._grad_y_MD, grad_shared))
+        self.mlp_out = self._grad_y_MD = self.shared_TD = None
+
+    def start_dispatch_backward(self) -> None:
+        self._pending = _exchange_rows(self.exchange, _grad_or_zeros(self.x_MD), self.moe,
+                                       self.route, toward_experts=False)
+        self.x_MD = None
+
+    def attention_backward(self) -> Optional[torch.Tensor]:
+        grad_x_ND = self.exchange.finish(self._take())
+        _backward(self.attn_out, (self.mid.grad, self.x_TD.grad, grad_x_ND, self.gates_TK.grad))
+        grad_in = self.h_in.grad
+        self.attn_out = self.mid = self.x_TD = self.gates_TK = self.route = self.h_in = None
+        return grad_in
+
+    def backward(self, grad_output: torch.Tensor) -> Optional[torch.Tensor]:
+        self.combine_backward(grad_output)
+        self.start_combine_backward()
+        self.finish_combine_backward()
+        self.mlp_backward()
+        self.start_dispatch_backward()
+        return self.attention_backward()
+
+    def _take(self) -> _Pending:
+        pending, self._pending = self._pending, None
+        assert pending is not None, "a piece finished an exchange that was never started"
+        return pending
+
+
+class DenseLayerRun:
+    """A layer without MoE (first_k_dense), one micro-batch, as one compute piece."""
+
+    def __init__(self, layer, layer_kwargs: Optional[dict] = None):
+        self.layer, self.kwargs = layer, layer_kwargs or {}
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.h_in = _leaf(hidden)
+        self.output, _ = self.layer(hidden_states=self.h_in, **self.kwargs)
+        return self.output
+
+    def backward(self, grad_output: torch.Tensor) -> Optional[torch.Tensor]:
+        _backward((self.output,), (grad_output,))
+        grad_in, self.output, self.h_in = self.h_in.grad, None, None
+        return grad_in
+
+
+# ----------------------------------------------------------------------------------------------
+# A micro-batch through a stack of layers, as generators, and their interleaving
+# ----------------------------------------------------------------------------------------------
+def _log(trace: Optional[list], event: str) -> None:
+    if trace is not None:
+        trace.append(event)
+
+
+def forward_program(runs: Sequence, hidden: torch.Tensor, trace: Optional[list] = None
+                    ) -> Program:
+    """Forward of one micro-batch through `runs` (layer order); returns the last output.
+    Trace events: 'F{i}.{piece}.{run|issue|wait}' with i the layer's position in the stack."""
+    for i, run in enumerate(runs):
+        if isinstance(run, DenseLayerRun):
+            _log(trace, f"F{i}.layer.run")
+            hidden = run.forward(hidden)
+            continue
+        _log(trace, f"F{i}.attn.run")
+        run.attention(hidden)
+        _log(trace, f"F{i}.dispatch.issue")
+        run.start_dispatch()
+        yield
+        _log(trace, f"F{i}.dispatch.wait")
+        run.finish_dispatch()
+        _log(trace, f"F{i}.mlp.run")
+        run.mlp()
+        _log(trace, f"F{i}.combine.issue")
+        run.start_combine()
+        yield
+        _log(trace, f"F{i}.combine.wait")
+        _log(trace, f"F{i}.combine.run")
+        hidden = run.combine()
+    return hidden
+
+
+def backward_program(runs: Sequence, grad: torch.Tensor, trace: Optional[list] = None
+                     ) -> Program:
+    """Backward of one micro-batch through `runs` (after their forward), last layer first;
+    returns the gradient of the first layer's input. Trace events 'B{i}.{piece}.{action}'."""
+    for i in reversed(range(len(runs))):
+        run = runs[i]
+        if isinstance(run, DenseLayerRun):
+            _log(trace, f"B{i}.layer.run")
+            grad = run.backward(grad)
+            continue
+        _log(trace, f"B{i}.combine.run")
+        run.combine_backward(grad)
+        _log(trace, f"B{i}.combine.issue")
+        run.start_combine_backward()
+        yield
+        _log(trace, f"B{i}.combine.wait")
+        run.finish_combine_backward()
+        _log(trace, f"B{i}.mlp.run")
+        run.mlp_backward()
+        _log(trace, f"B{i}.dispatch.issue")
+        run.start_dispatch_backward()
+        yield
+        _log(trace, f"B{i}.dispatch.wait")
+        _log(trace, f"B{i}.attn.run")
+        grad = run.attention_backward()
+    return grad
+
+
+def run_sequential(program: Program) -> Optional[torch.Tensor]:
+    """Run one program to its end (each exchange waited right after it is issued)."""
+    while True:
+        try:
+            next(program)
+        except StopIteration as stop:
+            return stop.value
+
+
+def run_interleaved(first: Program, second: Program
+                    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Alternate the two programs, each running until it has issued its next exchange, so that
+    one's exchange is in flight while the other computes; return both results."""
+    programs, results, live = (first, second), [None, None], [True, True]
+    while any(live):
+        for k in (0, 1):
+            if not live[k]:
+                continue
+            try:
+                next(programs[k])
+            except StopIteration as stop:
+                results[k], live[k] = stop.value, False
+    return results[0], results[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage-module side: the layer stack and the F&B hook
+# ----------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class _StackRun:
+    """One micro-batch through a PiecewiseLayers: what its backward needs."""
+    owner: "PiecewiseLayers"
+    hidden_in: torch.Tensor            # the stack's input, with the graph that produced it
+    runs: list
+    output: Optional[torch.Tensor] = None
+
+    def backward_program(self, grad: torch.Tensor) -> Program:
+        return backward_program(self.runs, grad, self.owner.trace)
+
+    def feed_input_grad(self, grad_in: Optional[torch.Tensor]) -> None:
+        """The stack input's gradient into whatever produced it (embedding, received leaf)."""
+        if grad_in is not None and self.hidden_in.requires_grad:
+            torch.autograd.backward(self.hidden_in, grad_in)
+        self.runs, self.hidden_in = [], None
+
+
+class _StackBoundary(torch.autograd.Function):
+    """The stack's output as one autograd node (module note). The stack's input is not an
+    autograd input here (it is fed in `feed_input_grad`), so that a captured backward leaves
+    the graph before the stack untouched; `anchor` (an empty leaf) only puts the node in the
+    graph."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, stack_run: _StackRun) -> torch.Tensor:
+        ctx.stack_run = stack_run
+        return stack_run.output.detach()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        stack_run, ctx.stack_run = ctx.stack_run, None
+        captured = stack_run.owner._captured
+        if captured is not None:
+            captured.append((stack_run, grad))
+        else:
+            stack_run.feed_input_grad(run_sequential(stack_run.backward_program(grad)))
+        return None, None
+
+
+@dataclass(eq=False)
+class _PairedBackward:
+    """B's layer-stack backward, waiting for A's forward to interleave with it."""
+    stack_run: _StackRun
+    grad: torch.Tensor
+    input_grad: Optional[torch.Tensor] = None
+    done: bool = False
+
+
+@dataclass(eq=False)
+class PiecewiseLayers:
+    """A stage's decoder layers run as pieces; call it where the stage loops over its layers:
+        hidden = self.piecewise_layers(hidden, attention_mask=mask)   # [s, b, d] -> [s, b, d]
+    The layers stay registered in the stage module (this object only refers to them).
+    Without grad (inference, forward-only steps) the layers run whole. `trace`: a list to
+    which the pieces append their events (tests, timelines)."""
+    layers: Sequence[torch.nn.Module]
+    trace: Optional[list] = None
+    _exchange: AsyncExchange = field(default_factory=AsyncExchange, repr=False)
+    _captured: Optional[list] = field(default=None, repr=False)
+    _paired: Optional[_PairedBackward] = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for layer in self.layers:
+            if isinstance(getattr(layer, "mlp", None), DeepSeekMoE):
+                check_piecewise_layer(layer)
+
+    def __call__(self, hidden: torch.Tensor, **layer_kwargs) -> torch.Tensor:
+        for name in ("inference_context", "packed_seq_params"):
+            if layer_kwargs.get(name) is not None:
+                raise ValueError(f"PiecewiseLayers: {name} is not supported; call the layers "
+                                 "directly for inference or packed sequences")
+        if not torch.is_grad_enabled():
+            for layer in self.layers:
+                hidden, _ = layer(hidden_states=hidden, **layer_kwargs)
+            return hidden
+        runs = [MoELayerPieces(layer, self._exchange, layer_kwargs)
+                if isinstance(getattr(layer, "mlp", None), DeepSeekMoE)
+                else DenseLayerRun(layer, layer_kwargs) for layer in self.layers]
+        stack_run = _StackRun(self, hidden, runs)
+        forward = forward_program(runs, hidden, self.trace)  # each piece cuts its own input
+        paired, self._paired = self._paired, None
+        if paired is None:
+            stack_run.output = run_sequential(forward)
+        else:  # backward of B first: its combine exchange flies while A's attention computes
+            paired.input_grad, stack_run.output = run_interleaved(
+                paired.stack_run.backward_program(paired.grad), forward)
+            paired.done = True
+        anchor = torch.empty(0, device=hidden.device, requires_grad=True)
+        return _StackBoundary.apply(anchor, stack_run)
+
+
+def _piecewise_layers_of(module) -> PiecewiseLayers:
+    stack = getattr(module, "piecewise_layers", None)
+    if not isinstance(stack, PiecewiseLayers):
+        raise TypeError(f"{type(module).__name__} has no `piecewise_layers`: a stage using "
+                        "MoEOverlapStage sets self.piecewise_layers = PiecewiseLayers(layers) "
+                        "and runs its layers through it in forward")
+    return stack
+
+
+def overlapped_forward_backward(fwd: ForwardWork, bwd: BackwardWork
+                                ) -> tuple[tuple, Optional[torch.Tensor]]:
+    """The F&B hook (pipeline/overlap.py contract): forward of fwd's micro-batch A and
+    backward of bwd's micro-batch B, their MoE layers' pieces interleaved; same results as
+    `run_forward(fwd)` then `run_backward(bwd)`."""
+    fwd_stack, bwd_stack = _piecewise_layers_of(fwd.module), _piecewise_layers_of(bwd.module)
+    # Step 1: B's backward after its layers (loss, head, final norm), whole; B's layer stack
+    # keeps its output gradient instead of running.
+    bwd_stack._captured = captured = []
+    try:
+        run_backward(bwd)
+    finally:
+        bwd_stack._captured = None
+    if len(captured) > 1:
+        raise RuntimeError(f"{type(bwd.module).__name__}: B's backward reached {len(captured)} "
+                           "piecewise layer stacks; a stage may run its layers through one "
+                           "PiecewiseLayers call per forward")
+    paired = _PairedBackward(*captured[0]) if captured else None
+    # Step 2: A's forward; its layer stack interleaves A's pieces with B's.
+    fwd_stack._paired = paired
+    try:
+        outputs, loss = run_forward(fwd)
+    finally:
+        fwd_stack._paired = None
+    # Step 3: B's layers (if A's forward had no stack to pair with), then B before its layers.
+    if paired is not None:
+        if not paired.done:
+            paired.input_grad = run_sequential(paired.stack_run.backward_program(paired.grad))
+        paired.stack_run.feed_input_grad(paired.input_grad)
+    return outputs, loss
+
+
+class MoEOverlapStage:
+    """Mixin giving a pipeline stage module the F&B hook. Adoption (pipeline/model_stages.py):
+
+        class DecoderStage(MoEOverlapStage, torch.nn.Module):
+            def __init__(...):
+                ...
+                self.layers = torch.nn.ModuleList(...)        # TransformerLayers from our specs
+                self.piecewise_layers = PiecewiseLayers(self.layers)
+            def forward(self, hidden):                         # or input ids on stage 0
+                hidden = <embedding on stage 0>
+                hidden = self.piecewise_layers(hidden, attention_mask=None)
+                return <final norm on the last stage>(hidden)
+
+    Everything before and after the layer call runs whole; the loss (`loss_fn`) too. Both chunks
+    of a rank must be of the same class (the schedule's rule) and each forward must make at most
+    one `piecewise_layers` call."""
+
+    def overlapped_forward_backward(self, fwd: ForwardWork, bwd: BackwardWork):
+        return overlapped_forward_backward(fwd, bwd)
+
+
+__all__ = ["AsyncExchange", "DenseLayerRun", "MoELayerPieces", "MoEOverlapStage",
+           "PiecewiseLayers", "backward_program", "check_piecewise_layer", "forward_program",
+           "overlapped_forward_backward", "run_interleaved", "run_sequential"]

@@ -121,8 +121,6 @@ class DeepSeekMoE(torch.nn.Module):
         x_MD = self.dispatcher.send_rows(route.x_ND, route.state)
         y_MD = self.routed_experts(x_MD, route)
         y_ND = self.dispatcher.return_rows(y_MD, route.state)
-        # The shared experts after the routed path: backward then reaches the input through
-        # them first, as it does in the piecewise layer (the order of a 3-term gradient sum).
         shared_TD = self.shared_experts_output(route.x_TD)
         return self.combine_output(y_ND, route.gates_TK, shared_TD, route), None
 

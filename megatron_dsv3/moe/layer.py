@@ -68,12 +68,12 @@ class AuxLossInjector(torch.autograd.Function):
 class MoERoute:
     """What `DeepSeekMoE.route` hands to the later steps of one micro-batch."""
 
-    x_TD: torch.Tensor                   # the MoE input, tokens flattened (shared experts read it)
-    x_ND: torch.Tensor                   # routed rows sorted by expert (= destination), on this rank
-    gates_TK: torch.Tensor               # combine weights; carry the balance-loss gradient
+    x_TD: torch.Tensor          # the MoE input, tokens flattened (the shared experts read it)
+    x_ND: torch.Tensor          # routed rows sorted by expert (= destination), still on this rank
+    gates_TK: torch.Tensor      # combine weights; carry the balance-loss gradient
     tokens_per_local_expert: torch.Tensor  # [L] rows this rank's experts receive
     state: Union[DispatchState, AllToAllState]
-    shape: torch.Size                    # [s, b, d] of the layer's hidden states
+    shape: torch.Size           # [s, b, d] of the layer's hidden states
 
 
 class DeepSeekMoE(torch.nn.Module):

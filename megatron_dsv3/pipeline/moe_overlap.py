@@ -19,13 +19,20 @@ Pieces of one MoE layer (`MoELayerPieces`; the layer's own submodules and method
                      `_forward_post_mlp`) -> the layer's output h' [s,b,d]
 Dense layers (first_k_dense) run whole, as one compute piece.
 
-Each compute piece starts from leaves (`detach().requires_grad_()` of what it receives) and keeps
-its outputs with their autograd graph; that is what it saves for backward. Its backward is one
-`torch.autograd.backward(outputs, received gradients)`, after which the leaves hold the
-gradients to send on. The communication pieces have no graph: their backward is the reverse
-exchange of the gradient rows (what `_AllToAllRows.backward` does), run explicitly so that it
-can be asynchronous too. Backward order per layer: combine (its compute part, then the
-exchange of d y_ND), mlp, dispatch (exchange of d x_MD), attn.
+Each compute piece starts from leaves (`detach().requires_grad_()` of what it receives; the
+detach shares storage, nothing is copied) and keeps its outputs with their autograd graph:
+what it saves for backward is what the unsplit layer saves for the same ops:
+  attn      the norms', MLA's and the router's activations; the route (permutation indices,
+            split sizes, counts) for the later pieces
+  mlp       the routed experts' and shared experts' activations (x_MD, the SwiGLU inputs)
+  combine   y_ND, the gates and the residual for the weighted sum and the residual add
+  dispatch, combine's exchange: only the split sizes (in the route)
+A compute piece's backward is one `torch.autograd.backward(outputs, received gradients)`, after
+which its leaves hold the gradients to send on. The exchanges have no graph: their backward is
+the reverse exchange of the gradient rows (what `_AllToAllRows.backward` does), run explicitly
+so that it can be asynchronous too. Backward order per layer: combine (its compute part, then
+the exchange of d y_ND), mlp, dispatch (the exchange of d x_MD), attn. Every piece frees what
+it held as soon as its backward has run.
 
 Overlap (`run_interleaved`): each micro-batch's work is a generator that runs its compute up to
 the next exchange, issues the exchange asynchronously and yields; the waits happen at the start

@@ -15,6 +15,15 @@ What one optimizer step does (each rank; TP ranks of one DP replica see the same
   5. `update_expert_biases` over the DP group (aux-loss-free balancing, DESIGN.md section 2;
      the DP group contains the EP group, so every token of the step is counted once).
 
+Pipeline parallelism (`--pipeline-parallel-size PP --pipeline-schedule dualpipev|dualpipe`,
+pipeline/model_stages.py): every rank builds the full model from the seed and keeps the two
+stages its schedule places there; step 1 is one call of the schedule's Megatron-style
+`forward_backward_func` (pipeline/megatron_adapter.py) over the `--grad-accum` micro-batches
+(DualPipe then adds its mirrored copies' gradients and router loads); DP groups are the ranks
+holding the same stages (Megatron's order: rank = pp_rank * DP + dp_rank); the gradient norm
+sums every stage once over the pipeline; losses are summed over the pipeline ranks. PP runs
+with TP = EP = 1 only (refused otherwise); `--num-layers` makes a preset's layers split evenly.
+
 Reproducibility. Every random draw after initialisation is keyed or checkpointed: batches are a
 pure function of (seed, step, micro-batch, dp_rank); the checkpoint holds the weights (with the
 routers' `expert_bias`), the AdamW state, step, tokens seen and every RNG state. A resumed run
@@ -25,7 +34,7 @@ and EP size.
 Deviations from Megatron's own `pretrain()`: no Megatron DDP or distributed optimizer (they
 assume CUDA streams; DP here is a plain all-reduce of the gradients, and each rank keeps a full
 AdamW state for its TP/EP slice); parameters and AdamW stay fp32 (on GPU the forward runs under
-bf16 autocast); no pipeline parallelism. Checkpoints are per-rank torch files written to a
+bf16 autocast); pipeline parallelism only through DualPipe/DualPipeV. Checkpoints are per-rank torch files written to a
 temporary folder and renamed, then a `latest` marker is replaced atomically.
 
 Outputs in --out-dir: checkpoints/step_<N>/, metrics.jsonl, loss_curve.png, expert_load.png,
@@ -67,7 +76,9 @@ CHECKPOINT_FORMAT = 1
 LOAD_WINDOW_STEPS = 20  # expert_load.png shows the loads summed over the last this many steps
 # Arguments that fix the data stream and the model: a resume must keep them.
 RESUME_INVARIANT_ARGS = ("preset", "micro_batch_size", "grad_accum", "seq_len", "seed",
-                         "tensor_parallel_size", "expert_parallel_size")
+                         "tensor_parallel_size", "expert_parallel_size",
+                         "pipeline_parallel_size", "pipeline_schedule")
+PIPELINE_SCHEDULES = ("dualpipev", "dualpipe")
 
 
 class TrainError(ValueError):
@@ -102,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--expert-parallel-size", type=int, default=1,
         help="EP size: routed experts sharded over EP data-parallel ranks (must divide "
              "WORLD_SIZE / TP and the preset's number of experts)")
+    add("--pipeline-parallel-size", type=int, default=1,
+        help="PP size: the decoder layers cut into stages over PP ranks (DP = WORLD_SIZE / PP); "
+             "needs --pipeline-schedule")
+    add("--pipeline-schedule", default=None, choices=PIPELINE_SCHEDULES,
+        help="bidirectional pipeline schedule for PP > 1: dualpipev (2 stages per rank, any "
+             "PP >= 2) or dualpipe (PP stages, each held twice; PP even)")
+    add("--num-layers", type=int, default=None,
+        help="decoder layers (default: the preset's), e.g. to split evenly over pipeline stages")
     add("--seed", type=int, default=1234, help="seed of the initial weights and of the batches")
     add("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="tokenizer.json + *.txt")
     add("--val-fraction", type=float, default=0.05, help="tail of the corpus held out")
@@ -136,7 +155,7 @@ def validate_args(args: argparse.Namespace, cfg: ModelConfig, world_size: int) -
             problems.append(_arg_error(flag, value, fix))
 
     for flag in ("steps", "micro_batch_size", "grad_accum", "eval_batches",
-                 "tensor_parallel_size", "expert_parallel_size"):
+                 "tensor_parallel_size", "expert_parallel_size", "pipeline_parallel_size"):
         value = getattr(args, flag)
         need(value > 0, "--" + flag.replace("_", "-"), value, "must be a positive integer")
     for flag in ("save_interval", "eval_interval", "warmup_steps"):
@@ -183,6 +202,47 @@ def validate_args(args: argparse.Namespace, cfg: ModelConfig, world_size: int) -
         need(cfg.moe.num_experts % ep == 0, "--expert-parallel-size", ep,
              f"must divide the preset's moe.num_experts={cfg.moe.num_experts} (each EP rank "
              "holds whole experts); pick a divisor of it")
+    problems += _pipeline_problems(args, cfg, world_size)
+    return problems
+
+
+def _pipeline_problems(args, cfg: ModelConfig, world_size: int) -> list[str]:
+    """What is wrong with the pipeline flags, each naming the flag and the fix."""
+    pp, schedule = args.pipeline_parallel_size, args.pipeline_schedule
+    if pp == 1 and schedule is not None:
+        return [_arg_error("--pipeline-schedule", schedule, "needs --pipeline-parallel-size >= 2 "
+                           "(with one pipeline rank nothing is pipelined): drop the flag")]
+    if pp <= 1:
+        return []
+    if schedule is None:
+        return [_arg_error("--pipeline-parallel-size", pp, "needs a schedule: add "
+                           "--pipeline-schedule dualpipev (or dualpipe)")]
+    problems = []
+
+    def need(ok: bool, flag: str, value, fix: str) -> None:
+        if not ok:
+            problems.append(_arg_error(flag, value, fix))
+
+    need(world_size % pp == 0, "--pipeline-parallel-size", pp,
+         f"must divide the number of processes ({world_size}); launch NPROC = a multiple of PP")
+    for flag, value in (("--tensor-parallel-size", args.tensor_parallel_size),
+                        ("--expert-parallel-size", args.expert_parallel_size)):
+        need(value == 1, flag, value, "pipeline parallelism runs with TP = EP = 1 for now: pass "
+             f"{flag} 1 (or --pipeline-parallel-size 1)")
+    need(schedule != "dualpipe" or pp % 2 == 0, "--pipeline-parallel-size", pp,
+         "dualpipe needs an even pipeline size: use an even PP or --pipeline-schedule dualpipev")
+    stages = 2 * pp if schedule == "dualpipev" else pp
+    need(cfg.num_layers % stages == 0, "--num-layers", cfg.num_layers,
+         f"{schedule} with PP={pp} cuts the decoder into {stages} stages: pass --num-layers "
+         f"a multiple of {stages}")
+    batches = [("--grad-accum", args.grad_accum)]
+    if args.eval_interval:
+        batches.append(("--eval-batches", args.eval_batches))
+    for flag, value in batches:
+        need(value >= 2 * pp, flag, value, f"{schedule} needs at least 2 * PP = {2 * pp} "
+             "micro-batches per pipeline step")
+        need(schedule != "dualpipe" or value % 2 == 0, flag, value,
+             "dualpipe feeds half the micro-batches from each end: pass an even number")
     return problems
 
 
@@ -194,6 +254,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, Mo
     args = parser.parse_args(argv)
     try:
         cfg = preset(args.preset).replace(params_dtype="float32")  # AdamW on fp32 masters
+        if args.num_layers is not None:
+            cfg = cfg.replace(num_layers=args.num_layers)
     except ConfigError as err:
         parser.error(str(err))
     if args.seq_len is None:
@@ -297,6 +359,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     corpus: object
     out_dir: Optional[Path] = None
+    pipeline: Optional["Pipeline"] = None  # PP > 1: the stages and their schedule
     step: int = 0
     tokens_seen: int = 0
     wandb_id: Optional[str] = None
@@ -322,18 +385,11 @@ def uses_bf16_autocast(args, device: torch.device) -> bool:
 
 def forward_losses(run: Run, input_ids: torch.Tensor, labels: torch.Tensor, mtp_lambda: float):
     """(loss to backpropagate, next-token CE, weighted MTP loss, unweighted MTP CE)."""
-    from .mtp import mtp_loss
+    from .pipeline.model_stages import weighted_lm_loss
 
     with run.autocast():
         out = run.model(input_ids, None, None, labels=labels)
-    lm = out.lm_loss.float().mean()
-    if out.mtp_losses is None:
-        zero = torch.zeros((), device=lm.device)
-        return lm, lm, zero, zero
-    mtp = mtp_loss(out.mtp_losses.float(), out.mtp_valid, mtp_lambda)
-    with torch.no_grad():
-        mtp_ce = mtp_loss(out.mtp_losses.float(), out.mtp_valid, 1.0)
-    return lm + mtp, lm, mtp, mtp_ce
+    return weighted_lm_loss(out, mtp_lambda)
 
 
 def _all_reduce_sum(grads: list[torch.Tensor], group, scale: float) -> None:
@@ -371,7 +427,9 @@ def reduce_gradients(params: list[torch.Tensor], pg) -> None:
 def global_grad_norm(params: list[torch.Tensor], pg) -> torch.Tensor:
     """L2 norm of the whole model's gradient, each distinct shard counted once: squares of
     TP-split parameters summed over the TP group, those of routed-expert shards over TP and
-    then EP (expert TP = TP), replicated parameters (identical on every TP rank) once.
+    then EP (expert TP = TP), replicated parameters (identical on every TP rank) once; with a
+    pipeline (`pg.pp` larger than 1) the stages' squares are summed over it, so `params` must
+    hold each stage once (not DualPipe's mirror copies).
     Accumulated in float64: an fp32 norm of the 262k-element tiny embedding is off by ~1e-5
     relative, and differently for each shard shape, which would blur TP/EP parity."""
     from .parallel import is_expert_parallel
@@ -392,13 +450,19 @@ def global_grad_norm(params: list[torch.Tensor], pg) -> torch.Tensor:
     expert_sq = tp_split_sq[1] + squares(expert=True, tp_split=False)
     if pg.ep.size() > 1:
         dist.all_reduce(expert_sq, group=pg.ep)
-    return (tp_split_sq[0] + squares(expert=False, tp_split=False) + expert_sq).sqrt().float()
+    total_sq = tp_split_sq[0] + squares(expert=False, tp_split=False) + expert_sq
+    pp = getattr(pg, "pp", None)
+    if pp is not None and pp.size() > 1:
+        dist.all_reduce(total_sq, group=pp)
+    return total_sq.sqrt().float()
 
 
-def clip_gradients(params: list[torch.Tensor], max_norm: float, pg) -> torch.Tensor:
+def clip_gradients(params: list[torch.Tensor], max_norm: float, pg,
+                   norm_params: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
     """Scale gradients so their global norm is at most max_norm (0: no clipping); returns the
-    norm before clipping."""
-    norm = global_grad_norm(params, pg)
+    norm before clipping. The norm is over `norm_params` (default: `params`), the scaling
+    applies to `params` (DualPipe: the norm counts each stage once, both copies are scaled)."""
+    norm = global_grad_norm(params if norm_params is None else norm_params, pg)
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_([p.grad for p in params], scale)
@@ -416,30 +480,39 @@ def train_step(run: Run):
         group["lr"] = lr
     layers = moe_layers(model)
 
-    # Step 1: micro-batches.  sums: loss, lm, mtp, mtp_ce, balance (per micro-batch means)
-    sums = torch.zeros(5, device=run.device)
-    for micro in range(args.grad_accum):
+    def train_batch(micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids, labels = get_batch(run.corpus.train, batch_size=args.micro_batch_size,
                                       seq_len=args.seq_len, seed=args.seed, step=run.step,
                                       micro_batch=micro, rank=run.dp_rank)
-        loss, lm, mtp, mtp_ce = forward_losses(run, input_ids.to(run.device),
-                                               labels.to(run.device), mtp_lambda)
-        (loss / args.grad_accum).backward()
-        balance = sum((m.last_aux_loss for m in layers if m.last_aux_loss is not None),
-                      torch.zeros((), device=run.device))
-        sums += torch.stack([loss.detach() + balance, lm.detach(), mtp.detach(), mtp_ce,
-                             balance]).float()
+        return input_ids.to(run.device), labels.to(run.device)
+
+    # Step 1: micro-batches.  sums: loss, lm, mtp, mtp_ce, balance (per micro-batch means)
+    if run.pipeline is not None:
+        sums = run.pipeline.run(run, args.grad_accum, mtp_lambda, train_batch)
+    else:
+        sums = torch.zeros(5, device=run.device)
+        for micro in range(args.grad_accum):
+            loss, lm, mtp, mtp_ce = forward_losses(run, *train_batch(micro), mtp_lambda)
+            (loss / args.grad_accum).backward()
+            balance = sum((m.last_aux_loss for m in layers if m.last_aux_loss is not None),
+                          torch.zeros((), device=run.device))
+            sums += torch.stack([loss.detach() + balance, lm.detach(), mtp.detach(), mtp_ce,
+                                 balance]).float()
     params = [p for p in model.parameters() if p.grad is not None]
     # Step 2: gradient reduction: DP for replicated parameters, expert-DP for expert shards.
     reduce_gradients(params, run.pg)
-    # Step 3: clipping by the global norm.
-    grad_norm = clip_gradients(params, args.clip_grad, run.pg)
+    # Step 3: clipping by the global norm (each pipeline stage counted once).
+    norm_params = run.pipeline.norm_params() if run.pipeline is not None else None
+    grad_norm = clip_gradients(params, args.clip_grad, run.pg, norm_params)
     # Step 4: AdamW.
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     run.tokens_seen += run.tokens_per_step
-    # Step 5: aux-loss-free balancing, loads summed over the DP replicas (EP included).
+    # Step 5: aux-loss-free balancing, loads summed over the DP replicas (EP included) of the
+    # routers' stage (and over DualPipe's two copies of it first).
+    if run.pipeline is not None:
+        run.pipeline.add_mirrored_router_loads()
     loads = update_expert_biases(model, group=run.pg.dp, tokens_seen=run.tokens_seen,
                                  rate=run.cfg.moe.bias_update_rate,
                                  stop_tokens=run.cfg.moe.bias_update_stop_tokens)
@@ -452,21 +525,28 @@ def train_step(run: Run):
     metrics = {"step": run.step, "loss": loss, "lm_loss": lm, "mtp_loss": mtp, "mtp_ce": mtp_ce,
                "mtp_lambda": mtp_lambda, "balance_loss": balance, "lr": lr,
                "grad_norm": grad_norm.item(), "tokens_seen": run.tokens_seen}
-    metrics.update(expert_metrics(model, loads))
+    if run.pipeline is not None:
+        loads, spreads = run.pipeline.gather_expert_loads(loads)
+    else:
+        spreads = bias_spreads(model)
+    metrics.update(expert_metrics(loads, spreads))
     return metrics, loads
 
 
-def expert_metrics(model: torch.nn.Module, loads) -> dict:
-    """Per MoE layer: load imbalance (max/mean) of this step and the bias spread (max - min)."""
+def bias_spreads(model: torch.nn.Module) -> list[float]:
+    """max - min of each router's expert bias, in model order."""
     from .moe.balance import routers
 
-    imbalance = loads.imbalance().tolist()
+    return [(r.expert_bias.max() - r.expert_bias.min()).item() for _, r in routers(model)]
+
+
+def expert_metrics(loads, spreads: list[float]) -> dict:
+    """Per MoE layer: load imbalance (max/mean) of this step and the bias spread (max - min)."""
     out = {}
-    for (name, router), value in zip(routers(model), imbalance):
+    for name, value, spread in zip(loads.names, loads.imbalance().tolist(), spreads):
         label = layer_label(name)
         out[f"moe/{label}/imbalance"] = value
-        bias = router.expert_bias
-        out[f"moe/{label}/bias_spread"] = (bias.max() - bias.min()).item()
+        out[f"moe/{label}/bias_spread"] = spread
     return out
 
 
@@ -475,14 +555,20 @@ def evaluate(run: Run) -> dict:
     """Mean next-token and MTP CE over `--eval-batches` fixed validation batches (DP mean)."""
     args = run.args
     run.model.eval()
-    sums = torch.zeros(2, device=run.device)
-    for i in range(args.eval_batches):
+
+    def val_batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids, labels = get_batch(run.corpus.val, batch_size=args.micro_batch_size,
                                       seq_len=args.seq_len, seed=args.seed, step=i,
                                       rank=run.dp_rank)
-        _, lm, _, mtp_ce = forward_losses(run, input_ids.to(run.device), labels.to(run.device),
-                                          mtp_lambda=0.0)
-        sums += torch.stack([lm, mtp_ce]).float()
+        return input_ids.to(run.device), labels.to(run.device)
+
+    if run.pipeline is not None:
+        sums = run.pipeline.run(run, args.eval_batches, 0.0, val_batch, forward_only=True)[[1, 3]]
+    else:
+        sums = torch.zeros(2, device=run.device)
+        for i in range(args.eval_batches):
+            _, lm, _, mtp_ce = forward_losses(run, *val_batch(i), mtp_lambda=0.0)
+            sums += torch.stack([lm, mtp_ce]).float()
     run.model.train()
     sums /= args.eval_batches
     if run.pg.dp.size() > 1:
@@ -490,6 +576,108 @@ def evaluate(run: Run) -> dict:
         sums /= run.pg.dp.size()
     val_lm, val_mtp = sums.tolist()
     return {"val_loss": val_lm, "val_mtp_ce": val_mtp}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipeline parallelism (DualPipe / DualPipeV)
+# ----------------------------------------------------------------------------------------------
+def with_pipeline_groups(pg, pipeline_parallel_size: int):
+    """A copy of the process groups for training with PP ranks: `pp` the ranks of one pipeline,
+    `dp` (and `expt_dp`, EP = 1) the ranks holding the same stages. Megatron's order (PP
+    outermost): rank = pp_rank * DP + dp_rank. Every rank creates every group, in order."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dp_size = world // pipeline_parallel_size
+    pp_groups = [dist.new_group([d + k * dp_size for k in range(pipeline_parallel_size)])
+                 for d in range(dp_size)]
+    dp_groups = [dist.new_group(list(range(k * dp_size, (k + 1) * dp_size)))
+                 for k in range(pipeline_parallel_size)]
+    out = copy.copy(pg)
+    out.pp = pp_groups[rank % dp_size]
+    out.dp = out.expt_dp = dp_groups[rank // dp_size]
+    return out
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """This rank's two stages and the schedule's Megatron-style forward_backward_func."""
+
+    plan: object                 # model_stages.StagePlan
+    stages: tuple                # (chunk 0, chunk 1) DeepSeekV3Stage
+    forward_backward: object     # megatron_adapter.DualPipeForwardBackward
+    group: object                # the pipeline process group
+
+    @classmethod
+    def create(cls, model: torch.nn.Module, args, pg) -> "Pipeline":
+        from .pipeline.megatron_adapter import get_dualpipe_forward_backward_func
+        from .pipeline.model_stages import StagePlan, stages_from_model
+
+        plan = StagePlan(args.pipeline_schedule, args.pipeline_parallel_size,
+                         len(model.decoder.layers))
+        stages = stages_from_model(model, plan, pg.pp.rank())
+        return cls(plan, stages, get_dualpipe_forward_backward_func(plan.schedule, group=pg.pp),
+                   pg.pp)
+
+    def run(self, run: Run, num_microbatches: int, mtp_lambda: float, batch_of,
+            forward_only: bool = False) -> torch.Tensor:
+        """One schedule step over micro-batches batch_of(0..M-1). Returns the sums over the
+        micro-batches of [loss, lm, mtp, mtp_ce, balance], summed over the pipeline."""
+        from .pipeline.megatron_adapter import forward_step
+
+        iterators = []
+        for chunk, stage in enumerate(self.stages):
+            stage.mtp_lambda = mtp_lambda
+            stage.pop_balance_loss()  # start the step's sum from zero
+            needs_data = stage.is_first or stage.is_last
+            microbatches = self.plan.microbatches_of_chunk(chunk, num_microbatches)
+            iterators.append((batch_of(m) for m in microbatches) if needs_data else None)
+        with run.autocast():
+            loss_dicts = self.forward_backward(
+                forward_step_func=forward_step, data_iterator=iterators, model=list(self.stages),
+                num_microbatches=num_microbatches, seq_length=run.args.seq_len,
+                micro_batch_size=run.args.micro_batch_size, forward_only=forward_only)
+        sums = torch.zeros(5, device=run.device)
+        for losses in loss_dicts:  # the micro-batches whose loss this rank computed
+            lm, mtp = losses["lm loss"], losses["mtp loss"]
+            sums += torch.stack([lm + mtp, lm, mtp, losses["mtp ce"],
+                                 torch.zeros_like(lm)]).float()
+        balance = sum(stage.pop_balance_loss().to(run.device) for stage in self.stages)
+        sums[0] += balance
+        sums[4] += balance
+        dist.all_reduce(sums, group=self.group)
+        return sums
+
+    def norm_params(self) -> list[torch.Tensor]:
+        """The gradients the norm counts: every stage once (not DualPipe's mirror copies)."""
+        return [p for stage in self.stages if not stage.is_mirror for p in stage.parameters()
+                if p.grad is not None]
+
+    def add_mirrored_router_loads(self) -> None:
+        from .pipeline.model_stages import reduce_mirrored_router_loads
+
+        if self.plan.schedule == "dualpipe":
+            reduce_mirrored_router_loads(self.forward_backward.pipe, self.stages)
+
+    def gather_expert_loads(self, loads):
+        """Every stage's routers (full-model names, model order) with their loads and bias
+        spreads, on every pipeline rank: (ExpertLoads, spreads)."""
+        from .moe.balance import ExpertLoads, routers
+
+        rows = []
+        container = torch.nn.ModuleList(self.stages)
+        for (name, router), load in zip(routers(container), loads.loads):
+            chunk, _, local = name.partition(".")
+            stage = self.stages[int(chunk)]
+            if not stage.is_mirror:
+                spread = (router.expert_bias.max() - router.expert_bias.min()).item()
+                rows.append((stage.full_name(local), load, spread))
+        parts: list = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(parts, rows, group=self.group)
+        rows = sorted((row for part in parts for row in part),
+                      key=lambda row: (row[0].startswith("mtp"), int(row[0].split(".")[2])))
+        if not rows:
+            return ExpertLoads([], torch.zeros(0, 0, dtype=torch.int64), loads.updated), []
+        return (ExpertLoads([r[0] for r in rows], torch.stack([r[1] for r in rows]),
+                            loads.updated), [r[2] for r in rows])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -689,6 +877,7 @@ def start_wandb(run: Run, out_dir: Path):
                         for k, v in vars(run.args).items()},
               "world_size": dist.get_world_size(), "tensor_parallel": run.pg.tp.size(),
               "expert_parallel": run.pg.ep.size(), "data_parallel": run.pg.dp.size(),
+              "pipeline_parallel": run.args.pipeline_parallel_size,
               "device": str(run.device)}
     return wandb.init(project=run.args.wandb_project, name=out_dir.name, dir=str(out_dir),
                       id=run.wandb_id, resume="allow", config=config)
@@ -728,8 +917,12 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
     from .parallel import init_distributed
 
     backend = "gloo" if args.device == "cpu" else None
+    # Megatron's groups have pipeline size 1: the full model is built, then cut into stages.
     pg = init_distributed(args.tensor_parallel_size, args.expert_parallel_size,
                           backend=backend, seed=args.seed)
+    train_pg = pg
+    if args.pipeline_parallel_size > 1:
+        train_pg = with_pipeline_groups(pg, args.pipeline_parallel_size)
     device = pick_device(args)
     if device.type == "cpu" and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1)
@@ -742,10 +935,14 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
                          f"tokens, more than preset '{cfg.name}' vocab_size={cfg.vocab_size}; "
                          "use a preset with a larger vocabulary or a smaller tokenizer")
     model = build_initial_model(cfg, pg, args.seed, device)
+    pipeline = None
+    if args.pipeline_parallel_size > 1:
+        pipeline = Pipeline.create(model, args, train_pg)
+        model = torch.nn.ModuleList(pipeline.stages)  # parameters, state dict, routers
     for layer in moe_layers(model):
         layer.aux_loss_scale = 1.0 / args.grad_accum
-    run = Run(args, cfg, pg, device, model, build_optimizer(model, args), corpus,
-              out_dir=out_dir)
+    run = Run(args, cfg, train_pg, device, model, build_optimizer(model, args), corpus,
+              out_dir=out_dir, pipeline=pipeline)
     if step_dir is not None:
         load_checkpoint(run, step_dir)
     elif args.resume == "auto" and dist.get_rank() == 0:
@@ -773,7 +970,7 @@ def train(run: Run, step_dir: Optional[Path]) -> dict:
     names: list[str] = []
     progress = tqdm(total=args.steps, initial=start_step, disable=not is_main,
                     desc=f"{run.cfg.name} tp={run.pg.tp.size()} ep={run.pg.ep.size()} "
-                         f"dp={run.pg.dp.size()}",
+                         f"pp={args.pipeline_parallel_size} dp={run.pg.dp.size()}",
                     dynamic_ncols=True, mininterval=1.0)
     summary = {"out_dir": str(out_dir), "steps": [], "losses": [], "grad_norms": []}
     while run.step < args.steps:

@@ -1,0 +1,277 @@
+"""DualPipe / DualPipeV behind Megatron-Core's `forward_backward_func` interface.
+
+  PipelineConfig(schedule, pipeline_parallel_size)   "1f1b" | "dualpipe" | "dualpipev", checked
+        at construction; `.check(num_microbatches, num_layers)` for a step's settings
+  get_dualpipe_forward_backward_func(schedule_name, group=...)
+        a callable with the keyword signature and return value of the function Megatron's
+        `get_forward_backward_func()` returns, running the named bidirectional schedule
+  get_forward_backward_func(pipeline_config, group=...)   selection by config: Megatron's own
+        function for "1f1b", ours for the other two
+  forward_step(data_iterator, model)   the `forward_step_func` for DeepSeekV3Stage chunks
+
+How Megatron's contract maps onto the two-chunk schedules:
+  * `model` is the rank's two stage modules [chunk 0, chunk 1] (model_stages.stages_from_model),
+    as for Megatron's interleaved schedule; `data_iterator` is a list of two iterators, one per
+    chunk, each yielding the micro-batches in the order that chunk runs them (DualPipeV: 0..M-1
+    for both chunks; DualPipe: 0..M/2-1 for chunk 0, M/2..M-1 for chunk 1:
+    `StagePlan.microbatches_of_chunk`). Only chunks holding stage 0 or the last stage read
+    theirs; the others may be None.
+  * Each forward of chunk c calls `forward_step_func(data_iterator[c], model[c])` after
+    `model[c].set_input_tensor(received hidden states)` (stages after the first), exactly as
+    Megatron's schedules do; on the last stage the returned `loss_func(output)` gives
+    (loss, loss_dict) or (loss, num_tokens, loss_dict), normalised as Megatron does (divided by
+    num_microbatches, or by num_tokens and num_microbatches unless calculate_per_token_loss),
+    and scaled by `config.grad_scale_func` for the backward when one is set.
+  * Returns the loss dicts of the micro-batches whose loss this rank computed, in micro-batch
+    order: DualPipeV: all M on pipeline rank 0 (which holds the last stage), [] elsewhere;
+    DualPipe: micro-batches 0..M/2-1 on rank PP-1, M/2..M-1 on rank 0 (with PP=2 both ranks are
+    ends), [] on the middle ranks. Megatron's 1F1B returns them on rank PP-1.
+  * After a training step DualPipe's mirrored copies hold the full gradient
+    (`model_stages.reduce_mirrored_grads`); then `config.finalize_model_grads_func`, if set, runs as in
+    Megatron. The routers' balance-loss gradient scale (`DeepSeekMoE.aux_loss_scale`) is set to
+    1 / num_microbatches (times the grad scale), like Megatron's MoEAuxLossAutoScaler.
+  * Not supported (a clear error): collect_non_loss_data, adjust_tensor_shapes_fn, a
+    p2p_communicator, decoder_seq_length, variable sequence lengths. Megatron DDP's
+    no_sync/grad-sync hooks are not driven: gradients are complete after the call and the
+    caller reduces them over data parallelism. The F&B overlap hook of a stage class is not
+    forwarded through the chunk wrapper used here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .comm import TensorSpec
+from .dualpipe import DualPipe, validate_dualpipe
+from .dualpipev import validate_dualpipev
+from .model_stages import SCHEDULE_CLASSES, reduce_mirrored_grads
+from .stages import split_layers
+from .weight_grad import WeightGradStore
+
+PIPELINE_SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Which pipeline schedule runs a step, on how many pipeline ranks."""
+    schedule: str = "1f1b"
+    pipeline_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schedule", self.schedule.lower())
+        pp = self.pipeline_parallel_size
+        if self.schedule not in PIPELINE_SCHEDULES:
+            raise ValueError(f"PipelineConfig.schedule={self.schedule!r} is invalid: use one of "
+                             f"{list(PIPELINE_SCHEDULES)}")
+        if not isinstance(pp, int) or pp < 1:
+            raise ValueError(f"PipelineConfig.pipeline_parallel_size={pp!r} is invalid: it must "
+                             "be a positive integer")
+        if self.schedule != "1f1b" and pp < 2:
+            raise ValueError(f"PipelineConfig.schedule={self.schedule!r} needs "
+                             f"pipeline_parallel_size >= 2, got {pp}; with one pipeline rank use "
+                             "schedule='1f1b' (Megatron's no-pipelining path)")
+        if self.schedule == "dualpipe" and pp % 2:
+            raise ValueError(f"PipelineConfig.schedule='dualpipe' needs an even "
+                             f"pipeline_parallel_size, got {pp}; use {pp + 1} or {pp - 1} ranks, "
+                             "or schedule='dualpipev', which takes any size >= 2")
+
+    @property
+    def num_stages(self) -> int:
+        """Model stages: 2 PP for DualPipeV, PP otherwise."""
+        return 2 * self.pipeline_parallel_size if self.schedule == "dualpipev" else \
+            self.pipeline_parallel_size
+
+    def check(self, num_microbatches: Optional[int] = None,
+              num_layers: Optional[int] = None) -> None:
+        """Raise ValueError naming the setting and the fix for an impossible step."""
+        pp = self.pipeline_parallel_size
+        if num_microbatches is not None and self.schedule == "dualpipev":
+            validate_dualpipev(pp, num_microbatches)
+        if num_microbatches is not None and self.schedule == "dualpipe":
+            validate_dualpipe(pp, num_microbatches)
+        if num_layers is not None and self.schedule != "1f1b":
+            split_layers(num_layers, self.num_stages)
+
+
+class _ForwardStepChunk(nn.Module):
+    """A stage as the schedule sees it: its forward runs Megatron's forward_step_func."""
+
+    def __init__(self, chunk: nn.Module) -> None:
+        super().__init__()
+        self.chunk = chunk
+        self.stage_index = chunk.stage_index
+        self.forward_step_func: Optional[Callable] = None
+        self.data_iterator: Optional[Iterator] = None
+        self.loss_funcs: list[Callable] = []
+
+    def forward(self, *inputs: torch.Tensor):
+        if inputs:
+            self.chunk.set_input_tensor(inputs[0])
+        output, loss_func = self.forward_step_func(self.data_iterator, self.chunk)
+        if loss_func is not None:
+            self.loss_funcs.append(loss_func)
+        return output
+
+
+class DualPipeForwardBackward:
+    """`forward_backward_func` running DualPipe or DualPipeV (see the module docstring)."""
+
+    def __init__(self, schedule_name: str, *, group=None,
+                 weight_grad_store: Optional[WeightGradStore] = None) -> None:
+        self.schedule_name = schedule_name.lower()
+        if self.schedule_name not in SCHEDULE_CLASSES:
+            raise ValueError(f"schedule_name={schedule_name!r} is invalid for the bidirectional "
+                             f"adapter: use one of {sorted(SCHEDULE_CLASSES)} (or '1f1b' through "
+                             "get_forward_backward_func)")
+        self.group = group
+        self.weight_grad_store = weight_grad_store
+        self.pipe = None
+        self._key = None
+        self._wrappers: tuple[_ForwardStepChunk, ...] = ()
+
+    def _schedule(self, model: Sequence[nn.Module], specs: list[TensorSpec], group):
+        key = (tuple(id(m) for m in model), tuple(specs), id(group))
+        if key != self._key:
+            self._wrappers = tuple(_ForwardStepChunk(m) for m in model)
+            self.pipe = SCHEDULE_CLASSES[self.schedule_name](
+                self._wrappers, p2p_specs=specs, group=group,
+                weight_grad_store=self.weight_grad_store)
+            self._key = key
+        return self.pipe
+
+    def __call__(self, *, forward_step_func, data_iterator, model, num_microbatches: int,
+                 seq_length: int, micro_batch_size: int, decoder_seq_length=None,
+                 forward_only: bool = False, collect_non_loss_data: bool = False,
+                 first_val_step=None, adjust_tensor_shapes_fn=None, p2p_communicator=None,
+                 pg_collection=None) -> list:
+        name = self.schedule_name
+        for arg, value in (("collect_non_loss_data", collect_non_loss_data),
+                           ("adjust_tensor_shapes_fn", adjust_tensor_shapes_fn),
+                           ("p2p_communicator", p2p_communicator),
+                           ("decoder_seq_length", decoder_seq_length)):
+            if value:
+                raise ValueError(f"{name} forward_backward_func: {arg}={value!r} is not "
+                                 "supported; leave it at its default")
+        if not isinstance(model, (list, tuple)) or len(model) != 2:
+            raise ValueError(f"{name} forward_backward_func: model must be the rank's two stage "
+                             "modules [chunk 0, chunk 1] (model_stages.stages_from_model), got "
+                             f"{type(model).__name__}")
+        if data_iterator is None:
+            data_iterator = [None, None]  # a middle rank: neither chunk reads data
+        if not isinstance(data_iterator, (list, tuple)) or len(data_iterator) != 2:
+            raise ValueError(f"{name} forward_backward_func: data_iterator must be a list of two "
+                             "iterators, one per chunk, each yielding that chunk's micro-batches "
+                             "in its order (StagePlan.microbatches_of_chunk)")
+        config = model[0].config
+        if getattr(config, "variable_seq_lengths", False):
+            raise ValueError(f"{name} forward_backward_func: config.variable_seq_lengths=True is "
+                             "not supported: every micro-batch must have seq_length tokens")
+        group = self.group
+        if group is None and pg_collection is not None:
+            group = pg_collection.pp
+        if group is None:
+            raise ValueError(f"{name} forward_backward_func: no pipeline group; pass group= to "
+                             "get_dualpipe_forward_backward_func or pg_collection with .pp")
+        specs = [TensorSpec((seq_length, micro_batch_size, config.hidden_size),
+                            config.params_dtype)]
+        pipe = self._schedule(model, specs, group)
+        _set_aux_loss_scale(model, config, num_microbatches)
+        store: list = []
+        for wrapper, iterator in zip(self._wrappers, data_iterator):
+            wrapper.forward_step_func, wrapper.data_iterator = forward_step_func, iterator
+            wrapper.loss_funcs = []
+        holds_first = any(w.chunk.stage_index == 0 for w in self._wrappers)
+        last = [w for w in self._wrappers if w.chunk.stage_index == w.chunk.num_stages - 1]
+        # forward_step_func reads the data itself: the schedule's inputs/labels are empty
+        empty = [()] * num_microbatches
+
+        def loss_fn(outputs: tuple, _labels: tuple) -> torch.Tensor:
+            loss_func = last[0].loss_funcs.pop(0)
+            return _megatron_loss(loss_func, outputs[0], config, num_microbatches, store)
+
+        with torch.no_grad() if forward_only else torch.enable_grad():
+            pipe.step(num_microbatches, inputs=empty if holds_first else None,
+                      labels=empty if last else None, loss_fn=loss_fn if last else None)
+        if not forward_only:
+            if isinstance(pipe, DualPipe):
+                reduce_mirrored_grads(pipe)
+            if getattr(config, "finalize_model_grads_func", None) is not None:
+                config.finalize_model_grads_func(list(model), None, pg_collection=pg_collection)
+        return store
+
+
+def _megatron_loss(loss_func: Callable, output, config, num_microbatches: int,
+                   store: list) -> torch.Tensor:
+    """Megatron's forward_step_calc_loss normalisation, then the grad scale of backward_step."""
+    outputs = loss_func(output)
+    if len(outputs) == 3:
+        loss, num_tokens, reduced = outputs
+        if not config.calculate_per_token_loss:
+            loss = loss / torch.clamp(num_tokens, min=1) / num_microbatches
+    elif len(outputs) == 2:
+        loss, reduced = outputs
+        loss = loss / num_microbatches
+    else:
+        raise ValueError(f"loss_func returned {len(outputs)} values; Megatron's contract is "
+                         "(loss, loss_dict) or (loss, num_tokens, loss_dict)")
+    store.append(reduced)
+    if config.grad_scale_func is not None and torch.is_grad_enabled():
+        loss = config.grad_scale_func(loss)
+    return loss
+
+
+def _set_aux_loss_scale(model: Sequence[nn.Module], config, num_microbatches: int) -> None:
+    from ..moe.layer import DeepSeekMoE
+
+    scale = 1.0
+    if config.grad_scale_func is not None:
+        scale = float(config.grad_scale_func(torch.ones(())))
+    for chunk in model:
+        for module in chunk.modules():
+            if isinstance(module, DeepSeekMoE):
+                module.aux_loss_scale = scale / num_microbatches
+
+
+def get_dualpipe_forward_backward_func(schedule_name: str, *, group=None,
+                                       weight_grad_store: Optional[WeightGradStore] = None
+                                       ) -> DualPipeForwardBackward:
+    """A callable with the signature and return value of Megatron's forward_backward_func
+    running `schedule_name` ("dualpipe" or "dualpipev") over the pipeline `group` (default:
+    the call's `pg_collection.pp`). It builds its schedule on the first call and reuses it
+    while `model` and the message shape stay the same."""
+    return DualPipeForwardBackward(schedule_name, group=group,
+                                   weight_grad_store=weight_grad_store)
+
+
+def get_forward_backward_func(pipeline: PipelineConfig, *, group=None) -> Callable:
+    """The forward_backward_func `pipeline.schedule` names: Megatron's own for "1f1b" (its
+    no-pipelining function at PP=1; its 1F1B on Megatron-built stages otherwise), ours for
+    "dualpipe" / "dualpipev"."""
+    if pipeline.schedule == "1f1b":
+        from megatron.core.pipeline_parallel import get_forward_backward_func as megatron_func
+
+        return megatron_func(pp_size=pipeline.pipeline_parallel_size)
+    return get_dualpipe_forward_backward_func(pipeline.schedule, group=group)
+
+
+def forward_step(data_iterator: Optional[Iterator], model: nn.Module):
+    """Megatron `forward_step_func` for a DeepSeekV3Stage chunk: the micro-batch
+    (input_ids, labels) comes from the chunk's iterator on stage 0 and the last stage; the
+    last stage returns a loss_func giving (loss, {"lm loss", "mtp loss", "mtp ce"}) with the
+    stage's `mtp_lambda`."""
+    needs_batch = model.is_first or model.is_last
+    batch = next(data_iterator) if needs_batch else None
+    output = model(batch[0] if model.is_first else None)
+    if not model.is_last:
+        return output, None
+    return output, partial(_stage_loss_func, model, batch)
+
+
+def _stage_loss_func(stage, batch, output):
+    loss, lm, mtp, mtp_ce = stage.unscaled_loss((output,), batch)
+    return loss, {"lm loss": lm.detach(), "mtp loss": mtp.detach(), "mtp ce": mtp_ce}

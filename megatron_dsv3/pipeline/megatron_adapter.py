@@ -51,6 +51,7 @@ from .dualpipe import DualPipe, validate_dualpipe
 from .dualpipev import validate_dualpipev
 from .model_stages import SCHEDULE_CLASSES, reduce_mirrored_grads
 from .stages import split_layers
+from .trace import Tracer
 from .weight_grad import WeightGradStore
 
 PIPELINE_SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
@@ -122,7 +123,8 @@ class DualPipeForwardBackward:
     """`forward_backward_func` running DualPipe or DualPipeV (see the module docstring)."""
 
     def __init__(self, schedule_name: str, *, group=None,
-                 weight_grad_store: Optional[WeightGradStore] = None) -> None:
+                 weight_grad_store: Optional[WeightGradStore] = None,
+                 tracer: Optional[Tracer] = None) -> None:
         self.schedule_name = schedule_name.lower()
         if self.schedule_name not in SCHEDULE_CLASSES:
             raise ValueError(f"schedule_name={schedule_name!r} is invalid for the bidirectional "
@@ -130,6 +132,7 @@ class DualPipeForwardBackward:
                              "get_forward_backward_func)")
         self.group = group
         self.weight_grad_store = weight_grad_store
+        self.tracer = tracer  # records each step's ops when set (trace.py)
         self.pipe = None
         self._key = None
         self._wrappers: tuple[_ForwardStepChunk, ...] = ()
@@ -196,7 +199,8 @@ class DualPipeForwardBackward:
 
         with torch.no_grad() if forward_only else torch.enable_grad():
             pipe.step(num_microbatches, inputs=empty if holds_first else None,
-                      labels=empty if last else None, loss_fn=loss_fn if last else None)
+                      labels=empty if last else None, loss_fn=loss_fn if last else None,
+                      tracer=self.tracer)
         if not forward_only:
             if isinstance(pipe, DualPipe):
                 reduce_mirrored_grads(pipe)
@@ -238,14 +242,15 @@ def _set_aux_loss_scale(model: Sequence[nn.Module], config, num_microbatches: in
 
 
 def get_dualpipe_forward_backward_func(schedule_name: str, *, group=None,
-                                       weight_grad_store: Optional[WeightGradStore] = None
+                                       weight_grad_store: Optional[WeightGradStore] = None,
+                                       tracer: Optional[Tracer] = None
                                        ) -> DualPipeForwardBackward:
     """A callable with the signature and return value of Megatron's forward_backward_func
     running `schedule_name` ("dualpipe" or "dualpipev") over the pipeline `group` (default:
     the call's `pg_collection.pp`). It builds its schedule on the first call and reuses it
     while `model` and the message shape stay the same."""
     return DualPipeForwardBackward(schedule_name, group=group,
-                                   weight_grad_store=weight_grad_store)
+                                   weight_grad_store=weight_grad_store, tracer=tracer)
 
 
 def get_forward_backward_func(pipeline: PipelineConfig, *, group=None) -> Callable:

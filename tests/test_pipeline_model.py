@@ -1,0 +1,266 @@
+"""DeepSeek-V3 on DualPipe / DualPipeV (gloo processes) against a single process.
+
+The tiny preset shrunk (vocab 256, sequences of 16, micro-batches of 2) with 4 decoder layers
+(PP=2: DualPipeV cuts 4 stages, DualPipe 2) or 8 (PP=4 DualPipeV: 8 stages), MTP on, the
+sequence balance loss on. The full model is built once in the pytest process; every rank
+builds its stages from that state dict (`build_rank_stages`), runs one step through the native
+schedule API (`step(inputs, labels, loss_fn=last_stage.loss)`) or through the Megatron adapter
+(`forward_backward_func(forward_step_func=forward_step, ...)`), and the parent compares with the
+single-process run of the same micro-batches (loss / M per micro-batch, backward in order).
+
+Tolerances:
+  * exact for every loss and every gradient except the embedding's, with DualPipeV: each stage
+    runs the same fp32 ops on the same data as the whole model, and each parameter accumulates
+    its micro-batches in the same order (a chunk runs its backwards in micro-batch order);
+  * exact for DualPipe against the single process summed per direction (micro-batches 0..M/2-1
+    and M/2..M-1 apart, then added): each copy sums its direction, `reduce_mirrored_grads` adds
+    the two; FP32_REORDER against the plain in-order sum (another association of that sum);
+  * FP32_REORDER for the embedding: it is used twice per micro-batch (input lookup in stage 0,
+    MTP lookup in the last stage); one backward sums both before accumulating, the pipeline
+    accumulates them at different times, interleaved with other micro-batches;
+  * exact for the routers' token counts (integers) and the executed order.
+Measured on 2 cores: the embedding within 1.2e-7, DualPipe against the in-order sum within 2e-7.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_dsv3.testing import FP32_REORDER, assert_close, assert_equal, run_gloo
+
+pytestmark = pytest.mark.slow
+
+MICRO_BATCH, SEQ, VOCAB = 2, 16, 256
+MTP_LAMBDA = 0.3
+EMBEDDING = "embedding.word_embeddings.weight"
+WHY_EMBEDDING = ("the embedding's two uses per micro-batch (stage 0, MTP on the last stage) "
+                 "are accumulated separately and interleaved with other micro-batches")
+
+
+def _config(num_layers: int):
+    from megatron_dsv3.config import tiny
+
+    return tiny().replace(num_layers=num_layers, vocab_size=VOCAB, max_seq_len=SEQ,
+                          moe__seq_aux_loss_coeff=1e-2)
+
+
+def _data(num_microbatches: int) -> tuple[list, list]:
+    generator = torch.Generator().manual_seed(11)
+    ids = [torch.randint(0, VOCAB, (MICRO_BATCH, SEQ), generator=generator)
+           for _ in range(num_microbatches)]
+    labels = [torch.randint(0, VOCAB, (MICRO_BATCH, SEQ), generator=generator)
+              for _ in range(num_microbatches)]
+    return ids, labels
+
+
+def _set_aux_loss_scale(module, num_microbatches: int) -> None:
+    from megatron_dsv3.moe.layer import DeepSeekMoE
+
+    for m in module.modules():
+        if isinstance(m, DeepSeekMoE):
+            m.aux_loss_scale = 1.0 / num_microbatches
+
+
+# ----------------------------------------------------------------------------------------------
+# The single-process reference (pytest process)
+# ----------------------------------------------------------------------------------------------
+def _full_model(pg, num_layers: int):
+    from megatron_dsv3.model import build_model
+
+    torch.manual_seed(1234)
+    return build_model(_config(num_layers), pg_collection=pg)
+
+
+def _reference(pg, num_layers: int, num_microbatches: int, groups: list[range]) -> dict:
+    """Whole model, micro-batches in order; the gradient of each group of micro-batches summed
+    apart, then the groups added (one group: the plain sum)."""
+    from megatron_dsv3.moe.balance import routers
+    from megatron_dsv3.pipeline.model_stages import weighted_lm_loss
+
+    model = _full_model(pg, num_layers)
+    _set_aux_loss_scale(model, num_microbatches)
+    ids, labels = _data(num_microbatches)
+    losses, parts, grads = {}, {}, {}
+    for microbatches in groups:
+        model.zero_grad(set_to_none=True)
+        for m in microbatches:
+            out = model(ids[m], None, None, labels=labels[m])
+            loss, lm, mtp, mtp_ce = weighted_lm_loss(out, MTP_LAMBDA)
+            scaled = loss / num_microbatches
+            scaled.backward()
+            losses[m], parts[m] = scaled.detach(), (lm.detach(), mtp.detach(), mtp_ce)
+        for name, param in model.named_parameters():
+            grads[name] = param.grad.clone() if name not in grads else grads[name] + param.grad
+    loads = {name: router.tokens_per_expert.clone() for name, router in routers(model)}
+    return {"losses": losses, "parts": parts, "grads": grads, "loads": loads}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipeline workers (module level: run_gloo pickles them)
+# ----------------------------------------------------------------------------------------------
+def _run_case(rank: int, world: int, case: tuple, full_state: dict) -> dict:
+    import torch.distributed as dist
+
+    from megatron_dsv3.moe.balance import routers
+    from megatron_dsv3.pipeline import TensorSpec, Tracer, dualpipe, dualpipev
+    from megatron_dsv3.pipeline.megatron_adapter import (forward_step,
+                                                         get_dualpipe_forward_backward_func)
+    from megatron_dsv3.pipeline.model_stages import (StagePlan, build_rank_stages, local_state,
+                                                     reduce_mirrored_grads,
+                                                     reduce_mirrored_router_loads)
+
+    schedule, api, num_microbatches, num_layers = case
+    cfg = _config(num_layers)
+    plan = StagePlan(schedule, world, num_layers)
+    stages = build_rank_stages(cfg, plan, rank, full_state)
+    for stage in stages:
+        stage.mtp_lambda, stage.num_microbatches = MTP_LAMBDA, num_microbatches
+        _set_aux_loss_scale(stage, num_microbatches)
+    ids, labels = _data(num_microbatches)
+    last = [s for s in stages if s.is_last]
+    tracer = Tracer()
+    order = {"dualpipev": dualpipev, "dualpipe": dualpipe}[schedule].expected_order
+    out: dict = {"losses": {}, "parts": {}}
+    if api == "native":
+        pipe = plan.schedule_class(stages, group=dist.group.WORLD, p2p_specs=[
+            TensorSpec((SEQ, MICRO_BATCH, cfg.hidden_size), cfg.torch_dtype)])
+        result = pipe.step(num_microbatches, inputs=ids, labels=list(zip(ids, labels)),
+                           loss_fn=last[0].loss if last else None, tracer=tracer)
+        assert tracer.executed_order() == order(rank, world, num_microbatches), \
+            f"{case} rank {rank}: executed order differs"
+        if schedule == "dualpipe":
+            reduce_mirrored_grads(pipe)
+        if result.losses is not None:
+            out["losses"] = dict(zip(result.microbatches, result.losses))
+            records = last[0].pop_records()
+            out["parts"] = {m: r[1:] for m, r in zip(result.microbatches, records)}
+    else:
+        forward_backward = get_dualpipe_forward_backward_func(schedule, group=dist.group.WORLD,
+                                                              tracer=tracer)
+        pipe = None
+
+        def iterators():
+            return [iter([(ids[m], labels[m])
+                          for m in plan.microbatches_of_chunk(c, num_microbatches)])
+                    for c in range(2)]
+
+        kwargs = dict(forward_step_func=forward_step, model=list(stages),
+                      num_microbatches=num_microbatches, seq_length=SEQ,
+                      micro_batch_size=MICRO_BATCH)
+        dicts = forward_backward(data_iterator=iterators(), **kwargs)
+        pipe = forward_backward.pipe
+        assert tracer.executed_order() == order(rank, world, num_microbatches), \
+            f"{case} rank {rank}: executed order differs"
+        microbatches = sorted(m for s in last
+                              for m in plan.microbatches_of_chunk(s.chunk, num_microbatches))
+        assert len(dicts) == len(microbatches), f"{case}: {len(dicts)} loss dicts on rank {rank}"
+        out["parts"] = {m: (d["lm loss"], d["mtp loss"], d["mtp ce"])
+                        for m, d in zip(microbatches, dicts)}
+        # forward only (eval mode, as train.evaluate: routers do not count): the same loss
+        # dicts, the gradients untouched
+        grads_before = local_state(stages, grads=True, include_mirrors=True)
+        for stage in stages:
+            stage.eval()
+        dicts_fwd = forward_backward(data_iterator=iterators(), forward_only=True, **kwargs)
+        for stage in stages:
+            stage.train()
+        assert tracer.executed_order() == order(rank, world, num_microbatches, forward_only=True)
+        assert len(dicts_fwd) == len(dicts), case
+        for d, d_fwd in zip(dicts, dicts_fwd):
+            for key in d:
+                assert_equal(d_fwd[key], d[key], f"{case} forward-only {key}")
+        for name, grad in local_state(stages, grads=True, include_mirrors=True).items():
+            assert_equal(grad, grads_before[name], f"{case} forward-only changed {name}")
+    if schedule == "dualpipe":
+        reduce_mirrored_router_loads(pipe, stages)
+    out["grads"] = local_state(stages, grads=True)
+    out["mirror_grads"] = {stage.full_name(n): p.grad.clone() for stage in stages
+                           if stage.is_mirror for n, p in stage.named_parameters()}
+    out["loads"] = {stage.full_name(name): router.tokens_per_expert.clone()
+                    for stage in stages for name, router in routers(stage)
+                    if not stage.is_mirror}
+    out["stages"] = tuple(s.stage_index for s in stages)
+    return out
+
+
+def _pipeline_worker(rank: int, world: int, cases: list, full_states: dict) -> list:
+    from megatron_dsv3.parallel import init_distributed, shutdown_distributed
+
+    # a short timeout turns a schedule that deadlocks into an error instead of a hung test
+    init_distributed(1, backend="gloo", timeout_s=60)
+    try:
+        return [_run_case(rank, world, case, full_states[case[3]]) for case in cases]
+    finally:
+        shutdown_distributed()
+
+
+def _merge(results: list, key: str) -> dict:
+    merged: dict = {}
+    for result in results:
+        merged.update(result[key])
+    return merged
+
+
+def _check_case(case: tuple, results: list, pg) -> None:
+    schedule, api, num_microbatches, num_layers = case
+    ctx = f"{schedule} PP={len(results)} M={num_microbatches} {api}"
+    half = num_microbatches // 2
+    groups = ([range(num_microbatches)] if schedule == "dualpipev"
+              else [range(half), range(half, num_microbatches)])
+    ref = _reference(pg, num_layers, num_microbatches, groups)
+
+    # every micro-batch's loss once, bit for bit
+    parts = _merge(results, "parts")
+    assert sorted(parts) == list(range(num_microbatches)), f"{ctx}: losses of {sorted(parts)}"
+    for m, (lm, mtp, mtp_ce) in parts.items():
+        for name, value, expected in zip(("lm", "mtp", "mtp ce"), (lm, mtp, mtp_ce),
+                                         ref["parts"][m]):
+            assert_equal(value, expected, f"{ctx} micro-batch {m} {name}")
+    for m, loss in _merge(results, "losses").items():
+        assert_equal(loss, ref["losses"][m], f"{ctx} micro-batch {m} scaled loss")
+
+    # every parameter's gradient, under the full model's names
+    grads = _merge(results, "grads")
+    assert set(grads) == set(ref["grads"]), f"{ctx}: {set(grads) ^ set(ref['grads'])}"
+    for name, grad in grads.items():
+        if name == EMBEDDING:
+            assert_close(grad, ref["grads"][name], FP32_REORDER, WHY_EMBEDDING, f"{ctx} {name}")
+        else:
+            assert_equal(grad, ref["grads"][name], f"{ctx} {name}")
+    if schedule == "dualpipe":
+        plain = _reference(pg, num_layers, num_microbatches, [range(num_microbatches)])
+        for name, grad in grads.items():
+            assert_close(grad, plain["grads"][name], FP32_REORDER,
+                         "two directions summed apart, then added", f"{ctx} {name} (in order)")
+        # the mirror copies hold the same gradient bit for bit
+        mirrors = _merge(results, "mirror_grads")
+        assert set(mirrors) == set(grads), ctx
+        for name, grad in mirrors.items():
+            assert_equal(grad, grads[name], f"{ctx} mirror copy of {name}")
+
+    loads = _merge(results, "loads")
+    assert set(loads) == set(ref["loads"]), ctx
+    for name, count in loads.items():
+        assert_equal(count, ref["loads"][name], f"{ctx} router loads {name}")
+
+
+CASES = {2: [("dualpipev", "native", 4, 4), ("dualpipev", "adapter", 5, 4),
+             ("dualpipe", "native", 4, 4), ("dualpipe", "adapter", 6, 4)],
+         4: [("dualpipev", "native", 8, 8), ("dualpipev", "adapter", 9, 8),
+             ("dualpipe", "native", 8, 4)]}
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_pipelined_step_matches_single_process_loss_gradients_and_order(pp, dist_single):
+    full_states = {}
+    for num_layers in {case[3] for case in CASES[pp]}:
+        model = _full_model(dist_single, num_layers)
+        full_states[num_layers] = {k: v for k, v in model.state_dict().items()
+                                   if isinstance(v, torch.Tensor)}
+    results = run_gloo(_pipeline_worker, pp, CASES[pp], full_states)
+    for i, case in enumerate(CASES[pp]):
+        _check_case(case, [r[i] for r in results], dist_single)

@@ -10,7 +10,7 @@
         the same from a full TP=1 state dict (every rank loads identical weights)
   weighted_lm_loss(out, mtp_lambda)             the training loss of one micro-batch (LMOutput)
   local_state / gather_stage_state              stage parameters (or gradients) under the full
-        model's names, this rank's or all ranks'; load_stage_state loads such a dict back
+        model's names, this rank's or all ranks'
   reduce_mirrored_grads(pipe), reduce_mirrored_router_loads(pipe, stages)   DualPipe: add the
         gradients / the routers' token counts of the two copies of each stage
 
@@ -326,24 +326,6 @@ def gather_stage_state(stages: Sequence[DeepSeekV3Stage], group, *,
     for part in parts:
         full.update(part)
     return full
-
-
-def stage_state_dict(stage: DeepSeekV3Stage) -> dict:
-    """stage.state_dict() under the full model's names (parameters and buffers)."""
-    return {stage.full_name(name): value for name, value in stage.state_dict().items()}
-
-
-def load_stage_state(stages: Sequence[DeepSeekV3Stage], full_state_dict: dict) -> None:
-    """Load each stage's part of a full-name state dict (strict: every tensor must be there)."""
-    for stage in stages:
-        names = {local: stage.full_name(local) for local in stage.state_dict()}
-        missing = [full for local, full in names.items()
-                   if full not in full_state_dict and not local.endswith("_extra_state")]
-        if missing:
-            raise KeyError(f"stage {stage.stage_index}: {len(missing)} tensors missing from the "
-                           f"state dict, e.g. {missing[:3]}")
-        stage.load_state_dict({local: full_state_dict[full] for local, full in names.items()
-                               if full in full_state_dict}, strict=False)
 
 
 # ---- DualPipe: the two copies of each stage -------------------------------------------------

@@ -34,8 +34,9 @@ and EP size.
 Deviations from Megatron's own `pretrain()`: no Megatron DDP or distributed optimizer (they
 assume CUDA streams; DP here is a plain all-reduce of the gradients, and each rank keeps a full
 AdamW state for its TP/EP slice); parameters and AdamW stay fp32 (on GPU the forward runs under
-bf16 autocast); pipeline parallelism only through DualPipe/DualPipeV. Checkpoints are per-rank torch files written to a
-temporary folder and renamed, then a `latest` marker is replaced atomically.
+bf16 autocast); pipeline parallelism only through DualPipe/DualPipeV. Checkpoints are per-rank
+torch files written to a temporary folder and renamed, then a `latest` marker is replaced
+atomically (with PP each rank's file holds its two stages).
 
 Outputs in --out-dir: checkpoints/step_<N>/, metrics.jsonl, loss_curve.png, expert_load.png,
 expert_load.json and (unless --no-wandb) the W&B run under wandb/ (offline without an API key).

@@ -4,7 +4,7 @@ The tiny preset shrunk (vocab 256, sequences of 16, micro-batches of 2) with 4 d
 (PP=2: DualPipeV cuts 4 stages, DualPipe 2) or 8 (PP=4 DualPipeV: 8 stages), MTP on, the
 sequence balance loss on. The full model is built once in the pytest process; every rank
 builds its stages from that state dict (`build_rank_stages`), runs one step through the native
-schedule API (`step(inputs, labels, loss_fn=last_stage.loss)`) or through the Megatron adapter
+schedule API (`step(inputs, labels, loss_fn=last_stage.loss_fn(M))`) or through the Megatron adapter
 (`forward_backward_func(forward_step_func=forward_step, ...)`), and the parent compares with the
 single-process run of the same micro-batches (loss / M per micro-batch, backward in order).
 
@@ -119,7 +119,7 @@ def _run_case(rank: int, world: int, case: tuple, full_state: dict) -> dict:
     plan = StagePlan(schedule, world, num_layers)
     stages = build_rank_stages(cfg, plan, rank, full_state)
     for stage in stages:
-        stage.mtp_lambda, stage.num_microbatches = MTP_LAMBDA, num_microbatches
+        stage.mtp_lambda = MTP_LAMBDA
         _set_aux_loss_scale(stage, num_microbatches)
     ids, labels = _data(num_microbatches)
     last = [s for s in stages if s.is_last]
@@ -129,16 +129,16 @@ def _run_case(rank: int, world: int, case: tuple, full_state: dict) -> dict:
     if api == "native":
         pipe = plan.schedule_class(stages, group=dist.group.WORLD, p2p_specs=[
             TensorSpec((SEQ, MICRO_BATCH, cfg.hidden_size), cfg.torch_dtype)])
+        loss_fn = last[0].loss_fn(num_microbatches) if last else None
         result = pipe.step(num_microbatches, inputs=ids, labels=list(zip(ids, labels)),
-                           loss_fn=last[0].loss if last else None, tracer=tracer)
+                           loss_fn=loss_fn, tracer=tracer)
         assert tracer.executed_order() == order(rank, world, num_microbatches), \
             f"{case} rank {rank}: executed order differs"
         if schedule == "dualpipe":
             reduce_mirrored_grads(pipe)
         if result.losses is not None:
             out["losses"] = dict(zip(result.microbatches, result.losses))
-            records = last[0].pop_records()
-            out["parts"] = {m: r[1:] for m, r in zip(result.microbatches, records)}
+            out["parts"] = {m: r[1:] for m, r in zip(result.microbatches, loss_fn.records)}
     else:
         forward_backward = get_dualpipe_forward_backward_func(schedule, group=dist.group.WORLD,
                                                               tracer=tracer)

@@ -27,9 +27,10 @@ How Megatron's contract maps onto the two-chunk schedules:
     DualPipe: micro-batches 0..M/2-1 on rank PP-1, M/2..M-1 on rank 0 (with PP=2 both ranks are
     ends), [] on the middle ranks. Megatron's 1F1B returns them on rank PP-1.
   * After a training step DualPipe's mirrored copies hold the full gradient
-    (`model_stages.reduce_mirrored_grads`); then `config.finalize_model_grads_func`, if set, runs as in
-    Megatron. The routers' balance-loss gradient scale (`DeepSeekMoE.aux_loss_scale`) is set to
-    1 / num_microbatches (times the grad scale), like Megatron's MoEAuxLossAutoScaler.
+    (`model_stages.reduce_mirrored_grads`); then `config.finalize_model_grads_func`, if set,
+    runs as in Megatron. The routers' balance-loss gradient scale
+    (`DeepSeekMoE.aux_loss_scale`) is set to 1 / num_microbatches (times the grad scale), like
+    Megatron's MoEAuxLossAutoScaler.
   * Not supported (a clear error): collect_non_loss_data, adjust_tensor_shapes_fn, a
     p2p_communicator, decoder_seq_length, variable sequence lengths. Megatron DDP's
     no_sync/grad-sync hooks are not driven: gradients are complete after the call and the

@@ -4,7 +4,8 @@
         two stages a rank holds; invalid settings raise with the field and the fix
   DeepSeekV3Stage          one stage: a slice of a full DeepSeekV3Model's modules
         stage(x) -> hidden [s, b, d]; x = token ids [b, s] on stage 0, hidden [s, b, d] after
-        stage.loss(outputs, labels) on the last stage: labels = (input_ids, labels), both [b, s]
+        stage.loss_fn(M) on the last stage: the schedules' loss_fn(outputs, labels) with
+        labels = (input_ids, labels), both [b, s]; stage.mtp_lambda is set by the caller
   stages_from_model(model, plan, rank)          the rank's two stages, taken from a full model
   build_rank_stages(cfg, plan, rank, full_state_dict, pg_collection)
         the same from a full TP=1 state dict (every rank loads identical weights)
@@ -133,11 +134,9 @@ class DeepSeekV3Stage(nn.Module):
         # The last stage runs the model's own `_postprocess` (output head, MTP, CE); the model
         # object is held outside nn.Module registration: its embedding belongs to stage 0.
         self._model = (model,) if self.is_last else ()
-        # set by the training step
-        self.mtp_lambda = 0.0
-        self.num_microbatches = 1
-        self.records: list[tuple[torch.Tensor, ...]] = []  # per loss call: (loss, lm, mtp, ce)
-        self._balance_losses: list[torch.Tensor] = []
+        # The MTP loss weight lambda(tokens seen), set by the training step before each step.
+        self.mtp_lambda: Optional[float] = None
+        self._balance_loss: Optional[torch.Tensor] = None  # running sum, see pop_balance_loss
         self._input_tensor: Optional[torch.Tensor] = None
 
     # ---- forward ----------------------------------------------------------------------------
@@ -182,16 +181,16 @@ class DeepSeekV3Stage(nn.Module):
     def unscaled_loss(self, outputs: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]
                       ) -> tuple[torch.Tensor, ...]:
         """(loss, lm, mtp, mtp_ce) of one micro-batch, before the 1 / num_microbatches."""
+        if self.mtp_lambda is None:
+            raise ValueError("DeepSeekV3Stage.mtp_lambda is not set: set it on the last stage "
+                             "before each step (MTPConfig.loss_weight(tokens_seen))")
         (hidden,) = outputs
         input_ids, targets = labels
-        parts = weighted_lm_loss(self.lm_output(hidden, input_ids, targets), self.mtp_lambda)
-        self.records.append(tuple(p.detach() for p in parts))
-        return parts
+        return weighted_lm_loss(self.lm_output(hidden, input_ids, targets), self.mtp_lambda)
 
-    def loss(self, outputs: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]
-             ) -> torch.Tensor:
-        """The schedules' `loss_fn`: this micro-batch's share of the step's mean loss."""
-        return self.unscaled_loss(outputs, labels)[0] / self.num_microbatches
+    def loss_fn(self, num_microbatches: int) -> "StageLoss":
+        """The schedules' `loss_fn` for a step of `num_microbatches` micro-batches."""
+        return StageLoss(self, num_microbatches)
 
     # ---- bookkeeping --------------------------------------------------------------------------
 
@@ -201,18 +200,16 @@ class DeepSeekV3Stage(nn.Module):
         for module in modules:
             for moe in module.modules():
                 if isinstance(moe, DeepSeekMoE) and moe.last_aux_loss is not None:
-                    self._balance_losses.append(moe.last_aux_loss)
+                    value = moe.last_aux_loss.float()
+                    self._balance_loss = (value if self._balance_loss is None
+                                          else self._balance_loss + value)
                     moe.last_aux_loss = None
 
     def pop_balance_loss(self) -> torch.Tensor:
-        """Sum of the balance-loss values of every forward since the last call (0-dim)."""
-        total = sum(self._balance_losses, torch.zeros((), dtype=torch.float32))
-        self._balance_losses = []
-        return total
-
-    def pop_records(self) -> list[tuple[torch.Tensor, ...]]:
-        records, self.records = self.records, []
-        return records
+        """Sum of the balance-loss values (what the routers' injected gradient minimises) of
+        this stage's forwards since the last call, 0-dim fp32; zero if none (eval mode)."""
+        total, self._balance_loss = self._balance_loss, None
+        return total if total is not None else torch.zeros(())
 
     def full_name(self, local_name: str) -> str:
         """This stage's parameter/buffer name -> the full model's name."""
@@ -228,6 +225,26 @@ class DeepSeekV3Stage(nn.Module):
         return (f"stage {self.stage_index}/{self.num_stages}, layers [{self.layer_range.start}, "
                 f"{self.layer_range.stop}), chunk {self.chunk}"
                 + (", mirror copy" if self.is_mirror else ""))
+
+
+class StageLoss:
+    """The last stage's `loss_fn` for one step: each micro-batch's loss / num_microbatches.
+
+    `records` keeps each call's detached (loss, lm, mtp, mtp_ce), unscaled, in call order,
+    which is the micro-batch order of the chunk (StepResult.microbatches)."""
+
+    def __init__(self, stage: DeepSeekV3Stage, num_microbatches: int) -> None:
+        if not stage.is_last:
+            raise ValueError(f"stage {stage.stage_index} of {stage.num_stages} has no loss: "
+                             "pass loss_fn only for the last stage")
+        self.stage, self.num_microbatches = stage, num_microbatches
+        self.records: list[tuple[torch.Tensor, ...]] = []
+
+    def __call__(self, outputs: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]
+                 ) -> torch.Tensor:
+        parts = self.stage.unscaled_loss(outputs, labels)
+        self.records.append(tuple(p.detach() for p in parts))
+        return parts[0] / self.num_microbatches
 
 
 def stages_from_model(model: nn.Module, plan: StagePlan, rank: int

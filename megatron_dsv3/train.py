@@ -609,14 +609,14 @@ class Pipeline:
 
     @classmethod
     def create(cls, model: torch.nn.Module, args, pg) -> "Pipeline":
-        from .pipeline.megatron_adapter import get_dualpipe_forward_backward_func
+        from .pipeline.megatron_adapter import PipelineConfig, get_forward_backward_func
         from .pipeline.model_stages import StagePlan, stages_from_model
 
         plan = StagePlan(args.pipeline_schedule, args.pipeline_parallel_size,
                          len(model.decoder.layers))
         stages = stages_from_model(model, plan, pg.pp.rank())
-        return cls(plan, stages, get_dualpipe_forward_backward_func(plan.schedule, group=pg.pp),
-                   pg.pp)
+        config = PipelineConfig(args.pipeline_schedule, args.pipeline_parallel_size)
+        return cls(plan, stages, get_forward_backward_func(config, group=pg.pp), pg.pp)
 
     def run(self, run: Run, num_microbatches: int, mtp_lambda: float, batch_of,
             forward_only: bool = False) -> torch.Tensor:

@@ -5,8 +5,10 @@ The tiny preset shrunk (vocab 256, sequences of 16, micro-batches of 2) with 4 d
 sequence balance loss on. The full model is built once in the pytest process; every rank
 builds its stages from that state dict (`build_rank_stages`), runs one step through the native
 schedule API (`step(inputs, labels, loss_fn=last_stage.loss_fn(M))`) or through the Megatron adapter
-(`forward_backward_func(forward_step_func=forward_step, ...)`), and the parent compares with the
-single-process run of the same micro-batches (loss / M per micro-batch, backward in order).
+(`forward_backward_func(forward_step_func=forward_step, ...)`), with the stages' MoE F&B
+overlap (moe_overlap.PiecewiseLayers: the schedules' F&B steps interleave two micro-batches'
+MoE pieces) or with the plain layer loop, and the parent compares with the single-process run
+of the same micro-batches (loss / M per micro-batch, backward in order).
 
 Tolerances:
   * exact for every loss and every gradient except the embedding's, with DualPipeV: each stage
@@ -18,7 +20,8 @@ Tolerances:
   * FP32_REORDER for the embedding: it is used twice per micro-batch (input lookup in stage 0,
     MTP lookup in the last stage); one backward sums both before accumulating, the pipeline
     accumulates them at different times, interleaved with other micro-batches;
-  * exact for the routers' token counts (integers) and the executed order.
+  * exact for the routers' token counts (integers) and the executed order;
+  * the same bounds with and without the F&B overlap: the pieces run the layers' own ops.
 Measured on 2 cores: the embedding within 1.2e-7, DualPipe against the in-order sum within 2e-7.
 """
 
@@ -114,13 +117,16 @@ def _run_case(rank: int, world: int, case: tuple, full_state: dict) -> dict:
                                                      reduce_mirrored_grads,
                                                      reduce_mirrored_router_loads)
 
-    schedule, api, num_microbatches, num_layers = case
+    schedule, api, num_microbatches, num_layers, overlap = case
     cfg = _config(num_layers)
     plan = StagePlan(schedule, world, num_layers)
-    stages = build_rank_stages(cfg, plan, rank, full_state)
+    stages = build_rank_stages(cfg, plan, rank, full_state, overlap_moe=overlap)
+    pieces: list = []  # the MoE pieces' events of both stages, in the order they ran
     for stage in stages:
         stage.mtp_lambda = MTP_LAMBDA
         _set_aux_loss_scale(stage, num_microbatches)
+        if overlap:
+            stage.piecewise_layers.trace = pieces
     ids, labels = _data(num_microbatches)
     last = [s for s in stages if s.is_last]
     tracer = Tracer()
@@ -191,8 +197,20 @@ def _run_case(rank: int, world: int, case: tuple, full_state: dict) -> dict:
     out["loads"] = {stage.full_name(name): router.tokens_per_expert.clone()
                     for stage in stages for name, router in routers(stage)
                     if not stage.is_mirror}
-    out["stages"] = tuple(s.stage_index for s in stages)
+    out["interleaved"] = _interleaved(pieces)
     return out
+
+
+def _interleaved(events: list[str]) -> bool:
+    """Whether some forward dispatch was in flight while backward pieces ran (the F&B hook
+    interleaved two micro-batches): a B event between an "F<i>.dispatch.issue" and its wait."""
+    for i, event in enumerate(events):
+        if event.startswith("F") and event.endswith(".dispatch.issue"):
+            wait = event.replace(".issue", ".wait")
+            j = events.index(wait, i)
+            if any(e.startswith("B") for e in events[i + 1:j]):
+                return True
+    return False
 
 
 def _pipeline_worker(rank: int, world: int, cases: list, full_states: dict) -> list:
@@ -214,8 +232,8 @@ def _merge(results: list, key: str) -> dict:
 
 
 def _check_case(case: tuple, results: list, pg) -> None:
-    schedule, api, num_microbatches, num_layers = case
-    ctx = f"{schedule} PP={len(results)} M={num_microbatches} {api}"
+    schedule, api, num_microbatches, num_layers, overlap = case
+    ctx = f"{schedule} PP={len(results)} M={num_microbatches} {api} overlap={overlap}"
     half = num_microbatches // 2
     groups = ([range(num_microbatches)] if schedule == "dualpipev"
               else [range(half), range(half, num_microbatches)])
@@ -254,16 +272,19 @@ def _check_case(case: tuple, results: list, pg) -> None:
         for name, grad in mirrors.items():
             assert_equal(grad, grads[name], f"{ctx} mirror copy of {name}")
 
+    if overlap:  # the MoE F&B hook ran, interleaved, on some rank
+        assert any(r["interleaved"] for r in results), ctx
     loads = _merge(results, "loads")
     assert set(loads) == set(ref["loads"]), ctx
     for name, count in loads.items():
         assert_equal(count, ref["loads"][name], f"{ctx} router loads {name}")
 
 
-CASES = {2: [("dualpipev", "native", 4, 4), ("dualpipev", "adapter", 5, 4),
-             ("dualpipe", "native", 4, 4), ("dualpipe", "adapter", 6, 4)],
-         4: [("dualpipev", "native", 8, 8), ("dualpipev", "adapter", 9, 8),
-             ("dualpipe", "native", 8, 4)]}
+# (schedule, API, micro-batches, decoder layers, MoE F&B overlap)
+CASES = {2: [("dualpipev", "native", 4, 4, True), ("dualpipev", "adapter", 5, 4, False),
+             ("dualpipe", "native", 4, 4, False), ("dualpipe", "adapter", 6, 4, True)],
+         4: [("dualpipev", "native", 8, 8, False), ("dualpipev", "adapter", 9, 8, True),
+             ("dualpipe", "native", 8, 4, True)]}
 
 
 @pytest.mark.parametrize("pp", [2, 4])

@@ -34,8 +34,9 @@ How Megatron's contract maps onto the two-chunk schedules:
   * Not supported (a clear error): collect_non_loss_data, adjust_tensor_shapes_fn, a
     p2p_communicator, decoder_seq_length, variable sequence lengths. Megatron DDP's
     no_sync/grad-sync hooks are not driven: gradients are complete after the call and the
-    caller reduces them over data parallelism. The F&B overlap hook of a stage class is not
-    forwarded through the chunk wrapper used here.
+    caller reduces them over data parallelism.
+  * The chunks' F&B overlap hook (DeepSeekV3Stage with overlap_moe) works through the wrapper
+    that runs forward_step_func: the wrapper hands the hook its chunk's layer stack.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from .comm import TensorSpec
 from .dualpipe import DualPipe, validate_dualpipe
 from .dualpipev import validate_dualpipev
 from .model_stages import SCHEDULE_CLASSES, reduce_mirrored_grads
+from .overlap import BackwardWork, ForwardWork, run_backward, run_forward
 from .stages import split_layers
 from .trace import Tracer
 from .weight_grad import WeightGradStore
@@ -101,7 +103,8 @@ class PipelineConfig:
 
 
 class _ForwardStepChunk(nn.Module):
-    """A stage as the schedule sees it: its forward runs Megatron's forward_step_func."""
+    """A stage as the schedule sees it: its forward runs Megatron's forward_step_func; its
+    F&B hook is the chunk's (run on the wrappers, whose forward is what the hook calls)."""
 
     def __init__(self, chunk: nn.Module) -> None:
         super().__init__()
@@ -118,6 +121,19 @@ class _ForwardStepChunk(nn.Module):
         if loss_func is not None:
             self.loss_funcs.append(loss_func)
         return output
+
+    @property
+    def piecewise_layers(self):
+        """The chunk's layer stack, which moe_overlap's hook looks up on the module it runs."""
+        return getattr(self.chunk, "piecewise_layers", None)
+
+    def overlapped_forward_backward(self, fwd: ForwardWork, bwd: BackwardWork):
+        hook = getattr(type(self.chunk), "overlapped_forward_backward", None)
+        if hook is None:  # what the schedule does without a hook
+            outputs, loss = run_forward(fwd)
+            run_backward(bwd)
+            return outputs, loss
+        return hook(self.chunk, fwd, bwd)
 
 
 class DualPipeForwardBackward:

@@ -43,8 +43,11 @@ Design notes
     micro-batches. The routers' balance loss enters through its injected gradient
     (`DeepSeekMoE.aux_loss_scale`, set by the caller to 1 / num_microbatches); each stage
     collects its MoE layers' balance-loss values for logging (`pop_balance_loss`).
-  * An overlapped F&B hook (overlap.py) for this class is not wired here: it would be an
-    `overlapped_forward_backward` on DeepSeekV3Stage running both stages layer by layer.
+  * The F&B overlap (DESIGN.md section 5): with `overlap_moe=True` (the default) a stage runs
+    its decoder layers through moe_overlap.PiecewiseLayers and is a MoEOverlapStage, so the
+    schedules' F&B steps interleave one micro-batch's MoE pieces (attention, dispatch, experts,
+    combine) with another's backward pieces. Same arithmetic as the plain layer loop
+    (`overlap_moe=False`, the reference; test_pipeline_model runs both against one process).
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ import torch.nn as nn
 
 from .dualpipe import DualPipe, validate_dualpipe
 from .dualpipev import DualPipeV, validate_dualpipev
+from .moe_overlap import MoEOverlapStage, PiecewiseLayers
+from .overlap import BackwardWork, ForwardWork, run_backward, run_forward
 from .stages import split_layers
 
 SCHEDULE_CLASSES = {"dualpipev": DualPipeV, "dualpipe": DualPipe}
@@ -116,11 +121,15 @@ class StagePlan:
         return range(half) if chunk == 0 else range(half, num_microbatches)
 
 
-class DeepSeekV3Stage(nn.Module):
-    """Stage `stage_index` of `num_stages`: a slice of a full DeepSeekV3Model's modules."""
+class DeepSeekV3Stage(MoEOverlapStage, nn.Module):
+    """Stage `stage_index` of `num_stages`: a slice of a full DeepSeekV3Model's modules.
+
+    overlap_moe: run the decoder layers piecewise, so that the schedules' F&B steps overlap
+    one micro-batch's MoE communication with another's compute (moe_overlap.py); False: the
+    plain layer loop, and F&B runs F then B."""
 
     def __init__(self, model: nn.Module, stage_index: int, num_stages: int, layers: range, *,
-                 chunk: int, mirror: bool = False) -> None:
+                 chunk: int, mirror: bool = False, overlap_moe: bool = True) -> None:
         super().__init__()
         self.stage_index, self.num_stages, self.layer_range = stage_index, num_stages, layers
         self.chunk, self.is_mirror = chunk, mirror
@@ -128,6 +137,7 @@ class DeepSeekV3Stage(nn.Module):
         self.config = model.config
         self.embedding = model.embedding if self.is_first else None
         self.layers = nn.ModuleList(model.decoder.layers[i] for i in layers)
+        self.piecewise_layers = PiecewiseLayers(self.layers) if overlap_moe else None
         self.final_layernorm = model.decoder.final_layernorm if self.is_last else None
         self.mtp = model.mtp if self.is_last and model.mtp_process else None
         self.output_layer = model.output_layer if self.is_last else None
@@ -156,12 +166,24 @@ class DeepSeekV3Stage(nn.Module):
                                  "the token ids (stage 0) or hidden states, or call "
                                  "set_input_tensor() first")
         hidden = self.embedding(input_ids=x, position_ids=None) if self.is_first else x
-        for layer in self.layers:
-            hidden, _ = layer(hidden_states=hidden, attention_mask=None)
+        if self.piecewise_layers is not None:
+            hidden = self.piecewise_layers(hidden, attention_mask=None)
+        else:
+            for layer in self.layers:
+                hidden, _ = layer(hidden_states=hidden, attention_mask=None)
         if self.is_last:
             hidden = self.final_layernorm(hidden)
         self._collect_balance_losses(self.layers)
         return hidden
+
+    def overlapped_forward_backward(self, fwd: ForwardWork, bwd: BackwardWork):
+        """The schedules' F&B hook (overlap.py): MoE pieces interleaved, or, with
+        overlap_moe=False, the forward then the backward."""
+        if self.piecewise_layers is None:
+            outputs, loss = run_forward(fwd)
+            run_backward(bwd)
+            return outputs, loss
+        return super().overlapped_forward_backward(fwd, bwd)
 
     # ---- loss (last stage) ------------------------------------------------------------------
 
@@ -247,8 +269,8 @@ class StageLoss:
         return parts[0] / self.num_microbatches
 
 
-def stages_from_model(model: nn.Module, plan: StagePlan, rank: int
-                      ) -> tuple[DeepSeekV3Stage, DeepSeekV3Stage]:
+def stages_from_model(model: nn.Module, plan: StagePlan, rank: int, *,
+                      overlap_moe: bool = True) -> tuple[DeepSeekV3Stage, DeepSeekV3Stage]:
     """The two stages `rank` holds, made of `model`'s modules. Takes the model apart: its
     decoder keeps no layers afterwards (the other stages' layers are freed with it)."""
     if len(model.decoder.layers) != plan.num_layers:
@@ -264,7 +286,7 @@ def stages_from_model(model: nn.Module, plan: StagePlan, rank: int
                          "and post_process=True")
     ranges = plan.layer_ranges
     stages = tuple(DeepSeekV3Stage(model, s, plan.num_stages, ranges[s], chunk=chunk,
-                                   mirror=plan.is_mirror(chunk))
+                                   mirror=plan.is_mirror(chunk), overlap_moe=overlap_moe)
                    for chunk, s in enumerate(plan.stages_of_rank(rank)))
     if any(s.is_last for s in stages) and not any(s.is_first for s in stages):
         raise AssertionError(f"{plan}: rank {rank} holds the last stage without stage 0, whose "
@@ -274,7 +296,8 @@ def stages_from_model(model: nn.Module, plan: StagePlan, rank: int
 
 
 def build_rank_stages(cfg, plan: StagePlan, rank: int, full_state_dict: dict, *,
-                      pg_collection=None) -> tuple[DeepSeekV3Stage, DeepSeekV3Stage]:
+                      pg_collection=None, overlap_moe: bool = True
+                      ) -> tuple[DeepSeekV3Stage, DeepSeekV3Stage]:
     """The rank's two stages holding the weights of `full_state_dict` (a full TP=1, EP=1
     model's state dict, e.g. `build_model(cfg).state_dict()` of a seeded single process)."""
     from ..config import to_megatron_config
@@ -296,7 +319,7 @@ def build_rank_stages(cfg, plan: StagePlan, rank: int, full_state_dict: dict, *,
     if missing or unexpected:
         raise ValueError(f"full_state_dict does not fit the model of this config: "
                          f"{missing=}, {unexpected=}")
-    return stages_from_model(model, plan, rank)
+    return stages_from_model(model, plan, rank, overlap_moe=overlap_moe)
 
 
 def weighted_lm_loss(out, mtp_lambda: float) -> tuple[torch.Tensor, ...]:

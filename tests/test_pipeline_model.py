@@ -105,100 +105,126 @@ def _reference(pg, num_layers: int, num_microbatches: int, groups: list[range]) 
 # ----------------------------------------------------------------------------------------------
 # Pipeline workers (module level: run_gloo pickles them)
 # ----------------------------------------------------------------------------------------------
+def _native_step(stages, plan, rank: int, world: int, case: tuple, tracer) -> tuple:
+    """`step(inputs, labels, loss_fn)` on the stage modules: (schedule, losses, parts)."""
+    import torch.distributed as dist
+
+    from megatron_dsv3.pipeline import TensorSpec
+    from megatron_dsv3.pipeline.model_stages import reduce_mirrored_grads
+
+    schedule, _, num_microbatches, num_layers, _ = case
+    cfg = _config(num_layers)
+    ids, labels = _data(num_microbatches)
+    last = [s for s in stages if s.is_last]
+    pipe = plan.schedule_class(stages, group=dist.group.WORLD, p2p_specs=[
+        TensorSpec((SEQ, MICRO_BATCH, cfg.hidden_size), cfg.torch_dtype)])
+    loss_fn = last[0].loss_fn(num_microbatches) if last else None
+    result = pipe.step(num_microbatches, inputs=ids, labels=list(zip(ids, labels)),
+                       loss_fn=loss_fn, tracer=tracer)
+    assert tracer.executed_order() == _order(schedule)(rank, world, num_microbatches), \
+        f"{case} rank {rank}: executed order differs"
+    if schedule == "dualpipe":
+        reduce_mirrored_grads(pipe)
+    if result.losses is None:
+        return pipe, {}, {}
+    return (pipe, dict(zip(result.microbatches, result.losses)),
+            {m: r[1:] for m, r in zip(result.microbatches, loss_fn.records)})
+
+
+def _adapter_step(stages, plan, rank: int, world: int, case: tuple, tracer) -> tuple:
+    """Megatron's `forward_backward_func(forward_step_func=forward_step, ...)`, then the same
+    forward only: (schedule, {}, parts from the loss dicts)."""
+    import torch.distributed as dist
+
+    from megatron_dsv3.pipeline.megatron_adapter import (forward_step,
+                                                         get_dualpipe_forward_backward_func)
+    from megatron_dsv3.pipeline.model_stages import local_state
+
+    schedule, _, num_microbatches, _, _ = case
+    ids, labels = _data(num_microbatches)
+    forward_backward = get_dualpipe_forward_backward_func(schedule, group=dist.group.WORLD,
+                                                          tracer=tracer)
+
+    def iterators():
+        return [iter([(ids[m], labels[m])
+                      for m in plan.microbatches_of_chunk(c, num_microbatches)])
+                for c in range(2)]
+
+    kwargs = dict(forward_step_func=forward_step, model=list(stages),
+                  num_microbatches=num_microbatches, seq_length=SEQ,
+                  micro_batch_size=MICRO_BATCH)
+    finalized = []
+    stages[0].config.finalize_model_grads_func = (
+        lambda chunks, num_tokens, pg_collection=None: finalized.append(chunks))
+    dicts = forward_backward(data_iterator=iterators(), **kwargs)
+    stages[0].config.finalize_model_grads_func = None
+    assert len(finalized) == 1 and finalized[0] == list(stages), case
+    assert tracer.executed_order() == _order(schedule)(rank, world, num_microbatches), \
+        f"{case} rank {rank}: executed order differs"
+    microbatches = sorted(m for s in stages if s.is_last
+                          for m in plan.microbatches_of_chunk(s.chunk, num_microbatches))
+    assert len(dicts) == len(microbatches), f"{case}: {len(dicts)} loss dicts on rank {rank}"
+    parts = {m: (d["lm loss"], d["mtp loss"], d["mtp ce"]) for m, d in zip(microbatches, dicts)}
+
+    # forward only (eval mode, as train.evaluate: routers do not count): the same loss dicts,
+    # the gradients untouched
+    grads_before = local_state(stages, grads=True, include_mirrors=True)
+    for stage in stages:
+        stage.eval()
+    dicts_fwd = forward_backward(data_iterator=iterators(), forward_only=True, **kwargs)
+    for stage in stages:
+        stage.train()
+    assert tracer.executed_order() == _order(schedule)(rank, world, num_microbatches,
+                                                       forward_only=True), case
+    assert len(dicts_fwd) == len(dicts), case
+    for d, d_fwd in zip(dicts, dicts_fwd):
+        for key in d:
+            assert_equal(d_fwd[key], d[key], f"{case} forward-only {key}")
+    for name, grad in local_state(stages, grads=True, include_mirrors=True).items():
+        assert_equal(grad, grads_before[name], f"{case} forward-only changed {name}")
+    return forward_backward.pipe, {}, parts
+
+
+def _order(schedule: str):
+    from megatron_dsv3.pipeline import dualpipe, dualpipev
+
+    return {"dualpipev": dualpipev, "dualpipe": dualpipe}[schedule].expected_order
+
+
 def _run_case(rank: int, world: int, case: tuple, full_state: dict) -> dict:
     import torch.distributed as dist
 
     from megatron_dsv3.moe.balance import routers
-    from megatron_dsv3.pipeline import TensorSpec, Tracer, dualpipe, dualpipev
-    from megatron_dsv3.pipeline.megatron_adapter import (forward_step,
-                                                         get_dualpipe_forward_backward_func)
+    from megatron_dsv3.pipeline import Tracer
     from megatron_dsv3.pipeline.model_stages import (StagePlan, build_rank_stages,
                                                      gather_stage_state, local_state,
-                                                     reduce_mirrored_grads,
                                                      reduce_mirrored_router_loads)
 
     schedule, api, num_microbatches, num_layers, overlap = case
-    cfg = _config(num_layers)
     plan = StagePlan(schedule, world, num_layers)
-    stages = build_rank_stages(cfg, plan, rank, full_state, overlap_moe=overlap)
+    stages = build_rank_stages(_config(num_layers), plan, rank, full_state, overlap_moe=overlap)
     pieces: list = []  # the MoE pieces' events of both stages, in the order they ran
     for stage in stages:
         stage.mtp_lambda = MTP_LAMBDA
         _set_aux_loss_scale(stage, num_microbatches)
         if overlap:
             stage.piecewise_layers.trace = pieces
-    ids, labels = _data(num_microbatches)
-    last = [s for s in stages if s.is_last]
-    tracer = Tracer()
-    order = {"dualpipev": dualpipev, "dualpipe": dualpipe}[schedule].expected_order
-    out: dict = {"losses": {}, "parts": {}}
-    if api == "native":
-        pipe = plan.schedule_class(stages, group=dist.group.WORLD, p2p_specs=[
-            TensorSpec((SEQ, MICRO_BATCH, cfg.hidden_size), cfg.torch_dtype)])
-        loss_fn = last[0].loss_fn(num_microbatches) if last else None
-        result = pipe.step(num_microbatches, inputs=ids, labels=list(zip(ids, labels)),
-                           loss_fn=loss_fn, tracer=tracer)
-        assert tracer.executed_order() == order(rank, world, num_microbatches), \
-            f"{case} rank {rank}: executed order differs"
-        if schedule == "dualpipe":
-            reduce_mirrored_grads(pipe)
-        if result.losses is not None:
-            out["losses"] = dict(zip(result.microbatches, result.losses))
-            out["parts"] = {m: r[1:] for m, r in zip(result.microbatches, loss_fn.records)}
-    else:
-        forward_backward = get_dualpipe_forward_backward_func(schedule, group=dist.group.WORLD,
-                                                              tracer=tracer)
-        pipe = None
-
-        def iterators():
-            return [iter([(ids[m], labels[m])
-                          for m in plan.microbatches_of_chunk(c, num_microbatches)])
-                    for c in range(2)]
-
-        kwargs = dict(forward_step_func=forward_step, model=list(stages),
-                      num_microbatches=num_microbatches, seq_length=SEQ,
-                      micro_batch_size=MICRO_BATCH)
-        finalized = []
-        stages[0].config.finalize_model_grads_func = (
-            lambda chunks, num_tokens, pg_collection=None: finalized.append(chunks))
-        dicts = forward_backward(data_iterator=iterators(), **kwargs)
-        stages[0].config.finalize_model_grads_func = None
-        assert len(finalized) == 1 and finalized[0] == list(stages), case
-        pipe = forward_backward.pipe
-        assert tracer.executed_order() == order(rank, world, num_microbatches), \
-            f"{case} rank {rank}: executed order differs"
-        microbatches = sorted(m for s in last
-                              for m in plan.microbatches_of_chunk(s.chunk, num_microbatches))
-        assert len(dicts) == len(microbatches), f"{case}: {len(dicts)} loss dicts on rank {rank}"
-        out["parts"] = {m: (d["lm loss"], d["mtp loss"], d["mtp ce"])
-                        for m, d in zip(microbatches, dicts)}
-        # forward only (eval mode, as train.evaluate: routers do not count): the same loss
-        # dicts, the gradients untouched
-        grads_before = local_state(stages, grads=True, include_mirrors=True)
-        for stage in stages:
-            stage.eval()
-        dicts_fwd = forward_backward(data_iterator=iterators(), forward_only=True, **kwargs)
-        for stage in stages:
-            stage.train()
-        assert tracer.executed_order() == order(rank, world, num_microbatches, forward_only=True)
-        assert len(dicts_fwd) == len(dicts), case
-        for d, d_fwd in zip(dicts, dicts_fwd):
-            for key in d:
-                assert_equal(d_fwd[key], d[key], f"{case} forward-only {key}")
-        for name, grad in local_state(stages, grads=True, include_mirrors=True).items():
-            assert_equal(grad, grads_before[name], f"{case} forward-only changed {name}")
+    run_step = _native_step if api == "native" else _adapter_step
+    pipe, losses, parts = run_step(stages, plan, rank, world, case, Tracer())
     if schedule == "dualpipe":
         reduce_mirrored_router_loads(pipe, stages)
-    out["grads"] = local_state(stages, grads=True)
     gathered = gather_stage_state(stages, dist.group.WORLD, grads=True)
-    out["gathered"] = gathered if rank == 0 else None
-    out["mirror_grads"] = {stage.full_name(n): p.grad.clone() for stage in stages
-                           if stage.is_mirror for n, p in stage.named_parameters()}
-    out["loads"] = {stage.full_name(name): router.tokens_per_expert.clone()
-                    for stage in stages for name, router in routers(stage)
-                    if not stage.is_mirror}
-    out["interleaved"] = _interleaved(pieces)
-    return out
+    return {
+        "losses": losses, "parts": parts,
+        "grads": local_state(stages, grads=True),
+        "gathered": gathered if rank == 0 else None,
+        "mirror_grads": {stage.full_name(n): p.grad.clone() for stage in stages
+                         if stage.is_mirror for n, p in stage.named_parameters()},
+        "loads": {stage.full_name(name): router.tokens_per_expert.clone()
+                  for stage in stages if not stage.is_mirror
+                  for name, router in routers(stage)},
+        "interleaved": _interleaved(pieces),
+    }
 
 
 def _interleaved(events: list[str]) -> bool:

@@ -110,7 +110,6 @@ def _native_step(stages, plan, rank: int, world: int, case: tuple, tracer) -> tu
     import torch.distributed as dist
 
     from megatron_dsv3.pipeline import TensorSpec
-    from megatron_dsv3.pipeline.model_stages import reduce_mirrored_grads
 
     schedule, _, num_microbatches, num_layers, _ = case
     cfg = _config(num_layers)
@@ -124,7 +123,7 @@ def _native_step(stages, plan, rank: int, world: int, case: tuple, tracer) -> tu
     assert tracer.executed_order() == _order(schedule)(rank, world, num_microbatches), \
         f"{case} rank {rank}: executed order differs"
     if schedule == "dualpipe":
-        reduce_mirrored_grads(pipe)
+        pipe.reduce_mirrored_grads()
     if result.losses is None:
         return pipe, {}, {}
     return (pipe, dict(zip(result.microbatches, result.losses)),

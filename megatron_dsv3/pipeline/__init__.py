@@ -9,8 +9,11 @@ deferral, on any stage modules; see DESIGN.md section 5.
   executor        the per-rank machinery the schedules share (ChunkExecutor, StepResult)
   stages          stage-module checks, equal layer split
   schedule_class(name)   the schedule a config names: 'dualpipe' | 'dualpipev'
+  model_stages    DeepSeek-V3 cut into stages (StagePlan, DeepSeekV3Stage, build_rank_stages)
+  moe_overlap     MoE layers as attention / dispatch / MLP / combine pieces; the F&B hook
+  megatron_adapter  PipelineConfig, get_forward_backward_func: Megatron's interface
 
-Plugging a model in (the contract; wiring DeepSeek-V3 into stages is not done yet):
+Plugging a model in (the contract `model_stages` follows for DeepSeek-V3):
   * Cut the model into stages (DualPipeV: 2*PP, DualPipe: PP; `split_layers`), each an
     nn.Module `stage(*inputs) -> hidden` with `stage_index` set. Stage 0 embeds; the last
     stage's outputs go to `loss_fn(outputs, labels[m])`, which may be a bound method of the

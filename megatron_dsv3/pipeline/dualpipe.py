@@ -188,27 +188,35 @@ class DualPipe(TwoChunkSchedule):
         """Copy each stage's chunk-0 parameters (rank r) into its chunk-1 copy (rank PP-1-r)."""
         send = [p.detach() for p in self.modules[0].parameters()]
         recv = [torch.empty_like(p) for p in self.modules[1].parameters()]
-        self._exchange_with_mirror(send, recv)
+        self._p2p_with_mirror(send, recv)
         with torch.no_grad():
             for param, value in zip(self.modules[1].parameters(), recv):
                 param.copy_(value)
+
+    def exchange_with_mirror(self, chunk0: list[torch.Tensor], chunk1: list[torch.Tensor]
+                             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Send this rank's chunk-0 and chunk-1 tensors to the mirror rank PP-1-r, receive its.
+
+        The mirror's chunk 0 is the other copy of my chunk 1 and vice versa, so its messages
+        arrive laid out [like my chunk 1] + [like my chunk 0] (stages may differ in shapes).
+        Returns the mirror's tensors matching my chunk 0 and my chunk 1."""
+        theirs_of_my_chunk1 = [torch.empty_like(t) for t in chunk1]  # = its chunk 0
+        theirs_of_my_chunk0 = [torch.empty_like(t) for t in chunk0]  # = its chunk 1
+        self._p2p_with_mirror([*chunk0, *chunk1], [*theirs_of_my_chunk1, *theirs_of_my_chunk0])
+        return theirs_of_my_chunk0, theirs_of_my_chunk1
 
     def reduce_mirrored_grads(self) -> None:
         """Add the mirror copy's gradient to each parameter's (`main_grad` if it has one), so
         both copies of a stage hold the gradient of all micro-batches. The two sums have the
         same operands (a + b on one rank, b + a on the other), so the copies stay bit-identical."""
-        trained = [[p for p in module.parameters() if p.requires_grad] for module in self.modules]
-        own = [_grad_of(p) for p in trained[0]] + [_grad_of(p) for p in trained[1]]
-        mirror = [torch.empty_like(g) for g in own]
-        self._exchange_with_mirror(own, mirror)
-        num_chunk0 = len(trained[0])
-        # my chunk 0 is the mirror's chunk 1 and vice versa
-        theirs = mirror[num_chunk0:] + mirror[:num_chunk0]
+        grads = [[_grad_of(p) for p in module.parameters() if p.requires_grad]
+                 for module in self.modules]
+        theirs0, theirs1 = self.exchange_with_mirror(grads[0], grads[1])
         with torch.no_grad():
-            for grad, other in zip(own, theirs):
+            for grad, other in zip(grads[0] + grads[1], theirs0 + theirs1):
                 grad.add_(other)
 
-    def _exchange_with_mirror(self, send: list[torch.Tensor], recv: list[torch.Tensor]) -> None:
+    def _p2p_with_mirror(self, send: list[torch.Tensor], recv: list[torch.Tensor]) -> None:
         ops = [dist.P2POp(dist.isend, t.contiguous(), group=self.group, group_peer=self.mirror_rank)
                for t in send]
         ops += [dist.P2POp(dist.irecv, t, group=self.group, group_peer=self.mirror_rank)

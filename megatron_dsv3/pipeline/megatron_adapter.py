@@ -27,7 +27,7 @@ How Megatron's contract maps onto the two-chunk schedules:
     DualPipe: micro-batches 0..M/2-1 on rank PP-1, M/2..M-1 on rank 0 (with PP=2 both ranks are
     ends), [] on the middle ranks. Megatron's 1F1B returns them on rank PP-1.
   * After a training step DualPipe's mirrored copies hold the full gradient
-    (`model_stages.reduce_mirrored_grads`); then `config.finalize_model_grads_func`, if set,
+    (`DualPipe.reduce_mirrored_grads`); then `config.finalize_model_grads_func`, if set,
     runs as in Megatron. The routers' balance-loss gradient scale
     (`DeepSeekMoE.aux_loss_scale`) is set to 1 / num_microbatches (times the grad scale), like
     Megatron's MoEAuxLossAutoScaler.
@@ -51,7 +51,7 @@ import torch.nn as nn
 from .comm import TensorSpec
 from .dualpipe import DualPipe, validate_dualpipe
 from .dualpipev import validate_dualpipev
-from .model_stages import SCHEDULE_CLASSES, reduce_mirrored_grads
+from .model_stages import SCHEDULE_CLASSES
 from .overlap import BackwardWork, ForwardWork, run_backward, run_forward
 from .stages import split_layers
 from .trace import Tracer
@@ -220,7 +220,7 @@ class DualPipeForwardBackward:
                       tracer=self.tracer)
         if not forward_only:
             if isinstance(pipe, DualPipe):
-                reduce_mirrored_grads(pipe)
+                pipe.reduce_mirrored_grads()
             if getattr(config, "finalize_model_grads_func", None) is not None:
                 config.finalize_model_grads_func(list(model), None, pg_collection=pg_collection)
         return store

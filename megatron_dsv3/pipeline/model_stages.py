@@ -12,8 +12,8 @@
   weighted_lm_loss(out, mtp_lambda)             the training loss of one micro-batch (LMOutput)
   local_state / gather_stage_state              stage parameters (or gradients) under the full
         model's names, this rank's or all ranks'
-  reduce_mirrored_grads(pipe), reduce_mirrored_router_loads(pipe, stages)   DualPipe: add the
-        gradients / the routers' token counts of the two copies of each stage
+  reduce_mirrored_router_loads(pipe, stages)   DualPipe: add the routers' token counts of the
+        two copies of each stage (their gradients: `DualPipe.reduce_mirrored_grads`)
 
 Layout (L decoder layers, S stages: DualPipeV S = 2 PP, DualPipe S = PP; S must divide L):
     stage 0       embedding, layers [0, L/S)
@@ -59,13 +59,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from . import SCHEDULES as SCHEDULE_CLASSES
 from .dualpipe import DualPipe, validate_dualpipe
 from .dualpipev import DualPipeV, validate_dualpipev
 from .moe_overlap import MoEOverlapStage, PiecewiseLayers
 from .overlap import BackwardWork, ForwardWork, run_backward, run_forward
 from .stages import split_layers
-
-SCHEDULE_CLASSES = {"dualpipev": DualPipeV, "dualpipe": DualPipe}
 
 
 @dataclass(frozen=True)
@@ -370,57 +369,12 @@ def gather_stage_state(stages: Sequence[DeepSeekV3Stage], group, *,
 
 # ---- DualPipe: the two copies of each stage -------------------------------------------------
 
-def exchange_with_mirror(pipe: DualPipe, chunk0: Sequence[torch.Tensor],
-                         chunk1: Sequence[torch.Tensor]
-                         ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Send this rank's chunk-0 and chunk-1 tensors to the mirror rank PP-1-r and receive its
-    own. The mirror's chunk 0 is the other copy of my chunk 1 and vice versa, so the receive
-    buffers are laid out [like my chunk 1] + [like my chunk 0]. Returns the mirror's tensors
-    that correspond to my chunk 0 and to my chunk 1."""
-    from_their_chunk0 = [torch.empty_like(t) for t in chunk1]
-    from_their_chunk1 = [torch.empty_like(t) for t in chunk0]
-    peer, group = pipe.mirror_rank, pipe.group
-    ops = [dist.P2POp(dist.isend, t.contiguous(), group=group, group_peer=peer)
-           for t in [*chunk0, *chunk1]]
-    ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=peer)
-            for t in [*from_their_chunk0, *from_their_chunk1]]
-    for work in dist.batch_isend_irecv(ops):
-        work.wait()
-    return from_their_chunk1, from_their_chunk0
-
-
-def reduce_mirrored_grads(pipe: DualPipe) -> None:
-    """Add the mirror copy's gradient to each trained parameter of the rank's two stages
-    (`main_grad` if it has one), so both copies hold the gradient of every micro-batch; a + b
-    on one rank and b + a on the other, so the copies stay bit-identical.
-
-    Used instead of `DualPipe.reduce_mirrored_grads`, whose receive buffers follow this rank's
-    chunk order (chunk 0, chunk 1) while the mirror sends its chunk 0 (= my chunk 1) first:
-    that only works when every stage has the same parameter shapes (the toy stages of
-    test_dualpipe), not for a model whose first and last stages differ."""
-    grads = [[_grad_of(p) for p in module.parameters() if p.requires_grad]
-             for module in pipe.modules]
-    theirs0, theirs1 = exchange_with_mirror(pipe, grads[0], grads[1])
-    with torch.no_grad():
-        for grad, other in zip(grads[0] + grads[1], theirs0 + theirs1):
-            grad.add_(other)
-
-
-def _grad_of(param: torch.Tensor) -> torch.Tensor:
-    main_grad = getattr(param, "main_grad", None)
-    if main_grad is not None:
-        return main_grad
-    if param.grad is None:
-        param.grad = torch.zeros_like(param)
-    return param.grad
-
-
 def reduce_mirrored_router_loads(pipe: DualPipe, stages: Sequence[DeepSeekV3Stage]) -> None:
     """DualPipe: each copy of a stage routed its own direction's tokens; add the mirror copy's
     counts so both copies see the step's loads (and take the same bias step)."""
     from ..moe.balance import routers
 
     counts = [[r.tokens_per_expert for _, r in routers(stage)] for stage in stages]
-    theirs0, theirs1 = exchange_with_mirror(pipe, counts[0], counts[1])
+    theirs0, theirs1 = pipe.exchange_with_mirror(counts[0], counts[1])
     for mine, other in zip(counts[0] + counts[1], theirs0 + theirs1):
         mine.add_(other)

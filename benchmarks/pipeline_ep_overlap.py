@@ -5,6 +5,8 @@ step without overlap in the same run.
 
 How to run on N GPUs of one host (the device session: repo root, `.whl/` carried):
 
+  bash benchmarks/pipeline_gpu.sh 2      # everything below for 2 GPUs in one call, or by hand:
+
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
       NVSHMEM_DISABLE_NVLS=1

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Issue 3's GPU measurements on one host in one call (the device session; `.whl/` carried):
+#
+#   bash benchmarks/pipeline_gpu.sh 2          # 2 H200s: EP=2 overlap, PP=2 schedules, ablation
+#   bash benchmarks/pipeline_gpu.sh 4 pp       # 4 H200s: PP=4 schedules only (parts: ep pp ablation)
+#
+# Parts (default all; each under its own `timeout`, so that one call stays under 10 minutes):
+#   ep        benchmarks/pipeline_ep_overlap.py, EP = N, proxy widths, 4 MoE layers
+#   pp        benchmarks/pipeline_schedules.py --schedule all, PP = N, micro-batches 4,8,16
+#             (N = 2) or 8,16 (N > 2); DualPipe(V) traces and timelines
+#   ablation  DualPipeV again without the MoE F&B overlap (the plain layer loop): inside a
+#             pipeline without EP there is no all-to-all to hide, only the pieces' overhead
+# Results: $OUT/n<N>/ (./gpu_out/n<N>/ without $OUT): <part>.json, <part>.log, traces.
+# EP_ARGS / PP_ARGS: more arguments for the EP script / both pipeline parts (e.g.
+# PP_ARGS=--optimizer, or a CPU rehearsal: PP_ARGS="--preset tiny --layers 4 --seq-len 32").
+set -uo pipefail
+N=${1:?usage: pipeline_gpu.sh NUM_GPUS [ep] [pp] [ablation]}
+shift
+PARTS=${*:-ep pp ablation}
+cd "$(dirname "$0")/.."
+DIR=${OUT:-gpu_out}/n$N
+mkdir -p "$DIR"
+
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+  || { echo "installing the megatron-core wheel from .whl/ failed: carry .whl" >&2; exit 2; }
+export PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+  NVSHMEM_DISABLE_NVLS=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, 'GPUs', torch.cuda.device_count())"
+RUN="python3 -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node $N"
+if [ "$N" -eq 2 ]; then MB=${MICROBATCHES:-4,8,16}; else MB=${MICROBATCHES:-8,16}; fi
+
+part() {  # part NAME TIMEOUT_S SCRIPT ARGS...
+  local name=$1 limit=$2 script=$3
+  shift 3
+  local start=$SECONDS
+  timeout "$limit" $RUN "benchmarks/$script" "$@" --json-out "$DIR/$name.json" \
+    > "$DIR/$name.log" 2>&1
+  echo "== $name: rc=$? in $((SECONDS - start)) s ($DIR/$name.log)"
+  grep -v -i -E 'warn|deprecat|OMP_NUM_THREADS|^\*+$|^W[0-9]{4} |Evict LRU|^ *$|^\{' \
+    "$DIR/$name.log" | tail -n 14
+}
+
+for p in $PARTS; do
+  case $p in
+    ep) part ep 150 pipeline_ep_overlap.py --trace-dir "$DIR/ep" ${EP_ARGS:-} ;;
+    pp) part pp 330 pipeline_schedules.py --schedule all --microbatches "$MB" \
+          --trace-dir "$DIR/pp" ${PP_ARGS:-} ;;
+    ablation) part ablation 100 pipeline_schedules.py --schedule dualpipev --no-moe-overlap \
+          --microbatches "$MB" --trace-dir "$DIR/ablation" ${PP_ARGS:-} ;;
+    *) echo "unknown part '$p': use ep, pp or ablation" >&2; exit 2 ;;
+  esac
+done

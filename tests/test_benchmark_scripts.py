@@ -2,7 +2,9 @@
 
   benchmarks/pipeline_schedules.py   DualPipeV / DualPipe timed and traced; Megatron's 1F1B and
                                      interleaved 1F1B skipped on CPU (they need CUDA), their
-                                     stage models checked through Megatron's step functions
+                                     stage models checked through Megatron's step functions; and
+                                     once more with Megatron's CUDA calls pointed at the CPU, so
+                                     that its schedules run through the script's GPU code path
   benchmarks/pipeline_ep_overlap.py  EP=2 MoE F&B step, overlapped and sequential, every piece
                                      stamped; the hidden fraction of the all-to-all
 
@@ -12,7 +14,7 @@ shows the stages compute exactly what the whole model computes), the overlapped 
 EP steps agree bit for bit (test_moe_overlap: the pieces run the layers' own operations), the
 fractions lie in [0, 1], the trace files exist. Timings on two shared cores mean nothing and are
 only checked to be positive. The hidden-fraction arithmetic itself is checked on a made-up step.
-Measured: both scripts together ~30 s on 2 cores.
+Measured: the whole file ~40 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -120,6 +122,60 @@ def test_dualpipe_traces_report_the_bubble_next_to_the_paper_formula(schedules_r
     assert _run(result, "dualpipe", 4)["bubble"]["within_10pct_of_paper"] is None
 
 
+# Megatron-Core's schedules on CPU: its three CUDA calls pointed at the CPU (NOTES: the
+# schedules allocate torch.zeros(device="cuda") and p2p buffers on torch.cuda.current_device();
+# batched p2p calls torch.cuda.synchronize), so that the script's GPU code path runs here.
+CUDA_TO_CPU_SHIM = """
+import sys
+import torch
+sys.path.insert(0, {benchmarks!r})
+import pipeline_schedules as bench
+
+_zeros = torch.zeros
+
+
+def _zeros_on_cpu(*args, **kwargs):
+    if str(kwargs.get("device", "")).startswith("cuda"):
+        kwargs["device"] = "cpu"
+    return _zeros(*args, **kwargs)
+
+
+torch.zeros = _zeros_on_cpu
+torch.cuda.current_device = lambda: "cpu"
+torch.cuda.synchronize = lambda *args, **kwargs: None
+bench.MEGATRON_SCHEDULES_ON_CPU = True
+bench.main(sys.argv[1:])
+"""
+
+
+def test_megatron_1f1b_and_interleaved_through_the_gpu_code_path_give_the_reference_loss(
+        tmp_path):
+    """The part of pipeline_schedules.py that first runs on the GPUs: Megatron's own
+    forward_backward_func over our model_provider chunks, with Megatron-LM's p2p settings,
+    timed with the optimizer; the loss of the first step equals the schedule-free one."""
+    shim = tmp_path / "shim.py"
+    shim.write_text(CUDA_TO_CPU_SHIM.format(benchmarks=str(REPO / "benchmarks")))
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               "2", str(shim), "--schedule", "1f1b,interleaved", "--preset", "tiny", "--layers",
+               "4", "--device", "cpu", "--seq-len", "32", "--microbatches", "4", "--steps", "1",
+               "--warmup", "1", "--optimizer", "--json-out", str(tmp_path / "result.json")]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["complete"]
+    for schedule, vpp in (("1f1b", None), ("interleaved", 2)):
+        run = _run(result, schedule, 4)
+        assert run["status"] == "ok", run
+        assert run["loss"] == run["reference_loss"], run
+        assert run["megatron_config"]["vpp"] == vpp and run["megatron_config"][
+            "deallocate_pipeline_outputs"]
+        assert run["tok_per_s"] > 0 and len(run["peak_gib"]) == 2
+    assert _run(result, "1f1b", 4)["ratio_vs_1f1b"] == 1.0
+    assert _run(result, "interleaved", 4)["ratio_vs_1f1b"] > 0
+
+
 def test_schedules_refuses_a_pipeline_size_other_than_the_world(tmp_path):
     module = _load("pipeline_schedules")
     args = module.parse_args(["--pp", "4"])
@@ -131,6 +187,8 @@ def test_schedules_refuses_a_pipeline_size_other_than_the_world(tmp_path):
     args = module.parse_args(["--preset", "proxy"])
     assert module.resolve(args, world=3) == ["1f1b", "interleaved", "dualpipev"]  # odd PP
     assert args.layers == 12
+    with pytest.raises(SystemExit, match="--schedule 1f1b,zb is invalid: \\['zb'\\] unknown"):
+        module.resolve(module.parse_args(["--schedule", "1f1b,zb"]), world=2)
 
 
 # ----------------------------------------------------------------------------------------------

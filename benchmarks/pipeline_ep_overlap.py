@@ -3,7 +3,8 @@
 hides behind compute: one pipeline stage's MoE layers, every piece timed, against the same
 step without overlap in the same run.
 
-How to run on N GPUs of one host (the device session: repo root, `.whl/` carried):
+How to run on N GPUs of one host (the device session: from the repo root, carrying `.whl/`,
+the megatron-core wheel; one call is at most 10 minutes):
 
   bash benchmarks/pipeline_gpu.sh 2      # everything below for 2 GPUs in one call, or by hand:
 
@@ -560,11 +561,10 @@ def run(args, pg, device) -> Optional[dict]:
 
 
 def _one_line(s: dict) -> str:
-    hidden = s["hidden_fraction"]
-    return (f"step {s['step_s'] * 1e3:.2f} ms, all-to-all {s['comm_s'] * 1e3 / len(s['step_times']):.2f}"
-            f" ms/step, exposed {s['exposed_s'] * 1e3 / len(s['step_times']):.2f} ms/step, hidden "
+    steps, hidden = len(s["step_times"]), s["hidden_fraction"]
+    return (f"step {s['step_s'] * 1e3:.2f} ms, all-to-all {s['comm_s'] * 1e3 / steps:.2f} ms/step, "
+            f"exposed {s['exposed_s'] * 1e3 / steps:.2f} ms/step, hidden "
             + ("n/a" if hidden is None else f"{hidden:.1%}"))
-
 
 if __name__ == "__main__":
     main()

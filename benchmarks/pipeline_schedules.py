@@ -3,7 +3,8 @@
 1F1B and interleaved 1F1B. Tokens/s of a training step, peak memory per rank, and the
 DualPipe(V) trace with its bubble next to the paper's formula.
 
-How to run on N GPUs of one host (the device session: repo root, `.whl/` carried):
+How to run on N GPUs of one host (the device session: from the repo root, carrying `.whl/`,
+the megatron-core wheel; one call is at most 10 minutes):
 
   bash benchmarks/pipeline_gpu.sh 2      # everything below for 2 GPUs in one call, or by hand:
 
@@ -49,7 +50,10 @@ forward only, on rank 0). For DualPipe(V) one more step runs with a `Tracer` (it
 the device at every op, so it is not a timed step): `--trace-dir/<schedule>_m<M>/` gets the
 per-rank JSON, `timeline.png` and `summary.json`; the JSON result gets the measured idle time
 per rank (the bubble) next to `paper_bubble` computed from the trace's own F, B, W, F&B
-(`trace.measured_chunk_times`: the mean over both chunks of all ranks).
+(`trace.measured_chunk_times`: the mean over both chunks of all ranks). W is ~0 here: none of
+the model's layers defers its weight gradient (no `DeferredWgradLinear` in our specs), so every
+B is a full backward and the formula is (PP-1)(F&B + B) for DualPipeV. The measured idle time
+also holds the p2p waits, which the formula leaves out.
 
 Not covered: data parallelism (the world is one pipeline), EP or TP inside the pipeline (the
 pipeline code runs TP = EP = 1 for now), MTP (Megatron's PP keeps a second embedding on the last
@@ -67,7 +71,6 @@ import statistics
 import sys
 import time
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -299,8 +302,9 @@ def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, finger
         if reason:
             results.append(skipped(schedule, num_microbatches, reason))
             continue
-        last_chunks = [c for c, s in enumerate(stages) if s.is_last]
-        mine = sorted(m for c in last_chunks for m in plan.microbatches_of_chunk(c, num_microbatches))
+        # the micro-batches whose loss this rank computes, in the order the adapter returns them
+        mine = sorted(m for c, s in enumerate(stages) if s.is_last
+                      for m in plan.microbatches_of_chunk(c, num_microbatches))
 
         def step(num_microbatches=num_microbatches, mine=mine) -> dict:
             iterators = [iter([batches[m] for m in plan.microbatches_of_chunk(c, num_microbatches)])
@@ -653,8 +657,8 @@ def parse_args(argv=None):
     parser.add_argument("--seq-len", type=int, default=None,
                         help="tokens per sequence (default: the preset's max_seq_len)")
     parser.add_argument("--layers", type=int, default=None,
-                        help="decoder layers (default: at least the preset's and 4 x PP, a multiple "
-                             "of 2 PP and PP x VPP so that every schedule splits it evenly)")
+                        help="decoder layers (default: at least the preset's and 4 x PP, a "
+                             "multiple of 2 PP and PP x VPP: every schedule splits it evenly)")
     parser.add_argument("--preset", default="proxy")
     parser.add_argument("--dtype", default=None, choices=[None, "bfloat16", "float32"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

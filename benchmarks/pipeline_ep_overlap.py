@@ -53,7 +53,9 @@ host clock on CPU):
   strict       the route plan of each MoE layer (in the attention piece: the count all-to-all
                and the host sync for the split sizes) runs on the same communicator, so it
                queues behind a row exchange still in flight; `hidden_fraction_strict` also
-               counts as exposed the part of each plan that overlaps such an exchange.
+               counts as exposed the part of each plan that overlaps such an exchange (an
+               upper bound of the exposure: the plan's sort, before its count exchange, is
+               compute). The true fraction lies between the strict and the plain one.
 The sequential pass's fraction is the floor of this measurement: what counts as hidden with no
 overlap at all (the time an exchange runs while the host is still issuing it; on GPU close to 0
 unless the device waits for the host). The count exchanges themselves (EP x experts/EP

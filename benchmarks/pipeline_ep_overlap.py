@@ -497,7 +497,10 @@ def run(args, pg, device) -> Optional[dict]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     over, seq = passes["overlapped"], passes["sequential"]
-    local = {"rank": rank,
+    # both passes, with every tensor kept for their comparison; None on CPU
+    peak_gib = (round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda"
+                else None)
+    local = {"rank": rank, "peak_gib": peak_gib,
              "max_abs_diff": {"outputs": max_abs_diff(over["outputs"], seq["outputs"]),
                               "input_grads": max_abs_diff(over["input_grads"],
                                                           seq["input_grads"]),

@@ -2,7 +2,7 @@
 # Issue 3's GPU measurements on one host in one call (the device session; `.whl/` carried):
 #
 #   bash benchmarks/pipeline_gpu.sh 2          # 2 H200s: EP=2 overlap, PP=2 schedules, ablation
-#   bash benchmarks/pipeline_gpu.sh 4 pp       # 4 H200s: PP=4 schedules only (parts: ep pp ablation)
+#   bash benchmarks/pipeline_gpu.sh 4 pp       # 4 H200s: the PP=4 part only (ep, pp, ablation)
 #
 # Parts (default all; each under its own `timeout`, so that one call stays under 10 minutes):
 #   ep        benchmarks/pipeline_ep_overlap.py, EP = N, proxy widths, 4 MoE layers

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .executor import ChunkExecutor, ChunkRoute, StepResult, TwoChunkSchedule
+from .executor import ChunkExecutor, ChunkRoute, StepResult, TwoChunkSchedule, run_steps_3_to_8
 from .trace import BACKWARD_FULL, BACKWARD_INPUT, FORWARD, WEIGHT, ScheduledOp, Tracer
 
 DOWN, UP = 0, 1  # local chunk indices: stage r and stage 2PP-1-r
@@ -112,55 +112,8 @@ class DualPipeV(TwoChunkSchedule):
             x.forward_chunk(far, send=not at_turn or i < step_2 - 1)
             x.send_forward(near)
 
-        # Step 3: nB1W1F1 -- first far backwards, zero-bubble style: B, then its W, then F
-        step_3 = n - r - 1
-        for _ in range(step_3):
-            x.backward_chunk(far, defer_w=True)
-            x.recv_forward(far)
-            x.weight_chunk()
-            x.forward_chunk(far, recv=False)
-
-        # Step 4: nF0B1F1B0 -- steady state: overlapped F&B pairs, both directions
-        step_4 = m - 2 * n + r + 1
-        for i in range(step_4):
-            if i == 0 and at_turn:
-                # at the turn the first pair runs unoverlapped, which shortens the bubble
-                x.forward_chunk(near, recv=False, send=False)
-                x.send_forward(far)
-                x.backward_chunk(far, send=False)
-                x.send_forward(near)
-                x.send_backward(far)
-            else:
-                x.forward_backward_chunk(near, far, recv_forward=i > 0)
-            x.forward_backward_chunk(far, near)
-
-        # Step 5: nB1F1B0 -- the near forwards are done: far backward, then far F & near B
-        step_5 = n - r - 1
-        for _ in range(step_5):
-            x.backward_chunk(far)
-            x.forward_backward_chunk(far, near)
-
-        # Step 6: nB1B0 -- cool-down backwards; the second half defers W to fill step 7/8
-        step_6 = r + 1
-        defer_w = False
-        for i in range(step_6):
-            if i == step_6 // 2 and r % 2 == 1:
-                defer_w = True
-            x.backward_chunk(far, defer_w=defer_w)
-            if i == step_6 // 2 and r % 2 == 0:
-                defer_w = True
-            x.backward_chunk(near, defer_w=defer_w)
-
-        # Step 7: nWB0 -- W of earlier backwards between the last near backwards
-        step_7 = n - r - 1
-        for _ in range(step_7):
-            x.weight_chunk()
-            x.backward_chunk(near, defer_w=True)
-
-        # Step 8: nW -- the remaining weight gradients
-        step_8 = r + 1
-        for _ in range(step_8):
-            x.weight_chunk()
+        # Steps 3-8: shared with DualPipe (executor.run_steps_3_to_8)
+        run_steps_3_to_8(x, near, far, k=r, n=n, m=m, at_turn=at_turn)
 
 
 def validate_dualpipev(num_ranks: int, num_microbatches: Optional[int]) -> None:

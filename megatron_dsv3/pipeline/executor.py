@@ -288,6 +288,65 @@ class ChunkExecutor:
         self._finish_backward(bwd_chunk, kb)
 
 
+def run_steps_3_to_8(x: "ChunkExecutor", near: int, far: int, *, k: int, n: int, m: int,
+                     at_turn: bool) -> None:
+    """Steps 3-8 of DualPipe's figure, the same for both schedules once their warm-up (steps 1
+    and 2) is done: DualPipe with k = the rank's index within its half, n = ranks per half and
+    m = micro-batches per direction; DualPipeV with k = rank, n = ranks, m = micro-batches
+    (a DualPipeV rank runs its two stages like a rank of DualPipe on twice the ranks).
+    `at_turn`: the rank where the two directions meet (DualPipe's middle ranks, DualPipeV's
+    last rank)."""
+    # Step 3: nB1W1F1 -- first far backwards, zero-bubble style: B, then its W, then F
+    step_3 = n - k - 1
+    for _ in range(step_3):
+        x.backward_chunk(far, defer_w=True)
+        x.recv_forward(far)
+        x.weight_chunk()
+        x.forward_chunk(far, recv=False)
+
+    # Step 4: nF0B1F1B0 -- steady state: overlapped F&B pairs, both directions
+    step_4 = m - 2 * n + k + 1
+    for i in range(step_4):
+        if i == 0 and at_turn:
+            # at the turn the first pair runs unoverlapped, which shortens the bubble
+            x.forward_chunk(near, recv=False, send=False)
+            x.send_forward(far)
+            x.backward_chunk(far, send=False)
+            x.send_forward(near)
+            x.send_backward(far)
+        else:
+            x.forward_backward_chunk(near, far, recv_forward=i > 0)
+        x.forward_backward_chunk(far, near)
+
+    # Step 5: nB1F1B0 -- the near forwards are done: far backward, then far F & near B
+    step_5 = n - k - 1
+    for _ in range(step_5):
+        x.backward_chunk(far)
+        x.forward_backward_chunk(far, near)
+
+    # Step 6: nB1B0 -- cool-down backwards; the second half defers W to fill step 7/8
+    step_6 = k + 1
+    defer_w = False
+    for i in range(step_6):
+        if i == step_6 // 2 and k % 2 == 1:
+            defer_w = True
+        x.backward_chunk(far, defer_w=defer_w)
+        if i == step_6 // 2 and k % 2 == 0:
+            defer_w = True
+        x.backward_chunk(near, defer_w=defer_w)
+
+    # Step 7: nWB0 -- W of earlier backwards between the last near backwards
+    step_7 = n - k - 1
+    for _ in range(step_7):
+        x.weight_chunk()
+        x.backward_chunk(near, defer_w=True)
+
+    # Step 8: nW -- the remaining weight gradients
+    step_8 = k + 1
+    for _ in range(step_8):
+        x.weight_chunk()
+
+
 @dataclass
 class StepResult:
     """What a schedule's `step()` returns on one rank.

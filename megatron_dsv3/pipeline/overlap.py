@@ -22,7 +22,8 @@ of the same class; otherwise it runs `run_forward(fwd)` then `run_backward(bwd)`
 
 How our MoE stage implements it (`moe_overlap.py`, adopted by `model_stages.DeepSeekV3Stage`):
 the stage runs its layers one by one; each layer's forward is four parts, attention ->
-dispatch (all-to-all) -> experts (MLP) -> combine (all-to-all), and each part's output is detached and re-attached (`requires_grad_`) so
+dispatch (all-to-all) -> experts (MLP) -> combine (all-to-all), and each part's output
+is detached and re-attached (`requires_grad_`) so
 the backward can also be run part by part (`torch.autograd.backward(part_output, grad)`).
 Forward layer i of micro-batch A and backward layer L-1-i of micro-batch B then alternate,
 e.g. A.attn | B.combine_bwd(comm), A.dispatch(comm) | B.mlp_bwd, A.mlp | B.dispatch_bwd(comm),

@@ -10,6 +10,14 @@
 GPU/NCCL. "te" is Transformer Engine's layers through Megatron's TE extension (GPU only).
 FP8 (DESIGN.md section 4) will be a third backend: nothing else needs to change.
 
+The local linears can defer their weight gradient to a pipeline schedule's W step
+(pipeline/weight_grad.py, DESIGN.md section 5): each has a `weight_grad_store` attribute,
+None unless a schedule attaches its store (`attach_weight_grad_store`). With None they run
+Megatron's (or F.linear's) code unchanged, at the cost of one attribute test; with a store they
+run one autograd function (`linear_deferred_wgrad`) that computes the same GEMMs, dX in the
+backward (plus the column-parallel dX all-reduce where Megatron does it) and dW there or,
+while the store defers, in W.
+
 Every linear returns `(output, bias)` like Megatron's; bias is always None here (DeepSeek
 has no linear biases). The TP helpers at the bottom are device-agnostic: Megatron's own
 gather/scatter mappings allocate on `torch.cuda.current_device()`.
@@ -19,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -33,6 +41,9 @@ from megatron.core.tensor_parallel import (
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from .config import ConfigError
+
+if TYPE_CHECKING:  # imported where used: the pipeline package imports this module
+    from .pipeline.weight_grad import WeightGradStore
 
 
 def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -90,6 +101,8 @@ class ReplicatedLinear(torch.nn.Module):
     downstream), so its weight gradient is too: no communication of its own.
     """
 
+    weight_grad_store: Optional["WeightGradStore"] = None
+
     def __init__(self, input_size: int, output_size: int, *, config, init_method: Callable,
                  name: Optional[str] = None):
         super().__init__()
@@ -102,7 +115,57 @@ class ReplicatedLinear(torch.nn.Module):
             self.weight.copy_(master)
 
     def forward(self, x: torch.Tensor):
-        return F.linear(x, self.weight), None
+        if self.weight_grad_store is None:
+            return F.linear(x, self.weight), None
+        from .pipeline.weight_grad import linear_deferred_wgrad
+
+        return linear_deferred_wgrad(x, self.weight, None, self.weight_grad_store), None
+
+
+# ----------------------------------------------------------------------------------------------
+# Megatron's tensor-parallel linears with a deferrable weight gradient
+# ----------------------------------------------------------------------------------------------
+class _DeferrableWgrad:
+    """Mixin for Megatron's Column/RowParallelLinear: `_forward_impl` (where both call their
+    autograd function, after Megatron's own input handling and before the row-parallel output
+    all-reduce) runs `linear_deferred_wgrad` while a store is attached. Parameters, their
+    names and TP metadata, and everything around the GEMM stay Megatron's."""
+
+    weight_grad_store: Optional["WeightGradStore"] = None
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        store = self.weight_grad_store
+        if store is None or not weight.requires_grad:
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        return self._deferrable_forward(input, weight, store, *args, **kwargs)
+
+    def _deferrable_forward(self, input, weight, store, bias=None,
+                            gradient_accumulation_fusion=False, allreduce_dgrad=False,
+                            sequence_parallel=False, grad_output_buffer=None,
+                            wgrad_deferral_limit=None, tp_group=None, gtp_remat_size=1):
+        unsupported = [name for name, on in (
+            ("sequence_parallel", sequence_parallel),
+            ("gradient_accumulation_fusion", gradient_accumulation_fusion),
+            ("defer_embedding_wgrad_compute", grad_output_buffer is not None),
+            ("gtp_remat_size > 1", gtp_remat_size > 1)) if on]
+        if unsupported:
+            raise NotImplementedError(
+                f"{type(self).__name__}: weight-gradient deferral does not support "
+                f"{', '.join(unsupported)}; turn it off in Megatron's config (for the fusion: "
+                "gradient_accumulation_fusion=False, --no-gradient-accumulation-fusion) or "
+                "detach the store: attach_weight_grad_store(model, None)")
+        from .pipeline.weight_grad import linear_deferred_wgrad
+
+        return linear_deferred_wgrad(input, weight, bias, store,
+                                     dgrad_group=tp_group if allreduce_dgrad else None)
+
+
+class DeferrableColumnParallelLinear(_DeferrableWgrad, ColumnParallelLinear):
+    """Megatron's ColumnParallelLinear; its weight gradient deferrable (see _DeferrableWgrad)."""
+
+
+class DeferrableRowParallelLinear(_DeferrableWgrad, RowParallelLinear):
+    """Megatron's RowParallelLinear; its weight gradient deferrable (see _DeferrableWgrad)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,15 +184,16 @@ class LinearBackend:
 
 def _local_column(input_size, output_size, *, config, init_method, tp_group, stride=1,
                   gather_output=False, name=None):
-    return ColumnParallelLinear(input_size, output_size, config=config, init_method=init_method,
-                                bias=False, gather_output=gather_output, stride=stride,
-                                skip_bias_add=False, tp_group=tp_group, name=name)
+    return DeferrableColumnParallelLinear(
+        input_size, output_size, config=config, init_method=init_method, bias=False,
+        gather_output=gather_output, stride=stride, skip_bias_add=False, tp_group=tp_group,
+        name=name)
 
 
 def _local_row(input_size, output_size, *, config, init_method, tp_group, name=None):
-    return RowParallelLinear(input_size, output_size, config=config, init_method=init_method,
-                             bias=False, input_is_parallel=True, skip_bias_add=False,
-                             tp_group=tp_group, name=name)
+    return DeferrableRowParallelLinear(
+        input_size, output_size, config=config, init_method=init_method, bias=False,
+        input_is_parallel=True, skip_bias_add=False, tp_group=tp_group, name=name)
 
 
 def _local_replicated(input_size, output_size, *, config, init_method, tp_group=None,

@@ -14,17 +14,27 @@ over the EP group, read by `parallel.shard_state_dict` / `gather_state_dict`) an
 
 Two implementations with one result: `grouped_mm` (one `torch._grouped_mm` per projection,
 the GPU path, no host sync) and `loop` (a Python loop over experts, the reference).
+
+Weight-gradient deferral (pipeline/weight_grad.py): while a schedule's store is attached
+(`RoutedExperts.weight_grad_store`), each projection runs as one autograd function,
+`experts_linear` (y_NO = x_NI W_e^T on expert e's rows), whose backward computes dX now and
+dW_e = dY_e^T X_e (w_EOI, all experts at once) now or in the W step: the same GEMMs autograd
+runs for `_grouped_mm` (grouped_mm) or for the per-expert F.linear (loop). Without a store
+the plain functions above run, unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..layers import mark_tensor_parallel, normal_init, tp_size
+
+if TYPE_CHECKING:  # imported where used: the pipeline package imports this module
+    from ..pipeline.weight_grad import WeightGradStore
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -55,14 +65,93 @@ def experts_grouped_mm(x_ND: torch.Tensor, fc1_EFD2: torch.Tensor, fc2_EDF: torc
 EXPERT_IMPLS = {"loop": experts_loop, "grouped_mm": experts_grouped_mm}
 
 
-def pick_experts_impl(impl: str, device: torch.device):
+def resolve_experts_impl(impl: str, device: torch.device) -> str:
+    """'loop' or 'grouped_mm' for `MoEConfig.experts_impl` on this device."""
     if impl == "auto":
         impl = "grouped_mm" if device.type == "cuda" else "loop"
     if impl == "grouped_mm" and device.type == "cpu" and torch.is_grad_enabled():
         raise ConfigError("experts_impl='grouped_mm' is invalid for training on the CPU: "
                           "torch._grouped_mm has no CPU backward (its forward runs); use "
                           "'loop' or 'auto'")
-    return EXPERT_IMPLS[impl]
+    return impl
+
+
+def pick_experts_impl(impl: str, device: torch.device):
+    return EXPERT_IMPLS[resolve_experts_impl(impl, device)]
+
+
+# ----------------------------------------------------------------------------------------------
+# One projection of all experts with a deferrable weight gradient
+# ----------------------------------------------------------------------------------------------
+def _loop_bounds(counts: list[int]) -> list[tuple[int, int]]:
+    starts = [0]
+    for count in counts:
+        starts.append(starts[-1] + count)
+    return list(zip(starts[:-1], starts[1:]))
+
+
+class _ExpertsLinear(torch.autograd.Function):
+    """y_NO = x_NI W_e^T on expert e's contiguous rows; dW deferrable (see module docstring).
+
+    `groups`: int32 end offsets [E] (grouped_mm) or the row counts as a list (loop)."""
+
+    @staticmethod
+    def forward(ctx, x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups,
+                store: Optional["WeightGradStore"]) -> torch.Tensor:
+        from ..pipeline.weight_grad import autocast_dtype
+
+        x_c, w_c = x_NI, w_EOI
+        dtype = autocast_dtype(x_NI.device.type)  # as RoutedExperts casts for _grouped_mm
+        if dtype is not None:
+            x_c, w_c = x_NI.to(dtype), w_EOI.to(dtype)
+        if impl == "grouped_mm":
+            y_NO = torch._grouped_mm(x_c, w_c.transpose(-2, -1), offs=groups)
+        else:
+            y_NO = torch.cat([F.linear(x_c[a:b], w_c[e]) for e, (a, b) in
+                              enumerate(_loop_bounds(groups))], dim=0)
+        ctx.save_for_backward(x_c, w_c)
+        ctx.weight, ctx.impl, ctx.groups, ctx.store = w_EOI, impl, groups, store
+        return y_NO
+
+    @staticmethod
+    def backward(ctx, grad_y_NO: torch.Tensor):
+        from ..pipeline.weight_grad import weight_grad_now_or_later
+
+        x_NI, w_EOI = ctx.saved_tensors
+        groups = ctx.groups
+        grouped = ctx.impl == "grouped_mm"
+        bounds = None if grouped else _loop_bounds(groups)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:  # dX_e = dY_e W_e
+            grad_x = (torch._grouped_mm(grad_y_NO, w_EOI, offs=groups) if grouped else
+                      torch.cat([grad_y_NO[a:b] @ w_EOI[e] for e, (a, b) in enumerate(bounds)]))
+
+        def weight_grad_EOI() -> torch.Tensor:  # dW_e = dY_e^T X_e
+            if grouped:
+                return torch._grouped_mm(grad_y_NO.t(), x_NI, offs=groups)
+            return torch.stack([grad_y_NO[a:b].t() @ x_NI[a:b] for a, b in bounds])
+
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad_EOI)
+        return grad_x, grad_w, None, None, None
+
+
+Groups = Union[torch.Tensor, list[int]]
+
+
+def expert_groups(tokens_per_expert_E: torch.Tensor, impl: str) -> Groups:
+    """What `experts_linear` needs to find each expert's rows: int32 end offsets (grouped_mm,
+    no host sync) or the counts as a list (loop, one host sync)."""
+    if impl == "grouped_mm":
+        return tokens_per_expert_E.cumsum(0).to(torch.int32)
+    return tokens_per_expert_E.tolist()
+
+
+def experts_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups: Groups,
+                   store: Optional["WeightGradStore"] = None) -> torch.Tensor:
+    """x_NI W_e^T on each expert e's rows, by `impl` ('loop' | 'grouped_mm'); the weight
+    gradient goes to `store` while it defers, else to autograd as usual."""
+    return _ExpertsLinear.apply(x_NI, w_EOI, impl, groups, store)
 
 
 def mark_expert_parallel(param: torch.nn.Parameter) -> None:
@@ -75,6 +164,8 @@ def mark_expert_parallel(param: torch.nn.Parameter) -> None:
 class RoutedExperts(torch.nn.Module):
     """This rank's routed experts' weights: the global experts
     [expert_offset, expert_offset + num_local_experts)."""
+
+    weight_grad_store: Optional["WeightGradStore"] = None  # set by attach_weight_grad_store
 
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_size: int, *, tp_group,
                  dtype: torch.dtype, device=None, init_std: float = 0.006, impl: str = "auto",
@@ -100,6 +191,12 @@ class RoutedExperts(torch.nn.Module):
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                 impl: Optional[str] = None) -> torch.Tensor:
+        store = self.weight_grad_store
+        if store is not None:  # the same GEMMs, weight gradients deferrable
+            name = resolve_experts_impl(impl or self.impl, x_ND.device)
+            groups = expert_groups(tokens_per_expert_E, name)
+            h_NF2 = experts_linear(x_ND, self.fc1, name, groups, store)
+            return experts_linear(swiglu(h_NF2), self.fc2, name, groups, store)
         run = pick_experts_impl(impl or self.impl, x_ND.device)
         fc1, fc2 = self.fc1, self.fc2
         device_type = x_ND.device.type

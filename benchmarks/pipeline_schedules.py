@@ -50,13 +50,16 @@ forward only, on rank 0). For DualPipe(V) one more step runs with a `Tracer` (it
 the device at every op, so it is not a timed step): `--trace-dir/<schedule>_m<M>/` gets the
 per-rank JSON, `timeline.png` and `summary.json`; the JSON result gets the measured idle time
 per rank (the bubble) next to `paper_bubble` computed from the trace's own F, B, W, F&B
-(`trace.measured_chunk_times`: the mean over both chunks of all ranks). W is ~0 here: none of
-the model's layers defers its weight gradient (no `DeferredWgradLinear` in our specs), so every
-B is a full backward and the formula is (PP-1)(F&B + B) for DualPipeV. The measured idle time
-also holds the p2p waits, which the formula leaves out.
+(`trace.measured_chunk_times`: the mean over both chunks of all ranks). The model's linears
+and routed experts defer their weight gradients to W steps while the schedule's store is
+attached (`weight_grad.attach_weight_grad_store`), so B is the input-gradient half of the
+backward and W fills the cool-down; the formula for DualPipeV on N ranks is that of DualPipe on
+2N: (N-1)(F&B + B - 3W). The measured idle time also holds the p2p waits, which the formula
+leaves out.
 
 Not covered: data parallelism (the world is one pipeline), EP or TP inside the pipeline (the
-pipeline code runs TP = EP = 1 for now), MTP (Megatron's PP keeps a second embedding on the last
+training job composes them, tests/test_pipeline_parallel_compose.py; this script compares
+schedules on one pipeline), MTP (Megatron's PP keeps a second embedding on the last
 stage for it). On CPU every number is a logic check, not a measurement.
 """
 

@@ -5,10 +5,13 @@
 #   NPROC=2 TP=1 launch/torchrun_local.sh --steps 50      # data parallel over 2 processes
 #   NPROC=8 TP=2 launch/torchrun_local.sh --preset proxy  # 8 GPUs: TP=2 x DP=4
 #   NPROC=4 EP=2 launch/torchrun_local.sh --steps 50      # DP=4, experts sharded over EP=2
+#   NPROC=4 PP=2 EP=2 launch/torchrun_local.sh --num-layers 4 --grad-accum 4 \
+#       --pipeline-schedule dualpipev                      # DualPipeV over 2 ranks x EP=2
 #
 # NPROC: processes (default: the number of GPUs, or 2 without one); TP: tensor-parallel size
-# (default 1); data parallelism is NPROC / TP; EP: expert-parallel size (default 1), carved out
-# of DP (it must divide NPROC / TP; the routed experts are split over EP ranks, their gradients
+# (default 1); PP: pipeline-parallel size (default 1; needs --pipeline-schedule); data
+# parallelism is NPROC / (TP * PP); EP: expert-parallel size (default 1), carved out of DP (it
+# must divide NPROC / (TP * PP); the routed experts are split over EP ranks, their gradients
 # reduced over the DP / EP expert-data-parallel replicas). Every other argument goes to
 # megatron_dsv3.train.
 # Without a GPU the processes use gloo and share the cores (OMP_NUM_THREADS = cores / NPROC).
@@ -20,17 +23,22 @@ GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null
 if [ "$GPUS" -gt 0 ]; then NPROC=${NPROC:-$GPUS}; else NPROC=${NPROC:-2}; fi
 TP=${TP:-1}
 EP=${EP:-1}
+PP=${PP:-1}
 
-if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ && "$TP" =~ ^[1-9][0-9]*$ && "$EP" =~ ^[1-9][0-9]*$ ]]; then
-  echo "NPROC=$NPROC, TP=$TP and EP=$EP must be positive integers" >&2; exit 2
-fi
-if (( NPROC % TP != 0 )); then
-  echo "TP=$TP must divide NPROC=$NPROC (data parallelism is NPROC / TP): change one of them" >&2
+for name in NPROC TP EP PP; do
+  if ! [[ "${!name}" =~ ^[1-9][0-9]*$ ]]; then
+    echo "$name=${!name} must be a positive integer" >&2; exit 2
+  fi
+done
+if (( NPROC % (TP * PP) != 0 )); then
+  echo "TP * PP = $(( TP * PP )) must divide NPROC=$NPROC (data parallelism is NPROC / (TP *" \
+       "PP)): change one of them" >&2
   exit 2
 fi
-if (( (NPROC / TP) % EP != 0 )); then
-  echo "EP=$EP must divide the data-parallel size NPROC / TP = $(( NPROC / TP )) (expert" \
-       "parallelism is carved out of DP): change NPROC, TP or EP" >&2
+DP=$(( NPROC / (TP * PP) ))
+if (( DP % EP != 0 )); then
+  echo "EP=$EP must divide the data-parallel size NPROC / (TP * PP) = $DP (expert" \
+       "parallelism is carved out of DP): change NPROC, TP, PP or EP" >&2
   exit 2
 fi
 if [ "$GPUS" -gt 0 ] && (( NPROC > GPUS )); then
@@ -43,6 +51,7 @@ if [ "$GPUS" -eq 0 ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))}
 fi
 
-echo "torchrun: $NPROC processes, TP=$TP, DP=$(( NPROC / TP )), EP=$EP" >&2
+echo "torchrun: $NPROC processes, TP=$TP, PP=$PP, DP=$DP, EP=$EP" >&2
 exec "$PYTHON" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$NPROC" \
-  -m megatron_dsv3.train --tensor-parallel-size "$TP" --expert-parallel-size "$EP" "$@"
+  -m megatron_dsv3.train --tensor-parallel-size "$TP" --expert-parallel-size "$EP" \
+  --pipeline-parallel-size "$PP" "$@"

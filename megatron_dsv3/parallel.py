@@ -1,6 +1,9 @@
 """How the model is sharded, apart from what it computes.
 
-  init_distributed(tp, ep)    torch.distributed (gloo on CPU, NCCL on GPU) + Megatron's groups
+  init_distributed(tp, ep, pipeline_parallel_size=pp)
+                              torch.distributed (gloo on CPU, NCCL on GPU) + Megatron's groups
+  whole_model_groups(pg)      context: the groups to build the whole model with on a pipeline
+                              rank (DualPipe / DualPipeV cut their stages from it)
   shard_state_dict(full, model, tp_group, ep_group)
                               the slice of a full (TP=1, EP=1) state dict this rank's model holds
   gather_state_dict(model, tp_group, ep_group)
@@ -14,17 +17,30 @@ the full dimension into s * tp chunks and gives rank r chunks r, r + tp, ... (so
 `expert_parallel = True` (`moe.experts.mark_expert_parallel`): their dim 0 indexes experts and
 EP rank p holds the contiguous block p of P (independent of their TP split along another dim).
 
-Megatron carves the groups out of the world in the order tp-cp-ep-dp-pp, with expert TP = TP:
-  dp       replicas of the non-expert weights (world / (TP * PP)); contains the EP group
-  ep       ranks holding different experts (consecutive DP ranks of one TP rank)
-  expt_dp  replicas of one expert shard (DP / EP)
+Rank layout: Megatron's own `initialize_model_parallel(TP, PP, EP)`, which carves the world in
+the order tp-cp-ep-dp-pp (CP = 1, expert TP = TP), PP outermost:
+    WORLD = PP x DP x TP,   rank = tp_rank + TP * (dp_rank + DP * pp_rank)
+    dp_rank = ep_rank + EP * expt_dp_rank   (EP carved out of each stage's DP)
+Each rank's groups (`ProcessGroupCollection`):
+  tp       the TP consecutive ranks of one (pp, dp) position
+  pp       the PP ranks of one (dp, tp) position, group rank = pipeline rank: one pipeline, whose
+           ranks hold the stage chunks of DualPipe / DualPipeV (their p2p peers are group ranks)
+  dp       replicas of this rank's non-expert weights: the DP ranks of one (pp, tp) position,
+           i.e. the ranks holding the same stages (world / (TP * PP) of them); contains the EP group
+  ep       ranks holding different experts of the same stages (EP consecutive DP ranks)
+  expt_dp  replicas of one expert shard (DP / EP ranks of the same stages)
+E.g. 4 processes, PP=2 x EP=2: pipelines {0, 2} and {1, 3}; stage ranks (dp = ep) {0, 1} and
+{2, 3}; expt_dp of one rank each. PP=2 x TP=2: tp {0, 1} and {2, 3}; pipelines {0, 2}, {1, 3}.
+With PP = 1 this is the TP x DP layout, the pp groups of one rank each.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -33,26 +49,24 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 
 def init_distributed(tensor_parallel_size: int = 1, expert_parallel_size: int = 1, *,
-                     backend: Optional[str] = None, seed: int = 1234,
-                     timeout_s: int = 600) -> ProcessGroupCollection:
+                     pipeline_parallel_size: int = 1, backend: Optional[str] = None,
+                     seed: int = 1234, timeout_s: int = 600) -> ProcessGroupCollection:
     """Initialise torch.distributed from the launcher's environment (torchrun sets RANK,
     WORLD_SIZE, MASTER_ADDR/PORT; a plain `python` run is a world of one) and Megatron's
-    tensor / data / expert-parallel groups (expert TP = TP). Returns the process groups the
-    model takes: `.tp`, `.dp`, `.ep`, `.expt_dp`, `.tp_ep`, ...
+    tensor / pipeline / data / expert-parallel groups (expert TP = TP; layout in the module
+    docstring). Returns the process groups the model takes: `.tp`, `.pp`, `.dp`, `.ep`,
+    `.expt_dp`, `.tp_ep`, ...
+
+    With pipeline_parallel_size > 1 Megatron's groups describe the pipeline, but the whole
+    model is built on every rank and cut into DualPipe(V) stages: build it inside
+    `whole_model_groups(pg)`.
 
     On GPU, Megatron's parallel layers initialise their weights under its CUDA RNG tracker,
     which is seeded here (`seed`); on CPU they draw from torch's global generator."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if world_size % tensor_parallel_size != 0:
-        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} is invalid: it must "
-                         f"divide the number of processes WORLD_SIZE={world_size}")
-    data_parallel_size = world_size // tensor_parallel_size
-    if expert_parallel_size < 1 or data_parallel_size % expert_parallel_size != 0:
-        raise ValueError(f"expert_parallel_size={expert_parallel_size} is invalid: it must "
-                         f"divide the data-parallel size WORLD_SIZE / TP = {world_size} / "
-                         f"{tensor_parallel_size} = {data_parallel_size} (EP groups are carved "
-                         "out of DP)")
+    check_parallel_sizes(world_size, tensor_parallel_size, expert_parallel_size,
+                         pipeline_parallel_size)
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -63,20 +77,71 @@ def init_distributed(tensor_parallel_size: int = 1, expert_parallel_size: int = 
                                 world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
-                                                 expert_model_parallel_size=expert_parallel_size)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel_size,
+            pipeline_model_parallel_size=pipeline_parallel_size,
+            expert_model_parallel_size=expert_parallel_size)
     sizes = (parallel_state.get_tensor_model_parallel_world_size(),
-             parallel_state.get_expert_model_parallel_world_size())
-    if sizes != (tensor_parallel_size, expert_parallel_size):
-        raise RuntimeError(f"Megatron's groups are already initialised with (TP, EP) = {sizes}, "
-                           f"not the requested ({tensor_parallel_size}, {expert_parallel_size}); "
-                           "call shutdown_distributed() (or parallel_state."
-                           "destroy_model_parallel()) first")
+             parallel_state.get_expert_model_parallel_world_size(),
+             parallel_state.get_pipeline_model_parallel_world_size())
+    wanted = (tensor_parallel_size, expert_parallel_size, pipeline_parallel_size)
+    if sizes != wanted:
+        raise RuntimeError(f"Megatron's groups are already initialised with (TP, EP, PP) = "
+                           f"{sizes}, not the requested {wanted}; call shutdown_distributed() "
+                           "(or parallel_state.destroy_model_parallel()) first")
     if use_cuda:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(seed)
     return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def check_parallel_sizes(world_size: int, tensor_parallel_size: int = 1,
+                         expert_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> int:
+    """Raise ValueError naming the size and the fix unless WORLD = PP x DP x TP with EP dividing
+    DP; returns DP."""
+    for name, value in (("tensor_parallel_size", tensor_parallel_size),
+                        ("expert_parallel_size", expert_parallel_size),
+                        ("pipeline_parallel_size", pipeline_parallel_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid: it must be a positive integer")
+    model_parallel = tensor_parallel_size * pipeline_parallel_size
+    if world_size % model_parallel != 0:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} x pipeline_parallel_size="
+                         f"{pipeline_parallel_size} = {model_parallel} is invalid: it must "
+                         f"divide the number of processes WORLD_SIZE={world_size}; launch a "
+                         f"multiple of {model_parallel} processes")
+    data_parallel_size = world_size // model_parallel
+    if data_parallel_size % expert_parallel_size != 0:
+        raise ValueError(f"expert_parallel_size={expert_parallel_size} is invalid: it must "
+                         f"divide the data-parallel size WORLD_SIZE / (TP * PP) = {world_size} / "
+                         f"({tensor_parallel_size} * {pipeline_parallel_size}) = "
+                         f"{data_parallel_size} (EP groups are carved out of the DP ranks that "
+                         "hold the same stages)")
+    return data_parallel_size
+
+
+@contextmanager
+def whole_model_groups(pg: ProcessGroupCollection) -> Iterator[ProcessGroupCollection]:
+    """The groups to build the whole model with on a rank of a pipeline: a copy of `pg` without
+    a pipeline group (`pp = None`, which Megatron reads as rank 0 of 1: every decoder layer,
+    the embedding and the output head), while Megatron's global pipeline rank and size read 0
+    and 1 (its MTP placement reads those, not `pg.pp`). TP and EP stay the rank's: the model
+    holds this rank's TP/EP shards. With PP = 1 this is `pg` itself and changes nothing."""
+    if pg.pp is None or pg.pp.size() == 1:
+        yield pg
+        return
+    whole = copy.copy(pg)
+    whole.pp = None
+    saved = (parallel_state._MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE,
+             parallel_state._MPU_PIPELINE_MODEL_PARALLEL_RANK)
+    parallel_state.set_pipeline_model_parallel_world_size(1)
+    parallel_state.set_pipeline_model_parallel_rank(0)
+    try:
+        yield whole
+    finally:
+        parallel_state.set_pipeline_model_parallel_world_size(saved[0])
+        parallel_state.set_pipeline_model_parallel_rank(saved[1])
 
 
 def shutdown_distributed() -> None:
@@ -137,7 +202,7 @@ def shard_state_dict(full_state_dict: dict, model: torch.nn.Module, tp_group,
         if param is not None and is_expert_parallel(param) and _size(ep_group) > 1:
             tensor = shard_tensor(tensor, EXPERT_DIM, 1, ep_group.rank(), ep_group.size())
         spec = _split_spec(param) if param is not None else None
-        if spec is not None:
+        if spec is not None and _size(tp_group) > 1:
             tensor = shard_tensor(tensor, spec[0], spec[1], tp_group.rank(), tp_group.size())
         local[name] = tensor
         if local[name].shape != value.shape:
@@ -165,7 +230,7 @@ def gather_state_dict(model: torch.nn.Module, tp_group, *, grads: bool = False,
             continue
         tensor = tensor.detach()
         spec = _split_spec(param)
-        if spec is not None and tp_group.size() > 1:
+        if spec is not None and _size(tp_group) > 1:
             tensor = unshard_tensor(_all_gather(tensor, tp_group), spec[0], spec[1])
         if is_expert_parallel(param) and _size(ep_group) > 1:
             tensor = torch.cat(_all_gather(tensor, ep_group), dim=EXPERT_DIM)

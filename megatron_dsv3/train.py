@@ -16,13 +16,16 @@ What one optimizer step does (each rank; TP ranks of one DP replica see the same
      the DP group contains the EP group, so every token of the step is counted once).
 
 Pipeline parallelism (`--pipeline-parallel-size PP --pipeline-schedule dualpipev|dualpipe`,
-pipeline/model_stages.py): every rank builds the full model from the seed and keeps the two
-stages its schedule places there; step 1 is one call of the schedule's Megatron-style
-`forward_backward_func` (pipeline/megatron_adapter.py) over the `--grad-accum` micro-batches
-(DualPipe then adds its mirrored copies' gradients and router loads); DP groups are the ranks
-holding the same stages (Megatron's order: rank = pp_rank * DP + dp_rank); the gradient norm
-sums every stage once over the pipeline; losses are summed over the pipeline ranks. PP runs
-with TP = EP = 1 only (refused otherwise); `--num-layers` makes a preset's layers split evenly.
+pipeline/model_stages.py), composed with TP and EP: WORLD = PP x DP x TP in Megatron's own
+layout (`parallel.init_distributed`: rank = tp_rank + TP * (dp_rank + DP * pp_rank), EP carved
+out of each stage's DP ranks). Every rank builds the full model from the seed (its TP/EP shard
+of it) and keeps the two stages its schedule places there; step 1 is one call of the
+schedule's Megatron-style `forward_backward_func` (pipeline/megatron_adapter.py) over the
+`--grad-accum` micro-batches, the MoE all-to-alls over the stage's EP group (DualPipe then adds
+its mirrored copies' gradients and router loads); steps 2 and 5 use the groups of the ranks
+holding the same stages (`dp`, `expt_dp`); the gradient norm sums every stage once over the
+pipeline; losses are summed over the pipeline ranks. `--num-layers` makes a preset's layers
+split evenly.
 
 Reproducibility. Every random draw after initialisation is keyed or checkpointed: batches are a
 pure function of (seed, step, micro-batch, dp_rank); the checkpoint holds the weights (with the
@@ -182,7 +185,7 @@ def validate_args(args: argparse.Namespace, cfg: ModelConfig, world_size: int) -
     need(args.resume != "auto" or args.out_dir is not None, "--resume", args.resume,
          "'auto' looks in --out-dir, whose default is a new timestamped folder: pass --out-dir "
          "of the run to continue")
-    tp = args.tensor_parallel_size
+    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
     if tp > 0:
         need(world_size % tp == 0, "--tensor-parallel-size", tp,
              f"must divide the number of processes ({world_size}); launch NPROC = a multiple "
@@ -194,11 +197,17 @@ def validate_args(args: argparse.Namespace, cfg: ModelConfig, world_size: int) -
             need(width % tp == 0, "--tensor-parallel-size", tp,
                  f"must divide the preset's {field}={width}; pick a divisor of it")
     ep = args.expert_parallel_size
-    if ep > 0 and tp > 0 and world_size % tp == 0:
+    if ep > 0 and tp > 0 and pp == 1 and world_size % tp == 0:
         dp = world_size // tp
         need(dp % ep == 0, "--expert-parallel-size", ep,
              f"must divide the data-parallel size WORLD_SIZE / TP = {world_size} / {tp} = {dp} "
              "(EP groups are carved out of DP); launch NPROC = a multiple of TP * EP")
+    if ep > 0 and tp > 0 and pp > 1 and world_size % (tp * pp) == 0:
+        dp = world_size // (tp * pp)
+        need(dp % ep == 0, "--expert-parallel-size", ep,
+             f"must divide the data-parallel size of a pipeline stage WORLD_SIZE / (TP * PP) = "
+             f"{world_size} / ({tp} * {pp}) = {dp} (EP groups are carved out of the DP ranks "
+             "holding the same stages); launch NPROC = a multiple of TP * PP * EP")
     if ep > 0:
         need(cfg.moe.num_experts % ep == 0, "--expert-parallel-size", ep,
              f"must divide the preset's moe.num_experts={cfg.moe.num_experts} (each EP rank "
@@ -224,12 +233,13 @@ def _pipeline_problems(args, cfg: ModelConfig, world_size: int) -> list[str]:
         if not ok:
             problems.append(_arg_error(flag, value, fix))
 
+    tp = args.tensor_parallel_size
     need(world_size % pp == 0, "--pipeline-parallel-size", pp,
          f"must divide the number of processes ({world_size}); launch NPROC = a multiple of PP")
-    for flag, value in (("--tensor-parallel-size", args.tensor_parallel_size),
-                        ("--expert-parallel-size", args.expert_parallel_size)):
-        need(value == 1, flag, value, "pipeline parallelism runs with TP = EP = 1 for now: pass "
-             f"{flag} 1 (or --pipeline-parallel-size 1)")
+    need(tp < 1 or world_size % pp or world_size % (tp * pp) == 0, "--tensor-parallel-size", tp,
+         f"times --pipeline-parallel-size {pp} must divide the number of processes "
+         f"({world_size}): WORLD = PP x DP x TP; launch NPROC = a multiple of TP * PP = "
+         f"{tp * pp}")
     need(schedule != "dualpipe" or pp % 2 == 0, "--pipeline-parallel-size", pp,
          "dualpipe needs an even pipeline size: use an even PP or --pipeline-schedule dualpipev")
     stages = 2 * pp if schedule == "dualpipev" else pp
@@ -283,16 +293,18 @@ def build_initial_model(cfg: ModelConfig, pg, seed: int, device: torch.device):
     rank draws the full TP=1, EP=1 model (on groups of itself) and keeps its slice of every
     tensor."""
     from .model import build_model
-    from .parallel import shard_state_dict
+    from .parallel import shard_state_dict, whole_model_groups
 
     tp, ep = pg.tp.size(), pg.ep.size()
     torch.manual_seed(seed)
-    # With TP > 1 Megatron's layers skip their own draw: every weight is loaded just below.
-    model = build_model(cfg, pg_collection=pg, megatron_config=to_megatron_config(
-        cfg, tensor_parallel_size=tp, expert_parallel_size=ep, use_cpu_initialization=True,
-        perform_initialization=tp == 1))
-    if tp > 1 or ep > 1:
-        full = _full_model_state(cfg, pg, seed)
+    # With a pipeline, every rank builds the whole model (its TP/EP shard), cut into stages
+    # later; with TP > 1 Megatron's layers skip their own draw: every weight is loaded below.
+    with whole_model_groups(pg) as groups:
+        model = build_model(cfg, pg_collection=groups, megatron_config=to_megatron_config(
+            cfg, tensor_parallel_size=tp, expert_parallel_size=ep, use_cpu_initialization=True,
+            perform_initialization=tp == 1))
+        full = _full_model_state(cfg, groups, seed) if tp > 1 or ep > 1 else None
+    if full is not None:
         missing, unexpected = model.load_state_dict(shard_state_dict(full, model, pg.tp, pg.ep),
                                                     strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
@@ -410,6 +422,8 @@ def _all_reduce_sum(grads: list[torch.Tensor], group, scale: float) -> None:
 
 def reduce_gradients(params: list[torch.Tensor], pg) -> None:
     """Each gradient becomes that of the DP mean of the replicas' losses, L = 1/DP sum_r L_r.
+    With a pipeline, `pg.dp` and `pg.expt_dp` are those of the ranks holding the same stages
+    (Megatron's groups), so each stage's parameters are reduced over their own replicas.
 
     A non-expert parameter is replicated on every DP rank r, whose gradient is dL_r/dtheta:
     sum over DP, divide by DP. A routed expert lives on one rank of each EP group; the
@@ -582,22 +596,6 @@ def evaluate(run: Run) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Pipeline parallelism (DualPipe / DualPipeV)
 # ----------------------------------------------------------------------------------------------
-def with_pipeline_groups(pg, pipeline_parallel_size: int):
-    """A copy of the process groups for training with PP ranks: `pp` the ranks of one pipeline,
-    `dp` (and `expt_dp`, EP = 1) the ranks holding the same stages. Megatron's order (PP
-    outermost): rank = pp_rank * DP + dp_rank. Every rank creates every group, in order."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    dp_size = world // pipeline_parallel_size
-    pp_groups = [dist.new_group([d + k * dp_size for k in range(pipeline_parallel_size)])
-                 for d in range(dp_size)]
-    dp_groups = [dist.new_group(list(range(k * dp_size, (k + 1) * dp_size)))
-                 for k in range(pipeline_parallel_size)]
-    out = copy.copy(pg)
-    out.pp = pp_groups[rank % dp_size]
-    out.dp = out.expt_dp = dp_groups[rank // dp_size]
-    return out
-
-
 @dataclasses.dataclass
 class Pipeline:
     """This rank's two stages and the schedule's Megatron-style forward_backward_func."""
@@ -918,12 +916,11 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
     from .parallel import init_distributed
 
     backend = "gloo" if args.device == "cpu" else None
-    # Megatron's groups have pipeline size 1: the full model is built, then cut into stages.
+    # Megatron's groups with the pipeline (parallel.py has the layout): `pp` is one pipeline,
+    # `dp` / `ep` / `expt_dp` are among the ranks holding the same stages.
     pg = init_distributed(args.tensor_parallel_size, args.expert_parallel_size,
+                          pipeline_parallel_size=args.pipeline_parallel_size,
                           backend=backend, seed=args.seed)
-    train_pg = pg
-    if args.pipeline_parallel_size > 1:
-        train_pg = with_pipeline_groups(pg, args.pipeline_parallel_size)
     device = pick_device(args)
     if device.type == "cpu" and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1)
@@ -938,11 +935,11 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
     model = build_initial_model(cfg, pg, args.seed, device)
     pipeline = None
     if args.pipeline_parallel_size > 1:
-        pipeline = Pipeline.create(model, args, train_pg)
+        pipeline = Pipeline.create(model, args, pg)
         model = torch.nn.ModuleList(pipeline.stages)  # parameters, state dict, routers
     for layer in moe_layers(model):
         layer.aux_loss_scale = 1.0 / args.grad_accum
-    run = Run(args, cfg, train_pg, device, model, build_optimizer(model, args), corpus,
+    run = Run(args, cfg, pg, device, model, build_optimizer(model, args), corpus,
               out_dir=out_dir, pipeline=pipeline)
     if step_dir is not None:
         load_checkpoint(run, step_dir)

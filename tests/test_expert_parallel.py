@@ -451,3 +451,17 @@ def test_launcher_refuses_ep_not_dividing_dp():
                           env={**os.environ, "NPROC": "2", "TP": "1", "EP": "4"},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "EP=4 must divide the data-parallel size" in proc.stderr
+
+
+def test_launcher_refuses_tp_times_pp_not_dividing_nproc_and_ep_not_dividing_stage_dp():
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    for env, expected in (({"NPROC": "2", "TP": "2", "PP": "2"}, "TP * PP = 4 must divide NPROC=2"),
+                          ({"NPROC": "4", "PP": "2", "EP": "4"},
+                           "EP=4 must divide the data-parallel size NPROC / (TP * PP) = 2"),
+                          ({"NPROC": "2", "PP": "x"}, "PP=x must be a positive integer")):
+        proc = subprocess.run(["bash", str(root / "launch" / "torchrun_local.sh"), "--steps", "1"],
+                              env={**os.environ, **env}, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 2 and expected in proc.stderr, (env, proc.stderr)

@@ -488,8 +488,13 @@ def test_train_pp2_dp2_matches_the_unpipelined_run(schedule, unpipelined_run, tm
       "--grad-accum", "4", "--eval-batches", "3"], 2, "--eval-batches 3 is invalid: dualpipe "
                                                       "needs at least 2 * PP = 4 micro-batches"),
     (["--pipeline-parallel-size", "2", "--pipeline-schedule", "dualpipev", "--num-layers", "4",
-      "--grad-accum", "4", "--tensor-parallel-size", "2"], 4,
-     "--tensor-parallel-size 2 is invalid: pipeline parallelism runs with TP = EP = 1 for now"),
+      "--grad-accum", "4", "--tensor-parallel-size", "2"], 2,
+     "--tensor-parallel-size 2 is invalid: times --pipeline-parallel-size 2 must divide the "
+     "number of processes (2): WORLD = PP x DP x TP; launch NPROC = a multiple of TP * PP = 4"),
+    (["--pipeline-parallel-size", "2", "--pipeline-schedule", "dualpipev", "--num-layers", "4",
+      "--grad-accum", "4", "--expert-parallel-size", "2"], 2,
+     "--expert-parallel-size 2 is invalid: must divide the data-parallel size of a pipeline "
+     "stage WORLD_SIZE / (TP * PP) = 2 / (1 * 2) = 1"),
     (["--pipeline-parallel-size", "4", "--pipeline-schedule", "dualpipev", "--num-layers", "8",
       "--grad-accum", "8", "--eval-batches", "8"], 2,
      "--pipeline-parallel-size 4 is invalid: must divide the number of processes (2)"),

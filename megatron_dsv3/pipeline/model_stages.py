@@ -8,10 +8,12 @@
         labels = (input_ids, labels), both [b, s]; stage.mtp_lambda is set by the caller
   stages_from_model(model, plan, rank)          the rank's two stages, taken from a full model
   build_rank_stages(cfg, plan, rank, full_state_dict, pg_collection)
-        the same from a full TP=1 state dict (every rank loads identical weights)
+        the same from a full TP=1, EP=1 state dict: the rank's TP/EP shards of the weights
+        (parallel.shard_state_dict over pg_collection.tp / .ep); the MoE layers' all-to-alls,
+        the overlap hook's included, run over pg_collection.ep
   weighted_lm_loss(out, mtp_lambda)             the training loss of one micro-batch (LMOutput)
   local_state / gather_stage_state              stage parameters (or gradients) under the full
-        model's names, this rank's or all ranks'
+        model's names, this rank's shards or the whole model's (gathered over TP, EP and PP)
   reduce_mirrored_router_loads(pipe, stages)   DualPipe: add the routers' token counts of the
         two copies of each stage (their gradients: `DualPipe.reduce_mirrored_grads`)
 
@@ -28,7 +30,10 @@ Design notes
     specs (`build_model` -> `layer_spec`), so a stage computes exactly what the model computes.
     Each rank builds the full model (as the TP/EP code does: a seed gives the same weights at
     every parallel size), keeps its stages' modules and drops the decoder layers of the other
-    stages. Building only the rank's layers (meta device) is not done.
+    stages. Building only the rank's layers (meta device) is not done. With TP/EP the model
+    is this rank's TP/EP shard of the full model (`parallel.whole_model_groups`: Megatron's
+    pipeline groups set aside while it is built), so a stage holds the same shards a
+    non-pipelined TP/EP rank would; the pipeline adds no parallel dimension inside a stage.
   * The input ids travel in `labels`, not as a second stage output: in both schedules the last
     stage sits on a rank that also holds stage 0 (DualPipeV: rank 0 holds stages 0 and 2PP-1;
     DualPipe: ranks 0 and PP-1 hold stages 0 and PP-1), which has the batch anyway, so nothing
@@ -298,19 +303,22 @@ def build_rank_stages(cfg, plan: StagePlan, rank: int, full_state_dict: dict, *,
                       pg_collection=None, overlap_moe: bool = True
                       ) -> tuple[DeepSeekV3Stage, DeepSeekV3Stage]:
     """The rank's two stages holding the weights of `full_state_dict` (a full TP=1, EP=1
-    model's state dict, e.g. `build_model(cfg).state_dict()` of a seeded single process)."""
+    model's state dict, e.g. `build_model(cfg).state_dict()` of a seeded single process),
+    sharded over `pg_collection.tp` and `.ep` (default: Megatron's groups). `rank` is the
+    pipeline rank (`pg_collection.pp.rank()` when Megatron's groups include the pipeline)."""
     from ..config import to_megatron_config
     from ..model import build_model
-    from ..parallel import shard_state_dict
+    from ..parallel import shard_state_dict, whole_model_groups
 
     if pg_collection is None:
         from megatron.core.process_groups_config import ProcessGroupCollection
 
         pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     tp, ep = pg_collection.tp.size(), pg_collection.ep.size()
-    model = build_model(cfg, pg_collection=pg_collection, megatron_config=to_megatron_config(
-        cfg, tensor_parallel_size=tp, expert_parallel_size=ep, use_cpu_initialization=True,
-        perform_initialization=False))
+    with whole_model_groups(pg_collection) as groups:
+        model = build_model(cfg, pg_collection=groups, megatron_config=to_megatron_config(
+            cfg, tensor_parallel_size=tp, expert_parallel_size=ep, use_cpu_initialization=True,
+            perform_initialization=False))
     missing, unexpected = model.load_state_dict(
         shard_state_dict(full_state_dict, model, pg_collection.tp, pg_collection.ep),
         strict=False)
@@ -354,17 +362,27 @@ def local_state(stages: Sequence[DeepSeekV3Stage], *, grads: bool = False,
     return out
 
 
-def gather_stage_state(stages: Sequence[DeepSeekV3Stage], group, *,
-                       grads: bool = False) -> dict[str, torch.Tensor]:
-    """The whole model's parameters (or gradients) under full names, on every rank of the
-    pipeline `group` (a CPU copy; every rank must call). TP = EP = 1 only."""
+def gather_stage_state(stages: Sequence[DeepSeekV3Stage], group, *, grads: bool = False,
+                       tp_group=None, ep_group=None) -> dict[str, torch.Tensor]:
+    """The whole model's parameters (or gradients) under full names, on every rank: each stage's
+    TP-split tensors assembled over `tp_group`, its routed-expert shards over `ep_group`
+    (parallel.gather_state_dict; None: not split), then the stages of the pipeline `group`
+    (DualPipe's mirror copies left out). A CPU copy; every rank of the three groups must call.
+    Parameters without a gradient are left out (grads=True): that must agree across TP/EP."""
+    from ..parallel import gather_state_dict
+
+    local = {}
+    for stage in stages:
+        if stage.is_mirror:
+            continue
+        full = gather_state_dict(stage, tp_group, grads=grads, ep_group=ep_group)
+        local.update({stage.full_name(name): t.cpu() for name, t in full.items()})
     parts: list = [None] * dist.get_world_size(group)
-    local = {name: t.cpu() for name, t in local_state(stages, grads=grads).items()}
     dist.all_gather_object(parts, local, group=group)
-    full: dict[str, torch.Tensor] = {}
+    whole: dict[str, torch.Tensor] = {}
     for part in parts:
-        full.update(part)
-    return full
+        whole.update(part)
+    return whole
 
 
 # ---- DualPipe: the two copies of each stage -------------------------------------------------

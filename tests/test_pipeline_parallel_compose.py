@@ -1,0 +1,274 @@
+"""Pipeline parallelism composed with expert and tensor parallelism (gloo, 4 processes).
+
+WORLD = PP x DP x TP in Megatron's layout (`parallel.init_distributed`, PP outermost, EP carved
+out of the DP ranks holding the same stages). Layouts on 4 processes:
+  PP=2 x EP=2   pipelines {0, 2}, {1, 3}; stage ranks (DP = EP = 2) {0, 1}, {2, 3}
+  PP=2 x TP=2   tensor groups {0, 1}, {2, 3}; pipelines {0, 2}, {1, 3}; DP = 1
+The full model (TP=1, EP=1, 4 decoder layers, MTP, sequence balance loss) is built once in the
+pytest process; every rank builds its DualPipeV stages from that state dict, holding its TP/EP
+shards (`build_rank_stages(..., pg_collection)`), runs one step of M = 4 micro-batches with the
+MoE F&B overlap on (its all-to-alls over the stage's EP group, asynchronous while the other
+micro-batch computes), reduces the gradients as the training job does
+(`train.reduce_gradients`: non-expert over the stage's DP group, expert shards over its
+expert-DP group, both / DP), takes the global norm (`train.global_grad_norm`: over TP, EP and
+PP) and one bias update over the stage's DP group, then gathers every gradient under the full
+model's names (`gather_stage_state` over TP, EP and PP). The single process runs the same
+micro-batches whole: DP rank r's share of micro-batch m is rows [r B, (r+1) B) of it.
+
+Tolerances:
+  * FP32_REORDER for losses, every gradient and the norm: the same fp32 math on the same rows;
+    what differs is summation order -- the DP mean of per-rank means instead of one mean over
+    the micro-batch, an expert's weight gradient summed over rows grouped by source rank (EP),
+    TP's split GEMM reductions and vocab-parallel log-sum-exp, the embedding's two uses per
+    micro-batch accumulated at different times by the pipeline, float64 norm partials summed
+    per group;
+  * exact for the router biases after the update: integer loads summed over DP, then a sign.
+The training job: PP=2 x EP=2 (4 processes) against PP=1 x DP=2 (2 processes) on the same global
+batch: the step-1 losses within FP32_REORDER (same reasons), tokens seen equal; a resume from
+the step-1 checkpoint repeats step 2 bit for bit (every rank's own file, its own stages' shards).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_dsv3.testing import FP32_REORDER, assert_close, assert_equal, run_gloo
+
+pytestmark = pytest.mark.slow
+
+MICRO_BATCH, SEQ, VOCAB = 2, 16, 256   # per DP rank
+NUM_MICROBATCHES, NUM_LAYERS, PP = 4, 4, 2
+MTP_LAMBDA, BIAS_RATE = 0.3, 1e-2
+LAYOUTS = [(1, 2), (2, 1)]             # (TP, EP) with PP=2 on 4 processes
+WHY = ("fp32, summation order only: DP mean of per-rank means, expert gradients summed by "
+       "source rank, TP-split GEMM reductions, the embedding's two uses accumulated apart")
+
+
+def _config():
+    from megatron_dsv3.config import tiny
+
+    return tiny().replace(num_layers=NUM_LAYERS, vocab_size=VOCAB, max_seq_len=SEQ,
+                          moe__seq_aux_loss_coeff=1e-2)
+
+
+def _data(global_batch: int) -> tuple[list, list]:
+    generator = torch.Generator().manual_seed(11)
+    ids = [torch.randint(0, VOCAB, (global_batch, SEQ), generator=generator)
+           for _ in range(NUM_MICROBATCHES)]
+    labels = [torch.randint(0, VOCAB, (global_batch, SEQ), generator=generator)
+              for _ in range(NUM_MICROBATCHES)]
+    return ids, labels
+
+
+def _set_aux_loss_scale(module) -> None:
+    from megatron_dsv3.moe.layer import DeepSeekMoE
+
+    for m in module.modules():
+        if isinstance(m, DeepSeekMoE):
+            m.aux_loss_scale = 1.0 / NUM_MICROBATCHES
+
+
+# ----------------------------------------------------------------------------------------------
+# The single-process reference (pytest process)
+# ----------------------------------------------------------------------------------------------
+def _full_model(pg):
+    from megatron_dsv3.model import build_model
+
+    torch.manual_seed(1234)
+    return build_model(_config(), pg_collection=pg)
+
+
+def _reference(pg, dp: int) -> dict:
+    """The whole model on micro-batches of DP * B sequences, in order; one bias update."""
+    from megatron_dsv3.moe.balance import routers, update_expert_biases
+    from megatron_dsv3.pipeline.model_stages import weighted_lm_loss
+
+    model = _full_model(pg)
+    _set_aux_loss_scale(model)
+    ids, labels = _data(dp * MICRO_BATCH)
+    losses = []
+    for m in range(NUM_MICROBATCHES):
+        out = model(ids[m], None, None, labels=labels[m])
+        loss = weighted_lm_loss(out, MTP_LAMBDA)[0] / NUM_MICROBATCHES
+        loss.backward()
+        losses.append(loss.detach())
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    norm = torch.stack([g.double().pow(2).sum() for g in grads.values()]).sum().sqrt()
+    update_expert_biases(model, tokens_seen=0, rate=BIAS_RATE)
+    return {"losses": torch.stack(losses), "grads": grads, "norm": norm,
+            "biases": {name: r.expert_bias.clone() for name, r in routers(model)}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipelined workers (module level: run_gloo pickles them)
+# ----------------------------------------------------------------------------------------------
+def _pipelined_step(pg, full_state: dict) -> dict:
+    import torch.distributed as dist
+
+    from megatron_dsv3.moe.balance import routers, update_expert_biases
+    from megatron_dsv3.pipeline import DualPipeV, TensorSpec
+    from megatron_dsv3.pipeline.model_stages import (StagePlan, build_rank_stages,
+                                                     gather_stage_state)
+    from megatron_dsv3.train import global_grad_norm, reduce_gradients
+
+    cfg = _config()
+    plan = StagePlan("dualpipev", pg.pp.size(), NUM_LAYERS)
+    stages = build_rank_stages(cfg, plan, pg.pp.rank(), full_state, pg_collection=pg)
+    pieces: list = []
+    for stage in stages:
+        stage.mtp_lambda = MTP_LAMBDA
+        _set_aux_loss_scale(stage)
+        stage.piecewise_layers.trace = pieces
+    dp, dp_rank = pg.dp.size(), pg.dp.rank()
+    ids, labels = _data(dp * MICRO_BATCH)
+    share = slice(dp_rank * MICRO_BATCH, (dp_rank + 1) * MICRO_BATCH)
+    ids, labels = [x[share] for x in ids], [y[share] for y in labels]
+    last = [s for s in stages if s.is_last]
+    pipe = DualPipeV(stages, group=pg.pp, p2p_specs=[
+        TensorSpec((SEQ, MICRO_BATCH, cfg.hidden_size), cfg.torch_dtype)])
+    result = pipe.step(NUM_MICROBATCHES, inputs=ids, labels=list(zip(ids, labels)),
+                       loss_fn=last[0].loss_fn(NUM_MICROBATCHES) if last else None)
+    losses = None
+    if result.losses is not None:  # pipeline rank 0 holds the last stage: the DP mean
+        assert list(result.microbatches) == list(range(NUM_MICROBATCHES))
+        losses = torch.stack(list(result.losses)).detach()
+        dist.all_reduce(losses, group=pg.dp)
+        losses /= dp
+
+    params = [p for stage in stages for p in stage.parameters() if p.grad is not None]
+    reduce_gradients(params, pg)
+    norm = global_grad_norm(params, pg)
+    grads = gather_stage_state(stages, pg.pp, grads=True, tp_group=pg.tp, ep_group=pg.ep)
+    update_expert_biases(torch.nn.ModuleList(stages), group=pg.dp, tokens_seen=0,
+                         rate=BIAS_RATE)
+    biases: list = [None] * pg.pp.size()
+    dist.all_gather_object(biases, {stage.full_name(name): r.expert_bias.clone()
+                                    for stage in stages for name, r in routers(stage)},
+                           group=pg.pp)
+    first = dist.get_rank() == 0
+    return {"losses": losses, "norm": norm, "grads": grads if first else None,
+            "biases": {k: v for part in biases for k, v in part.items()},
+            "interleaved": _interleaved(pieces),
+            "sizes": {"dp": dp, "ep": pg.ep.size(), "tp": pg.tp.size(),
+                      "expt_dp": pg.expt_dp.size(), "pp_ranks": dist.get_process_group_ranks(
+                          pg.pp)}}
+
+
+def _interleaved(events: list[str]) -> bool:
+    """Whether some forward dispatch was in flight while backward pieces ran (the F&B hook
+    interleaved two micro-batches): a B event between an "F<i>.dispatch.issue" and its wait."""
+    for i, event in enumerate(events):
+        if event.startswith("F") and event.endswith(".dispatch.issue"):
+            j = events.index(event.replace(".issue", ".wait"), i)
+            if any(e.startswith("B") for e in events[i + 1:j]):
+                return True
+    return False
+
+
+def _compose_worker(rank: int, world: int, layouts: list, full_state: dict) -> dict:
+    from megatron.core import parallel_state
+
+    from megatron_dsv3.parallel import init_distributed, shutdown_distributed
+
+    results = {}
+    try:
+        for tp, ep in layouts:
+            # a short timeout turns a deadlock into an error instead of a hung test
+            pg = init_distributed(tp, ep, pipeline_parallel_size=PP, backend="gloo",
+                                  timeout_s=120)
+            results[(tp, ep)] = _pipelined_step(pg, full_state)
+            parallel_state.destroy_model_parallel()
+    finally:
+        shutdown_distributed()
+    return results
+
+
+def test_pp2_with_ep2_or_tp2_matches_single_process_losses_gradients_and_biases(dist_single):
+    full = _full_model(dist_single)
+    full_state = {k: v for k, v in full.state_dict().items() if isinstance(v, torch.Tensor)}
+    results = run_gloo(_compose_worker, 4, LAYOUTS, full_state)
+    for tp, ep in LAYOUTS:
+        ctx = f"PP=2 x TP={tp} x EP={ep}"
+        per_rank = [r[(tp, ep)] for r in results]
+        dp = 4 // (PP * tp)
+        assert per_rank[1]["sizes"] == {"dp": dp, "ep": ep, "tp": tp, "expt_dp": dp // ep,
+                                        "pp_ranks": [1, 3]}, ctx
+        ref = _reference(dist_single, dp)
+        # pipeline rank 0 (global ranks 0 and 1) computes every micro-batch's loss
+        for rank, result in enumerate(per_rank):
+            if rank < 2:
+                assert_close(result["losses"], ref["losses"], FP32_REORDER, WHY,
+                             f"{ctx} rank {rank} losses")
+            else:
+                assert result["losses"] is None, ctx
+            assert_close(result["norm"], ref["norm"].float(), FP32_REORDER, WHY,
+                         f"{ctx} rank {rank} grad norm")
+        grads = per_rank[0]["grads"]
+        assert set(grads) == set(ref["grads"]), f"{ctx}: {set(grads) ^ set(ref['grads'])}"
+        for name, grad in grads.items():
+            assert_close(grad, ref["grads"][name], FP32_REORDER, WHY, f"{ctx} {name}")
+        for rank, result in enumerate(per_rank):
+            assert set(result["biases"]) == set(ref["biases"]), ctx
+            for name, bias in result["biases"].items():
+                assert_equal(bias, ref["biases"][name], f"{ctx} rank {rank} {name}")
+        # the F&B hook interleaved two micro-batches' MoE pieces (with EP: their all-to-alls)
+        assert any(r["interleaved"] for r in per_rank), ctx
+
+
+# ----------------------------------------------------------------------------------------------
+# The training job: PP=2 x EP=2 against PP=1 x DP=2, and a resume
+# ----------------------------------------------------------------------------------------------
+TRAIN = ["--steps", "2", "--seq-len", "32", "--micro-batch-size", "2", "--grad-accum", "4",
+         "--warmup-steps", "1", "--num-layers", "4", "--eval-batches", "4", "--eval-interval",
+         "2", "--no-wandb"]
+PIPELINED = ["--pipeline-parallel-size", "2", "--pipeline-schedule", "dualpipev",
+             "--expert-parallel-size", "2"]
+
+
+def _main(rank, world, argv):
+    from megatron_dsv3.train import main
+
+    return main(argv)
+
+
+def _records(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _rank_checkpoint(out_dir, step: int, rank: int) -> dict:
+    return torch.load(Path(out_dir) / "checkpoints" / f"step_{step}" / f"rank_{rank:05d}.pt",
+                      weights_only=False)
+
+
+def test_train_pp2_ep2_matches_dp2_and_resumes_bit_for_bit(tmp_path):
+    flat, piped, resumed = tmp_path / "dp2", tmp_path / "pp2ep2", tmp_path / "resumed"
+    run_gloo(_main, 2, TRAIN + ["--out-dir", str(flat), "--save-interval", "0"])
+    run_gloo(_main, 4, TRAIN + PIPELINED + ["--out-dir", str(piped), "--save-interval", "1"])
+    first, ref = _records(piped)[0], _records(flat)[0]
+    assert first["tokens_seen"] == ref["tokens_seen"]
+    why = WHY + "; balance loss summed per stage"
+    for key in ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm"):
+        assert_close(torch.tensor(first[key]), torch.tensor(ref[key]), FP32_REORDER, why, key)
+    for key in ("loss", "val_loss"):
+        assert_close(torch.tensor(_records(piped)[1][key]), torch.tensor(_records(flat)[1][key]),
+                     FP32_REORDER, why + "; after one AdamW step", f"step-2 {key}")
+    # experts differ between the EP ranks of a stage: rank 0 and 1 hold different halves
+    halves = [_rank_checkpoint(piped, 2, rank)["model"] for rank in (0, 1)]
+    experts = [k for k in halves[0] if ".experts." in k and isinstance(halves[0][k], torch.Tensor)]
+    assert experts and all(not torch.equal(halves[0][k], halves[1][k]) for k in experts)
+
+    run_gloo(_main, 4, TRAIN + PIPELINED + [
+        "--out-dir", str(resumed), "--save-interval", "1",
+        "--resume", str(piped / "checkpoints" / "step_1")])
+    assert _records(resumed)[1] == {**_records(piped)[1], **{
+        k: v for k, v in _records(resumed)[1].items() if k in ("time_s", "step_time_s",
+                                                               "tokens_per_s")}}
+    for rank in range(4):
+        expected, actual = (_rank_checkpoint(piped, 2, rank), _rank_checkpoint(resumed, 2, rank))
+        for name, tensor in expected["model"].items():
+            if isinstance(tensor, torch.Tensor):
+                assert_equal(actual["model"][name], tensor, f"rank {rank} {name}")

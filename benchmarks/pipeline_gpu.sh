@@ -8,9 +8,10 @@
 #   ep        benchmarks/pipeline_ep_overlap.py, EP = N, proxy widths, 4 MoE layers
 #   pp        benchmarks/pipeline_schedules.py --schedule all, PP = N, micro-batches 4,8,16
 #             (N = 2) or 8,16 (N > 2); DualPipe(V) traces and timelines
-#   ablation  DualPipeV again without the MoE F&B overlap (the plain layer loop): inside a
-#             pipeline without EP there is no all-to-all to hide, only the pieces' overhead
-# Results: $OUT/n<N>/ (./gpu_out/n<N>/ without $OUT): <part>.json, <part>.log, traces.
+#   ablation  DualPipeV again with the MoE F&B pieces forced on (`--moe-overlap on`; the
+#             default runs the plain layer loop without EP): inside a pipeline without EP there
+#             is no all-to-all to hide, so this measures the pieces' overhead
+# Results: $OUT/ (./gpu_out/n<N>/ without $OUT): <part>.json, <part>.log, traces.
 # EP_ARGS / PP_ARGS: more arguments for the EP script / both pipeline parts (e.g.
 # PP_ARGS=--optimizer, or a CPU rehearsal: PP_ARGS="--preset tiny --layers 4 --seq-len 32").
 set -uo pipefail
@@ -18,7 +19,7 @@ N=${1:?usage: pipeline_gpu.sh NUM_GPUS [ep] [pp] [ablation]}
 shift
 PARTS=${*:-ep pp ablation}
 cd "$(dirname "$0")/.."
-DIR=${OUT:-gpu_out}/n$N
+DIR=${OUT:-gpu_out/n$N}  # the device fetches folders at most two levels under $OUT
 mkdir -p "$DIR"
 
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
@@ -46,7 +47,7 @@ for p in $PARTS; do
     ep) part ep 150 pipeline_ep_overlap.py --trace-dir "$DIR/ep" ${EP_ARGS:-} ;;
     pp) part pp 330 pipeline_schedules.py --schedule all --microbatches "$MB" \
           --trace-dir "$DIR/pp" ${PP_ARGS:-} ;;
-    ablation) part ablation 100 pipeline_schedules.py --schedule dualpipev --no-moe-overlap \
+    ablation) part ablation 100 pipeline_schedules.py --schedule dualpipev --moe-overlap on \
           --microbatches "$MB" --trace-dir "$DIR/ablation" ${PP_ARGS:-} ;;
     *) echo "unknown part '$p': use ep, pp or ablation" >&2; exit 2 ;;
   esac

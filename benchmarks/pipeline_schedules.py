@@ -46,8 +46,8 @@ Reported per schedule and M: step time (median of `--steps` after `--warmup`), t
 M x micro-batch x seq / step time, the ratio to 1F1B at the same M, peak memory per rank
 (`torch.cuda.max_memory_allocated`, reset before the warm-up), and the mean next-token loss of
 the first step against the schedule-free loss (the whole model, same weights, same micro-batches,
-forward only, on rank 0). For DualPipe(V) one more step runs with a `Tracer` (it synchronizes
-the device at every op, so it is not a timed step): `--trace-dir/<schedule>_m<M>/` gets the
+forward only, on rank 0). For DualPipe(V) one more step runs with a `Tracer` (CUDA events at the
+op boundaries, one synchronization at its end; reported apart from the timed steps): `--trace-dir/<schedule>_m<M>/` gets the
 per-rank JSON, `timeline.png` and `summary.json`; the JSON result gets the measured idle time
 per rank (the bubble) next to `paper_bubble` computed from the trace's own F, B, W, F&B
 (`trace.measured_chunk_times`: the mean over both chunks of all ranks). The model's linears
@@ -291,7 +291,8 @@ def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, finger
         from megatron_dsv3.model import compile_model
 
         compile_model(model, scope=args.compile)
-    stages = stages_from_model(model, plan, rank, overlap_moe=not args.no_moe_overlap)
+    overlap = {"auto": None, "on": True, "off": False}[args.moe_overlap]
+    stages = stages_from_model(model, plan, rank, overlap_moe=overlap)
     del model
     _free(device)
     for stage in stages:
@@ -320,7 +321,7 @@ def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, finger
 
         result = measure(schedule, num_microbatches, step, params, args, device,
                          reference_of(num_microbatches))
-        # one traced step (not timed: the tracer synchronizes the device at every op)
+        # one traced step (device timestamps at op boundaries; kept apart from the timed steps)
         _zero_grads(params)
         forward_backward.tracer = Tracer()
         step()
@@ -674,9 +675,11 @@ def parse_args(argv=None):
                         help="torch.compile our modules (model.compile_model) in every schedule; "
                              "not even-handed: DualPipe(V)'s MoE F&B pieces call DeepSeekMoE's "
                              "methods, not its compiled forward, which Megatron's schedules run "
-                             "(add --no-moe-overlap for a like-for-like comparison)")
-    parser.add_argument("--no-moe-overlap", action="store_true",
-                        help="DualPipe(V) stages without the MoE F&B overlap (plain layer loop)")
+                             "(--moe-overlap off, the default without EP, is like for like)")
+    parser.add_argument("--moe-overlap", default="auto", choices=["auto", "on", "off"],
+                        help="DualPipe(V) stages run their MoE layers as F&B pieces: auto (the "
+                             "stages' default) = only with an EP all-to-all to hide, i.e. never "
+                             "here (one pipeline, EP = 1); on: the pieces' overhead alone")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--trace-dir", default=None,
                         help="DualPipe(V) traces: <dir>/<schedule>_m<M>/ (JSON, timeline.png)")
@@ -765,7 +768,7 @@ def run(args, schedules: list[str], pg, device) -> Optional[dict]:
         "dtype": cfg.params_dtype, "micro_batch_size": args.micro_batch_size,
         "seq_len": args.seq_len, "microbatches": args.microbatches, "vpp": args.vpp,
         "steps": args.steps, "warmup": args.warmup, "optimizer": args.optimizer,
-        "compile": args.compile, "moe_overlap": not args.no_moe_overlap,
+        "compile": args.compile, "moe_overlap": args.moe_overlap,
         "weights_fingerprint": weights, "same_weights_on_all_ranks": same_on_all_ranks,
     }
     runs: list[dict] = []

@@ -117,7 +117,9 @@ def _pipelined_step(pg, full_state: dict) -> dict:
 
     cfg = _config()
     plan = StagePlan("dualpipev", pg.pp.size(), NUM_LAYERS)
-    stages = build_rank_stages(cfg, plan, pg.pp.rank(), full_state, pg_collection=pg)
+    # the F&B hook on in both layouts (its default is on only with EP > 1)
+    stages = build_rank_stages(cfg, plan, pg.pp.rank(), full_state, pg_collection=pg,
+                               overlap_moe=True)
     pieces: list = []
     for stage in stages:
         stage.mtp_lambda = MTP_LAMBDA

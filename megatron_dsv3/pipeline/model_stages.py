@@ -48,11 +48,15 @@ Design notes
     micro-batches. The routers' balance loss enters through its injected gradient
     (`DeepSeekMoE.aux_loss_scale`, set by the caller to 1 / num_microbatches); each stage
     collects its MoE layers' balance-loss values for logging (`pop_balance_loss`).
-  * The F&B overlap (DESIGN.md section 5): with `overlap_moe=True` (the default) a stage runs
-    its decoder layers through moe_overlap.PiecewiseLayers and is a MoEOverlapStage, so the
-    schedules' F&B steps interleave one micro-batch's MoE pieces (attention, dispatch, experts,
-    combine) with another's backward pieces. Same arithmetic as the plain layer loop
-    (`overlap_moe=False`, the reference; test_pipeline_model runs both against one process).
+  * The F&B overlap (DESIGN.md section 5): with `overlap_moe=True` a stage runs its decoder
+    layers through moe_overlap.PiecewiseLayers and is a MoEOverlapStage, so the schedules' F&B
+    steps interleave one micro-batch's MoE pieces (attention, dispatch, experts, combine) with
+    another's backward pieces. Same arithmetic as the plain layer loop (`overlap_moe=False`,
+    the reference; test_pipeline_model runs both against one process). The default (None) is
+    on exactly when a MoE layer of the stage exchanges rows over an EP group of more than one
+    rank: without an all-to-all there is nothing to hide and the pieces only cost (measured on
+    two H200s, PP=2 without EP: DualPipeV 15% slower with the pieces than with the plain loop,
+    benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -130,10 +134,11 @@ class DeepSeekV3Stage(MoEOverlapStage, nn.Module):
 
     overlap_moe: run the decoder layers piecewise, so that the schedules' F&B steps overlap
     one micro-batch's MoE communication with another's compute (moe_overlap.py); False: the
-    plain layer loop, and F&B runs F then B."""
+    plain layer loop, and F&B runs F then B; None: piecewise when there is expert-parallel
+    communication to hide (`exchanges_rows`)."""
 
     def __init__(self, model: nn.Module, stage_index: int, num_stages: int, layers: range, *,
-                 chunk: int, mirror: bool = False, overlap_moe: bool = True) -> None:
+                 chunk: int, mirror: bool = False, overlap_moe: Optional[bool] = None) -> None:
         super().__init__()
         self.stage_index, self.num_stages, self.layer_range = stage_index, num_stages, layers
         self.chunk, self.is_mirror = chunk, mirror
@@ -141,6 +146,8 @@ class DeepSeekV3Stage(MoEOverlapStage, nn.Module):
         self.config = model.config
         self.embedding = model.embedding if self.is_first else None
         self.layers = nn.ModuleList(model.decoder.layers[i] for i in layers)
+        if overlap_moe is None:
+            overlap_moe = exchanges_rows(self.layers)
         self.piecewise_layers = PiecewiseLayers(self.layers) if overlap_moe else None
         self.final_layernorm = model.decoder.final_layernorm if self.is_last else None
         self.mtp = model.mtp if self.is_last and model.mtp_process else None
@@ -273,8 +280,19 @@ class StageLoss:
         return parts[0] / self.num_microbatches
 
 
+def exchanges_rows(layers) -> bool:
+    """Whether a MoE layer among `layers` sends rows to other ranks (an EP group of size > 1)."""
+    for layer in layers:
+        group = getattr(getattr(getattr(layer, "mlp", None), "dispatcher", None), "ep_group",
+                        None)
+        if group is not None and group.size() > 1:
+            return True
+    return False
+
+
 def stages_from_model(model: nn.Module, plan: StagePlan, rank: int, *,
-                      overlap_moe: bool = True) -> tuple[DeepSeekV3Stage, DeepSeekV3Stage]:
+                      overlap_moe: Optional[bool] = None
+                      ) -> tuple[DeepSeekV3Stage, DeepSeekV3Stage]:
     """The two stages `rank` holds, made of `model`'s modules. Takes the model apart: its
     decoder keeps no layers afterwards (the other stages' layers are freed with it)."""
     if len(model.decoder.layers) != plan.num_layers:
@@ -289,6 +307,8 @@ def stages_from_model(model: nn.Module, plan: StagePlan, rank: int, *,
         raise ValueError("stages are cut from a full model: build it with pre_process=True "
                          "and post_process=True")
     ranges = plan.layer_ranges
+    if overlap_moe is None:  # one answer for both chunks (the F&B hook pairs them)
+        overlap_moe = exchanges_rows(model.decoder.layers)
     stages = tuple(DeepSeekV3Stage(model, s, plan.num_stages, ranges[s], chunk=chunk,
                                    mirror=plan.is_mirror(chunk), overlap_moe=overlap_moe)
                    for chunk, s in enumerate(plan.stages_of_rank(rank)))
@@ -300,7 +320,7 @@ def stages_from_model(model: nn.Module, plan: StagePlan, rank: int, *,
 
 
 def build_rank_stages(cfg, plan: StagePlan, rank: int, full_state_dict: dict, *,
-                      pg_collection=None, overlap_moe: bool = True
+                      pg_collection=None, overlap_moe: Optional[bool] = None
                       ) -> tuple[DeepSeekV3Stage, DeepSeekV3Stage]:
     """The rank's two stages holding the weights of `full_state_dict` (a full TP=1, EP=1
     model's state dict, e.g. `build_model(cfg).state_dict()` of a seeded single process),

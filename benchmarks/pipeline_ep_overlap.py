@@ -50,12 +50,13 @@ host clock on CPU):
                rows (just before `AsyncExchange.finish`): the time compute stood still for
                communication.
   hidden fraction = 1 - X / C (0: none hidden; 1: compute never waited).
-  strict       the route plan of each MoE layer (in the attention piece: the count all-to-all
-               and the host sync for the split sizes) runs on the same communicator, so it
-               queues behind a row exchange still in flight; `hidden_fraction_strict` also
-               counts as exposed the part of each plan that overlaps such an exchange (an
-               upper bound of the exposure: the plan's sort, before its count exchange, is
-               compute). The true fraction lies between the strict and the plain one.
+  strict       the count all-to-all of each MoE layer's route plan (issued at the end of the
+               attention piece, waited for in 'F<i>.plan.wait') runs on the same communicator,
+               so it queues behind a row exchange still in flight; `hidden_fraction_strict`
+               also counts as exposed the part of each plan wait that overlaps such an
+               exchange (an upper bound of the exposure: the device may still be computing
+               what the host queued before the wait). The true fraction lies between the
+               strict and the plain one.
 The sequential pass's fraction is the floor of this measurement: what counts as hidden with no
 overlap at all (the time an exchange runs while the host is still issuing it; on GPU close to 0
 unless the device waits for the host). The count exchanges themselves (EP x experts/EP
@@ -194,23 +195,6 @@ class TimedExchange(AsyncExchange):
         return output
 
 
-def instrument_route_plans(layers, trace: TimedTrace) -> None:
-    """Stamp the route plan inside each attention piece ('F<i>.plan.run', then
-    'F<i>.attn.rest'): it holds the count all-to-all and the host sync."""
-    for layer in layers:
-        dispatcher = layer.mlp.dispatcher
-        original = type(dispatcher).plan.__get__(dispatcher)
-
-        def plan(*args, _original=original, **kwargs):
-            prefix = trace[-1].split(".", 1)[0] if trace else "?"
-            trace.append(f"{prefix}.plan.run")
-            result = _original(*args, **kwargs)
-            trace.append(f"{prefix}.attn.rest")
-            return result
-
-        dispatcher.plan = plan
-
-
 # ----------------------------------------------------------------------------------------------
 # One step's record and its numbers
 # ----------------------------------------------------------------------------------------------
@@ -252,14 +236,14 @@ def step_numbers(record: StepRecord) -> dict:
     stalls = [(e["wait"], e["completion"]) for e in ex if e["completion"] > e["wait"]]
     blocked = []
     for name, start, end in record.pieces:
-        if name.endswith(".plan.run"):
+        if name.endswith(".plan.wait"):
             in_flight = [e["completion"] for e in ex
                          if e["issue"] < start < e["completion"]]
             if in_flight:
                 blocked.append((start, min(end, max(in_flight))))
     per_piece: dict[str, float] = {}
     for name, start, end in record.pieces:
-        kind = ".".join(name.split(".")[1:])  # attn.run, plan.run, dispatch.wait, ...
+        kind = ".".join(name.split(".")[1:])  # attn.run, plan.wait, dispatch.wait, ...
         kind = f"{name[0]}.{kind}"
         per_piece[kind] = per_piece.get(kind, 0.0) + (end - start)
     return {"step_s": record.duration, "comm_s": comm, "exposed_s": union_length(stalls),
@@ -307,7 +291,6 @@ def run_pass(mode: str, layers, cfg, args, device, group) -> dict:
     clock = Clock(device, group)
     trace = TimedTrace(clock)
     exchange = TimedExchange(clock, trace)
-    instrument_route_plans(layers, trace)
     for layer in layers:
         layer.zero_grad(set_to_none=True)
 
@@ -340,8 +323,6 @@ def run_pass(mode: str, layers, cfg, args, device, group) -> dict:
     input_grads.append(run_sequential(backward_program(previous[0], previous[1])))
     param_grads = {f"{k}.{n}": p.grad.detach().clone() for k, layer in enumerate(layers)
                    for n, p in layer.named_parameters() if p.grad is not None}
-    for layer in layers:
-        del layer.mlp.dispatcher.plan  # back to the class's method
     return {"records": records, "outputs": outputs, "input_grads": input_grads,
             "param_grads": param_grads}
 
@@ -353,8 +334,8 @@ def max_abs_diff(a: list, b: list) -> float:
 # ----------------------------------------------------------------------------------------------
 # Pictures
 # ----------------------------------------------------------------------------------------------
-_PIECE_COLORS = {"attn": "#4c72b0", "plan": "#8c8c8c", "mlp": "#55a868", "combine": "#dd8452",
-                 "issue": "#dddddd", "wait": "#c44e52"}
+_PIECE_COLORS = {"attn": "#4c72b0", "plan": "#8c8c8c", "mlp": "#55a868", "shared": "#8172b2",
+                 "combine": "#dd8452", "issue": "#dddddd", "wait": "#c44e52"}
 _EXCHANGE_COLORS = {"dispatch": "#64b5cd", "combine": "#dd8452"}
 
 

@@ -229,14 +229,14 @@ def test_ep_overlapped_and_sequential_steps_agree_bit_for_bit(ep_run):
 
 def test_hidden_fraction_counts_only_the_time_compute_waited():
     """A made-up step: exchange A in flight [0, 4], waited for from 3 (1 exposed); B [5, 6],
-    waited for at once (1 exposed): C = 5, X = 2, hidden 0.6. A route plan running over [1, 2]
-    while A is in flight queues behind it: strict X = 3, hidden 0.4."""
+    waited for at once (1 exposed): C = 5, X = 2, hidden 0.6. A plan waiting for its counts over
+    [1, 2] while A is in flight queues behind it: strict X = 3, hidden 0.4."""
     module = _load("pipeline_ep_overlap")
     exchanges = [{"name": "F0.dispatch", "bytes": 8, "issue": 0.0, "completion": 4.0,
                   "wait": 3.0, "resumed": 4.0},
                  {"name": "F0.combine", "bytes": 8, "issue": 5.0, "completion": 6.0,
                   "wait": 5.0, "resumed": 6.0}]
-    pieces = [("B1.mlp.run", 0.0, 1.0), ("F0.plan.run", 1.0, 2.0), ("F0.attn.rest", 2.0, 3.0),
+    pieces = [("B1.mlp.run", 0.0, 1.0), ("F0.plan.wait", 1.0, 2.0), ("F0.plan.run", 2.0, 3.0),
               ("F0.dispatch.wait", 3.0, 4.0), ("F0.mlp.run", 4.0, 5.0),
               ("F0.combine.wait", 5.0, 6.0)]
     numbers = module.step_numbers(module.StepRecord(6.0, pieces, exchanges))

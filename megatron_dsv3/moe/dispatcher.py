@@ -15,6 +15,7 @@ AllToAllDispatcher(ep_group)
             2. counts: tokens_per_expert_E viewed [P, L] go through one all-to-all of E int64
                -> recv_PL[p, l] = rows source p sends to local expert l
             3. HOST SYNC (the only one): the split sizes, send_P = sum_l, recv_P = sum_l of recv
+               (waits for the counts only where the count exchange is asynchronous, below)
             4. all_to_all_single of the rows with those splits: x_ND -> x_MD (source-major)
             5. regroup x_MD source-major -> local-expert-major (a permutation built on device)
             returns (x_MD, tokens_per_local_expert_L, state)
@@ -41,6 +42,15 @@ interleaving. For that, both dispatchers also expose the steps one by one (the D
 `pipeline/moe_overlap.py`):
   plan(x_TD, routing)          1-3 and the index of 5: x_ND (still on this rank), the counts,
                                the state; the host sync happens here, before any row moves
+  plan_start / plan_finish     plan in two halves: 1 and the launch of 2 / the wait for 2, 3
+                               and the index of 5; plan = plan_finish . plan_start. Between
+                               them the caller may compute something else (the other
+                               micro-batch) while the counts are in flight. How the counts
+                               travel is the `counts=` object's business (`CountExchange`):
+                               the default `SyncCountExchange` is the blocking all-to-all and
+                               `.tolist()` of before; `AsyncExchange.counts`
+                               (pipeline/moe_overlap.py) launches them on a side stream and
+                               waits only for them
   send_rows / return_rows      4 and its reverse, as autograd functions (identity without EP);
                                `row_splits(state, toward_experts)` gives their split sizes to
                                a caller that runs the exchange itself (asynchronously)
@@ -55,6 +65,7 @@ gloo (CPU) and NCCL (GPU) alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -125,6 +136,25 @@ class DispatchState:
     num_tokens: int
 
 
+@dataclass(eq=False)
+class PlanStart:
+    """A plan between `plan_start` and `plan_finish`: step 1 done, step 2 in flight."""
+
+    x_ND: torch.Tensor            # routed rows sorted by expert (= destination rank)
+    local: DispatchState          # step 1's sort
+    send_PL: torch.Tensor         # [P, L] rows this rank sends to each (rank, local expert)
+    counts: Optional[CountExchange] = None  # how step 2 travels (EP only)
+    pending: Any = None           # the count exchange's handle until `wait`
+    received: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (recv_PL, host_2PL)
+
+    def wait(self) -> None:
+        """Finish the count exchange (idempotent): a caller may wait here, apart from the
+        index building of `plan_finish`, to see the two in a trace."""
+        if self.pending is not None:
+            handle, self.pending = self.pending, None
+            self.received = self.counts.finish(handle)
+
+
 def _sort_by_expert(x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchState]:
     T, K = routing.topk_TK.shape
     order_N = routing.topk_TK.flatten().argsort(stable=True)  # sorted position -> assignment
@@ -145,10 +175,19 @@ class LocalDispatcher:
 
     ep_group = None  # no rows leave this rank
 
+    def plan_start(self, x_TD: torch.Tensor, routing: Routing,
+                   counts: Optional[CountExchange] = None) -> PlanStart:
+        """The sort; there are no counts to exchange (`counts` is accepted and unused)."""
+        x_ND, state = _sort_by_expert(x_TD, routing)
+        return PlanStart(x_ND, state, routing.tokens_per_expert_E.view(1, -1))
+
+    def plan_finish(self, started: PlanStart
+                    ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
+        return started.x_ND, started.send_PL.view(-1), started.local
+
     def plan(self, x_TD: torch.Tensor, routing: Routing
              ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
-        x_ND, state = _sort_by_expert(x_TD, routing)
-        return x_ND, routing.tokens_per_expert_E, state
+        return self.plan_finish(self.plan_start(x_TD, routing))
 
     def send_rows(self, x_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
         return x_ND
@@ -199,6 +238,34 @@ class _AllToAllRows(torch.autograd.Function):
         return _all_to_all(grad, ctx.input_splits, ctx.output_splits, ctx.group), None, None, None
 
 
+class CountExchange(Protocol):
+    """How step 2's counts travel: `start` launches the all-to-all of send_PL [P, L] over
+    `group` and returns a handle; `finish(handle)` returns (recv_PL [P, L] on send_PL's device,
+    ready for the current stream; host_2PL, an int64 CPU tensor [2, P, L] holding send_PL then
+    recv_PL). Only `finish` may wait, and it must not wait for more than the counts: the
+    caller runs other work between the two calls."""
+
+    def start(self, send_PL: torch.Tensor, group) -> Any: ...
+
+    def finish(self, handle: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class SyncCountExchange:
+    """The default `CountExchange`: a blocking all-to-all, then the copy to the host (on GPU a
+    `.cpu()` on the compute stream, which waits for everything queued there)."""
+
+    @staticmethod
+    def start(send_PL: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+        P, L = send_PL.shape
+        recv_PL = _all_to_all(send_PL.flatten(), [L] * P, [L] * P, group).view(P, L)
+        return send_PL, recv_PL
+
+    @staticmethod
+    def finish(handle: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        send_PL, recv_PL = handle
+        return recv_PL, torch.stack([send_PL, recv_PL]).cpu()
+
+
 @dataclass
 class AllToAllState:
     """What combine needs to send the expert outputs home and undo the permutations."""
@@ -230,21 +297,27 @@ class AllToAllDispatcher:
     def __init__(self, ep_group):
         self.ep_group = ep_group
 
-    def plan(self, x_TD: torch.Tensor, routing: Routing
-             ) -> tuple[torch.Tensor, torch.Tensor, AllToAllState]:
-        """Steps 1-3 and the index of step 5: (x_ND, tokens_per_local_expert_L, state)."""
-        group = self.ep_group
-        P = group.size()
-        E = routing.tokens_per_expert_E.numel()
-        L = experts_per_rank(E, P)
+    def plan_start(self, x_TD: torch.Tensor, routing: Routing,
+                   counts: Optional[CountExchange] = None) -> PlanStart:
+        """Step 1 and the launch of step 2 through `counts` (default: synchronous)."""
+        P = self.ep_group.size()
+        L = experts_per_rank(routing.tokens_per_expert_E.numel(), P)
         # Step 1: sort by global expert id (= by destination rank).
         x_ND, local = _sort_by_expert(x_TD, routing)
         # Step 2: counts per (destination, local expert) -> per (source, local expert).
         send_PL = routing.tokens_per_expert_E.view(P, L)
-        recv_PL = _all_to_all(send_PL.flatten(), [L] * P, [L] * P, group).view(P, L)
+        counts = counts if counts is not None else SyncCountExchange()
+        return PlanStart(x_ND, local, send_PL, counts, counts.start(send_PL, self.ep_group))
+
+    def plan_finish(self, started: PlanStart
+                    ) -> tuple[torch.Tensor, torch.Tensor, AllToAllState]:
+        """The wait for step 2, step 3 and the index of step 5: (x_ND,
+        tokens_per_local_expert_L, state)."""
+        started.wait()
+        recv_PL, host_2PL = started.received
+        P, L = recv_PL.shape
         # Step 3: the host sync: all-to-all split sizes must be Python ints.
-        splits = torch.cat([send_PL.sum(1), recv_PL.sum(1)]).tolist()
-        send_splits, recv_splits = splits[:P], splits[P:]
+        send_splits, recv_splits = host_2PL.sum(2).tolist()
         # Step 5's index: the rows will arrive source-major, each source's rows by local
         # expert; block (p, l) of recv_PL -> expert-major key l * P + p; stable sort of the keys.
         M = sum(recv_splits)
@@ -252,8 +325,13 @@ class AllToAllDispatcher:
                                           recv_PL.flatten(), output_size=M)
         order_M = ((block_M % L) * P + block_M // L).argsort(stable=True)
         inverse_M = _inverse_permutation(order_M)
-        state = AllToAllState(local, send_splits, recv_splits, order_M, inverse_M)
-        return x_ND, recv_PL.sum(0), state
+        state = AllToAllState(started.local, send_splits, recv_splits, order_M, inverse_M)
+        return started.x_ND, recv_PL.sum(0), state
+
+    def plan(self, x_TD: torch.Tensor, routing: Routing
+             ) -> tuple[torch.Tensor, torch.Tensor, AllToAllState]:
+        """Steps 1-3 and the index of step 5 at once (synchronous count exchange)."""
+        return self.plan_finish(self.plan_start(x_TD, routing))
 
     @staticmethod
     def row_splits(state: AllToAllState, toward_experts: bool) -> tuple[list[int], list[int]]:

@@ -13,6 +13,8 @@ DualPipe split (attention / dispatch / MLP / combine) can replace or interleave 
 `DeepSeekMoE.forward` runs these as methods that the DualPipe split (pipeline/moe_overlap.py)
 also calls one by one, so the piecewise and the plain layer run the same code:
   route(u)                    router, gates (+ balance-loss injection), dispatch plan   [attn]
+    = route_finish(route_start(u)): route_start launches the count exchange (EP), and
+      route_finish waits for it and builds the plan               [attn | plan]
   dispatcher.send_rows        rows to the experts' ranks                        [dispatch]
   routed_experts, shared_experts_output                                            [MLP]
   dispatcher.return_rows      rows back                                          [combine]
@@ -38,8 +40,10 @@ from ..layers import copy_to_tp, get_backend, init_device, reduce_from_tp, tp_gr
 from .dispatcher import (  # noqa: F401 - DispatchState re-exported for callers of layer.py
     AllToAllDispatcher,
     AllToAllState,
+    CountExchange,
     DispatchState,
     LocalDispatcher,
+    PlanStart,
     experts_per_rank,
 )
 from .experts import RoutedExperts, SwiGLUMLP
@@ -62,6 +66,16 @@ class AuxLossInjector(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         (aux_loss,) = ctx.saved_tensors
         return grad_output, torch.full_like(aux_loss, ctx.scale), None
+
+
+@dataclass(eq=False)
+class MoERouteStart:
+    """A route between `route_start` and `route_finish`: the count exchange in flight."""
+
+    x_TD: torch.Tensor          # the MoE input, tokens flattened
+    gates_TK: torch.Tensor      # combine weights; carry the balance-loss gradient
+    plan: PlanStart             # the sorted rows and the pending count exchange
+    shape: torch.Size           # [s, b, d] of the layer's hidden states
 
 
 @dataclass
@@ -126,6 +140,12 @@ class DeepSeekMoE(torch.nn.Module):
 
     def route(self, hidden_states: torch.Tensor) -> MoERoute:
         """Router, gates and the dispatch plan (with EP: the count exchange and host sync)."""
+        return self.route_finish(self.route_start(hidden_states))
+
+    def route_start(self, hidden_states: torch.Tensor,
+                    counts: Optional[CountExchange] = None) -> MoERouteStart:
+        """Router, gates, balance loss, the sort by expert and, with EP, the launch of the count
+        exchange through `counts` (default: synchronous; moe/dispatcher.py)."""
         s, b, d = hidden_states.shape
         x_TD = hidden_states.reshape(s * b, d)
         routing = self.router(x_TD)
@@ -137,10 +157,14 @@ class DeepSeekMoE(torch.nn.Module):
             gates_TK = AuxLossInjector.apply(gates_TK, aux, self.aux_loss_scale)
         # Each TP rank holds a slice of every expert's width: sum their input gradients.
         # With EP, N rows of this rank's tokens will leave and M rows arrive for its experts.
-        x_ND, tokens_per_local_expert, state = self.dispatcher.plan(
-            copy_to_tp(x_TD, self.tp_group), routing)
-        return MoERoute(x_TD, x_ND, gates_TK, tokens_per_local_expert, state,
-                        hidden_states.shape)
+        plan = self.dispatcher.plan_start(copy_to_tp(x_TD, self.tp_group), routing, counts)
+        return MoERouteStart(x_TD, gates_TK, plan, hidden_states.shape)
+
+    def route_finish(self, started: MoERouteStart) -> MoERoute:
+        """The wait for the counts (EP), the split sizes (host) and the regrouping index."""
+        x_ND, tokens_per_local_expert, state = self.dispatcher.plan_finish(started.plan)
+        return MoERoute(started.x_TD, x_ND, started.gates_TK, tokens_per_local_expert, state,
+                        started.shape)
 
     def routed_experts(self, x_MD: torch.Tensor, route: MoERoute) -> torch.Tensor:
         """Received rows (source-major) -> this rank's experts' outputs, source-major."""

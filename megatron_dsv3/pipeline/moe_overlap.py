@@ -1,5 +1,5 @@
 """DualPipe's computation-communication overlap for our MoE layers: a TransformerLayer run as
-four pieces, and the F&B hook that interleaves the pieces of two micro-batches.
+five pieces, and the F&B hook that interleaves the pieces of two micro-batches.
 
 Shape legend (moe/dispatcher.py): s, b, d the layer's [seq, batch, hidden]; T = s*b tokens;
 N = T*K routed rows of this rank's tokens; M rows this rank's experts receive.
@@ -7,10 +7,13 @@ N = T*K routed rows of this rank's tokens; M rows this rank's experts receive.
 Pieces of one MoE layer (`MoELayerPieces`; the layer's own submodules and methods, in the order
 `TransformerLayer.forward` and `DeepSeekMoE.forward` run them, so the math is theirs):
   attn      compute  h [s,b,d] -> input_layernorm, MLA, residual (`_forward_attention`),
-                     pre_mlp_layernorm, `DeepSeekMoE.route`: router, gates, sort by expert and,
-                     with EP, the count exchange and the one host sync (the split sizes)
+                     pre_mlp_layernorm, `DeepSeekMoE.route_start`: router, gates, sort by
+                     expert; ends by issuing, with EP, the count exchange (E int64 counts)
                      out: mid [s,b,d] (the residual), x_TD (shared experts' input), x_ND (rows
                      to send), gates_TK
+  plan      comm     the count exchange's wait (`wait_plan`); then compute
+                     (`DeepSeekMoE.route_finish`): the split sizes on the host (the one host
+                     sync, for the counts only) and the regrouping index
   dispatch  comm     x_ND -> x_MD: all-to-all of the rows over the EP group (EP=1: nothing)
   mlp       compute  x_MD -> y_MD: to expert order, routed experts, back to source order;
                      x_TD -> shared_TD (shared experts)
@@ -30,16 +33,41 @@ what it saves for backward is what the unsplit layer saves for the same ops:
 A compute piece's backward is one `torch.autograd.backward(outputs, received gradients)`, after
 which its leaves hold the gradients to send on. The exchanges have no graph: their backward is
 the reverse exchange of the gradient rows (what `_AllToAllRows.backward` does), run explicitly
-so that it can be asynchronous too. Backward order per layer: combine (its compute part, then
-the exchange of d y_ND), mlp, dispatch (the exchange of d x_MD), attn. Every piece frees what
-it held as soon as its backward has run.
+so that it can be asynchronous too; the count exchange and the plan have none (integers).
+Backward order per layer: combine (its compute part, then the exchange of d y_ND), the shared
+experts (`shared_backward`: their gradient comes from combine's compute, so they run while
+d y_ND is in flight; their graph shares nothing with the routed experts', so splitting mlp's
+backward in two changes no value), the routed experts (`mlp_backward`), dispatch (the exchange
+of d x_MD), attn. Every piece frees what it held as soon as its backward has run.
 
 Overlap (`run_interleaved`): each micro-batch's work is a generator that runs its compute up to
 the next exchange, issues the exchange asynchronously and yields; the waits happen at the start
-of the compute piece that needs the rows. Alternating the backward of B and the forward of A:
-  B.combine(issue) | A.attn | A.dispatch(issue) | B.mlp | B.dispatch(issue) | A.mlp |
-  A.combine(issue) | B.attn, B.combine of the next layer (issue) | A.combine, A.attn ...
-so every exchange of one micro-batch is in flight while the other computes (DualPipe's figure).
+of the compute piece that needs the result. Per MoE layer each program has three segments:
+  forward  fA [combine.wait+run of the layer before] attn, counts issued | fP plan.wait,
+           plan.run, dispatch issued | fM dispatch.wait, mlp, combine issued
+  backward bC [dispatch.wait, attn of the layer after] combine.run, d y_ND issued |
+           bS shared | bM combine.wait, mlp (routed), d x_MD issued
+Alternating them, B first (B's first exchange flies while A computes), pairs bC-fA, bS-fP,
+bM-fM. An exchange issued at the end of one segment is waited for at the start of that
+program's next segment, so the other program's segment in between hides it:
+  B.combine(issue) | A.attn, A.counts(issue) | B.shared | A.plan(wait, run),
+  A.dispatch(issue) | B.combine(wait), B.mlp, B.dispatch(issue) | A.dispatch(wait), A.mlp,
+  A.combine(issue) | B.dispatch(wait), B.attn, B.combine of the next layer (issue) |
+  A.combine(wait, run), A.attn of the next layer, A.counts(issue) | B.shared ...
+  exchange        issued after   waited for before   hidden behind the other's
+  A counts        fA             fP                  bS  (shared experts' backward)
+  A dispatch      fP             fM                  bM  (routed experts' backward)
+  A combine       fM             fA (next layer)     bC  (attn backward, combine.run)
+  B d y_ND        bC             bM                  fA, fP (attn forward, plan)
+  B d x_MD        bM             bC (next layer)     fM  (routed + shared experts)
+Every exchange has a compute piece of the other micro-batch between its issue and its wait,
+and never only fP: the plan is a few index kernels, too little to hide rows behind. That is why
+B's extra segment boundary (B has two exchanges per layer, A three) sits after the shared
+experts' backward, not after B's attention: there, B's d x_MD would be issued right before fP
+and hidden by A's plan alone. The first exchange of a step (B's d y_ND of its last layer) hides
+behind A's first attention, the last (A's combine of its last layer) behind B's attention
+backward of its first layer. EP=1 runs the same segments (each exchange completes at once):
+one trace and one interleaving for every EP size, at the cost of a few generator switches.
 
 Streams and events (`AsyncExchange`, the only device-specific code): on GPU the all-to-alls are
 issued on a side CUDA stream (`comm.CommStream`) that first waits for the compute stream (the
@@ -47,9 +75,13 @@ rows are ready), with `async_op=True`; finishing waits for the work on the side 
 makes the compute stream wait for the side stream. Buffers are allocated on the compute
 stream, and the sent rows are kept alive until the wait, so no `record_stream` is needed. On
 CPU (gloo) the same calls run: gloo executes the async all-to-all on its own threads while
-the host computes the other micro-batch. The count exchange and host sync of `attn` are
-synchronous and queue behind in-flight exchanges of the same EP group (a communicator runs its
-collectives in issue order); the attention compute enqueued before them still overlaps.
+the host computes the other micro-batch. The count exchange (`AsyncExchange.counts`,
+`AsyncCounts`) also runs on the side stream and copies its counts to pinned host memory there;
+the plan's host wait is for that copy's event alone, so the device keeps computing what B's
+segment queued meanwhile (a `.tolist()` on the compute stream would have waited for all of it,
+and the device would have idled while the host issued the next kernels). The counts still
+travel on the EP group's communicator, in issue order behind any row exchange issued before
+them (B's d y_ND), which the B segment in between (bS) covers.
 
 Stage-module contract (`PiecewiseLayers`, `MoEOverlapStage`, `overlapped_forward_backward`):
 a stage runs its decoder layers through `self.piecewise_layers(hidden, **layer_kwargs)`.
@@ -61,9 +93,10 @@ from its loss/outputs runs whole until it reaches B's boundary, which only hands
 gradient (capture); A's forward then runs, and its `piecewise_layers` call interleaves A's
 layer pieces with B's; finally B's stack input gets its gradient (B's embedding etc.).
 
-Not done: measuring hidden communication on GPU; a B/W split inside the pieces (F&B computes
-weight gradients with input gradients, as the contract asks); a separate group for the count
-exchange; recompute, fp32 residuals, chunked MLPs, packed sequences (refused with an error).
+Not done: a B/W split inside the pieces (F&B computes weight gradients with input gradients, as
+the contract asks); a separate group for the count exchange (it queues behind row exchanges
+issued before it); recompute, fp32 residuals, chunked MLPs, packed sequences (refused with an
+error).
 """
 
 from __future__ import annotations
@@ -74,7 +107,7 @@ from typing import Any, Generator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..moe.layer import DeepSeekMoE, MoERoute
+from ..moe.layer import DeepSeekMoE, MoERoute, MoERouteStart
 from .comm import CommStream
 from .overlap import BackwardWork, ForwardWork, run_backward, run_forward
 
@@ -92,11 +125,73 @@ class _Pending:
     stream: Optional[CommStream] = None
 
 
+@dataclass(eq=False)
+class _PendingCounts:
+    """A count exchange in flight (`AsyncCounts`)."""
+    recv_PL: torch.Tensor                 # [P, L] on the device, written by the exchange
+    sent: tuple                           # send_PL and the staging tensor, kept alive
+    host_2PL: Optional[torch.Tensor] = None   # GPU: pinned [2, P, L], filled by the copy
+    event: Any = None                     # GPU: recorded on the comm stream after the copy
+    work: Any = None                      # CPU: the gloo Work
+
+
+class AsyncCounts:
+    """The count exchange of `AllToAllDispatcher.plan_start` (its `CountExchange`), started
+    now and finished later without waiting for the compute stream.
+
+    GPU: the side stream waits for the compute stream (send_PL is ready), issues the
+    all-to-all with `async_op=True`, waits for it, then copies [send_PL; recv_PL] into pinned
+    host memory (`non_blocking`) and records an event, all on the side stream. `finish` waits
+    for that event only (the host wakes as soon as the counts are on the host, however much
+    compute is queued behind them), then makes the compute stream wait for the event before it
+    reads recv_PL; `wait_event`, not `compute_waits()`, so that row exchanges issued on the side
+    stream after the counts do not become a dependency. recv_PL is allocated on the compute
+    stream and send_PL and the staging tensor are held until `finish`, so no `record_stream`
+    is needed. CPU (gloo): the all-to-all runs on gloo's threads; `finish` waits for it."""
+
+    def __init__(self, stream_of) -> None:
+        self._stream_of = stream_of  # device -> CommStream, shared with the row exchanges
+
+    def start(self, send_PL: torch.Tensor, group) -> _PendingCounts:
+        P, L = send_PL.shape
+        send = send_PL.contiguous()
+        recv_PL = torch.empty_like(send)
+        if send.device.type != "cuda":
+            work = dist.all_to_all_single(recv_PL, send, group=group, async_op=True)
+            return _PendingCounts(recv_PL, (send,), work=work)
+        host_2PL = torch.empty((2, P, L), dtype=send.dtype, pin_memory=True)
+        stream = self._stream_of(send.device)
+        stream.wait_compute()
+        with stream:
+            dist.all_to_all_single(recv_PL, send, group=group, async_op=True).wait()
+            staged_2PL = torch.stack([send, recv_PL])
+            host_2PL.copy_(staged_2PL, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        return _PendingCounts(recv_PL, (send, staged_2PL), host_2PL, event)
+
+    @staticmethod
+    def finish(pending: _PendingCounts) -> tuple[torch.Tensor, torch.Tensor]:
+        if pending.event is None:
+            pending.work.wait()
+            return pending.recv_PL, torch.stack([pending.sent[0], pending.recv_PL])
+        pending.event.synchronize()
+        torch.cuda.current_stream(pending.recv_PL.device).wait_event(pending.event)
+        return pending.recv_PL, pending.host_2PL
+
+
 class AsyncExchange:
-    """Row all-to-alls issued now and waited for later (see the module note)."""
+    """Row all-to-alls issued now and waited for later (see the module note); `counts`, the
+    count exchange of the route plan, on the same side stream."""
 
     def __init__(self) -> None:
         self._streams: dict[torch.device, CommStream] = {}
+        self.counts = AsyncCounts(self._stream)
+
+    def _stream(self, device: torch.device) -> CommStream:
+        if device not in self._streams:
+            self._streams[device] = CommStream(device)
+        return self._streams[device]
 
     def start(self, rows: torch.Tensor, group, output_splits: Optional[list[int]],
               input_splits: Optional[list[int]]) -> _Pending:
@@ -104,7 +199,7 @@ class AsyncExchange:
             return _Pending(rows)
         rows = rows.contiguous()
         output = rows.new_empty((sum(output_splits),) + tuple(rows.shape[1:]))
-        stream = self._streams.setdefault(rows.device, CommStream(rows.device))
+        stream = self._stream(rows.device)
         stream.wait_compute()
         with stream:
             work = dist.all_to_all_single(output, rows, output_splits, input_splits, group=group,
@@ -166,11 +261,11 @@ def check_piecewise_layer(layer) -> None:
 
 
 class MoELayerPieces:
-    """One MoE TransformerLayer (mlp = DeepSeekMoE) run for one micro-batch as four pieces.
+    """One MoE TransformerLayer (mlp = DeepSeekMoE) run for one micro-batch as pieces.
 
-    Forward: attention(h), start_dispatch(), finish_dispatch(), mlp(), start_combine(),
-    combine() -> h'. Backward (after the forward): combine_backward(dh'),
-    start_combine_backward(), finish_combine_backward(), mlp_backward(),
+    Forward: attention(h), wait_plan(), plan(), start_dispatch(), finish_dispatch(), mlp(),
+    start_combine(), combine() -> h'. Backward (after the forward): combine_backward(dh'),
+    start_combine_backward(), shared_backward(), finish_combine_backward(), mlp_backward(),
     start_dispatch_backward(), attention_backward() -> dh. `forward`/`backward` run them in
     sequence."""
 
@@ -182,16 +277,29 @@ class MoELayerPieces:
         self.layer, self.moe, self.exchange = layer, layer.mlp, exchange
         self.kwargs = layer_kwargs or {}
         self._pending: Optional[_Pending] = None
+        self._route_start: Optional[MoERouteStart] = None
 
     # ---- forward ----------------------------------------------------------------------
 
     def attention(self, hidden: torch.Tensor) -> None:
+        """Attention, router, gates, sort; ends with the count exchange issued (EP)."""
         self.h_in = _leaf(hidden)
         mid, _ = self.layer._forward_attention(self.h_in, **self.kwargs)
-        route = self.moe.route(self.layer._forward_pre_mlp_layernorm(mid))
-        self.route = route
-        self.attn_out = (mid, route.x_TD, route.x_ND, route.gates_TK)
-        self.mid, self.x_TD, self.gates_TK = _leaf(mid), _leaf(route.x_TD), _leaf(route.gates_TK)
+        started = self.moe.route_start(self.layer._forward_pre_mlp_layernorm(mid),
+                                       counts=self.exchange.counts)
+        self._route_start = started
+        self.attn_out = (mid, started.x_TD, started.plan.x_ND, started.gates_TK)
+        self.mid = _leaf(mid)
+        self.x_TD, self.gates_TK = _leaf(started.x_TD), _leaf(started.gates_TK)
+
+    def wait_plan(self) -> None:
+        """The wait for the count exchange (EP; nothing without)."""
+        self._route_start.plan.wait()
+
+    def plan(self) -> None:
+        """The split sizes and the regrouping index (`DeepSeekMoE.route_finish`)."""
+        started, self._route_start = self._route_start, None
+        self.route = self.moe.route_finish(started)
 
     def start_dispatch(self) -> None:
         self._pending = _exchange_rows(self.exchange, self.route.x_ND.detach(), self.moe,
@@ -220,6 +328,8 @@ class MoELayerPieces:
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         self.attention(hidden)
+        self.wait_plan()
+        self.plan()
         self.start_dispatch()
         self.finish_dispatch()
         self.mlp()
@@ -237,13 +347,23 @@ class MoELayerPieces:
                                        self.route, toward_experts=True)
         self.y_ND = None
 
+    def shared_backward(self) -> None:
+        """The shared experts' backward: its gradient came from combine's compute, not over
+        the wire, so it runs while d y_ND is in flight. Its graph (x_TD leaf -> shared_TD) and
+        the routed experts' (x_MD -> y_MD) share no tensor, so two backward calls give what
+        one gives."""
+        y_MD, shared_TD = self.mlp_out
+        if shared_TD is not None:
+            _backward((shared_TD,), (self.shared_TD.grad,))
+        self.mlp_out, self.shared_TD = (y_MD, None), None
+
     def finish_combine_backward(self) -> None:
         self._grad_y_MD = self.exchange.finish(self._take())
 
     def mlp_backward(self) -> None:
-        grad_shared = self.shared_TD.grad if self.shared_TD is not None else None
-        _backward(self.mlp_out, (self._grad_y_MD, grad_shared))
-        self.mlp_out = self._grad_y_MD = self.shared_TD = None
+        """The routed experts' backward (after `shared_backward`)."""
+        _backward(self.mlp_out[:1], (self._grad_y_MD,))
+        self.mlp_out = self._grad_y_MD = None
 
     def start_dispatch_backward(self) -> None:
         self._pending = _exchange_rows(self.exchange, _grad_or_zeros(self.x_MD), self.moe,
@@ -260,6 +380,7 @@ class MoELayerPieces:
     def backward(self, grad_output: torch.Tensor) -> Optional[torch.Tensor]:
         self.combine_backward(grad_output)
         self.start_combine_backward()
+        self.shared_backward()
         self.finish_combine_backward()
         self.mlp_backward()
         self.start_dispatch_backward()
@@ -299,14 +420,22 @@ def _log(trace: Optional[list], event: str) -> None:
 def forward_program(runs: Sequence, hidden: torch.Tensor, trace: Optional[list] = None
                     ) -> Program:
     """Forward of one micro-batch through `runs` (layer order); returns the last output.
-    Trace events: 'F{i}.{piece}.{run|issue|wait}' with i the layer's position in the stack."""
+    Trace events: 'F{i}.{piece}.{run|issue|wait}' with i the layer's position in the stack;
+    'F{i}.plan.issue' marks the end of attn.run, which issued the count exchange. Three
+    segments (yields) per MoE layer, after each exchange issued: counts, dispatch, combine."""
     for i, run in enumerate(runs):
         if isinstance(run, DenseLayerRun):
             _log(trace, f"F{i}.layer.run")
             hidden = run.forward(hidden)
             continue
         _log(trace, f"F{i}.attn.run")
-        run.attention(hidden)
+        run.attention(hidden)          # ends with the count exchange issued
+        _log(trace, f"F{i}.plan.issue")
+        yield
+        _log(trace, f"F{i}.plan.wait")
+        run.wait_plan()
+        _log(trace, f"F{i}.plan.run")
+        run.plan()
         _log(trace, f"F{i}.dispatch.issue")
         run.start_dispatch()
         yield
@@ -326,7 +455,10 @@ def forward_program(runs: Sequence, hidden: torch.Tensor, trace: Optional[list] 
 def backward_program(runs: Sequence, grad: torch.Tensor, trace: Optional[list] = None
                      ) -> Program:
     """Backward of one micro-batch through `runs` (after their forward), last layer first;
-    returns the gradient of the first layer's input. Trace events 'B{i}.{piece}.{action}'."""
+    returns the gradient of the first layer's input. Trace events 'B{i}.{piece}.{action}'.
+    Three segments per MoE layer, as the forward has: after the combine exchange is issued,
+    after the shared experts' backward (nothing issued: it pairs with the forward's tiny plan
+    segment), after the dispatch exchange is issued (module note)."""
     for i in reversed(range(len(runs))):
         run = runs[i]
         if isinstance(run, DenseLayerRun):
@@ -337,6 +469,9 @@ def backward_program(runs: Sequence, grad: torch.Tensor, trace: Optional[list] =
         run.combine_backward(grad)
         _log(trace, f"B{i}.combine.issue")
         run.start_combine_backward()
+        yield
+        _log(trace, f"B{i}.shared.run")
+        run.shared_backward()
         yield
         _log(trace, f"B{i}.combine.wait")
         run.finish_combine_backward()

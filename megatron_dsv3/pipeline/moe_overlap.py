@@ -25,15 +25,17 @@ Dense layers (first_k_dense) run whole, as one compute piece.
 Each compute piece starts from leaves (`detach().requires_grad_()` of what it receives; the
 detach shares storage, nothing is copied) and keeps its outputs with their autograd graph:
 what it saves for backward is what the unsplit layer saves for the same ops:
-  attn      the norms', MLA's and the router's activations; the route (permutation indices,
-            split sizes, counts) for the later pieces
+  attn      the norms', MLA's and the router's activations
+  plan      nothing with a graph: the route (permutation indices, split sizes, counts) that
+            the later pieces read
   mlp       the routed experts' and shared experts' activations (x_MD, the SwiGLU inputs)
   combine   y_ND, the gates and the residual for the weighted sum and the residual add
   dispatch, combine's exchange: only the split sizes (in the route)
-A compute piece's backward is one `torch.autograd.backward(outputs, received gradients)`, after
-which its leaves hold the gradients to send on. The exchanges have no graph: their backward is
-the reverse exchange of the gradient rows (what `_AllToAllRows.backward` does), run explicitly
-so that it can be asynchronous too; the count exchange and the plan have none (integers).
+A compute piece's backward is one `torch.autograd.backward(outputs, received gradients)` (mlp's:
+two, below), after which its leaves hold the gradients to send on. The exchanges have no graph:
+their backward is the reverse exchange of the gradient rows (what `_AllToAllRows.backward`
+does), run explicitly so that it can be asynchronous too; the count exchange and the plan have
+none (integers).
 Backward order per layer: combine (its compute part, then the exchange of d y_ND), the shared
 experts (`shared_backward`: their gradient comes from combine's compute, so they run while
 d y_ND is in flight; their graph shares nothing with the routed experts', so splitting mlp's
@@ -45,7 +47,7 @@ the next exchange, issues the exchange asynchronously and yields; the waits happ
 of the compute piece that needs the result. Per MoE layer each program has three segments:
   forward  fA [combine.wait+run of the layer before] attn, counts issued | fP plan.wait,
            plan.run, dispatch issued | fM dispatch.wait, mlp, combine issued
-  backward bC [dispatch.wait, attn of the layer after] combine.run, d y_ND issued |
+  backward bC [dispatch.wait, attn of the layer above] combine.run, d y_ND issued |
            bS shared | bM combine.wait, mlp (routed), d x_MD issued
 Alternating them, B first (B's first exchange flies while A computes), pairs bC-fA, bS-fP,
 bM-fM. An exchange issued at the end of one segment is waited for at the start of that

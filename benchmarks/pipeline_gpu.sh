@@ -8,16 +8,19 @@
 #   ep        benchmarks/pipeline_ep_overlap.py, EP = N, proxy widths, 4 MoE layers
 #   pp        benchmarks/pipeline_schedules.py --schedule all, PP = N, micro-batches 4,8,16
 #             (N = 2) or 8,16 (N > 2); DualPipe(V) traces and timelines
+#   balanced  DualPipeV alone on 9 layers split 2,3,2,2 (rank 0 holds the embedding and the
+#             head, so it gets one layer less; at PP=2 only): the bubble against the paper's
+#             formula without the stage imbalance of the even split
 #   ablation  DualPipeV again with the MoE F&B pieces forced on (`--moe-overlap on`; the
 #             default runs the plain layer loop without EP): inside a pipeline without EP there
 #             is no all-to-all to hide, so this measures the pieces' overhead
-# Results: $OUT/ (./gpu_out/n<N>/ without $OUT): <part>.json, <part>.log, traces.
+# Results: $OUT/ (./gpu_out/n<N>/ without $OUT): <part>.json; traces.tgz (<part>.log, traces).
 # EP_ARGS / PP_ARGS: more arguments for the EP script / both pipeline parts (e.g.
 # PP_ARGS=--optimizer, or a CPU rehearsal: PP_ARGS="--preset tiny --layers 4 --seq-len 32").
 set -uo pipefail
-N=${1:?usage: pipeline_gpu.sh NUM_GPUS [ep] [pp] [ablation]}
+N=${1:?usage: pipeline_gpu.sh NUM_GPUS [ep] [pp] [balanced] [ablation]}
 shift
-PARTS=${*:-ep pp ablation}
+if [ "$N" -eq 2 ]; then PARTS=${*:-ep pp balanced ablation}; else PARTS=${*:-ep pp ablation}; fi
 cd "$(dirname "$0")/.."
 DIR=${OUT:-gpu_out/n$N}  # the device fetches folders at most two levels under $OUT
 mkdir -p "$DIR"
@@ -47,8 +50,14 @@ for p in $PARTS; do
     ep) part ep 150 pipeline_ep_overlap.py --trace-dir "$DIR/ep" ${EP_ARGS:-} ;;
     pp) part pp 330 pipeline_schedules.py --schedule all --microbatches "$MB" \
           --trace-dir "$DIR/pp" ${PP_ARGS:-} ;;
+    balanced) part balanced 100 pipeline_schedules.py --schedule dualpipev --layers 9 \
+          --stage-layers 2,3,2,2 --microbatches "$MB" --trace-dir "$DIR/balanced" \
+          ${PP_ARGS:-} ;;
     ablation) part ablation 100 pipeline_schedules.py --schedule dualpipev --moe-overlap on \
           --microbatches "$MB" --trace-dir "$DIR/ablation" ${PP_ARGS:-} ;;
-    *) echo "unknown part '$p': use ep, pp or ablation" >&2; exit 2 ;;
+    *) echo "unknown part '$p': use ep, pp, balanced or ablation" >&2; exit 2 ;;
   esac
 done
+# the device returns a few files per call: traces and logs travel as one archive
+(cd "$DIR" && tar czf traces.tgz --remove-files \
+  $(ls -d ep pp balanced ablation ./*.log 2>/dev/null)) && echo "traces, logs: $DIR/traces.tgz"

@@ -281,7 +281,7 @@ def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, finger
 
     pp, rank = dist.get_world_size(), dist.get_rank()
     try:
-        plan = StagePlan(schedule, pp, cfg.num_layers)
+        plan = StagePlan(schedule, pp, cfg.num_layers, args.stage_layers)
     except ValueError as error:
         return [skipped(schedule, m, str(error)) for m in args.microbatches]
     model = seeded_full_model(cfg, pg, device, args.seed)
@@ -350,7 +350,7 @@ def bubble_report(tracer, schedule: str, pp: int, directory: Optional[Path]) -> 
     """The traced step's idle time per rank against `paper_bubble` from its own chunk times;
     files under `directory` when given. Every rank calls it; the report on every rank."""
     from megatron_dsv3.pipeline.trace import (ChunkTimes, draw_timeline, events_from_dict,
-                                              measured_chunk_times, paper_bubble)
+                                              idle_by_phase, measured_chunk_times, paper_bubble)
 
     traces: list = [None] * dist.get_world_size()
     dist.all_gather_object(traces, tracer.to_dict())
@@ -371,6 +371,12 @@ def bubble_report(tracer, schedule: str, pp: int, directory: Optional[Path]) -> 
     # None where the formula gives no bubble (DualPipe on 2 ranks: PP/2 - 1 = 0)
     report["within_10pct_of_paper"] = (abs(mean_idle / paper - 1.0) <= BUBBLE_TOLERANCE
                                        if paper > 0 else None)
+    # the formula's part (fill and drain) apart from steady-state waits (unequal F&B times)
+    phases = [idle_by_phase(events_from_dict(t), t["duration"]) for t in traces]
+    report["ramp_idle_s"] = [p["ramp"] for p in phases]
+    report["steady_idle_s"] = [p["steady"] for p in phases]
+    report["mean_ramp_idle_over_paper"] = (statistics.mean(report["ramp_idle_s"]) / paper
+                                           if paper > 0 else None)
     if directory is not None and dist.get_rank() == 0:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -381,7 +387,7 @@ def bubble_report(tracer, schedule: str, pp: int, directory: Optional[Path]) -> 
         try:
             draw_timeline(traces, directory / "timeline.png",
                           f"{schedule}, PP={pp}, {traces[0].get('num_microbatches')} "
-                          "micro-batches (traced step: device synchronized at every op)")
+                          "micro-batches (one traced step)")
             report["timeline_png"] = str(directory / "timeline.png")
         except ImportError as error:  # the JSON holds everything; draw it elsewhere
             print(f"WARNING: timeline.png not drawn ({error}); draw it from "
@@ -683,6 +689,11 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--trace-dir", default=None,
                         help="DualPipe(V) traces: <dir>/<schedule>_m<M>/ (JSON, timeline.png)")
+    parser.add_argument("--stage-layers", default=None,
+                        help="DualPipe(V) only: decoder layers per stage, comma list (e.g. "
+                             "2,3,2,2 for 9 layers at PP=2: DualPipeV's rank 0 holds the "
+                             "embedding and the head, so it gets fewer layers); Megatron's "
+                             "schedules split evenly (skipped when they cannot)")
     parser.add_argument("--json-out", type=Path, default=None)
     return parser.parse_args(argv)
 
@@ -708,6 +719,8 @@ def resolve(args, world: int) -> list[str]:
     if args.microbatches is None:
         args.microbatches = str(4 * pp)
     args.microbatches = [int(m) for m in str(args.microbatches).split(",")]
+    if args.stage_layers is not None:
+        args.stage_layers = tuple(int(n) for n in str(args.stage_layers).split(","))
     if args.schedule == "all":
         return [s for s in ALL_SCHEDULES if s != "dualpipe" or pp % 2 == 0]
     schedules = args.schedule.split(",")
@@ -767,7 +780,7 @@ def run(args, schedules: list[str], pg, device) -> Optional[dict]:
         "pp": pp, "preset": cfg.name, "layers": cfg.num_layers, "params": params,
         "dtype": cfg.params_dtype, "micro_batch_size": args.micro_batch_size,
         "seq_len": args.seq_len, "microbatches": args.microbatches, "vpp": args.vpp,
-        "steps": args.steps, "warmup": args.warmup, "optimizer": args.optimizer,
+        "stage_layers": args.stage_layers, "steps": args.steps, "warmup": args.warmup, "optimizer": args.optimizer,
         "compile": args.compile, "moe_overlap": args.moe_overlap,
         "weights_fingerprint": weights, "same_weights_on_all_ranks": same_on_all_ranks,
     }
@@ -808,18 +821,21 @@ def print_table(results: dict) -> None:
           f"{results['micro_batch_size']} x {results['seq_len']} ({results['device']})",
           file=sys.stderr)
     print(f"{'schedule':<12} {'M':>3} {'step ms':>9} {'tok/s':>10} {'vs 1F1B':>8} "
-          f"{'peak GiB/rank':>16} {'loss-ref':>9} {'idle/paper':>10}", file=sys.stderr)
+          f"{'peak GiB/rank':>16} {'loss-ref':>9} {'idle/paper':>10} {'ramp/paper':>10}",
+          file=sys.stderr)
     for r in results["runs"]:
         if r["status"] != "ok":
             print(f"{r['schedule']:<12} {r['microbatches']:>3} skipped: {r['reason'][:80]}",
                   file=sys.stderr)
             continue
         bubble = r.get("bubble") or {}
-        ratio = bubble.get("mean_idle_over_paper")
+        ratio, ramp = (bubble.get("mean_idle_over_paper"),
+                       bubble.get("mean_ramp_idle_over_paper"))
         print(f"{r['schedule']:<12} {r['microbatches']:>3} {r['step_s'] * 1e3:>9.1f} "
               f"{r['tok_per_s']:>10.0f} {r.get('ratio_vs_1f1b', float('nan')):>8.3f} "
               f"{'/'.join(f'{p:.1f}' for p in r['peak_gib']):>16} {r['loss_abs_diff']:>9.2e} "
-              f"{'' if ratio is None else f'{ratio:.2f}':>10}", file=sys.stderr)
+              f"{'' if ratio is None else f'{ratio:.2f}':>10} "
+              f"{'' if ramp is None else f'{ramp:.2f}':>10}", file=sys.stderr)
 
 
 if __name__ == "__main__":

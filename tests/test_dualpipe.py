@@ -410,3 +410,20 @@ def test_bubble_fraction_and_chunk_times_from_events(tmp_path):
     (tmp_path / "trace.json").write_text(json.dumps(trace))
     draw_timeline([json.loads((tmp_path / "trace.json").read_text())], tmp_path / "t.png")
     assert os.path.getsize(tmp_path / "t.png") > 0
+
+
+def test_idle_split_into_ramp_and_steady_state():
+    from megatron_dsv3.pipeline.trace import idle_by_phase
+
+    # fill: F [0,1], idle 1; steady: pairs [2,4] and [4.5,6.5] (0.5 idle between them);
+    # drain: idle 0.5, B [7,8], W [8,8.5], idle 1.5 to the end at 10
+    events = [TraceEvent("F", 0, 0, 0.0, 1.0),
+              TraceEvent("F", 1, 1, 2.0, 4.0, True), TraceEvent("BW", 0, 0, 2.0, 4.0, True),
+              TraceEvent("F", 1, 2, 4.5, 6.5, True), TraceEvent("BW", 0, 1, 4.5, 6.5, True),
+              TraceEvent("B", 0, 2, 7.0, 8.0), TraceEvent("W", 0, 2, 8.0, 8.5)]
+    phases = idle_by_phase(events, 10.0)
+    assert phases == pytest.approx({"ramp": 1.0 + 0.5 + 1.5, "steady": 0.5})
+    assert phases["ramp"] + phases["steady"] == pytest.approx(
+        bubble_fraction(events, 0.0, 10.0) * 10.0)
+    # no F&B step: all of it is ramp
+    assert idle_by_phase(events[:1], 2.0) == {"ramp": 1.0, "steady": 0.0}

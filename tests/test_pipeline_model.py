@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -111,8 +112,8 @@ def _native_step(stages, plan, rank: int, world: int, case: tuple, tracer) -> tu
 
     from megatron_dsv3.pipeline import TensorSpec
 
-    schedule, _, num_microbatches, num_layers, _ = case
-    cfg = _config(num_layers)
+    schedule, _, num_microbatches, layers, _ = case
+    cfg = _config(_layers(layers)[0])
     ids, labels = _data(num_microbatches)
     last = [s for s in stages if s.is_last]
     pipe = plan.schedule_class(stages, group=dist.group.WORLD, p2p_specs=[
@@ -199,8 +200,9 @@ def _run_case(rank: int, world: int, case: tuple, full_state: dict) -> dict:
                                                      gather_stage_state, local_state,
                                                      reduce_mirrored_router_loads)
 
-    schedule, api, num_microbatches, num_layers, overlap = case
-    plan = StagePlan(schedule, world, num_layers)
+    schedule, api, num_microbatches, layers, overlap = case
+    num_layers, stage_layers = _layers(layers)
+    plan = StagePlan(schedule, world, num_layers, stage_layers)
     stages = build_rank_stages(_config(num_layers), plan, rank, full_state, overlap_moe=overlap)
     pieces: list = []  # the MoE pieces' events of both stages, in the order they ran
     for stage in stages:
@@ -226,6 +228,11 @@ def _run_case(rank: int, world: int, case: tuple, full_state: dict) -> dict:
     }
 
 
+def _layers(layers) -> tuple[int, Optional[tuple]]:
+    """A case's decoder layers: a count (equal stages) or the layers of each stage."""
+    return (sum(layers), tuple(layers)) if isinstance(layers, tuple) else (layers, None)
+
+
 def _interleaved(events: list[str]) -> bool:
     """Whether some forward dispatch was in flight while backward pieces ran (the F&B hook
     interleaved two micro-batches): a B event between an "F<i>.dispatch.issue" and its wait."""
@@ -244,7 +251,8 @@ def _pipeline_worker(rank: int, world: int, cases: list, full_states: dict) -> l
     # a short timeout turns a schedule that deadlocks into an error instead of a hung test
     init_distributed(1, backend="gloo", timeout_s=60)
     try:
-        return [_run_case(rank, world, case, full_states[case[3]]) for case in cases]
+        return [_run_case(rank, world, case, full_states[_layers(case[3])[0]])
+                for case in cases]
     finally:
         shutdown_distributed()
 
@@ -257,8 +265,10 @@ def _merge(results: list, key: str) -> dict:
 
 
 def _check_case(case: tuple, results: list, pg) -> None:
-    schedule, api, num_microbatches, num_layers, overlap = case
-    ctx = f"{schedule} PP={len(results)} M={num_microbatches} {api} overlap={overlap}"
+    schedule, api, num_microbatches, layers, overlap = case
+    num_layers = _layers(layers)[0]
+    ctx = (f"{schedule} PP={len(results)} M={num_microbatches} {api} overlap={overlap} "
+           f"layers={layers}")
     half = num_microbatches // 2
     groups = ([range(num_microbatches)] if schedule == "dualpipev"
               else [range(half), range(half, num_microbatches)])
@@ -305,9 +315,10 @@ def _check_case(case: tuple, results: list, pg) -> None:
         assert_equal(count, ref["loads"][name], f"{ctx} router loads {name}")
 
 
-# (schedule, API, micro-batches, decoder layers, MoE F&B overlap)
+# (schedule, API, micro-batches, decoder layers or layers per stage, MoE F&B overlap)
 CASES = {2: [("dualpipev", "native", 4, 4, True), ("dualpipev", "adapter", 5, 4, False),
-             ("dualpipe", "native", 4, 4, False), ("dualpipe", "adapter", 6, 4, True)],
+             ("dualpipe", "native", 4, 4, False), ("dualpipe", "adapter", 6, 4, True),
+             ("dualpipev", "native", 4, (1, 2, 1, 1), True)],
          4: [("dualpipev", "native", 8, 8, False), ("dualpipev", "adapter", 9, 8, True),
              ("dualpipe", "native", 8, 4, True)]}
 
@@ -315,7 +326,7 @@ CASES = {2: [("dualpipev", "native", 4, 4, True), ("dualpipev", "adapter", 5, 4,
 @pytest.mark.parametrize("pp", [2, 4])
 def test_pipelined_step_matches_single_process_loss_gradients_and_order(pp, dist_single):
     full_states = {}
-    for num_layers in {case[3] for case in CASES[pp]}:
+    for num_layers in {_layers(case[3])[0] for case in CASES[pp]}:
         model = _full_model(dist_single, num_layers)
         full_states[num_layers] = {k: v for k, v in model.state_dict().items()
                                    if isinstance(v, torch.Tensor)}
@@ -340,6 +351,16 @@ def test_bad_stage_and_schedule_settings_raise_naming_the_setting_and_the_fix():
         StagePlan("dualpipev", 1, 4)
     with pytest.raises(ValueError, match="schedule='zb' is invalid"):
         StagePlan("zb", 2, 4)
+    with pytest.raises(ValueError, match=r"stage_layers=\[2, 2, 2\] is invalid: dualpipev with "
+                                         r"PP=2 has 4 stages; give 4 positive layer counts "
+                                         "summing to num_layers=6"):
+        StagePlan("dualpipev", 2, 6, (2, 2, 2))
+    with pytest.raises(ValueError, match=r"stage_layers=\[3, 0, 2, 1\] is invalid"):
+        StagePlan("dualpipev", 2, 6, (3, 0, 2, 1))
+    with pytest.raises(ValueError, match=r"stage_layers=\[2, 2, 2, 1\] is invalid"):
+        StagePlan("dualpipev", 2, 6, (2, 2, 2, 1))
+    assert StagePlan("dualpipev", 2, 5, (1, 2, 1, 1)).layer_ranges == [
+        range(0, 1), range(1, 3), range(3, 4), range(4, 5)]
     plan = StagePlan("DualPipe", 4, 8)
     assert (plan.num_stages, plan.layer_ranges[3], plan.stages_of_rank(1)) == (4, range(6, 8),
                                                                                (1, 2))

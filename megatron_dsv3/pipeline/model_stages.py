@@ -78,10 +78,16 @@ from .stages import split_layers
 
 @dataclass(frozen=True)
 class StagePlan:
-    """Which stages exist and which layers and ranks hold them."""
+    """Which stages exist and which layers and ranks hold them.
+
+    stage_layers: decoder layers per stage, in stage order (default: equal). Stage 0 also runs
+    the embedding and the last stage the final norm, output head, MTP and loss, so a balanced
+    pipeline gives them fewer layers (the DeepSeek-V3 report balances its stages this way);
+    with DualPipeV a rank holds stages r and 2PP-1-r, so the first rank holds both ends."""
     schedule: str        # "dualpipev" | "dualpipe"
     num_ranks: int       # pipeline-parallel size PP
     num_layers: int      # decoder layers of the model (MTP layers ride on the last stage)
+    stage_layers: Optional[tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", self.schedule.lower())
@@ -92,6 +98,17 @@ class StagePlan:
             validate_dualpipev(self.num_ranks, None)
         else:
             validate_dualpipe(self.num_ranks, None)
+        if self.stage_layers is not None:
+            sizes = tuple(self.stage_layers)
+            object.__setattr__(self, "stage_layers", sizes)
+            if (len(sizes) != self.num_stages or any(not isinstance(n, int) or n < 1
+                                                     for n in sizes)
+                    or sum(sizes) != self.num_layers):
+                raise ValueError(
+                    f"stage_layers={list(sizes)} is invalid: {self.schedule} with PP="
+                    f"{self.num_ranks} has {self.num_stages} stages; give {self.num_stages} "
+                    f"positive layer counts summing to num_layers={self.num_layers}")
+            return
         if self.num_layers % self.num_stages or self.num_layers < self.num_stages:
             per_rank = self.num_stages // self.num_ranks
             raise ValueError(
@@ -99,7 +116,7 @@ class StagePlan:
                 f"stages of {self.schedule} with PP={self.num_ranks} ({per_rank} per rank); use "
                 f"a multiple of {self.num_stages} layers (e.g. "
                 f"{max(self.num_stages, self.num_layers // self.num_stages * self.num_stages)}),"
-                " or another pipeline size")
+                " or another pipeline size, or stage_layers")
 
     @property
     def schedule_class(self) -> type:
@@ -111,7 +128,10 @@ class StagePlan:
 
     @property
     def layer_ranges(self) -> list[range]:
-        return split_layers(self.num_layers, self.num_stages)
+        if self.stage_layers is None:
+            return split_layers(self.num_layers, self.num_stages)
+        ends = [sum(self.stage_layers[:s + 1]) for s in range(self.num_stages)]
+        return [range(end - n, end) for end, n in zip(ends, self.stage_layers)]
 
     def stages_of_rank(self, rank: int) -> tuple[int, int]:
         return self.schedule_class.stages_of_rank(rank, self.num_ranks)

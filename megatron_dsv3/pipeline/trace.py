@@ -7,6 +7,7 @@
   Tracer                 records TraceEvents (op, chunk, micro-batch, start, end) on one rank;
                          `executed_order()` for tests, `to_dict()` / `write_json()` for files
   bubble_fraction(...)   idle / total over the step, idle = time not covered by any op
+  idle_by_phase(...)     that idle split into the fill/drain ramps and the steady state
   draw_timeline(traces, path)   PNG, one row per rank (matplotlib, headless)
   write_trace_files(tracer, dir) all ranks' JSON, the PNG and a summary, written by rank 0
   ChunkTimes, measured_chunk_times(events), paper_bubble(schedule, num_ranks, times)
@@ -158,6 +159,21 @@ def bubble_fraction(events: Sequence[TraceEvent], start: float, end: float) -> f
     if end <= start:
         raise ValueError(f"bubble_fraction over an empty span: start={start}, end={end}")
     return 1.0 - busy_time(events) / (end - start)
+
+
+def idle_by_phase(events: Sequence[TraceEvent], duration: float) -> dict[str, float]:
+    """A rank's idle time split at its steady state, the span of its overlapped F&B steps:
+    `ramp` before the first and after the last (the schedule's fill and drain, which the
+    paper's formula counts with equal chunk times), `steady` between them (waits when the
+    ranks' F&B steps take different times: unequal stages, routing that differs per
+    micro-batch). Without F&B steps everything is `ramp`."""
+    paired = [e for e in events if e.paired]
+    if not paired:
+        return {"ramp": duration - busy_time(events), "steady": 0.0}
+    start, end = min(e.start for e in paired), max(e.end for e in paired)
+    inside = [e for e in events if e.start >= start and e.end <= end]
+    steady = (end - start) - busy_time(inside)
+    return {"ramp": duration - busy_time(events) - steady, "steady": steady}
 
 
 def events_from_dict(trace: dict) -> list[TraceEvent]:

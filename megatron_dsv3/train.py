@@ -197,17 +197,16 @@ def validate_args(args: argparse.Namespace, cfg: ModelConfig, world_size: int) -
             need(width % tp == 0, "--tensor-parallel-size", tp,
                  f"must divide the preset's {field}={width}; pick a divisor of it")
     ep = args.expert_parallel_size
-    if ep > 0 and tp > 0 and pp == 1 and world_size % tp == 0:
-        dp = world_size // tp
-        need(dp % ep == 0, "--expert-parallel-size", ep,
-             f"must divide the data-parallel size WORLD_SIZE / TP = {world_size} / {tp} = {dp} "
-             "(EP groups are carved out of DP); launch NPROC = a multiple of TP * EP")
-    if ep > 0 and tp > 0 and pp > 1 and world_size % (tp * pp) == 0:
+    if ep > 0 and tp > 0 and pp > 0 and world_size % (tp * pp) == 0:
         dp = world_size // (tp * pp)
+        if pp == 1:
+            size = f"WORLD_SIZE / TP = {world_size} / {tp} = {dp} (EP groups are carved out of DP)"
+        else:
+            size = (f"of a pipeline stage WORLD_SIZE / (TP * PP) = {world_size} / ({tp} * {pp}) "
+                    f"= {dp} (EP groups are carved out of the DP ranks holding the same stages)")
         need(dp % ep == 0, "--expert-parallel-size", ep,
-             f"must divide the data-parallel size of a pipeline stage WORLD_SIZE / (TP * PP) = "
-             f"{world_size} / ({tp} * {pp}) = {dp} (EP groups are carved out of the DP ranks "
-             "holding the same stages); launch NPROC = a multiple of TP * PP * EP")
+             f"must divide the data-parallel size {size}; launch NPROC = a multiple of TP * "
+             + ("EP" if pp == 1 else "PP * EP"))
     if ep > 0:
         need(cfg.moe.num_experts % ep == 0, "--expert-parallel-size", ep,
              f"must divide the preset's moe.num_experts={cfg.moe.num_experts} (each EP rank "

@@ -76,12 +76,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -89,182 +88,10 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from megatron_dsv3.pipeline.moe_overlap import AsyncExchange  # noqa: E402
-
-
-# ----------------------------------------------------------------------------------------------
-# Clock: CUDA events on the device's streams, or the host clock
-# ----------------------------------------------------------------------------------------------
-class Clock:
-    """Time stamps relative to the start of a step. On GPU a stamp is a CUDA event recorded
-    on the current stream (resolved after the step's synchronize); on CPU the host time."""
-
-    def __init__(self, device: torch.device, group) -> None:
-        self.cuda = device.type == "cuda"
-        self.group = group
-        self._origin: Any = 0.0
-
-    def begin(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-        dist.barrier(group=self.group)
-        if self.cuda:
-            self._origin = torch.cuda.Event(enable_timing=True)
-            self._origin.record()
-        else:
-            self._origin = time.perf_counter()
-
-    def stamp(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter() - self._origin
-
-    def host_now(self) -> float:
-        return time.perf_counter() - self._origin
-
-    def seconds(self, stamp: Any) -> float:
-        if isinstance(stamp, float):
-            return stamp
-        return self._origin.elapsed_time(stamp) / 1e3
-
-
-class TimedTrace(list):
-    """The pieces' event list (moe_overlap's `trace`) that also stamps each event: a piece runs
-    from its event to the next one."""
-
-    def __init__(self, clock: Clock) -> None:
-        super().__init__()
-        self.clock = clock
-        self.stamps: list = []
-
-    def append(self, event: str) -> None:
-        super().append(event)
-        self.stamps.append(self.clock.stamp())
-
-    def clear(self) -> None:
-        super().clear()
-        self.stamps = []
-
-
-@dataclass
-class ExchangeTiming:
-    name: str                 # e.g. "F0.dispatch", "B3.combine" (the piece that issued it)
-    nbytes: int
-    issue: Any = None
-    completion: Any = None
-    wait: Any = None
-    resumed: Any = None       # after the wait (the compute stream may go on)
-
-
-class TimedExchange(AsyncExchange):
-    """moe_overlap's AsyncExchange with stamps: issue and wait on the compute stream,
-    completion on the comm stream (GPU) or from the gloo work's callback (CPU)."""
-
-    def __init__(self, clock: Clock, trace: TimedTrace) -> None:
-        super().__init__()
-        self.clock, self.trace = clock, trace
-        self.timings: list[ExchangeTiming] = []
-
-    def start(self, rows, group, output_splits, input_splits):
-        if group is None:
-            return super().start(rows, group, output_splits, input_splits)
-        name = self.trace[-1].rsplit(".", 1)[0] if self.trace else "?"
-        timing = ExchangeTiming(name, rows.numel() * rows.element_size(), self.clock.stamp())
-        pending = super().start(rows, group, output_splits, input_splits)
-        if self.clock.cuda:
-            with pending.stream:  # the comm stream waits for the NCCL work, then stamps
-                pending.work.wait()
-                timing.completion = self.clock.stamp()
-        else:
-            clock = self.clock
-            pending.work.get_future().then(
-                lambda _: setattr(timing, "completion", clock.host_now()))
-        pending.timing = timing
-        self.timings.append(timing)
-        return pending
-
-    def finish(self, pending):
-        timing = getattr(pending, "timing", None)
-        if timing is not None:
-            timing.wait = self.clock.stamp()
-        output = super().finish(pending)
-        if timing is not None:
-            timing.resumed = self.clock.stamp()
-        return output
-
-
-# ----------------------------------------------------------------------------------------------
-# One step's record and its numbers
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class StepRecord:
-    duration: float
-    pieces: list[tuple[str, float, float]]            # (event, start, end) on the compute side
-    exchanges: list[dict] = field(default_factory=list)
-
-
-def union_length(intervals) -> float:
-    total, covered = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end > covered:
-            total += end - max(start, covered)
-            covered = end
-    return total
-
-
-def resolve_step(clock: Clock, trace: TimedTrace, timings: list[ExchangeTiming]) -> StepRecord:
-    if clock.cuda:
-        torch.cuda.synchronize()
-    else:  # a gloo completion callback may still be on its way
-        deadline = time.perf_counter() + 5.0
-        while any(t.completion is None for t in timings) and time.perf_counter() < deadline:
-            time.sleep(1e-4)
-    times = [clock.seconds(s) for s in trace.stamps]
-    pieces = [(event, times[k], times[k + 1]) for k, event in enumerate(trace[:-1])]
-    exchanges = [{"name": t.name, "bytes": t.nbytes, "issue": clock.seconds(t.issue),
-                  "completion": clock.seconds(t.completion), "wait": clock.seconds(t.wait),
-                  "resumed": clock.seconds(t.resumed)} for t in timings]
-    return StepRecord(times[-1], pieces, exchanges)
-
-
-def step_numbers(record: StepRecord) -> dict:
-    """comm time C, exposed time X (and the strict X) of one step; see the module docstring."""
-    ex = record.exchanges
-    comm = union_length([(e["issue"], e["completion"]) for e in ex])
-    stalls = [(e["wait"], e["completion"]) for e in ex if e["completion"] > e["wait"]]
-    blocked = []
-    for name, start, end in record.pieces:
-        if name.endswith(".plan.wait"):
-            in_flight = [e["completion"] for e in ex
-                         if e["issue"] < start < e["completion"]]
-            if in_flight:
-                blocked.append((start, min(end, max(in_flight))))
-    per_piece: dict[str, float] = {}
-    for name, start, end in record.pieces:
-        kind = ".".join(name.split(".")[1:])  # attn.run, plan.wait, dispatch.wait, ...
-        kind = f"{name[0]}.{kind}"
-        per_piece[kind] = per_piece.get(kind, 0.0) + (end - start)
-    return {"step_s": record.duration, "comm_s": comm, "exposed_s": union_length(stalls),
-            "exposed_strict_s": union_length(stalls + blocked), "exchanges": len(ex),
-            "bytes": sum(e["bytes"] for e in ex), "pieces_s": per_piece}
-
-
-def summarize(steps: list[dict]) -> dict:
-    comm = sum(s["comm_s"] for s in steps)
-    exposed = sum(s["exposed_s"] for s in steps)
-    strict = sum(s["exposed_strict_s"] for s in steps)
-    kinds = sorted({k for s in steps for k in s["pieces_s"]})
-    return {"step_s": statistics.median(s["step_s"] for s in steps),
-            "step_times": [round(s["step_s"], 6) for s in steps],
-            "comm_s": comm, "exposed_s": exposed, "exposed_strict_s": strict,
-            "hidden_fraction": 1.0 - exposed / comm if comm > 0 else None,
-            "hidden_fraction_strict": 1.0 - strict / comm if comm > 0 else None,
-            "exchanges_per_step": steps[0]["exchanges"],
-            "bytes_per_step": steps[0]["bytes"],
-            "pieces_s_per_step": {k: sum(s["pieces_s"].get(k, 0.0) for s in steps) / len(steps)
-                                  for k in kinds}}
+# the stamping and the arithmetic (definitions above): one piece of code with the pipeline's
+from megatron_dsv3.pipeline.comm_timing import (Clock, StepRecord, TimedExchange,  # noqa: E402,F401
+                                                TimedTrace, resolve_step, step_numbers,
+                                                summarize, union_length)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 # Issue 3's GPU measurements on one host in one call (the device session; `.whl/` carried):
 #
 #   bash benchmarks/pipeline_gpu.sh 2          # 2 H200s: EP=2 overlap, PP=2 schedules, ablation
-#   bash benchmarks/pipeline_gpu.sh 4 pp       # 4 H200s: the PP=4 part only (ep, pp, ablation)
+#   bash benchmarks/pipeline_gpu.sh 4 pp       # 4 H200s: the PP=4 part only (ep, pp, eppp, ablation)
 #
 # Parts (default all; each under its own `timeout`, so that one call stays under 10 minutes):
 #   ep        benchmarks/pipeline_ep_overlap.py, EP = N, proxy widths, 4 MoE layers
@@ -11,6 +11,9 @@
 #   balanced  DualPipeV alone on 9 layers split 2,3,2,2 (rank 0 holds the embedding and the
 #             head, so it gets one layer less; at PP=2 only): the bubble against the paper's
 #             formula without the stage imbalance of the even split
+#   eppp      (N = 4) PP=2 x EP=2, proxy 8 layers: every schedule, DualPipe(V) with the MoE F&B
+#             pieces (_ovl) and without (_seq), Megatron's 1F1B / interleaved with EP; the fraction
+#             of the all-to-all hidden inside the pipeline (`--moe-overlap both`)
 #   ablation  DualPipeV again with the MoE F&B pieces forced on (`--moe-overlap on`; the
 #             default runs the plain layer loop without EP): inside a pipeline without EP there
 #             is no all-to-all to hide, so this measures the pieces' overhead
@@ -18,9 +21,9 @@
 # EP_ARGS / PP_ARGS: more arguments for the EP script / both pipeline parts (e.g.
 # PP_ARGS=--optimizer, or a CPU rehearsal: PP_ARGS="--preset tiny --layers 4 --seq-len 32").
 set -uo pipefail
-N=${1:?usage: pipeline_gpu.sh NUM_GPUS [ep] [pp] [balanced] [ablation]}
+N=${1:?usage: pipeline_gpu.sh NUM_GPUS [ep] [pp] [eppp] [balanced] [ablation]}
 shift
-if [ "$N" -eq 2 ]; then PARTS=${*:-ep pp balanced ablation}; else PARTS=${*:-ep pp ablation}; fi
+if [ "$N" -eq 2 ]; then PARTS=${*:-ep pp balanced ablation}; else PARTS=${*:-ep pp eppp ablation}; fi
 cd "$(dirname "$0")/.."
 DIR=${OUT:-gpu_out/n$N}  # the device fetches folders at most two levels under $OUT
 mkdir -p "$DIR"
@@ -50,14 +53,16 @@ for p in $PARTS; do
     ep) part ep 150 pipeline_ep_overlap.py --trace-dir "$DIR/ep" ${EP_ARGS:-} ;;
     pp) part pp 330 pipeline_schedules.py --schedule all --microbatches "$MB" \
           --trace-dir "$DIR/pp" ${PP_ARGS:-} ;;
+    eppp) part eppp 300 pipeline_schedules.py --expert-parallel-size 2 --schedule all \
+          --moe-overlap both --microbatches "$MB" --trace-dir "$DIR/eppp" ${PP_ARGS:-} ;;
     balanced) part balanced 100 pipeline_schedules.py --schedule dualpipev --layers 9 \
           --stage-layers 2,3,2,2 --microbatches "$MB" --trace-dir "$DIR/balanced" \
           ${PP_ARGS:-} ;;
     ablation) part ablation 100 pipeline_schedules.py --schedule dualpipev --moe-overlap on \
           --microbatches "$MB" --trace-dir "$DIR/ablation" ${PP_ARGS:-} ;;
-    *) echo "unknown part '$p': use ep, pp, balanced or ablation" >&2; exit 2 ;;
+    *) echo "unknown part '$p': use ep, pp, eppp, balanced or ablation" >&2; exit 2 ;;
   esac
 done
 # the device returns a few files per call: traces and logs travel as one archive
 (cd "$DIR" && tar czf traces.tgz --remove-files \
-  $(ls -d ep pp balanced ablation ./*.log 2>/dev/null)) && echo "traces, logs: $DIR/traces.tgz"
+  $(ls -d ep pp eppp balanced ablation ./*.log 2>/dev/null)) && echo "traces, logs: $DIR/traces.tgz"

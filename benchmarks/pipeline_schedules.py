@@ -135,10 +135,12 @@ def model_config(args):
     return cfg
 
 
-def make_batches(cfg, num: int, micro_batch: int, seq: int, device) -> list[tuple]:
+def make_batches(cfg, num: int, micro_batch: int, seq: int, device, replica: int = 0
+                 ) -> list[tuple]:
     """`num` micro-batches (input ids, labels), each [micro_batch, seq]; the same on every rank
-    and, for a smaller M, a prefix of the same list."""
-    g = torch.Generator().manual_seed(1234)
+    of one pipeline, different for each data-parallel `replica` (with EP: each EP rank's
+    pipeline), and for a smaller M a prefix of the same list."""
+    g = torch.Generator().manual_seed(1234 + replica)
     batches = []
     for _ in range(num):
         ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq), generator=g)
@@ -148,18 +150,23 @@ def make_batches(cfg, num: int, micro_batch: int, seq: int, device) -> list[tupl
 
 
 def seeded_full_model(cfg, pg, device, seed: int):
-    """The whole model (TP = PP = EP = 1), the same weights at every call and on every rank:
-    drawn on the device from reseeded generators (Megatron's CUDA RNG tracker on GPU)."""
+    """The whole model (every layer; TP = 1; this rank's EP shard of the routed experts), the
+    same weights at every call and on every rank of a pipeline: drawn on the device from
+    reseeded generators (Megatron's CUDA RNG tracker on GPU, whose expert stream depends on
+    the EP rank only)."""
     from megatron_dsv3.config import to_megatron_config
     from megatron_dsv3.model import build_model
+    from megatron_dsv3.parallel import whole_model_groups
 
     torch.manual_seed(seed)
     if device.type == "cuda":
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(seed)
-    megatron_cfg = to_megatron_config(cfg, use_cpu_initialization=device.type != "cuda")
-    return build_model(cfg, pg_collection=pg, megatron_config=megatron_cfg).to(device)
+    megatron_cfg = to_megatron_config(cfg, expert_parallel_size=pg.ep.size(),
+                                      use_cpu_initialization=device.type != "cuda")
+    with whole_model_groups(pg) as groups:
+        return build_model(cfg, pg_collection=groups, megatron_config=megatron_cfg).to(device)
 
 
 @torch.no_grad()
@@ -197,10 +204,13 @@ def mean_loss(per_microbatch: list[torch.Tensor]) -> float:
             / len(per_microbatch)).item()
 
 
-def gather_losses(local: dict[int, torch.Tensor], num_microbatches: int) -> list[torch.Tensor]:
-    """{micro-batch: lm loss} from every rank -> the list in micro-batch order (every rank)."""
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, {m: t.detach().float().cpu() for m, t in local.items()})
+def gather_losses(local: dict[int, torch.Tensor], num_microbatches: int, group=None
+                  ) -> list[torch.Tensor]:
+    """{micro-batch: lm loss} from every rank of the pipeline `group` -> the list in
+    micro-batch order (every rank)."""
+    parts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, {m: t.detach().float().cpu() for m, t in local.items()},
+                           group=group)
     merged = {}
     for part in parts:
         merged.update(part)
@@ -242,9 +252,10 @@ def _zero_grads(params) -> None:
 
 
 def measure(name: str, num_microbatches: int, step: Callable[[], dict], params: list,
-            args, device, reference: list[torch.Tensor]) -> dict:
+            args, device, reference: list[torch.Tensor], group=None) -> dict:
     """First step (loss check, counts as a warm-up), then warm-up and timed steps; `step`
-    returns this rank's {micro-batch: lm loss}."""
+    returns this rank's {micro-batch: lm loss}; `group`: the rank's pipeline. Every process
+    of the world takes part (tokens/s: of one pipeline; the world runs EP of them)."""
     optimizer = _optimizer(params, device, args.optimizer)
 
     def full_step() -> dict:
@@ -255,51 +266,55 @@ def measure(name: str, num_microbatches: int, step: Callable[[], dict], params: 
         return losses
 
     _reset_peak(device)
-    losses = gather_losses(full_step(), num_microbatches)
+    losses = gather_losses(full_step(), num_microbatches, group)
     times = time_steps(full_step, args.steps, max(args.warmup - 1, 0), device)
     peaks: list = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, round(_peak_gib(device), 3))
     step_s = statistics.median(times)
     tokens = num_microbatches * args.micro_batch_size * args.seq_len
     loss, ref = mean_loss(losses), mean_loss(reference)
+    every: list = [None] * dist.get_world_size()  # with EP: each pipeline against its own data
+    dist.all_gather_object(every, loss == ref)
     return {"schedule": name, "microbatches": num_microbatches, "status": "ok",
             "step_s": round(step_s, 6), "tok_per_s": round(tokens / step_s, 1),
             "step_times": [round(t, 6) for t in times], "peak_gib": peaks,
             "loss": loss, "reference_loss": ref, "loss_abs_diff": abs(loss - ref),
-            "loss_equals_reference": loss == ref}
+            "loss_equals_reference": loss == ref,
+            "loss_equals_reference_every_pipeline": all(every)}
 
 
 # ----------------------------------------------------------------------------------------------
 # Ours: DualPipeV / DualPipe through the Megatron-interface adapter
 # ----------------------------------------------------------------------------------------------
 def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, fingerprint_ref,
-             ) -> list[dict]:
+             overlap: Optional[bool] = None) -> list[dict]:
+    """DualPipeV / DualPipe over the pipeline group `pg.pp`; `overlap`: the stages' MoE F&B
+    pieces (None: their default, on exactly when EP > 1)."""
     from megatron_dsv3.pipeline import Tracer
     from megatron_dsv3.pipeline.megatron_adapter import (PipelineConfig, forward_step,
                                                          get_forward_backward_func)
     from megatron_dsv3.pipeline.model_stages import StagePlan, stages_from_model
 
-    pp, rank = dist.get_world_size(), dist.get_rank()
+    pp, rank = pg.pp.size(), pg.pp.rank()
     try:
         plan = StagePlan(schedule, pp, cfg.num_layers, args.stage_layers)
     except ValueError as error:
         return [skipped(schedule, m, str(error)) for m in args.microbatches]
     model = seeded_full_model(cfg, pg, device, args.seed)
     same_weights = check_fingerprint(schedule, fingerprint(model.state_dict().items()),
-                                     fingerprint_ref)
+                                     fingerprint_ref, pg)
     if args.compile != "none":
         from megatron_dsv3.model import compile_model
 
         compile_model(model, scope=args.compile)
-    overlap = {"auto": None, "on": True, "off": False}[args.moe_overlap]
     stages = stages_from_model(model, plan, rank, overlap_moe=overlap)
     del model
     _free(device)
     for stage in stages:
         stage.mtp_lambda = 0.0
+    pieces = stages[0].piecewise_layers is not None  # the same answer for both chunks
     params = [p for stage in stages for p in stage.parameters()]
-    forward_backward = get_forward_backward_func(PipelineConfig(schedule, pp),
-                                                 group=dist.group.WORLD)
+    forward_backward = get_forward_backward_func(PipelineConfig(schedule, pp), group=pg.pp)
     results = []
     for num_microbatches in args.microbatches:
         reason = ours_unsupported(schedule, pp, num_microbatches)
@@ -320,14 +335,20 @@ def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, finger
             return {m: d["lm loss"] for m, d in zip(mine, dicts)}
 
         result = measure(schedule, num_microbatches, step, params, args, device,
-                         reference_of(num_microbatches))
+                         reference_of(num_microbatches), pg.pp)
+        result["moe_overlap"] = pieces
+        name = f"{schedule}{'' if args.moe_overlap != 'both' else '_ovl' if pieces else '_seq'}"
         # one traced step (device timestamps at op boundaries; kept apart from the timed steps)
         _zero_grads(params)
         forward_backward.tracer = Tracer()
         step()
         tracer, forward_backward.tracer = forward_backward.tracer, None
-        result["bubble"] = bubble_report(tracer, schedule, pp, args.trace_dir and
-                                         Path(args.trace_dir) / f"{schedule}_m{num_microbatches}")
+        result["bubble"] = bubble_report(tracer, schedule, pg, args.trace_dir and
+                                         Path(args.trace_dir) / f"{name}_m{num_microbatches}")
+        # and one step with every MoE all-to-all stamped (the F&B pieces' exchanges)
+        if pieces and pg.ep.size() > 1:
+            _zero_grads(params)
+            result["all_to_all"] = exchange_report(step, stages, device)
         _zero_grads(params)
         result["same_weights"] = same_weights
         results.append(result)
@@ -346,14 +367,62 @@ def ours_unsupported(schedule: str, pp: int, num_microbatches: int) -> Optional[
     return None
 
 
-def bubble_report(tracer, schedule: str, pp: int, directory: Optional[Path]) -> Optional[dict]:
-    """The traced step's idle time per rank against `paper_bubble` from its own chunk times;
-    files under `directory` when given. Every rank calls it; the report on every rank."""
+def exchange_report(step: Callable[[], dict], stages, device) -> dict:
+    """One pipeline step with every all-to-all of the stages' MoE pieces stamped
+    (comm_timing): per rank the comm time C and the exposed time X of the exchanges issued
+    inside F&B interleavings (the steady state) and of all of them (warm-up and cool-down
+    forwards and backwards run their layers' pieces one after the other: nothing hides those).
+    Every rank calls it; the report on every rank."""
+    from megatron_dsv3.pipeline.comm_timing import (Clock, TimedExchange, TimedTrace,
+                                                    resolve_step, step_numbers)
+
+    clock = Clock(device)
+    trace, timings = TimedTrace(clock), []
+    stacks = [stage.piecewise_layers for stage in stages]
+    saved = [(stack.exchange, stack.trace) for stack in stacks]
+    for stack in stacks:  # one trace and one list of timings for both chunks
+        stack.exchange, stack.trace = TimedExchange(clock, trace, timings), trace
+    try:
+        clock.begin()
+        step()
+        end = clock.stamp()
+    finally:
+        for stack, (exchange, old_trace) in zip(stacks, saved):
+            stack.exchange, stack.trace = exchange, old_trace
+    record = resolve_step(clock, trace, timings, end=end)
+    local = {"rank": dist.get_rank()}
+    for key, paired_only in (("steady", True), ("all", False)):
+        n = step_numbers(record, paired_only=paired_only)
+        local[key] = {"comm_s": n["comm_s"], "exposed_s": n["exposed_s"],
+                      "exposed_strict_s": n["exposed_strict_s"], "exchanges": n["exchanges"],
+                      "bytes": n["bytes"],
+                      "hidden_fraction": 1 - n["exposed_s"] / n["comm_s"] if n["comm_s"] else None,
+                      "hidden_fraction_strict": (1 - n["exposed_strict_s"] / n["comm_s"]
+                                                 if n["comm_s"] else None)}
+    local["step_s"] = record.duration
+    per_rank: list = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, local)
+
+    def worst(key: str, field: str) -> Optional[float]:
+        values = [r[key][field] for r in per_rank if r[key][field] is not None]
+        return min(values) if values else None
+
+    return {"hidden_fraction_steady": worst("steady", "hidden_fraction"),
+            "hidden_fraction_steady_strict": worst("steady", "hidden_fraction_strict"),
+            "hidden_fraction_all": worst("all", "hidden_fraction"),
+            "per_rank": per_rank}
+
+
+def bubble_report(tracer, schedule: str, pg, directory: Optional[Path]) -> Optional[dict]:
+    """The traced step's idle time per rank of the pipeline `pg.pp` against `paper_bubble` from
+    its own chunk times; files under `directory` when given (global rank 0's pipeline). Every
+    rank calls it; the report (of its own pipeline) on every rank."""
     from megatron_dsv3.pipeline.trace import (ChunkTimes, draw_timeline, events_from_dict,
                                               idle_by_phase, measured_chunk_times, paper_bubble)
 
-    traces: list = [None] * dist.get_world_size()
-    dist.all_gather_object(traces, tracer.to_dict())
+    pp = pg.pp.size()
+    traces: list = [None] * pp
+    dist.all_gather_object(traces, tracer.to_dict(), group=pg.pp)
     times = measured_chunk_times([e for t in traces for e in events_from_dict(t)])
     paper = paper_bubble(schedule, pp, times)
     # the same chunk times in 1F1B's units: one 1F1B stage is every chunk a rank holds once
@@ -385,9 +454,10 @@ def bubble_report(tracer, schedule: str, pp: int, directory: Optional[Path]) -> 
         (directory / "summary.json").write_text(json.dumps(report, indent=1))
         report["trace_dir"] = str(directory)
         try:
+            ep = f" x EP={pg.ep.size()}" if pg.ep.size() > 1 else ""
             draw_timeline(traces, directory / "timeline.png",
-                          f"{schedule}, PP={pp}, {traces[0].get('num_microbatches')} "
-                          "micro-batches (one traced step)")
+                          f"{schedule}, PP={pp}{ep}, {traces[0].get('num_microbatches')} "
+                          "micro-batches (one traced step; pipeline of rank 0)")
             report["timeline_png"] = str(directory / "timeline.png")
         except ImportError as error:  # the JSON holds everything; draw it elsewhere
             print(f"WARNING: timeline.png not drawn ({error}); draw it from "
@@ -396,12 +466,15 @@ def bubble_report(tracer, schedule: str, pp: int, directory: Optional[Path]) -> 
     return report
 
 
-def check_fingerprint(where: str, value: float, reference: Optional[float]) -> bool:
-    """Whether every rank built the same weights as the first build; a warning if not (the
-    timings stand, the loss comparison does not)."""
+def check_fingerprint(where: str, value: float, reference: Optional[float], pg) -> bool:
+    """Whether the ranks of every pipeline built the same weights (with EP each pipeline holds
+    its own expert shard) and each rank the same as its first build (`reference`); a warning if
+    not (the timings stand, the loss comparison does not). Every rank gets the answer."""
     values: list = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    same = len(set(values)) == 1 and (reference is None or values[0] == reference)
+    dist.all_gather_object(values, (pg.dp.rank(), value,
+                                    reference is None or value == reference))
+    same = all(ok for _, _, ok in values) and all(
+        len({v for d, v, _ in values if d == replica}) == 1 for replica, _, _ in values)
     if not same and dist.get_rank() == 0:
         print(f"WARNING {where}: the seeded full model differs between ranks or builds "
               f"(fingerprints {values}, first build {reference}): its losses are not comparable "
@@ -417,14 +490,16 @@ def skipped(schedule: str, num_microbatches: int, reason: str, **extra) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Megatron-Core's 1F1B and interleaved 1F1B on our model
 # ----------------------------------------------------------------------------------------------
-def megatron_pipeline_state(pp: int, vpp: Optional[int], seed: int, device) -> None:
-    """Megatron's global groups with pipeline size PP (and VPP model chunks per rank)."""
+def megatron_pipeline_state(pp: int, vpp: Optional[int], ep: int, seed: int, device) -> None:
+    """Megatron's global groups with pipeline size PP (and VPP model chunks per rank), EP as
+    in `init_distributed` (the same rank layout: Megatron's own)."""
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1,
                                              pipeline_model_parallel_size=pp,
-                                             virtual_pipeline_model_parallel_size=vpp)
+                                             virtual_pipeline_model_parallel_size=vpp,
+                                             expert_model_parallel_size=ep)
     if device.type == "cuda":
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -443,7 +518,7 @@ def build_megatron_chunks(cfg, full_state: dict, pp: int, vpp: Optional[int], de
     from megatron_dsv3.model import model_provider
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
-    config = to_megatron_config(cfg, pipeline_parallel_size=pp,
+    config = to_megatron_config(cfg, pipeline_parallel_size=pp, expert_parallel_size=pg.ep.size(),
                                 use_cpu_initialization=device.type != "cuda",
                                 perform_initialization=False,
                                 virtual_pipeline_model_parallel_size=vpp, **config_overrides)
@@ -518,7 +593,7 @@ def run_megatron(schedule: str, cfg, pg, args, device, batches, reference_of,
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    pp = dist.get_world_size()
+    pp = pg.pp.size()
     vpp = args.vpp if schedule == "interleaved" else None
     reasons = {m: megatron_unsupported(schedule, pp, args.vpp, cfg.num_layers, m)
                for m in args.microbatches}
@@ -526,8 +601,9 @@ def run_megatron(schedule: str, cfg, pg, args, device, batches, reference_of,
         return [skipped(schedule, m, r) for m, r in reasons.items()]
     full = seeded_full_model(cfg, pg, device, args.seed)
     full_state = full.state_dict()
-    same_weights = check_fingerprint(schedule, fingerprint(full_state.items()), fingerprint_ref)
-    megatron_pipeline_state(pp, vpp, args.seed, device)
+    same_weights = check_fingerprint(schedule, fingerprint(full_state.items()), fingerprint_ref,
+                                     pg)
+    megatron_pipeline_state(pp, vpp, pg.ep.size(), args.seed, device)
     try:
         chunks = build_megatron_chunks(cfg, full_state, pp, vpp, device, MEGATRON_P2P[schedule])
         del full, full_state
@@ -563,7 +639,7 @@ def run_megatron(schedule: str, cfg, pg, args, device, batches, reference_of,
                 return ({m: d["lm loss"] for m, d in enumerate(dicts)} if last_rank else {})
 
             result = measure(schedule, num_microbatches, step, params, args, device,
-                             reference_of(num_microbatches))
+                             reference_of(num_microbatches), pg.pp)
             result["megatron_config"] = {**MEGATRON_P2P[schedule], "vpp": vpp}
             result["same_weights"] = same_weights
             results.append(result)
@@ -576,10 +652,11 @@ def run_megatron(schedule: str, cfg, pg, args, device, batches, reference_of,
 
 
 def _restore_parallel_state(pg) -> None:
-    """Back to Megatron's groups of `init_distributed` (TP = PP = 1, EP as before)."""
+    """Back to Megatron's groups of `init_distributed` (TP = 1, PP and EP as before)."""
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1,
+                                             pipeline_model_parallel_size=pg.pp.size(),
                                              expert_model_parallel_size=pg.ep.size())
 
 
@@ -589,11 +666,13 @@ def cpu_stage_check(chunks: list, batches: list, reference: list[torch.Tensor]) 
     `backward_step` (with its output deallocation) in GPipe order (every forward, then every
     backward), activations passed over gloo. Returns the loss against the schedule-free one
     and how many parameters got a gradient."""
+    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel.schedules import (backward_step,
                                                            deallocate_output_tensor,
                                                            forward_step)
 
-    pp, rank = dist.get_world_size(), dist.get_rank()
+    group = parallel_state.get_pipeline_model_parallel_group()
+    pp, rank = group.size(), group.rank()
     num_chunks, num_microbatches = len(chunks), len(batches)
     config = chunks[0].config
     _set_aux_loss_scale(chunks, num_microbatches)
@@ -614,7 +693,7 @@ def cpu_stage_check(chunks: list, batches: list, reference: list[torch.Tensor]) 
                 inputs = None
             else:
                 inputs = torch.empty(shape, dtype=config.pipeline_dtype, requires_grad=True)
-                dist.recv(inputs, src=owner[v - 1][0])
+                dist.recv(inputs, group=group, group_src=owner[v - 1][0])
             store: list = []
             output, _ = forward_step(megatron_forward_step, iter([batches[m]]), chunk,
                                      num_microbatches, inputs, store, config, cp_group_size=1,
@@ -622,7 +701,7 @@ def cpu_stage_check(chunks: list, batches: list, reference: list[torch.Tensor]) 
             if v == num_virtual - 1:
                 losses[m] = store[0]["lm loss"]
             else:
-                dist.send(output.detach(), dst=owner[v + 1][0])
+                dist.send(output.detach(), group=group, group_dst=owner[v + 1][0])
                 deallocate_output_tensor(output, config.deallocate_pipeline_outputs)
             saved[m, v] = (inputs, output)
     for m in range(num_microbatches):
@@ -633,14 +712,14 @@ def cpu_stage_check(chunks: list, batches: list, reference: list[torch.Tensor]) 
             grad = None
             if v < num_virtual - 1:
                 grad = torch.empty(shape, dtype=config.pipeline_dtype)
-                dist.recv(grad, src=owner[v + 1][0])
+                dist.recv(grad, group=group, group_src=owner[v + 1][0])
             input_grad = backward_step(inputs, output, grad, config)
             if v > 0:
-                dist.send(input_grad, dst=owner[v - 1][0])
+                dist.send(input_grad, group=group, group_dst=owner[v - 1][0])
     params = [p for chunk in chunks for p in chunk.parameters()]
     counts = torch.tensor([sum(p.grad is not None for p in params), len(params)])
     dist.all_reduce(counts)
-    loss = mean_loss(gather_losses(losses, num_microbatches))
+    loss = mean_loss(gather_losses(losses, num_microbatches, group))
     ref = mean_loss(reference)
     return {"what": "model_provider chunks + Megatron's forward_step/backward_step in GPipe "
                     "order over gloo (not Megatron's schedule)",
@@ -658,7 +737,14 @@ def parse_args(argv=None):
                         help=f"one of {', '.join(ALL_SCHEDULES)}, a comma list, or all (DualPipe "
                              "only with an even PP)")
     parser.add_argument("--pp", type=int, default=None,
-                        help="pipeline size (default and only choice: the number of processes)")
+                        help="pipeline size (default and only choice: the number of processes "
+                             "/ EP)")
+    parser.add_argument("--expert-parallel-size", "--ep", type=int, default=1,
+                        help="EP: the world is PP x EP; each EP rank runs its own pipeline on its "
+                             "own micro-batches (data parallel, no gradient reduction), the "
+                             "routed experts sharded over the EP ranks of a stage. DualPipe(V) "
+                             "then runs its MoE layers as F&B pieces (auto) and reports the "
+                             "fraction of the all-to-all hidden behind compute")
     parser.add_argument("--vpp", type=int, default=2,
                         help="model chunks per rank of Megatron's interleaved 1F1B")
     parser.add_argument("--microbatches", default=None,
@@ -682,10 +768,12 @@ def parse_args(argv=None):
                              "not even-handed: DualPipe(V)'s MoE F&B pieces call DeepSeekMoE's "
                              "methods, not its compiled forward, which Megatron's schedules run "
                              "(--moe-overlap off, the default without EP, is like for like)")
-    parser.add_argument("--moe-overlap", default="auto", choices=["auto", "on", "off"],
+    parser.add_argument("--moe-overlap", default="auto", choices=["auto", "on", "off", "both"],
                         help="DualPipe(V) stages run their MoE layers as F&B pieces: auto (the "
-                             "stages' default) = only with an EP all-to-all to hide, i.e. never "
-                             "here (one pipeline, EP = 1); on: the pieces' overhead alone")
+                             "stages' default) = only with an EP all-to-all to hide (EP > 1); "
+                             "on at EP = 1: the pieces' overhead alone; both: each of ours twice, "
+                             "<schedule>_ovl (pieces) and <schedule>_seq (the plain layer loop: "
+                             "every all-to-all waited for at once), same weights and data")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--trace-dir", default=None,
                         help="DualPipe(V) traces: <dir>/<schedule>_m<M>/ (JSON, timeline.png)")
@@ -702,14 +790,19 @@ def resolve(args, world: int) -> list[str]:
     """Fill the defaults that depend on PP and the preset; fail early on impossible settings."""
     from megatron_dsv3.config import preset
 
-    pp = args.pp or world
-    if pp != world:
-        raise SystemExit(f"--pp {pp} is invalid: this benchmark runs one pipeline over all "
-                         f"{world} processes (no data parallelism): pass --pp {world} or start "
-                         f"{pp} processes")
+    ep = args.expert_parallel_size
+    if ep < 1 or world % ep:
+        raise SystemExit(f"--expert-parallel-size {ep} is invalid: it must divide the "
+                         f"{world} processes (world = PP x EP)")
+    pp = args.pp or world // ep
+    if pp * ep != world:
+        raise SystemExit(f"--pp {pp} is invalid: this benchmark runs EP={ep} pipelines over all "
+                         f"{world} processes (no other data parallelism): pass --pp "
+                         f"{world // ep} or start {pp * ep} processes")
     if pp < 2:
-        raise SystemExit("a pipeline needs at least 2 processes: start this script with "
-                         "torchrun --nproc-per-node 2 (or more)")
+        raise SystemExit(f"a pipeline needs at least 2 processes: start this script with "
+                         f"torchrun --nproc-per-node {2 * ep} (or more) for EP={ep}")
+    args.pp = pp
     base = preset(args.preset)
     if args.seq_len is None:
         args.seq_len = base.max_seq_len
@@ -743,12 +836,13 @@ def main(argv=None) -> Optional[dict]:
         raise SystemExit("--device cuda: no GPU is visible; use --device cpu for a logic check")
     from megatron_dsv3.parallel import init_distributed, shutdown_distributed
 
-    pg = init_distributed(tensor_parallel_size=1, backend="gloo" if args.device == "cpu" else None,
-                          seed=args.seed)
+    schedules = resolve(args, int(os.environ.get("WORLD_SIZE", "1")))
+    pg = init_distributed(tensor_parallel_size=1, expert_parallel_size=args.expert_parallel_size,
+                          pipeline_parallel_size=args.pp,
+                          backend="gloo" if args.device == "cpu" else None, seed=args.seed)
     device = (torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda"
               else torch.device("cpu"))
     try:
-        schedules = resolve(args, dist.get_world_size())
         return run(args, schedules, pg, device)
     finally:
         shutdown_distributed()
@@ -756,18 +850,19 @@ def main(argv=None) -> Optional[dict]:
 
 def run(args, schedules: list[str], pg, device) -> Optional[dict]:
     cfg = model_config(args)
-    rank, pp = dist.get_rank(), dist.get_world_size()
+    rank, pp, ep = dist.get_rank(), pg.pp.size(), pg.ep.size()
     batches = make_batches(cfg, max(args.microbatches), args.micro_batch_size, args.seq_len,
-                           device)
-    # the schedule-free reference from the seeded full model, on rank 0
+                           device, replica=pg.dp.rank())
+    # the schedule-free reference from the seeded full model, on the first rank of each
+    # pipeline (with EP: together with the other pipelines' first ranks, its EP group)
     model = seeded_full_model(cfg, pg, device, args.seed)
     weights = fingerprint(model.state_dict().items())
-    same_on_all_ranks = check_fingerprint("reference", weights, None)
+    same_on_all_ranks = check_fingerprint("reference", weights, None, pg)
     per_microbatch: list = [None]
-    if rank == 0:
+    if pg.pp.rank() == 0:
         per_microbatch = [[t.float().cpu() for t in reference_lm_losses(model, batches)]]
-    dist.broadcast_object_list(per_microbatch, src=0)
-    params = sum(p.numel() for p in model.parameters())
+    dist.broadcast_object_list(per_microbatch, group=pg.pp, group_src=0)
+    params = sum(p.numel() for p in model.parameters())  # with EP: this rank's expert shard
     del model
     _free(device)
 
@@ -777,7 +872,7 @@ def run(args, schedules: list[str], pg, device) -> Optional[dict]:
     header = {
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "pp": pp, "preset": cfg.name, "layers": cfg.num_layers, "params": params,
+        "pp": pp, "ep": ep, "preset": cfg.name, "layers": cfg.num_layers, "params": params,
         "dtype": cfg.params_dtype, "micro_batch_size": args.micro_batch_size,
         "seq_len": args.seq_len, "microbatches": args.microbatches, "vpp": args.vpp,
         "stage_layers": args.stage_layers, "steps": args.steps, "warmup": args.warmup, "optimizer": args.optimizer,
@@ -786,12 +881,16 @@ def run(args, schedules: list[str], pg, device) -> Optional[dict]:
     }
     runs: list[dict] = []
     # the baseline first: a run cut short by a time limit keeps what matters most
+    overlaps = {"auto": [None], "on": [True], "off": [False], "both": [True, False]}
     for k, schedule in enumerate(sorted(schedules, key=RUN_ORDER.index)):
-        runner = run_ours if schedule in OURS else run_megatron
         if (device.type != "cuda" and schedule in MEGATRON and rank == 0
                 and not MEGATRON_SCHEDULES_ON_CPU):
             print(f"{schedule}: skipped, {MEGATRON_NEEDS_CUDA}", file=sys.stderr)
-        runs += runner(schedule, cfg, pg, args, device, batches, reference_of, weights)
+        if schedule in MEGATRON:
+            runs += run_megatron(schedule, cfg, pg, args, device, batches, reference_of, weights)
+        for overlap in (overlaps[args.moe_overlap] if schedule in OURS else []):
+            runs += run_ours(schedule, cfg, pg, args, device, batches, reference_of, weights,
+                             overlap)
         if rank == 0:
             results = {**header, "complete": k == len(schedules) - 1,
                        "runs": with_ratios(runs)}
@@ -807,7 +906,8 @@ def run(args, schedules: list[str], pg, device) -> Optional[dict]:
 
 def with_ratios(runs: list[dict]) -> list[dict]:
     """The runs in (M, schedule) order, each with its tokens/s over 1F1B's at the same M."""
-    runs = sorted(runs, key=lambda r: (r["microbatches"], ALL_SCHEDULES.index(r["schedule"])))
+    runs = sorted(runs, key=lambda r: (r["microbatches"], ALL_SCHEDULES.index(r["schedule"]),
+                                       r.get("moe_overlap") is False))
     for r in runs:
         base = next((b for b in runs if b["schedule"] == "1f1b" and b["status"] == "ok"
                      and b["microbatches"] == r["microbatches"]), None)
@@ -817,25 +917,30 @@ def with_ratios(runs: list[dict]) -> list[dict]:
 
 
 def print_table(results: dict) -> None:
-    print(f"PP={results['pp']} {results['preset']} {results['layers']} layers, micro-batch "
-          f"{results['micro_batch_size']} x {results['seq_len']} ({results['device']})",
-          file=sys.stderr)
-    print(f"{'schedule':<12} {'M':>3} {'step ms':>9} {'tok/s':>10} {'vs 1F1B':>8} "
-          f"{'peak GiB/rank':>16} {'loss-ref':>9} {'idle/paper':>10} {'ramp/paper':>10}",
-          file=sys.stderr)
+    ep = f" x EP={results['ep']}" if results.get("ep", 1) > 1 else ""
+    print(f"PP={results['pp']}{ep} {results['preset']} {results['layers']} layers, micro-batch "
+          f"{results['micro_batch_size']} x {results['seq_len']} ({results['device']}); "
+          "tok/s of one pipeline", file=sys.stderr)
+    print(f"{'schedule':<14} {'M':>3} {'step ms':>9} {'tok/s':>10} {'vs 1F1B':>8} "
+          f"{'peak GiB/rank':>20} {'loss-ref':>9} {'idle/paper':>10} {'ramp/paper':>10} "
+          f"{'a2a hidden':>10}", file=sys.stderr)
     for r in results["runs"]:
+        label = r["schedule"] + {True: "_ovl", False: "_seq", None: ""}[
+            r.get("moe_overlap") if results["moe_overlap"] == "both" else None]
         if r["status"] != "ok":
-            print(f"{r['schedule']:<12} {r['microbatches']:>3} skipped: {r['reason'][:80]}",
+            print(f"{label:<14} {r['microbatches']:>3} skipped: {r['reason'][:80]}",
                   file=sys.stderr)
             continue
         bubble = r.get("bubble") or {}
         ratio, ramp = (bubble.get("mean_idle_over_paper"),
                        bubble.get("mean_ramp_idle_over_paper"))
-        print(f"{r['schedule']:<12} {r['microbatches']:>3} {r['step_s'] * 1e3:>9.1f} "
+        hidden = (r.get("all_to_all") or {}).get("hidden_fraction_steady")
+        print(f"{label:<14} {r['microbatches']:>3} {r['step_s'] * 1e3:>9.1f} "
               f"{r['tok_per_s']:>10.0f} {r.get('ratio_vs_1f1b', float('nan')):>8.3f} "
-              f"{'/'.join(f'{p:.1f}' for p in r['peak_gib']):>16} {r['loss_abs_diff']:>9.2e} "
+              f"{'/'.join(f'{p:.1f}' for p in r['peak_gib']):>20} {r['loss_abs_diff']:>9.2e} "
               f"{'' if ratio is None else f'{ratio:.2f}':>10} "
-              f"{'' if ramp is None else f'{ramp:.2f}':>10}", file=sys.stderr)
+              f"{'' if ramp is None else f'{ramp:.2f}':>10} "
+              f"{'' if hidden is None else f'{hidden:.1%}':>10}", file=sys.stderr)
 
 
 if __name__ == "__main__":

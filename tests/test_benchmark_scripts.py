@@ -176,6 +176,54 @@ def test_megatron_1f1b_and_interleaved_through_the_gpu_code_path_give_the_refere
     assert _run(result, "interleaved", 4)["ratio_vs_1f1b"] > 0
 
 
+def test_pp2_x_ep2_every_schedule_gives_each_pipeline_its_reference_loss_and_stamps_every_all_to_all(
+        tmp_path):
+    """Issue 4's EP=2 x PP=2 run on 4 gloo processes (Megatron's CUDA calls pointed at the CPU):
+    two pipelines, each on its own micro-batches, experts sharded over the ranks of a stage.
+    Every schedule's first loss equals the schedule-free loss of each pipeline bit for bit; the
+    DualPipe(V) rows with the MoE pieces stamp every row all-to-all: 4 per MoE layer and
+    micro-batch on each rank, some of them inside F&B interleavings. Tiny, 4 layers, layer 0
+    dense: DualPipeV's pipeline rank 0 holds layers 0 and 3 (1 MoE layer x 4 micro-batches),
+    rank 1 layers 1 and 2 (2 x 4); DualPipe's ranks each hold layers 0-1 for one half of the
+    micro-batches and 2-3 for the other (1 x 2 + 2 x 2)."""
+    shim = tmp_path / "shim.py"
+    shim.write_text(CUDA_TO_CPU_SHIM.format(benchmarks=str(REPO / "benchmarks")))
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               "4", str(shim), "--expert-parallel-size", "2", "--moe-overlap", "both",
+               "--preset", "tiny", "--layers", "4", "--device", "cpu", "--seq-len", "32",
+               "--microbatches", "4", "--steps", "1", "--warmup", "1", "--json-out",
+               str(tmp_path / "result.json")]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert (result["pp"], result["ep"], result["complete"]) == (2, 2, True)
+    rows = {(r["schedule"], r.get("moe_overlap")): r for r in result["runs"]}
+    assert set(rows) == {("1f1b", None), ("interleaved", None), ("dualpipev", True),
+                         ("dualpipev", False), ("dualpipe", True), ("dualpipe", False)}
+    for key, run in rows.items():
+        assert run["status"] == "ok", (key, run)
+        assert run["loss_equals_reference_every_pipeline"], (key, run)
+        assert len(run["peak_gib"]) == 4
+        assert ("all_to_all" in run) == (key[1] is True), key
+    for schedule in ("dualpipev", "dualpipe"):
+        report = rows[schedule, True]["all_to_all"]
+        assert len(report["per_rank"]) == 4
+        for rank in report["per_rank"]:
+            # global ranks 0, 1: pipeline rank 0 (rank = EP rank + 2 x pipeline rank)
+            layer_microbatches = (1 * 2 + 2 * 2 if schedule == "dualpipe"
+                                  else 1 * 4 if rank["rank"] < 2 else 2 * 4)
+            steady, every = rank["steady"], rank["all"]
+            assert every["exchanges"] == 4 * layer_microbatches, (schedule, rank)
+            assert 0 < steady["exchanges"] < every["exchanges"], (schedule, rank)
+            assert 0 < steady["comm_s"] <= every["comm_s"], (schedule, rank)
+            for numbers in (steady, every):
+                assert 0.0 <= numbers["hidden_fraction_strict"] <= numbers["hidden_fraction"] <= 1
+        assert report["hidden_fraction_steady"] == min(
+            r["steady"]["hidden_fraction"] for r in report["per_rank"])
+
+
 def test_schedules_refuses_a_pipeline_size_other_than_the_world(tmp_path):
     module = _load("pipeline_schedules")
     args = module.parse_args(["--pp", "4"])
@@ -189,6 +237,15 @@ def test_schedules_refuses_a_pipeline_size_other_than_the_world(tmp_path):
     assert args.layers == 12
     with pytest.raises(SystemExit, match="--schedule 1f1b,zb is invalid: \\['zb'\\] unknown"):
         module.resolve(module.parse_args(["--schedule", "1f1b,zb"]), world=2)
+    args = module.parse_args(["--preset", "proxy", "--expert-parallel-size", "2"])
+    module.resolve(args, world=4)
+    assert (args.pp, args.layers, args.microbatches) == (2, 8, [8])
+    with pytest.raises(SystemExit, match="--expert-parallel-size 3 is invalid: it must divide"):
+        module.resolve(module.parse_args(["--ep", "3"]), world=4)
+    with pytest.raises(SystemExit, match="--pp 4 is invalid: .* EP=2 pipelines .* --pp 2"):
+        module.resolve(module.parse_args(["--ep", "2", "--pp", "4"]), world=4)
+    with pytest.raises(SystemExit, match="needs at least 2 processes: .* --nproc-per-node 4"):
+        module.resolve(module.parse_args(["--ep", "2"]), world=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,11 +288,11 @@ def test_hidden_fraction_counts_only_the_time_compute_waited():
     """A made-up step: exchange A in flight [0, 4], waited for from 3 (1 exposed); B [5, 6],
     waited for at once (1 exposed): C = 5, X = 2, hidden 0.6. A plan waiting for its counts over
     [1, 2] while A is in flight queues behind it: strict X = 3, hidden 0.4."""
-    module = _load("pipeline_ep_overlap")
+    module = _load("pipeline_ep_overlap")  # comm_timing's arithmetic, which the script uses
     exchanges = [{"name": "F0.dispatch", "bytes": 8, "issue": 0.0, "completion": 4.0,
-                  "wait": 3.0, "resumed": 4.0},
+                  "wait": 3.0, "resumed": 4.0, "paired": True},
                  {"name": "F0.combine", "bytes": 8, "issue": 5.0, "completion": 6.0,
-                  "wait": 5.0, "resumed": 6.0}]
+                  "wait": 5.0, "resumed": 6.0, "paired": False}]
     pieces = [("B1.mlp.run", 0.0, 1.0), ("F0.plan.wait", 1.0, 2.0), ("F0.plan.run", 2.0, 3.0),
               ("F0.dispatch.wait", 3.0, 4.0), ("F0.mlp.run", 4.0, 5.0),
               ("F0.combine.wait", 5.0, 6.0)]
@@ -245,3 +302,7 @@ def test_hidden_fraction_counts_only_the_time_compute_waited():
     assert summary["hidden_fraction"] == pytest.approx(0.6)
     assert summary["hidden_fraction_strict"] == pytest.approx(0.4)
     assert summary["pieces_s_per_step"]["F.dispatch.wait"] == 1.0
+    # only the exchange issued inside an F&B interleaving (A): C = 4, X = 1, strict X = 2
+    paired = module.step_numbers(module.StepRecord(6.0, pieces, exchanges), paired_only=True)
+    assert (paired["comm_s"], paired["exposed_s"], paired["exposed_strict_s"]) == (4, 1, 2)
+    assert paired["exchanges"] == 1

@@ -37,6 +37,7 @@ SEQ, BATCH, HIDDEN = 8, 2, 32
 # Layers 0 (dense), 1, 2 (MoE) backward from layer 2, forward from layer 0, B leading; three
 # segments per MoE layer in each program (the module note writes out why each exchange is hidden).
 EXPECTED_FB_ORDER = [
+    "pair.begin",
     "B2.combine.run", "B2.combine.issue",
     "F0.layer.run", "F1.attn.run", "F1.plan.issue",
     "B2.shared.run",
@@ -51,6 +52,7 @@ EXPECTED_FB_ORDER = [
     "F2.dispatch.wait", "F2.mlp.run", "F2.combine.issue",
     "B1.dispatch.wait", "B1.attn.run", "B0.layer.run",
     "F2.combine.wait", "F2.combine.run",
+    "pair.end",
 ]
 
 

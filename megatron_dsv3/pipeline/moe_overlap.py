@@ -414,6 +414,11 @@ class DenseLayerRun:
 # ----------------------------------------------------------------------------------------------
 # A micro-batch through a stack of layers, as generators, and their interleaving
 # ----------------------------------------------------------------------------------------------
+# Trace markers around an F&B interleaving (B's and A's pieces alternating): what is between
+# them is the steady state of the schedules (comm_timing counts its exchanges apart).
+PAIR_BEGIN, PAIR_END = "pair.begin", "pair.end"
+
+
 def _log(trace: Optional[list], event: str) -> None:
     if trace is not None:
         trace.append(event)
@@ -571,10 +576,11 @@ class PiecewiseLayers:
         hidden = self.piecewise_layers(hidden, attention_mask=mask)   # [s, b, d] -> [s, b, d]
     The layers stay registered in the stage module (this object only refers to them).
     Without grad (inference, forward-only steps) the layers run whole. `trace`: a list to
-    which the pieces append their events (tests, timelines)."""
+    which the pieces append their events (tests, timelines). `exchange`: what runs the pieces'
+    all-to-alls (comm_timing.TimedExchange stamps them)."""
     layers: Sequence[torch.nn.Module]
     trace: Optional[list] = None
-    _exchange: AsyncExchange = field(default_factory=AsyncExchange, repr=False)
+    exchange: AsyncExchange = field(default_factory=AsyncExchange, repr=False)
     _captured: Optional[list] = field(default=None, repr=False)
     _paired: Optional[_PairedBackward] = field(default=None, repr=False)
 
@@ -592,7 +598,7 @@ class PiecewiseLayers:
             for layer in self.layers:
                 hidden, _ = layer(hidden_states=hidden, **layer_kwargs)
             return hidden
-        runs = [MoELayerPieces(layer, self._exchange, layer_kwargs)
+        runs = [MoELayerPieces(layer, self.exchange, layer_kwargs)
                 if isinstance(getattr(layer, "mlp", None), DeepSeekMoE)
                 else DenseLayerRun(layer, layer_kwargs) for layer in self.layers]
         stack_run = _StackRun(self, hidden, runs)
@@ -601,8 +607,10 @@ class PiecewiseLayers:
         if paired is None:
             stack_run.output = run_sequential(forward)
         else:  # backward of B first: its combine exchange flies while A's attention computes
+            _log(self.trace, PAIR_BEGIN)
             paired.input_grad, stack_run.output = run_interleaved(
                 paired.stack_run.backward_program(paired.grad), forward)
+            _log(self.trace, PAIR_END)
             paired.done = True
         anchor = torch.empty(0, device=hidden.device, requires_grad=True)
         return _StackBoundary.apply(anchor, stack_run)
@@ -670,6 +678,6 @@ class MoEOverlapStage:
         return overlapped_forward_backward(fwd, bwd)
 
 
-__all__ = ["AsyncExchange", "DenseLayerRun", "MoELayerPieces", "MoEOverlapStage",
-           "PiecewiseLayers", "backward_program", "check_piecewise_layer", "forward_program",
+__all__ = ["PAIR_BEGIN", "PAIR_END", "AsyncExchange", "DenseLayerRun", "MoELayerPieces",
+           "MoEOverlapStage", "PiecewiseLayers", "backward_program", "check_piecewise_layer", "forward_program",
            "overlapped_forward_backward", "run_interleaved", "run_sequential"]

@@ -14,6 +14,9 @@
 #   eppp      (N = 4) PP=2 x EP=2, proxy 8 layers: every schedule, DualPipe(V) with the MoE F&B
 #             pieces (_ovl) and without (_seq), Megatron's 1F1B / interleaved with EP; the fraction
 #             of the all-to-all hidden inside the pipeline (`--moe-overlap both`)
+#   ctas      (N = 4) the eppp DualPipeV rows (M = 8, _ovl and _seq, profiled: compute kernels'
+#             summed and busy time, NCCL's) once per NCCL_MAX_CTAS in ${CTAS:-default 16 8 4}:
+#             does NCCL sharing the SMs slow the overlapped pieces' compute?
 #   ablation  DualPipeV again with the MoE F&B pieces forced on (`--moe-overlap on`; the
 #             default runs the plain layer loop without EP): inside a pipeline without EP there
 #             is no all-to-all to hide, so this measures the pieces' overhead
@@ -21,7 +24,7 @@
 # EP_ARGS / PP_ARGS: more arguments for the EP script / both pipeline parts (e.g.
 # PP_ARGS=--optimizer, or a CPU rehearsal: PP_ARGS="--preset tiny --layers 4 --seq-len 32").
 set -uo pipefail
-N=${1:?usage: pipeline_gpu.sh NUM_GPUS [ep] [pp] [eppp] [balanced] [ablation]}
+N=${1:?usage: pipeline_gpu.sh NUM_GPUS [ep] [pp] [eppp] [ctas] [balanced] [ablation]}
 shift
 if [ "$N" -eq 2 ]; then PARTS=${*:-ep pp balanced ablation}; else PARTS=${*:-ep pp eppp ablation}; fi
 cd "$(dirname "$0")/.."
@@ -55,14 +58,20 @@ for p in $PARTS; do
           --trace-dir "$DIR/pp" ${PP_ARGS:-} ;;
     eppp) part eppp 300 pipeline_schedules.py --expert-parallel-size 2 --schedule all \
           --moe-overlap both --microbatches "$MB" --trace-dir "$DIR/eppp" ${PP_ARGS:-} ;;
+    ctas) for c in ${CTAS:-default 16 8 4}; do
+            if [ "$c" = default ]; then unset NCCL_MAX_CTAS; else export NCCL_MAX_CTAS=$c; fi
+            part "ctas_$c" 150 pipeline_schedules.py --expert-parallel-size 2 \
+              --schedule dualpipev --moe-overlap both --microbatches 8 --profile \
+              --trace-dir "$DIR/ctas_$c" ${PP_ARGS:-}
+          done; unset NCCL_MAX_CTAS ;;
     balanced) part balanced 100 pipeline_schedules.py --schedule dualpipev --layers 9 \
           --stage-layers 2,3,2,2 --microbatches "$MB" --trace-dir "$DIR/balanced" \
           ${PP_ARGS:-} ;;
     ablation) part ablation 100 pipeline_schedules.py --schedule dualpipev --moe-overlap on \
           --microbatches "$MB" --trace-dir "$DIR/ablation" ${PP_ARGS:-} ;;
-    *) echo "unknown part '$p': use ep, pp, eppp, balanced or ablation" >&2; exit 2 ;;
+    *) echo "unknown part '$p': use ep, pp, eppp, ctas, balanced or ablation" >&2; exit 2 ;;
   esac
 done
 # the device returns a few files per call: traces and logs travel as one archive
 (cd "$DIR" && tar czf traces.tgz --remove-files \
-  $(ls -d ep pp eppp balanced ablation ./*.log 2>/dev/null)) && echo "traces, logs: $DIR/traces.tgz"
+  $(ls -d ep pp eppp ctas_* balanced ablation ./*.log 2>/dev/null)) && echo "traces, logs: $DIR/traces.tgz"

@@ -349,6 +349,10 @@ def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, finger
         if pieces and pg.ep.size() > 1:
             _zero_grads(params)
             result["all_to_all"] = exchange_report(step, stages, device)
+        if args.profile:
+            _zero_grads(params)
+            result["kernels"] = kernel_report(step, device, args.trace_dir and
+                                              Path(args.trace_dir) / f"{name}_m{num_microbatches}")
         _zero_grads(params)
         result["same_weights"] = same_weights
         results.append(result)
@@ -411,6 +415,55 @@ def exchange_report(step: Callable[[], dict], stages, device) -> dict:
             "hidden_fraction_steady_strict": worst("steady", "hidden_fraction_strict"),
             "hidden_fraction_all": worst("all", "hidden_fraction"),
             "per_rank": per_rank}
+
+
+def kernel_report(step: Callable[[], dict], device, directory: Optional[Path]) -> dict:
+    """One step under torch.profiler: where the device's time went, per rank. Kernels are
+    compute, NCCL (name holds 'nccl') or copies (memcpy / memset). Reported: the sum of the
+    compute kernels' durations (kernels slowed by NCCL sharing the SMs make it grow), the union
+    of their intervals (busy; the step minus busy is when no compute ran: waits for peers,
+    for the host or for the all-to-all), NCCL's union and its overlap with compute, and the
+    span from the first kernel to the last. The top kernels go to `directory`/kernels_rank<r>.txt.
+    On CPU there are no kernels (zeros)."""
+    from megatron_dsv3.pipeline.comm_timing import union_length
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    _sync(device)
+    dist.barrier()
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        wall = time.perf_counter() - start
+    kinds: dict[str, list] = {"compute": [], "nccl": [], "copy": []}
+    for event in prof.events():
+        if event.device_type != DeviceType.CUDA:
+            continue
+        name = event.name.lower()
+        kind = ("nccl" if "nccl" in name else "copy" if "memcpy" in name or "memset" in name
+                else "compute")
+        kinds[kind].append((event.time_range.start / 1e6, event.time_range.end / 1e6))
+    every = [i for v in kinds.values() for i in v]
+    compute, nccl = kinds["compute"], kinds["nccl"]
+    both = union_length(compute) + union_length(nccl) - union_length(compute + nccl)
+    local = {"rank": dist.get_rank(), "step_s": wall,
+             "span_s": (max(e for _, e in every) - min(s for s, _ in every)) if every else 0.0,
+             "compute_kernel_s": sum(e - s for s, e in compute),
+             "compute_busy_s": union_length(compute), "compute_kernels": len(compute),
+             "nccl_busy_s": union_length(nccl), "nccl_overlapping_compute_s": both,
+             "copy_s": sum(e - s for s, e in kinds["copy"])}
+    if directory is not None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        (directory / f"kernels_rank{dist.get_rank()}.txt").write_text(
+            prof.key_averages().table(sort_by=sort_by, row_limit=30))
+    per_rank: list = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, local)
+    return {"per_rank": per_rank}
 
 
 def bubble_report(tracer, schedule: str, pg, directory: Optional[Path]) -> Optional[dict]:
@@ -774,6 +827,10 @@ def parse_args(argv=None):
                              "on at EP = 1: the pieces' overhead alone; both: each of ours twice, "
                              "<schedule>_ovl (pieces) and <schedule>_seq (the plain layer loop: "
                              "every all-to-all waited for at once), same weights and data")
+    parser.add_argument("--profile", action="store_true",
+                        help="DualPipe(V): one more step under torch.profiler; per rank the "
+                             "compute kernels' summed and busy time, NCCL's, and the top "
+                             "kernels (<trace-dir>/<schedule>_m<M>/kernels_rank<r>.txt)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--trace-dir", default=None,
                         help="DualPipe(V) traces: <dir>/<schedule>_m<M>/ (JSON, timeline.png)")

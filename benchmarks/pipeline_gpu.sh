@@ -14,6 +14,10 @@
 #   eppp      (N = 4) PP=2 x EP=2, proxy 8 layers: every schedule, DualPipe(V) with the MoE F&B
 #             pieces (_ovl) and without (_seq), Megatron's 1F1B / interleaved with EP; the fraction
 #             of the all-to-all hidden inside the pipeline (`--moe-overlap both`)
+#   eppp_sym  (N = 4) DualPipeV at PP=2 x EP=2 on 9 layers split 3,2,2,2: every chunk holds 2 MoE
+#             layers (layer 0 is dense), so the two chunks of an F&B step pair MoE layer with MoE
+#             layer (with 8 layers rank 0 pairs 1 MoE layer with 2, and the extra layer's
+#             all-to-alls have nothing left to hide behind)
 #   ctas      (N = 4) the eppp DualPipeV rows (M = 8, _ovl and _seq, profiled: compute kernels'
 #             summed and busy time, NCCL's) once per NCCL_MAX_CTAS in ${CTAS:-default 16 8 4}:
 #             does NCCL sharing the SMs slow the overlapped pieces' compute?
@@ -24,9 +28,9 @@
 # EP_ARGS / PP_ARGS: more arguments for the EP script / both pipeline parts (e.g.
 # PP_ARGS=--optimizer, or a CPU rehearsal: PP_ARGS="--preset tiny --layers 4 --seq-len 32").
 set -uo pipefail
-N=${1:?usage: pipeline_gpu.sh NUM_GPUS [ep] [pp] [eppp] [ctas] [balanced] [ablation]}
+N=${1:?usage: pipeline_gpu.sh NUM_GPUS [ep] [pp] [eppp] [eppp_sym] [ctas] [balanced] [ablation]}
 shift
-if [ "$N" -eq 2 ]; then PARTS=${*:-ep pp balanced ablation}; else PARTS=${*:-ep pp eppp ablation}; fi
+if [ "$N" -eq 2 ]; then PARTS=${*:-ep pp balanced ablation}; else PARTS=${*:-ep pp eppp eppp_sym ablation}; fi
 cd "$(dirname "$0")/.."
 DIR=${OUT:-gpu_out/n$N}  # the device fetches folders at most two levels under $OUT
 mkdir -p "$DIR"
@@ -58,6 +62,9 @@ for p in $PARTS; do
           --trace-dir "$DIR/pp" ${PP_ARGS:-} ;;
     eppp) part eppp 300 pipeline_schedules.py --expert-parallel-size 2 --schedule all \
           --moe-overlap both --microbatches "$MB" --trace-dir "$DIR/eppp" ${PP_ARGS:-} ;;
+    eppp_sym) part eppp_sym 200 pipeline_schedules.py --expert-parallel-size 2 \
+          --schedule dualpipev --layers 9 --stage-layers 3,2,2,2 --moe-overlap both \
+          --microbatches "$MB" --trace-dir "$DIR/eppp_sym" ${PP_ARGS:-} ;;
     ctas) for c in ${CTAS:-default 16 8 4}; do
             if [ "$c" = default ]; then unset NCCL_MAX_CTAS; else export NCCL_MAX_CTAS=$c; fi
             part "ctas_$c" 150 pipeline_schedules.py --expert-parallel-size 2 \
@@ -69,9 +76,9 @@ for p in $PARTS; do
           ${PP_ARGS:-} ;;
     ablation) part ablation 100 pipeline_schedules.py --schedule dualpipev --moe-overlap on \
           --microbatches "$MB" --trace-dir "$DIR/ablation" ${PP_ARGS:-} ;;
-    *) echo "unknown part '$p': use ep, pp, eppp, ctas, balanced or ablation" >&2; exit 2 ;;
+    *) echo "unknown part '$p': use ep, pp, eppp, eppp_sym, ctas, balanced or ablation" >&2; exit 2 ;;
   esac
 done
 # the device returns a few files per call: traces and logs travel as one archive
 (cd "$DIR" && tar czf traces.tgz --remove-files \
-  $(ls -d ep pp eppp ctas_* balanced ablation ./*.log 2>/dev/null)) && echo "traces, logs: $DIR/traces.tgz"
+  $(ls -d ep pp eppp eppp_sym ctas_* balanced ablation ./*.log 2>/dev/null)) && echo "traces, logs: $DIR/traces.tgz"

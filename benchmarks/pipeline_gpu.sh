@@ -18,6 +18,8 @@
 #             layers (layer 0 is dense), so the two chunks of an F&B step pair MoE layer with MoE
 #             layer (with 8 layers rank 0 pairs 1 MoE layer with 2, and the extra layer's
 #             all-to-alls have nothing left to hide behind)
+#   cg        (N = 4) the eppp DualPipe(V) rows once more with the pieces' count exchanges also
+#             over a duplicate EP group on their own stream (_ovl_cg; `--count-group both`)
 #   ctas      (N = 4) the eppp DualPipeV rows (M = 8, _ovl and _seq, profiled: compute kernels'
 #             summed and busy time, NCCL's) once per NCCL_MAX_CTAS in ${CTAS:-default 16 8 4}:
 #             does NCCL sharing the SMs slow the overlapped pieces' compute?
@@ -28,7 +30,7 @@
 # EP_ARGS / PP_ARGS: more arguments for the EP script / both pipeline parts (e.g.
 # PP_ARGS=--optimizer, or a CPU rehearsal: PP_ARGS="--preset tiny --layers 4 --seq-len 32").
 set -uo pipefail
-N=${1:?usage: pipeline_gpu.sh NUM_GPUS [ep] [pp] [eppp] [eppp_sym] [ctas] [balanced] [ablation]}
+N=${1:?usage: pipeline_gpu.sh NUM_GPUS [ep] [pp] [eppp] [eppp_sym] [cg] [ctas] [balanced] [ablation]}
 shift
 if [ "$N" -eq 2 ]; then PARTS=${*:-ep pp balanced ablation}; else PARTS=${*:-ep pp eppp eppp_sym ablation}; fi
 cd "$(dirname "$0")/.."
@@ -65,6 +67,9 @@ for p in $PARTS; do
     eppp_sym) part eppp_sym 200 pipeline_schedules.py --expert-parallel-size 2 \
           --schedule dualpipev --layers 9 --stage-layers 3,2,2,2 --moe-overlap both \
           --microbatches "$MB" --trace-dir "$DIR/eppp_sym" ${PP_ARGS:-} ;;
+    cg) part cg 300 pipeline_schedules.py --expert-parallel-size 2 --schedule dualpipev,dualpipe \
+          --moe-overlap both --count-group both --microbatches "$MB" --trace-dir "$DIR/cg" \
+          ${PP_ARGS:-} ;;
     ctas) for c in ${CTAS:-default 16 8 4}; do
             if [ "$c" = default ]; then unset NCCL_MAX_CTAS; else export NCCL_MAX_CTAS=$c; fi
             part "ctas_$c" 150 pipeline_schedules.py --expert-parallel-size 2 \
@@ -76,9 +81,9 @@ for p in $PARTS; do
           ${PP_ARGS:-} ;;
     ablation) part ablation 100 pipeline_schedules.py --schedule dualpipev --moe-overlap on \
           --microbatches "$MB" --trace-dir "$DIR/ablation" ${PP_ARGS:-} ;;
-    *) echo "unknown part '$p': use ep, pp, eppp, eppp_sym, ctas, balanced or ablation" >&2; exit 2 ;;
+    *) echo "unknown part '$p': use ep, pp, eppp, eppp_sym, cg, ctas, balanced or ablation" >&2; exit 2 ;;
   esac
 done
 # the device returns a few files per call: traces and logs travel as one archive
 (cd "$DIR" && tar czf traces.tgz --remove-files \
-  $(ls -d ep pp eppp eppp_sym ctas_* balanced ablation ./*.log 2>/dev/null)) && echo "traces, logs: $DIR/traces.tgz"
+  $(ls -d ep pp eppp eppp_sym cg ctas_* balanced ablation ./*.log 2>/dev/null)) && echo "traces, logs: $DIR/traces.tgz"

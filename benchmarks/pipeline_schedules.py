@@ -287,9 +287,10 @@ def measure(name: str, num_microbatches: int, step: Callable[[], dict], params: 
 # Ours: DualPipeV / DualPipe through the Megatron-interface adapter
 # ----------------------------------------------------------------------------------------------
 def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, fingerprint_ref,
-             overlap: Optional[bool] = None) -> list[dict]:
+             overlap: Optional[bool] = None, count_group: str = "same") -> list[dict]:
     """DualPipeV / DualPipe over the pipeline group `pg.pp`; `overlap`: the stages' MoE F&B
-    pieces (None: their default, on exactly when EP > 1)."""
+    pieces (None: their default, on exactly when EP > 1); count_group 'separate': the pieces'
+    count exchanges over a duplicate of the EP group (`AsyncExchange(count_groups=)`)."""
     from megatron_dsv3.pipeline import Tracer
     from megatron_dsv3.pipeline.megatron_adapter import (PipelineConfig, forward_step,
                                                          get_forward_backward_func)
@@ -313,6 +314,14 @@ def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, finger
     for stage in stages:
         stage.mtp_lambda = 0.0
     pieces = stages[0].piecewise_layers is not None  # the same answer for both chunks
+    separate = pieces and pg.ep.size() > 1 and count_group == "separate"
+    if separate:
+        from megatron_dsv3.parallel import duplicate_group
+        from megatron_dsv3.pipeline.moe_overlap import AsyncExchange
+
+        groups = {tuple(dist.get_process_group_ranks(pg.ep)): duplicate_group(pg.ep)}
+        for stage in stages:
+            stage.piecewise_layers.exchange = AsyncExchange(count_groups=groups)
     params = [p for stage in stages for p in stage.parameters()]
     forward_backward = get_forward_backward_func(PipelineConfig(schedule, pp), group=pg.pp)
     results = []
@@ -336,8 +345,9 @@ def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, finger
 
         result = measure(schedule, num_microbatches, step, params, args, device,
                          reference_of(num_microbatches), pg.pp)
-        result["moe_overlap"] = pieces
-        name = f"{schedule}{'' if args.moe_overlap != 'both' else '_ovl' if pieces else '_seq'}"
+        result["moe_overlap"], result["count_group"] = pieces, ("separate" if separate
+                                                                else "same")
+        name = run_label(schedule, pieces, separate, args.moe_overlap)
         # one traced step (device timestamps at op boundaries; kept apart from the timed steps)
         _zero_grads(params)
         forward_backward.tracer = Tracer()
@@ -359,6 +369,13 @@ def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, finger
     del stages, params, forward_backward
     _free(device)
     return results
+
+
+def run_label(schedule: str, pieces: Optional[bool], separate: bool, moe_overlap: str) -> str:
+    """dualpipev, or with --moe-overlap both dualpipev_ovl / dualpipev_seq; _cg: the counts
+    over their own group."""
+    suffix = "" if moe_overlap != "both" else "_ovl" if pieces else "_seq"
+    return f"{schedule}{suffix}{'_cg' if separate else ''}"
 
 
 def ours_unsupported(schedule: str, pp: int, num_microbatches: int) -> Optional[str]:
@@ -385,7 +402,8 @@ def exchange_report(step: Callable[[], dict], stages, device) -> dict:
     stacks = [stage.piecewise_layers for stage in stages]
     saved = [(stack.exchange, stack.trace) for stack in stacks]
     for stack in stacks:  # one trace and one list of timings for both chunks
-        stack.exchange, stack.trace = TimedExchange(clock, trace, timings), trace
+        stack.exchange, stack.trace = TimedExchange(clock, trace, timings,
+                                                    stack.exchange.count_groups), trace
     try:
         clock.begin()
         step()
@@ -827,6 +845,10 @@ def parse_args(argv=None):
                              "on at EP = 1: the pieces' overhead alone; both: each of ours twice, "
                              "<schedule>_ovl (pieces) and <schedule>_seq (the plain layer loop: "
                              "every all-to-all waited for at once), same weights and data")
+    parser.add_argument("--count-group", default="same", choices=["same", "separate", "both"],
+                        help="with EP, the MoE pieces' count exchanges over the EP group itself "
+                             "(same), over a duplicate of it on their own stream (separate: "
+                             "they do not queue behind a row exchange in flight), or both")
     parser.add_argument("--profile", action="store_true",
                         help="DualPipe(V): one more step under torch.profiler; per rank the "
                              "compute kernels' summed and busy time, NCCL's, and the top "
@@ -933,7 +955,7 @@ def run(args, schedules: list[str], pg, device) -> Optional[dict]:
         "dtype": cfg.params_dtype, "micro_batch_size": args.micro_batch_size,
         "seq_len": args.seq_len, "microbatches": args.microbatches, "vpp": args.vpp,
         "stage_layers": args.stage_layers, "steps": args.steps, "warmup": args.warmup, "optimizer": args.optimizer,
-        "compile": args.compile, "moe_overlap": args.moe_overlap,
+        "compile": args.compile, "moe_overlap": args.moe_overlap, "count_group": args.count_group,
         "weights_fingerprint": weights, "same_weights_on_all_ranks": same_on_all_ranks,
     }
     runs: list[dict] = []
@@ -945,9 +967,12 @@ def run(args, schedules: list[str], pg, device) -> Optional[dict]:
             print(f"{schedule}: skipped, {MEGATRON_NEEDS_CUDA}", file=sys.stderr)
         if schedule in MEGATRON:
             runs += run_megatron(schedule, cfg, pg, args, device, batches, reference_of, weights)
+        count_groups = {"same": ["same"], "separate": ["separate"],
+                        "both": ["same", "separate"]}[args.count_group]
         for overlap in (overlaps[args.moe_overlap] if schedule in OURS else []):
-            runs += run_ours(schedule, cfg, pg, args, device, batches, reference_of, weights,
-                             overlap)
+            for count_group in (count_groups if overlap is not False else ["same"]):
+                runs += run_ours(schedule, cfg, pg, args, device, batches, reference_of,
+                                 weights, overlap, count_group)
         if rank == 0:
             results = {**header, "complete": k == len(schedules) - 1,
                        "runs": with_ratios(runs)}
@@ -964,7 +989,8 @@ def run(args, schedules: list[str], pg, device) -> Optional[dict]:
 def with_ratios(runs: list[dict]) -> list[dict]:
     """The runs in (M, schedule) order, each with its tokens/s over 1F1B's at the same M."""
     runs = sorted(runs, key=lambda r: (r["microbatches"], ALL_SCHEDULES.index(r["schedule"]),
-                                       r.get("moe_overlap") is False))
+                                       r.get("moe_overlap") is False,
+                                       r.get("count_group") == "separate"))
     for r in runs:
         base = next((b for b in runs if b["schedule"] == "1f1b" and b["status"] == "ok"
                      and b["microbatches"] == r["microbatches"]), None)
@@ -978,21 +1004,21 @@ def print_table(results: dict) -> None:
     print(f"PP={results['pp']}{ep} {results['preset']} {results['layers']} layers, micro-batch "
           f"{results['micro_batch_size']} x {results['seq_len']} ({results['device']}); "
           "tok/s of one pipeline", file=sys.stderr)
-    print(f"{'schedule':<14} {'M':>3} {'step ms':>9} {'tok/s':>10} {'vs 1F1B':>8} "
+    print(f"{'schedule':<16} {'M':>3} {'step ms':>9} {'tok/s':>10} {'vs 1F1B':>8} "
           f"{'peak GiB/rank':>20} {'loss-ref':>9} {'idle/paper':>10} {'ramp/paper':>10} "
           f"{'a2a hidden':>10}", file=sys.stderr)
     for r in results["runs"]:
-        label = r["schedule"] + {True: "_ovl", False: "_seq", None: ""}[
-            r.get("moe_overlap") if results["moe_overlap"] == "both" else None]
+        label = run_label(r["schedule"], r.get("moe_overlap"), r.get("count_group") == "separate",
+                          results["moe_overlap"])
         if r["status"] != "ok":
-            print(f"{label:<14} {r['microbatches']:>3} skipped: {r['reason'][:80]}",
+            print(f"{label:<16} {r['microbatches']:>3} skipped: {r['reason'][:80]}",
                   file=sys.stderr)
             continue
         bubble = r.get("bubble") or {}
         ratio, ramp = (bubble.get("mean_idle_over_paper"),
                        bubble.get("mean_ramp_idle_over_paper"))
         hidden = (r.get("all_to_all") or {}).get("hidden_fraction_steady")
-        print(f"{label:<14} {r['microbatches']:>3} {r['step_s'] * 1e3:>9.1f} "
+        print(f"{label:<16} {r['microbatches']:>3} {r['step_s'] * 1e3:>9.1f} "
               f"{r['tok_per_s']:>10.0f} {r.get('ratio_vs_1f1b', float('nan')):>8.3f} "
               f"{'/'.join(f'{p:.1f}' for p in r['peak_gib']):>20} {r['loss_abs_diff']:>9.2e} "
               f"{'' if ratio is None else f'{ratio:.2f}':>10} "

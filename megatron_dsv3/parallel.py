@@ -4,6 +4,7 @@
                               torch.distributed (gloo on CPU, NCCL on GPU) + Megatron's groups
   whole_model_groups(pg)      context: the groups to build the whole model with on a pipeline
                               rank (DualPipe / DualPipeV cut their stages from it)
+  duplicate_group(group)      the same ranks on a new communicator (e.g. for MoE counts)
   shard_state_dict(full, model, tp_group, ep_group)
                               the slice of a full (TP=1, EP=1) state dict this rank's model holds
   gather_state_dict(model, tp_group, ep_group)
@@ -142,6 +143,21 @@ def whole_model_groups(pg: ProcessGroupCollection) -> Iterator[ProcessGroupColle
     finally:
         parallel_state.set_pipeline_model_parallel_world_size(saved[0])
         parallel_state.set_pipeline_model_parallel_rank(saved[1])
+
+
+def duplicate_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    """A new group of the same ranks as `group` (its own communicator: its collectives do not
+    queue behind `group`'s). Collective over the world: every rank calls it with its own group
+    of the same kind (e.g. its EP group); each gets the copy of its own."""
+    mine = tuple(dist.get_process_group_ranks(group))
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    copy_of_mine = None
+    for ranks in sorted(set(everyone)):  # every rank creates every group, in the same order
+        created = dist.new_group(list(ranks))
+        if ranks == mine:
+            copy_of_mine = created
+    return copy_of_mine
 
 
 def shutdown_distributed() -> None:

@@ -304,6 +304,7 @@ def _async_plan_worker(rank: int, world: int) -> dict:
 
     from megatron_dsv3.moe.dispatcher import AllToAllDispatcher
     from megatron_dsv3.moe.router import Routing, count_tokens_per_expert
+    from megatron_dsv3.parallel import duplicate_group
     from megatron_dsv3.pipeline.moe_overlap import AsyncExchange
 
     dist.init_process_group("gloo")  # from run_gloo's environment
@@ -327,11 +328,29 @@ def _async_plan_worker(rank: int, world: int) -> dict:
 
     inputs = [routed(300 + 10 * rank + m) for m in range(2)]
     expected = [flat(dispatcher.plan(*args)) for args in inputs]
-    counts = AsyncExchange().counts
-    started = [dispatcher.plan_start(*args, counts=counts) for args in inputs]
-    actual = [flat(dispatcher.plan_finish(plan)) for plan in reversed(started)][::-1]
-    for m in range(2):
-        assert_same(actual[m], expected[m], f"rank {rank} micro-batch {m}: async vs sync plan")
+    # the counts over the EP group itself, then over a duplicate of it (count_groups)
+    duplicate = duplicate_group(dist.group.WORLD)
+    used_groups = []
+    all_to_all = dist.all_to_all_single
+
+    def recording(*args, group=None, **kwargs):
+        used_groups.append(group)
+        return all_to_all(*args, group=group, **kwargs)
+
+    dist.all_to_all_single = recording
+    try:
+        for how, exchange in (("same group", AsyncExchange()), ("duplicate group", AsyncExchange(
+                count_groups={tuple(range(dist.get_world_size())): duplicate}))):
+            used_groups.clear()
+            started = [dispatcher.plan_start(*args, counts=exchange.counts) for args in inputs]
+            actual = [flat(dispatcher.plan_finish(plan)) for plan in reversed(started)][::-1]
+            for m in range(2):
+                assert_same(actual[m], expected[m],
+                            f"rank {rank} micro-batch {m}, {how}: async vs sync plan")
+            wanted = duplicate if how == "duplicate group" else dist.group.WORLD
+            assert used_groups == [wanted, wanted], f"{how}: counts went over {used_groups}"
+    finally:
+        dist.all_to_all_single = all_to_all
     return {"recv_splits": [e["splits"][1].tolist() for e in expected]}
 
 

@@ -117,8 +117,8 @@ class TimedExchange(AsyncExchange):
     `timings` (a list the caller may share between several exchanges)."""
 
     def __init__(self, clock: Clock, trace: TimedTrace,
-                 timings: Optional[list["ExchangeTiming"]] = None) -> None:
-        super().__init__()
+                 timings: Optional[list["ExchangeTiming"]] = None, count_groups=None) -> None:
+        super().__init__(count_groups)
         self.clock, self.trace = clock, trace
         self.timings: list[ExchangeTiming] = [] if timings is None else timings
 

@@ -81,9 +81,10 @@ the host computes the other micro-batch. The count exchange (`AsyncExchange.coun
 `AsyncCounts`) also runs on the side stream and copies its counts to pinned host memory there;
 the plan's host wait is for that copy's event alone, so the device keeps computing what B's
 segment queued meanwhile (a `.tolist()` on the compute stream would have waited for all of it,
-and the device would have idled while the host issued the next kernels). The counts still
+and the device would have idled while the host issued the next kernels). By default the counts
 travel on the EP group's communicator, in issue order behind any row exchange issued before
-them (B's d y_ND), which the B segment in between (bS) covers.
+them (B's d y_ND), which the B segment in between (bS) covers; `AsyncExchange(count_groups=)`
+sends them over a duplicate of the EP group on their own stream instead.
 
 Stage-module contract (`PiecewiseLayers`, `MoEOverlapStage`, `overlapped_forward_backward`):
 a stage runs its decoder layers through `self.piecewise_layers(hidden, **layer_kwargs)`.
@@ -96,15 +97,14 @@ gradient (capture); A's forward then runs, and its `piecewise_layers` call inter
 layer pieces with B's; finally B's stack input gets its gradient (B's embedding etc.).
 
 Not done: a B/W split inside the pieces (F&B computes weight gradients with input gradients, as
-the contract asks); a separate group for the count exchange (it queues behind row exchanges
-issued before it); recompute, fp32 residuals, chunked MLPs, packed sequences (refused with an
+the contract asks); recompute, fp32 residuals, chunked MLPs, packed sequences (refused with an
 error).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Generator, Optional, Sequence
+from typing import Any, Generator, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -151,10 +151,13 @@ class AsyncCounts:
     stream and send_PL and the staging tensor are held until `finish`, so no `record_stream`
     is needed. CPU (gloo): the all-to-all runs on gloo's threads; `finish` waits for it."""
 
-    def __init__(self, stream_of) -> None:
-        self._stream_of = stream_of  # device -> CommStream, shared with the row exchanges
+    def __init__(self, stream_of, groups: Optional[Mapping] = None) -> None:
+        self._stream_of = stream_of  # device -> CommStream
+        self.groups = dict(groups or {})  # EP group's ranks -> the group the counts go over
 
     def start(self, send_PL: torch.Tensor, group) -> _PendingCounts:
+        if self.groups:
+            group = self.groups.get(tuple(dist.get_process_group_ranks(group)), group)
         P, L = send_PL.shape
         send = send_PL.contiguous()
         recv_PL = torch.empty_like(send)
@@ -184,16 +187,25 @@ class AsyncCounts:
 
 class AsyncExchange:
     """Row all-to-alls issued now and waited for later (see the module note); `counts`, the
-    count exchange of the route plan, on the same side stream."""
+    count exchange of the route plan.
 
-    def __init__(self) -> None:
-        self._streams: dict[torch.device, CommStream] = {}
-        self.counts = AsyncCounts(self._stream)
+    count_groups: {EP group's ranks: group} to send the counts over instead of the EP group
+    itself (`parallel.duplicate_group(ep_group)`: the same ranks on their own communicator). On
+    one communicator a count exchange queues behind the row exchange in flight, and the host,
+    which waits for the counts, waits for the rows too. With count_groups the counts also get
+    their own side stream; without, they share the rows' one."""
 
-    def _stream(self, device: torch.device) -> CommStream:
-        if device not in self._streams:
-            self._streams[device] = CommStream(device)
-        return self._streams[device]
+    def __init__(self, count_groups: Optional[Mapping] = None) -> None:
+        self._streams: dict[tuple[torch.device, str], CommStream] = {}
+        self.count_groups = dict(count_groups or {})
+        count_stream = "counts" if self.count_groups else "rows"
+        self.counts = AsyncCounts(lambda device: self._stream(device, count_stream),
+                                  self.count_groups)
+
+    def _stream(self, device: torch.device, kind: str = "rows") -> CommStream:
+        if (device, kind) not in self._streams:
+            self._streams[device, kind] = CommStream(device)
+        return self._streams[device, kind]
 
     def start(self, rows: torch.Tensor, group, output_splits: Optional[list[int]],
               input_splits: Optional[list[int]]) -> _Pending:

@@ -110,17 +110,23 @@ def microbatch(cfg, args, rank: int, index: int, device) -> tuple[torch.Tensor, 
 def run_pass(mode: str, layers, cfg, args, device, group, count_groups=None) -> dict:
     """Forward of micro-batch 0, then F&B steps i = 1..warmup+steps (backward of i-1 with the
     forward of i), then the backward of the last one; the steps after the warm-up are timed.
-    count_groups: AsyncExchange's (the count exchanges over a duplicate of the EP group)."""
+    count_groups: AsyncExchange's (the count exchanges over a duplicate of the EP group).
+    Mode overlapped_wgrad: the layers hold a WeightGradStore (as a schedule's stages do) and
+    the backward's weight gradients run after each of its segments (run_interleaved's
+    first_weight_grads)."""
     from megatron_dsv3.pipeline.moe_overlap import (MoELayerPieces, backward_program,
                                                     forward_program, run_interleaved,
                                                     run_sequential)
+    from megatron_dsv3.pipeline.weight_grad import WeightGradStore, attach_weight_grad_store
 
     rank = dist.get_rank()
     clock = Clock(device, group)
     trace = TimedTrace(clock)
     exchange = TimedExchange(clock, trace, count_groups=count_groups)
+    store = WeightGradStore() if mode == "overlapped_wgrad" else None
     for layer in layers:
         layer.zero_grad(set_to_none=True)
+        attach_weight_grad_store(layer, store)
 
     def runs():
         return [MoELayerPieces(layer, exchange, {"attention_mask": None}) for layer in layers]
@@ -137,7 +143,7 @@ def run_pass(mode: str, layers, cfg, args, device, group, count_groups=None) -> 
         clock.begin()
         if mode.startswith("overlapped"):
             input_grad, output = run_interleaved(backward_program(previous[0], previous[1], trace),
-                                                 forward_program(current, x, trace))
+                                                 forward_program(current, x, trace), store, trace)
         else:
             input_grad = run_sequential(backward_program(previous[0], previous[1], trace))
             output = run_sequential(forward_program(current, x, trace))
@@ -151,6 +157,8 @@ def run_pass(mode: str, layers, cfg, args, device, group, count_groups=None) -> 
     input_grads.append(run_sequential(backward_program(previous[0], previous[1])))
     param_grads = {f"{k}.{n}": p.grad.detach().clone() for k, layer in enumerate(layers)
                    for n, p in layer.named_parameters() if p.grad is not None}
+    for layer in layers:
+        attach_weight_grad_store(layer, None)
     return {"records": records, "outputs": outputs, "input_grads": input_grads,
             "param_grads": param_grads}
 
@@ -237,6 +245,10 @@ def parse_args(argv=None):
     parser.add_argument("--count-group", default="same", choices=["same", "separate"],
                         help="separate: a third pass, overlapped with the count exchanges over "
                              "a duplicate of the EP group on their own stream (overlapped_cg)")
+    parser.add_argument("--defer-wgrad", action="store_true",
+                        help="one more pass, overlapped_wgrad: the layers hold a WeightGradStore "
+                             "(as a pipeline schedule's stages do) and the backward's weight "
+                             "gradients run after each of its segments, behind its exchange")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--trace-dir", type=Path, default=None)
     parser.add_argument("--json-out", type=Path, default=None)
@@ -310,6 +322,8 @@ def run(args, pg, device) -> Optional[dict]:
 
         modes["overlapped_cg"] = {tuple(dist.get_process_group_ranks(pg.ep)):
                                   duplicate_group(pg.ep)}
+    if args.defer_wgrad:
+        modes["overlapped_wgrad"] = None
     for mode, count_groups in modes.items():
         passes[mode] = run_pass(mode, layers, cfg, args, device, pg.ep, count_groups)
         if device.type == "cuda":
@@ -354,17 +368,20 @@ def run(args, pg, device) -> Optional[dict]:
                          for k in per_rank[0]["max_abs_diff"]},
         "per_rank": per_rank,
     }
-    if "overlapped_cg" in passes:
-        results["count_group"] = {
-            "hidden_fraction": min(r["overlapped_cg"]["hidden_fraction"] or 0.0
-                                   for r in per_rank),
-            "hidden_fraction_strict": min(r["overlapped_cg"]["hidden_fraction_strict"] or 0.0
+    for key, mode in (("count_group", "overlapped_cg"), ("defer_wgrad", "overlapped_wgrad")):
+        if mode not in passes:
+            continue
+        results[key] = {
+            "hidden_fraction": min(r[mode]["hidden_fraction"] or 0.0 for r in per_rank),
+            "hidden_fraction_strict": min(r[mode]["hidden_fraction_strict"] or 0.0
                                           for r in per_rank),
             "speedup_vs_sequential": round(
                 max(r["sequential"]["step_s"] for r in per_rank)
-                / max(r["overlapped_cg"]["step_s"] for r in per_rank), 4),
-            "max_abs_diff_vs_sequential": max_abs_diff(passes["overlapped_cg"]["outputs"],
-                                                       seq["outputs"])}
+                / max(r[mode]["step_s"] for r in per_rank), 4),
+            "max_abs_diff_vs_sequential": {
+                "outputs": max_abs_diff(passes[mode]["outputs"], seq["outputs"]),
+                "param_grads": max_abs_diff(list(passes[mode]["param_grads"].values()),
+                                            list(seq["param_grads"].values()))}}
     if args.trace_dir is not None:
         args.trace_dir.mkdir(parents=True, exist_ok=True)
         timelines = [t for _, t in everyone]
@@ -386,11 +403,13 @@ def run(args, pg, device) -> Optional[dict]:
           f"{results['speedup_vs_sequential']}x; max |overlapped - sequential| "
           f"{results['max_abs_diff']}" + ("" if device.type == "cuda" else
                                            " (CPU: the numbers mean nothing)"), file=sys.stderr)
-    if "count_group" in results:
-        for r in per_rank:
-            print(f"rank {r['rank']}: overlapped, counts on their own group "
-                  f"{_one_line(r['overlapped_cg'])}", file=sys.stderr)
-        print(f"counts on their own group: {results['count_group']}", file=sys.stderr)
+    for key, mode, what in (("count_group", "overlapped_cg", "counts on their own group"),
+                            ("defer_wgrad", "overlapped_wgrad", "B's weight grads deferred")):
+        if key in results:
+            for r in per_rank:
+                print(f"rank {r['rank']}: overlapped, {what} {_one_line(r[mode])}",
+                      file=sys.stderr)
+            print(f"{what}: {results[key]}", file=sys.stderr)
     line = json.dumps(results)
     print(line)
     if args.json_out:

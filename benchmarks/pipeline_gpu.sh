@@ -20,6 +20,9 @@
 #             all-to-alls have nothing left to hide behind)
 #   ep_cg     the ep part with a third pass: the count exchanges over a duplicate EP group on their
 #             own stream (`--count-group separate`, overlapped_cg)
+#   ep_wgrad  the ep part with a third pass: B's weight gradients deferred and run after each of
+#             its segments, behind its own exchange (`--defer-wgrad`, overlapped_wgrad; pipeline
+#             stages do this by default: their schedule attaches a WeightGradStore)
 #   cg        (N = 4) the eppp DualPipe(V) rows once more with the pieces' count exchanges also
 #             over a duplicate EP group on their own stream (_ovl_cg; `--count-group both`)
 #   ctas      (N = 4) the eppp DualPipeV rows (M = 8, _ovl and _seq, profiled: compute kernels'
@@ -32,7 +35,7 @@
 # EP_ARGS / PP_ARGS: more arguments for the EP script / both pipeline parts (e.g.
 # PP_ARGS=--optimizer, or a CPU rehearsal: PP_ARGS="--preset tiny --layers 4 --seq-len 32").
 set -uo pipefail
-N=${1:?usage: pipeline_gpu.sh NUM_GPUS [ep] [ep_cg] [pp] [eppp] [eppp_sym] [cg] [ctas] [balanced] [ablation]}
+N=${1:?usage: pipeline_gpu.sh NUM_GPUS [ep] [ep_cg] [ep_wgrad] [pp] [eppp] [eppp_sym] [cg] [ctas] [balanced] [ablation]}
 shift
 if [ "$N" -eq 2 ]; then PARTS=${*:-ep pp balanced ablation}; else PARTS=${*:-ep pp eppp eppp_sym ablation}; fi
 cd "$(dirname "$0")/.."
@@ -62,6 +65,8 @@ part() {  # part NAME TIMEOUT_S SCRIPT ARGS...
 for p in $PARTS; do
   case $p in
     ep) part ep 150 pipeline_ep_overlap.py --trace-dir "$DIR/ep" ${EP_ARGS:-} ;;
+    ep_wgrad) part ep_wgrad 200 pipeline_ep_overlap.py --defer-wgrad --trace-dir "$DIR/ep_wgrad" \
+          ${EP_ARGS:-} ;;
     ep_cg) part ep_cg 200 pipeline_ep_overlap.py --count-group separate --trace-dir "$DIR/ep_cg" \
           ${EP_ARGS:-} ;;
     pp) part pp 330 pipeline_schedules.py --schedule all --microbatches "$MB" \
@@ -85,9 +90,9 @@ for p in $PARTS; do
           ${PP_ARGS:-} ;;
     ablation) part ablation 100 pipeline_schedules.py --schedule dualpipev --moe-overlap on \
           --microbatches "$MB" --trace-dir "$DIR/ablation" ${PP_ARGS:-} ;;
-    *) echo "unknown part '$p': use ep, ep_cg, pp, eppp, eppp_sym, cg, ctas, balanced or ablation" >&2; exit 2 ;;
+    *) echo "unknown part '$p': use ep, ep_cg, ep_wgrad, pp, eppp, eppp_sym, cg, ctas, balanced or ablation" >&2; exit 2 ;;
   esac
 done
 # the device returns a few files per call: traces and logs travel as one archive
 (cd "$DIR" && tar czf traces.tgz --remove-files \
-  $(ls -d ep ep_cg pp eppp eppp_sym cg ctas_* balanced ablation ./*.log 2>/dev/null)) && echo "traces, logs: $DIR/traces.tgz"
+  $(ls -d ep ep_cg ep_wgrad pp eppp eppp_sym cg ctas_* balanced ablation ./*.log 2>/dev/null)) && echo "traces, logs: $DIR/traces.tgz"

@@ -256,7 +256,8 @@ def ep_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ep")
     result = _torchrun("pipeline_ep_overlap.py",
                        ["--preset", "tiny", "--device", "cpu", "--seq-len", "32", "--moe-layers",
-                        "2", "--steps", "2", "--warmup", "1", "--trace-dir", str(out)],
+                        "2", "--steps", "2", "--warmup", "1", "--trace-dir", str(out),
+                        "--count-group", "separate", "--defer-wgrad"],
                        out / "result.json")
     return result, out
 
@@ -280,8 +281,14 @@ def test_ep_overlap_reports_fractions_in_0_1_for_both_passes_on_every_rank(ep_ru
 
 
 def test_ep_overlapped_and_sequential_steps_agree_bit_for_bit(ep_run):
+    """Also the two variants: the counts over a duplicate group, and B's weight gradients
+    deferred and run after each of its segments (same arithmetic, another order)."""
     result, _ = ep_run
     assert result["max_abs_diff"] == {"outputs": 0.0, "input_grads": 0.0, "param_grads": 0.0}
+    for variant in ("count_group", "defer_wgrad"):
+        assert result[variant]["max_abs_diff_vs_sequential"] == {"outputs": 0.0,
+                                                                 "param_grads": 0.0}, variant
+        assert 0.0 <= result[variant]["hidden_fraction"] <= 1.0
 
 
 def test_hidden_fraction_counts_only_the_time_compute_waited():

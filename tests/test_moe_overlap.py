@@ -21,6 +21,7 @@ blocking. Measured: every comparison bit-identical, EP=1 and EP=2.
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ from megatron_dsv3.pipeline.moe_overlap import (MoELayerPieces, MoEOverlapStage,
                                                 PiecewiseLayers, overlapped_forward_backward)
 from megatron_dsv3.pipeline.overlap import (BackwardWork, ForwardWork, find_overlap_hook,
                                             run_backward, run_forward)
+from megatron_dsv3.pipeline.weight_grad import WeightGradStore, attach_weight_grad_store
 from megatron_dsv3.testing import assert_equal, run_gloo
 
 SEQ, BATCH, HIDDEN = 8, 2, 32
@@ -163,10 +165,27 @@ def check_stage_piecewise_vs_plain(pg, seed: int) -> None:
     assert_same(results[True], results[False], "piecewise stage vs plain layer loop")
 
 
-def check_fb_step(pg, seed: int, last_stage: bool) -> list[str]:
+class CountingStore(WeightGradStore):
+    """Counts the deferred weight-gradient closures run by `run_last` (the F&B hook's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.run_last_closures = 0
+
+    def run_last(self):
+        self.run_last_closures += len(self._groups[-1][1])
+        return super().run_last()
+
+
+def check_fb_step(pg, seed: int, last_stage: bool, store: Optional[CountingStore] = None
+                  ) -> list[str]:
     """(b) the hook vs F(A) then B(B) on two identical stages, then A's backward on both;
-    returns the hook's piece trace."""
+    returns the hook's piece trace. `store`: attached to both stages as a schedule attaches
+    its own (F then B compute weight gradients inline, the hook defers B's)."""
     stages = {how: Stage(pg) for how in ("separate", "overlapped")}
+    if store is not None:
+        for stage in stages.values():
+            assert attach_weight_grad_store(stage, store) > 0
     trace: list[str] = []
     stages["overlapped"].piecewise_layers.trace = trace
     results = {}
@@ -233,6 +252,25 @@ def test_stage_with_piecewise_layers_equals_the_plain_layer_loop(dist_single):
 @pytest.mark.parametrize("last_stage", [False, True], ids=["middle_stage", "last_stage"])
 def test_overlapped_fb_equals_forward_then_backward(dist_single, last_stage):
     check_fb_step(dist_single, seed=30, last_stage=last_stage)
+
+
+def test_overlapped_fb_with_a_weight_grad_store_runs_b_weight_grads_behind_b_exchanges(
+        dist_single):
+    """With a schedule's store attached, B's segments defer their weight gradients and run them
+    right after issuing their exchange ('B.wgrad.run' after every B segment); the gradients stay
+    bit-identical to F then B, and the store's queue is left as it was (empty)."""
+    store = CountingStore()
+    trace = check_fb_step(dist_single, seed=45, last_stage=False, store=store)
+    assert store.run_last_closures > 0 and len(store) == 0
+    without = [e for e in trace if e != "B.wgrad.run"]
+    assert without == EXPECTED_FB_ORDER, "\n".join(trace)
+    b_segments = [k for k, e in enumerate(trace) if e == "B.wgrad.run"]
+    # one after each of B's 7 segments (3 per MoE layer, the last one ending in the dense layer)
+    assert len(b_segments) == 7, "\n".join(trace)
+    for k in b_segments:  # right after B issued an exchange, or at B's end
+        assert trace[k - 1].startswith("B") and trace[k - 1].endswith(
+            (".issue", ".shared.run", "B0.layer.run")), trace[k - 1]
+    assert_exchanges_hidden(without)
 
 
 def test_overlapped_fb_interleaves_the_pieces_as_designed(dist_single):

@@ -96,8 +96,15 @@ from its loss/outputs runs whole until it reaches B's boundary, which only hands
 gradient (capture); A's forward then runs, and its `piecewise_layers` call interleaves A's
 layer pieces with B's; finally B's stack input gets its gradient (B's embedding etc.).
 
-Not done: a B/W split inside the pieces (F&B computes weight gradients with input gradients, as
-the contract asks); recompute, fp32 residuals, chunked MLPs, packed sequences (refused with an
+Weight gradients inside F&B: when the schedule has attached its WeightGradStore to the layers
+(DualPipe / DualPipeV do), each of B's segments computes input gradients only, issues its
+exchange, and then runs its own weight gradients (`run_interleaved(first_weight_grads=)`,
+'B.wgrad.run' in the trace), so B's exchange also hides behind B's weight-gradient GEMMs; that
+is all it has where A has run out of segments (a stage pairing 1 MoE layer with 2). The F&B
+step still returns with every weight gradient computed, as the contract asks, and the store's
+queue of W steps is left as it was (`WeightGradStore.run_last`).
+
+Not done: recompute, fp32 residuals, chunked MLPs, packed sequences (refused with an
 error).
 """
 
@@ -112,6 +119,7 @@ import torch.distributed as dist
 from ..moe.layer import DeepSeekMoE, MoERoute, MoERouteStart
 from .comm import CommStream
 from .overlap import BackwardWork, ForwardWork, run_backward, run_forward
+from .weight_grad import WeightGradStore
 
 Program = Generator[None, None, Optional[torch.Tensor]]  # yields after each exchange it issues
 
@@ -514,20 +522,51 @@ def run_sequential(program: Program) -> Optional[torch.Tensor]:
             return stop.value
 
 
-def run_interleaved(first: Program, second: Program
+def run_interleaved(first: Program, second: Program,
+                    first_weight_grads: Optional[WeightGradStore] = None,
+                    trace: Optional[list] = None
                     ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Alternate the two programs, each running until it has issued its next exchange, so that
-    one's exchange is in flight while the other computes; return both results."""
+    one's exchange is in flight while the other computes; return both results.
+
+    first_weight_grads: the store `first`'s layers (a backward) defer their weight gradients
+    to. Each of first's segments then computes input gradients only, issues its exchange, and
+    its weight gradients run right after ('B.wgrad.run' in `trace`), with the exchange in
+    flight: the other program's exchange still has the same compute in between (first's whole
+    segment), and first's own exchange has its weight gradients too, which is all it has once
+    the other program has run out of segments."""
     programs, results, live = (first, second), [None, None], [True, True]
     while any(live):
         for k in (0, 1):
             if not live[k]:
                 continue
+            store = first_weight_grads if k == 0 else None
             try:
-                next(programs[k])
+                if store is None:
+                    next(programs[k])
+                else:
+                    with store.deferring(label=_FB_WEIGHT_GRADS):
+                        next(programs[k])
             except StopIteration as stop:
                 results[k], live[k] = stop.value, False
+            if store is not None:
+                _log(trace, "B.wgrad.run")
+                store.run_last()
     return results[0], results[1]
+
+
+_FB_WEIGHT_GRADS = "F&B weight gradients"  # the label of the groups run_interleaved runs
+
+
+def _weight_grad_store_of(layers) -> Optional[WeightGradStore]:
+    """The store the layers' deferrable GEMMs hold (a schedule attaches one to its stages), or
+    None: then their weight gradients run inside their backward."""
+    for layer in layers:
+        for module in layer.modules():
+            store = getattr(module, "weight_grad_store", None)
+            if store is not None:
+                return store
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,10 +628,14 @@ class PiecewiseLayers:
     The layers stay registered in the stage module (this object only refers to them).
     Without grad (inference, forward-only steps) the layers run whole. `trace`: a list to
     which the pieces append their events (tests, timelines). `exchange`: what runs the pieces'
-    all-to-alls (comm_timing.TimedExchange stamps them)."""
+    all-to-alls (comm_timing.TimedExchange stamps them). `defer_weight_grads`: in an F&B
+    step, B's layers defer their weight gradients to the store a schedule attached to them and
+    run them right after each B segment, behind B's exchange (`run_interleaved`); no effect
+    without an attached store."""
     layers: Sequence[torch.nn.Module]
     trace: Optional[list] = None
     exchange: AsyncExchange = field(default_factory=AsyncExchange, repr=False)
+    defer_weight_grads: bool = True
     _captured: Optional[list] = field(default=None, repr=False)
     _paired: Optional[_PairedBackward] = field(default=None, repr=False)
 
@@ -620,8 +663,10 @@ class PiecewiseLayers:
             stack_run.output = run_sequential(forward)
         else:  # backward of B first: its combine exchange flies while A's attention computes
             _log(self.trace, PAIR_BEGIN)
+            store = (_weight_grad_store_of(paired.stack_run.owner.layers)
+                     if self.defer_weight_grads else None)
             paired.input_grad, stack_run.output = run_interleaved(
-                paired.stack_run.backward_program(paired.grad), forward)
+                paired.stack_run.backward_program(paired.grad), forward, store, self.trace)
             _log(self.trace, PAIR_END)
             paired.done = True
         anchor = torch.empty(0, device=hidden.device, requires_grad=True)

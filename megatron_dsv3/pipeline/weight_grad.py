@@ -103,7 +103,17 @@ class WeightGradStore:
         if not self._groups:
             raise RuntimeError("WeightGradStore.run_next(): no deferred weight gradients; the "
                                "schedule has more W steps than deferred B steps")
-        label, works = self._groups.popleft()
+        return self._run(*self._groups.popleft())
+
+    def run_last(self) -> Hashable:
+        """Run the newest group: one deferred and run within a step (moe_overlap's F&B), so that
+        the groups queued before it keep their order for the schedule's W steps."""
+        if not self._groups:
+            raise RuntimeError("WeightGradStore.run_last(): no deferred weight gradients")
+        return self._run(*self._groups.pop())
+
+    @staticmethod
+    def _run(label: Hashable, works: list[tuple[torch.Tensor, GradFn]]) -> Hashable:
         # As autograd: the contributions of one backward to a parameter are summed in the
         # order they arrive, then accumulated once (at the parameter's last contribution).
         last = {id(param): i for i, (param, _) in enumerate(works)}

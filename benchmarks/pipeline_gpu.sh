@@ -21,8 +21,10 @@
 #   ep_cg     the ep part with a third pass: the count exchanges over a duplicate EP group on their
 #             own stream (`--count-group separate`, overlapped_cg)
 #   ep_wgrad  the ep part with a third pass: B's weight gradients deferred and run after each of
-#             its segments, behind its own exchange (`--defer-wgrad`, overlapped_wgrad; pipeline
-#             stages do this by default: their schedule attaches a WeightGradStore)
+#             its segments, behind its own exchange (`--defer-wgrad`, overlapped_wgrad)
+#   wgrad     (N = 4) the eppp DualPipeV rows (8 layers: rank 0 pairs 1 MoE layer with 2) with and
+#             without B's weight gradients run behind B's own exchanges (`--defer-wgrad both`,
+#             rows _ovl and _ovl_w), and _seq
 #   cg        (N = 4) the eppp DualPipe(V) rows once more with the pieces' count exchanges also
 #             over a duplicate EP group on their own stream (_ovl_cg; `--count-group both`)
 #   ctas      (N = 4) the eppp DualPipeV rows (M = 8, _ovl and _seq, profiled: compute kernels'
@@ -35,7 +37,7 @@
 # EP_ARGS / PP_ARGS: more arguments for the EP script / both pipeline parts (e.g.
 # PP_ARGS=--optimizer, or a CPU rehearsal: PP_ARGS="--preset tiny --layers 4 --seq-len 32").
 set -uo pipefail
-N=${1:?usage: pipeline_gpu.sh NUM_GPUS [ep] [ep_cg] [ep_wgrad] [pp] [eppp] [eppp_sym] [cg] [ctas] [balanced] [ablation]}
+N=${1:?usage: pipeline_gpu.sh NUM_GPUS [ep] [ep_cg] [ep_wgrad] [pp] [eppp] [eppp_sym] [cg] [wgrad] [ctas] [balanced] [ablation]}
 shift
 if [ "$N" -eq 2 ]; then PARTS=${*:-ep pp balanced ablation}; else PARTS=${*:-ep pp eppp eppp_sym ablation}; fi
 cd "$(dirname "$0")/.."
@@ -79,6 +81,9 @@ for p in $PARTS; do
     cg) part cg 300 pipeline_schedules.py --expert-parallel-size 2 --schedule dualpipev,dualpipe \
           --moe-overlap both --count-group both --microbatches "$MB" --trace-dir "$DIR/cg" \
           ${PP_ARGS:-} ;;
+    wgrad) part wgrad 300 pipeline_schedules.py --expert-parallel-size 2 --schedule dualpipev \
+          --moe-overlap both --defer-wgrad both --microbatches "$MB" --trace-dir "$DIR/wgrad" \
+          ${PP_ARGS:-} ;;
     ctas) for c in ${CTAS:-default 16 8 4}; do
             if [ "$c" = default ]; then unset NCCL_MAX_CTAS; else export NCCL_MAX_CTAS=$c; fi
             part "ctas_$c" 150 pipeline_schedules.py --expert-parallel-size 2 \
@@ -90,9 +95,9 @@ for p in $PARTS; do
           ${PP_ARGS:-} ;;
     ablation) part ablation 100 pipeline_schedules.py --schedule dualpipev --moe-overlap on \
           --microbatches "$MB" --trace-dir "$DIR/ablation" ${PP_ARGS:-} ;;
-    *) echo "unknown part '$p': use ep, ep_cg, ep_wgrad, pp, eppp, eppp_sym, cg, ctas, balanced or ablation" >&2; exit 2 ;;
+    *) echo "unknown part '$p': use ep, ep_cg, ep_wgrad, pp, eppp, eppp_sym, cg, wgrad, ctas, balanced or ablation" >&2; exit 2 ;;
   esac
 done
 # the device returns a few files per call: traces and logs travel as one archive
 (cd "$DIR" && tar czf traces.tgz --remove-files \
-  $(ls -d ep ep_cg ep_wgrad pp eppp eppp_sym cg ctas_* balanced ablation ./*.log 2>/dev/null)) && echo "traces, logs: $DIR/traces.tgz"
+  $(ls -d ep ep_cg ep_wgrad pp eppp eppp_sym cg wgrad ctas_* balanced ablation ./*.log 2>/dev/null)) && echo "traces, logs: $DIR/traces.tgz"

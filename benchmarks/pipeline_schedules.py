@@ -287,10 +287,13 @@ def measure(name: str, num_microbatches: int, step: Callable[[], dict], params: 
 # Ours: DualPipeV / DualPipe through the Megatron-interface adapter
 # ----------------------------------------------------------------------------------------------
 def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, fingerprint_ref,
-             overlap: Optional[bool] = None, count_group: str = "same") -> list[dict]:
+             overlap: Optional[bool] = None, count_group: str = "same",
+             defer_wgrad: bool = False) -> list[dict]:
     """DualPipeV / DualPipe over the pipeline group `pg.pp`; `overlap`: the stages' MoE F&B
     pieces (None: their default, on exactly when EP > 1); count_group 'separate': the pieces'
-    count exchanges over a duplicate of the EP group (`AsyncExchange(count_groups=)`)."""
+    count exchanges over a duplicate of the EP group (`AsyncExchange(count_groups=)`);
+    defer_wgrad: B's weight gradients run after each of its F&B segments
+    (`PiecewiseLayers.defer_weight_grads`)."""
     from megatron_dsv3.pipeline import Tracer
     from megatron_dsv3.pipeline.megatron_adapter import (PipelineConfig, forward_step,
                                                          get_forward_backward_func)
@@ -322,6 +325,10 @@ def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, finger
         groups = {tuple(dist.get_process_group_ranks(pg.ep)): duplicate_group(pg.ep)}
         for stage in stages:
             stage.piecewise_layers.exchange = AsyncExchange(count_groups=groups)
+    defer_wgrad = pieces and defer_wgrad
+    for stage in stages:
+        if stage.piecewise_layers is not None:
+            stage.piecewise_layers.defer_weight_grads = defer_wgrad
     params = [p for stage in stages for p in stage.parameters()]
     forward_backward = get_forward_backward_func(PipelineConfig(schedule, pp), group=pg.pp)
     results = []
@@ -347,7 +354,8 @@ def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, finger
                          reference_of(num_microbatches), pg.pp)
         result["moe_overlap"], result["count_group"] = pieces, ("separate" if separate
                                                                 else "same")
-        name = run_label(schedule, pieces, separate, args.moe_overlap)
+        result["defer_wgrad"] = defer_wgrad
+        name = run_label(schedule, pieces, separate, args.moe_overlap, defer_wgrad)
         # one traced step (device timestamps at op boundaries; kept apart from the timed steps)
         _zero_grads(params)
         forward_backward.tracer = Tracer()
@@ -371,11 +379,12 @@ def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, finger
     return results
 
 
-def run_label(schedule: str, pieces: Optional[bool], separate: bool, moe_overlap: str) -> str:
+def run_label(schedule: str, pieces: Optional[bool], separate: bool, moe_overlap: str,
+              defer_wgrad: bool = False) -> str:
     """dualpipev, or with --moe-overlap both dualpipev_ovl / dualpipev_seq; _cg: the counts
-    over their own group."""
+    over their own group; _w: B's weight gradients after each of its F&B segments."""
     suffix = "" if moe_overlap != "both" else "_ovl" if pieces else "_seq"
-    return f"{schedule}{suffix}{'_cg' if separate else ''}"
+    return f"{schedule}{suffix}{'_cg' if separate else ''}{'_w' if defer_wgrad else ''}"
 
 
 def ours_unsupported(schedule: str, pp: int, num_microbatches: int) -> Optional[str]:
@@ -849,6 +858,10 @@ def parse_args(argv=None):
                         help="with EP, the MoE pieces' count exchanges over the EP group itself "
                              "(same), over a duplicate of it on their own stream (separate: "
                              "they do not queue behind a row exchange in flight), or both")
+    parser.add_argument("--defer-wgrad", default="off", choices=["off", "on", "both"],
+                        help="DualPipe(V) with the MoE pieces: B's weight gradients deferred in "
+                             "F&B steps and run after each of B's segments, behind its exchange "
+                             "(PiecewiseLayers.defer_weight_grads), off, on or both (rows _w)")
     parser.add_argument("--profile", action="store_true",
                         help="DualPipe(V): one more step under torch.profiler; per rank the "
                              "compute kernels' summed and busy time, NCCL's, and the top "
@@ -956,6 +969,7 @@ def run(args, schedules: list[str], pg, device) -> Optional[dict]:
         "seq_len": args.seq_len, "microbatches": args.microbatches, "vpp": args.vpp,
         "stage_layers": args.stage_layers, "steps": args.steps, "warmup": args.warmup, "optimizer": args.optimizer,
         "compile": args.compile, "moe_overlap": args.moe_overlap, "count_group": args.count_group,
+        "defer_wgrad": args.defer_wgrad,
         "weights_fingerprint": weights, "same_weights_on_all_ranks": same_on_all_ranks,
     }
     runs: list[dict] = []
@@ -969,10 +983,12 @@ def run(args, schedules: list[str], pg, device) -> Optional[dict]:
             runs += run_megatron(schedule, cfg, pg, args, device, batches, reference_of, weights)
         count_groups = {"same": ["same"], "separate": ["separate"],
                         "both": ["same", "separate"]}[args.count_group]
+        defers = {"off": [False], "on": [True], "both": [False, True]}[args.defer_wgrad]
         for overlap in (overlaps[args.moe_overlap] if schedule in OURS else []):
             for count_group in (count_groups if overlap is not False else ["same"]):
-                runs += run_ours(schedule, cfg, pg, args, device, batches, reference_of,
-                                 weights, overlap, count_group)
+                for defer in (defers if overlap is not False else [False]):
+                    runs += run_ours(schedule, cfg, pg, args, device, batches, reference_of,
+                                     weights, overlap, count_group, defer)
         if rank == 0:
             results = {**header, "complete": k == len(schedules) - 1,
                        "runs": with_ratios(runs)}
@@ -990,7 +1006,8 @@ def with_ratios(runs: list[dict]) -> list[dict]:
     """The runs in (M, schedule) order, each with its tokens/s over 1F1B's at the same M."""
     runs = sorted(runs, key=lambda r: (r["microbatches"], ALL_SCHEDULES.index(r["schedule"]),
                                        r.get("moe_overlap") is False,
-                                       r.get("count_group") == "separate"))
+                                       r.get("count_group") == "separate",
+                                       bool(r.get("defer_wgrad"))))
     for r in runs:
         base = next((b for b in runs if b["schedule"] == "1f1b" and b["status"] == "ok"
                      and b["microbatches"] == r["microbatches"]), None)
@@ -1009,7 +1026,7 @@ def print_table(results: dict) -> None:
           f"{'a2a hidden':>10}", file=sys.stderr)
     for r in results["runs"]:
         label = run_label(r["schedule"], r.get("moe_overlap"), r.get("count_group") == "separate",
-                          results["moe_overlap"])
+                          results["moe_overlap"], bool(r.get("defer_wgrad")))
         if r["status"] != "ok":
             print(f"{label:<16} {r['microbatches']:>3} skipped: {r['reason'][:80]}",
                   file=sys.stderr)

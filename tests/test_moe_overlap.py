@@ -186,6 +186,7 @@ def check_fb_step(pg, seed: int, last_stage: bool, store: Optional[CountingStore
     if store is not None:
         for stage in stages.values():
             assert attach_weight_grad_store(stage, store) > 0
+        stages["overlapped"].piecewise_layers.defer_weight_grads = True
     trace: list[str] = []
     stages["overlapped"].piecewise_layers.trace = trace
     results = {}
@@ -256,8 +257,8 @@ def test_overlapped_fb_equals_forward_then_backward(dist_single, last_stage):
 
 def test_overlapped_fb_with_a_weight_grad_store_runs_b_weight_grads_behind_b_exchanges(
         dist_single):
-    """With a schedule's store attached, B's segments defer their weight gradients and run them
-    right after issuing their exchange ('B.wgrad.run' after every B segment); the gradients stay
+    """With a schedule's store attached and defer_weight_grads on, B's segments defer their
+    weight gradients and run them right after issuing their exchange ('B.wgrad.run' after every B segment); the gradients stay
     bit-identical to F then B, and the store's queue is left as it was (empty)."""
     store = CountingStore()
     trace = check_fb_step(dist_single, seed=45, last_stage=False, store=store)

@@ -43,7 +43,8 @@ pytestmark = pytest.mark.slow
 MICRO_BATCH, SEQ, VOCAB = 2, 16, 256   # per DP rank
 NUM_MICROBATCHES, NUM_LAYERS, PP = 4, 4, 2
 MTP_LAMBDA, BIAS_RATE = 0.3, 1e-2
-LAYOUTS = [(1, 2), (2, 1)]             # (TP, EP) with PP=2 on 4 processes
+# (TP, EP, B's weight gradients behind its exchanges in F&B steps) with PP=2 on 4 processes
+LAYOUTS = [(1, 2, False), (1, 2, True), (2, 1, False)]
 WHY = ("fp32, summation order only: DP mean of per-rank means, expert gradients summed by "
        "source rank, TP-split GEMM reductions, the embedding's two uses accumulated apart")
 
@@ -106,7 +107,7 @@ def _reference(pg, dp: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Pipelined workers (module level: run_gloo pickles them)
 # ----------------------------------------------------------------------------------------------
-def _pipelined_step(pg, full_state: dict) -> dict:
+def _pipelined_step(pg, full_state: dict, defer_weight_grads: bool = False) -> dict:
     import torch.distributed as dist
 
     from megatron_dsv3.moe.balance import routers, update_expert_biases
@@ -125,6 +126,7 @@ def _pipelined_step(pg, full_state: dict) -> dict:
         stage.mtp_lambda = MTP_LAMBDA
         _set_aux_loss_scale(stage)
         stage.piecewise_layers.trace = pieces
+        stage.piecewise_layers.defer_weight_grads = defer_weight_grads
     dp, dp_rank = pg.dp.size(), pg.dp.rank()
     ids, labels = _data(dp * MICRO_BATCH)
     share = slice(dp_rank * MICRO_BATCH, (dp_rank + 1) * MICRO_BATCH)
@@ -155,6 +157,7 @@ def _pipelined_step(pg, full_state: dict) -> dict:
     return {"losses": losses, "norm": norm, "grads": grads if first else None,
             "biases": {k: v for part in biases for k, v in part.items()},
             "interleaved": _interleaved(pieces),
+            "weight_grads_in_fb": "B.wgrad.run" in pieces,
             "sizes": {"dp": dp, "ep": pg.ep.size(), "tp": pg.tp.size(),
                       "expt_dp": pg.expt_dp.size(), "pp_ranks": dist.get_process_group_ranks(
                           pg.pp)}}
@@ -178,11 +181,11 @@ def _compose_worker(rank: int, world: int, layouts: list, full_state: dict) -> d
 
     results = {}
     try:
-        for tp, ep in layouts:
+        for tp, ep, defer in layouts:
             # a short timeout turns a deadlock into an error instead of a hung test
             pg = init_distributed(tp, ep, pipeline_parallel_size=PP, backend="gloo",
                                   timeout_s=120)
-            results[(tp, ep)] = _pipelined_step(pg, full_state)
+            results[(tp, ep, defer)] = _pipelined_step(pg, full_state, defer)
             parallel_state.destroy_model_parallel()
     finally:
         shutdown_distributed()
@@ -193,9 +196,10 @@ def test_pp2_with_ep2_or_tp2_matches_single_process_losses_gradients_and_biases(
     full = _full_model(dist_single)
     full_state = {k: v for k, v in full.state_dict().items() if isinstance(v, torch.Tensor)}
     results = run_gloo(_compose_worker, 4, LAYOUTS, full_state)
-    for tp, ep in LAYOUTS:
-        ctx = f"PP=2 x TP={tp} x EP={ep}"
-        per_rank = [r[(tp, ep)] for r in results]
+    for tp, ep, defer in LAYOUTS:
+        ctx = f"PP=2 x TP={tp} x EP={ep}" + (", B's weight grads behind its exchanges" if defer
+                                              else "")
+        per_rank = [r[(tp, ep, defer)] for r in results]
         dp = 4 // (PP * tp)
         assert per_rank[1]["sizes"] == {"dp": dp, "ep": ep, "tp": tp, "expt_dp": dp // ep,
                                         "pp_ranks": [1, 3]}, ctx
@@ -219,6 +223,7 @@ def test_pp2_with_ep2_or_tp2_matches_single_process_losses_gradients_and_biases(
                 assert_equal(bias, ref["biases"][name], f"{ctx} rank {rank} {name}")
         # the F&B hook interleaved two micro-batches' MoE pieces (with EP: their all-to-alls)
         assert any(r["interleaved"] for r in per_rank), ctx
+        assert any(r["weight_grads_in_fb"] for r in per_rank) == defer, ctx
 
 
 # ----------------------------------------------------------------------------------------------

@@ -96,9 +96,10 @@ from its loss/outputs runs whole until it reaches B's boundary, which only hands
 gradient (capture); A's forward then runs, and its `piecewise_layers` call interleaves A's
 layer pieces with B's; finally B's stack input gets its gradient (B's embedding etc.).
 
-Weight gradients inside F&B: when the schedule has attached its WeightGradStore to the layers
-(DualPipe / DualPipeV do), each of B's segments computes input gradients only, issues its
-exchange, and then runs its own weight gradients (`run_interleaved(first_weight_grads=)`,
+Weight gradients inside F&B (`PiecewiseLayers.defer_weight_grads`, off by default): when the
+schedule has attached its WeightGradStore to the layers (DualPipe / DualPipeV do), each of B's
+segments computes input gradients only, issues its exchange, and then runs its own weight
+gradients (`run_interleaved(first_weight_grads=)`,
 'B.wgrad.run' in the trace), so B's exchange also hides behind B's weight-gradient GEMMs; that
 is all it has where A has run out of segments (a stage pairing 1 MoE layer with 2). The F&B
 step still returns with every weight gradient computed, as the contract asks, and the store's
@@ -628,14 +629,14 @@ class PiecewiseLayers:
     The layers stay registered in the stage module (this object only refers to them).
     Without grad (inference, forward-only steps) the layers run whole. `trace`: a list to
     which the pieces append their events (tests, timelines). `exchange`: what runs the pieces'
-    all-to-alls (comm_timing.TimedExchange stamps them). `defer_weight_grads`: in an F&B
-    step, B's layers defer their weight gradients to the store a schedule attached to them and
-    run them right after each B segment, behind B's exchange (`run_interleaved`); no effect
-    without an attached store."""
+    all-to-alls (comm_timing.TimedExchange stamps them). `defer_weight_grads` (off by default,
+    not yet shown to pay on GPU): in an F&B step, B's layers defer their weight gradients to the
+    store a schedule attached to them and run them right after each B segment, behind B's
+    exchange (`run_interleaved`); no effect without an attached store."""
     layers: Sequence[torch.nn.Module]
     trace: Optional[list] = None
     exchange: AsyncExchange = field(default_factory=AsyncExchange, repr=False)
-    defer_weight_grads: bool = True
+    defer_weight_grads: bool = False
     _captured: Optional[list] = field(default=None, repr=False)
     _paired: Optional[_PairedBackward] = field(default=None, repr=False)
 

@@ -134,6 +134,7 @@ def run_pass(mode: str, layers, cfg, args, device, group, count_groups=None) -> 
     x, grad = microbatch(cfg, args, rank, 0, device)
     previous = (runs(), grad)
     outputs = [run_sequential(forward_program(previous[0], x)).detach()]
+    forward_layers = args.forward_layers or len(layers)  # the forward's share of the F&B step
     input_grads, records = [], []
     for i in range(1, args.warmup + args.steps + 1):
         x, grad = microbatch(cfg, args, rank, i, device)
@@ -141,14 +142,17 @@ def run_pass(mode: str, layers, cfg, args, device, group, count_groups=None) -> 
         trace.clear()
         exchange.timings = []
         clock.begin()
+        forward = forward_program(current[:forward_layers], x, trace)
         if mode.startswith("overlapped"):
             input_grad, output = run_interleaved(backward_program(previous[0], previous[1], trace),
-                                                 forward_program(current, x, trace), store, trace)
+                                                 forward, store, trace)
         else:
             input_grad = run_sequential(backward_program(previous[0], previous[1], trace))
-            output = run_sequential(forward_program(current, x, trace))
+            output = run_sequential(forward)
         trace.append("end")
         record = resolve_step(clock, trace, exchange.timings)
+        if forward_layers < len(layers):  # the rest of the forward, untimed, before its backward
+            output = run_sequential(forward_program(current[forward_layers:], output))
         if i > args.warmup:
             records.append(record)
         outputs.append(output.detach())
@@ -233,6 +237,12 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="proxy")
     parser.add_argument("--moe-layers", type=int, default=4, help="MoE layers of the stage")
+    parser.add_argument("--forward-layers", type=int, default=None,
+                        help="the F&B step's forward runs only the first K MoE layers (the "
+                             "backward runs all): the backward has segments left after the "
+                             "forward's run out, as on a DualPipeV rank whose two chunks hold "
+                             "different numbers of MoE layers; the rest of the forward runs "
+                             "untimed after the step (default: all, a symmetric step)")
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=None,
                         help="tokens per sequence (default: the preset's max_seq_len)")
@@ -315,6 +325,9 @@ def run(args, pg, device) -> Optional[dict]:
     if cfg.moe.num_experts % ep:
         raise SystemExit(f"EP={ep} does not divide the {cfg.moe.num_experts} experts of preset "
                          f"{cfg.name}: use a divisor of it as the number of processes")
+    if args.forward_layers is not None and not 1 <= args.forward_layers <= len(layers):
+        raise SystemExit(f"--forward-layers {args.forward_layers} is invalid: it must be between "
+                         f"1 and --moe-layers {len(layers)}")
     passes = {}
     modes = {"overlapped": None, "sequential": None}
     if args.count_group == "separate":  # the counts over their own communicator and stream
@@ -352,7 +365,8 @@ def run(args, pg, device) -> Optional[dict]:
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "numbers_meaningful": device.type == "cuda",
-        "ep": ep, "preset": cfg.name, "moe_layers": len(layers), "dtype": cfg.params_dtype,
+        "ep": ep, "preset": cfg.name, "moe_layers": len(layers),
+        "forward_layers": args.forward_layers or len(layers), "dtype": cfg.params_dtype,
         "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len,
         "steps": args.steps, "warmup": args.warmup, "compile": args.compile,
         "hidden_fraction": min(h for h in hidden if h is not None) if any(

@@ -22,6 +22,9 @@
 #             own stream (`--count-group separate`, overlapped_cg)
 #   ep_wgrad  the ep part with a third pass: B's weight gradients deferred and run after each of
 #             its segments, behind its own exchange (`--defer-wgrad`, overlapped_wgrad)
+#   ep_asym   ep_wgrad on an asymmetric step: the backward through 4 MoE layers, the forward through
+#             2 (`--forward-layers 2`), so that B's last segments have no forward left to hide
+#             behind (what the 8-layer DualPipeV's rank 0 pairs)
 #   wgrad     (N = 4) the eppp DualPipeV rows (8 layers: rank 0 pairs 1 MoE layer with 2) with and
 #             without B's weight gradients run behind B's own exchanges (`--defer-wgrad both`,
 #             rows _ovl and _ovl_w), and _seq
@@ -37,7 +40,7 @@
 # EP_ARGS / PP_ARGS: more arguments for the EP script / both pipeline parts (e.g.
 # PP_ARGS=--optimizer, or a CPU rehearsal: PP_ARGS="--preset tiny --layers 4 --seq-len 32").
 set -uo pipefail
-N=${1:?usage: pipeline_gpu.sh NUM_GPUS [ep] [ep_cg] [ep_wgrad] [pp] [eppp] [eppp_sym] [cg] [wgrad] [ctas] [balanced] [ablation]}
+N=${1:?usage: pipeline_gpu.sh NUM_GPUS [ep] [ep_cg] [ep_wgrad] [ep_asym] [pp] [eppp] [eppp_sym] [cg] [wgrad] [ctas] [balanced] [ablation]}
 shift
 if [ "$N" -eq 2 ]; then PARTS=${*:-ep pp balanced ablation}; else PARTS=${*:-ep pp eppp eppp_sym ablation}; fi
 cd "$(dirname "$0")/.."
@@ -69,6 +72,8 @@ for p in $PARTS; do
     ep) part ep 150 pipeline_ep_overlap.py --trace-dir "$DIR/ep" ${EP_ARGS:-} ;;
     ep_wgrad) part ep_wgrad 200 pipeline_ep_overlap.py --defer-wgrad --trace-dir "$DIR/ep_wgrad" \
           ${EP_ARGS:-} ;;
+    ep_asym) part ep_asym 200 pipeline_ep_overlap.py --defer-wgrad --moe-layers 4 \
+          --forward-layers 2 --trace-dir "$DIR/ep_asym" ${EP_ARGS:-} ;;
     ep_cg) part ep_cg 200 pipeline_ep_overlap.py --count-group separate --trace-dir "$DIR/ep_cg" \
           ${EP_ARGS:-} ;;
     pp) part pp 330 pipeline_schedules.py --schedule all --microbatches "$MB" \
@@ -95,9 +100,9 @@ for p in $PARTS; do
           ${PP_ARGS:-} ;;
     ablation) part ablation 100 pipeline_schedules.py --schedule dualpipev --moe-overlap on \
           --microbatches "$MB" --trace-dir "$DIR/ablation" ${PP_ARGS:-} ;;
-    *) echo "unknown part '$p': use ep, ep_cg, ep_wgrad, pp, eppp, eppp_sym, cg, wgrad, ctas, balanced or ablation" >&2; exit 2 ;;
+    *) echo "unknown part '$p': use ep, ep_cg, ep_wgrad, ep_asym, pp, eppp, eppp_sym, cg, wgrad, ctas, balanced or ablation" >&2; exit 2 ;;
   esac
 done
 # the device returns a few files per call: traces and logs travel as one archive
 (cd "$DIR" && tar czf traces.tgz --remove-files \
-  $(ls -d ep ep_cg ep_wgrad pp eppp eppp_sym cg wgrad ctas_* balanced ablation ./*.log 2>/dev/null)) && echo "traces, logs: $DIR/traces.tgz"
+  $(ls -d ep ep_cg ep_wgrad ep_asym pp eppp eppp_sym cg wgrad ctas_* balanced ablation ./*.log 2>/dev/null)) && echo "traces, logs: $DIR/traces.tgz"

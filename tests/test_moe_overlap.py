@@ -74,7 +74,7 @@ class Stage(MoEOverlapStage, nn.Module):
     """A pipeline stage as pipeline/model_stages.py would make one: something before the layers
     (a projection standing in for the embedding), the layers, the final norm."""
 
-    def __init__(self, pg, piecewise: bool = True, seed: int = 0) -> None:
+    def __init__(self, pg, piecewise: bool = True, seed: int = 0, num_layers: int = 3) -> None:
         from megatron.core.transformer.transformer_block import TransformerBlock
 
         from megatron_dsv3.config import to_megatron_config
@@ -82,7 +82,8 @@ class Stage(MoEOverlapStage, nn.Module):
 
         super().__init__()
         torch.manual_seed(seed)
-        config = to_megatron_config(small_config(), expert_parallel_size=pg.ep.size())
+        config = to_megatron_config(small_config().replace(num_layers=num_layers),
+                                    expert_parallel_size=pg.ep.size())
         self.block = TransformerBlock(config=config, spec=decoder_block_spec(config),
                                       pg_collection=pg)
         self.proj = nn.Linear(HIDDEN, HIDDEN)
@@ -255,23 +256,60 @@ def test_overlapped_fb_equals_forward_then_backward(dist_single, last_stage):
     check_fb_step(dist_single, seed=30, last_stage=last_stage)
 
 
-def test_overlapped_fb_with_a_weight_grad_store_runs_b_weight_grads_behind_b_exchanges(
+def test_overlapped_fb_with_deferral_on_changes_nothing_when_a_and_b_pair_layer_for_layer(
         dist_single):
-    """With a schedule's store attached and defer_weight_grads on, B's segments defer their
-    weight gradients and run them right after issuing their exchange ('B.wgrad.run' after every B segment); the gradients stay
-    bit-identical to F then B, and the store's queue is left as it was (empty)."""
+    """defer_weight_grads with a schedule's store attached: A and B hold the same layers, so B
+    never runs alone and nothing is deferred (same trace, bit-identical gradients)."""
     store = CountingStore()
     trace = check_fb_step(dist_single, seed=45, last_stage=False, store=store)
+    assert trace == EXPECTED_FB_ORDER, "\n".join(trace)
+    assert store.run_last_closures == 0 and len(store) == 0
+
+
+def check_fb_step_b_outlasts_a(pg, seed: int, defer: bool) -> tuple[list[str], CountingStore]:
+    """F&B with A on a stage of 2 layers (dense, MoE) and B on one of 3 (dense, MoE, MoE): B's
+    last segments run after A's are done. Against F(A) then B(B) on copies of both stages
+    (same seeds), with a schedule's store attached everywhere; returns the hook's trace."""
+    store, trace, results = CountingStore(), [], {}
+    for how in ("separate", "overlapped"):
+        a_stage, b_stage = Stage(pg, seed=seed, num_layers=2), Stage(pg, seed=seed + 1)
+        for stage in (a_stage, b_stage):
+            assert attach_weight_grad_store(stage, store) > 0
+            stage.piecewise_layers.defer_weight_grads = defer
+            stage.piecewise_layers.trace = trace if how == "overlapped" else None
+        (x_b, _), (x_a, _) = microbatch(seed + 2), microbatch(seed + 3)
+        out_b = b_stage(x_b)
+        grad_b = torch.randn(out_b.shape, generator=torch.Generator().manual_seed(seed + 4))
+        fwd = ForwardWork(a_stage, (x_a,), None, (), 0, 1)
+        bwd = BackwardWork(b_stage, None, (out_b,), (grad_b,), 0, 0)
+        trace.clear()
+        if how == "separate":
+            outputs, _ = run_forward(fwd)
+            run_backward(bwd)
+        else:
+            outputs, _ = find_overlap_hook(a_stage, b_stage)(fwd, bwd)
+        results[how] = {"out A": outputs[0].detach(), "x B .grad": x_b.grad,
+                        **{f"A {n}": g for n, g in param_grads(a_stage).items()},
+                        **{f"B {n}": g for n, g in param_grads(b_stage).items()}}
+    assert_same(results["overlapped"], results["separate"], f"B outlasts A, {defer=}")
+    return list(trace), store
+
+
+def test_overlapped_fb_where_b_outlasts_a_runs_b_weight_grads_behind_its_exchanges(dist_single):
+    """B (2 MoE layers) against A (1): after A's last segment, each of B's segments issues its
+    exchange and then runs its own weight gradients ('B.wgrad.run'); gradients bit-identical
+    to F then B, the same pieces in the same order as without deferral, the store left empty."""
+    plain, _ = check_fb_step_b_outlasts_a(dist_single, seed=60, defer=False)
+    trace, store = check_fb_step_b_outlasts_a(dist_single, seed=60, defer=True)
+    assert [e for e in trace if e != "B.wgrad.run"] == plain
+    assert "B.wgrad.run" not in plain
     assert store.run_last_closures > 0 and len(store) == 0
-    without = [e for e in trace if e != "B.wgrad.run"]
-    assert without == EXPECTED_FB_ORDER, "\n".join(trace)
-    b_segments = [k for k, e in enumerate(trace) if e == "B.wgrad.run"]
-    # one after each of B's 7 segments (3 per MoE layer, the last one ending in the dense layer)
-    assert len(b_segments) == 7, "\n".join(trace)
-    for k in b_segments:  # right after B issued an exchange, or at B's end
+    last_a = max(k for k, e in enumerate(trace) if e.startswith("F"))
+    w_runs = [k for k, e in enumerate(trace) if e == "B.wgrad.run"]
+    assert w_runs and min(w_runs) > last_a, "\n".join(trace)  # only once A has run out
+    for k in w_runs:  # right after B issued an exchange, or at B's end
         assert trace[k - 1].startswith("B") and trace[k - 1].endswith(
             (".issue", ".shared.run", "B0.layer.run")), trace[k - 1]
-    assert_exchanges_hidden(without)
 
 
 def test_overlapped_fb_interleaves_the_pieces_as_designed(dist_single):

@@ -96,14 +96,14 @@ from its loss/outputs runs whole until it reaches B's boundary, which only hands
 gradient (capture); A's forward then runs, and its `piecewise_layers` call interleaves A's
 layer pieces with B's; finally B's stack input gets its gradient (B's embedding etc.).
 
-Weight gradients inside F&B (`PiecewiseLayers.defer_weight_grads`, off by default): when the
-schedule has attached its WeightGradStore to the layers (DualPipe / DualPipeV do), each of B's
-segments computes input gradients only, issues its exchange, and then runs its own weight
-gradients (`run_interleaved(first_weight_grads=)`,
-'B.wgrad.run' in the trace), so B's exchange also hides behind B's weight-gradient GEMMs; that
-is all it has where A has run out of segments (a stage pairing 1 MoE layer with 2). The F&B
-step still returns with every weight gradient computed, as the contract asks, and the store's
-queue of W steps is left as it was (`WeightGradStore.run_last`).
+Weight gradients inside F&B (`PiecewiseLayers.defer_weight_grads`, off by default): where B
+holds more MoE layers than A (a DualPipeV rank pairing 1 MoE layer with 2), B's last segments
+run after A's have run out, and their exchanges would wait in the open. With the schedule's
+WeightGradStore attached to the layers (DualPipe / DualPipeV attach theirs), each such segment
+computes input gradients only, issues its exchange, and then runs its own weight gradients
+behind it (`run_interleaved(first_weight_grads=)`, 'B.wgrad.run' in the trace). The F&B step
+still returns with every weight gradient computed, as the contract asks, and the store's queue
+of W steps is left as it was (`WeightGradStore.run_last`).
 
 Not done: recompute, fp32 residuals, chunked MLPs, packed sequences (refused with an
 error).
@@ -531,17 +531,17 @@ def run_interleaved(first: Program, second: Program,
     one's exchange is in flight while the other computes; return both results.
 
     first_weight_grads: the store `first`'s layers (a backward) defer their weight gradients
-    to. Each of first's segments then computes input gradients only, issues its exchange, and
-    its weight gradients run right after ('B.wgrad.run' in `trace`), with the exchange in
-    flight: the other program's exchange still has the same compute in between (first's whole
-    segment), and first's own exchange has its weight gradients too, which is all it has once
-    the other program has run out of segments."""
+    to. Once `second` has run out of segments (it held fewer MoE layers), each further segment
+    of `first` computes input gradients only, issues its exchange, and runs its weight
+    gradients right after ('B.wgrad.run' in `trace`), with the exchange in flight: otherwise
+    nothing would stand between that exchange and its wait. While both programs run, nothing
+    changes (the pairing above hides every exchange already)."""
     programs, results, live = (first, second), [None, None], [True, True]
     while any(live):
         for k in (0, 1):
             if not live[k]:
                 continue
-            store = first_weight_grads if k == 0 else None
+            store = first_weight_grads if k == 0 and not live[1] else None
             try:
                 if store is None:
                     next(programs[k])
@@ -630,9 +630,9 @@ class PiecewiseLayers:
     Without grad (inference, forward-only steps) the layers run whole. `trace`: a list to
     which the pieces append their events (tests, timelines). `exchange`: what runs the pieces'
     all-to-alls (comm_timing.TimedExchange stamps them). `defer_weight_grads` (off by default,
-    not yet shown to pay on GPU): in an F&B step, B's layers defer their weight gradients to the
-    store a schedule attached to them and run them right after each B segment, behind B's
-    exchange (`run_interleaved`); no effect without an attached store."""
+    not yet shown to pay on GPU): in an F&B step whose B outlasts A, B's remaining segments
+    defer their weight gradients to the store a schedule attached to them and run them behind
+    B's exchange (`run_interleaved`); no effect without an attached store."""
     layers: Sequence[torch.nn.Module]
     trace: Optional[list] = None
     exchange: AsyncExchange = field(default_factory=AsyncExchange, repr=False)

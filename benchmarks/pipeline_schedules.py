@@ -355,7 +355,8 @@ def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, finger
         result["moe_overlap"], result["count_group"] = pieces, ("separate" if separate
                                                                 else "same")
         result["defer_wgrad"] = defer_wgrad
-        name = run_label(schedule, pieces, separate, args.moe_overlap, defer_wgrad)
+        name = run_label(schedule, pieces, separate, args.moe_overlap,
+                         defer_wgrad and args.defer_wgrad == "both")
         # one traced step (device timestamps at op boundaries; kept apart from the timed steps)
         _zero_grads(params)
         forward_backward.tracer = Tracer()
@@ -382,7 +383,8 @@ def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, finger
 def run_label(schedule: str, pieces: Optional[bool], separate: bool, moe_overlap: str,
               defer_wgrad: bool = False) -> str:
     """dualpipev, or with --moe-overlap both dualpipev_ovl / dualpipev_seq; _cg: the counts
-    over their own group; _w: B's weight gradients after each of its F&B segments."""
+    over their own group; _w: B's weight gradients behind its exchanges where it outlasts A
+    (named only when --defer-wgrad both compares them)."""
     suffix = "" if moe_overlap != "both" else "_ovl" if pieces else "_seq"
     return f"{schedule}{suffix}{'_cg' if separate else ''}{'_w' if defer_wgrad else ''}"
 
@@ -858,10 +860,11 @@ def parse_args(argv=None):
                         help="with EP, the MoE pieces' count exchanges over the EP group itself "
                              "(same), over a duplicate of it on their own stream (separate: "
                              "they do not queue behind a row exchange in flight), or both")
-    parser.add_argument("--defer-wgrad", default="off", choices=["off", "on", "both"],
-                        help="DualPipe(V) with the MoE pieces: B's weight gradients deferred in "
-                             "F&B steps and run after each of B's segments, behind its exchange "
-                             "(PiecewiseLayers.defer_weight_grads), off, on or both (rows _w)")
+    parser.add_argument("--defer-wgrad", default="on", choices=["off", "on", "both"],
+                        help="DualPipe(V) with the MoE pieces: where an F&B step's backward "
+                             "outlasts its forward, B's remaining segments run their weight "
+                             "gradients behind their exchange (PiecewiseLayers."
+                             "defer_weight_grads, on by default), off, on or both (rows _w)")
     parser.add_argument("--profile", action="store_true",
                         help="DualPipe(V): one more step under torch.profiler; per rank the "
                              "compute kernels' summed and busy time, NCCL's, and the top "
@@ -1026,7 +1029,8 @@ def print_table(results: dict) -> None:
           f"{'a2a hidden':>10}", file=sys.stderr)
     for r in results["runs"]:
         label = run_label(r["schedule"], r.get("moe_overlap"), r.get("count_group") == "separate",
-                          results["moe_overlap"], bool(r.get("defer_wgrad")))
+                          results["moe_overlap"],
+                          bool(r.get("defer_wgrad")) and results.get("defer_wgrad") == "both")
         if r["status"] != "ok":
             print(f"{label:<16} {r['microbatches']:>3} skipped: {r['reason'][:80]}",
                   file=sys.stderr)

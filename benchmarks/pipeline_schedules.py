@@ -57,10 +57,21 @@ backward and W fills the cool-down; the formula for DualPipeV on N ranks is that
 2N: (N-1)(F&B + B - 3W). The measured idle time also holds the p2p waits, which the formula
 leaves out.
 
-Not covered: data parallelism (the world is one pipeline), EP or TP inside the pipeline (the
-training job composes them, tests/test_pipeline_parallel_compose.py; this script compares
-schedules on one pipeline), MTP (Megatron's PP keeps a second embedding on the last
-stage for it). On CPU every number is a logic check, not a measurement.
+Expert parallelism (`--expert-parallel-size E`, issue 4): the world is PP x E, E pipelines
+(Megatron's layout: pipelines {0, 2} and {1, 3} at PP=2 x EP=2), each on its own micro-batches
+(a data-parallel replica; gradients are not reduced), the routed experts of a stage sharded
+over the E ranks that hold it, so every MoE layer exchanges rows between the pipelines. Every
+schedule (Megatron's too) runs the same model; each pipeline's loss is checked against its own
+schedule-free loss; tokens/s is one pipeline's. DualPipe(V) then runs its MoE layers as F&B
+pieces (`--moe-overlap auto`; `both` adds the plain layer loop, rows _ovl / _seq), and one more
+step stamps every all-to-all of the pieces (`pipeline/comm_timing.py`): per rank the fraction
+hidden behind compute, of the exchanges issued inside F&B interleavings (the steady state) and
+of the whole step. `--profile` adds a torch.profiler step: compute kernels' summed and busy
+time, NCCL's, and the top kernels.
+
+Not covered: TP inside the pipeline and gradient reduction over data parallelism (the training
+job composes them, tests/test_pipeline_parallel_compose.py), MTP (Megatron's PP keeps a second
+embedding on the last stage for it). On CPU every number is a logic check, not a measurement.
 """
 
 from __future__ import annotations

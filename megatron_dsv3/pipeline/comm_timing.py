@@ -125,8 +125,8 @@ class TimedExchange(AsyncExchange):
     def start(self, rows, group, output_splits, input_splits):
         if group is None:
             return super().start(rows, group, output_splits, input_splits)
-        events = [e for e in self.trace if e not in (PAIR_BEGIN, PAIR_END)]
-        name = events[-1].rsplit(".", 1)[0] if events else "?"
+        name = next((e.rsplit(".", 1)[0] for e in reversed(self.trace)
+                     if e not in (PAIR_BEGIN, PAIR_END)), "?")  # the piece that issued it
         timing = ExchangeTiming(name, rows.numel() * rows.element_size(), self.clock.stamp(),
                                 paired=self.trace.paired)
         pending = super().start(rows, group, output_splits, input_splits)

@@ -89,9 +89,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # the stamping and the arithmetic (definitions above): one piece of code with the pipeline's
-from megatron_dsv3.pipeline.comm_timing import (Clock, StepRecord, TimedExchange,  # noqa: E402,F401
+from megatron_dsv3.pipeline.comm_timing import (Clock, TimedExchange,  # noqa: E402
                                                 TimedTrace, resolve_step, step_numbers,
-                                                summarize, union_length)
+                                                summarize)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -295,7 +295,8 @@ def test_hidden_fraction_counts_only_the_time_compute_waited():
     """A made-up step: exchange A in flight [0, 4], waited for from 3 (1 exposed); B [5, 6],
     waited for at once (1 exposed): C = 5, X = 2, hidden 0.6. A plan waiting for its counts over
     [1, 2] while A is in flight queues behind it: strict X = 3, hidden 0.4."""
-    module = _load("pipeline_ep_overlap")  # comm_timing's arithmetic, which the script uses
+    from megatron_dsv3.pipeline import comm_timing as module  # the arithmetic both scripts use
+
     exchanges = [{"name": "F0.dispatch", "bytes": 8, "issue": 0.0, "completion": 4.0,
                   "wait": 3.0, "resumed": 4.0, "paired": True},
                  {"name": "F0.combine", "bytes": 8, "issue": 5.0, "completion": 6.0,

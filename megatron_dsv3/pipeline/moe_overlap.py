@@ -206,10 +206,13 @@ class AsyncExchange:
 
     def __init__(self, count_groups: Optional[Mapping] = None) -> None:
         self._streams: dict[tuple[torch.device, str], CommStream] = {}
-        self.count_groups = dict(count_groups or {})
-        count_stream = "counts" if self.count_groups else "rows"
+        count_stream = "counts" if count_groups else "rows"
         self.counts = AsyncCounts(lambda device: self._stream(device, count_stream),
-                                  self.count_groups)
+                                  count_groups)
+
+    @property
+    def count_groups(self) -> dict:
+        return self.counts.groups
 
     def _stream(self, device: torch.device, kind: str = "rows") -> CommStream:
         if (device, kind) not in self._streams:

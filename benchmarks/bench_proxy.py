@@ -44,6 +44,7 @@ def _peak_gib(device: torch.device) -> float:
 def build(args, device):
     from megatron_dsv3.config import preset, to_megatron_config
     from megatron_dsv3.model import build_model
+    from megatron_dsv3.moe.balance import set_balance_loss_scale
     from megatron_dsv3.parallel import init_distributed
 
     cfg = preset(args.preset)
@@ -59,6 +60,7 @@ def build(args, device):
     torch.manual_seed(0)
     megatron_cfg = to_megatron_config(cfg, use_cpu_initialization=device.type != "cuda")
     model = build_model(cfg, pg_collection=pg, megatron_config=megatron_cfg).to(device)
+    set_balance_loss_scale(model, 1.0)  # one micro-batch per step
     if args.compile != "none":
         from megatron_dsv3.model import compile_model
 

@@ -89,7 +89,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # the stamping and the arithmetic (definitions above): one piece of code with the pipeline's
-from megatron_dsv3.pipeline.comm_timing import (Clock, TimedExchange,  # noqa: E402
+from megatron_dsv3.profiling.comm_timing import (Clock, TimedExchange,  # noqa: E402
                                                 TimedTrace, resolve_step, step_numbers,
                                                 summarize)
 
@@ -114,10 +114,10 @@ def run_pass(mode: str, layers, cfg, args, device, group, count_groups=None) -> 
     Mode overlapped_wgrad: the layers hold a WeightGradStore (as a schedule's stages do) and
     the backward's weight gradients run after each of its segments (run_interleaved's
     first_weight_grads)."""
-    from megatron_dsv3.pipeline.moe_overlap import (MoELayerPieces, backward_program,
-                                                    forward_program, run_interleaved,
-                                                    run_sequential)
-    from megatron_dsv3.pipeline.weight_grad import WeightGradStore, attach_weight_grad_store
+    from megatron_dsv3.moe.pieces import MoELayerPieces
+    from megatron_dsv3.pipeline.fb_overlap import (backward_program, forward_program,
+                                                   run_interleaved, run_sequential)
+    from megatron_dsv3.weight_grad import WeightGradStore, attach_weight_grad_store
 
     rank = dist.get_rank()
     clock = Clock(device, group)
@@ -270,6 +270,7 @@ def build_layers(args, pg, device):
     sharded over the EP group; returns the config and the MoE layers (the rest is dropped)."""
     from megatron_dsv3.config import preset, to_megatron_config
     from megatron_dsv3.model import build_model
+    from megatron_dsv3.moe.balance import set_balance_loss_scale
     from megatron_dsv3.moe.layer import DeepSeekMoE
 
     cfg = preset(args.preset)
@@ -286,8 +287,7 @@ def build_layers(args, pg, device):
 
         compile_model(model, scope=args.compile)
     layers = [layer for layer in model.decoder.layers if isinstance(layer.mlp, DeepSeekMoE)]
-    for layer in layers:
-        layer.mlp.aux_loss_scale = 1.0
+    set_balance_loss_scale(model, 1.0)  # one micro-batch per backward
     return cfg, layers
 
 

@@ -84,6 +84,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
@@ -192,18 +193,16 @@ def fingerprint(named_tensors) -> float:
 
 
 def _set_aux_loss_scale(modules, num_microbatches: int) -> None:
-    from megatron_dsv3.moe.layer import DeepSeekMoE
+    from megatron_dsv3.moe.balance import set_balance_loss_scale
 
     for module in modules:
-        for m in module.modules():
-            if isinstance(m, DeepSeekMoE):
-                m.aux_loss_scale = 1.0 / num_microbatches
+        set_balance_loss_scale(module, 1.0 / num_microbatches)
 
 
 @torch.no_grad()
 def reference_lm_losses(model, batches) -> list[torch.Tensor]:
     """Schedule-free next-token loss of each micro-batch: the whole model, forward only."""
-    from megatron_dsv3.pipeline.model_stages import weighted_lm_loss
+    from megatron_dsv3.mtp import weighted_lm_loss
 
     return [weighted_lm_loss(model(ids, None, None, labels=labels), 0.0)[1]
             for ids, labels in batches]
@@ -308,7 +307,7 @@ def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, finger
     from megatron_dsv3.pipeline import Tracer
     from megatron_dsv3.pipeline.megatron_adapter import (PipelineConfig, forward_step,
                                                          get_forward_backward_func)
-    from megatron_dsv3.pipeline.model_stages import StagePlan, stages_from_model
+    from megatron_dsv3.pipeline.stages import StagePlan, stages_from_model
 
     pp, rank = pg.pp.size(), pg.pp.rank()
     try:
@@ -325,13 +324,11 @@ def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, finger
     stages = stages_from_model(model, plan, rank, overlap_moe=overlap)
     del model
     _free(device)
-    for stage in stages:
-        stage.mtp_lambda = 0.0
     pieces = stages[0].piecewise_layers is not None  # the same answer for both chunks
     separate = pieces and pg.ep.size() > 1 and count_group == "separate"
     if separate:
         from megatron_dsv3.parallel import duplicate_group
-        from megatron_dsv3.pipeline.moe_overlap import AsyncExchange
+        from megatron_dsv3.moe.async_exchange import AsyncExchange
 
         groups = {tuple(dist.get_process_group_ranks(pg.ep)): duplicate_group(pg.ep)}
         for stage in stages:
@@ -355,7 +352,8 @@ def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, finger
         def step(num_microbatches=num_microbatches, mine=mine) -> dict:
             iterators = [iter([batches[m] for m in plan.microbatches_of_chunk(c, num_microbatches)])
                          if (s.is_first or s.is_last) else None for c, s in enumerate(stages)]
-            dicts = forward_backward(forward_step_func=forward_step, data_iterator=iterators,
+            dicts = forward_backward(forward_step_func=partial(forward_step, mtp_lambda=0.0),
+                                     data_iterator=iterators,
                                      model=list(stages), num_microbatches=num_microbatches,
                                      seq_length=args.seq_len,
                                      micro_batch_size=args.micro_batch_size)
@@ -400,6 +398,17 @@ def run_label(schedule: str, pieces: Optional[bool], separate: bool, moe_overlap
     return f"{schedule}{suffix}{'_cg' if separate else ''}{'_w' if defer_wgrad else ''}"
 
 
+def runs_on(schedule: str, pp: int) -> bool:
+    """Whether our `schedule` takes `pp` pipeline ranks (its class's rule)."""
+    from megatron_dsv3.pipeline import schedule_class
+
+    try:
+        schedule_class(schedule).validate(pp)
+    except ValueError:
+        return False
+    return True
+
+
 def ours_unsupported(schedule: str, pp: int, num_microbatches: int) -> Optional[str]:
     from megatron_dsv3.pipeline.megatron_adapter import PipelineConfig
 
@@ -416,7 +425,7 @@ def exchange_report(step: Callable[[], dict], stages, device) -> dict:
     inside F&B interleavings (the steady state) and of all of them (warm-up and cool-down
     forwards and backwards run their layers' pieces one after the other: nothing hides those).
     Every rank calls it; the report on every rank."""
-    from megatron_dsv3.pipeline.comm_timing import (Clock, TimedExchange, TimedTrace,
+    from megatron_dsv3.profiling.comm_timing import (Clock, TimedExchange, TimedTrace,
                                                     resolve_step, step_numbers)
 
     clock = Clock(device)
@@ -465,7 +474,7 @@ def kernel_report(step: Callable[[], dict], device, directory: Optional[Path]) -
     for the host or for the all-to-all), NCCL's union and its overlap with compute, and the
     span from the first kernel to the last. The top kernels go to `directory`/kernels_rank<r>.txt.
     On CPU there are no kernels (zeros)."""
-    from megatron_dsv3.pipeline.comm_timing import union_length
+    from megatron_dsv3.profiling.comm_timing import union_length
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -510,8 +519,10 @@ def bubble_report(tracer, schedule: str, pg, directory: Optional[Path]) -> Optio
     """The traced step's idle time per rank of the pipeline `pg.pp` against `paper_bubble` from
     its own chunk times; files under `directory` when given (global rank 0's pipeline). Every
     rank calls it; the report (of its own pipeline) on every rank."""
-    from megatron_dsv3.pipeline.trace import (ChunkTimes, draw_timeline, events_from_dict,
-                                              idle_by_phase, measured_chunk_times, paper_bubble)
+    from megatron_dsv3.pipeline import schedule_class
+    from megatron_dsv3.profiling.timeline import (ChunkTimes, draw_timeline, events_from_dict,
+                                                  idle_by_phase, measured_chunk_times,
+                                                  paper_bubble)
 
     pp = pg.pp.size()
     traces: list = [None] * pp
@@ -519,7 +530,7 @@ def bubble_report(tracer, schedule: str, pg, directory: Optional[Path]) -> Optio
     times = measured_chunk_times([e for t in traces for e in events_from_dict(t)])
     paper = paper_bubble(schedule, pp, times)
     # the same chunk times in 1F1B's units: one 1F1B stage is every chunk a rank holds once
-    per_stage = 2 if schedule == "dualpipev" else 1
+    per_stage = schedule_class(schedule).num_stages(pp) // pp
     paper_1f1b = paper_bubble("1f1b", pp, ChunkTimes(per_stage * times.F, per_stage * times.B,
                                                      per_stage * times.W))
     idle = [t["bubble_fraction"] * t["duration"] for t in traces]
@@ -653,7 +664,7 @@ def megatron_forward_step(data_iterator, model):
 
 
 def _megatron_loss_func(output):
-    from megatron_dsv3.pipeline.model_stages import weighted_lm_loss
+    from megatron_dsv3.mtp import weighted_lm_loss
 
     loss, lm, _, _ = weighted_lm_loss(output, 0.0)
     # a copy: Megatron divides the returned loss by the number of micro-batches in place
@@ -921,7 +932,7 @@ def resolve(args, world: int) -> list[str]:
     if args.stage_layers is not None:
         args.stage_layers = tuple(int(n) for n in str(args.stage_layers).split(","))
     if args.schedule == "all":
-        return [s for s in ALL_SCHEDULES if s != "dualpipe" or pp % 2 == 0]
+        return [s for s in ALL_SCHEDULES if s in MEGATRON or runs_on(s, pp)]
     schedules = args.schedule.split(",")
     unknown = [s for s in schedules if s not in ALL_SCHEDULES]
     if unknown:

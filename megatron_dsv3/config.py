@@ -1,7 +1,7 @@
 """Configuration: one small frozen dataclass per mechanism, presets, and the Megatron adapter.
 
 What lives here
-  MLAConfig    multi-head latent attention (DESIGN.md section 1)
+  MLAConfig    multi-head latent attention (docs/architecture.md 3.1)
   MoEConfig    DeepSeekMoE and its router (section 2)
   MTPConfig    multi-token prediction and its loss-weight schedule (section 3)
   ModelConfig  the whole model: widths, depth, vocabulary, the three above, numerics
@@ -80,7 +80,7 @@ class YarnConfig:
 
 @dataclass(frozen=True)
 class MLAConfig:
-    """Multi-head latent attention widths (DESIGN.md section 1).
+    """Multi-head latent attention widths (docs/architecture.md 3.1).
 
     q_lora_rank = 0 means no query compression (DeepSeek-V2-Lite): q = W^Q h directly.
     """
@@ -134,7 +134,7 @@ class MoEConfig:
     """DeepSeekMoE: shared + fine-grained routed experts, sigmoid router with a selection bias.
 
     first_k_dense layers use a dense SwiGLU FFN of width dense_ffn_size; the rest are MoE.
-    Router (DESIGN.md section 2): scores s = sigmoid(u e_i); selection by top-k of s + b within
+    Router (docs/architecture.md 3.2): scores s = sigmoid(u e_i); selection by top-k of s + b within
     the top `topk_groups` of `num_groups` expert groups; gates = s over the selection,
     normalised, times route_scale. The bias b moves by bias_update_rate * sign(mean - load)
     once per optimizer step until bias_update_stop_tokens tokens have been trained.
@@ -198,7 +198,7 @@ class MoEConfig:
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MTPConfig:
-    """D sequential MTP modules and the weight lambda of their loss (DESIGN.md section 3).
+    """D sequential MTP modules and the weight lambda of their loss (docs/architecture.md 3.3).
 
     loss_weight_schedule is piecewise constant: ((start_tokens, lambda), ...) sorted by
     start_tokens, the first at 0. V3: lambda = 0.3 for the first 10T tokens, then 0.1.

@@ -8,10 +8,10 @@
 "local" is Megatron-Core's own tensor-parallel layers (`ColumnParallelLinear`,
 `RowParallelLinear`) plus our `ReplicatedLinear` and `RMSNorm`, and runs on CPU/gloo and
 GPU/NCCL. "te" is Transformer Engine's layers through Megatron's TE extension (GPU only).
-FP8 (DESIGN.md section 4) will be a third backend: nothing else needs to change.
+FP8 (docs/precision-and-parallelism.md) will be a third backend: nothing else needs to change.
 
 The local linears can defer their weight gradient to a pipeline schedule's W step
-(pipeline/weight_grad.py, DESIGN.md section 5): each has a `weight_grad_store` attribute,
+(weight_grad.py; docs/pipeline.md): each has a `weight_grad_store` attribute,
 None unless a schedule attaches its store (`attach_weight_grad_store`). With None they run
 Megatron's (or F.linear's) code unchanged, at the cost of one attribute test; with a store they
 run one autograd function (`linear_deferred_wgrad`) that computes the same GEMMs, dX in the
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -41,9 +41,8 @@ from megatron.core.tensor_parallel import (
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from .config import ConfigError
-
-if TYPE_CHECKING:  # imported where used: the pipeline package imports this module
-    from .pipeline.weight_grad import WeightGradStore
+from .megatron_compat import GemmCall, OwnGemmHook
+from .weight_grad import WeightGradStore, linear_deferred_wgrad
 
 
 def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -101,7 +100,7 @@ class ReplicatedLinear(torch.nn.Module):
     downstream), so its weight gradient is too: no communication of its own.
     """
 
-    weight_grad_store: Optional["WeightGradStore"] = None
+    weight_grad_store: Optional[WeightGradStore] = None
 
     def __init__(self, input_size: int, output_size: int, *, config, init_method: Callable,
                  name: Optional[str] = None):
@@ -117,47 +116,31 @@ class ReplicatedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor):
         if self.weight_grad_store is None:
             return F.linear(x, self.weight), None
-        from .pipeline.weight_grad import linear_deferred_wgrad
-
         return linear_deferred_wgrad(x, self.weight, None, self.weight_grad_store), None
 
 
 # ----------------------------------------------------------------------------------------------
 # Megatron's tensor-parallel linears with a deferrable weight gradient
 # ----------------------------------------------------------------------------------------------
-class _DeferrableWgrad:
-    """Mixin for Megatron's Column/RowParallelLinear: `_forward_impl` (where both call their
-    autograd function, after Megatron's own input handling and before the row-parallel output
-    all-reduce) runs `linear_deferred_wgrad` while a store is attached. Parameters, their
-    names and TP metadata, and everything around the GEMM stay Megatron's."""
+class _DeferrableWgrad(OwnGemmHook):
+    """Mixin for Megatron's Column/RowParallelLinear: while a store is attached, their GEMM runs
+    as `linear_deferred_wgrad` (megatron_compat.OwnGemmHook is the seam); detached, Megatron's
+    own code runs unchanged."""
 
-    weight_grad_store: Optional["WeightGradStore"] = None
+    weight_grad_store: Optional[WeightGradStore] = None
 
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        store = self.weight_grad_store
-        if store is None or not weight.requires_grad:
-            return super()._forward_impl(input, weight, *args, **kwargs)
-        return self._deferrable_forward(input, weight, store, *args, **kwargs)
+    def own_gemm_enabled(self, weight: torch.Tensor) -> bool:
+        return self.weight_grad_store is not None and weight.requires_grad
 
-    def _deferrable_forward(self, input, weight, store, bias=None,
-                            gradient_accumulation_fusion=False, allreduce_dgrad=False,
-                            sequence_parallel=False, grad_output_buffer=None,
-                            wgrad_deferral_limit=None, tp_group=None, gtp_remat_size=1):
-        unsupported = [name for name, on in (
-            ("sequence_parallel", sequence_parallel),
-            ("gradient_accumulation_fusion", gradient_accumulation_fusion),
-            ("defer_embedding_wgrad_compute", grad_output_buffer is not None),
-            ("gtp_remat_size > 1", gtp_remat_size > 1)) if on]
-        if unsupported:
+    def own_gemm(self, input: torch.Tensor, weight: torch.Tensor, call: GemmCall):
+        if call.unsupported:
             raise NotImplementedError(
                 f"{type(self).__name__}: weight-gradient deferral does not support "
-                f"{', '.join(unsupported)}; turn it off in Megatron's config (for the fusion: "
-                "gradient_accumulation_fusion=False, --no-gradient-accumulation-fusion) or "
-                "detach the store: attach_weight_grad_store(model, None)")
-        from .pipeline.weight_grad import linear_deferred_wgrad
-
-        return linear_deferred_wgrad(input, weight, bias, store,
-                                     dgrad_group=tp_group if allreduce_dgrad else None)
+                f"{', '.join(call.unsupported)}; turn it off in Megatron's config (for the "
+                "fusion: gradient_accumulation_fusion=False, --no-gradient-accumulation-fusion) "
+                "or detach the store: attach_weight_grad_store(model, None)")
+        return linear_deferred_wgrad(input, weight, call.bias, self.weight_grad_store,
+                                     dgrad_group=call.dgrad_group)
 
 
 class DeferrableColumnParallelLinear(_DeferrableWgrad, ColumnParallelLinear):

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from .config import ModelConfig, to_megatron_config
+from .megatron_compat import GPTPostprocessHook
 from .mtp import mtp_targets
 from .specs import decoder_block_spec, mtp_block_spec
 
@@ -38,17 +38,14 @@ class LMOutput:
     mtp_valid: Optional[torch.Tensor] = None
 
 
-class DeepSeekV3Model(GPTModel):
+class DeepSeekV3Model(GPTPostprocessHook):
     """GPTModel whose post-processing reports MTP losses instead of hiding them."""
 
-    def _postprocess(self, hidden_states, input_ids, position_ids, labels, rotary_pos_emb,
-                     rotary_pos_cos, rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None,
-                     decoder_input=None, attention_mask=None, padding_mask=None,
-                     inference_params=None, packed_seq_params=None, sequence_len_offset=None,
-                     runtime_gather_output=None, extra_block_kwargs=None,
-                     inference_context=None, output_processor=None,
-                     output_processor_context=None):
-        if mtp_in_postprocess:
+    def postprocess(self, hidden_states, *, input_ids, position_ids, labels, loss_mask=None,
+                    attention_mask=None, run_mtp: bool = True, runtime_gather_output=None):
+        """After the decoder's final norm: the MTP block (run_mtp), the output head and, with
+        labels, the per-token cross-entropies (LMOutput); without labels the main logits."""
+        if run_mtp:
             hidden_states = self.mtp(input_ids=input_ids, position_ids=position_ids,
                                      hidden_states=hidden_states, attention_mask=attention_mask,
                                      embedding=self.embedding)

@@ -1,4 +1,4 @@
-"""Multi-token prediction (DESIGN.md section 3): the MTP module, its loss and lambda.
+"""Multi-token prediction (docs/architecture.md): the MTP module, its loss and lambda.
 
 Module k (1..D) at position i combines the previous depth's representation with the
 embedding of the token k positions ahead, then runs one transformer layer:
@@ -11,8 +11,9 @@ h^0 is the main model's output after its final norm, as in Megatron and vLLM.
 `MTPLayer` plugs into Megatron's `MultiTokenPredictionBlock` through its layer spec (the
 block runs the D layers in sequence and concatenates their outputs along the sequence);
 `DeepSeekV3Model` turns the outputs into per-depth losses, and the training step weighs
-them with `MTPConfig.loss_weight(tokens_seen)`:
-  L_MTP = (lambda / D) * sum_k CE_k,  CE_k over the positions whose target t_{i+k+1} exists.
+them with `MTPConfig.loss_weight(tokens_seen)` (`weighted_lm_loss`):
+  L_MTP = (lambda / D) * sum_k CE_k,  CE_k over the positions whose target t_{i+k+1} exists;
+  the loss of a micro-batch is mean CE + L_MTP.
 """
 
 from __future__ import annotations
@@ -97,3 +98,17 @@ def mtp_loss(per_token_losses: torch.Tensor, valid: torch.Tensor, weight: float)
     valid = valid.to(per_token_losses.dtype)
     per_depth = (per_token_losses * valid).sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp(min=1)
     return weight / depth * per_depth.sum()
+
+
+def weighted_lm_loss(out, mtp_lambda: float) -> tuple[torch.Tensor, ...]:
+    """The training loss of one micro-batch from the model's LMOutput: (loss to backpropagate,
+    next-token CE, weighted MTP loss, unweighted MTP CE), with
+    loss = mean CE + (lambda / D) sum_k CE_k (`mtp_loss`); without MTP the last two are 0."""
+    lm = out.lm_loss.float().mean()
+    if out.mtp_losses is None:
+        zero = torch.zeros((), device=lm.device)
+        return lm, lm, zero, zero
+    mtp = mtp_loss(out.mtp_losses.float(), out.mtp_valid, mtp_lambda)
+    with torch.no_grad():
+        mtp_ce = mtp_loss(out.mtp_losses.float(), out.mtp_valid, 1.0)
+    return lm + mtp, lm, mtp, mtp_ce

@@ -7,6 +7,8 @@
   duplicate_group(group)      the same ranks on a new communicator (e.g. for MoE counts)
   shard_state_dict(full, model, tp_group, ep_group)
                               the slice of a full (TP=1, EP=1) state dict this rank's model holds
+  load_full_state_dict(model, full, tp_group, ep_group)
+                              load that slice; an error names what does not fit
   gather_state_dict(model, tp_group, ep_group)
                               the full tensors from every TP/EP rank's slices (values or grads)
 
@@ -47,6 +49,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
+
+from .megatron_compat import one_pipeline_stage
 
 
 def init_distributed(tensor_parallel_size: int = 1, expert_parallel_size: int = 1, *,
@@ -134,15 +138,8 @@ def whole_model_groups(pg: ProcessGroupCollection) -> Iterator[ProcessGroupColle
         return
     whole = copy.copy(pg)
     whole.pp = None
-    saved = (parallel_state._MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE,
-             parallel_state._MPU_PIPELINE_MODEL_PARALLEL_RANK)
-    parallel_state.set_pipeline_model_parallel_world_size(1)
-    parallel_state.set_pipeline_model_parallel_rank(0)
-    try:
+    with one_pipeline_stage():
         yield whole
-    finally:
-        parallel_state.set_pipeline_model_parallel_world_size(saved[0])
-        parallel_state.set_pipeline_model_parallel_rank(saved[1])
 
 
 def duplicate_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
@@ -226,6 +223,20 @@ def shard_state_dict(full_state_dict: dict, model: torch.nn.Module, tp_group,
                              f"model's {tuple(value.shape)}; was the full state dict built for "
                              "the same config, and are tp_group / ep_group the model's?")
     return local
+
+
+def load_full_state_dict(model: torch.nn.Module, full_state_dict: dict, tp_group,
+                         ep_group=None) -> None:
+    """Load this rank's slice of a full (TP=1, EP=1) state dict into `model` (its TP/EP
+    shard); every parameter and buffer must be there (Transformer Engine's `_extra_state`
+    entries may be missing)."""
+    missing, unexpected = model.load_state_dict(
+        shard_state_dict(full_state_dict, model, tp_group, ep_group), strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ValueError(f"the full state dict does not fit this model: missing={missing}, "
+                         f"unexpected={unexpected}; was it saved from a model of the same "
+                         "config (layers, experts, MTP depth)?")
 
 
 def _all_gather(tensor: torch.Tensor, group) -> list[torch.Tensor]:

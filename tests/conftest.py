@@ -1,6 +1,7 @@
 """Shared fixtures: a single-process gloo world with Megatron's parallel state (TP=1).
 
-Multi-rank tests start their own processes with `megatron_dsv3.testing.run_gloo`.
+Test helpers live in tests/helpers (tests/ is on sys.path, pytest's default import mode):
+`helpers.tolerance` (the tolerance policy) and `helpers.gloo.run_gloo` (multi-rank tests).
 """
 
 import os
@@ -11,6 +12,22 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# One torch thread here, as in every gloo rank (helpers.gloo). The single-process references
+# computed in this process are compared bit for bit with runs in those ranks ("same ops, same
+# order"), and a CPU GEMM or reduction split over two threads may block its sums differently
+# than over one: with two threads the MTP loss of test_pipeline_model's PP=2 cases came out
+# 7e-8 away from the ranks'. It costs no time: nearly all of the suite's CPU work runs in the
+# ranks and subprocesses, which take both cores between them anyway.
+torch.set_num_threads(1)
+
+
+def pytest_sessionstart(session):
+    """Start the gloo ranks' fork server now: its imports (~6 s of one core) overlap with
+    collection instead of delaying the first multi-rank test."""
+    from helpers.gloo import start_server
+
+    start_server()
 
 
 @pytest.fixture(scope="session")

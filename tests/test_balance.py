@@ -15,7 +15,8 @@ import torch
 from megatron_dsv3.config import MoEConfig
 from megatron_dsv3.moe.balance import ExpertLoads, update_expert_biases
 from megatron_dsv3.moe.router import Router
-from megatron_dsv3.testing import assert_equal, run_gloo
+from helpers.gloo import run_gloo
+from helpers.tolerance import assert_equal
 
 RATE = 0.125          # a power of two: bias updates are exact in fp32
 STOP_TOKENS = 1000
@@ -94,6 +95,7 @@ def single_process_results():
     return three_steps(make_model(), SUMMED_LOADS, group=None)
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_get_identical_biases_equal_to_single_process_on_summed_loads(
         two_rank_results, single_process_results):
     _, single_bias, _ = single_process_results["step1"]
@@ -105,6 +107,7 @@ def test_two_ranks_get_identical_biases_equal_to_single_process_on_summed_loads(
         assert loads.updated and loads.names == ["layers.0", "layers.1"], f"{loads=}"
 
 
+@pytest.mark.multiprocess
 def test_update_resets_counters_on_every_rank(two_rank_results):
     for rank, results in enumerate(two_rank_results):
         for step in ("step1", "step2", "step3"):
@@ -112,6 +115,7 @@ def test_update_resets_counters_on_every_rank(two_rank_results):
             assert_equal(counters, torch.zeros(2, 4, dtype=torch.int64), f"rank {rank} {step}")
 
 
+@pytest.mark.multiprocess
 def test_no_update_at_stop_tokens_or_with_zero_rate(two_rank_results):
     for rank, results in enumerate(two_rank_results):
         _, bias_after_step1, _ = results["step1"]

@@ -1,12 +1,18 @@
-"""The GPU benchmark scripts of issue 3, run end to end on two gloo processes (tiny preset):
+"""The GPU benchmark scripts of issue 3, run end to end on gloo processes (tiny preset):
 
   benchmarks/pipeline_schedules.py   DualPipeV / DualPipe timed and traced; Megatron's 1F1B and
                                      interleaved 1F1B skipped on CPU (they need CUDA), their
-                                     stage models checked through Megatron's step functions; and
-                                     once more with Megatron's CUDA calls pointed at the CPU, so
-                                     that its schedules run through the script's GPU code path
+                                     stage models checked through Megatron's step functions (2
+                                     ranks); and once more at PP=2 x EP=2 (4 ranks) with
+                                     Megatron's CUDA calls pointed at the CPU, so that every
+                                     schedule runs through the script's GPU code path
   benchmarks/pipeline_ep_overlap.py  EP=2 MoE F&B step, overlapped and sequential, every piece
                                      stamped; the hidden fraction of the all-to-all
+
+pipeline_ep_overlap.py is started as its docstring says, by torchrun: that run shows a script
+works under the launcher. pipeline_schedules.py's `main(argv)` runs on `run_gloo`'s ranks, with
+the environment torchrun would give them (a fresh process each, forked from one that has
+imported torch and Megatron: ~6 s of imports saved per process).
 
 What is asserted is what the CPU can say: the JSON has its keys, every loss equals the
 schedule-free loss bit for bit (same fp32 operations on the same data: test_pipeline_model
@@ -28,7 +34,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from helpers.gloo import run_gloo
+
+pytestmark = pytest.mark.multiprocess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,17 +59,48 @@ def _torchrun(script: str, args: list[str], json_out: Path, timeout_s: float = 1
     return json.loads(json_out.read_text())
 
 
+def _script_main(rank: int, world: int, script: str, argv: list[str],
+                 megatron_schedules_on_cpu: bool = False) -> None:
+    """A benchmark script's main on a run_gloo rank (RANK, WORLD_SIZE, MASTER_* set)."""
+    os.environ["LOCAL_WORLD_SIZE"] = str(world)  # torchrun's: the scripts share the cores by it
+    module = _load(script)
+    if megatron_schedules_on_cpu:
+        _point_megatrons_cuda_calls_at_the_cpu(module)
+    module.main(argv)
+
+
+def _point_megatrons_cuda_calls_at_the_cpu(bench) -> None:
+    """Megatron-Core's schedules on CPU, in this rank's process only: its three CUDA calls
+    pointed at the CPU (NOTES: the schedules allocate torch.zeros(device="cuda") and p2p buffers
+    on torch.cuda.current_device(); batched p2p calls torch.cuda.synchronize), so that the
+    script's GPU code path runs here."""
+    import torch
+
+    zeros = torch.zeros
+
+    def zeros_on_cpu(*args, **kwargs):
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return zeros(*args, **kwargs)
+
+    torch.zeros = zeros_on_cpu
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    bench.MEGATRON_SCHEDULES_ON_CPU = True
+
+
 # ----------------------------------------------------------------------------------------------
 # pipeline_schedules.py
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def schedules_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("schedules")
-    result = _torchrun("pipeline_schedules.py",
-                       ["--preset", "tiny", "--layers", "4", "--device", "cpu", "--seq-len", "32",
-                        "--microbatches", "4,5", "--steps", "1", "--warmup", "1", "--optimizer",
-                        "--trace-dir", str(out / "traces")], out / "result.json")
-    return result, out
+    run_gloo(_script_main, 2, "pipeline_schedules",
+             ["--preset", "tiny", "--layers", "4", "--device", "cpu", "--seq-len", "32",
+              "--microbatches", "4,5", "--steps", "1", "--warmup", "1", "--optimizer",
+              "--trace-dir", str(out / "traces"), "--json-out", str(out / "result.json")],
+             timeout_s=300)
+    return json.loads((out / "result.json").read_text()), out
 
 
 def _run(result: dict, schedule: str, num_microbatches: int) -> dict:
@@ -295,7 +334,7 @@ def test_hidden_fraction_counts_only_the_time_compute_waited():
     """A made-up step: exchange A in flight [0, 4], waited for from 3 (1 exposed); B [5, 6],
     waited for at once (1 exposed): C = 5, X = 2, hidden 0.6. A plan waiting for its counts over
     [1, 2] while A is in flight queues behind it: strict X = 3, hidden 0.4."""
-    from megatron_dsv3.pipeline import comm_timing as module  # the arithmetic both scripts use
+    from megatron_dsv3.profiling import comm_timing as module  # the arithmetic both scripts use
 
     exchanges = [{"name": "F0.dispatch", "bytes": 8, "issue": 0.0, "completion": 4.0,
                   "wait": 3.0, "resumed": 4.0, "paired": True},

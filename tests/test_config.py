@@ -2,7 +2,7 @@
 errors, and the mapping onto Megatron's MLATransformerConfig and back.
 
 Expected numbers are written out here from the DeepSeek-V3 report / released configs
-(DESIGN.md sections 1-3), never read back from the code under test.
+(docs/architecture.md 3.1-3.3), never read back from the code under test.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def test_v3_preset_has_the_official_deepseek_v3_dimensions():
     assert (yarn.beta_fast, yarn.beta_slow) == (32.0, 1.0)
     assert (yarn.mscale, yarn.mscale_all_dim) == (1.0, 1.0)
     assert cfg.max_seq_len == 4096 * 40  # 160K: 4K extended by YaRN factor 40
-    assert mla.kv_cache_values_per_token == 576  # DESIGN.md section 1: 512 + 64
+    assert mla.kv_cache_values_per_token == 576  # docs/architecture.md 3.1: 512 + 64
 
 
 def test_proxy_preset_has_v2_lite_widths_with_v3_routing():

@@ -23,21 +23,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_dsv3.pipeline import (ChunkTimes, DeferredWgradLinear, DualPipe, DualPipeV,
-                                    P2PComm, TensorSpec, Tracer, WeightGradStore,
-                                    draw_timeline, paper_bubble, schedule_class, split_layers,
-                                    validate_dualpipe, validate_dualpipev, write_trace_files)
-from megatron_dsv3.pipeline import dualpipe, dualpipev
-from megatron_dsv3.pipeline.overlap import run_backward, run_forward
-from megatron_dsv3.pipeline.stages import check_stage_modules
-from megatron_dsv3.pipeline.trace import (ScheduledOp, TraceEvent, bubble_fraction,
-                                          measured_chunk_times)
-from megatron_dsv3.testing import FP32_REORDER, assert_close, assert_equal, run_gloo
+from helpers.deferred_linear import DeferredWgradLinear
+from helpers.schedule_oracle import expected_order
+from megatron_dsv3.pipeline import DualPipe, DualPipeV, P2PComm, TensorSpec, Tracer, schedule_class
+from megatron_dsv3.pipeline.fb_overlap import PAIR_BEGIN, PiecewiseLayers
+from megatron_dsv3.pipeline.stages import StagePlan
+from megatron_dsv3.pipeline.trace import ScheduledOp, TraceEvent, bubble_fraction
+from megatron_dsv3.profiling.timeline import (ChunkTimes, draw_timeline, idle_by_phase,
+                                              measured_chunk_times, paper_bubble,
+                                              write_trace_files)
+from megatron_dsv3.weight_grad import WeightGradStore
+from helpers.gloo import run_gloo
+from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
 
 MICROBATCH_SHAPE = (2, 3, 16)  # [batch, seq, hidden] of one micro-batch, fp32
 HIDDEN = MICROBATCH_SHAPE[-1]
-SCHEDULES = {"DualPipeV": (DualPipeV, dualpipev.expected_order),
-             "DualPipe": (DualPipe, dualpipe.expected_order)}
+SCHEDULES = {"DualPipeV": DualPipeV, "DualPipe": DualPipe}
 
 
 # ---- toy model ----------------------------------------------------------------------------
@@ -61,19 +62,33 @@ class ToyStage(nn.Module):
         return x + self.down(F.gelu(self.up(self.gain * x)))
 
 
+class _LayerCall(nn.Module):
+    """A stage's block with TransformerLayer's call convention, as PiecewiseLayers calls it."""
+
+    def __init__(self, block) -> None:
+        super().__init__()
+        self._block = block
+
+    def forward(self, hidden_states: torch.Tensor, **unused):
+        return self._block(hidden_states), None
+
+
 class ToyStageWithOverlap(ToyStage):
-    """Implements the F&B hook; it runs the backward first (any interleaving must give the
-    same results) and counts its calls."""
+    """Runs its block through a PiecewiseLayers, so the schedule's F&B steps take the overlap
+    path (fb_overlap.forward_backward: B's backward stops at B's layer stack and runs inside
+    A's forward); the stack's trace counts those interleavings."""
 
     def __init__(self, stage_index: int, seed: int = 0) -> None:
         super().__init__(stage_index, seed)
-        self.overlap_calls = 0
+        self.trace: list = []
+        self.piecewise_layers = PiecewiseLayers([_LayerCall(super().forward)], trace=self.trace)
 
-    @staticmethod
-    def overlapped_forward_backward(fwd, bwd):
-        bwd.module.overlap_calls += 1
-        run_backward(bwd)
-        return run_forward(fwd)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.piecewise_layers(x)
+
+    @property
+    def overlap_calls(self) -> int:
+        return self.trace.count(PAIR_BEGIN)
 
 
 def loss_fn(outputs: tuple, labels: tuple) -> torch.Tensor:
@@ -103,10 +118,10 @@ def reference_run(num_stages: int, microbatches: range, inputs, labels):
 # ---- multi-rank parity (gloo) -------------------------------------------------------------
 
 def _check_step(name: str, num_ranks: int, rank: int, num_microbatches: int,
-                with_hook: bool, trace_dir: str) -> dict:
-    schedule_cls, expected_order = SCHEDULES[name]
+                with_overlap: bool, trace_dir: str) -> dict:
+    schedule_cls = SCHEDULES[name]
     group = torch.distributed.group.WORLD
-    stage_cls = ToyStageWithOverlap if with_hook else ToyStage
+    stage_cls = ToyStageWithOverlap if with_overlap else ToyStage
     stages = schedule_cls.stages_of_rank(rank, num_ranks)
     if name == "DualPipe":
         # the mirrored copy starts from other weights: sync_mirrored_parameters must fix that
@@ -117,19 +132,19 @@ def _check_step(name: str, num_ranks: int, rank: int, num_microbatches: int,
     if name == "DualPipe":
         pipe.sync_mirrored_parameters()
     inputs, labels = make_data(num_microbatches)
-    ctx = f"{name} PP={num_ranks} M={num_microbatches} rank {rank} hook={with_hook}"
+    ctx = f"{name} PP={num_ranks} M={num_microbatches} rank {rank} overlap={with_overlap}"
 
     tracer = Tracer()
     result = pipe.step(num_microbatches, inputs=inputs, labels=labels, loss_fn=loss_fn,
                        tracer=tracer)
-    expected = expected_order(rank, num_ranks, num_microbatches)
+    expected = expected_order(schedule_cls, rank, num_ranks, num_microbatches)
     assert tracer.executed_order() == expected, \
         f"{ctx}: executed order\n{tracer.executed_order()}\n!= expected\n{expected}"
     summary = write_trace_files(tracer, trace_dir)
-    if with_hook:
+    if with_overlap:
         pairs = sum(op.paired for op in expected if op.op == "F")
         calls = sum(m.overlap_calls for m in modules)
-        assert calls == pairs > 0, f"{ctx}: hook ran {calls} times for {pairs} F&B steps"
+        assert calls == pairs > 0, f"{ctx}: {calls} F&B steps interleaved of {pairs}"
     if name == "DualPipe":
         pipe.reduce_mirrored_grads()
 
@@ -162,8 +177,8 @@ def _check_step(name: str, num_ranks: int, rank: int, num_microbatches: int,
         tracer_fwd = Tracer()
         result_fwd = pipe.step(num_microbatches, inputs=inputs, labels=labels, loss_fn=loss_fn,
                                return_outputs=True, tracer=tracer_fwd)
-    assert tracer_fwd.executed_order() == expected_order(rank, num_ranks, num_microbatches,
-                                                         forward_only=True), ctx
+    assert tracer_fwd.executed_order() == expected_order(schedule_cls, rank, num_ranks,
+                                                         num_microbatches, forward_only=True), ctx
     assert result_fwd.microbatches == result.microbatches, ctx
     if result_fwd.losses is not None:
         for i, mb in enumerate(result_fwd.microbatches):
@@ -174,7 +189,7 @@ def _check_step(name: str, num_ranks: int, rank: int, num_microbatches: int,
 
 def _bad_step_settings(name: str, num_ranks: int, rank: int) -> None:
     """Errors raised on every rank before any communication (so no rank hangs)."""
-    schedule_cls, _ = SCHEDULES[name]
+    schedule_cls = SCHEDULES[name]
     stages = schedule_cls.stages_of_rank(rank, num_ranks)
     pipe = schedule_cls((ToyStage(stages[0]), ToyStage(stages[1])),
                         p2p_specs=[TensorSpec(MICROBATCH_SHAPE)])
@@ -188,8 +203,13 @@ def _bad_step_settings(name: str, num_ranks: int, rank: int) -> None:
             pipe.step(2 * num_ranks, inputs=inputs)
     wrong = (ToyStage(stages[1]), ToyStage(stages[0])) if stages[0] != stages[1] else None
     if wrong is not None:
-        with pytest.raises(ValueError, match="must hold stage"):
+        with pytest.raises(ValueError, match=f"chunk 0 must hold stage {stages[0]}"):
             schedule_cls(wrong, p2p_specs=[TensorSpec(MICROBATCH_SHAPE)])
+    with pytest.raises(ValueError, match="takes two stage modules"):
+        schedule_cls([ToyStage(stages[0])], p2p_specs=[TensorSpec(MICROBATCH_SHAPE)])
+    same = ToyStage(stages[0])
+    with pytest.raises(ValueError, match="same module object"):
+        schedule_cls([same, same], p2p_specs=[TensorSpec(MICROBATCH_SHAPE)])
 
 
 def _pipeline_worker(rank: int, world_size: int, cases: list, trace_dir: str) -> list:
@@ -198,9 +218,9 @@ def _pipeline_worker(rank: int, world_size: int, cases: list, trace_dir: str) ->
     try:
         for name in SCHEDULES:
             _bad_step_settings(name, world_size, rank)
-        return [_check_step(name, world_size, rank, num_microbatches, with_hook,
+        return [_check_step(name, world_size, rank, num_microbatches, with_overlap,
                             os.path.join(trace_dir, f"case{case}"))
-                for case, (name, num_microbatches, with_hook) in enumerate(cases)]
+                for case, (name, num_microbatches, with_overlap) in enumerate(cases)]
     finally:
         torch.distributed.destroy_process_group()
 
@@ -210,6 +230,7 @@ def _cases(pp: int) -> list:
             ("DualPipe", 2 * pp, True), ("DualPipe", 2 * pp + 4, False)]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("pp", [2, 4])
 def test_dualpipe_and_dualpipev_match_single_process_and_expected_order(pp, tmp_path):
     summaries = run_gloo(_pipeline_worker, pp, _cases(pp), str(tmp_path))
@@ -226,7 +247,7 @@ def test_dualpipe_and_dualpipev_match_single_process_and_expected_order(pp, tmp_
             trace = json.loads((case_dir / f"trace_rank{rank}.json").read_text())
             order = [ScheduledOp(e["op"], e["chunk"], e["microbatch"], e["paired"])
                      for e in trace["events"]]
-            assert order == SCHEDULES[name][1](rank, pp, num_microbatches)
+            assert order == expected_order(SCHEDULES[name], rank, pp, num_microbatches)
         assert (case_dir / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -244,7 +265,8 @@ def _run_orders(name: str, num_ranks: int, num_microbatches: int) -> int:
     (F after the previous stage's F; B after this stage's F and the next stage's B; W after its
     B; the two ops of an F&B step together). Returns the number of rounds; fails on a deadlock,
     a missing or a repeated op."""
-    orders = [SCHEDULES[name][1](r, num_ranks, num_microbatches) for r in range(num_ranks)]
+    orders = [expected_order(SCHEDULES[name], r, num_ranks, num_microbatches)
+              for r in range(num_ranks)]
     stage_of, num_stages = _stage_placement(name, num_ranks, num_microbatches)
     queues = [deque(order) for order in orders]
     done: set = set()
@@ -297,34 +319,28 @@ def test_dualpipev_order_for_two_ranks_reads_like_the_schedule():
            (F, 0, 3, True), (BW, 1, 1, True), (F, 1, 3, True), (BW, 0, 1, True),
            (BW, 1, 2), (BW, 0, 2), (B, 1, 3), (B, 0, 3),                   # step 6
            (W, 1, 3), (W, 0, 3)]                                           # step 8
-    assert dualpipev.expected_order(1, 2, 4) == [ScheduledOp(*op) for op in ops]
+    assert expected_order(DualPipeV, 1, 2, 4) == [ScheduledOp(*op) for op in ops]
 
 
 # ---- bad settings -------------------------------------------------------------------------
 
 def test_bad_settings_raise_with_the_fix():
     with pytest.raises(ValueError, match="num_microbatches >= 2 \\* pipeline ranks = 8"):
-        validate_dualpipev(4, 7)
+        DualPipeV.validate(4, 7)
     with pytest.raises(ValueError, match="at least 2 pipeline ranks"):
-        validate_dualpipev(1, 4)
+        DualPipeV.validate(1, 4)
     with pytest.raises(ValueError, match="even number of pipeline ranks"):
-        validate_dualpipe(3, 12)
+        DualPipe.validate(3, 12)
     with pytest.raises(ValueError, match="even num_microbatches"):
-        validate_dualpipe(4, 9)
+        DualPipe.validate(4, 9)
     with pytest.raises(ValueError, match="num_microbatches >= 2 \\* pipeline ranks = 8"):
-        validate_dualpipe(4, 6)
-    validate_dualpipev(3, 6)
-    validate_dualpipe(4, 8)
-    with pytest.raises(ValueError, match="does not split into 8 pipeline stages"):
-        split_layers(61, 8)
-    assert split_layers(8, 4) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
-    with pytest.raises(ValueError, match="two stage modules"):
-        check_stage_modules([ToyStage(0)], (0, 3), "DualPipeV", 0)
-    same = ToyStage(0)
-    with pytest.raises(ValueError, match="same module object"):
-        check_stage_modules([same, same], (0, 1), "DualPipe", 0)
-    with pytest.raises(ValueError, match="chunk 1 must hold stage 3"):
-        check_stage_modules([ToyStage(0), ToyStage(2)], (0, 3), "DualPipeV", 0)
+        DualPipe.validate(4, 6)
+    DualPipeV.validate(3, 6)
+    DualPipe.validate(4, 8)
+    with pytest.raises(ValueError, match="does not split into the 8 stages of dualpipev"):
+        StagePlan("dualpipev", 4, 61)
+    assert StagePlan("dualpipe", 4, 8).layer_ranges == [range(0, 2), range(2, 4), range(4, 6),
+                                                        range(6, 8)]
     with pytest.raises(ValueError, match="unknown pipeline schedule 'zb'"):
         schedule_class("zb")
     assert schedule_class("DualPipeV") is DualPipeV
@@ -391,7 +407,7 @@ def test_paper_bubble_formulas_on_known_numbers():
     assert paper_bubble("dualpipe", 8, times) == 3 * (2.5 + 2.0 - 1.5)
     assert paper_bubble("dualpipev", 4, times) == paper_bubble("dualpipe", 8, times)
     assert paper_bubble("dualpipe", 4, ChunkTimes(F=1.0, B=2.0, W=0.5)) == 1 * (3.0 + 2.0 - 1.5)
-    with pytest.raises(ValueError, match="even number of ranks"):
+    with pytest.raises(ValueError, match="even number of pipeline ranks"):
         paper_bubble("dualpipe", 3, times)
     with pytest.raises(ValueError, match="unknown schedule"):
         paper_bubble("gpipe", 4, times)
@@ -413,8 +429,6 @@ def test_bubble_fraction_and_chunk_times_from_events(tmp_path):
 
 
 def test_idle_split_into_ramp_and_steady_state():
-    from megatron_dsv3.pipeline.trace import idle_by_phase
-
     # fill: F [0,1], idle 1; steady: pairs [2,4] and [4.5,6.5] (0.5 idle between them);
     # drain: idle 0.5, B [7,8], W [8,8.5], idle 1.5 to the end at 10
     events = [TraceEvent("F", 0, 0, 0.0, 1.0),

@@ -32,7 +32,7 @@ from megatron_dsv3.checkpoint.hf import (
 from megatron_dsv3.config import MLAConfig, ModelConfig, MoEConfig, MTPConfig, YarnConfig
 from megatron_dsv3.model import build_model
 from megatron_dsv3.mtp import shift_left
-from megatron_dsv3.testing import FP32_REORDER, assert_close, assert_equal
+from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,7 +13,7 @@ from megatron_dsv3.config import tiny, to_megatron_config
 from megatron_dsv3.moe.experts import experts_grouped_mm, experts_loop
 from megatron_dsv3.moe.layer import DeepSeekMoE, LocalDispatcher
 from megatron_dsv3.moe.router import Routing, count_tokens_per_expert
-from megatron_dsv3.testing import BF16, FP32_REORDER, assert_close, assert_equal, relative_error
+from helpers.tolerance import BF16, FP32_REORDER, assert_close, assert_equal, relative_error
 from test_router import naive_sequence_balance_loss
 
 
@@ -189,7 +189,7 @@ def naive_swiglu_ffn(x_D, fc1_FD2, fc2_DF):
 
 
 def naive_moe(x_TD, weights: dict, bias_E, cfg):
-    """h'_t = shared(u_t) + sum_k g_{k,t} FFN_k(u_t), one token at a time (DESIGN.md sec. 2).
+    """h'_t = shared(u_t) + sum_k g_{k,t} FFN_k(u_t), one token at a time (docs/architecture.md 3.2).
     Returns the output, the scores s_{i,t} and the chosen ids (for the balance loss)."""
     outputs, scores, chosen_all = [], [], []
     for x_D in x_TD:
@@ -267,7 +267,7 @@ def test_moe_training_aux_loss_adds_coeff_times_scale_times_balance_loss_gradien
     # the end) of a router gradient that the main objective's T * D outputs otherwise swamp.
     coeff, scale = 8.0, 0.5
     moe = build_moe(dist_single, seq_aux_loss_coeff=coeff)
-    moe.aux_loss_scale = scale
+    moe.set_balance_loss_scale(scale)
     moe.train()
     module, naive = moe_and_naive_grads(moe, aux_weight=coeff * scale)
 
@@ -295,6 +295,25 @@ def test_moe_zero_aux_coeff_or_eval_mode_injects_nothing(dist_single):
     assert moe.last_aux_loss is None, f"eval mode: {moe.last_aux_loss=}"
     assert_close(module["router.weight"], naive["router.weight"], FP32_REORDER, WHY_NAIVE,
                  "router.weight in eval mode")
+
+
+def test_training_without_the_balance_loss_scale_is_an_error_that_names_the_setter(dist_single):
+    """The balance loss's gradient scale has no default: a forgotten one would silently give
+    the wrong gradient (1 instead of 1 / micro-batches)."""
+    from megatron_dsv3.moe.balance import set_balance_loss_scale
+
+    moe = build_moe(dist_single, seq_aux_loss_coeff=0.5)
+    moe.train()
+    x = torch.randn(4, 2, moe.router.weight.shape[1])  # [s, b, d]
+    with pytest.raises(RuntimeError, match="set_balance_loss_scale"):
+        moe(x)
+    with torch.no_grad():
+        moe(x)  # no gradient, no balance loss: nothing to scale
+    with pytest.raises(ValueError, match="must be > 0"):
+        set_balance_loss_scale(moe, 0.0)
+    assert set_balance_loss_scale(moe, 0.25) == 1
+    out, _ = moe(x)
+    assert moe.last_aux_loss is not None and out.requires_grad
 
 
 def test_grouped_mm_training_on_cpu_is_refused_with_a_clear_error():

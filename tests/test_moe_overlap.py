@@ -1,5 +1,5 @@
-"""The piecewise MoE layer and the overlapped F&B hook (pipeline/moe_overlap.py), on one process
-(EP=1) and on two gloo processes (EP=2).
+"""The piecewise MoE layer (moe/pieces.py) and the overlapped F&B step (pipeline/fb_overlap.py),
+on one process (EP=1) and on two gloo processes (EP=2).
 
   (a) the four pieces run in sequence give the layer's output and, from the same upstream
       gradient, its parameter and input gradients; a stage running its layers piecewise gives
@@ -27,12 +27,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from megatron_dsv3.pipeline.moe_overlap import (MoELayerPieces, MoEOverlapStage,
-                                                PiecewiseLayers, overlapped_forward_backward)
-from megatron_dsv3.pipeline.overlap import (BackwardWork, ForwardWork, find_overlap_hook,
+from megatron_dsv3.moe.async_exchange import AsyncExchange
+from megatron_dsv3.moe.balance import set_balance_loss_scale
+from megatron_dsv3.moe.pieces import MoELayerPieces
+from megatron_dsv3.pipeline.fb_overlap import PAIR_BEGIN, PiecewiseLayers, forward_backward
+from megatron_dsv3.pipeline.work import (BackwardWork, ForwardWork,
                                             run_backward, run_forward)
-from megatron_dsv3.pipeline.weight_grad import WeightGradStore, attach_weight_grad_store
-from megatron_dsv3.testing import assert_equal, run_gloo
+from megatron_dsv3.weight_grad import WeightGradStore, attach_weight_grad_store
+from helpers.gloo import run_gloo
+from helpers.tolerance import assert_equal
 
 SEQ, BATCH, HIDDEN = 8, 2, 32
 
@@ -70,9 +73,10 @@ def small_config():
                           moe__seq_aux_loss_coeff=0.1, linear_backend="local")
 
 
-class Stage(MoEOverlapStage, nn.Module):
-    """A pipeline stage as pipeline/model_stages.py would make one: something before the layers
-    (a projection standing in for the embedding), the layers, the final norm."""
+class Stage(nn.Module):
+    """A pipeline stage as pipeline/stages.py would make one: something before the layers
+    (a projection standing in for the embedding), the layers, the final norm; piecewise=False
+    runs the plain layer loop and has no layer stack (the schedule runs F then B)."""
 
     def __init__(self, pg, piecewise: bool = True, seed: int = 0, num_layers: int = 3) -> None:
         from megatron.core.transformer.transformer_block import TransformerBlock
@@ -87,13 +91,13 @@ class Stage(MoEOverlapStage, nn.Module):
         self.block = TransformerBlock(config=config, spec=decoder_block_spec(config),
                                       pg_collection=pg)
         self.proj = nn.Linear(HIDDEN, HIDDEN)
-        self.piecewise_layers = PiecewiseLayers(self.block.layers)
-        self.piecewise = piecewise
+        self.piecewise_layers = PiecewiseLayers(self.block.layers) if piecewise else None
+        set_balance_loss_scale(self, 1.0)
         self.train()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.proj(x)
-        if self.piecewise:
+        if self.piecewise_layers is not None:
             hidden = self.piecewise_layers(hidden, attention_mask=None)
         else:
             for layer in self.block.layers:
@@ -128,8 +132,6 @@ def assert_same(actual: dict, expected: dict, context: str) -> int:
 # ----------------------------------------------------------------------------------------------
 def check_layer_pieces(pg, seed: int) -> dict:
     """(a) per MoE layer: pieces in sequence vs `layer(...)`; returns rows sent per EP rank."""
-    from megatron_dsv3.pipeline.moe_overlap import AsyncExchange
-
     stage = Stage(pg)
     sent = {}
     for index, layer in enumerate(stage.block.layers):
@@ -167,7 +169,7 @@ def check_stage_piecewise_vs_plain(pg, seed: int) -> None:
 
 
 class CountingStore(WeightGradStore):
-    """Counts the deferred weight-gradient closures run by `run_last` (the F&B hook's)."""
+    """Counts the deferred weight-gradient closures run by `run_last` (the F&B step's)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -180,9 +182,9 @@ class CountingStore(WeightGradStore):
 
 def check_fb_step(pg, seed: int, last_stage: bool, store: Optional[CountingStore] = None
                   ) -> list[str]:
-    """(b) the hook vs F(A) then B(B) on two identical stages, then A's backward on both;
-    returns the hook's piece trace. `store`: attached to both stages as a schedule attaches
-    its own (F then B compute weight gradients inline, the hook defers B's)."""
+    """(b) the F&B step vs F(A) then B(B) on two identical stages, then A's backward on both;
+    returns its piece trace. `store`: attached to both stages as a schedule attaches
+    its own (F then B compute weight gradients inline, the F&B step defers B's)."""
     stages = {how: Stage(pg) for how in ("separate", "overlapped")}
     if store is not None:
         for stage in stages.values():
@@ -205,9 +207,8 @@ def check_fb_step(pg, seed: int, last_stage: bool, store: Optional[CountingStore
             outputs, loss_a = run_forward(fwd)
             run_backward(bwd)
         else:
-            hook = find_overlap_hook(stage, stage)
-            assert hook is not None, "the schedule must find the hook of MoEOverlapStage"
-            outputs, loss_a = hook(fwd, bwd)
+            outputs, loss_a = forward_backward(fwd, bwd)
+            assert PAIR_BEGIN in trace, "the F&B step must interleave through the layer stack"
             fb_trace = list(trace)
         step = {"out A": outputs[0].detach(), "x B .grad": x_b.grad, **param_grads(stage)}
         if last_stage:
@@ -269,7 +270,7 @@ def test_overlapped_fb_with_deferral_on_changes_nothing_when_a_and_b_pair_layer_
 def check_fb_step_b_outlasts_a(pg, seed: int, defer: bool) -> tuple[list[str], CountingStore]:
     """F&B with A on a stage of 2 layers (dense, MoE) and B on one of 3 (dense, MoE, MoE): B's
     last segments run after A's are done. Against F(A) then B(B) on copies of both stages
-    (same seeds), with a schedule's store attached everywhere; returns the hook's trace."""
+    (same seeds), with a schedule's store attached everywhere; returns the F&B step's trace."""
     store, trace, results = CountingStore(), [], {}
     for how in ("separate", "overlapped"):
         a_stage, b_stage = Stage(pg, seed=seed, num_layers=2), Stage(pg, seed=seed + 1)
@@ -287,7 +288,7 @@ def check_fb_step_b_outlasts_a(pg, seed: int, defer: bool) -> tuple[list[str], C
             outputs, _ = run_forward(fwd)
             run_backward(bwd)
         else:
-            outputs, _ = find_overlap_hook(a_stage, b_stage)(fwd, bwd)
+            outputs, _ = forward_backward(fwd, bwd)
         results[how] = {"out A": outputs[0].detach(), "x B .grad": x_b.grad,
                         **{f"A {n}": g for n, g in param_grads(a_stage).items()},
                         **{f"B {n}": g for n, g in param_grads(b_stage).items()}}
@@ -318,14 +319,14 @@ def test_overlapped_fb_interleaves_the_pieces_as_designed(dist_single):
     assert_exchanges_hidden(trace)
 
 
-def test_stage_without_piecewise_layers_is_refused_by_the_hook(dist_single):
+def test_stage_whose_piecewise_layers_is_not_a_layer_stack_is_refused(dist_single):
     stage = Stage(dist_single)
-    del stage.piecewise_layers
+    stage.piecewise_layers = list(stage.block.layers)
     x, _ = microbatch(0)
     fwd = ForwardWork(stage, (x,), None, (), 0, 0)
     bwd = BackwardWork(stage, None, (), (), 0, 1)
-    with pytest.raises(TypeError, match="piecewise_layers = PiecewiseLayers"):
-        overlapped_forward_backward(fwd, bwd)
+    with pytest.raises(TypeError, match="not a PiecewiseLayers"):
+        forward_backward(fwd, bwd)
 
 
 def test_layer_setting_the_pieces_do_not_reproduce_is_refused(dist_single):
@@ -361,7 +362,7 @@ def _ep2_worker(rank: int, world: int) -> dict:
     return {"sent": sent, "trace": trace, "seconds": time.perf_counter() - start}
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_ep2_pieces_and_overlapped_fb_match_on_two_gloo_ranks():
     results = run_gloo(_ep2_worker, 2)
     for rank, result in enumerate(results):
@@ -382,7 +383,6 @@ def _async_plan_worker(rank: int, world: int) -> dict:
     from megatron_dsv3.moe.dispatcher import AllToAllDispatcher
     from megatron_dsv3.moe.router import Routing, count_tokens_per_expert
     from megatron_dsv3.parallel import duplicate_group
-    from megatron_dsv3.pipeline.moe_overlap import AsyncExchange
 
     dist.init_process_group("gloo")  # from run_gloo's environment
     dispatcher = AllToAllDispatcher(dist.group.WORLD)
@@ -431,7 +431,7 @@ def _async_plan_worker(rank: int, world: int) -> dict:
     return {"recv_splits": [e["splits"][1].tolist() for e in expected]}
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_plan_with_async_count_exchange_equals_the_synchronous_plan_on_two_gloo_ranks():
     results = run_gloo(_async_plan_worker, 2)
     for rank, result in enumerate(results):
@@ -440,21 +440,22 @@ def test_plan_with_async_count_exchange_equals_the_synchronous_plan_on_two_gloo_
 
 
 # ----------------------------------------------------------------------------------------------
-# The hook inside a real schedule: DualPipeV, PP=2 on two gloo ranks (4 stages)
+# The F&B overlap inside a real schedule: DualPipeV, PP=2 on two gloo ranks (4 stages)
 # ----------------------------------------------------------------------------------------------
 class CountingStage(Stage):
+    """The stage with its layer stack; the stack's trace counts the F&B interleavings."""
+
     def __init__(self, pg, seed: int) -> None:
         super().__init__(pg, seed=seed)
-        self.fb_calls = 0
+        self.piecewise_layers.trace = []
 
-    def overlapped_forward_backward(self, fwd, bwd):
-        self.fb_calls += 1
-        return super().overlapped_forward_backward(fwd, bwd)
+    @property
+    def fb_calls(self) -> int:
+        return self.piecewise_layers.trace.count(PAIR_BEGIN)
 
 
 class PlainStage(Stage):
-    """The same stage, plain layer loop and no hook: the schedule runs F then B."""
-    overlapped_forward_backward = None
+    """The same stage, plain layer loop and no layer stack: the schedule runs F then B."""
 
     def __init__(self, pg, seed: int) -> None:
         super().__init__(pg, piecewise=False, seed=seed)
@@ -468,7 +469,7 @@ def _dualpipev_worker(rank: int, world: int, num_microbatches: int) -> dict:
     data = [microbatch(200 + m) for m in range(num_microbatches)]
     inputs, labels = [x.detach() for x, _ in data], [t for _, t in data]
     results = {}
-    for name, cls in (("hook", CountingStage), ("plain", PlainStage)):
+    for name, cls in (("overlap", CountingStage), ("plain", PlainStage)):
         stages = DualPipeV.stages_of_rank(rank, world)
         modules = tuple(cls(pg, seed=stage) for stage in stages)
         for module, stage in zip(modules, stages):
@@ -479,16 +480,16 @@ def _dualpipev_worker(rank: int, world: int, num_microbatches: int) -> dict:
                          "grads": {f"stage {s}: {n}": g for module, s in zip(modules, stages)
                                    for n, g in param_grads(module).items()},
                          "fb_calls": sum(getattr(m, "fb_calls", 0) for m in modules)}
-    checked = assert_same(results["hook"]["grads"], results["plain"]["grads"],
-                          f"rank {rank}: DualPipeV with the hook vs without")
+    checked = assert_same(results["overlap"]["grads"], results["plain"]["grads"],
+                          f"rank {rank}: DualPipeV with the F&B overlap vs without")
     if results["plain"]["losses"] is not None:
-        assert_equal(results["hook"]["losses"], results["plain"]["losses"], "losses")
-    return {"fb_calls": results["hook"]["fb_calls"], "grads_checked": checked}
+        assert_equal(results["overlap"]["losses"], results["plain"]["losses"], "losses")
+    return {"fb_calls": results["overlap"]["fb_calls"], "grads_checked": checked}
 
 
-@pytest.mark.slow
-def test_dualpipev_step_with_the_hook_equals_the_step_without_it():
+@pytest.mark.multiprocess
+def test_dualpipev_step_with_the_fb_overlap_equals_the_step_without_it():
     results = run_gloo(_dualpipev_worker, 2, 6)
     for rank, result in enumerate(results):
-        assert result["fb_calls"] > 0, f"rank {rank}: the schedule never called the F&B hook"
+        assert result["fb_calls"] > 0, f"rank {rank}: the schedule never interleaved an F&B step"
         assert result["grads_checked"] > 0

@@ -1,7 +1,7 @@
 """Multi-token prediction: target shifts, the loss, the causal chain across depths, gradient
 flow, the lambda schedule, and agreement with Megatron-Core's own MTP loss.
 
-Conventions (DESIGN.md section 3): the batch is a sequence of s + 1 tokens t_0..t_s; the model
+Conventions (docs/architecture.md 3.3): the batch is a sequence of s + 1 tokens t_0..t_s; the model
 reads t_0..t_{s-1} and labels[i] = t_{i+1}. Depth k at position i sees t_{i+k} and predicts
 t_{i+k+1} = labels[i+k], which exists for i < s - k.
 """
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from megatron_dsv3.config import tiny
 from megatron_dsv3.model import build_model
 from megatron_dsv3.mtp import mtp_loss, mtp_targets, shift_left
-from megatron_dsv3.testing import FP32_REORDER, assert_close, assert_equal
+from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
 
 SEQ, BATCH, VOCAB, HIDDEN = 8, 2, 64, 32
 V3_SWITCH_TOKENS = 10_000_000_000_000

@@ -36,9 +36,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_dsv3.testing import FP32_REORDER, assert_close, assert_equal, run_gloo
+from helpers.gloo import run_gloo
+from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.multiprocess
 
 MICRO_BATCH, SEQ, VOCAB = 2, 16, 256   # per DP rank
 NUM_MICROBATCHES, NUM_LAYERS, PP = 4, 4, 2
@@ -66,11 +67,9 @@ def _data(global_batch: int) -> tuple[list, list]:
 
 
 def _set_aux_loss_scale(module) -> None:
-    from megatron_dsv3.moe.layer import DeepSeekMoE
+    from megatron_dsv3.moe.balance import set_balance_loss_scale
 
-    for m in module.modules():
-        if isinstance(m, DeepSeekMoE):
-            m.aux_loss_scale = 1.0 / NUM_MICROBATCHES
+    set_balance_loss_scale(module, 1.0 / NUM_MICROBATCHES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,7 +85,7 @@ def _full_model(pg):
 def _reference(pg, dp: int) -> dict:
     """The whole model on micro-batches of DP * B sequences, in order; one bias update."""
     from megatron_dsv3.moe.balance import routers, update_expert_biases
-    from megatron_dsv3.pipeline.model_stages import weighted_lm_loss
+    from megatron_dsv3.mtp import weighted_lm_loss
 
     model = _full_model(pg)
     _set_aux_loss_scale(model)
@@ -112,18 +111,17 @@ def _pipelined_step(pg, full_state: dict, defer_weight_grads: bool = False) -> d
 
     from megatron_dsv3.moe.balance import routers, update_expert_biases
     from megatron_dsv3.pipeline import DualPipeV, TensorSpec
-    from megatron_dsv3.pipeline.model_stages import (StagePlan, build_rank_stages,
-                                                     gather_stage_state)
-    from megatron_dsv3.train import global_grad_norm, reduce_gradients
+    from helpers.stages import build_rank_stages, gather_stage_state
+    from megatron_dsv3.pipeline.stages import StagePlan
+    from megatron_dsv3.train.gradients import global_grad_norm, reduce_gradients
 
     cfg = _config()
     plan = StagePlan("dualpipev", pg.pp.size(), NUM_LAYERS)
-    # the F&B hook on in both layouts (its default is on only with EP > 1)
+    # the F&B overlap on in both layouts (its default is on only with EP > 1)
     stages = build_rank_stages(cfg, plan, pg.pp.rank(), full_state, pg_collection=pg,
                                overlap_moe=True)
     pieces: list = []
     for stage in stages:
-        stage.mtp_lambda = MTP_LAMBDA
         _set_aux_loss_scale(stage)
         stage.piecewise_layers.trace = pieces
         stage.piecewise_layers.defer_weight_grads = defer_weight_grads
@@ -135,7 +133,7 @@ def _pipelined_step(pg, full_state: dict, defer_weight_grads: bool = False) -> d
     pipe = DualPipeV(stages, group=pg.pp, p2p_specs=[
         TensorSpec((SEQ, MICRO_BATCH, cfg.hidden_size), cfg.torch_dtype)])
     result = pipe.step(NUM_MICROBATCHES, inputs=ids, labels=list(zip(ids, labels)),
-                       loss_fn=last[0].loss_fn(NUM_MICROBATCHES) if last else None)
+                       loss_fn=last[0].loss_fn(NUM_MICROBATCHES, MTP_LAMBDA) if last else None)
     losses = None
     if result.losses is not None:  # pipeline rank 0 holds the last stage: the DP mean
         assert list(result.microbatches) == list(range(NUM_MICROBATCHES))
@@ -164,7 +162,7 @@ def _pipelined_step(pg, full_state: dict, defer_weight_grads: bool = False) -> d
 
 
 def _interleaved(events: list[str]) -> bool:
-    """Whether some forward dispatch was in flight while backward pieces ran (the F&B hook
+    """Whether some forward dispatch was in flight while backward pieces ran (the F&B step
     interleaved two micro-batches): a B event between an "F<i>.dispatch.issue" and its wait."""
     for i, event in enumerate(events):
         if event.startswith("F") and event.endswith(".dispatch.issue"):

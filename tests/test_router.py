@@ -2,7 +2,7 @@
 
 Hand-made cases use dyadic numbers (sums of powers of two), so every division and product
 below is exact in fp32 and the asserts are bit-exact. Random cases compare against an
-independent loop over tokens written from DESIGN.md section 2.
+independent loop over tokens written from docs/architecture.md 3.2.
 
 Shape legend: T tokens (s-major, [s, b] flattened), E experts, K experts per token.
 """
@@ -19,7 +19,7 @@ from megatron_dsv3.moe.router import (
     select_experts,
     sequence_balance_loss,
 )
-from megatron_dsv3.testing import FP32_REORDER, assert_close, assert_equal
+from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
 
 
 def moe_config(**changes) -> MoEConfig:
@@ -37,7 +37,7 @@ def by_expert_id(topk_TK: torch.Tensor, gates_TK: torch.Tensor):
 
 def naive_sequence_balance_loss(scores_TE: torch.Tensor, topk_TK: torch.Tensor,
                                 seq_len: int, num_experts: int, top_k: int) -> torch.Tensor:
-    """DESIGN.md section 2, one sequence at a time, without alpha:
+    """docs/architecture.md 3.2, one sequence at a time, without alpha:
     L = mean over sequences of sum_i f_i P_i, f_i = E / (K T) * #{t : i in TopK(t)},
     P_i = 1/T sum_t s_{i,t} / sum_j s_{j,t}. Token t of sequence j sits at row t * b + j."""
     batch = scores_TE.shape[0] // seq_len

@@ -20,7 +20,7 @@ from megatron_dsv3.model import DeepSeekV3Model, build_model, model_provider
 from megatron_dsv3.moe.layer import DeepSeekMoE, DenseMLP
 from megatron_dsv3.mtp import MTPLayer
 from megatron_dsv3.specs import decoder_block_spec, layer_spec, mtp_block_spec
-from megatron_dsv3.testing import assert_equal
+from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
 
 SEQ, BATCH = 8, 2
 
@@ -106,7 +106,10 @@ def test_transformer_block_output_at_a_position_ignores_later_positions(block):
     with torch.no_grad():
         out = block(hidden_states=x, attention_mask=None)
         out_changed = block(hidden_states=changed, attention_mask=None)
-    assert_equal(out_changed[:5], out[:5], "positions before the change")
+    # Not bit for bit: the changed token may route to other experts, so every expert GEMM of the
+    # block sees another number of rows, and a CPU GEMM may block its sums by the row count.
+    assert_close(out_changed[:5], out[:5], FP32_REORDER,
+                 "expert GEMMs over a different number of rows", "positions before the change")
     assert not torch.allclose(out_changed[5:], out[5:])
 
 

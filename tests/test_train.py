@@ -19,9 +19,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_dsv3.testing import FP32_REORDER, assert_close, assert_equal, run_gloo
+from helpers.gloo import run_gloo
+from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.multiprocess
 
 STEPS, SAVE_AT = 6, 3
 SMALL = ["--steps", str(STEPS), "--seq-len", "32", "--micro-batch-size", "4", "--grad-accum",
@@ -110,7 +111,8 @@ def test_resume_at_step_k_repeats_the_uninterrupted_run_bit_for_bit(reference, t
 
 def test_resume_refuses_another_model_config_or_parallel_layout(reference):
     from megatron_dsv3.config import tiny
-    from megatron_dsv3.train import build_parser, check_resumable
+    from megatron_dsv3.train.args import build_parser
+    from megatron_dsv3.train.checkpoint import check_resumable
 
     out, _ = reference
     saved = _load(out, SAVE_AT)
@@ -125,21 +127,21 @@ def test_resume_refuses_another_model_config_or_parallel_layout(reference):
 
 
 def test_interrupted_save_leaves_latest_on_the_previous_checkpoint(tmp_path, monkeypatch):
-    from megatron_dsv3 import train
+    from megatron_dsv3.train import checkpoint
 
-    train.save_checkpoint(tmp_path, 1, {"step": 1, "tokens_seen": 0, "model_config": {},
-                                        "train_args": {}, "world_size": 1})
+    checkpoint.save_checkpoint(tmp_path, 1, {"step": 1, "tokens_seen": 0, "model_config": {},
+                                             "train_args": {}, "world_size": 1})
 
     def crash(obj, path):
         Path(path).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(train.torch, "save", crash)
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
     with pytest.raises(OSError):
-        train.save_checkpoint(tmp_path, 2, {"step": 2})
+        checkpoint.save_checkpoint(tmp_path, 2, {"step": 2})
     assert (tmp_path / "latest").read_text().strip() == "step_1"
     assert not (tmp_path / "step_2").exists()
-    assert train.find_checkpoint(str(tmp_path), None) == tmp_path / "step_1"
+    assert checkpoint.find_checkpoint(str(tmp_path), None) == tmp_path / "step_1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +188,7 @@ def test_dp2_replicas_keep_identical_weights_and_router_biases(tmp_path):
 ])
 def test_bad_arguments_exit_with_a_message_naming_the_flag_and_the_fix(argv, expected, capsys,
                                                                        monkeypatch):
-    from megatron_dsv3.train import parse_args
+    from megatron_dsv3.train.args import parse_args
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(SystemExit) as exit_info:
@@ -196,7 +198,7 @@ def test_bad_arguments_exit_with_a_message_naming_the_flag_and_the_fix(argv, exp
 
 
 def test_all_problems_are_reported_at_once(capsys):
-    from megatron_dsv3.train import parse_args
+    from megatron_dsv3.train.args import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--steps", "-1", "--micro-batch-size", "0", "--clip-grad", "-1"])
@@ -205,7 +207,8 @@ def test_all_problems_are_reported_at_once(capsys):
 
 
 def test_lr_schedule_warms_up_linearly_then_decays_to_min_lr():
-    from megatron_dsv3.train import build_parser, lr_at
+    from megatron_dsv3.train.args import build_parser
+    from megatron_dsv3.train.step import lr_at
 
     args = build_parser().parse_args(["--steps", "100", "--warmup-steps", "10", "--lr", "1.0",
                                       "--min-lr", "0.1"])

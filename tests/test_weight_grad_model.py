@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron_dsv3.config import tiny
-from megatron_dsv3.testing import FP32_REORDER, assert_close, assert_equal, run_gloo
+from megatron_dsv3.moe.balance import set_balance_loss_scale
+from helpers.gloo import run_gloo
+from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
 
 SEQ, BATCH = 16, 2
 
@@ -79,7 +81,7 @@ def _plain_run(model, mbs) -> dict:
 
 def _check_b_then_w(model, mbs, plain: dict) -> dict:
     """B0, B1 deferring, then W0, W1: checks after every step against the plain run."""
-    from megatron_dsv3.pipeline.weight_grad import WeightGradStore, attach_weight_grad_store
+    from megatron_dsv3.weight_grad import WeightGradStore, attach_weight_grad_store
 
     deferrable = _deferrable_names(model)
     store = WeightGradStore()
@@ -121,6 +123,7 @@ def _b_then_w_on_tp(pg) -> dict:
     cfg = _config()
     torch.manual_seed(0)
     model = build_model(cfg, pg_collection=pg)
+    set_balance_loss_scale(model, 1.0)  # each micro-batch's loss is backpropagated unscaled
     mbs = _microbatches(cfg)
     plain = _plain_run(model, mbs)
     return _check_b_then_w(model, mbs, plain)
@@ -153,7 +156,7 @@ def test_tp1_b_then_w_gives_every_gradient_bit_identical_in_fifo_order(dist_sing
     _check_what_defers(_b_then_w_on_tp(dist_single))
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_tp2_b_then_w_gives_every_gradient_bit_identical_in_fifo_order():
     for result in run_gloo(_gloo_worker, 2, timeout_s=300):
         _check_what_defers(result)
@@ -169,6 +172,7 @@ def test_without_a_store_the_model_computes_what_plain_f_linear_autograd_compute
     cfg = _config()
     torch.manual_seed(0)
     model = build_model(cfg, pg_collection=dist_single)
+    set_balance_loss_scale(model, 1.0)  # each micro-batch's loss is backpropagated unscaled
     mbs = _microbatches(cfg)
     plain = _plain_run(model, mbs)
     patched = 0
@@ -215,7 +219,7 @@ def _autograd_reference(impl, x, w, tokens_per_expert, grad_y):
 
 def _deferred(impl, x, w, tokens_per_expert, grad_y):
     from megatron_dsv3.moe.experts import expert_groups, experts_linear
-    from megatron_dsv3.pipeline.weight_grad import WeightGradStore
+    from megatron_dsv3.weight_grad import WeightGradStore
 
     store = WeightGradStore()
     x, w = x.clone().requires_grad_(), torch.nn.Parameter(w.clone())
@@ -249,7 +253,7 @@ def test_routed_experts_under_bf16_autocast_defer_the_same_gradients():
     """RoutedExperts casts for autocast itself; the deferrable path casts inside its function:
     the same bf16 GEMMs, the fp32 weight gradient cast as autograd casts it."""
     from megatron_dsv3.moe.experts import RoutedExperts
-    from megatron_dsv3.pipeline.weight_grad import WeightGradStore, attach_weight_grad_store
+    from megatron_dsv3.weight_grad import WeightGradStore, attach_weight_grad_store
 
     torch.manual_seed(0)
     experts = RoutedExperts(4, 16, 32, tp_group=None, dtype=torch.float32, impl="loop")
@@ -288,7 +292,7 @@ def _column(pg, config_changes=None):
 
 
 def test_column_linear_deferred_gradient_goes_to_main_grad(dist_single):
-    from megatron_dsv3.pipeline.weight_grad import WeightGradStore, attach_weight_grad_store
+    from megatron_dsv3.weight_grad import WeightGradStore, attach_weight_grad_store
 
     layer = _column(dist_single)
     x = torch.randn(SEQ, BATCH, 16)
@@ -306,7 +310,7 @@ def test_column_linear_deferred_gradient_goes_to_main_grad(dist_single):
 
 
 def test_unsupported_megatron_options_with_a_store_fail_with_the_fix(dist_single):
-    from megatron_dsv3.pipeline.weight_grad import WeightGradStore, attach_weight_grad_store
+    from megatron_dsv3.weight_grad import WeightGradStore, attach_weight_grad_store
 
     layer = _column(dist_single)
     layer.gradient_accumulation_fusion = True  # Megatron refuses it at construction on CPU
@@ -319,7 +323,8 @@ def test_unsupported_megatron_options_with_a_store_fail_with_the_fix(dist_single
 def test_w_step_runs_under_the_autocast_state_of_its_b_step():
     """B outside autocast (fp32 GEMMs), W inside a bf16 autocast region: W must not turn into
     a bf16 GEMM."""
-    from megatron_dsv3.pipeline.weight_grad import DeferredWgradLinear, WeightGradStore
+    from helpers.deferred_linear import DeferredWgradLinear
+    from megatron_dsv3.weight_grad import WeightGradStore
 
     torch.manual_seed(0)
     plain = DeferredWgradLinear(16, 8, bias=False)
@@ -337,7 +342,8 @@ def test_w_step_runs_under_the_autocast_state_of_its_b_step():
 def test_a_parameter_used_twice_in_one_backward_is_summed_before_accumulating():
     """Autograd sums a leaf's gradients of one backward, then adds the sum to .grad; W does the
     same, so a weight shared by two calls accumulates bit-identically over micro-batches."""
-    from megatron_dsv3.pipeline.weight_grad import DeferredWgradLinear, WeightGradStore
+    from helpers.deferred_linear import DeferredWgradLinear
+    from megatron_dsv3.weight_grad import WeightGradStore
 
     torch.manual_seed(0)
     plain = DeferredWgradLinear(16, 16, bias=True)
@@ -355,7 +361,7 @@ def test_a_parameter_used_twice_in_one_backward_is_summed_before_accumulating():
 
 
 def test_store_refuses_defer_outside_deferring():
-    from megatron_dsv3.pipeline.weight_grad import WeightGradStore
+    from megatron_dsv3.weight_grad import WeightGradStore
 
     with pytest.raises(RuntimeError, match="outside deferring"):
         WeightGradStore().defer_grad(torch.nn.Parameter(torch.zeros(1)), lambda: torch.ones(1))

@@ -25,9 +25,8 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def cudnn_attention_takes_unequal_widths() -> bool:
-    """cuDNN's fused attention (Hopper and newer) runs d_v < d_qk directly: measured on an
-    H200 (benchmarks/RESULTS.md) at 0.86 ms against 1.22 ms for the padded value and 1.79 ms
-    for flash with the padded value (fwd+bwd, 16 heads x 4096 tokens)."""
+    """cuDNN's fused attention (Hopper and newer) runs d_v < d_qk directly, faster than
+    padding the value to d_qk for it or for flash attention (benchmarks/RESULTS.md)."""
     return (torch.cuda.is_available() and torch.backends.cuda.cudnn_sdp_enabled()
             and torch.cuda.get_device_capability() >= (9, 0))
 

@@ -1,4 +1,4 @@
-"""Multi-head latent attention (DESIGN.md section 1), the training path.
+"""Multi-head latent attention (docs/architecture.md 3.1), the training path.
 
 Plugged into Megatron's `TransformerLayer` as `self_attention` through a ModuleSpec (see
 `megatron_dsv3.specs`). Replaces Megatron's own MLA, whose local spec cannot build without
@@ -87,9 +87,9 @@ class MultiLatentAttention(torch.nn.Module):
         (DeepSeek pre-training attends causally over the whole sequence)."""
         if inference_context is not None:
             raise NotImplementedError(
-                "MultiLatentAttention: decoding with a KV cache goes through "
-                "megatron_dsv3.inference (latent cache), not the training module; "
-                "call the model without inference_context")
+                "MultiLatentAttention: decoding with a KV cache is not implemented (the "
+                "latent-cache inference path is planned, docs/architecture.md 3.1); call the "
+                "model without inference_context")
         if packed_seq_params is not None:
             raise NotImplementedError(
                 "MultiLatentAttention: packed sequences (THD) are not supported; pass "

@@ -4,7 +4,7 @@ DeepSeek rotates *interleaved* pairs (x0, x1), (x2, x3), ... as complex numbers;
 keeps that layout (so do the official weights). Hugging Face's `rope_interleave=True`
 computes the same scores with its de-interleaving permutation applied to q and k alike.
 
-YaRN (DESIGN.md section 1, DeepSeek `precompute_freqs_cis`): frequencies whose wavelength is
+YaRN (docs/architecture.md 3.1, DeepSeek `precompute_freqs_cis`): frequencies whose wavelength is
 long against `original_max_position_embeddings` are divided by `factor`, short ones kept, a
 linear ramp between `beta_slow` and `beta_fast` rotations. The attention-temperature part of
 YaRN is applied to the softmax scale (`MLAConfig.softmax_scale`), not to cos/sin.

@@ -30,10 +30,10 @@ names, and copies of the shared embedding / output head as `embed_tokens` /
 on import when present. Checkpoints that store experts one by one
 (`mlp.experts.{j}.gate_proj.weight`, as DeepSeek's release does) are fused on import.
 
-Parity settings (MEGATRON_NOTES.md, "Hugging Face DeepSeek-V3"): rope_interleave=True (our
-rope rotates interleaved pairs, so weights copy as they are), q_lora_rank=None for no query
-compression, YaRN with mscale_all_dim == mscale, group-limited routing by top-2 sums (HF's
-only rule, also ours).
+Parity settings (each silently breaks parity with Hugging Face's model if missed):
+rope_interleave=True (our rope rotates interleaved pairs, so weights copy as they are),
+q_lora_rank=None for no query compression (0 builds zero-width projections), YaRN with
+mscale_all_dim == mscale, group-limited routing by top-2 sums (HF's only rule, also ours).
 """
 
 from __future__ import annotations
@@ -447,5 +447,5 @@ def load_dsv3_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.
             "built from")
 
 
-__all__ = ["ConversionError", "HF_LATENT_NORM_EPS", "hf_config_from_model_config", "hf_to_dsv3",
+__all__ = ["ConversionError", "hf_config_from_model_config", "hf_to_dsv3",
            "dsv3_to_hf", "load_dsv3_state_dict"]

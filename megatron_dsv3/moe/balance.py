@@ -1,6 +1,10 @@
-"""Auxiliary-loss-free balancing: the expert-bias update, once per optimizer step.
+"""Load balancing, what a training step sets and does around the MoE layers.
 
-  b_i <- b_i + gamma * sign(mean_load - load_i)      (DESIGN.md section 2)
+  set_balance_loss_scale(model, scale)   the gradient scale of every MoE layer's sequence-wise
+        balance loss: 1 / micro-batches per step (times any loss scale), so that it is
+        normalised like the main loss; must be set before training (an error otherwise)
+  update_expert_biases(model, group=...) the auxiliary-loss-free bias update, once per
+        optimizer step: b_i <- b_i + gamma * sign(mean_load - load_i)  (docs/architecture.md)
 
 The loads are the routers' token counts since the last update, summed over every replica that
 routes with the same bias: the data-parallel ranks (and, with expert parallelism, the expert-
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .layer import DeepSeekMoE
 from .router import Router, expert_bias_step
 
 
@@ -31,6 +36,16 @@ class ExpertLoads:
         """max load / mean load per layer (1.0 is perfectly balanced)."""
         loads = self.loads.float()
         return loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)
+
+
+def set_balance_loss_scale(model: torch.nn.Module, scale: float) -> int:
+    """Set the balance loss's gradient scale on every DeepSeekMoE in `model` (e.g. 1 /
+    num_microbatches: the main loss of each micro-batch is divided by it too); returns how
+    many layers were set."""
+    layers = [m for m in model.modules() if isinstance(m, DeepSeekMoE)]
+    for layer in layers:
+        layer.set_balance_loss_scale(scale)
+    return len(layers)
 
 
 def routers(model: torch.nn.Module) -> list[tuple[str, Router]]:

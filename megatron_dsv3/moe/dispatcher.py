@@ -39,7 +39,7 @@ token's rows go to at most `topk_groups` ranks.
 dispatch and combine share nothing but the returned state, so a schedule (DualPipe) can run
 the dispatch of one micro-batch, the experts of another and the combine of a third in any
 interleaving. For that, both dispatchers also expose the steps one by one (the DualPipe split,
-`pipeline/moe_overlap.py`):
+`moe/pieces.py`):
   plan(x_TD, routing)          1-3 and the index of 5: x_ND (still on this rank), the counts,
                                the state; the host sync happens here, before any row moves
   plan_start / plan_finish     plan in two halves: 1 and the launch of 2 / the wait for 2, 3
@@ -49,7 +49,7 @@ interleaving. For that, both dispatchers also expose the steps one by one (the D
                                travel is the `counts=` object's business (`CountExchange`):
                                the default `SyncCountExchange` is the blocking all-to-all and
                                `.tolist()` of before; `AsyncExchange.counts`
-                               (pipeline/moe_overlap.py) launches them on a side stream and
+                               (moe/async_exchange.py) launches them on a side stream and
                                waits only for them
   send_rows / return_rows      4 and its reverse, as autograd functions (identity without EP);
                                `row_splits(state, toward_experts)` gives their split sizes to

@@ -15,7 +15,7 @@ over the EP group, read by `parallel.shard_state_dict` / `gather_state_dict`) an
 Two implementations with one result: `grouped_mm` (one `torch._grouped_mm` per projection,
 the GPU path, no host sync) and `loop` (a Python loop over experts, the reference).
 
-Weight-gradient deferral (pipeline/weight_grad.py): while a schedule's store is attached
+Weight-gradient deferral (weight_grad.py): while a schedule's store is attached
 (`RoutedExperts.weight_grad_store`), each projection runs as one autograd function,
 `experts_linear` (y_NO = x_NI W_e^T on expert e's rows), whose backward computes dX now and
 dW_e = dY_e^T X_e (w_EOI, all experts at once) now or in the W step: the same GEMMs autograd
@@ -25,16 +25,14 @@ the plain functions above run, unchanged.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..layers import mark_tensor_parallel, normal_init, tp_size
-
-if TYPE_CHECKING:  # imported where used: the pipeline package imports this module
-    from ..pipeline.weight_grad import WeightGradStore
+from ..weight_grad import WeightGradStore, autocast_dtype, weight_grad_now_or_later
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -97,9 +95,7 @@ class _ExpertsLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups,
-                store: Optional["WeightGradStore"]) -> torch.Tensor:
-        from ..pipeline.weight_grad import autocast_dtype
-
+                store: Optional[WeightGradStore]) -> torch.Tensor:
         x_c, w_c = x_NI, w_EOI
         dtype = autocast_dtype(x_NI.device.type)  # as RoutedExperts casts for _grouped_mm
         if dtype is not None:
@@ -115,8 +111,6 @@ class _ExpertsLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y_NO: torch.Tensor):
-        from ..pipeline.weight_grad import weight_grad_now_or_later
-
         x_NI, w_EOI = ctx.saved_tensors
         groups = ctx.groups
         grouped = ctx.impl == "grouped_mm"
@@ -148,7 +142,7 @@ def expert_groups(tokens_per_expert_E: torch.Tensor, impl: str) -> Groups:
 
 
 def experts_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups: Groups,
-                   store: Optional["WeightGradStore"] = None) -> torch.Tensor:
+                   store: Optional[WeightGradStore] = None) -> torch.Tensor:
     """x_NI W_e^T on each expert e's rows, by `impl` ('loop' | 'grouped_mm'); the weight
     gradient goes to `store` while it defers, else to autograd as usual."""
     return _ExpertsLinear.apply(x_NI, w_EOI, impl, groups, store)
@@ -165,7 +159,7 @@ class RoutedExperts(torch.nn.Module):
     """This rank's routed experts' weights: the global experts
     [expert_offset, expert_offset + num_local_experts)."""
 
-    weight_grad_store: Optional["WeightGradStore"] = None  # set by attach_weight_grad_store
+    weight_grad_store: Optional[WeightGradStore] = None  # set by attach_weight_grad_store
 
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_size: int, *, tp_group,
                  dtype: torch.dtype, device=None, init_std: float = 0.006, impl: str = "auto",

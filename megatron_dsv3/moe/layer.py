@@ -10,8 +10,8 @@ DualPipe split (attention / dispatch / MLP / combine) can replace or interleave 
                                                         AllToAllDispatcher when EP > 1)
   experts   grouped GEMM over the sorted rows of this rank's experts     (RoutedExperts)
   combine   rows sent home, un-permuted, weighted by the gates, summed per token
-`DeepSeekMoE.forward` runs these as methods that the DualPipe split (pipeline/moe_overlap.py)
-also calls one by one, so the piecewise and the plain layer run the same code:
+`DeepSeekMoE.forward` runs these as methods that the DualPipe split (moe/pieces.py) also calls
+one by one, so the piecewise and the plain layer run the same code:
   route(u)                    router, gates (+ balance-loss injection), dispatch plan   [attn]
     = route_finish(route_start(u)): route_start launches the count exchange (EP), and
       route_finish waits for it and builds the plan               [attn | plan]
@@ -20,7 +20,9 @@ also calls one by one, so the piecewise and the plain layer run the same code:
   dispatcher.return_rows      rows back                                          [combine]
   combine_output              un-permute, gate-weighted sum, TP reduce, + shared [combine]
 The balance loss is injected on the gates (AuxLossInjector: identity forward, the loss's
-gradient added in backward), so its gradient stays inside the attention-side piece.
+gradient added in backward), so its gradient stays inside the attention-side piece. Its
+gradient scale must match the main loss's normalisation: `moe.balance.set_balance_loss_scale`
+(training without it is an error).
 No token is ever dropped. Under tensor parallelism each rank computes its slice of every
 expert's FFN width; the routed partial sums are all-reduced after combine, the shared
 experts' by their own row-parallel output projection. Under expert parallelism (the
@@ -105,9 +107,9 @@ class DeepSeekMoE(torch.nn.Module):
         num_local_experts = experts_per_rank(moe.num_experts, ep_size)
         self.is_mtp_layer = is_mtp_layer
         self.layer_number = 0
-        # Gradient scale of the balance loss, set by the training step to match the main
-        # loss's normalisation (1 / number of micro-batches).
-        self.aux_loss_scale = 1.0
+        # Gradient scale of the balance loss: the main loss's normalisation (1 / number of
+        # micro-batches), set through moe.balance.set_balance_loss_scale.
+        self._balance_loss_scale: Optional[float] = None
         self.last_aux_loss: Optional[torch.Tensor] = None
         device = init_device(config)
         self.router = Router(cfg.hidden_size, moe, dtype=config.params_dtype, device=device,
@@ -128,6 +130,14 @@ class DeepSeekMoE(torch.nn.Module):
 
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
+
+    def set_balance_loss_scale(self, scale: float) -> None:
+        """The factor on the balance loss's injected gradient (moe.balance.set_balance_loss_scale
+        sets it on every MoE layer of a model)."""
+        if not scale > 0:
+            raise ValueError(f"balance-loss scale {scale!r} is invalid: it must be > 0 (1 / the "
+                             "number of micro-batches per step, times any loss scale)")
+        self._balance_loss_scale = float(scale)
 
     def forward(self, hidden_states: torch.Tensor, padding_mask=None, **unused):
         """hidden_states [s, b, d] -> ([s, b, d], None)."""
@@ -151,10 +161,16 @@ class DeepSeekMoE(torch.nn.Module):
         routing = self.router(x_TD)
         gates_TK = copy_to_tp(routing.gates_TK, self.tp_group)  # sum gate grads over TP
         if self.training and self.cfg.seq_aux_loss_coeff > 0 and torch.is_grad_enabled():
+            if self._balance_loss_scale is None:
+                raise RuntimeError(
+                    f"MoE layer {self.layer_number}: the balance loss's gradient scale is not "
+                    "set; call megatron_dsv3.moe.balance.set_balance_loss_scale(model, 1 / "
+                    "num_microbatches) before training (the training job and the pipeline "
+                    "adapter do), or set MoEConfig.seq_aux_loss_coeff=0")
             aux = self.cfg.seq_aux_loss_coeff * sequence_balance_loss(
                 routing.scores_TE, routing.topk_TK, s, self.cfg)
             self.last_aux_loss = aux.detach()
-            gates_TK = AuxLossInjector.apply(gates_TK, aux, self.aux_loss_scale)
+            gates_TK = AuxLossInjector.apply(gates_TK, aux, self._balance_loss_scale)
         # Each TP rank holds a slice of every expert's width: sum their input gradients.
         # With EP, N rows of this rank's tokens will leave and M rows arrive for its experts.
         plan = self.dispatcher.plan_start(copy_to_tp(x_TD, self.tp_group), routing, counts)

@@ -10,7 +10,7 @@ E routed experts, K experts per token, G groups, M groups kept per token.
   topk_TK    = TopK(choice_TE over kept groups)
   gates_TK   = scores_TE[topk] / sum(scores_TE[topk]) * route_scale     (raw scores!)
 
-The sequence-wise balance loss (DESIGN.md section 2) and the expert-bias update step are pure
+The sequence-wise balance loss (docs/architecture.md 3.2) and the expert-bias update step are pure
 functions here; `moe/balance.py` applies the update to a whole model once per optimizer step.
 """
 
@@ -107,7 +107,7 @@ class Router(torch.nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         # The GEMM runs in the activations' dtype (bf16 in bf16 training, as DeepSeek's own
-        # gate does: a skinny fp32 GEMM costs ~10x more); scores and selection are fp32.
+        # gate does: a skinny fp32 GEMM costs far more); scores and selection are fp32.
         logits_TE = torch.nn.functional.linear(x_TD, self.weight.to(x_TD.dtype)).float()
         scores_TE = logits_TE.sigmoid()
         with torch.no_grad():

@@ -1,12 +1,10 @@
-"""Point-to-point transfers between pipeline ranks, and the side stream for overlapped comm.
+"""Point-to-point transfers between pipeline ranks.
 
   P2PComm(group, specs, device)   posts sends/receives of one message (a tuple of tensors of
                                   known shapes) to/from a neighbour rank, lazily; `flush()`
                                   starts everything posted as one `batch_isend_irecv` and waits.
   TensorSpec(shape, dtype)        the shape of one tensor of a message, known in advance (the
                                   receiver allocates its buffer before the data arrives).
-  CommStream(device)              a stream to run communication beside compute on GPU; on CPU a
-                                  no-op. The MoE layer's dispatch/combine uses it in F&B.
 
 Design notes
   * Backend-neutral: only `torch.distributed.batch_isend_irecv` and group-relative peers,
@@ -27,7 +25,6 @@ Design notes
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -81,10 +78,6 @@ class P2PComm:
             self._keep_alive.append(tensor)
             self._ops.append(dist.P2POp(dist.isend, tensor, group=self.group, group_peer=peer))
 
-    @property
-    def pending(self) -> int:
-        return len(self._ops)
-
     def flush(self) -> None:
         """Start every posted operation together and wait for all of them."""
         if not self._ops:
@@ -93,36 +86,3 @@ class P2PComm:
             work.wait()
         self._ops = []
         self._keep_alive = []
-
-
-class CommStream:
-    """Communication on its own CUDA stream, ordered against compute by events only where data
-    flows. On a CPU device every call is a no-op, so the same layer code runs in gloo tests.
-
-        comm_stream.wait_compute()      # the tokens to send have been computed
-        with comm_stream:
-            work = dispatch(tokens)       # runs on the side stream ...
-        other_microbatch_compute()        # ... while this runs on the compute stream
-        comm_stream.compute_waits()     # before the experts read the dispatched tokens
-
-    Tensors made on one stream and freed on the other need `tensor.record_stream(...)`."""
-
-    def __init__(self, device: torch.device) -> None:
-        device = torch.device(device)
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def __enter__(self) -> None:
-        self._context = (torch.cuda.stream(self._stream) if self._stream is not None
-                         else nullcontext())
-        self._context.__enter__()
-
-    def __exit__(self, *exc) -> None:
-        self._context.__exit__(*exc)
-
-    def wait_compute(self) -> None:
-        if self._stream is not None:
-            self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
-
-    def compute_waits(self) -> None:
-        if self._stream is not None:
-            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)

@@ -2,8 +2,8 @@
 compute steps (F, B, W, F&B) and the p2p messages between them.
 
 A schedule file (dualpipe.py, dualpipev.py) says *where* each local chunk's activations come
-from and go to (`ChunkRoute`) and *in which order* the steps run (its numbered phases); this
-file does the steps. Every chunk processes its micro-batches in a fixed order
+from and go to (`ChunkRoute`), bidirectional.py *in which order* the steps run (the eight
+steps); this file does the steps. Every chunk processes its micro-batches in a fixed order
 (`route.microbatches`), so a step needs no micro-batch argument: the k-th forward of a chunk
 is its k-th micro-batch, and so is its k-th backward, k-th received input, and so on.
 
@@ -11,7 +11,8 @@ Chunk-level steps, as the schedules call them (communication posted lazily, see 
   forward_chunk(c)          post recv of c's input; flush; F; post send of c's output
   backward_chunk(c, defer_w)  post recv of c's output grad; flush; B (or BW); post send of
                             c's input grad. defer_w: weight gradients go to the store (a W later)
-  forward_backward_chunk(cf, cb)   both receives; flush; the F&B step; both sends
+  forward_backward_chunk(cf, cb)   both receives; flush; the F&B step (fb_overlap.py); both
+                            sends
   weight_chunk()            flush; W of the oldest deferred B
   recv_forward / send_forward / send_backward  the same posts on their own, where a schedule
                             places a transfer apart from its compute
@@ -33,15 +34,13 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+from ..weight_grad import WeightGradStore
 from .comm import P2PComm
-from .overlap import (BackwardWork, ForwardWork, LossFn, as_tensors, find_overlap_hook,
-                      run_backward, run_forward)
-from .stages import check_stage_modules
+from .fb_overlap import forward_backward
 from .trace import BACKWARD_FULL, BACKWARD_INPUT, FORWARD, WEIGHT, ScheduledOp, Tracer
-from .weight_grad import WeightGradStore, attach_weight_grad_store
+from .work import BackwardWork, ForwardWork, LossFn, as_tensors, run_backward, run_forward
 
 
 @dataclass(frozen=True)
@@ -275,76 +274,11 @@ class ChunkExecutor:
     def _forward_backward(self, fwd_chunk: int, bwd_chunk: int) -> None:
         kf, fwd = self._forward_work(fwd_chunk)
         kb, bwd = self._backward_work(bwd_chunk)
-        hook = find_overlap_hook(fwd.module, bwd.module)
         with self._span(ScheduledOp(FORWARD, fwd_chunk, fwd.microbatch, True),
                         ScheduledOp(BACKWARD_FULL, bwd_chunk, bwd.microbatch, True)):
-            if hook is not None:
-                outputs, loss = hook(fwd, bwd)
-                outputs = as_tensors(outputs)
-            else:
-                outputs, loss = run_forward(fwd)
-                run_backward(bwd)
+            outputs, loss = forward_backward(fwd, bwd)
         self._finish_forward(fwd_chunk, kf, outputs, loss)
         self._finish_backward(bwd_chunk, kb)
-
-
-def run_steps_3_to_8(x: "ChunkExecutor", near: int, far: int, *, k: int, n: int, m: int,
-                     at_turn: bool) -> None:
-    """Steps 3-8 of DualPipe's figure, the same for both schedules once their warm-up (steps 1
-    and 2) is done: DualPipe with k = the rank's index within its half, n = ranks per half and
-    m = micro-batches per direction; DualPipeV with k = rank, n = ranks, m = micro-batches
-    (a DualPipeV rank runs its two stages like a rank of DualPipe on twice the ranks).
-    `at_turn`: the rank where the two directions meet (DualPipe's middle ranks, DualPipeV's
-    last rank)."""
-    # Step 3: nB1W1F1 -- first far backwards, zero-bubble style: B, then its W, then F
-    step_3 = n - k - 1
-    for _ in range(step_3):
-        x.backward_chunk(far, defer_w=True)
-        x.recv_forward(far)
-        x.weight_chunk()
-        x.forward_chunk(far, recv=False)
-
-    # Step 4: nF0B1F1B0 -- steady state: overlapped F&B pairs, both directions
-    step_4 = m - 2 * n + k + 1
-    for i in range(step_4):
-        if i == 0 and at_turn:
-            # at the turn the first pair runs unoverlapped, which shortens the bubble
-            x.forward_chunk(near, recv=False, send=False)
-            x.send_forward(far)
-            x.backward_chunk(far, send=False)
-            x.send_forward(near)
-            x.send_backward(far)
-        else:
-            x.forward_backward_chunk(near, far, recv_forward=i > 0)
-        x.forward_backward_chunk(far, near)
-
-    # Step 5: nB1F1B0 -- the near forwards are done: far backward, then far F & near B
-    step_5 = n - k - 1
-    for _ in range(step_5):
-        x.backward_chunk(far)
-        x.forward_backward_chunk(far, near)
-
-    # Step 6: nB1B0 -- cool-down backwards; the second half defers W to fill step 7/8
-    step_6 = k + 1
-    defer_w = False
-    for i in range(step_6):
-        if i == step_6 // 2 and k % 2 == 1:
-            defer_w = True
-        x.backward_chunk(far, defer_w=defer_w)
-        if i == step_6 // 2 and k % 2 == 0:
-            defer_w = True
-        x.backward_chunk(near, defer_w=defer_w)
-
-    # Step 7: nWB0 -- W of earlier backwards between the last near backwards
-    step_7 = n - k - 1
-    for _ in range(step_7):
-        x.weight_chunk()
-        x.backward_chunk(near, defer_w=True)
-
-    # Step 8: nW -- the remaining weight gradients
-    step_8 = k + 1
-    for _ in range(step_8):
-        x.weight_chunk()
 
 
 @dataclass
@@ -371,93 +305,3 @@ class StepResult:
         if executor.return_outputs and microbatches:
             outputs = [executor.output_values[mb] for mb in microbatches]
         return cls(microbatches, losses, outputs)
-
-
-class TwoChunkSchedule:
-    """What DualPipe and DualPipeV share: two stage modules per rank, one group, one store.
-
-    Subclasses define `name`, `stages_of_rank`, `_validate_microbatches`, `_routes` and
-    `_run_phases` (the numbered phases) and a documented `step()` that calls `_step()`."""
-
-    name = "?"
-
-    def __init__(self, modules: Sequence[nn.Module], *, p2p_specs: Sequence,
-                 group=None, device: Optional[torch.device] = None,
-                 weight_grad_store: Optional[WeightGradStore] = None) -> None:
-        self.group = group if group is not None else dist.group.WORLD
-        self.num_ranks = dist.get_world_size(self.group)
-        self.rank = dist.get_rank(self.group)
-        self._validate_ranks(self.num_ranks)
-        check_stage_modules(modules, self.stages_of_rank(self.rank, self.num_ranks), self.name,
-                            self.rank)
-        self.modules = tuple(modules)
-        if device is None:
-            params = [p for m in self.modules for p in m.parameters()]
-            device = params[0].device if params else torch.device("cpu")
-        self.device = torch.device(device)
-        # The schedule owns the store; every deferrable layer of its modules points at it.
-        if weight_grad_store is None:
-            weight_grad_store = WeightGradStore()
-        self.weight_grad_store = weight_grad_store
-        for module in self.modules:
-            attach_weight_grad_store(module, self.weight_grad_store)
-        self.comm = P2PComm(self.group, p2p_specs, self.device)
-        self._communicators_ready = False
-
-    @staticmethod
-    def stages_of_rank(rank: int, num_ranks: int) -> tuple[int, int]:
-        raise NotImplementedError
-
-    @classmethod
-    def _validate_ranks(cls, num_ranks: int) -> None:
-        raise NotImplementedError
-
-    @classmethod
-    def _validate_microbatches(cls, num_ranks: int, num_microbatches: int) -> None:
-        raise NotImplementedError
-
-    def _routes(self, num_microbatches: int) -> tuple[ChunkRoute, ChunkRoute]:
-        raise NotImplementedError
-
-    def _run_phases(self, x: ChunkExecutor, num_microbatches: int) -> None:
-        raise NotImplementedError
-
-    def _step(self, num_microbatches: int, inputs, labels, loss_fn, return_outputs: bool,
-              tracer: Optional[Tracer]) -> StepResult:
-        self._validate_microbatches(self.num_ranks, num_microbatches)
-        forward_only = not torch.is_grad_enabled()
-        routes = self._routes(num_microbatches)
-        for chunk, route in enumerate(routes):
-            where = f"rank {self.rank} holds stage {route.stage} (chunk {chunk})"
-            if route.first_stage and (inputs is None or len(inputs) != num_microbatches):
-                raise ValueError(f"{self.name}.step: {where}, the first stage, so it needs "
-                                 f"inputs: a sequence of num_microbatches={num_microbatches} "
-                                 "micro-batches indexed by micro-batch id (unused ones may be "
-                                 "None)")
-            wants_loss = not forward_only or loss_fn is not None
-            if route.last_stage and wants_loss:
-                if loss_fn is None or labels is None or len(labels) != num_microbatches:
-                    raise ValueError(f"{self.name}.step: {where}, the last stage, so training "
-                                     "(or a forward-only step with loss_fn) needs loss_fn and "
-                                     "labels: a sequence of "
-                                     f"num_microbatches={num_microbatches} label tuples indexed "
-                                     "by micro-batch id (unused ones may be None)")
-        self.weight_grad_store.clear()
-        if not self._communicators_ready:
-            # One collective on the whole group before the first p2p: NCCL creates its
-            # communicator lazily, and a batched p2p must not be the group's first call
-            # unless every rank joins it (torch.distributed.batch_isend_irecv docs).
-            dist.barrier(group=self.group)
-            self._communicators_ready = True
-        if tracer is not None:
-            tracer.begin(self.group, self.device, schedule=self.name, rank=self.rank,
-                         num_ranks=self.num_ranks, num_microbatches=num_microbatches,
-                         forward_only=forward_only)
-        x = ChunkExecutor(self.modules, routes, self.comm, self.weight_grad_store, tracer,
-                          loss_fn=loss_fn, inputs=inputs, labels=labels,
-                          forward_only=forward_only, return_outputs=return_outputs)
-        self._run_phases(x, num_microbatches)
-        x.finish()
-        if tracer is not None:
-            tracer.finish()
-        return StepResult.collect(x)

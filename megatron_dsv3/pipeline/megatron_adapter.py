@@ -7,14 +7,16 @@
         `get_forward_backward_func()` returns, running the named bidirectional schedule
   get_forward_backward_func(pipeline_config, group=...)   selection by config: Megatron's own
         function for "1f1b", ours for the other two
-  forward_step(data_iterator, model)   the `forward_step_func` for DeepSeekV3Stage chunks
+  forward_step(data_iterator, model, *, mtp_lambda)   the `forward_step_func` for
+        DeepSeekV3Stage chunks (bind the MTP weight: functools.partial(forward_step,
+        mtp_lambda=...))
 
 How Megatron's contract maps onto the two-chunk schedules:
-  * `model` is the rank's two stage modules [chunk 0, chunk 1] (model_stages.stages_from_model),
+  * `model` is the rank's two stage modules [chunk 0, chunk 1] (stages.stages_from_model),
     as for Megatron's interleaved schedule; `data_iterator` is a list of two iterators, one per
     chunk, each yielding the micro-batches in the order that chunk runs them (DualPipeV: 0..M-1
     for both chunks; DualPipe: 0..M/2-1 for chunk 0, M/2..M-1 for chunk 1:
-    `StagePlan.microbatches_of_chunk`). Only chunks holding stage 0 or the last stage read
+    the schedule class's `microbatches_of_chunk`). Only chunks holding stage 0 or the last stage read
     theirs; the others may be None.
   * Each forward of chunk c calls `forward_step_func(data_iterator[c], model[c])` after
     `model[c].set_input_tensor(received hidden states)` (stages after the first), exactly as
@@ -28,15 +30,15 @@ How Megatron's contract maps onto the two-chunk schedules:
     ends), [] on the middle ranks. Megatron's 1F1B returns them on rank PP-1.
   * After a training step DualPipe's mirrored copies hold the full gradient
     (`DualPipe.reduce_mirrored_grads`); then `config.finalize_model_grads_func`, if set,
-    runs as in Megatron. The routers' balance-loss gradient scale
-    (`DeepSeekMoE.aux_loss_scale`) is set to 1 / num_microbatches (times the grad scale), like
-    Megatron's MoEAuxLossAutoScaler.
+    runs as in Megatron. The routers' balance-loss gradient scale is set to 1 /
+    num_microbatches (times the grad scale; `moe.balance.set_balance_loss_scale`), as Megatron
+    sets its MoEAuxLossAutoScaler's.
   * Not supported (a clear error): collect_non_loss_data, adjust_tensor_shapes_fn, a
     p2p_communicator, decoder_seq_length, variable sequence lengths. Megatron DDP's
     no_sync/grad-sync hooks are not driven: gradients are complete after the call and the
     caller reduces them over data parallelism.
-  * The chunks' F&B overlap hook (DeepSeekV3Stage with overlap_moe) works through the wrapper
-    that runs forward_step_func: the wrapper hands the hook its chunk's layer stack.
+  * The chunks' F&B overlap (DeepSeekV3Stage with overlap_moe) works through the wrapper that
+    runs forward_step_func: the wrapper shows the schedule its chunk's layer stack.
 """
 
 from __future__ import annotations
@@ -48,63 +50,60 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..moe.balance import set_balance_loss_scale
+from ..weight_grad import WeightGradStore
 from .comm import TensorSpec
-from .dualpipe import DualPipe, validate_dualpipe
-from .dualpipev import validate_dualpipev
-from .model_stages import SCHEDULE_CLASSES
-from .overlap import BackwardWork, ForwardWork, run_backward, run_forward
-from .stages import split_layers
+from .schedules import SCHEDULES, schedule_class
+from .stages import StagePlan
 from .trace import Tracer
-from .weight_grad import WeightGradStore
 
-PIPELINE_SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
+MEGATRON_SCHEDULE = "1f1b"  # Megatron's own forward_backward_func (no pipelining at PP=1)
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     """Which pipeline schedule runs a step, on how many pipeline ranks."""
-    schedule: str = "1f1b"
+    schedule: str = MEGATRON_SCHEDULE
     pipeline_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", self.schedule.lower())
         pp = self.pipeline_parallel_size
-        if self.schedule not in PIPELINE_SCHEDULES:
+        names = [MEGATRON_SCHEDULE, *sorted(SCHEDULES)]
+        if self.schedule not in names:
             raise ValueError(f"PipelineConfig.schedule={self.schedule!r} is invalid: use one of "
-                             f"{list(PIPELINE_SCHEDULES)}")
+                             f"{names}")
         if not isinstance(pp, int) or pp < 1:
             raise ValueError(f"PipelineConfig.pipeline_parallel_size={pp!r} is invalid: it must "
                              "be a positive integer")
-        if self.schedule != "1f1b" and pp < 2:
-            raise ValueError(f"PipelineConfig.schedule={self.schedule!r} needs "
-                             f"pipeline_parallel_size >= 2, got {pp}; with one pipeline rank use "
-                             "schedule='1f1b' (Megatron's no-pipelining path)")
-        if self.schedule == "dualpipe" and pp % 2:
-            raise ValueError(f"PipelineConfig.schedule='dualpipe' needs an even "
-                             f"pipeline_parallel_size, got {pp}; use {pp + 1} or {pp - 1} ranks, "
-                             "or schedule='dualpipev', which takes any size >= 2")
+        if self.schedule != MEGATRON_SCHEDULE:
+            try:
+                schedule_class(self.schedule).validate(pp)
+            except ValueError as err:
+                raise ValueError(f"PipelineConfig.pipeline_parallel_size={pp} is invalid for "
+                                 f"schedule={self.schedule!r}: {err}") from None
 
     @property
     def num_stages(self) -> int:
-        """Model stages: 2 PP for DualPipeV, PP otherwise."""
-        return 2 * self.pipeline_parallel_size if self.schedule == "dualpipev" else \
-            self.pipeline_parallel_size
+        """Model stages: the schedule's rule (DualPipeV 2 PP, DualPipe PP), PP for 1F1B."""
+        if self.schedule == MEGATRON_SCHEDULE:
+            return self.pipeline_parallel_size
+        return schedule_class(self.schedule).num_stages(self.pipeline_parallel_size)
 
     def check(self, num_microbatches: Optional[int] = None,
               num_layers: Optional[int] = None) -> None:
         """Raise ValueError naming the setting and the fix for an impossible step."""
-        pp = self.pipeline_parallel_size
-        if num_microbatches is not None and self.schedule == "dualpipev":
-            validate_dualpipev(pp, num_microbatches)
-        if num_microbatches is not None and self.schedule == "dualpipe":
-            validate_dualpipe(pp, num_microbatches)
-        if num_layers is not None and self.schedule != "1f1b":
-            split_layers(num_layers, self.num_stages)
+        if self.schedule == MEGATRON_SCHEDULE:
+            return
+        if num_microbatches is not None:
+            schedule_class(self.schedule).validate(self.pipeline_parallel_size, num_microbatches)
+        if num_layers is not None:
+            StagePlan(self.schedule, self.pipeline_parallel_size, num_layers)
 
 
 class _ForwardStepChunk(nn.Module):
     """A stage as the schedule sees it: its forward runs Megatron's forward_step_func; its
-    F&B hook is the chunk's (run on the wrappers, whose forward is what the hook calls)."""
+    layer stack is the chunk's (the F&B step interleaves through it)."""
 
     def __init__(self, chunk: nn.Module) -> None:
         super().__init__()
@@ -124,16 +123,8 @@ class _ForwardStepChunk(nn.Module):
 
     @property
     def piecewise_layers(self):
-        """The chunk's layer stack, which moe_overlap's hook looks up on the module it runs."""
+        """The chunk's layer stack, through which the schedule's F&B steps interleave."""
         return getattr(self.chunk, "piecewise_layers", None)
-
-    def overlapped_forward_backward(self, fwd: ForwardWork, bwd: BackwardWork):
-        hook = getattr(type(self.chunk), "overlapped_forward_backward", None)
-        if hook is None:  # what the schedule does without a hook
-            outputs, loss = run_forward(fwd)
-            run_backward(bwd)
-            return outputs, loss
-        return hook(self.chunk, fwd, bwd)
 
 
 class DualPipeForwardBackward:
@@ -143,10 +134,10 @@ class DualPipeForwardBackward:
                  weight_grad_store: Optional[WeightGradStore] = None,
                  tracer: Optional[Tracer] = None) -> None:
         self.schedule_name = schedule_name.lower()
-        if self.schedule_name not in SCHEDULE_CLASSES:
+        if self.schedule_name not in SCHEDULES:
             raise ValueError(f"schedule_name={schedule_name!r} is invalid for the bidirectional "
-                             f"adapter: use one of {sorted(SCHEDULE_CLASSES)} (or '1f1b' through "
-                             "get_forward_backward_func)")
+                             f"adapter: use one of {sorted(SCHEDULES)} (or "
+                             f"'{MEGATRON_SCHEDULE}' through get_forward_backward_func)")
         self.group = group
         self.weight_grad_store = weight_grad_store
         self.tracer = tracer  # records each step's ops when set (trace.py)
@@ -158,7 +149,7 @@ class DualPipeForwardBackward:
         key = (tuple(id(m) for m in model), tuple(specs), id(group))
         if key != self._key:
             self._wrappers = tuple(_ForwardStepChunk(m) for m in model)
-            self.pipe = SCHEDULE_CLASSES[self.schedule_name](
+            self.pipe = schedule_class(self.schedule_name)(
                 self._wrappers, p2p_specs=specs, group=group,
                 weight_grad_store=self.weight_grad_store)
             self._key = key
@@ -179,14 +170,14 @@ class DualPipeForwardBackward:
                                  "supported; leave it at its default")
         if not isinstance(model, (list, tuple)) or len(model) != 2:
             raise ValueError(f"{name} forward_backward_func: model must be the rank's two stage "
-                             "modules [chunk 0, chunk 1] (model_stages.stages_from_model), got "
+                             "modules [chunk 0, chunk 1] (stages.stages_from_model), got "
                              f"{type(model).__name__}")
         if data_iterator is None:
             data_iterator = [None, None]  # a middle rank: neither chunk reads data
         if not isinstance(data_iterator, (list, tuple)) or len(data_iterator) != 2:
             raise ValueError(f"{name} forward_backward_func: data_iterator must be a list of two "
                              "iterators, one per chunk, each yielding that chunk's micro-batches "
-                             "in its order (StagePlan.microbatches_of_chunk)")
+                             "in its order (the schedule's microbatches_of_chunk)")
         config = model[0].config
         if getattr(config, "variable_seq_lengths", False):
             raise ValueError(f"{name} forward_backward_func: config.variable_seq_lengths=True is "
@@ -200,7 +191,11 @@ class DualPipeForwardBackward:
         specs = [TensorSpec((seq_length, micro_batch_size, config.hidden_size),
                             config.params_dtype)]
         pipe = self._schedule(model, specs, group)
-        _set_aux_loss_scale(model, config, num_microbatches)
+        grad_scale = 1.0
+        if config.grad_scale_func is not None:
+            grad_scale = float(config.grad_scale_func(torch.ones(())))
+        for chunk in model:
+            set_balance_loss_scale(chunk, grad_scale / num_microbatches)
         store: list = []
         for wrapper, iterator in zip(self._wrappers, data_iterator):
             wrapper.forward_step_func, wrapper.data_iterator = forward_step_func, iterator
@@ -219,8 +214,7 @@ class DualPipeForwardBackward:
                       labels=empty if last else None, loss_fn=loss_fn if last else None,
                       tracer=self.tracer)
         if not forward_only:
-            if isinstance(pipe, DualPipe):
-                pipe.reduce_mirrored_grads()
+            pipe.reduce_mirrored_grads()  # DualPipe's two copies of a stage; else nothing
             if getattr(config, "finalize_model_grads_func", None) is not None:
                 config.finalize_model_grads_func(list(model), None, pg_collection=pg_collection)
         return store
@@ -246,18 +240,6 @@ def _megatron_loss(loss_func: Callable, output, config, num_microbatches: int,
     return loss
 
 
-def _set_aux_loss_scale(model: Sequence[nn.Module], config, num_microbatches: int) -> None:
-    from ..moe.layer import DeepSeekMoE
-
-    scale = 1.0
-    if config.grad_scale_func is not None:
-        scale = float(config.grad_scale_func(torch.ones(())))
-    for chunk in model:
-        for module in chunk.modules():
-            if isinstance(module, DeepSeekMoE):
-                module.aux_loss_scale = scale / num_microbatches
-
-
 def get_dualpipe_forward_backward_func(schedule_name: str, *, group=None,
                                        weight_grad_store: Optional[WeightGradStore] = None,
                                        tracer: Optional[Tracer] = None
@@ -274,26 +256,27 @@ def get_forward_backward_func(pipeline: PipelineConfig, *, group=None) -> Callab
     """The forward_backward_func `pipeline.schedule` names: Megatron's own for "1f1b" (its
     no-pipelining function at PP=1; its 1F1B on Megatron-built stages otherwise), ours for
     "dualpipe" / "dualpipev"."""
-    if pipeline.schedule == "1f1b":
+    if pipeline.schedule == MEGATRON_SCHEDULE:
         from megatron.core.pipeline_parallel import get_forward_backward_func as megatron_func
 
         return megatron_func(pp_size=pipeline.pipeline_parallel_size)
     return get_dualpipe_forward_backward_func(pipeline.schedule, group=group)
 
 
-def forward_step(data_iterator: Optional[Iterator], model: nn.Module):
-    """Megatron `forward_step_func` for a DeepSeekV3Stage chunk: the micro-batch
-    (input_ids, labels) comes from the chunk's iterator on stage 0 and the last stage; the
-    last stage returns a loss_func giving (loss, {"lm loss", "mtp loss", "mtp ce"}) with the
-    stage's `mtp_lambda`."""
+def forward_step(data_iterator: Optional[Iterator], model: nn.Module, *, mtp_lambda: float):
+    """Megatron `forward_step_func` for a DeepSeekV3Stage chunk, with the MTP loss weight bound
+    by the caller (`functools.partial(forward_step, mtp_lambda=cfg.mtp.loss_weight(tokens))`):
+    the micro-batch (input_ids, labels) comes from the chunk's iterator on stage 0 and the
+    last stage; the last stage returns a loss_func giving (loss, {"lm loss", "mtp loss",
+    "mtp ce"})."""
     needs_batch = model.is_first or model.is_last
     batch = next(data_iterator) if needs_batch else None
     output = model(batch[0] if model.is_first else None)
     if not model.is_last:
         return output, None
-    return output, partial(_stage_loss_func, model, batch)
+    return output, partial(_stage_loss_func, model, batch, mtp_lambda)
 
 
-def _stage_loss_func(stage, batch, output):
-    loss, lm, mtp, mtp_ce = stage.unscaled_loss((output,), batch)
+def _stage_loss_func(stage, batch, mtp_lambda: float, output):
+    loss, lm, mtp, mtp_ce = stage.unscaled_loss((output,), batch, mtp_lambda)
     return loss, {"lm loss": lm.detach(), "mtp loss": mtp.detach(), "mtp ce": mtp_ce}

@@ -1,11 +1,11 @@
-"""How much of the expert-parallel all-to-all is hidden behind compute: moe_overlap's pieces
+"""How much of the expert-parallel all-to-all is hidden behind compute: the MoE pieces
 and exchanges, time-stamped on the device, and the arithmetic on them.
 
   Clock           stamps relative to a step's start: CUDA events on the current stream (GPU),
                   the host clock (CPU)
-  TimedTrace      moe_overlap's trace list that also stamps each event; follows the
+  TimedTrace      PiecewiseLayers' trace list that also stamps each event; follows the
                   'pair.begin' / 'pair.end' markers of an F&B interleaving (`paired`)
-  TimedExchange   moe_overlap's AsyncExchange that stamps each row all-to-all
+  TimedExchange   moe.async_exchange.AsyncExchange that stamps each row all-to-all
   resolve_step    one step's pieces and exchanges in seconds (after its end)
   step_numbers    comm time C, exposed time X (and the strict X) of one step
   summarize       the fraction hidden over many steps: 1 - sum X / sum C
@@ -39,7 +39,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .moe_overlap import PAIR_BEGIN, PAIR_END, AsyncExchange
+from ..moe.async_exchange import AsyncExchange
+from ..pipeline.fb_overlap import PAIR_BEGIN, PAIR_END
 
 
 class Clock:
@@ -79,7 +80,7 @@ class Clock:
 
 
 class TimedTrace(list):
-    """The pieces' event list (moe_overlap's `trace`) that also stamps each event: a piece runs
+    """The pieces' event list (`PiecewiseLayers.trace`) that also stamps each event: a piece runs
     from its event to the next one. `paired` is True between 'pair.begin' and 'pair.end'."""
 
     def __init__(self, clock: Clock) -> None:
@@ -112,7 +113,7 @@ class ExchangeTiming:
 
 
 class TimedExchange(AsyncExchange):
-    """moe_overlap's AsyncExchange with stamps: issue and wait on the compute stream,
+    """AsyncExchange with stamps: issue and wait on the compute stream,
     completion on the comm stream (GPU) or from the gloo work's callback (CPU). Timings go to
     `timings` (a list the caller may share between several exchanges)."""
 

@@ -7,17 +7,17 @@ their `WeightGradStore` is deferring, queue the weight-gradient GEMM instead of 
 The schedule later runs the queued work of one backward chunk as one W step.
 
   store = WeightGradStore()
-  layer = DeferredWgradLinear(d_in, d_out, store=store)  # or attach_weight_grad_store(m, store)
-  with store.deferring(label=("B", 0, 3)):                 # the schedule's B step
-      torch.autograd.backward(outputs, output_grads)       # input grads only
-  store.run_next()                                         # the W step: weight grads of that B
+  attach_weight_grad_store(model, store)              # every deferrable layer of the model
+  with store.deferring(label=("B", 0, 3)):            # the schedule's B step
+      torch.autograd.backward(outputs, output_grads)  # input grads only
+  store.run_next()                                    # the W step: weight grads of that B
 
 The mechanism is one primitive, `weight_grad_now_or_later(store, param, compute)`: a layer's
 autograd backward hands it the closure that computes its parameter's gradient; it returns the
 gradient (autograd accumulates it, as for any layer) or, while the store defers, queues the
 closure and returns None. The layers built on it:
-  linear_deferred_wgrad / DeferredWgradLinear   y = x W^T (+ b), with an optional all-reduce of
-        dX over a tensor-parallel group (Megatron's column-parallel `allreduce_dgrad`)
+  linear_deferred_wgrad   y = x W^T (+ b), with an optional all-reduce of dX over a
+        tensor-parallel group (Megatron's column-parallel `allreduce_dgrad`)
   layers.py: the "local" backend's column / row / replicated linears
   moe/experts.py: the routed experts' two grouped GEMMs (dW_e = dY_e^T X_e per expert)
 `attach_weight_grad_store(module, store)` points every layer with a `weight_grad_store`
@@ -106,8 +106,9 @@ class WeightGradStore:
         return self._run(*self._groups.popleft())
 
     def run_last(self) -> Hashable:
-        """Run the newest group: one deferred and run within a step (moe_overlap's F&B), so that
-        the groups queued before it keep their order for the schedule's W steps."""
+        """Run the newest group: one deferred and run within the same step (an F&B step that
+        runs its own weight gradients behind an exchange), so that the groups queued before it
+        keep their order for the schedule's W steps."""
         if not self._groups:
             raise RuntimeError("WeightGradStore.run_last(): no deferred weight gradients")
         return self._run(*self._groups.pop())
@@ -227,18 +228,6 @@ def linear_deferred_wgrad(x: torch.Tensor, weight: torch.Tensor,
     `dgrad_group`: all-reduce the input gradient over this group (a column-parallel layer
     whose input is replicated over tensor-parallel ranks); None: no communication."""
     return _LinearDeferredWgrad.apply(x, weight, bias, store, dgrad_group)
-
-
-class DeferredWgradLinear(nn.Linear):
-    """nn.Linear whose weight gradient can be deferred to a W step (see module docstring)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 store: Optional[WeightGradStore] = None, device=None, dtype=None) -> None:
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.weight_grad_store = store
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_deferred_wgrad(x, self.weight, self.bias, self.weight_grad_store)
 
 
 def attach_weight_grad_store(module: nn.Module, store: Optional[WeightGradStore]) -> int:

@@ -7,7 +7,7 @@
                                      layer over the last steps (a heatmap, 1/E is balanced);
                                      right: max/mean load per layer over training
 
-`records` are the per-step metric dicts of `metrics.jsonl` (keys as `train.py` logs them).
+`records` are the per-step metric dicts of `metrics.jsonl` (keys as `step.py` makes them).
 matplotlib runs headless (Agg); nothing here touches torch.distributed.
 """
 

@@ -1,0 +1,206 @@
+"""Every private part of Megatron-Core this package calls or overrides, behind a version check.
+
+Megatron-Core renames and re-signs its private methods between releases without notice. The
+rest of the package reaches them only through this module, so that a new release is checked
+(and, if needed, adapted) in one place:
+
+  TransformerLayer._forward_attention / _forward_pre_mlp_layernorm / _forward_post_mlp
+        `layer_attention`, `layer_pre_mlp_norm`, `layer_post_mlp`: a TransformerLayer run in
+        parts (the MoE F&B overlap cuts a layer at its MLP; moe/pieces.py)
+  GPTModel._postprocess
+        `GPTPostprocessHook`: a GPTModel whose `_postprocess` (MTP, output layer, loss after
+        the decoder) calls our public `postprocess(...)` (model.py)
+  ColumnParallelLinear / RowParallelLinear._forward_impl
+        `OwnGemmHook`: Megatron's tensor-parallel linears with their GEMM call replaced by our
+        own autograd function when the layer asks for it (layers.py: deferrable weight
+        gradients; FP8 GEMMs will use the same seam)
+  parallel_state._MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE / _RANK
+        `one_pipeline_stage()`: Megatron's global pipeline size and rank read 1 and 0 while a
+        whole model is built on a rank of a DualPipe pipeline (parallel.py)
+
+At import the module checks that the installed megatron-core is the release it was written
+against (`TESTED_VERSION`) and that each private method above still takes the arguments used
+here (`_check_signatures`). Another release with matching signatures only warns; a mismatch
+raises ImportError naming the method: update the function of this module that wraps it (and
+`TESTED_VERSION`), nothing else.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from megatron.core import package_info, parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+TESTED_VERSION = "0.19.2"
+# MAJOR.MINOR.PATCH (its __version__ may carry the hash of whatever git checkout it sits in)
+INSTALLED_VERSION = package_info.__shortversion__
+
+# The private methods used here and the parameters we pass or receive (a subset of theirs).
+_PRIVATE_SIGNATURES = {
+    (TransformerLayer, "_forward_attention"): ("hidden_states", "attention_mask"),
+    (TransformerLayer, "_forward_pre_mlp_layernorm"): ("hidden_states",),
+    (TransformerLayer, "_forward_post_mlp"): ("mlp_output_with_bias", "residual"),
+    (GPTModel, "_postprocess"): (
+        "hidden_states", "input_ids", "position_ids", "labels", "mtp_in_postprocess",
+        "loss_mask", "attention_mask", "runtime_gather_output", "inference_context",
+        "packed_seq_params"),
+    (ColumnParallelLinear, "_forward_impl"): ("input", "weight"),
+    (RowParallelLinear, "_forward_impl"): ("input", "weight"),
+}
+_PRIVATE_GLOBALS = ("_MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE", "_MPU_PIPELINE_MODEL_PARALLEL_RANK")
+
+
+def _check_signatures() -> None:
+    problems = []
+    for (cls, name), params in _PRIVATE_SIGNATURES.items():
+        method = getattr(cls, name, None)
+        if method is None:
+            problems.append(f"{cls.__name__}.{name} no longer exists")
+            continue
+        have = inspect.signature(method).parameters
+        missing = [p for p in params if p not in have]
+        if missing:
+            problems.append(f"{cls.__name__}.{name} no longer takes {missing}")
+    problems += [f"parallel_state.{name} no longer exists" for name in _PRIVATE_GLOBALS
+                 if not hasattr(parallel_state, name)]
+    if problems:
+        raise ImportError(
+            f"megatron_dsv3 was written against megatron-core {TESTED_VERSION}; the installed "
+            f"{INSTALLED_VERSION} changed the private surface it uses:\n  "
+            + "\n  ".join(problems)
+            + "\nInstall megatron-core==" + TESTED_VERSION + " or update the wrapper of each "
+            "listed item in megatron_dsv3/megatron_compat.py")
+    if INSTALLED_VERSION != TESTED_VERSION:
+        warnings.warn(f"megatron_dsv3 was tested with megatron-core {TESTED_VERSION}, found "
+                      f"{INSTALLED_VERSION}; the private methods it uses still have the "
+                      "expected arguments (megatron_dsv3/megatron_compat.py)", stacklevel=2)
+
+
+_check_signatures()
+
+
+# ----------------------------------------------------------------------------------------------
+# TransformerLayer in parts
+# ----------------------------------------------------------------------------------------------
+def layer_attention(layer: TransformerLayer, hidden_states: torch.Tensor,
+                    **layer_kwargs) -> torch.Tensor:
+    """input_layernorm -> self-attention -> residual add: the layer's hidden states before its
+    MLP norm, [s, b, d]. `layer_kwargs` are TransformerLayer.forward's (attention_mask, ...)."""
+    hidden_states, _context = layer._forward_attention(hidden_states, **layer_kwargs)
+    return hidden_states
+
+
+def layer_pre_mlp_norm(layer: TransformerLayer, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The MLP's input: pre_mlp_layernorm of the attention output."""
+    return layer._forward_pre_mlp_layernorm(hidden_states)
+
+
+def layer_post_mlp(layer: TransformerLayer, mlp_output: torch.Tensor,
+                   residual: torch.Tensor) -> torch.Tensor:
+    """The MLP output (no bias) + the residual: the layer's output [s, b, d]."""
+    return layer._forward_post_mlp((mlp_output, None), residual)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPTModel's post-processing
+# ----------------------------------------------------------------------------------------------
+class GPTPostprocessHook(GPTModel):
+    """GPTModel whose post-processing after the decoder (MTP, output layer, loss) is the
+    subclass's public `postprocess(hidden_states, *, input_ids, position_ids, labels,
+    loss_mask, attention_mask, run_mtp, runtime_gather_output)`. Inference contexts and packed
+    sequences are refused: the training model does not take them."""
+
+    def postprocess(self, hidden_states: torch.Tensor, *, input_ids, position_ids, labels,
+                    loss_mask, attention_mask, run_mtp: bool, runtime_gather_output):
+        raise NotImplementedError(f"{type(self).__name__} must define postprocess()")
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, rotary_pos_emb,
+                     rotary_pos_cos, rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None,
+                     decoder_input=None, attention_mask=None, padding_mask=None,
+                     inference_params=None, packed_seq_params=None, sequence_len_offset=None,
+                     runtime_gather_output=None, extra_block_kwargs=None,
+                     inference_context=None, output_processor=None,
+                     output_processor_context=None):
+        for name, value in (("inference_context", inference_context),
+                            ("inference_params", inference_params),
+                            ("packed_seq_params", packed_seq_params),
+                            ("output_processor", output_processor)):
+            if value is not None:
+                raise ValueError(f"{type(self).__name__}: {name} is not supported by the "
+                                 "training model; call it without one")
+        return self.postprocess(hidden_states, input_ids=input_ids, position_ids=position_ids,
+                                labels=labels, loss_mask=loss_mask,
+                                attention_mask=attention_mask, run_mtp=bool(mtp_in_postprocess),
+                                runtime_gather_output=runtime_gather_output)
+
+
+# ----------------------------------------------------------------------------------------------
+# Megatron's tensor-parallel linears with our GEMM
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GemmCall:
+    """What Megatron's linear hands its GEMM, in the terms our GEMMs take."""
+    bias: Optional[torch.Tensor]
+    dgrad_group: Optional[torch.distributed.ProcessGroup]  # all-reduce dX over it (column TP)
+    unsupported: tuple[str, ...]    # Megatron options on that our GEMMs do not implement
+
+
+def _gemm_call(bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
+               sequence_parallel=False, grad_output_buffer=None, wgrad_deferral_limit=None,
+               tp_group=None, gtp_remat_size=1) -> GemmCall:
+    unsupported = tuple(name for name, on in (
+        ("sequence_parallel", sequence_parallel),
+        ("gradient_accumulation_fusion", gradient_accumulation_fusion),
+        ("defer_embedding_wgrad_compute", grad_output_buffer is not None),
+        ("gtp_remat_size > 1", gtp_remat_size > 1)) if on)
+    return GemmCall(bias, tp_group if allreduce_dgrad else None, unsupported)
+
+
+class OwnGemmHook:
+    """Mixin for ColumnParallelLinear / RowParallelLinear (put it first in the bases). Their
+    `_forward_impl` is the call of Megatron's GEMM autograd function, after Megatron's own input
+    handling (copy to the TP region) and before the row-parallel output all-reduce. When
+    `self.own_gemm_enabled(weight)` is true it runs `self.own_gemm(input, weight, call)` instead
+    (`call`: a GemmCall); parameters, their names and TP metadata, and everything around the
+    GEMM stay Megatron's."""
+
+    def own_gemm_enabled(self, weight: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+    def own_gemm(self, input: torch.Tensor, weight: torch.Tensor, call: GemmCall):
+        raise NotImplementedError
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if not self.own_gemm_enabled(weight):
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        return self.own_gemm(input, weight, _gemm_call(*args, **kwargs))
+
+
+# ----------------------------------------------------------------------------------------------
+# Megatron's global pipeline rank
+# ----------------------------------------------------------------------------------------------
+@contextmanager
+def one_pipeline_stage() -> Iterator[None]:
+    """Inside, Megatron's global pipeline-parallel size and rank read 1 and 0 (what its MTP
+    placement and layer offsets consult), whatever the groups say; restored on exit."""
+    saved = (parallel_state._MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE,
+             parallel_state._MPU_PIPELINE_MODEL_PARALLEL_RANK)
+    parallel_state.set_pipeline_model_parallel_world_size(1)
+    parallel_state.set_pipeline_model_parallel_rank(0)
+    try:
+        yield
+    finally:
+        parallel_state.set_pipeline_model_parallel_world_size(saved[0])
+        parallel_state.set_pipeline_model_parallel_rank(saved[1])
+
+
+__all__ = ["TESTED_VERSION", "GPTPostprocessHook", "GemmCall", "OwnGemmHook",
+           "layer_attention", "layer_post_mlp", "layer_pre_mlp_norm", "one_pipeline_stage"]

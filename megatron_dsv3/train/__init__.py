@@ -1,0 +1,42 @@
+"""The main job: train a preset end to end on the bundled corpus (`python -m megatron_dsv3.train`,
+or the `dsv3-train` script; `main(argv)` from Python).
+
+  args.py         the command line: flags, their checks, the model config; TrainError
+  build.py        the device, the initial model (the same weights at any TP/EP size), AdamW
+  step.py         one optimizer step (what it does, in five steps), evaluation, the metrics
+  gradients.py    gradient reduction over DP / expert-DP, the global norm, clipping
+  pipeline.py     PP > 1: this rank's two stages and their DualPipe / DualPipeV schedule
+  checkpoint.py   per-rank checkpoints written atomically; what a resume must match
+  metrics_log.py  rank 0's outputs: metrics.jsonl, Weights & Biases, the plots
+  plots.py        the two figures (matplotlib)
+  job.py          set-up, the training loop, main
+
+Reproducibility. Every random draw after initialisation is keyed or checkpointed: batches are a
+pure function of (seed, step, micro-batch, dp_rank); the checkpoint holds the weights (with the
+routers' `expert_bias`), the AdamW state, step, tokens seen and every RNG state. A resumed run
+therefore repeats an uninterrupted one bit for bit on CPU. The initial weights are drawn as the
+full TP=1 model and each TP/EP rank keeps its slice, so a seed gives the same model at any TP
+and EP size.
+
+Deviations from Megatron's own `pretrain()`: no Megatron DDP or distributed optimizer (they
+assume CUDA streams; DP here is a plain all-reduce of the gradients, and each rank keeps a full
+AdamW state for its TP/EP slice); parameters and AdamW stay fp32 (on GPU the forward runs under
+bf16 autocast); pipeline parallelism only through DualPipe/DualPipeV; checkpoints are plain
+per-rank torch files, not Megatron's distributed checkpoints.
+
+Outputs in --out-dir: checkpoints/step_<N>/, metrics.jsonl, loss_curve.png, expert_load.png,
+expert_load.json and (unless --no-wandb) the W&B run under wandb/ (offline without an API key).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Megatron's jit_fuser is torch.compile: on CPU it compiles C++ for ~15 s and gains nothing.
+    # Set here, in the package's first module, before anything below imports Megatron.
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+from .job import main  # noqa: E402
+
+__all__ = ["main"]

@@ -1,0 +1,215 @@
+"""The command line of the training job: the flags, their checks, the model config to train.
+
+`parse_args` reports every problem at once, each naming the flag and what to change, and exits
+through argparse (status 2). `TrainError` is the job's error for what the run was asked to do
+(a checkpoint, the data): `main` prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import PRESETS, ConfigError, ModelConfig, preset
+from ..data import DEFAULT_DATA_DIR
+
+
+
+class TrainError(ValueError):
+    """A problem with what the run was asked to do (a checkpoint, the data); the message says
+    what to change. The command line prints it without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_dsv3.train",
+        description="Train a DeepSeek-V3 preset (MLA, DeepSeekMoE, MTP) on the bundled corpus. "
+                    "Defaults: the tiny preset, a few minutes on 2 CPU cores.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--preset", default="tiny", choices=sorted(PRESETS), help="model preset")
+    add("--steps", type=int, default=300, help="optimizer steps in total")
+    add("--micro-batch-size", type=int, default=16, help="sequences per micro-batch per DP rank")
+    add("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
+    add("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's "
+                                                  "max_seq_len)")
+    add("--lr", type=float, default=3e-3, help="peak learning rate")
+    add("--min-lr", type=float, default=3e-4, help="learning rate at the end of the cosine")
+    add("--warmup-steps", type=int, default=30, help="linear warm-up steps (then cosine decay)")
+    add("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay "
+                                                        "(matrices only)")
+    add("--clip-grad", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
+    add("--tensor-parallel-size", type=int, default=1, help="TP size; data parallelism is "
+                                                            "WORLD_SIZE / TP")
+    add("--expert-parallel-size", type=int, default=1,
+        help="EP size: routed experts sharded over EP data-parallel ranks (must divide "
+             "WORLD_SIZE / TP and the preset's number of experts)")
+    add("--pipeline-parallel-size", type=int, default=1,
+        help="PP size: the decoder layers cut into stages over PP ranks (DP = WORLD_SIZE / PP); "
+             "needs --pipeline-schedule")
+    add("--pipeline-schedule", default=None, type=str.lower,
+        help="bidirectional pipeline schedule for PP > 1: dualpipev (2 stages per rank, any "
+             "PP >= 2) or dualpipe (PP stages, each held twice; PP even)")
+    add("--num-layers", type=int, default=None,
+        help="decoder layers (default: the preset's), e.g. to split evenly over pipeline stages")
+    add("--seed", type=int, default=1234, help="seed of the initial weights and of the batches")
+    add("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="tokenizer.json + *.txt")
+    add("--val-fraction", type=float, default=0.05, help="tail of the corpus held out")
+    add("--out-dir", type=Path, default=None, help="run folder (default: runs/<preset>-<time>)")
+    add("--resume", default=None, help="checkpoint folder (step_<N>, or a checkpoints/ or run "
+                                       "folder: its latest), or 'auto': the latest in --out-dir "
+                                       "if there is one")
+    add("--save-interval", type=int, default=100, help="checkpoint every N steps and at the "
+                                                       "end (0: no checkpoints)")
+    add("--eval-interval", type=int, default=50, help="validate every N steps and at the end "
+                                                      "(0: never)")
+    add("--eval-batches", type=int, default=8, help="validation micro-batches per DP rank")
+    add("--wandb-project", default="megatron-dsv3", help="Weights & Biases project")
+    add("--no-wandb", action="store_true", help="do not log to Weights & Biases")
+    add("--device", default="auto", choices=("auto", "cpu", "cuda"),
+        help="auto: cuda when available")
+    add("--amp", default="auto", choices=("auto", "off", "bf16"),
+        help="autocast of the forward; auto: bf16 on cuda, off on cpu")
+    return p
+
+
+def _arg_error(flag: str, value, fix: str) -> str:
+    return f"{flag} {value} is invalid: {fix}"
+
+
+def validate_args(args: argparse.Namespace, cfg: ModelConfig, world_size: int) -> list[str]:
+    """Every problem with the arguments, each naming the flag and what to change."""
+    problems = []
+
+    def need(ok: bool, flag: str, value, fix: str) -> None:
+        if not ok:
+            problems.append(_arg_error(flag, value, fix))
+
+    for flag in ("steps", "micro_batch_size", "grad_accum", "eval_batches",
+                 "tensor_parallel_size", "expert_parallel_size", "pipeline_parallel_size"):
+        value = getattr(args, flag)
+        need(value > 0, "--" + flag.replace("_", "-"), value, "must be a positive integer")
+    for flag in ("save_interval", "eval_interval", "warmup_steps"):
+        value = getattr(args, flag)
+        need(value >= 0, "--" + flag.replace("_", "-"), value, "must be >= 0")
+    need(args.seq_len <= cfg.max_seq_len, "--seq-len", args.seq_len,
+         f"preset '{cfg.name}' has max_seq_len={cfg.max_seq_len}: pass --seq-len "
+         f"{cfg.max_seq_len} or less")
+    need(args.seq_len > cfg.mtp.num_layers + 1, "--seq-len", args.seq_len,
+         f"must exceed MTP depth + 1 = {cfg.mtp.num_layers + 1} so every depth has a target")
+    need(args.lr > 0, "--lr", args.lr, "must be > 0")
+    need(0 <= args.min_lr <= args.lr, "--min-lr", args.min_lr, f"must lie in [0, --lr={args.lr}]")
+    need(args.warmup_steps <= args.steps, "--warmup-steps", args.warmup_steps,
+         f"must not exceed --steps={args.steps}")
+    need(args.weight_decay >= 0, "--weight-decay", args.weight_decay, "must be >= 0")
+    need(args.clip_grad >= 0, "--clip-grad", args.clip_grad, "must be >= 0 (0 disables it)")
+    need(0 < args.val_fraction < 1, "--val-fraction", args.val_fraction,
+         "must lie strictly between 0 and 1")
+    need(args.device != "cuda" or torch.cuda.is_available(), "--device", args.device,
+         "no CUDA device is visible here: use --device cpu or auto")
+    need(not (args.amp == "bf16" and args.device == "cpu"), "--amp", args.amp,
+         "bf16 autocast is for cuda; use --amp off (or auto) on cpu")
+    need(args.resume != "auto" or args.out_dir is not None, "--resume", args.resume,
+         "'auto' looks in --out-dir, whose default is a new timestamped folder: pass --out-dir "
+         "of the run to continue")
+    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+    if tp > 0:
+        need(world_size % tp == 0, "--tensor-parallel-size", tp,
+             f"must divide the number of processes ({world_size}); launch NPROC = a multiple "
+             "of TP")
+        for field, width in (("mla.num_heads", cfg.mla.num_heads),
+                             ("moe.expert_ffn_size", cfg.moe.expert_ffn_size),
+                             ("moe.dense_ffn_size", cfg.moe.dense_ffn_size),
+                             ("vocab_size", cfg.vocab_size)):
+            need(width % tp == 0, "--tensor-parallel-size", tp,
+                 f"must divide the preset's {field}={width}; pick a divisor of it")
+    ep = args.expert_parallel_size
+    if ep > 0 and tp > 0 and pp > 0 and world_size % (tp * pp) == 0:
+        dp = world_size // (tp * pp)
+        if pp == 1:
+            size = f"WORLD_SIZE / TP = {world_size} / {tp} = {dp} (EP groups are carved out of DP)"
+        else:
+            size = (f"of a pipeline stage WORLD_SIZE / (TP * PP) = {world_size} / ({tp} * {pp}) "
+                    f"= {dp} (EP groups are carved out of the DP ranks holding the same stages)")
+        need(dp % ep == 0, "--expert-parallel-size", ep,
+             f"must divide the data-parallel size {size}; launch NPROC = a multiple of TP * "
+             + ("EP" if pp == 1 else "PP * EP"))
+    if ep > 0:
+        need(cfg.moe.num_experts % ep == 0, "--expert-parallel-size", ep,
+             f"must divide the preset's moe.num_experts={cfg.moe.num_experts} (each EP rank "
+             "holds whole experts); pick a divisor of it")
+    problems += _pipeline_problems(args, cfg, world_size)
+    return problems
+
+
+def _pipeline_problems(args, cfg: ModelConfig, world_size: int) -> list[str]:
+    """What is wrong with the pipeline flags, each naming the flag and the fix."""
+    pp, schedule = args.pipeline_parallel_size, args.pipeline_schedule
+    if pp == 1 and schedule is not None:
+        return [_arg_error("--pipeline-schedule", schedule, "needs --pipeline-parallel-size >= 2 "
+                           "(with one pipeline rank nothing is pipelined): drop the flag")]
+    if pp <= 1:
+        return []
+    if schedule is None:
+        return [_arg_error("--pipeline-parallel-size", pp, "needs a schedule: add "
+                           "--pipeline-schedule dualpipev (or dualpipe)")]
+    problems = []
+
+    def need(ok: bool, flag: str, value, fix: str) -> None:
+        if not ok:
+            problems.append(_arg_error(flag, value, fix))
+
+    tp = args.tensor_parallel_size
+    need(world_size % pp == 0, "--pipeline-parallel-size", pp,
+         f"must divide the number of processes ({world_size}); launch NPROC = a multiple of PP")
+    need(tp < 1 or world_size % pp or world_size % (tp * pp) == 0, "--tensor-parallel-size", tp,
+         f"times --pipeline-parallel-size {pp} must divide the number of processes "
+         f"({world_size}): WORLD = PP x DP x TP; launch NPROC = a multiple of TP * PP = "
+         f"{tp * pp}")
+    from ..pipeline.schedules import schedule_class
+
+    try:
+        rules = schedule_class(schedule)  # each schedule's own checks, with their fixes
+    except ValueError as err:
+        return problems + [_arg_error("--pipeline-schedule", schedule, str(err))]
+    try:
+        rules.validate(pp)
+    except ValueError as err:
+        return problems + [_arg_error("--pipeline-parallel-size", pp, str(err))]
+    stages = rules.num_stages(pp)
+    need(cfg.num_layers % stages == 0, "--num-layers", cfg.num_layers,
+         f"{schedule} with PP={pp} cuts the decoder into {stages} stages: pass --num-layers "
+         f"a multiple of {stages}")
+    batches = [("--grad-accum", args.grad_accum)]
+    if args.eval_interval:
+        batches.append(("--eval-batches", args.eval_batches))
+    for flag, value in batches:
+        try:
+            rules.validate(pp, value)
+        except ValueError as err:
+            problems.append(_arg_error(flag, value, str(err)))
+    return problems
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, ModelConfig]:
+    """Parsed and validated arguments and the model config to train (fp32 parameters).
+
+    Invalid arguments exit through argparse (status 2) with every problem listed."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = preset(args.preset).replace(params_dtype="float32")  # AdamW on fp32 masters
+        if args.num_layers is not None:
+            cfg = cfg.replace(num_layers=args.num_layers)
+    except ConfigError as err:
+        parser.error(str(err))
+    if args.seq_len is None:
+        args.seq_len = cfg.max_seq_len
+    problems = validate_args(args, cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if problems:
+        parser.error("\n  " + "\n  ".join(problems))
+    return args, cfg

@@ -11,7 +11,6 @@ backward of causal attention, bf16, [b, h, s, d], against the plain reference in
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import emit_json  # noqa: E402
 from megatron_dsv3.attention.core import reference_attention  # noqa: E402
 
 
@@ -79,7 +79,7 @@ def main():
         except Exception as exc:  # a backend that refuses these shapes
             results[name] = {"error": str(exc).splitlines()[0][:200]}
         print(name, results[name], file=sys.stderr)
-    print(json.dumps({"shape": vars(args), "results": results}))
+    emit_json({"shape": vars(args), "results": results})
 
 
 if __name__ == "__main__":

@@ -19,26 +19,14 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _peak_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+from benchmarks.common import (emit_json, empty_cache, peak_gib,  # noqa: E402
+                               resolve_device, result_header, time_steps)
 
 
 def build(args, device):
@@ -67,20 +55,6 @@ def build(args, device):
         compile_model(model, scope=args.compile,
                       **({"mode": args.compile_mode} if args.compile_mode else {}))
     return cfg, model
-
-
-def time_steps(step_fn, steps: int, warmup: int, device) -> list[float]:
-    times = []
-    for i in range(warmup + steps):
-        _sync(device)
-        start = time.perf_counter()
-        step_fn()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-        if i == warmup - 1 and device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-    return times
 
 
 def run_ours(args, device) -> dict:
@@ -117,10 +91,12 @@ def run_ours(args, device) -> dict:
     if args.profile and device.type == "cuda":
         profile(fwd_bwd_step, args.profile)
 
-    fb_times = time_steps(fwd_bwd_step, args.steps, args.warmup, device)
-    fb_peak = _peak_gib(device)
-    step_times = time_steps(full_step, args.steps, args.warmup, device)
-    step_peak = _peak_gib(device)
+    fb_times = time_steps(fwd_bwd_step, args.steps, args.warmup, device,
+                          reset_peak_after_warmup=True)
+    fb_peak = peak_gib(device)
+    step_times = time_steps(full_step, args.steps, args.warmup, device,
+                            reset_peak_after_warmup=True)
+    step_peak = peak_gib(device)
     flops_tok = training_flops_per_token(cfg, seq, include_mtp=args.mtp)
     fb = statistics.median(fb_times)
     st = statistics.median(step_times)
@@ -193,19 +169,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--profile", default=None, help="write a kernel profile table here")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = resolve_device(args.device)
     device = torch.device(args.device)
     if args.compile == "auto":
         args.compile = "modules" if device.type == "cuda" else "none"
     if device.type == "cpu":
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
-    results = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "ours": run_ours(args, device), "peers": []}
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    results = {**result_header(device), "ours": run_ours(args, device), "peers": []}
+    empty_cache(device)
     if args.peers_dir is not None:
         for name in args.peers.split(","):
             results["peers"].append(run_peer(name, args.peers_dir, max(args.steps // 2, 3)))
@@ -223,10 +195,7 @@ def main(argv=None) -> dict:
     for peer in ok_peers:
         print(f"{peer['impl']}: {peer['step_s'] * 1e3:.1f} ms  {peer['tok_per_s']:.0f} tok/s  "
               f"peak {peer['peak_gib']} GiB", file=sys.stderr)
-    line = json.dumps(results)
-    print(line)
-    if args.json_out:
-        args.json_out.write_text(line + "\n")
+    emit_json(results, args.json_out)
     return results
 
 

@@ -77,7 +77,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -87,6 +86,8 @@ import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.common import (distributed, emit_json, empty_cache, peak_gib,  # noqa: E402
+                               prepare_rank_device, result_header)
 
 # the stamping and the arithmetic (definitions above): one piece of code with the pipeline's
 from megatron_dsv3.profiling.comm_timing import (Clock, TimedExchange,  # noqa: E402
@@ -293,28 +294,13 @@ def build_layers(args, pg, device):
 
 def main(argv=None) -> Optional[dict]:
     args = parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cpu":
-        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # Megatron's jit_fuser on CPU
-        torch.set_num_threads(max(1, (os.cpu_count() or 1)
-                                  // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    elif not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no GPU is visible; use --device cpu for a logic check")
-    from megatron_dsv3.parallel import init_distributed, shutdown_distributed
-
+    args.device = prepare_rank_device(args.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world < 2:
         raise SystemExit("expert parallelism needs at least 2 processes: start this script with "
                          "torchrun --nproc-per-node 2 (or more); EP = the number of processes")
-    pg = init_distributed(tensor_parallel_size=1, expert_parallel_size=world,
-                          backend="gloo" if args.device == "cpu" else None, seed=args.seed)
-    device = (torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda"
-              else torch.device("cpu"))
-    try:
+    with distributed(args.device, args.seed, expert_parallel_size=world) as (pg, device):
         return run(args, pg, device)
-    finally:
-        shutdown_distributed()
 
 
 def run(args, pg, device) -> Optional[dict]:
@@ -339,13 +325,11 @@ def run(args, pg, device) -> Optional[dict]:
         modes["overlapped_wgrad"] = None
     for mode, count_groups in modes.items():
         passes[mode] = run_pass(mode, layers, cfg, args, device, pg.ep, count_groups)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        empty_cache(device)
     over, seq = passes["overlapped"], passes["sequential"]
     # both passes, with every tensor kept for their comparison; None on CPU
-    peak_gib = (round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda"
-                else None)
-    local = {"rank": rank, "peak_gib": peak_gib,
+    peak = round(peak_gib(device), 3) if device.type == "cuda" else None
+    local = {"rank": rank, "peak_gib": peak,
              "max_abs_diff": {"outputs": max_abs_diff(over["outputs"], seq["outputs"]),
                               "input_grads": max_abs_diff(over["input_grads"],
                                                           seq["input_grads"]),
@@ -362,8 +346,7 @@ def run(args, pg, device) -> Optional[dict]:
     per_rank = [r for r, _ in everyone]
     hidden = [r["overlapped"]["hidden_fraction"] for r in per_rank]
     results = {
-        "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        **result_header(device),
         "numbers_meaningful": device.type == "cuda",
         "ep": ep, "preset": cfg.name, "moe_layers": len(layers),
         "forward_layers": args.forward_layers or len(layers), "dtype": cfg.params_dtype,
@@ -424,11 +407,7 @@ def run(args, pg, device) -> Optional[dict]:
                 print(f"rank {r['rank']}: overlapped, {what} {_one_line(r[mode])}",
                       file=sys.stderr)
             print(f"{what}: {results[key]}", file=sys.stderr)
-    line = json.dumps(results)
-    print(line)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(line + "\n")
+    emit_json(results, args.json_out)
     return results
 
 

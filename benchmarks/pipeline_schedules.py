@@ -77,7 +77,6 @@ embedding on the last stage for it). On CPU every number is a logic check, not a
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -94,6 +93,9 @@ import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.common import (distributed, emit_json, free_memory, peak_gib,  # noqa: E402
+                               prepare_rank_device, reset_peak, result_header,
+                               seed_megatron_cuda_rng, sync, time_steps, write_json)
 
 OURS = ("dualpipev", "dualpipe")
 MEGATRON = ("1f1b", "interleaved")
@@ -109,34 +111,8 @@ MEGATRON_SCHEDULES_ON_CPU = False
 
 
 # ----------------------------------------------------------------------------------------------
-# Setup: devices, config, data, the full model
+# Setup: config, data, the full model
 # ----------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _peak_gib(device: torch.device) -> float:
-    """Peak allocated GPU memory since the last reset; on CPU the process's max RSS (which
-    never resets: meaningless per schedule)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def model_config(args):
     from megatron_dsv3.config import preset
 
@@ -171,10 +147,7 @@ def seeded_full_model(cfg, pg, device, seed: int):
     from megatron_dsv3.parallel import whole_model_groups
 
     torch.manual_seed(seed)
-    if device.type == "cuda":
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(seed)
+    seed_megatron_cuda_rng(seed, device)
     megatron_cfg = to_megatron_config(cfg, expert_parallel_size=pg.ep.size(),
                                       use_cpu_initialization=device.type != "cuda")
     with whole_model_groups(pg) as groups:
@@ -233,22 +206,6 @@ def gather_losses(local: dict[int, torch.Tensor], num_microbatches: int, group=N
 # ----------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------
-def time_steps(step_fn: Callable[[], object], steps: int, warmup: int, device) -> list[float]:
-    """Wall time of each step after `warmup` untimed ones; ranks aligned by barriers, so a step
-    lasts as long as its slowest rank."""
-    times = []
-    for i in range(warmup + steps):
-        _sync(device)
-        dist.barrier()
-        start = time.perf_counter()
-        step_fn()
-        _sync(device)
-        dist.barrier()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
-
-
 def _optimizer(params: list, device, enabled: bool):
     if not enabled:
         return None
@@ -275,11 +232,11 @@ def measure(name: str, num_microbatches: int, step: Callable[[], dict], params: 
             optimizer.step()
         return losses
 
-    _reset_peak(device)
+    reset_peak(device)
     losses = gather_losses(full_step(), num_microbatches, group)
-    times = time_steps(full_step, args.steps, max(args.warmup - 1, 0), device)
+    times = time_steps(full_step, args.steps, max(args.warmup - 1, 0), device, barrier=True)
     peaks: list = [None] * dist.get_world_size()
-    dist.all_gather_object(peaks, round(_peak_gib(device), 3))
+    dist.all_gather_object(peaks, round(peak_gib(device), 3))
     step_s = statistics.median(times)
     tokens = num_microbatches * args.micro_batch_size * args.seq_len
     loss, ref = mean_loss(losses), mean_loss(reference)
@@ -323,7 +280,7 @@ def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, finger
         compile_model(model, scope=args.compile)
     stages = stages_from_model(model, plan, rank, overlap_moe=overlap)
     del model
-    _free(device)
+    free_memory(device)
     pieces = stages[0].piecewise_layers is not None  # the same answer for both chunks
     separate = pieces and pg.ep.size() > 1 and count_group == "separate"
     if separate:
@@ -385,7 +342,7 @@ def run_ours(schedule: str, cfg, pg, args, device, batches, reference_of, finger
         result["same_weights"] = same_weights
         results.append(result)
     del stages, params, forward_backward
-    _free(device)
+    free_memory(device)
     return results
 
 
@@ -480,12 +437,11 @@ def kernel_report(step: Callable[[], dict], device, directory: Optional[Path]) -
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                            else [])
-    _sync(device)
-    dist.barrier()
+    sync(device, barrier=True)
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         wall = time.perf_counter() - start
     kinds: dict[str, list] = {"compute": [], "nccl": [], "copy": []}
     for event in prof.events():
@@ -604,10 +560,7 @@ def megatron_pipeline_state(pp: int, vpp: Optional[int], ep: int, seed: int, dev
                                              pipeline_model_parallel_size=pp,
                                              virtual_pipeline_model_parallel_size=vpp,
                                              expert_model_parallel_size=ep)
-    if device.type == "cuda":
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(seed)
+    seed_megatron_cuda_rng(seed, device)
 
 
 def build_megatron_chunks(cfg, full_state: dict, pp: int, vpp: Optional[int], device,
@@ -711,7 +664,7 @@ def run_megatron(schedule: str, cfg, pg, args, device, batches, reference_of,
     try:
         chunks = build_megatron_chunks(cfg, full_state, pp, vpp, device, MEGATRON_P2P[schedule])
         del full, full_state
-        _free(device)
+        free_memory(device)
         if args.compile != "none":
             from megatron_dsv3.model import compile_model
 
@@ -752,7 +705,7 @@ def run_megatron(schedule: str, cfg, pg, args, device, batches, reference_of,
     finally:
         parallel_state.destroy_model_parallel()
         _restore_parallel_state(pg)
-        _free(device)
+        free_memory(device)
 
 
 def _restore_parallel_state(pg) -> None:
@@ -943,26 +896,11 @@ def resolve(args, world: int) -> list[str]:
 
 def main(argv=None) -> Optional[dict]:
     args = parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cpu":
-        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # Megatron's jit_fuser on CPU
-        torch.set_num_threads(max(1, (os.cpu_count() or 1)
-                                  // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    elif not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no GPU is visible; use --device cpu for a logic check")
-    from megatron_dsv3.parallel import init_distributed, shutdown_distributed
-
+    args.device = prepare_rank_device(args.device)
     schedules = resolve(args, int(os.environ.get("WORLD_SIZE", "1")))
-    pg = init_distributed(tensor_parallel_size=1, expert_parallel_size=args.expert_parallel_size,
-                          pipeline_parallel_size=args.pp,
-                          backend="gloo" if args.device == "cpu" else None, seed=args.seed)
-    device = (torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda"
-              else torch.device("cpu"))
-    try:
+    with distributed(args.device, args.seed, expert_parallel_size=args.expert_parallel_size,
+                     pipeline_parallel_size=args.pp) as (pg, device):
         return run(args, schedules, pg, device)
-    finally:
-        shutdown_distributed()
 
 
 def run(args, schedules: list[str], pg, device) -> Optional[dict]:
@@ -981,14 +919,13 @@ def run(args, schedules: list[str], pg, device) -> Optional[dict]:
     dist.broadcast_object_list(per_microbatch, group=pg.pp, group_src=0)
     params = sum(p.numel() for p in model.parameters())  # with EP: this rank's expert shard
     del model
-    _free(device)
+    free_memory(device)
 
     def reference_of(num_microbatches: int) -> list[torch.Tensor]:
         return per_microbatch[0][:num_microbatches]
 
     header = {
-        "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        **result_header(device),
         "pp": pp, "ep": ep, "preset": cfg.name, "layers": cfg.num_layers, "params": params,
         "dtype": cfg.params_dtype, "micro_batch_size": args.micro_batch_size,
         "seq_len": args.seq_len, "microbatches": args.microbatches, "vpp": args.vpp,
@@ -1018,12 +955,11 @@ def run(args, schedules: list[str], pg, device) -> Optional[dict]:
             results = {**header, "complete": k == len(schedules) - 1,
                        "runs": with_ratios(runs)}
             if args.json_out:  # after every schedule, so that a partial run leaves its numbers
-                args.json_out.parent.mkdir(parents=True, exist_ok=True)
-                args.json_out.write_text(json.dumps(results) + "\n")
+                write_json(args.json_out, results)
     if rank != 0:
         return None
     print_table(results)
-    print(json.dumps(results))
+    emit_json(results)  # --json-out: written after every schedule above
     return results
 
 

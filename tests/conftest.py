@@ -16,9 +16,10 @@ import torch  # noqa: E402
 # One torch thread here, as in every gloo rank (helpers.gloo). The single-process references
 # computed in this process are compared bit for bit with runs in those ranks ("same ops, same
 # order"), and a CPU GEMM or reduction split over two threads may block its sums differently
-# than over one: with two threads the MTP loss of test_pipeline_model's PP=2 cases came out
-# 7e-8 away from the ranks'. It costs no time: nearly all of the suite's CPU work runs in the
-# ranks and subprocesses, which take both cores between them anyway.
+# than over one: with two threads test_pipeline_model's PP=2 and PP=4 cases fail, their MTP
+# and next-token losses 7e-8 away from the ranks'. It costs no time: the in-process tests take
+# 23 s with one thread or two (their tensors are too small to split), and the multi-rank ones
+# spend their time in the ranks, one thread each, which share the cores anyway.
 torch.set_num_threads(1)
 
 

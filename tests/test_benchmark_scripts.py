@@ -20,7 +20,7 @@ shows the stages compute exactly what the whole model computes), the overlapped 
 EP steps agree bit for bit (test_moe_overlap: the pieces run the layers' own operations), the
 fractions lie in [0, 1], the trace files exist. Timings on two shared cores mean nothing and are
 only checked to be positive. The hidden-fraction arithmetic itself is checked on a made-up step.
-Measured: the whole file ~40 s on 2 cores.
+Measured: the whole file ~40 s on 2 cores, half of it the torchrun run.
 """
 
 from __future__ import annotations
@@ -161,81 +161,24 @@ def test_dualpipe_traces_report_the_bubble_next_to_the_paper_formula(schedules_r
     assert _run(result, "dualpipe", 4)["bubble"]["within_10pct_of_paper"] is None
 
 
-# Megatron-Core's schedules on CPU: its three CUDA calls pointed at the CPU (NOTES: the
-# schedules allocate torch.zeros(device="cuda") and p2p buffers on torch.cuda.current_device();
-# batched p2p calls torch.cuda.synchronize), so that the script's GPU code path runs here.
-CUDA_TO_CPU_SHIM = """
-import sys
-import torch
-sys.path.insert(0, {benchmarks!r})
-import pipeline_schedules as bench
-
-_zeros = torch.zeros
-
-
-def _zeros_on_cpu(*args, **kwargs):
-    if str(kwargs.get("device", "")).startswith("cuda"):
-        kwargs["device"] = "cpu"
-    return _zeros(*args, **kwargs)
-
-
-torch.zeros = _zeros_on_cpu
-torch.cuda.current_device = lambda: "cpu"
-torch.cuda.synchronize = lambda *args, **kwargs: None
-bench.MEGATRON_SCHEDULES_ON_CPU = True
-bench.main(sys.argv[1:])
-"""
-
-
-def test_megatron_1f1b_and_interleaved_through_the_gpu_code_path_give_the_reference_loss(
+def test_pp2_x_ep2_every_schedule_through_the_gpu_code_path_gives_each_pipeline_its_reference_loss(
         tmp_path):
-    """The part of pipeline_schedules.py that first runs on the GPUs: Megatron's own
-    forward_backward_func over our model_provider chunks, with Megatron-LM's p2p settings,
-    timed with the optimizer; the loss of the first step equals the schedule-free one."""
-    shim = tmp_path / "shim.py"
-    shim.write_text(CUDA_TO_CPU_SHIM.format(benchmarks=str(REPO / "benchmarks")))
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               "2", str(shim), "--schedule", "1f1b,interleaved", "--preset", "tiny", "--layers",
-               "4", "--device", "cpu", "--seq-len", "32", "--microbatches", "4", "--steps", "1",
-               "--warmup", "1", "--optimizer", "--json-out", str(tmp_path / "result.json")]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=180)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    result = json.loads((tmp_path / "result.json").read_text())
-    assert result["complete"]
-    for schedule, vpp in (("1f1b", None), ("interleaved", 2)):
-        run = _run(result, schedule, 4)
-        assert run["status"] == "ok", run
-        assert run["loss"] == run["reference_loss"], run
-        assert run["megatron_config"]["vpp"] == vpp and run["megatron_config"][
-            "deallocate_pipeline_outputs"]
-        assert run["tok_per_s"] > 0 and len(run["peak_gib"]) == 2
-    assert _run(result, "1f1b", 4)["ratio_vs_1f1b"] == 1.0
-    assert _run(result, "interleaved", 4)["ratio_vs_1f1b"] > 0
-
-
-def test_pp2_x_ep2_every_schedule_gives_each_pipeline_its_reference_loss_and_stamps_every_all_to_all(
-        tmp_path):
-    """Issue 4's EP=2 x PP=2 run on 4 gloo processes (Megatron's CUDA calls pointed at the CPU):
-    two pipelines, each on its own micro-batches, experts sharded over the ranks of a stage.
+    """Issue 4's EP=2 x PP=2 run on 4 gloo ranks with Megatron's CUDA calls pointed at the CPU:
+    the part of pipeline_schedules.py that first runs on the GPUs. Two pipelines, each on its
+    own micro-batches, experts sharded over the ranks of a stage; Megatron's own
+    forward_backward_func (1F1B, interleaved) over our model_provider chunks with Megatron-LM's
+    p2p settings, and DualPipe(V) with and without the MoE pieces, timed with the optimizer.
     Every schedule's first loss equals the schedule-free loss of each pipeline bit for bit; the
     DualPipe(V) rows with the MoE pieces stamp every row all-to-all: 4 per MoE layer and
     micro-batch on each rank, some of them inside F&B interleavings. Tiny, 4 layers, layer 0
     dense: DualPipeV's pipeline rank 0 holds layers 0 and 3 (1 MoE layer x 4 micro-batches),
     rank 1 layers 1 and 2 (2 x 4); DualPipe's ranks each hold layers 0-1 for one half of the
     micro-batches and 2-3 for the other (1 x 2 + 2 x 2)."""
-    shim = tmp_path / "shim.py"
-    shim.write_text(CUDA_TO_CPU_SHIM.format(benchmarks=str(REPO / "benchmarks")))
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               "4", str(shim), "--expert-parallel-size", "2", "--moe-overlap", "both",
-               "--preset", "tiny", "--layers", "4", "--device", "cpu", "--seq-len", "32",
-               "--microbatches", "4", "--steps", "1", "--warmup", "1", "--json-out",
-               str(tmp_path / "result.json")]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    run_gloo(_script_main, 4, "pipeline_schedules",
+             ["--expert-parallel-size", "2", "--moe-overlap", "both", "--preset", "tiny",
+              "--layers", "4", "--device", "cpu", "--seq-len", "32", "--microbatches", "4",
+              "--steps", "1", "--warmup", "1", "--optimizer",
+              "--json-out", str(tmp_path / "result.json")], True, timeout_s=300)
     result = json.loads((tmp_path / "result.json").read_text())
     assert (result["pp"], result["ep"], result["complete"]) == (2, 2, True)
     rows = {(r["schedule"], r.get("moe_overlap")): r for r in result["runs"]}
@@ -243,9 +186,15 @@ def test_pp2_x_ep2_every_schedule_gives_each_pipeline_its_reference_loss_and_sta
                          ("dualpipev", False), ("dualpipe", True), ("dualpipe", False)}
     for key, run in rows.items():
         assert run["status"] == "ok", (key, run)
+        assert run["loss"] == run["reference_loss"], (key, run)
         assert run["loss_equals_reference_every_pipeline"], (key, run)
-        assert len(run["peak_gib"]) == 4
+        assert run["tok_per_s"] > 0 and len(run["peak_gib"]) == 4
         assert ("all_to_all" in run) == (key[1] is True), key
+    for schedule, vpp in (("1f1b", None), ("interleaved", 2)):
+        config = rows[schedule, None]["megatron_config"]
+        assert config["vpp"] == vpp and config["deallocate_pipeline_outputs"], config
+    assert rows["1f1b", None]["ratio_vs_1f1b"] == 1.0
+    assert rows["interleaved", None]["ratio_vs_1f1b"] > 0
     for schedule in ("dualpipev", "dualpipe"):
         report = rows[schedule, True]["all_to_all"]
         assert len(report["per_rank"]) == 4

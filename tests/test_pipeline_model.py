@@ -27,9 +27,7 @@ Measured on 2 cores: the embedding within 1.2e-7, DualPipe against the in-order 
 
 from __future__ import annotations
 
-import json
 from functools import partial
-from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -418,87 +416,8 @@ def test_adapter_refuses_arguments_it_does_not_support(dist_single):
 
 
 # ----------------------------------------------------------------------------------------------
-# The training job with PP=2 (x DP=2) against PP=1 (x DP=2)
+# The training job's pipeline flags (its pipelined runs: test_train.py, layouts pp2-*)
 # ----------------------------------------------------------------------------------------------
-TRAIN = ["--steps", "2", "--seq-len", "32", "--micro-batch-size", "2", "--grad-accum", "4",
-         "--warmup-steps", "1", "--num-layers", "4", "--eval-batches", "4", "--eval-interval",
-         "2", "--no-wandb"]
-
-
-def _main(rank, world, argv):
-    from megatron_dsv3.train import main
-
-    return main(argv)
-
-
-def _records(out_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def _checkpoint(out_dir, rank: int) -> dict:
-    return torch.load(Path(out_dir) / "checkpoints" / "step_2" / f"rank_{rank:05d}.pt",
-                      weights_only=False)["model"]
-
-
-@pytest.fixture(scope="module")
-def unpipelined_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pp1")
-    run_gloo(_main, 2, TRAIN + ["--out-dir", str(out), "--save-interval", "0"])
-    return _records(out)
-
-
-@pytest.mark.parametrize("schedule", ["dualpipev", "dualpipe"])
-def test_train_pp2_dp2_matches_the_unpipelined_run(schedule, unpipelined_run, tmp_path):
-    """4 processes: pipeline ranks {0, 2} and {1, 3}, DP replicas {0, 1} and {2, 3}.
-
-    Step 1 (before any update) is computed from the same weights and batches: the losses'
-    next-token and MTP parts bit for bit with DualPipeV (within FP32_REORDER with DualPipe,
-    which adds two half sums), the total loss (whose balance part is summed per
-    stage) and the gradient norm (squares summed per pipeline rank; the embedding's gradient
-    accumulated in another order) within FP32_REORDER; step 2 and the validation loss within
-    FP32_REORDER after one AdamW step on those gradients."""
-    run_gloo(_main, 4, TRAIN + ["--out-dir", str(tmp_path), "--save-interval", "2",
-                                "--pipeline-parallel-size", "2", "--pipeline-schedule", schedule])
-    records, expected = _records(tmp_path), unpipelined_run
-    first, ref = records[0], expected[0]
-    assert first["tokens_seen"] == ref["tokens_seen"]
-    # DualPipeV computes every micro-batch's loss on rank 0, in order: the same sum. DualPipe
-    # computes each half on another end rank and adds the two half sums over the pipeline:
-    # another association of the same fp32 sum.
-    exact = schedule == "dualpipev"
-    for key in ("lm_loss", "mtp_loss", "mtp_ce"):
-        if exact:
-            assert first[key] == ref[key], (key, first[key], ref[key])
-        else:
-            assert_close(torch.tensor(first[key]), torch.tensor(ref[key]), FP32_REORDER,
-                         "two half sums added over the pipeline", key)
-    why = "balance loss summed per stage; gradient squares per pipeline rank; embedding order"
-    for key in ("loss", "balance_loss", "grad_norm"):
-        assert_close(torch.tensor(first[key]), torch.tensor(ref[key]), FP32_REORDER, why, key)
-    # every MoE layer's load statistics, gathered from both pipeline ranks
-    moe_keys = sorted(k for k in ref if k.startswith("moe/"))
-    assert moe_keys == sorted(k for k in first if k.startswith("moe/")) and len(moe_keys) == 8
-    for key in moe_keys:
-        assert first[key] == ref[key], key
-    for key in ("loss", "val_loss"):
-        assert_close(torch.tensor(records[1][key]), torch.tensor(expected[1][key]),
-                     FP32_REORDER, why + "; after one AdamW step", f"step-2 {key}")
-    # per-rank checkpoints: DP replicas identical; DualPipe's mirror copies identical
-    ranks = [_checkpoint(tmp_path, rank) for rank in range(4)]
-    for a, b in ((0, 1), (2, 3)):
-        assert ranks[a].keys() == ranks[b].keys()
-        for name, tensor in ranks[a].items():
-            if isinstance(tensor, torch.Tensor):
-                assert_equal(ranks[b][name], tensor, f"DP replicas {a}, {b}: {name}")
-    if schedule == "dualpipe":
-        for rank, mirror in ((0, 2), (1, 3)):
-            for name, tensor in ranks[rank].items():
-                chunk, _, rest = name.partition(".")
-                if isinstance(tensor, torch.Tensor):
-                    other = ranks[mirror][f"{1 - int(chunk)}.{rest}"]
-                    assert_equal(other, tensor, f"mirror copies {rank}, {mirror}: {name}")
-
-
 @pytest.mark.parametrize("argv, world, expected", [
     (["--pipeline-parallel-size", "2"], 2, "--pipeline-parallel-size 2 is invalid: needs a "
                                            "schedule: add --pipeline-schedule dualpipev"),

@@ -1,20 +1,45 @@
-"""The training job (`megatron_dsv3.train`) end to end, on CPU with gloo processes.
+"""The training job (`python -m megatron_dsv3.train`) end to end, on CPU with gloo processes.
 
-Every run is the tiny preset shrunk further (sequences of 32 tokens, micro-batches of 4, two
-per step, 6 steps) so the file stays well under two minutes on two cores. Runs go through
-`run_gloo` (fresh processes): the job initialises and tears down torch.distributed itself, which
-must not disturb the pytest process's own world.
+One run per layout: the tiny preset with 4 decoder layers, sequences of 32 tokens, 4
+micro-batches of 2 per step and data-parallel rank, 2 steps (the plain run 6), on the first
+100 kB of the bundled corpus (every rank tokenizes its corpus: 1.5 s for the whole 2 MB). Each
+runs through `run_gloo` (the job initialises and tears down torch.distributed itself, which
+must not disturb the pytest process's own world), once however many tests read it, and is
+compared with the run that computes the same steps without its parallelism: the same weights
+(every layout draws the full model and keeps its slice) and the same batches (keyed by step,
+micro-batch and DP rank, so runs of equal DP see equal data).
 
-Tolerances: a resumed run must repeat the uninterrupted one exactly (same operations in the same
-order on the same CPU, every random draw keyed or checkpointed). TP=2 against TP=1 uses
-FP32_REORDER: the same fp32 math with row-parallel GEMM reductions and the vocab-parallel
-log-sum-exp split over two ranks (the weights themselves are identical: both runs draw the full
-TP=1 model).
+  layout         processes                  compared with  also
+  plain          1                          -              the loss falls, every output is
+                                                           written; resumed at step 3
+  tp2            2: TP=2                    plain
+  pp2-dualpipev  2: PP=2, DualPipeV         plain
+  pp2-dualpipe   2: PP=2, DualPipe          plain          its mirror copies stay identical
+  dp2            2: DP=2                    -              its replicas stay identical
+  ep2            2: EP=2 (DP=2)             dp2            extended: pp2-ep2 repeats it with PP
+  pp2-ep2        4: PP=2 x EP=2, DualPipeV  dp2            resumed at step 1, on every rank
+
+What each layout computes is proven piece by piece by the module-level parity tests
+(test_tensor_parallel, test_expert_parallel, test_pipeline_model,
+test_pipeline_parallel_compose); these runs show that the job puts the pieces together: its data
+feeding, gradient reduction and norm, AdamW, metrics and checkpoints.
+
+Tolerances:
+  * exact for a resumed run against the uninterrupted one (same operations in the same order on
+    the same CPU, every random draw keyed or checkpointed); for DP replicas and DualPipe's mirror
+    copies (the same AdamW updates from the same reduced gradients); for DualPipeV's step-1
+    next-token and MTP losses and router loads against the plain run (every stage runs the whole
+    model's operations; the last stage, on rank 0, sums the micro-batches in order);
+  * FP32_REORDER for the other comparisons, each layout saying why: the same fp32 math summed in
+    another order. Step-2 numbers follow one AdamW step on those gradients.
 """
 
 import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import pytest
 import torch
@@ -24,9 +49,76 @@ from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
 
 pytestmark = pytest.mark.multiprocess
 
-STEPS, SAVE_AT = 6, 3
-SMALL = ["--steps", str(STEPS), "--seq-len", "32", "--micro-batch-size", "4", "--grad-accum",
-         "2", "--warmup-steps", "2", "--lr", "3e-3", "--eval-batches", "2"]
+SMALL = ["--seq-len", "32", "--micro-batch-size", "2", "--grad-accum", "4", "--num-layers", "4",
+         "--warmup-steps", "2", "--lr", "3e-3", "--eval-batches", "4", "--eval-interval", "2",
+         "--steps", "2", "--save-interval", "2"]
+TOKENS_PER_RANK_AND_STEP = 32 * 2 * 4  # --seq-len x --micro-batch-size x --grad-accum
+PLAIN_STEPS, PLAIN_SAVE_AT = 6, 3
+CORPUS_CHARS = 100_000  # ~30k tokens, 5% of them held out: far more than 6 steps draw
+NUM_EXPERTS = 8                                      # the tiny preset's
+TIMINGS = ("time_s", "step_time_s", "tokens_per_s")  # metrics that differ between equal runs
+
+PIPELINE = ("--pipeline-parallel-size", "2", "--pipeline-schedule")
+WHY_TP = "TP=2 splits GEMM reductions and the vocab-parallel log-sum-exp"
+WHY_PP = ("the balance loss summed per stage, gradient squares per pipeline rank, the "
+          "embedding's two uses per micro-batch accumulated apart")
+WHY_EP = "an expert's weight gradient summed over rows grouped by source rank"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One run of the job, and what it must reproduce of the `reference` layout's run."""
+    processes: int
+    flags: tuple[str, ...] = ()
+    reference: Optional[str] = None
+    exact: tuple[str, ...] = ()                   # step-1 metrics ("moe/": every load statistic)
+    close: tuple[tuple[int, str], ...] = ()       # (step, metric) within FP32_REORDER
+    why: str = ""                                 # what reorders the fp32 sums
+    dp_groups: tuple[tuple[int, ...], ...] = ()   # ranks holding the same stages
+    ep: int = 1                                   # EP > 1: those ranks hold different experts
+    mirrors: tuple[tuple[int, int], ...] = ()     # DualPipe: rank a's chunk c = rank b's 1 - c
+    resume_at: Optional[int] = None               # a resumed run starts from this checkpoint
+    wandb: bool = False                           # W&B offline (else --no-wandb)
+    extended: bool = False                        # a repetition: left out of the default run
+
+
+LAYOUTS = {
+    "plain": Layout(1, ("--steps", str(PLAIN_STEPS), "--save-interval", str(PLAIN_SAVE_AT)),
+                    resume_at=PLAIN_SAVE_AT, wandb=True),
+    "tp2": Layout(2, ("--tensor-parallel-size", "2"), "plain",
+                  close=((1, "loss"), (1, "grad_norm"), (2, "loss")), why=WHY_TP),
+    "pp2-dualpipev": Layout(
+        2, PIPELINE + ("dualpipev",), "plain",
+        exact=("lm_loss", "mtp_loss", "mtp_ce", "tokens_seen", "moe/"),
+        close=((1, "loss"), (1, "balance_loss"), (1, "grad_norm"), (2, "loss"), (2, "val_loss")),
+        why=WHY_PP),
+    # The micro-batches' losses are the plain run's bit for bit (test_pipeline_model), but each
+    # direction's last stage sums its half of them: their mean is another association of the
+    # sum (measured: mtp_ce 1 ulp apart).
+    "pp2-dualpipe": Layout(
+        2, PIPELINE + ("dualpipe",), "plain", exact=("tokens_seen", "moe/"),
+        close=((1, "lm_loss"), (1, "mtp_loss"), (1, "mtp_ce"), (1, "loss"), (1, "balance_loss"),
+               (1, "grad_norm"), (2, "loss"), (2, "val_loss")),
+        why=WHY_PP + "; the two directions' losses summed apart", mirrors=((0, 1),)),
+    "dp2": Layout(2, dp_groups=((0, 1),)),
+    "ep2": Layout(2, ("--expert-parallel-size", "2"), "dp2",
+                  close=((1, "loss"), (1, "grad_norm"), (2, "loss"), (2, "grad_norm")),
+                  why=WHY_EP, dp_groups=((0, 1),), ep=2, extended=True),
+    # pipelines {0, 2} and {1, 3}; the ranks of a stage {0, 1} and {2, 3} (DP = EP = 2)
+    "pp2-ep2": Layout(
+        4, PIPELINE + ("dualpipev", "--expert-parallel-size", "2", "--save-interval", "1"), "dp2",
+        exact=("tokens_seen",),
+        close=((1, "loss"), (1, "lm_loss"), (1, "mtp_loss"), (1, "balance_loss"),
+               (1, "grad_norm"), (2, "loss"), (2, "val_loss")),
+        why=f"{WHY_PP}; {WHY_EP}; the DP mean of per-rank means", dp_groups=((0, 1), (2, 3)),
+        ep=2, resume_at=1),
+}
+
+
+def _layouts(wanted) -> list:
+    """The layouts with `wanted(layout)`, as parameters (the extended ones marked)."""
+    return [pytest.param(name, marks=[pytest.mark.extended] if layout.extended else [])
+            for name, layout in LAYOUTS.items() if wanted(layout)]
 
 
 def _main(rank, world, argv):
@@ -35,92 +127,142 @@ def _main(rank, world, argv):
     return main(argv)
 
 
-def _records(out_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+def _argv(layout: Layout, data_dir: Path, out_dir: Path) -> list[str]:
+    return (SMALL + list(layout.flags) + ([] if layout.wandb else ["--no-wandb"])
+            + ["--data-dir", str(data_dir), "--out-dir", str(out_dir)])
 
 
-def _load(out_dir, step, rank=0) -> dict:
-    return torch.load(Path(out_dir) / "checkpoints" / f"step_{step}" / f"rank_{rank:05d}.pt",
-                      weights_only=False)
+@dataclass(frozen=True)
+class Job:
+    out: Path
+    summary: dict  # rank 0's return of main()
+
+    def records(self) -> list[dict]:
+        return [json.loads(line)
+                for line in (self.out / "metrics.jsonl").read_text().splitlines()]
+
+    def checkpoint(self, step: int, rank: int = 0) -> dict:
+        return torch.load(self.out / "checkpoints" / f"step_{step}" / f"rank_{rank:05d}.pt",
+                          weights_only=False)
+
+    @property
+    def last_step(self) -> int:
+        return self.summary["steps"][-1]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """6 uninterrupted steps, checkpoints at 3 and 6, validation at 3 and 6, W&B offline."""
-    out = tmp_path_factory.mktemp("reference")
-    summary = run_gloo(_main, 1, SMALL + ["--out-dir", str(out), "--save-interval", str(SAVE_AT),
-                                          "--eval-interval", str(SAVE_AT)])[0]
-    return out, summary
+def corpus(tmp_path_factory) -> Path:
+    """A data folder: the bundled tokenizer and the first CORPUS_CHARS of the bundled text."""
+    from megatron_dsv3.data import DEFAULT_DATA_DIR, TOKENIZER_FILE
+
+    folder = tmp_path_factory.mktemp("corpus")
+    shutil.copy(DEFAULT_DATA_DIR / TOKENIZER_FILE, folder / TOKENIZER_FILE)
+    (text,) = sorted(DEFAULT_DATA_DIR.glob("*.txt"))
+    (folder / text.name).write_text(text.read_text(encoding="utf-8")[:CORPUS_CHARS],
+                                    encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory, corpus):
+    """jobs(name): the run of LAYOUTS[name], started on first use."""
+    done: dict[str, Job] = {}
+
+    def job(name: str) -> Job:
+        if name not in done:
+            layout, out = LAYOUTS[name], tmp_path_factory.mktemp(name)
+            summary = run_gloo(_main, layout.processes, _argv(layout, corpus, out))[0]
+            done[name] = Job(out, summary)
+        return done[name]
+
+    return job
+
+
+def _tensors(state: dict):
+    return [(name, value) for name, value in state.items() if isinstance(value, torch.Tensor)]
+
+
+def _is_expert(name: str) -> bool:
+    return name.endswith(("experts.fc1", "experts.fc2"))
+
+
+def _untimed(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key not in TIMINGS}
 
 
 # ----------------------------------------------------------------------------------------------
 # (a) a short run learns and leaves its outputs
 # ----------------------------------------------------------------------------------------------
-def test_short_run_loss_falls_and_every_output_is_written(reference):
-    out, summary = reference
-    losses = summary["losses"]
-    assert len(losses) == STEPS
+def test_short_run_loss_falls_and_every_output_is_written(jobs):
+    job = jobs("plain")
+    out, losses = job.out, job.summary["losses"]
+    assert len(losses) == PLAIN_STEPS
     # ln(2048) = 7.6 next-token + 0.3 * 7.6 MTP at init; 6 steps of lr 3e-3 learn the unigram
-    # statistics and take about 1.1 off (measured); 0.5 leaves room for other CPUs' BLAS.
+    # statistics and take about 1.0 off (measured); 0.5 leaves room for other CPUs' BLAS.
     assert losses[-1] < losses[0] - 0.5, losses
-    records = _records(out)
-    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    records = job.records()
+    assert [r["step"] for r in records] == list(range(1, PLAIN_STEPS + 1))
     first = records[0]
     for key in ("loss", "lm_loss", "mtp_loss", "mtp_ce", "mtp_lambda", "balance_loss", "lr",
                 "grad_norm", "tokens_per_s", "tokens_seen", "moe/L1/imbalance",
                 "moe/L1/bias_spread", "moe/mtp0/imbalance"):
         assert key in first, key
-    assert first["mtp_lambda"] == 0.3 and first["tokens_seen"] == 4 * 32 * 2
+    assert first["mtp_lambda"] == 0.3 and first["tokens_seen"] == TOKENS_PER_RANK_AND_STEP
     assert first["loss"] == pytest.approx(first["lm_loss"] + first["mtp_loss"]
                                           + first["balance_loss"], rel=1e-6)
     val = [r["val_loss"] for r in records if "val_loss" in r]
-    assert len(val) == 2 and val[1] < val[0], val
-    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS}"
+    assert len(val) == PLAIN_STEPS // 2 and val[-1] < val[0], val
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{PLAIN_STEPS}"
     for name in ("loss_curve.png", "expert_load.png", "expert_load.json"):
         assert (out / name).stat().st_size > 0, name
-    wandb_dir = Path(summary["wandb_dir"])
+    wandb_dir = Path(job.summary["wandb_dir"])
     assert wandb_dir.parent == out / "wandb" and list(wandb_dir.glob("run-*.wandb"))
 
 
 # ----------------------------------------------------------------------------------------------
 # (b) resume
 # ----------------------------------------------------------------------------------------------
-def test_resume_at_step_k_repeats_the_uninterrupted_run_bit_for_bit(reference, tmp_path):
-    out, summary = reference
-    resumed = run_gloo(_main, 1, SMALL + [
-        "--out-dir", str(tmp_path), "--resume", str(out / "checkpoints" / f"step_{SAVE_AT}"),
-        "--save-interval", str(SAVE_AT), "--eval-interval", str(SAVE_AT), "--no-wandb"])[0]
-    assert resumed["steps"] == list(range(SAVE_AT + 1, STEPS + 1))
-    assert resumed["losses"] == summary["losses"][SAVE_AT:]
-    assert resumed["grad_norms"] == summary["grad_norms"][SAVE_AT:]
-    assert resumed["val_loss"] == summary["val_loss"]
-    # The history before the resume is carried over, so the plots cover the whole run.
-    assert [r["step"] for r in _records(tmp_path)] == list(range(1, STEPS + 1))
+@pytest.mark.parametrize("name", _layouts(lambda layout: layout.resume_at))
+def test_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(name, jobs, corpus, tmp_path):
+    """Weights (router biases included), AdamW state, tokens seen and every metric on every
+    rank; the history before the resume is carried over, so the plots cover the whole run."""
+    layout, job = LAYOUTS[name], jobs(name)
+    step = layout.resume_at
+    resumed = Job(tmp_path, run_gloo(_main, layout.processes, _argv(layout, corpus, tmp_path) + [
+        "--resume", str(job.out / "checkpoints" / f"step_{step}"), "--no-wandb"])[0])
+    for key in ("steps", "losses", "grad_norms"):
+        assert resumed.summary[key] == job.summary[key][step:], key
+    assert resumed.summary["val_loss"] == job.summary["val_loss"]
+    assert [_untimed(r) for r in resumed.records()] == [_untimed(r) for r in job.records()]
 
-    expected, actual = _load(out, STEPS), _load(tmp_path, STEPS)
-    assert actual["tokens_seen"] == expected["tokens_seen"]
-    biases = [k for k in expected["model"] if k.endswith("expert_bias")]
-    assert len(biases) == 3 and any(expected["model"][k].abs().sum() > 0 for k in biases)
-    for name, tensor in expected["model"].items():
-        if isinstance(tensor, torch.Tensor):
-            assert_equal(actual["model"][name], tensor, name)
-    for index, state in expected["optimizer"]["state"].items():
-        for key, tensor in state.items():
-            assert_equal(actual["optimizer"]["state"][index][key], tensor, f"adam {index}.{key}")
+    biases = []
+    for rank in range(layout.processes):
+        expected, actual = job.checkpoint(job.last_step, rank), resumed.checkpoint(
+            job.last_step, rank)
+        assert actual["tokens_seen"] == expected["tokens_seen"]
+        for key, tensor in _tensors(expected["model"]):
+            assert_equal(actual["model"][key], tensor, f"{name} rank {rank} {key}")
+            if key.endswith("expert_bias"):
+                biases.append(tensor)
+        for index, state in expected["optimizer"]["state"].items():
+            for key, tensor in state.items():
+                assert_equal(actual["optimizer"]["state"][index][key], tensor,
+                             f"{name} rank {rank} adam {index}.{key}")
+    assert biases and any(bias.abs().sum() > 0 for bias in biases), "no bias moved"
 
 
-def test_resume_refuses_another_model_config_or_parallel_layout(reference):
+def test_resume_refuses_another_model_config_or_parallel_layout(jobs):
     from megatron_dsv3.config import tiny
     from megatron_dsv3.train.args import build_parser
     from megatron_dsv3.train.checkpoint import check_resumable
 
-    out, _ = reference
-    saved = _load(out, SAVE_AT)
+    job = jobs("plain")
+    saved = job.checkpoint(PLAIN_SAVE_AT)
     args = build_parser().parse_args(SMALL + ["--tensor-parallel-size", "2", "--seed", "7"])
     args.seq_len = 32
-    other = SimpleNamespace(cfg=tiny().replace(moe__top_k=3), args=args)
+    other = SimpleNamespace(cfg=tiny().replace(num_layers=4, moe__top_k=3), args=args)
     with pytest.raises(ValueError) as err:
-        check_resumable(saved, other, out)
+        check_resumable(saved, other, job.out)
     message = str(err.value)
     for expected in ("'moe'", "top_k", "--tensor-parallel-size", "--seed", "start a new"):
         assert expected in message, message
@@ -145,32 +287,60 @@ def test_interrupted_save_leaves_latest_on_the_previous_checkpoint(tmp_path, mon
 
 
 # ----------------------------------------------------------------------------------------------
-# (c) parallel runs
+# (c) parallel layouts
 # ----------------------------------------------------------------------------------------------
-def test_tp2_first_step_loss_and_grad_norm_match_tp1(reference, tmp_path):
-    _, single = reference
-    tp2 = run_gloo(_main, 2, SMALL + ["--steps", "2", "--tensor-parallel-size", "2",
-                                      "--out-dir", str(tmp_path), "--save-interval", "0",
-                                      "--eval-interval", "0", "--no-wandb"])[0]
-    why = "fp32; TP=2 splits GEMM reductions and the vocab-parallel log-sum-exp"
-    assert_close(torch.tensor(tp2["losses"][0]), torch.tensor(single["losses"][0]),
-                 FP32_REORDER, why, "step-1 loss")
-    # The norm sums TP-split parameters over both ranks and counts replicated ones once.
-    assert_close(torch.tensor(tp2["grad_norms"][0]), torch.tensor(single["grad_norms"][0]),
-                 FP32_REORDER, why, "step-1 grad norm")
-    # One AdamW step later: the update m / sqrt(v) carries the gradients' 1e-6 differences.
-    assert_close(torch.tensor(tp2["losses"][1]), torch.tensor(single["losses"][1]),
-                 FP32_REORDER, why + " (after one AdamW step)", "step-2 loss")
+def _metric_names(keys: tuple[str, ...], record: dict) -> list[str]:
+    """The metrics `keys` name in `record`, a key ending in "/" standing for all it starts."""
+    names = []
+    for key in keys:
+        matching = sorted(m for m in record if m.startswith(key)) if key.endswith("/") else [key]
+        assert matching, f"no metric {key}* in {sorted(record)}"
+        names += matching
+    return names
 
 
-def test_dp2_replicas_keep_identical_weights_and_router_biases(tmp_path):
-    run_gloo(_main, 2, SMALL + ["--steps", "2", "--out-dir", str(tmp_path), "--save-interval",
-                                "2", "--eval-interval", "0", "--no-wandb"])
-    rank0, rank1 = _load(tmp_path, 2, 0), _load(tmp_path, 2, 1)
-    assert rank0["tokens_seen"] == 2 * (2 * 4 * 32 * 2)  # steps * (DP * batch * seq * accum)
-    for name, tensor in rank0["model"].items():
-        if isinstance(tensor, torch.Tensor):
-            assert_equal(rank1["model"][name], tensor, name)
+@pytest.mark.parametrize("name", _layouts(lambda layout: layout.reference))
+def test_layout_repeats_the_steps_of_the_run_without_its_parallelism(name, jobs):
+    layout = LAYOUTS[name]
+    records, expected = jobs(name).records(), jobs(layout.reference).records()
+    exact = _metric_names(layout.exact, expected[0])
+    assert exact == _metric_names(layout.exact, records[0]), name
+    for key in exact:
+        assert records[0][key] == expected[0][key], (
+            f"{name} step-1 {key}: {records[0][key]} != {expected[0][key]} ({layout.reference})")
+    for step, key in layout.close:
+        why = layout.why + ("" if step == 1 else "; after one AdamW step on those gradients")
+        assert_close(torch.tensor(records[step - 1][key]), torch.tensor(expected[step - 1][key]),
+                     FP32_REORDER, why, f"{name} step-{step} {key}")
+
+
+@pytest.mark.parametrize("name", _layouts(lambda layout: layout.dp_groups or layout.mirrors))
+def test_checkpoints_keep_replicas_and_mirror_copies_identical(name, jobs):
+    """The ranks of a stage (DP replicas) hold the same tensors, router biases included, but
+    for the experts that EP shards among them; DualPipe's two copies of a stage are equal."""
+    layout, job = LAYOUTS[name], jobs(name)
+    saved = [job.checkpoint(job.last_step, rank) for rank in range(layout.processes)]
+    dp = len(layout.dp_groups[0]) if layout.dp_groups else 1
+    assert saved[0]["tokens_seen"] == job.last_step * dp * TOKENS_PER_RANK_AND_STEP
+    models = [s["model"] for s in saved]
+    for group in layout.dp_groups:
+        first = models[group[0]]
+        assert any(_is_expert(key) for key in first), f"{name}: no experts on rank {group[0]}"
+        for rank in group[1:]:
+            assert models[rank].keys() == first.keys(), f"{name}: ranks {group}"
+            for key, tensor in _tensors(first):
+                if layout.ep > 1 and _is_expert(key):
+                    assert tensor.shape[0] == NUM_EXPERTS // layout.ep, (name, key, tensor.shape)
+                    assert not torch.equal(models[rank][key], tensor), (
+                        f"{name}: ranks {group[0]} and {rank} hold the same experts {key}")
+                else:
+                    assert_equal(models[rank][key], tensor,
+                                 f"{name} DP replicas {group[0]}, {rank}: {key}")
+    for rank, mirror in layout.mirrors:
+        for key, tensor in _tensors(models[rank]):
+            chunk, _, rest = key.partition(".")
+            assert_equal(models[mirror][f"{1 - int(chunk)}.{rest}"], tensor,
+                         f"{name} mirror copies on ranks {rank}, {mirror}: {key}")
 
 
 # ----------------------------------------------------------------------------------------------

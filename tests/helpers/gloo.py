@@ -7,8 +7,8 @@ a module-level function (it is pickled). Results come back in rank order as torc
 tensors sent directly would be shared through file descriptors that die with the process.
 
 Why a fork server: a fresh interpreter spends ~6 s of CPU importing torch and Megatron-Core
-before fn starts; with ~25 calls of up to 4 processes on two cores that was most of the suite's
-time. The processes are forked instead from one server process that imported those modules
+before fn starts; with dozens of calls of up to 4 processes on two cores that was most of the
+suite's time. The processes are forked instead from one server process that imported those modules
 once (`PRELOAD`, multiprocessing's "forkserver" start method). Every call still starts from an
 interpreter in which no test has run -- nothing one call leaves behind (Megatron's global
 groups, torch.distributed, RNG state, patched functions) reaches the next -- and pays a fork
@@ -86,9 +86,10 @@ def run_gloo(fn: Callable, world_size: int, *args, timeout_s: float = 600.0) -> 
     start_server()
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="run_gloo-") as log_dir:
-        ranks = [_Rank.start(rank, world_size, port, Path(log_dir), fn, args)
-                 for rank in range(world_size)]
+        ranks: list[_Rank] = []
         try:
+            for rank in range(world_size):
+                ranks.append(_Rank.start(rank, world_size, port, Path(log_dir), fn, args))
             first_failed = _collect(ranks, timeout_s)
         finally:
             for rank in ranks:
@@ -158,7 +159,7 @@ class _Rank:
 
     def echo_output(self) -> None:
         text = self.output()
-        if text:
+        if text.strip():
             sys.stderr.write(f"----- run_gloo rank {self.rank} output -----\n{text}")
 
     def report(self) -> str:
@@ -187,9 +188,9 @@ def _collect(ranks: list[_Rank], timeout_s: float) -> Optional[_Rank]:
                 first_failed = rank
                 deadline = min(deadline, time.monotonic() + GRACE_S)
     for rank in pending:
-        rank.status = (f"still running {GRACE_S:.0f} s after rank {first_failed.rank} failed "
+        rank.status = (f"still running {GRACE_S:g} s after rank {first_failed.rank} failed "
                        "(killed)" if first_failed is not None
-                       else f"still running after timeout_s={timeout_s:.0f} (killed)")
+                       else f"still running after timeout_s={timeout_s:g} (killed)")
     return first_failed or (pending[0] if pending else None)
 
 

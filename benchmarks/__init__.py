@@ -1,0 +1,1 @@
+"""Benchmark scripts; a package so that `from benchmarks.common import ...` finds common.py."""

@@ -105,9 +105,6 @@ MEGATRON_NEEDS_CUDA = ("Megatron-Core's pipeline schedules need CUDA (schedules.
                        "torch.zeros(..., device='cuda'); p2p buffers go on "
                        "torch.cuda.current_device()): run on GPUs for its numbers")
 BUBBLE_TOLERANCE = 0.10  # the issue's target: measured bubble within 10% of the paper's
-# Set only by tests that have pointed Megatron's CUDA calls at the CPU: then its schedules run
-# on CPU too (tests/test_benchmark_scripts.py), instead of the stage check.
-MEGATRON_SCHEDULES_ON_CPU = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -670,7 +667,7 @@ def run_megatron(schedule: str, cfg, pg, args, device, batches, reference_of,
 
             for chunk in chunks:
                 compile_model(chunk, scope=args.compile)
-        if device.type != "cuda" and not MEGATRON_SCHEDULES_ON_CPU:
+        if device.type != "cuda" and not args.megatron_on_cpu:
             return [skipped(schedule, m, reasons[m] or MEGATRON_NEEDS_CUDA,
                             cpu_stage_check=None if reasons[m] else cpu_stage_check(
                                 chunks, batches[:m], reference_of(m)))
@@ -894,8 +891,12 @@ def resolve(args, world: int) -> list[str]:
     return schedules
 
 
-def main(argv=None) -> Optional[dict]:
+def main(argv=None, megatron_on_cpu: bool = False) -> Optional[dict]:
+    """megatron_on_cpu: run Megatron's own schedules on a CPU device too (instead of only
+    checking their stage models): for a caller that has pointed Megatron's CUDA calls at the
+    CPU, as tests/test_benchmark_scripts.py does to run the GPU code path on gloo."""
     args = parse_args(argv)
+    args.megatron_on_cpu = megatron_on_cpu
     args.device = prepare_rank_device(args.device)
     schedules = resolve(args, int(os.environ.get("WORLD_SIZE", "1")))
     with distributed(args.device, args.seed, expert_parallel_size=args.expert_parallel_size,
@@ -939,7 +940,7 @@ def run(args, schedules: list[str], pg, device) -> Optional[dict]:
     overlaps = {"auto": [None], "on": [True], "off": [False], "both": [True, False]}
     for k, schedule in enumerate(sorted(schedules, key=RUN_ORDER.index)):
         if (device.type != "cuda" and schedule in MEGATRON and rank == 0
-                and not MEGATRON_SCHEDULES_ON_CPU):
+                and not args.megatron_on_cpu):
             print(f"{schedule}: skipped, {MEGATRON_NEEDS_CUDA}", file=sys.stderr)
         if schedule in MEGATRON:
             runs += run_megatron(schedule, cfg, pg, args, device, batches, reference_of, weights)

@@ -65,11 +65,13 @@ def _script_main(rank: int, world: int, script: str, argv: list[str],
     os.environ["LOCAL_WORLD_SIZE"] = str(world)  # torchrun's: the scripts share the cores by it
     module = _load(script)
     if megatron_schedules_on_cpu:
-        _point_megatrons_cuda_calls_at_the_cpu(module)
-    module.main(argv)
+        _point_megatrons_cuda_calls_at_the_cpu()
+        module.main(argv, megatron_on_cpu=True)
+    else:
+        module.main(argv)
 
 
-def _point_megatrons_cuda_calls_at_the_cpu(bench) -> None:
+def _point_megatrons_cuda_calls_at_the_cpu() -> None:
     """Megatron-Core's schedules on CPU, in this rank's process only: its three CUDA calls
     pointed at the CPU (NOTES: the schedules allocate torch.zeros(device="cuda") and p2p buffers
     on torch.cuda.current_device(); batched p2p calls torch.cuda.synchronize), so that the
@@ -86,7 +88,6 @@ def _point_megatrons_cuda_calls_at_the_cpu(bench) -> None:
     torch.zeros = zeros_on_cpu
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
-    bench.MEGATRON_SCHEDULES_ON_CPU = True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,6 +37,6 @@ if not torch.cuda.is_available():
     # Set here, in the package's first module, before anything below imports Megatron.
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
-from .job import main  # noqa: E402
+from .job import cli, main  # noqa: E402
 
-__all__ = ["main"]
+__all__ = ["cli", "main"]

@@ -1,6 +1,6 @@
 """`python -m megatron_dsv3.train` (and `torchrun ... -m megatron_dsv3.train`)."""
 
-from . import main
+from . import cli
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -144,6 +144,7 @@ def train(run: Run, step_dir: Optional[Path]) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
+    """Parse `argv` (default: the command line), train, return the run's summary."""
     from ..parallel import shutdown_distributed
 
     args, cfg = parse_args(argv)
@@ -155,3 +156,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise SystemExit(2) from err
     finally:
         shutdown_distributed()
+
+
+def cli() -> None:
+    """The `dsv3-train` console script and `python -m megatron_dsv3.train`: main(), exit status
+    0 on success (a console script would exit 1 with main's summary dict as its status)."""
+    main()

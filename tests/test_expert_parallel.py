@@ -79,7 +79,7 @@ def _layout_step(pg, full_state, input_ids, labels) -> dict:
     from megatron_dsv3.model import build_model
     from megatron_dsv3.moe.balance import set_balance_loss_scale, update_expert_biases
     from megatron_dsv3.parallel import gather_state_dict, load_full_state_dict
-    from megatron_dsv3.train.gradients import global_grad_norm, reduce_gradients
+    from megatron_dsv3.gradients import global_grad_norm, reduce_gradients
 
     model = build_model(_config(), pg_collection=pg)
     load_full_state_dict(model, full_state, pg.tp, pg.ep)
@@ -218,7 +218,7 @@ def _destination_ranks(rank, world) -> dict:
 def reference(dist_single):
     from megatron_dsv3.model import build_model
     from megatron_dsv3.moe.balance import set_balance_loss_scale, update_expert_biases
-    from megatron_dsv3.train.gradients import global_grad_norm
+    from megatron_dsv3.gradients import global_grad_norm
 
     torch.manual_seed(0)
     model = build_model(_config(), pg_collection=dist_single)

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron_dsv3"
 
 TIERS = [  # the tiers of docs/architecture.md's package map
     ("config", "megatron_compat", "weight_grad", "data", "flops"),
-    ("parallel", "layers"),
+    ("parallel", "gradients", "layers"),
     ("attention", "moe", "mtp"),
     ("specs",),
     ("model",),

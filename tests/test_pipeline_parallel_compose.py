@@ -108,7 +108,7 @@ def _pipelined_step(pg, full_state: dict, defer_weight_grads: bool = False) -> d
     from megatron_dsv3.pipeline import DualPipeV, TensorSpec
     from helpers.stages import build_rank_stages, gather_stage_state
     from megatron_dsv3.pipeline.stages import StagePlan
-    from megatron_dsv3.train.gradients import global_grad_norm, reduce_gradients
+    from megatron_dsv3.gradients import global_grad_norm, reduce_gradients
 
     cfg = _config()
     plan = StagePlan("dualpipev", pg.pp.size(), NUM_LAYERS)

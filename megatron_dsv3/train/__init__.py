@@ -28,15 +28,6 @@ Outputs in --out-dir: checkpoints/step_<N>/, metrics.jsonl, loss_curve.png, expe
 expert_load.json and (unless --no-wandb) the W&B run under wandb/ (offline without an API key).
 """
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    # Megatron's jit_fuser is torch.compile: on CPU it compiles C++ for ~15 s and gains nothing.
-    # Set here, in the package's first module, before anything below imports Megatron.
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-
-from .job import cli, main  # noqa: E402
+from .job import cli, main
 
 __all__ = ["cli", "main"]

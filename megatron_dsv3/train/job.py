@@ -54,6 +54,10 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
                           pipeline_parallel_size=args.pipeline_parallel_size,
                           backend=backend, seed=args.seed)
     device = pick_device(args)
+    if device.type == "cpu":
+        # Megatron's jit_fuser is torch.compile: on CPU it compiles C++ for ~15 s at the first
+        # call and gains nothing. Switched off for this job's process only, before that call.
+        torch._dynamo.config.disable = True
     if device.type == "cpu" and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1)
                                   // int(os.environ["LOCAL_WORLD_SIZE"])))

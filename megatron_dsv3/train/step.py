@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from ..config import ModelConfig
 from ..data import get_batch
-from .gradients import clip_gradients, reduce_gradients
+from ..gradients import clip_gradients, reduce_gradients
 from .pipeline import Pipeline
 
 

@@ -1,4 +1,6 @@
-"""The gradients of one optimizer step across ranks: reduction, global norm, clipping.
+"""The gradients of one optimizer step across ranks: reduction, global norm, clipping; the
+rules that go with the process groups of parallel.py (which parameter is replicated over which
+group), for any training loop.
 
 Each function takes the process groups as an argument (`pg.dp`, `pg.expt_dp`, `pg.tp`, `pg.ep`,
 `pg.pp`, from `parallel.init_distributed`); with a pipeline `dp`, `expt_dp` and `ep` are among
@@ -11,6 +13,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from .parallel import is_expert_parallel
 
 
 def _all_reduce_sum(grads: list[torch.Tensor], group, scale: float) -> None:
@@ -40,8 +44,6 @@ def reduce_gradients(params: list[torch.Tensor], pg) -> None:
     group (DP / EP ranks), gives sum_r dL_r/dW over all DP ranks: divide by DP too, not by
     the expt_dp size (Megatron's DDP: pre-scale edp/dp, then average over edp). With EP = 1
     expt_dp is the DP group and both rules coincide."""
-    from ..parallel import is_expert_parallel
-
     dp = pg.dp.size()
     _all_reduce_sum([p.grad for p in params if not is_expert_parallel(p)], pg.dp, 1.0 / dp)
     _all_reduce_sum([p.grad for p in params if is_expert_parallel(p)], pg.expt_dp, 1.0 / dp)
@@ -55,8 +57,6 @@ def global_grad_norm(params: list[torch.Tensor], pg) -> torch.Tensor:
     hold each stage once (not DualPipe's mirror copies).
     Accumulated in float64: an fp32 norm of the 262k-element tiny embedding is off by ~1e-5
     relative, and differently for each shard shape, which would blur TP/EP parity."""
-    from ..parallel import is_expert_parallel
-
     def sum_of_squares(grads):
         if not grads:
             return torch.zeros((), dtype=torch.float64, device=params[0].device)

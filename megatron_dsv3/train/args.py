@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: cuda when available")
     add("--amp", default="auto", choices=("auto", "off", "bf16"),
         help="autocast of the forward; auto: bf16 on cuda, off on cpu")
+    add("--compile", default="auto", choices=("auto", "none", "modules", "layers"),
+        help="torch.compile our attention/MoE modules or whole transformer layers "
+             "(model.compile_model); auto: modules on cuda, none on cpu")
+    add("--compile-mode", default="default",
+        help="torch.compile mode for --compile (default; reduce-overhead: CUDA graphs)")
     return p
 
 

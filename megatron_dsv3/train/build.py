@@ -58,9 +58,25 @@ def _full_model_state(cfg: ModelConfig, pg, seed: int) -> dict:
     return {k: v for k, v in full.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
+def compile_for_device(model: torch.nn.Module, args, device: torch.device) -> int:
+    """`--compile` (auto: our modules on cuda, nothing on cpu) with `--compile-mode`, in place
+    (state-dict names unchanged); returns how many modules were compiled."""
+    from ..model import compile_model
+
+    scope = args.compile
+    if scope == "auto":
+        scope = "modules" if device.type == "cuda" else "none"
+    if scope == "none":
+        return 0
+    mode = {} if args.compile_mode == "default" else {"mode": args.compile_mode}
+    return compile_model(model, scope=scope, **mode)
+
+
 def build_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
-    """AdamW (DeepSeek-V3's betas) with weight decay on matrices, none on norms."""
+    """AdamW (DeepSeek-V3's betas) with weight decay on matrices, none on norms; the fused
+    kernel when the parameters are on a GPU (one launch for all tensors)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    fused = bool(params) and params[0].device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ..data import load_corpus
 from .args import TrainError, parse_args
-from .build import build_initial_model, build_optimizer, pick_device
+from .build import build_initial_model, build_optimizer, compile_for_device, pick_device
 from .checkpoint import checkpoint_payload, find_checkpoint, load_checkpoint, save_checkpoint
 from .metrics_log import LOAD_WINDOW_STEPS, MetricsLog, start_wandb, write_plots
 from .pipeline import Pipeline
@@ -69,6 +69,7 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
                          f"tokens, more than preset '{cfg.name}' vocab_size={cfg.vocab_size}; "
                          "use a preset with a larger vocabulary or a smaller tokenizer")
     model = build_initial_model(cfg, pg, args.seed, device)
+    compile_for_device(model, args, device)
     pipeline = None
     if args.pipeline_parallel_size > 1:
         pipeline = Pipeline.create(model, args, pg)

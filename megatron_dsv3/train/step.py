@@ -101,6 +101,14 @@ def forward_losses(run: Run, input_ids: torch.Tensor, labels: torch.Tensor, mtp_
     return weighted_lm_loss(out, mtp_lambda)
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch onto `device` without a host sync on GPU: a copy from pageable memory waits
+    for everything queued on the stream, one from pinned memory is queued behind it."""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
+
+
 def train_step(run: Run):
     """One optimizer step (module docstring, steps 1-5): (metrics as DP means, ExpertLoads)."""
     from ..moe.balance import update_expert_biases
@@ -116,7 +124,7 @@ def train_step(run: Run):
         input_ids, labels = get_batch(run.corpus.train, batch_size=args.micro_batch_size,
                                       seq_len=args.seq_len, seed=args.seed, step=run.step,
                                       micro_batch=micro, rank=run.dp_rank)
-        return input_ids.to(run.device), labels.to(run.device)
+        return to_device(input_ids, run.device), to_device(labels, run.device)
 
     # Step 1: micro-batches.  sums: loss, lm, mtp, mtp_ce, balance (per micro-batch means)
     if run.pipeline is not None:
@@ -202,7 +210,7 @@ def evaluate(run: Run) -> dict:
         input_ids, labels = get_batch(run.corpus.val, batch_size=args.micro_batch_size,
                                       seq_len=args.seq_len, seed=args.seed, step=i,
                                       rank=run.dp_rank)
-        return input_ids.to(run.device), labels.to(run.device)
+        return to_device(input_ids, run.device), to_device(labels, run.device)
 
     if run.pipeline is not None:
         sums = run.pipeline.run(run, args.eval_batches, 0.0, val_batch, forward_only=True)[[1, 3]]

@@ -1,0 +1,96 @@
+"""bf16 parameters trained through fp32 master weights (train/master_weights.py), against
+fp32 arithmetic written out by hand on the same bf16 gradients.
+
+Tolerance: exact. The hooks add each micro-batch's bf16 gradient into an fp32 buffer, in
+micro-batch order, which the reference does with the same additions; the optimizer runs on the
+masters exactly as on fp32 copies; publishing rounds fp32 to bf16 as `.to(torch.bfloat16)`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers.tolerance import assert_equal
+from megatron_dsv3.train.master_weights import MasterWeights
+
+HIDDEN, MICRO_BATCHES = 16, 3
+
+
+def _model(seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(HIDDEN, 2 * HIDDEN), torch.nn.GELU(),
+                                torch.nn.Linear(2 * HIDDEN, HIDDEN, bias=False))
+    return model.to(torch.bfloat16)
+
+
+def _batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(4, HIDDEN, generator=g).to(torch.bfloat16) for _ in range(MICRO_BATCHES)]
+
+
+def test_gradients_of_all_micro_batches_are_summed_in_fp32_and_bf16_grads_freed():
+    model, reference = _model(), _model()
+    masters = MasterWeights(model.parameters())
+    sums = [torch.zeros(p.shape) for p in reference.parameters()]
+    for x in _batches():
+        model(x).float().pow(2).mean().backward()
+        reference.zero_grad(set_to_none=True)
+        reference(x).float().pow(2).mean().backward()
+        for total, param in zip(sums, reference.parameters()):
+            total += param.grad.float()
+    assert all(p.grad is None for p in model.parameters()), "the bf16 gradients must be freed"
+    for i, (master, total) in enumerate(zip(masters.params, sums)):
+        assert master.dtype == torch.float32
+        assert_equal(master.grad, total, f"fp32 sum of parameter {i}")
+    # deferred weight gradients (weight_grad.py) add into `main_grad`: the same buffer
+    assert model[0].weight.main_grad is masters.params[0].grad
+
+
+def test_a_step_on_the_masters_is_adamw_in_fp32_and_the_model_gets_its_bf16_rounding():
+    model = _model()
+    masters = MasterWeights(model.parameters())
+    optimizer = torch.optim.AdamW(masters.params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    fp32 = [m.detach().clone().requires_grad_() for m in masters.params]
+    reference = torch.optim.AdamW(fp32, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    for step in range(2):
+        for x in _batches():
+            model(x).float().pow(2).mean().backward()
+        for ref, master in zip(fp32, masters.params):
+            ref.grad = master.grad.clone()
+        optimizer.step()
+        reference.step()
+        masters.publish()
+        masters.zero_grad()
+        for i, (master, ref, param) in enumerate(zip(masters.params, fp32, model.parameters())):
+            assert_equal(master, ref.detach(), f"step {step} master {i}")
+            assert_equal(param.detach(), master.to(torch.bfloat16), f"step {step} param {i}")
+            assert master.grad.abs().max() == 0
+
+
+def test_state_dict_round_trip_restores_masters_and_publishes_them():
+    model = _model(seed=0)
+    masters = MasterWeights(model.parameters())
+    with torch.no_grad():
+        for master in masters.params:
+            master.add_(1e-3)  # masters that the bf16 weights cannot hold exactly
+    saved = masters.state_dict()
+    other = _model(seed=5)
+    restored = MasterWeights(other.parameters())
+    restored.load_state_dict(saved)
+    for a, b, param in zip(restored.params, masters.params, other.parameters()):
+        assert_equal(a, b, "master weight")
+        assert_equal(param.detach(), b.to(torch.bfloat16), "published parameter")
+    with pytest.raises(ValueError, match="checkpoint has 2 master weights, the model 3"):
+        restored.load_state_dict({"masters": saved["masters"][:2]})
+
+
+def test_parallel_attributes_travel_and_fp32_parameters_are_refused():
+    model = _model()
+    model[0].weight.expert_parallel = True
+    model[0].weight.tensor_model_parallel, model[0].weight.partition_dim = True, 0
+    masters = MasterWeights(model.parameters())
+    assert masters.params[0].expert_parallel and masters.params[0].partition_dim == 0
+    assert not hasattr(masters.params[1], "expert_parallel")
+    with pytest.raises(ValueError, match="are fp32 already"):
+        MasterWeights(torch.nn.Linear(2, 2).parameters())

@@ -3,6 +3,8 @@
   Tokenizer.load(path)        a `tokenizers` tokenizer.json; EOS is the special token <|endoftext|>
   load_corpus(data_dir)       every *.txt in data_dir (sorted, joined by EOS) -> train/val token ids
   get_batch(tokens, ...)      input_ids, labels [b, s]: windows of s + 1 tokens at random starts
+  DataError                   a data file that cannot be used (a ValueError): names the file and
+                              what is wrong (a binary .txt, a broken tokenizer.json, ...)
 
 Design. The corpus is small (examples/data: ~2 MB of Shakespeare, ~0.75 M tokens), so it is
 tokenized in memory at start-up (about a second) instead of being pre-tokenized to disk. Documents
@@ -35,14 +37,19 @@ _HOW_TO_FIX = ("pass --data-dir pointing at a folder with tokenizer.json and *.t
                f"rebuild {DEFAULT_DATA_DIR} with its make_corpus.py (see its README.md)")
 
 
+class DataError(ValueError):
+    """A data file or folder that cannot be used; the message names it, what is wrong and the
+    fix. (A missing file or folder raises FileNotFoundError, with the same kind of message.)"""
+
+
 class Tokenizer:
     """A byte-level BPE: decode(encode(text)) == text for any text."""
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, path: Path):
         eos_id = tokenizer.token_to_id(EOS_TOKEN)
         if eos_id is None:
-            raise ValueError(f"{path} has no {EOS_TOKEN!r} token; the loader needs it as EOS: "
-                             f"train the tokenizer with special_tokens=[{EOS_TOKEN!r}]")
+            raise DataError(f"{path} has no {EOS_TOKEN!r} token; the loader needs it as EOS: "
+                            f"train the tokenizer with special_tokens=[{EOS_TOKEN!r}]")
         self._tokenizer = tokenizer
         self.path = path
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -53,7 +60,13 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist: {_HOW_TO_FIX}")
-        return cls(tokenizers.Tokenizer.from_file(str(path)), path)
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as err:  # noqa: BLE001 - `tokenizers` raises a bare Exception
+            raise DataError(f"tokenizer file {path} cannot be read as a `tokenizers` "
+                            f"tokenizer.json ({err}): replace it with a tokenizer saved by "
+                            f"tokenizers' Tokenizer.save(), or {_HOW_TO_FIX}") from err
+        return cls(tokenizer, path)
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -89,21 +102,32 @@ def load_corpus(data_dir: str | Path = DEFAULT_DATA_DIR, *,
         raise FileNotFoundError(f"data folder {data_dir} holds no *.txt file: {_HOW_TO_FIX}")
 
     # Split at EOS (which the tokenizer splits at anyway) so the documents encode in parallel.
-    texts = [path.read_text(encoding="utf-8") for path in text_paths]
+    texts = [_read_utf8(path) for path in text_paths]
     documents = [doc for text in texts for doc in text.split(EOS_TOKEN)]
     if not any(doc.strip() for doc in documents):
-        raise ValueError(f"the corpus in {data_dir} ({', '.join(p.name for p in text_paths)}) is "
-                         f"empty: put text in it or {_HOW_TO_FIX}")
+        raise DataError(f"the corpus in {data_dir} ({', '.join(p.name for p in text_paths)}) is "
+                        f"empty: put text in it or {_HOW_TO_FIX}")
     eos = [tokenizer.eos_id]
     ids_with_eos = [t for ids in tokenizer.encode_batch(documents) for t in ids + eos]
     tokens = torch.from_numpy(np.array(ids_with_eos[:-1], dtype=np.int64))  # no EOS after the last
 
     num_val = int(tokens.numel() * val_fraction)
     if num_val == 0 or num_val == tokens.numel():
-        raise ValueError(f"val_fraction={val_fraction} of {tokens.numel()} tokens in {data_dir} "
-                         f"leaves an empty {'val' if num_val == 0 else 'train'} split: choose a "
-                         f"val_fraction that leaves tokens in both, or use a bigger corpus")
+        raise DataError(f"val_fraction={val_fraction} of {tokens.numel()} tokens in {data_dir} "
+                        f"leaves an empty {'val' if num_val == 0 else 'train'} split: choose a "
+                        f"val_fraction that leaves tokens in both, or use a bigger corpus")
     return tokenizer, TokenCorpus(train=tokens[:-num_val], val=tokens[-num_val:])
+
+
+def _read_utf8(path: Path) -> str:
+    """The text of a corpus file; DataError naming the file unless it is UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"corpus file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} "
+                        f"at offset {err.start}): every *.txt in the data folder is read as "
+                        "training text; convert it to UTF-8, or move it out of the folder (or "
+                        "rename it to another extension)") from err
 
 
 def get_batch(tokens: torch.Tensor, *, batch_size: int, seq_len: int, seed: int, step: int,

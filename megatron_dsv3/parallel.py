@@ -55,7 +55,7 @@ from .megatron_compat import one_pipeline_stage
 
 def init_distributed(tensor_parallel_size: int = 1, expert_parallel_size: int = 1, *,
                      pipeline_parallel_size: int = 1, backend: Optional[str] = None,
-                     seed: int = 1234, timeout_s: int = 600) -> ProcessGroupCollection:
+                     seed: int = 1234, timeout_s: float = 600) -> ProcessGroupCollection:
     """Initialise torch.distributed from the launcher's environment (torchrun sets RANK,
     WORLD_SIZE, MASTER_ADDR/PORT; a plain `python` run is a world of one) and Megatron's
     tensor / pipeline / data / expert-parallel groups (expert TP = TP; layout in the module
@@ -67,7 +67,16 @@ def init_distributed(tensor_parallel_size: int = 1, expert_parallel_size: int = 
     `whole_model_groups(pg)`.
 
     On GPU, Megatron's parallel layers initialise their weights under its CUDA RNG tracker,
-    which is seeded here (`seed`); on CPU they draw from torch's global generator."""
+    which is seeded here (`seed`); on CPU they draw from torch's global generator.
+
+    `timeout_s` bounds how long a collective waits for its peers, on the world group and on
+    every Megatron group (whose own default is 30 minutes): a rank that hangs becomes an error
+    on the others (gloo raises RuntimeError "Timed out waiting ..."; NCCL's watchdog aborts
+    the process) instead of a silent wait. Groups created later with `dist.new_group` and no
+    timeout get torch's default (30 min gloo, 10 min NCCL), not this one."""
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s={timeout_s!r} is invalid: it must be a positive number of "
+                         "seconds (how long a collective waits for its peers)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     check_parallel_sizes(world_size, tensor_parallel_size, expert_parallel_size,
@@ -85,7 +94,9 @@ def init_distributed(tensor_parallel_size: int = 1, expert_parallel_size: int = 
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel_size,
             pipeline_model_parallel_size=pipeline_parallel_size,
-            expert_model_parallel_size=expert_parallel_size)
+            expert_model_parallel_size=expert_parallel_size,
+            # Megatron's groups get their own timeout (default 30 min), not the world's
+            distributed_timeout_minutes=timeout_s / 60)
     sizes = (parallel_state.get_tensor_model_parallel_world_size(),
              parallel_state.get_expert_model_parallel_world_size(),
              parallel_state.get_pipeline_model_parallel_world_size())

@@ -262,7 +262,7 @@ def test_resume_refuses_another_model_config_or_parallel_layout(jobs):
     args.seq_len = 32
     other = SimpleNamespace(cfg=tiny().replace(num_layers=4, moe__top_k=3), args=args)
     with pytest.raises(ValueError) as err:
-        check_resumable(saved, other, job.out)
+        check_resumable(saved, other.cfg, other.args, job.out)
     message = str(err.value)
     for expected in ("'moe'", "top_k", "--tensor-parallel-size", "--seed", "start a new"):
         assert expected in message, message

@@ -2,11 +2,15 @@
 or the `dsv3-train` script; `main(argv)` from Python).
 
   args.py         the command line: flags, their checks, the model config; TrainError
-  build.py        the device, the initial model (the same weights at any TP/EP size), AdamW
-  step.py         one optimizer step (what it does, in five steps), evaluation, the metrics
+  build.py        the device, the data (checked before the model is built), the initial model
+                  (the same weights at any TP/EP size), AdamW
+  step.py         one optimizer step (what it does, in six steps; a non-finite one is refused
+                  before it is applied), evaluation, the metrics
+  preemption.py   SIGTERM / SIGINT: every rank finishes the same step, saves it, exits 128 + signal
   gradients.py    gradient reduction over DP / expert-DP, the global norm, clipping
   pipeline.py     PP > 1: this rank's two stages and their DualPipe / DualPipeV schedule
-  checkpoint.py   per-rank checkpoints written atomically; what a resume must match
+  checkpoint.py   per-rank checkpoints with a manifest of digests, published atomically; the
+                  intact one to resume from; what a resume and a run folder must match
   metrics_log.py  rank 0's outputs: metrics.jsonl, Weights & Biases, the plots
   plots.py        the two figures (matplotlib)
   job.py          set-up, the training loop, main

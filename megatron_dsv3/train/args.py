@@ -17,6 +17,11 @@ import torch
 from ..config import PRESETS, ConfigError, ModelConfig, preset
 from ..data import DEFAULT_DATA_DIR
 
+# How long a collective waits for its peers (--dist-timeout-s): 10 minutes, torch's NCCL default
+# and Megatron-LM's --distributed-timeout-minutes default. Legitimate waits here are far shorter
+# (the tiny preset's checkpoint or evaluation takes seconds); a 671B checkpoint write to a shared
+# file system can take minutes: raise it there rather than lower it.
+DIST_TIMEOUT_S = 600.0
 
 
 class TrainError(ValueError):
@@ -29,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m megatron_dsv3.train",
         description="Train a DeepSeek-V3 preset (MLA, DeepSeekMoE, MTP) on the bundled corpus. "
                     "Defaults: the tiny preset, a few minutes on 2 CPU cores.",
+        epilog="Stopping: the first SIGTERM (SLURM preemption, torchrun's shutdown) or SIGINT "
+               "(Ctrl-C) on any rank lets every rank finish the step in flight, save a "
+               "checkpoint of it (even with --save-interval 0) and exit with status 128 + the "
+               "signal (143 for SIGTERM, 130 for SIGINT); continue with --resume auto. Repeated "
+               "signals are ignored meanwhile (torchrun forwards the one its workers already "
+               "got); SIGKILL or SIGQUIT (Ctrl-\\) stops at once. A non-finite loss or gradient "
+               "norm stops the job before that step is applied (status 2), naming the checkpoint "
+               "to resume from.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("--preset", default="tiny", choices=sorted(PRESETS), help="model preset")
@@ -61,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--val-fraction", type=float, default=0.05, help="tail of the corpus held out")
     add("--out-dir", type=Path, default=None, help="run folder (default: runs/<preset>-<time>)")
     add("--resume", default=None, help="checkpoint folder (step_<N>, or a checkpoints/ or run "
-                                       "folder: its latest), or 'auto': the latest in --out-dir "
-                                       "if there is one")
+                                       "folder: its newest intact checkpoint, no newer than "
+                                       "'latest'), or 'auto': the same in --out-dir if it holds "
+                                       "a run, a fresh start if it does not")
     add("--save-interval", type=int, default=100, help="checkpoint every N steps and at the "
                                                        "end (0: no checkpoints)")
     add("--eval-interval", type=int, default=50, help="validate every N steps and at the end "
@@ -70,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval-batches", type=int, default=8, help="validation micro-batches per DP rank")
     add("--wandb-project", default="megatron-dsv3", help="Weights & Biases project")
     add("--no-wandb", action="store_true", help="do not log to Weights & Biases")
+    add("--dist-timeout-s", type=float, default=DIST_TIMEOUT_S,
+        help="seconds a collective waits for the other ranks before this rank fails, on every "
+             "process group: a hung peer becomes an error instead of a 30-minute wait. It must "
+             "exceed the longest legitimate wait between ranks (a checkpoint write, an "
+             "evaluation, a slow first step); the default is torch's NCCL default and "
+             "Megatron-LM's --distributed-timeout-minutes")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"),
         help="auto: cuda when available")
     add("--amp", default="auto", choices=("auto", "off", "bf16"),
@@ -111,6 +131,8 @@ def validate_args(args: argparse.Namespace, cfg: ModelConfig, world_size: int) -
     need(args.warmup_steps <= args.steps, "--warmup-steps", args.warmup_steps,
          f"must not exceed --steps={args.steps}")
     need(args.weight_decay >= 0, "--weight-decay", args.weight_decay, "must be >= 0")
+    need(args.dist_timeout_s > 0, "--dist-timeout-s", args.dist_timeout_s,
+         "must be > 0 seconds (how long a collective waits for the other ranks)")
     need(args.clip_grad >= 0, "--clip-grad", args.clip_grad, "must be >= 0 (0 disables it)")
     need(0 < args.val_fraction < 1, "--val-fraction", args.val_fraction,
          "must lie strictly between 0 and 1")

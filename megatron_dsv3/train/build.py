@@ -1,4 +1,4 @@
-"""What the job builds before its first step: the device, the initial model, AdamW.
+"""What the job builds before its first step: the device, the data, the initial model, AdamW.
 
 The initial weights are the same at any TP and EP size for a given seed: they are drawn on the
 CPU as the full TP=1, EP=1 model and each TP/EP rank keeps its slice of every tensor. With a
@@ -14,12 +14,57 @@ import torch
 import torch.distributed as dist
 
 from ..config import ModelConfig, to_megatron_config
+from .args import TrainError
 
 
 def pick_device(args) -> torch.device:
     if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def load_data(args, cfg: ModelConfig):
+    """The tokenized corpus of --data-dir (a data.TokenCorpus), checked against what the run
+    will draw from it before the model is built: a TrainError naming the file or the flag and
+    the fix, instead of a traceback or a failure at the first step or evaluation."""
+    from ..data import DataError, load_corpus
+
+    try:
+        tokenizer, corpus = load_corpus(args.data_dir, val_fraction=args.val_fraction)
+    except (DataError, FileNotFoundError) as err:
+        raise TrainError(f"--data-dir {args.data_dir}: {err}") from err
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise TrainError(f"--data-dir {args.data_dir}: its tokenizer has {tokenizer.vocab_size} "
+                         f"tokens, more than preset '{cfg.name}' vocab_size={cfg.vocab_size}; "
+                         "use a preset with a larger vocabulary or a smaller tokenizer")
+    window = args.seq_len + 1  # a sequence and the label of its last token
+    num_train, num_val = corpus.train.numel(), corpus.val.numel()
+    total = num_train + num_val
+    if num_train < window:
+        raise TrainError(f"--data-dir {args.data_dir} holds {total} tokens; less the "
+                         f"--val-fraction {args.val_fraction} held out, its training split has "
+                         f"{num_train}, fewer than one sequence of --seq-len + 1 = {window}: "
+                         "lower --seq-len or --val-fraction, or use a bigger corpus")
+    if args.eval_interval and num_val < window:
+        # Windows are drawn with replacement: one is all an evaluation needs.
+        raise TrainError(
+            f"--val-fraction {args.val_fraction} holds out {num_val} of the {total} tokens in "
+            f"--data-dir {args.data_dir}, fewer than one validation sequence of --seq-len + 1 = "
+            f"{window} (an evaluation draws --eval-batches {args.eval_batches} x "
+            f"--micro-batch-size {args.micro_batch_size} such windows, with replacement): the "
+            f"first evaluation (--eval-interval {args.eval_interval}) would fail. Raise "
+            f"--val-fraction to {_fraction_for(window, total)} or more, lower --seq-len, or pass "
+            "--eval-interval 0 (no validation)")
+    return corpus
+
+
+def _fraction_for(tokens: int, total: int) -> str:
+    """A --val-fraction of 2 significant digits, near the smallest, that holds `tokens` of
+    `total` (int(total * fraction) >= tokens, as data.load_corpus splits)."""
+    fraction = float(f"{tokens / total:.2g}")
+    while int(total * fraction) < tokens:
+        fraction = float(f"{fraction * 1.1:.2g}")
+    return f"{fraction:g}"
 
 
 def build_initial_model(cfg: ModelConfig, pg, seed: int, device: torch.device):

@@ -5,14 +5,18 @@ folder and the checkpoint to resume from (before the slow part, so a wrong --res
 early), loads the corpus, builds the model (its pipeline stages with PP > 1) and AdamW, and
 loads the checkpoint. `train` runs the optimizer steps, logs each (rank 0), validates every
 --eval-interval steps and checkpoints every --save-interval steps (both also at the end), and
-writes the plots at the end. `main` turns a `TrainError` into a one-line message and exit
-status 2.
+writes the plots at the end; on SIGTERM / SIGINT every rank finishes its step, saves it and
+stops (preemption.py), and a step with a non-finite loss or gradient norm stops the job before
+it is applied, naming the checkpoint to resume from. `main` turns a `TrainError` into a
+one-line message and exit status 2, a collective that timed out (--dist-timeout-s: a hung
+peer) into one and status 1.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,13 +25,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..data import load_corpus
 from .args import TrainError, parse_args
-from .build import build_initial_model, build_optimizer, compile_for_device, pick_device
-from .checkpoint import checkpoint_payload, find_checkpoint, load_checkpoint, save_checkpoint
+from .build import (build_initial_model, build_optimizer, compile_for_device, load_data,
+                    pick_device)
+from .checkpoint import (checkpoint_payload, checkpoint_to_resume, load_checkpoint,
+                         run_folder_of, save_checkpoint)
 from .metrics_log import LOAD_WINDOW_STEPS, MetricsLog, start_wandb, write_plots
 from .pipeline import Pipeline
-from .step import Run, evaluate, train_step
+from .preemption import StopSignals, exit_status, signal_name
+from .step import NonFiniteStep, Run, evaluate, train_step
 
 
 def resolve_out_dir(args) -> Path:
@@ -35,8 +41,7 @@ def resolve_out_dir(args) -> Path:
     if args.out_dir is not None:
         return args.out_dir
     if args.resume not in (None, "auto"):
-        step_dir = find_checkpoint(args.resume, None)
-        return step_dir.parent.parent
+        return run_folder_of(args.resume)
     stamp = [time.strftime("%Y%m%d-%H%M%S")]
     if dist.is_initialized():
         dist.broadcast_object_list(stamp, src=0)
@@ -52,7 +57,7 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
     # `dp` / `ep` / `expt_dp` are among the ranks holding the same stages.
     pg = init_distributed(args.tensor_parallel_size, args.expert_parallel_size,
                           pipeline_parallel_size=args.pipeline_parallel_size,
-                          backend=backend, seed=args.seed)
+                          backend=backend, seed=args.seed, timeout_s=args.dist_timeout_s)
     device = pick_device(args)
     if device.type == "cpu":
         # Megatron's jit_fuser is torch.compile: on CPU it compiles C++ for ~15 s at the first
@@ -62,12 +67,9 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1)
                                   // int(os.environ["LOCAL_WORLD_SIZE"])))
     out_dir = resolve_out_dir(args)
-    step_dir = find_checkpoint(args.resume, out_dir)  # before the slow part: fail early
-    tokenizer, corpus = load_corpus(args.data_dir, val_fraction=args.val_fraction)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise TrainError(f"--data-dir {args.data_dir}: its tokenizer has {tokenizer.vocab_size} "
-                         f"tokens, more than preset '{cfg.name}' vocab_size={cfg.vocab_size}; "
-                         "use a preset with a larger vocabulary or a smaller tokenizer")
+    # Verified, never a folder of another run, the config compared: before the slow part
+    step_dir = checkpoint_to_resume(args, cfg, out_dir)
+    corpus = load_data(args, cfg)  # its problems named before the slow part
     model = build_initial_model(cfg, pg, args.seed, device)
     compile_for_device(model, args, device)
     pipeline = None
@@ -106,38 +108,56 @@ def train(run: Run, step_dir: Optional[Path]) -> dict:
                     desc=f"{run.cfg.name} tp={run.pg.tp.size()} ep={run.pg.ep.size()} "
                          f"pp={args.pipeline_parallel_size} dp={run.pg.dp.size()}",
                     dynamic_ncols=True, mininterval=1.0)
-    summary = {"out_dir": str(out_dir), "steps": [], "losses": [], "grad_norms": []}
-    while run.step < args.steps:
-        start = time.perf_counter()
-        metrics, loads = train_step(run)
-        elapsed = time.perf_counter() - start
-        metrics["step_time_s"] = elapsed
-        metrics["tokens_per_s"] = run.tokens_per_step / elapsed
-        recent_loads.append(loads.loads)
-        names = loads.names
-        last = run.step == args.steps
-        if args.eval_interval and (run.step % args.eval_interval == 0 or last):
-            metrics.update(evaluate(run))
+    summary = {"out_dir": str(out_dir), "steps": [], "losses": [], "grad_norms": [],
+               "stopped_by": None}
+    last_checkpoint = step_dir  # what a failed step's message sends the user back to
+    with StopSignals() as signals:  # SIGTERM / SIGINT: stop after a step (preemption.py)
+        while run.step < args.steps:
+            start = time.perf_counter()
+            try:
+                metrics, loads, stop_signal = train_step(run, lambda: signals.received)
+            except NonFiniteStep as err:
+                progress.close()
+                if wandb_run is not None:
+                    wandb_run.finish(exit_code=2)
+                raise TrainError(f"{err}. {_resume_hint(last_checkpoint, args)}") from err
+            elapsed = time.perf_counter() - start
+            metrics["step_time_s"] = elapsed
+            metrics["tokens_per_s"] = run.tokens_per_step / elapsed
+            recent_loads.append(loads.loads)
+            names = loads.names
+            last = run.step == args.steps
+            stopping = bool(stop_signal) and not last  # every rank agreed (step.py, step 4)
+            if (args.eval_interval and (run.step % args.eval_interval == 0 or last)
+                    and not stopping):  # a preempted job saves first, validates never
+                metrics.update(evaluate(run))
+                if is_main:
+                    progress.write(f"step {run.step}: val loss {metrics['val_loss']:.4f}, "
+                                   f"train loss {metrics['loss']:.4f}")
             if is_main:
-                progress.write(f"step {run.step}: val loss {metrics['val_loss']:.4f}, "
-                               f"train loss {metrics['loss']:.4f}")
-        if is_main:
-            log.append(metrics)
-            if wandb_run is not None:
-                wandb_run.log(metrics, step=run.step)
-        summary["steps"].append(run.step)
-        summary["losses"].append(metrics["loss"])
-        summary["grad_norms"].append(metrics["grad_norm"])
-        summary.update(val_loss=metrics.get("val_loss", summary.get("val_loss")))
-        progress.set_postfix(loss=f"{metrics['loss']:.3f}",
-                             tok_s=f"{metrics['tokens_per_s']:.0f}")
-        progress.update(1)
-        if args.save_interval and (run.step % args.save_interval == 0 or last):
-            save_checkpoint(out_dir / "checkpoints", run.step, checkpoint_payload(run),
-                            rank=dist.get_rank())
+                log.append(metrics)
+                if wandb_run is not None:
+                    wandb_run.log(metrics, step=run.step)
+            summary["steps"].append(run.step)
+            summary["losses"].append(metrics["loss"])
+            summary["grad_norms"].append(metrics["grad_norm"])
+            summary.update(val_loss=metrics.get("val_loss", summary.get("val_loss")))
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}",
+                                 tok_s=f"{metrics['tokens_per_s']:.0f}")
+            progress.update(1)
+            if stopping or (args.save_interval and (run.step % args.save_interval == 0 or last)):
+                last_checkpoint = save_checkpoint(out_dir / "checkpoints", run.step,
+                                                  checkpoint_payload(run), rank=dist.get_rank())
+            if stopping:
+                summary["stopped_by"] = signal_name(stop_signal)
+                if is_main:
+                    progress.write(f"{signal_name(stop_signal)}: stopped after step {run.step} "
+                                   f"of {args.steps}, saved {last_checkpoint}; continue with "
+                                   f"--resume auto --out-dir {out_dir}", file=sys.stderr)
+                break
     progress.close()
     if is_main:
-        if log.records:
+        if log.records and summary["stopped_by"] is None:  # stopped: the resumed run draws them
             write_plots(out_dir, log.records, names, recent_loads)
         summary["wandb_dir"] = None
         if wandb_run is not None:
@@ -148,8 +168,24 @@ def train(run: Run, step_dir: Optional[Path]) -> dict:
     return summary
 
 
+def _resume_hint(checkpoint: Optional[Path], args) -> str:
+    """Where a run that stopped on a failed step continues from."""
+    if checkpoint is None:
+        return (f"This run wrote no checkpoint before it (--save-interval {args.save_interval}): "
+                "start it again after the change")
+    return (f"The last checkpoint is {checkpoint}: after the change, continue from it with "
+            f"--resume {checkpoint}")
+
+
+def _is_collective_timeout(err: BaseException) -> bool:
+    """gloo's error for a collective that waited longer than the group's timeout. (NCCL's
+    watchdog aborts the process instead, with its own message naming the timeout.)"""
+    return isinstance(err, RuntimeError) and "timed out" in str(err).lower()
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
-    """Parse `argv` (default: the command line), train, return the run's summary."""
+    """Parse `argv` (default: the command line), train, return the run's summary
+    (`summary["stopped_by"]`: the signal's name when a signal stopped it before --steps)."""
     from ..parallel import shutdown_distributed
 
     args, cfg = parse_args(argv)
@@ -159,11 +195,25 @@ def main(argv: Optional[list[str]] = None) -> dict:
     except TrainError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
+    except RuntimeError as err:
+        if not _is_collective_timeout(err):
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        print(f"error: rank {rank} waited more than --dist-timeout-s {args.dist_timeout_s:g} "
+              "for the other ranks in a collective: one of them hangs (or died without closing "
+              "its connections); its own output says where. If a rank legitimately needs "
+              "longer between collectives (a slow checkpoint write, a long first step), raise "
+              f"--dist-timeout-s. ({str(err).strip().splitlines()[0]})", file=sys.stderr)
+        raise SystemExit(1) from err
     finally:
         shutdown_distributed()
 
 
 def cli() -> None:
     """The `dsv3-train` console script and `python -m megatron_dsv3.train`: main(), exit status
-    0 on success (a console script would exit 1 with main's summary dict as its status)."""
-    main()
+    0 on success (a console script would exit 1 with main's summary dict as its status), 128 +
+    the signal after a stop on SIGTERM / SIGINT (143 / 130; preemption.py), 2 for a TrainError,
+    1 when a collective timed out (--dist-timeout-s)."""
+    summary = main()
+    if summary["stopped_by"] is not None:
+        raise SystemExit(exit_status(signal.Signals[summary["stopped_by"]]))

@@ -13,15 +13,21 @@ What one optimizer step does (each rank; TP ranks of one DP replica see the same
      both divided by the DP size;
   3. global gradient norm (TP-split parameters' squares summed over TP, expert shards' over TP
      and EP, replicated ones counted once), clipped to `--clip-grad`;
-  4. AdamW at lr(step): linear warm-up, then cosine decay to `--min-lr`;
-  5. `update_expert_biases` over the DP group: aux-loss-free balancing, each router's expert
+  4. the step's one host sync, before anything is applied: the losses (DP means), the norm
+     (already global) and two flags max-reduced over every rank (a non-finite loss on this
+     rank; the signal that asked this rank to stop, `stop_signal`). A non-finite loss or norm
+     raises `NonFiniteStep` on every rank alike: no optimizer step, no bias update;
+  5. AdamW at lr(step): linear warm-up, then cosine decay to `--min-lr`;
+  6. `update_expert_biases` over the DP group: aux-loss-free balancing, each router's expert
      bias moves by `bias_update_rate` up for its under-loaded experts and down for the
      over-loaded ones (moe/balance.py; the bias only chooses experts, the gate weights come
      from the raw scores). The DP group contains the EP group, so every token of the step is
      counted once.
 
 The metrics a step returns are DP means; per MoE layer (labelled `L<i>` / `mtp<k>`) they add
-the step's load imbalance and the bias spread.
+the step's load imbalance and the bias spread. With the metrics comes the stop request every
+rank agreed on (`StepOutcome.stop_signal`): one rank's signal reaches all of them at the same
+step, so all save the same step.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import dataclasses
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -39,7 +45,14 @@ import torch.distributed as dist
 from ..config import ModelConfig
 from ..data import get_batch
 from ..gradients import clip_gradients, reduce_gradients
+from .args import TrainError
 from .pipeline import Pipeline
+
+# The values of step 4's host sync, in order: the five DP-mean losses, the global gradient norm,
+# then the two flags max-reduced over every rank.
+LOSS_NAMES = ("loss", "lm_loss", "mtp_loss", "mtp_ce", "balance_loss")
+_LOSS_LABELS = {"loss": "total loss", "lm_loss": "next-token CE", "mtp_loss": "weighted MTP loss",
+                "mtp_ce": "MTP CE", "balance_loss": "balance loss"}
 
 
 @dataclasses.dataclass
@@ -109,8 +122,25 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.pin_memory().to(device, non_blocking=True)
 
 
-def train_step(run: Run):
-    """One optimizer step (module docstring, steps 1-5): (metrics as DP means, ExpertLoads)."""
+class StepOutcome(NamedTuple):
+    metrics: dict      # DP means of the losses, the norm, lr, tokens seen, per-layer MoE stats
+    loads: object      # moe.balance.ExpertLoads of the step
+    stop_signal: int   # the largest signal number any rank passed in (0: none): stop after it
+
+
+class NonFiniteStep(TrainError):
+    """A step whose loss or gradient norm is NaN or infinite, raised on every rank before the
+    step is applied (no optimizer step, no bias update). `step` is its 1-based number."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+def train_step(run: Run, stop_signal: Optional[Callable[[], int]] = None) -> StepOutcome:
+    """One optimizer step (module docstring, steps 1-6). `stop_signal()`, asked in step 4 (after
+    the backward, so that a signal received during the step counts): the number of the signal
+    that asked this rank to stop, 0 for none; agreed over every rank and returned."""
     from ..moe.balance import update_expert_biases
 
     args, model = run.args, run.model
@@ -144,12 +174,19 @@ def train_step(run: Run):
     # Step 3: clipping by the global norm (each pipeline stage counted once).
     norm_params = run.pipeline.norm_params() if run.pipeline is not None else None
     grad_norm = clip_gradients(params, args.clip_grad, run.pg, norm_params)
-    # Step 4: AdamW.
+    # Step 4: the one host sync; every rank agrees whether to go on (module docstring).
+    values = dict(zip(LOSS_NAMES + ("grad_norm", "non_finite_loss", "stop_signal"),
+                      _agreed_step_values(run, sums, grad_norm,
+                                          stop_signal() if stop_signal is not None else 0)))
+    if not all(math.isfinite(values[name]) for name in LOSS_NAMES + ("grad_norm",)) \
+            or values["non_finite_loss"]:
+        raise NonFiniteStep(_non_finite_message(run, values, lr), run.step + 1)
+    # Step 5: AdamW.
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     run.tokens_seen += run.tokens_per_step
-    # Step 5: aux-loss-free balancing, loads summed over the DP replicas (EP included) of the
+    # Step 6: aux-loss-free balancing, loads summed over the DP replicas (EP included) of the
     # routers' stage (and over DualPipe's two copies of it first).
     if run.pipeline is not None:
         run.pipeline.add_mirrored_router_loads()
@@ -157,20 +194,80 @@ def train_step(run: Run):
                                  rate=run.cfg.moe.bias_update_rate,
                                  stop_tokens=run.cfg.moe.bias_update_stop_tokens)
 
-    means = sums / args.grad_accum
-    if run.pg.dp.size() > 1:
-        dist.all_reduce(means, group=run.pg.dp)
-        means /= run.pg.dp.size()
-    loss, lm, mtp, mtp_ce, balance = means.tolist()
-    metrics = {"step": run.step, "loss": loss, "lm_loss": lm, "mtp_loss": mtp, "mtp_ce": mtp_ce,
-               "mtp_lambda": mtp_lambda, "balance_loss": balance, "lr": lr,
-               "grad_norm": grad_norm.item(), "tokens_seen": run.tokens_seen}
+    metrics = {"step": run.step, **{name: values[name] for name in LOSS_NAMES},
+               "mtp_lambda": mtp_lambda, "lr": lr, "grad_norm": values["grad_norm"],
+               "tokens_seen": run.tokens_seen}
     if run.pipeline is not None:
         loads, spreads = run.pipeline.gather_expert_loads(loads)
     else:
         spreads = bias_spreads(model)
     metrics.update(expert_metrics(loads, spreads))
-    return metrics, loads
+    return StepOutcome(metrics, loads, int(values["stop_signal"]))
+
+
+def _agreed_step_values(run: Run, sums: torch.Tensor, grad_norm: torch.Tensor,
+                        stop_signal: int) -> list[float]:
+    """Step 4's values (LOSS_NAMES as DP means, grad_norm, non_finite_loss, stop_signal), the
+    same on every rank, through one host sync. The losses are DP means (a pipeline has summed
+    them over its ranks), the norm is global; the two flags are max-reduced over the world, so
+    that a rank whose own loss is not finite, or which received a signal, tells every other."""
+    means = sums / run.args.grad_accum
+    if run.pg.dp.size() > 1:
+        dist.all_reduce(means, group=run.pg.dp)
+        means /= run.pg.dp.size()
+    flags = torch.stack([(~torch.isfinite(sums)).any().float(),
+                         torch.full((), float(stop_signal), device=sums.device)])
+    if dist.get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return torch.cat([means, grad_norm.float().view(1), flags]).tolist()
+
+
+def _non_finite_message(run: Run, values: dict, lr: float) -> str:
+    """What was not finite in the step after run.step, what was, and the parameters' state
+    (collective: every rank calls it, as every rank raises NonFiniteStep together)."""
+    step = run.step + 1
+    shown = {name: f"{_LOSS_LABELS[name]} {values[name]:.6g}" for name in LOSS_NAMES}
+    shown["grad_norm"] = f"gradient norm {values['grad_norm']:.6g}"
+    bad = [text for name, text in shown.items() if not math.isfinite(values[name])]
+    finite = [text for name, text in shown.items() if math.isfinite(values[name])]
+    if all(math.isfinite(values[name]) for name in LOSS_NAMES) and not values["non_finite_loss"]:
+        cause = "the losses are finite: it arose in the backward pass"
+    else:
+        cause = "it arose in the forward pass"
+    if not bad:  # finite means, yet a rank's own loss was not (its DP group's mean hides it)
+        bad = ["one rank's own loss"]
+    nan_params, (largest, largest_name) = _parameter_health(run)
+    if nan_params:
+        weights = (f"parameters holding NaN/Inf: {', '.join(nan_params[:5])}"
+                   + (f" and {len(nan_params) - 5} more" if len(nan_params) > 5 else ""))
+    else:
+        weights = f"every parameter is finite, the largest |weight| {largest:.3g} ({largest_name})"
+    return (f"step {step} is not finite: {', '.join(bad)} ({cause}; "
+            f"{', '.join(finite) if finite else 'nothing is finite'}); {weights}. Nothing of step "
+            f"{step} was applied: no optimizer step, no expert-bias update, no checkpoint. Lower "
+            f"--lr (now {run.args.lr:g}; step {step} ran at {lr:.3g}), raise --warmup-steps (now "
+            f"{run.args.warmup_steps}), keep --clip-grad on (now {run.args.clip_grad:g}), or "
+            f"check the data (--data-dir {run.args.data_dir})")
+
+
+def _parameter_health(run: Run) -> tuple[list[str], tuple[float, str]]:
+    """Over every rank: the names of the parameters holding a NaN/Inf value, and the largest
+    finite |weight| with its parameter's name (each prefixed "rank r: " when there are several
+    ranks). Collective over the world group."""
+    nan_params, largest = [], (0.0, "")
+    prefix = f"rank {dist.get_rank()}: " if dist.get_world_size() > 1 else ""
+    with torch.no_grad():
+        for name, param in run.model.named_parameters():
+            if not torch.isfinite(param).all():
+                nan_params.append(prefix + name)
+            elif param.numel() and (biggest := param.abs().max().item()) > largest[0]:
+                largest = (biggest, prefix + name)
+    if dist.get_world_size() == 1:
+        return nan_params, largest
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (nan_params, largest))
+    return ([name for names, _ in everyone for name in names],
+            max((big for _, big in everyone), key=lambda big: big[0]))
 
 
 def bias_spreads(model: torch.nn.Module) -> list[float]:

@@ -17,11 +17,11 @@ from megatron_dsv3.train.master_weights import MasterWeights
 HIDDEN, MICRO_BATCHES = 16, 3
 
 
-def _model(seed: int = 0) -> torch.nn.Sequential:
+def _model(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Sequential:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(HIDDEN, 2 * HIDDEN), torch.nn.GELU(),
                                 torch.nn.Linear(2 * HIDDEN, HIDDEN, bias=False))
-    return model.to(torch.bfloat16)
+    return model.to(dtype)
 
 
 def _batches() -> list[torch.Tensor]:
@@ -31,7 +31,7 @@ def _batches() -> list[torch.Tensor]:
 
 def test_gradients_of_all_micro_batches_are_summed_in_fp32_and_bf16_grads_freed():
     model, reference = _model(), _model()
-    masters = MasterWeights(model.parameters())
+    masters = MasterWeights(model)
     sums = [torch.zeros(p.shape) for p in reference.parameters()]
     for x in _batches():
         model(x).float().pow(2).mean().backward()
@@ -49,7 +49,7 @@ def test_gradients_of_all_micro_batches_are_summed_in_fp32_and_bf16_grads_freed(
 
 def test_a_step_on_the_masters_is_adamw_in_fp32_and_the_model_gets_its_bf16_rounding():
     model = _model()
-    masters = MasterWeights(model.parameters())
+    masters = MasterWeights(model)
     optimizer = torch.optim.AdamW(masters.params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
     fp32 = [m.detach().clone().requires_grad_() for m in masters.params]
     reference = torch.optim.AdamW(fp32, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
@@ -68,29 +68,46 @@ def test_a_step_on_the_masters_is_adamw_in_fp32_and_the_model_gets_its_bf16_roun
             assert master.grad.abs().max() == 0
 
 
-def test_state_dict_round_trip_restores_masters_and_publishes_them():
+def test_state_dict_holds_the_fp32_masters_and_loading_it_restores_and_publishes_them():
     model = _model(seed=0)
-    masters = MasterWeights(model.parameters())
+    model.register_buffer("bias_like", torch.arange(3.0))  # a buffer keeps its fp32 values
+    masters = MasterWeights(model)
     with torch.no_grad():
         for master in masters.params:
             master.add_(1e-3)  # masters that the bf16 weights cannot hold exactly
     saved = masters.state_dict()
+    assert list(saved) == list(model.state_dict())
+    for (name, _), master in zip(model.named_parameters(), masters.params):
+        assert saved[name].dtype == torch.float32
+        assert_equal(saved[name], master, name)
     other = _model(seed=5)
-    restored = MasterWeights(other.parameters())
+    other.register_buffer("bias_like", torch.zeros(3))
+    restored = MasterWeights(other)
     restored.load_state_dict(saved)
     for a, b, param in zip(restored.params, masters.params, other.parameters()):
         assert_equal(a, b, "master weight")
         assert_equal(param.detach(), b.to(torch.bfloat16), "published parameter")
-    with pytest.raises(ValueError, match="checkpoint has 2 master weights, the model 3"):
-        restored.load_state_dict({"masters": saved["masters"][:2]})
+    assert_equal(other.bias_like, torch.arange(3.0), "buffer")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        restored.load_state_dict({k: v for k, v in saved.items() if k != "2.weight"})
 
 
-def test_parallel_attributes_travel_and_fp32_parameters_are_refused():
+def test_fp32_weights_become_masters_exactly_and_the_model_their_bf16_rounding():
+    model = _model(dtype=torch.float32)
+    fp32 = [p.detach().clone() for p in model.parameters()]
+    masters = MasterWeights(model)
+    for i, (master, value, param) in enumerate(zip(masters.params, fp32, model.parameters())):
+        assert_equal(master, value, f"master {i}")
+        assert param.dtype == torch.bfloat16
+        assert_equal(param.detach(), value.to(torch.bfloat16), f"param {i}")
+
+
+def test_parallel_attributes_travel_and_an_fp32_model_dtype_is_refused():
     model = _model()
     model[0].weight.expert_parallel = True
     model[0].weight.tensor_model_parallel, model[0].weight.partition_dim = True, 0
-    masters = MasterWeights(model.parameters())
+    masters = MasterWeights(model)
     assert masters.params[0].expert_parallel and masters.params[0].partition_dim == 0
     assert not hasattr(masters.params[1], "expert_parallel")
-    with pytest.raises(ValueError, match="are fp32 already"):
-        MasterWeights(torch.nn.Linear(2, 2).parameters())
+    with pytest.raises(ValueError, match="lower precision than the fp32 masters"):
+        MasterWeights(torch.nn.Linear(2, 2), dtype=torch.float32)

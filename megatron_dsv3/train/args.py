@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: cuda when available")
     add("--amp", default="auto", choices=("auto", "off", "bf16"),
         help="autocast of the forward; auto: bf16 on cuda, off on cpu")
+    add("--params-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+        help="dtype of the model's parameters. bfloat16: the GEMMs read them directly, AdamW "
+             "updates fp32 master copies and each micro-batch's gradient is summed into an "
+             "fp32 buffer (DeepSeek-V3's precision map); float32: AdamW on the parameters, "
+             "bf16 casts under autocast. Checkpoints hold the fp32 weights either way. auto: "
+             "bfloat16 with bf16 autocast on cuda and no pipeline, float32 otherwise")
     add("--compile", default="auto", choices=("auto", "none", "modules", "layers"),
         help="torch.compile our attention/MoE modules or whole transformer layers "
              "(model.compile_model); auto: modules on cuda, none on cpu")
@@ -140,6 +146,9 @@ def validate_args(args: argparse.Namespace, cfg: ModelConfig, world_size: int) -
          "no CUDA device is visible here: use --device cpu or auto")
     need(not (args.amp == "bf16" and args.device == "cpu"), "--amp", args.amp,
          "bf16 autocast is for cuda; use --amp off (or auto) on cpu")
+    need(args.params_dtype != "bfloat16" or args.pipeline_parallel_size == 1, "--params-dtype",
+         args.params_dtype, "is not supported with --pipeline-parallel-size > 1 yet (the "
+         "pipeline's stages keep fp32 parameters): pass --params-dtype float32 or auto")
     need(args.resume != "auto" or args.out_dir is not None, "--resume", args.resume,
          "'auto' looks in --out-dir, whose default is a new timestamped folder: pass --out-dir "
          "of the run to continue")
@@ -220,6 +229,11 @@ def _pipeline_problems(args, cfg: ModelConfig, world_size: int) -> list[str]:
         except ValueError as err:
             problems.append(_arg_error(flag, value, str(err)))
     return problems
+
+
+def uses_bf16_autocast(args, device: torch.device) -> bool:
+    """--amp resolved on `device`: auto is bf16 on cuda, off on cpu."""
+    return args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, ModelConfig]:

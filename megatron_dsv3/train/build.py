@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ModelConfig, to_megatron_config
-from .args import TrainError
+from .args import TrainError, uses_bf16_autocast
 
 
 def pick_device(args) -> torch.device:
@@ -117,10 +117,20 @@ def compile_for_device(model: torch.nn.Module, args, device: torch.device) -> in
     return compile_model(model, scope=scope, **mode)
 
 
-def build_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
-    """AdamW (DeepSeek-V3's betas) with weight decay on matrices, none on norms; the fused
-    kernel when the parameters are on a GPU (one launch for all tensors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def params_dtype(args, device: torch.device) -> torch.dtype:
+    """--params-dtype, auto resolved: bfloat16 (fp32 masters) where bf16 autocast runs on cuda
+    without a pipeline, float32 otherwise."""
+    if args.params_dtype == "auto":
+        fast = (device.type == "cuda" and uses_bf16_autocast(args, device)
+                and args.pipeline_parallel_size == 1)
+        return torch.bfloat16 if fast else torch.float32
+    return getattr(torch, args.params_dtype)
+
+
+def build_optimizer(params: list[torch.Tensor], args) -> torch.optim.AdamW:
+    """AdamW (DeepSeek-V3's betas) over `params` (fp32: the model's parameters or their
+    masters) with weight decay on matrices, none on norms; the fused kernel when they are on a
+    GPU (one launch for all tensors)."""
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = bool(params) and params[0].device.type == "cuda"

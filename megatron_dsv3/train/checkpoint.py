@@ -207,7 +207,7 @@ def checkpoint_payload(run: Run) -> dict:
         "format": CHECKPOINT_FORMAT,
         "step": run.step,
         "tokens_seen": run.tokens_seen,
-        "model": run.model.state_dict(),
+        "model": run.model_state_dict(),  # fp32 weights, whatever the parameters' dtype
         "optimizer": run.optimizer.state_dict(),
         "rng": _rng_states(run.device),
         "model_config": dataclasses.asdict(run.cfg),
@@ -614,7 +614,7 @@ def load_checkpoint(run: Run, step_dir: Path) -> None:
         raise TrainError(f"cannot resume from {step_dir}: " + "; ".join(problems)
                          + ". Pass an older step folder to --resume")
     check_resumable(saved, run.cfg, run.args, step_dir)
-    run.model.load_state_dict(saved["model"])
+    run.load_model_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
     _set_rng_states(saved["rng"], run.device)
     run.step, run.tokens_seen = saved["step"], saved["tokens_seen"]

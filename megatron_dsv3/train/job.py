@@ -27,9 +27,10 @@ import torch.distributed as dist
 
 from .args import TrainError, parse_args
 from .build import (build_initial_model, build_optimizer, compile_for_device, load_data,
-                    pick_device)
+                    params_dtype, pick_device)
 from .checkpoint import (checkpoint_payload, checkpoint_to_resume, load_checkpoint,
                          run_folder_of, save_checkpoint)
+from .master_weights import MasterWeights
 from .metrics_log import LOAD_WINDOW_STEPS, MetricsLog, start_wandb, write_plots
 from .pipeline import Pipeline
 from .preemption import StopSignals, exit_status, signal_name
@@ -70,15 +71,20 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
     # Verified, never a folder of another run, the config compared: before the slow part
     step_dir = checkpoint_to_resume(args, cfg, out_dir)
     corpus = load_data(args, cfg)  # its problems named before the slow part
-    model = build_initial_model(cfg, pg, args.seed, device)
+    model = build_initial_model(cfg, pg, args.seed, device)  # fp32
+    dtype = params_dtype(args, device)
+    # bf16: the fp32 weights become the masters (exactly), the model gets their rounding
+    masters = MasterWeights(model, dtype) if dtype != torch.float32 else None
     compile_for_device(model, args, device)
     pipeline = None
     if args.pipeline_parallel_size > 1:
         pipeline = Pipeline.create(model, args, pg)
         model = torch.nn.ModuleList(pipeline.stages)  # parameters, state dict, routers
     set_balance_loss_scale(model, 1.0 / args.grad_accum)  # each micro-batch's loss / grad_accum
-    run = Run(args, cfg, pg, device, model, build_optimizer(model, args), corpus,
-              out_dir=out_dir, pipeline=pipeline)
+    trained = (masters.params if masters is not None
+               else [p for p in model.parameters() if p.requires_grad])
+    run = Run(args, cfg, pg, device, model, build_optimizer(trained, args), corpus,
+              out_dir=out_dir, pipeline=pipeline, masters=masters)
     if step_dir is not None:
         load_checkpoint(run, step_dir)
     elif args.resume == "auto" and dist.get_rank() == 0:

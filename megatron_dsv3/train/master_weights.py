@@ -1,4 +1,4 @@
-"""bf16 model parameters trained through fp32 master weights and fp32 gradients.
+"""Low-precision model parameters trained through fp32 master weights and fp32 gradient sums.
 
 DeepSeek-V3's precision map keeps master weights and gradients in FP32 while the GEMMs run in
 low precision. With fp32 parameters under bf16 autocast (the job's CPU default) every
@@ -9,19 +9,20 @@ gradient is added into an fp32 buffer as soon as autograd has accumulated it (a
 post-accumulate-grad hook; the bf16 `.grad` is freed right away), so a step of many micro-batches
 sums their gradients in fp32.
 
-  masters = MasterWeights(model.parameters())
+  masters = MasterWeights(model)                           # fp32 copies; model -> bf16
   optimizer = torch.optim.AdamW(masters.params, ...)      # fp32 masters, .grad = the fp32 sums
   ... backward of each micro-batch ...                     # hooks add into masters.params[i].grad
   reduce / clip masters.params' gradients                  # they carry the TP/EP attributes
   optimizer.step(); masters.publish(); masters.zero_grad()  # bf16 copies of the masters
 
-The fp32 gradient of parameter i is also its `main_grad` (Megatron's name), so layers that
-defer their weight gradient (weight_grad.py) add into it directly.
+`state_dict()` is the model's state dict with the fp32 masters in place of the parameters, so
+a checkpoint holds the same fp32 weights whether the run kept fp32 parameters or bf16 ones with
+masters, and either kind of run resumes from it. The fp32 gradient of a parameter is also its
+`main_grad` (Megatron's name), so layers that defer their weight gradient (weight_grad.py) add
+into it directly.
 """
 
 from __future__ import annotations
-
-from typing import Iterable
 
 import torch
 
@@ -32,22 +33,25 @@ _PARALLEL_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_str
 
 
 class MasterWeights:
-    """fp32 master copies and fp32 gradient sums of low-precision model parameters."""
+    """fp32 master copies and fp32 gradient sums of a model's trainable parameters, which are
+    cast to `dtype` in place (buffers, such as the routers' expert biases, keep their dtype).
+    `params[i]` is the master of the i-th of `model.parameters()`."""
 
-    def __init__(self, parameters: Iterable[torch.nn.Parameter]) -> None:
-        self.model_params = [p for p in parameters if p.requires_grad]
-        fp32 = [p for p in self.model_params if p.dtype == torch.float32]
-        if fp32:
-            raise ValueError(f"MasterWeights is for low-precision parameters, but {len(fp32)} "
-                             "are fp32 already: train those directly")
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+        if not dtype.is_floating_point or dtype == torch.float32:
+            raise ValueError(f"MasterWeights(dtype={dtype}) is invalid: the model's parameters "
+                             "must be of a lower precision than the fp32 masters (bfloat16)")
+        self.model = model
+        self.model_params = [p for p in model.parameters() if p.requires_grad]
         self.params: list[torch.Tensor] = []
         self._hooks = []
         for param in self.model_params:
-            master = param.detach().float().clone()
+            master = param.detach().float().clone()  # exactly the weights the model was given
             master.grad = torch.zeros_like(master)
             for name in _PARALLEL_ATTRIBUTES:
                 if hasattr(param, name):
                     setattr(master, name, getattr(param, name))
+            param.data = param.data.to(dtype)
             param.main_grad = master.grad
             self._hooks.append(param.register_post_accumulate_grad_hook(
                 _add_into(master.grad)))
@@ -56,7 +60,7 @@ class MasterWeights:
     @torch.no_grad()
     def publish(self) -> None:
         """The model's parameters become the (rounded) master weights, after an optimizer step
-        or after loading masters from a checkpoint."""
+        or after loading masters."""
         torch._foreach_copy_(self.model_params, self.params)
 
     @torch.no_grad()
@@ -64,19 +68,23 @@ class MasterWeights:
         torch._foreach_zero_([m.grad for m in self.params])
 
     def state_dict(self) -> dict:
-        return {"masters": [m.detach().clone() for m in self.params]}
+        """The model's state dict, its trainable parameters replaced by their fp32 masters
+        (under every name a shared parameter has); other entries (buffers, Megatron's
+        `_extra_state`) as the model's own state dict has them."""
+        master_of = {id(p): m for p, m in zip(self.model_params, self.params)}
+        return {name: (master_of[id(value)].detach() if id(value) in master_of
+                       else value.detach() if isinstance(value, torch.Tensor) else value)
+                for name, value in self.model.state_dict(keep_vars=True).items()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        saved = state["masters"]
-        if len(saved) != len(self.params):
-            raise ValueError(f"checkpoint has {len(saved)} master weights, the model "
-                             f"{len(self.params)}: was it written by another model config?")
-        for master, value in zip(self.params, saved):
-            if master.shape != value.shape:
-                raise ValueError(f"master weight of shape {tuple(value.shape)} in the checkpoint, "
-                                 f"{tuple(master.shape)} in the model")
-            master.copy_(value)
+        """Load a model state dict (fp32 values, e.g. `state_dict()`'s or an fp32 model's) into
+        the model's buffers and the masters, then publish the masters into the parameters."""
+        self.model.load_state_dict(state)
+        index = {id(p): i for i, p in enumerate(self.model_params)}
+        for name, param in self.model.named_parameters():
+            if id(param) in index:
+                self.params[index[id(param)]].copy_(state[name])
         self.publish()
 
     def remove_hooks(self) -> None:

@@ -45,7 +45,8 @@ import torch.distributed as dist
 from ..config import ModelConfig
 from ..data import get_batch
 from ..gradients import clip_gradients, reduce_gradients
-from .args import TrainError
+from .args import TrainError, uses_bf16_autocast
+from .master_weights import MasterWeights
 from .pipeline import Pipeline
 
 # The values of step 4's host sync, in order: the five DP-mean losses, the global gradient norm,
@@ -68,6 +69,7 @@ class Run:
     corpus: object
     out_dir: Optional[Path] = None
     pipeline: Optional[Pipeline] = None  # PP > 1: the stages and their schedule
+    masters: Optional[MasterWeights] = None  # bf16 parameters: their fp32 masters
     step: int = 0
     tokens_seen: int = 0
     wandb_id: Optional[str] = None
@@ -81,14 +83,37 @@ class Run:
         a = self.args
         return a.micro_batch_size * a.seq_len * a.grad_accum * self.pg.dp.size()
 
+    def trained_params(self) -> list[torch.Tensor]:
+        """The fp32 tensors AdamW updates, whose `.grad` is the step's gradient: the masters
+        of bf16 parameters, or the fp32 parameters that received a gradient."""
+        if self.masters is not None:
+            return self.masters.params
+        return [p for p in self.model.parameters() if p.grad is not None]
+
+    def zero_grad(self) -> None:
+        """After the optimizer step: the masters into the model's bf16 parameters and their
+        fp32 gradient sums zeroed, or the fp32 parameters' gradients dropped."""
+        if self.masters is not None:
+            self.masters.publish()
+            self.masters.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def model_state_dict(self) -> dict:
+        """The model's state with fp32 weights (the masters when the parameters are bf16)."""
+        return (self.masters.state_dict() if self.masters is not None
+                else self.model.state_dict())
+
+    def load_model_state_dict(self, state: dict) -> None:
+        if self.masters is not None:
+            self.masters.load_state_dict(state)
+        else:
+            self.model.load_state_dict(state)
+
     def autocast(self):
         if uses_bf16_autocast(self.args, self.device):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
-
-
-def uses_bf16_autocast(args, device: torch.device) -> bool:
-    return args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
 
 
 def lr_at(step: int, args) -> float:
@@ -168,7 +193,7 @@ def train_step(run: Run, stop_signal: Optional[Callable[[], int]] = None) -> Ste
                           torch.zeros((), device=run.device))
             sums += torch.stack([loss.detach() + balance, lm.detach(), mtp.detach(), mtp_ce,
                                  balance]).float()
-    params = [p for p in model.parameters() if p.grad is not None]
+    params = run.trained_params()
     # Step 2: gradient reduction: DP for replicated parameters, expert-DP for expert shards.
     reduce_gradients(params, run.pg)
     # Step 3: clipping by the global norm (each pipeline stage counted once).
@@ -183,7 +208,7 @@ def train_step(run: Run, stop_signal: Optional[Callable[[], int]] = None) -> Ste
         raise NonFiniteStep(_non_finite_message(run, values, lr), run.step + 1)
     # Step 5: AdamW.
     run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    run.zero_grad()
     run.step += 1
     run.tokens_seen += run.tokens_per_step
     # Step 6: aux-loss-free balancing, loads summed over the DP replicas (EP included) of the

@@ -125,7 +125,7 @@ class WeightGradStore:
                 if id(param) in pending:
                     grad = pending.pop(id(param)) + grad
                 if last[id(param)] == i:
-                    _accumulate(param, grad)
+                    accumulate_weight_grad(param, grad)
                 else:
                     pending[id(param)] = grad
         return label
@@ -146,7 +146,7 @@ class WeightGradStore:
         self._groups.clear()
 
 
-def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+def accumulate_weight_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
     """param.main_grad += grad (Megatron DDP) or param.grad += grad, creating it if absent."""
     main_grad = getattr(param, "main_grad", None)
     if main_grad is not None:

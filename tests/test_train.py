@@ -14,6 +14,7 @@ micro-batch and DP rank, so runs of equal DP see equal data).
                                                            written; resumed at step 3
   bf16           1: bf16 parameters         plain (bf16)   fp32 masters in its checkpoints;
                                                            resumed at step 2; resumes plain's
+  wgrad-step     1: --expert-wgrad step     plain
   tp2            2: TP=2                    plain
   pp2-dualpipev  2: PP=2, DualPipeV         plain
   pp2-dualpipe   2: PP=2, DualPipe          plain          its mirror copies stay identical
@@ -106,6 +107,13 @@ LAYOUTS = {
     # without autocast the whole forward runs in bf16
     "bf16": Layout(1, ("--params-dtype", "bfloat16", "--steps", "3", "--save-interval", "2"),
                    resume_at=2),
+    # the routed experts' weight gradients of a step in one GEMM per projection (--expert-wgrad
+    # auto's choice on cuda); the forward and the step-1 losses are untouched
+    "wgrad-step": Layout(1, ("--expert-wgrad", "step"), "plain",
+                         exact=("loss", "lm_loss", "mtp_loss", "mtp_ce", "balance_loss", "moe/"),
+                         close=((1, "grad_norm"), (2, "loss"), (2, "val_loss")),
+                         why="an expert's weight gradient summed over all the step's rows at "
+                             "once instead of per micro-batch"),
     "dp2": Layout(2, dp_groups=((0, 1),)),
     "ep2": Layout(2, ("--expert-parallel-size", "2"), "dp2",
                   close=((1, "loss"), (1, "grad_norm"), (2, "loss"), (2, "grad_norm")),

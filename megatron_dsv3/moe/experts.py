@@ -81,7 +81,8 @@ def pick_experts_impl(impl: str, device: torch.device):
 # ----------------------------------------------------------------------------------------------
 # One projection of all experts with a deferrable weight gradient
 # ----------------------------------------------------------------------------------------------
-def _loop_bounds(counts: list[int]) -> list[tuple[int, int]]:
+def row_bounds(counts: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each expert's rows, from the row counts."""
     starts = [0]
     for count in counts:
         starts.append(starts[-1] + count)
@@ -95,7 +96,7 @@ class _ExpertsLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups,
-                store: Optional[WeightGradStore]) -> torch.Tensor:
+                store: Optional[WeightGradStore], merger) -> torch.Tensor:
         x_c, w_c = x_NI, w_EOI
         dtype = autocast_dtype(x_NI.device.type)  # as RoutedExperts casts for _grouped_mm
         if dtype is not None:
@@ -104,9 +105,10 @@ class _ExpertsLinear(torch.autograd.Function):
             y_NO = torch._grouped_mm(x_c, w_c.transpose(-2, -1), offs=groups)
         else:
             y_NO = torch.cat([F.linear(x_c[a:b], w_c[e]) for e, (a, b) in
-                              enumerate(_loop_bounds(groups))], dim=0)
+                              enumerate(row_bounds(groups))], dim=0)
         ctx.save_for_backward(x_c, w_c)
         ctx.weight, ctx.impl, ctx.groups, ctx.store = w_EOI, impl, groups, store
+        ctx.merger = merger
         return y_NO
 
     @staticmethod
@@ -114,7 +116,7 @@ class _ExpertsLinear(torch.autograd.Function):
         x_NI, w_EOI = ctx.saved_tensors
         groups = ctx.groups
         grouped = ctx.impl == "grouped_mm"
-        bounds = None if grouped else _loop_bounds(groups)
+        bounds = None if grouped else row_bounds(groups)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # dX_e = dY_e W_e
             grad_x = (torch._grouped_mm(grad_y_NO, w_EOI, offs=groups) if grouped else
@@ -125,9 +127,11 @@ class _ExpertsLinear(torch.autograd.Function):
                 return torch._grouped_mm(grad_y_NO.t(), x_NI, offs=groups)
             return torch.stack([grad_y_NO[a:b].t() @ x_NI[a:b] for a, b in bounds])
 
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and ctx.merger is not None:  # expert_wgrad.py: later,
+            ctx.merger.add(ctx.weight, grad_y_NO, x_NI, groups, ctx.impl)  # over micro-batches
+        elif ctx.needs_input_grad[1]:
             grad_w = weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad_EOI)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 Groups = Union[torch.Tensor, list[int]]
@@ -142,10 +146,11 @@ def expert_groups(tokens_per_expert_E: torch.Tensor, impl: str) -> Groups:
 
 
 def experts_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups: Groups,
-                   store: Optional[WeightGradStore] = None) -> torch.Tensor:
+                   store: Optional[WeightGradStore] = None, merger=None) -> torch.Tensor:
     """x_NI W_e^T on each expert e's rows, by `impl` ('loop' | 'grouped_mm'); the weight
-    gradient goes to `store` while it defers, else to autograd as usual."""
-    return _ExpertsLinear.apply(x_NI, w_EOI, impl, groups, store)
+    gradient's operands go to `merger` (expert_wgrad.ExpertGradMerger) when there is one, the
+    gradient to `store` while it defers, else to autograd as usual."""
+    return _ExpertsLinear.apply(x_NI, w_EOI, impl, groups, store, merger)
 
 
 def mark_expert_parallel(param: torch.nn.Parameter) -> None:
@@ -160,6 +165,7 @@ class RoutedExperts(torch.nn.Module):
     [expert_offset, expert_offset + num_local_experts)."""
 
     weight_grad_store: Optional[WeightGradStore] = None  # set by attach_weight_grad_store
+    weight_grad_merger = None  # set by expert_wgrad.attach_expert_grad_merger
 
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_size: int, *, tp_group,
                  dtype: torch.dtype, device=None, init_std: float = 0.006, impl: str = "auto",
@@ -185,6 +191,8 @@ class RoutedExperts(torch.nn.Module):
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                 impl: Optional[str] = None) -> torch.Tensor:
+        if self.weight_grad_merger is not None and torch.is_grad_enabled():
+            return self._merged_weight_grads(x_ND, tokens_per_expert_E, impl)
         store = self.weight_grad_store
         if store is not None:  # the same GEMMs, weight gradients deferrable
             name = resolve_experts_impl(impl or self.impl, x_ND.device)
@@ -199,6 +207,17 @@ class RoutedExperts(torch.nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
             x_ND, fc1, fc2 = x_ND.to(dtype), fc1.to(dtype), fc2.to(dtype)
         return run(x_ND, fc1, fc2, tokens_per_expert_E)
+
+
+    @torch.compiler.disable  # its backward keeps operands in a Python object: runs eager
+    def _merged_weight_grads(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+                             impl: Optional[str]) -> torch.Tensor:
+        """The same GEMMs; the weight gradients' operands go to the merger (expert_wgrad.py)."""
+        name = resolve_experts_impl(impl or self.impl, x_ND.device)
+        groups = expert_groups(tokens_per_expert_E, name)
+        merger = self.weight_grad_merger
+        h_NF2 = experts_linear(x_ND, self.fc1, name, groups, merger=merger)
+        return experts_linear(swiglu(h_NF2), self.fc2, name, groups, merger=merger)
 
 
 class SwiGLUMLP(torch.nn.Module):

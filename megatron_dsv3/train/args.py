@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
              "fp32 buffer (DeepSeek-V3's precision map); float32: AdamW on the parameters, "
              "bf16 casts under autocast. Checkpoints hold the fp32 weights either way. auto: "
              "bfloat16 with bf16 autocast on cuda and no pipeline, float32 otherwise")
+    add("--expert-wgrad", default="auto", choices=("auto", "micro-batch", "step"),
+        help="when the routed experts' weight gradients are computed. step: once per optimizer "
+             "step, over all its micro-batches in one grouped GEMM per projection (fewer, fuller "
+             "GEMMs and one fp32 addition per step; keeps each micro-batch's expert inputs and "
+             "output gradients until then); micro-batch: in each backward, as autograd does. "
+             "auto: step on cuda without a pipeline, micro-batch otherwise")
     add("--compile", default="auto", choices=("auto", "none", "modules", "layers"),
         help="torch.compile our attention/MoE modules or whole transformer layers "
              "(model.compile_model); auto: modules on cuda, none on cpu")
@@ -149,6 +155,9 @@ def validate_args(args: argparse.Namespace, cfg: ModelConfig, world_size: int) -
     need(args.params_dtype != "bfloat16" or args.pipeline_parallel_size == 1, "--params-dtype",
          args.params_dtype, "is not supported with --pipeline-parallel-size > 1 yet (the "
          "pipeline's stages keep fp32 parameters): pass --params-dtype float32 or auto")
+    need(args.expert_wgrad != "step" or args.pipeline_parallel_size == 1, "--expert-wgrad",
+         args.expert_wgrad, "step is not supported with --pipeline-parallel-size > 1 (the "
+         "schedules run the weight gradients themselves): pass micro-batch or auto")
     need(args.resume != "auto" or args.out_dir is not None, "--resume", args.resume,
          "'auto' looks in --out-dir, whose default is a new timestamped folder: pass --out-dir "
          "of the run to continue")

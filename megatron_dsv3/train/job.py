@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 from .args import TrainError, parse_args
-from .build import (build_initial_model, build_optimizer, compile_for_device, load_data,
-                    params_dtype, pick_device)
+from .build import (build_initial_model, build_optimizer, compile_for_device,
+                    expert_grad_merger, load_data, params_dtype, pick_device)
 from .checkpoint import (checkpoint_payload, checkpoint_to_resume, load_checkpoint,
                          run_folder_of, save_checkpoint)
 from .master_weights import MasterWeights
@@ -76,6 +76,7 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
     # bf16: the fp32 weights become the masters (exactly), the model gets their rounding
     masters = MasterWeights(model, dtype) if dtype != torch.float32 else None
     compile_for_device(model, args, device)
+    expert_grads = expert_grad_merger(model, args, device)
     pipeline = None
     if args.pipeline_parallel_size > 1:
         pipeline = Pipeline.create(model, args, pg)
@@ -84,7 +85,7 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
     trained = (masters.params if masters is not None
                else [p for p in model.parameters() if p.requires_grad])
     run = Run(args, cfg, pg, device, model, build_optimizer(trained, args), corpus,
-              out_dir=out_dir, pipeline=pipeline, masters=masters)
+              out_dir=out_dir, pipeline=pipeline, masters=masters, expert_grads=expert_grads)
     if step_dir is not None:
         load_checkpoint(run, step_dir)
     elif args.resume == "auto" and dist.get_rank() == 0:

@@ -6,7 +6,9 @@ What one optimizer step does (each rank; TP ranks of one DP replica see the same
      The routers' sequence-wise balance loss enters through its own injected gradient
      (`moe.balance.set_balance_loss_scale` = 1 / grad_accum, the same normalisation).
      With a pipeline (PP > 1) this is one call of the schedule's forward_backward_func
-     (pipeline.py);
+     (pipeline.py). With `--expert-wgrad step` the routed experts' weight gradients of all
+     micro-batches are computed after the last one, one grouped GEMM per projection
+     (moe/expert_wgrad.py);
   2. gradients reduced by group (`gradients.reduce_gradients`): the DP mean of the replicas'
      losses for every parameter; non-expert ones summed over DP, routed-expert shards (with
      expert parallelism, `--expert-parallel-size`) summed over the expert-data-parallel group,
@@ -45,6 +47,7 @@ import torch.distributed as dist
 from ..config import ModelConfig
 from ..data import get_batch
 from ..gradients import clip_gradients, reduce_gradients
+from ..moe.expert_wgrad import ExpertGradMerger
 from .args import TrainError, uses_bf16_autocast
 from .master_weights import MasterWeights
 from .pipeline import Pipeline
@@ -70,6 +73,7 @@ class Run:
     out_dir: Optional[Path] = None
     pipeline: Optional[Pipeline] = None  # PP > 1: the stages and their schedule
     masters: Optional[MasterWeights] = None  # bf16 parameters: their fp32 masters
+    expert_grads: Optional[ExpertGradMerger] = None  # --expert-wgrad step
     step: int = 0
     tokens_seen: int = 0
     wandb_id: Optional[str] = None
@@ -193,6 +197,8 @@ def train_step(run: Run, stop_signal: Optional[Callable[[], int]] = None) -> Ste
                           torch.zeros((), device=run.device))
             sums += torch.stack([loss.detach() + balance, lm.detach(), mtp.detach(), mtp_ce,
                                  balance]).float()
+        if run.expert_grads is not None:  # the routed experts' weight gradients of the step
+            run.expert_grads.flush()
     params = run.trained_params()
     # Step 2: gradient reduction: DP for replicated parameters, expert-DP for expert shards.
     reduce_gradients(params, run.pg)

@@ -111,3 +111,30 @@ def test_parallel_attributes_travel_and_an_fp32_model_dtype_is_refused():
     assert not hasattr(masters.params[1], "expert_parallel")
     with pytest.raises(ValueError, match="lower precision than the fp32 masters"):
         MasterWeights(torch.nn.Linear(2, 2), dtype=torch.float32)
+
+
+def test_weights_whose_gradient_is_merged_elsewhere_get_it_in_their_fp32_master():
+    """The routed experts with --expert-wgrad step: autograd brings no gradient to their
+    weights (the hooks see None); the merger adds the step's into `main_grad`, the master's."""
+    from megatron_dsv3.moe.expert_wgrad import ExpertGradMerger, attach_expert_grad_merger
+    from megatron_dsv3.moe.experts import RoutedExperts
+
+    def experts():
+        torch.manual_seed(3)
+        return RoutedExperts(2, HIDDEN, 8, tp_group=None, dtype=torch.float32, impl="loop",
+                             init_std=0.2)
+
+    model, reference = experts(), experts()
+    masters, merger = MasterWeights(model), ExpertGradMerger()
+    reference = reference.to(torch.bfloat16)
+    attach_expert_grad_merger(model, merger)
+    counts = torch.tensor([3, 5])
+    for x in _batches():
+        x = torch.cat([x, x[:4]])  # 8 rows
+        model(x, counts).float().pow(2).mean().backward()
+        reference(x, counts).float().pow(2).mean().backward()
+    assert all(master.grad.abs().max() == 0 for master in masters.params), "nothing before flush"
+    merger.flush()
+    for master, param in zip(masters.params, reference.parameters()):
+        # the merged GEMM sums the micro-batches inside one bf16 GEMM: within bf16 rounding
+        torch.testing.assert_close(master.grad, param.grad.float(), rtol=2e-2, atol=1e-4)

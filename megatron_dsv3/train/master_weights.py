@@ -95,6 +95,7 @@ class MasterWeights:
 
 def _add_into(buffer: torch.Tensor):
     def hook(param: torch.Tensor) -> None:
-        buffer.add_(param.grad)
-        param.grad = None
+        if param.grad is not None:  # None: an autograd function left this weight's gradient
+            buffer.add_(param.grad)  # to someone else (weight_grad.py, moe/expert_wgrad.py)
+            param.grad = None
     return hook

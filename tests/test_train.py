@@ -103,13 +103,13 @@ LAYOUTS = {
         close=((1, "lm_loss"), (1, "mtp_loss"), (1, "mtp_ce"), (1, "loss"), (1, "balance_loss"),
                (1, "grad_norm"), (2, "loss"), (2, "val_loss")),
         why=WHY_PP + "; the two directions' losses summed apart", mirrors=((0, 1),)),
-    # bf16 parameters with fp32 masters and the experts' weight gradients once per step
-    # (--params-dtype and --expert-wgrad auto's choices on cuda); on the CPU without autocast
-    # the whole forward runs in bf16
+    # bf16 parameters with fp32 masters (--params-dtype auto's choice on cuda), with the
+    # experts' weight gradients once per step; on the CPU without autocast the whole forward
+    # runs in bf16
     "bf16": Layout(1, ("--params-dtype", "bfloat16", "--expert-wgrad", "step", "--steps", "3",
                        "--save-interval", "2"), resume_at=2),
-    # the routed experts' weight gradients of a step in one GEMM per projection (--expert-wgrad
-    # auto's choice on cuda); the forward and the step-1 losses are untouched
+    # the routed experts' weight gradients of a step in one GEMM per projection; the forward
+    # and the step-1 losses are untouched
     "wgrad-step": Layout(1, ("--expert-wgrad", "step"), "plain",
                          exact=("loss", "lm_loss", "mtp_loss", "mtp_ce", "balance_loss", "moe/"),
                          close=((1, "grad_norm"), (2, "loss"), (2, "val_loss")),

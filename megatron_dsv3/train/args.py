@@ -100,12 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
              "fp32 buffer (DeepSeek-V3's precision map); float32: AdamW on the parameters, "
              "bf16 casts under autocast. Checkpoints hold the fp32 weights either way. auto: "
              "bfloat16 with bf16 autocast on cuda and no pipeline, float32 otherwise")
-    add("--expert-wgrad", default="auto", choices=("auto", "micro-batch", "step"),
-        help="when the routed experts' weight gradients are computed. step: once per optimizer "
-             "step, over all its micro-batches in one grouped GEMM per projection (fewer, fuller "
-             "GEMMs and one fp32 addition per step; keeps each micro-batch's expert inputs and "
-             "output gradients until then); micro-batch: in each backward, as autograd does. "
-             "auto: step on cuda without a pipeline, micro-batch otherwise")
+    add("--expert-wgrad", default="micro-batch", choices=("micro-batch", "step"),
+        help="when the routed experts' weight gradients are computed. micro-batch: in each "
+             "backward, as autograd does. step: once per optimizer step, over all its "
+             "micro-batches in one grouped GEMM per projection (fewer, fuller GEMMs and one "
+             "fp32 addition per step instead of one per micro-batch), keeping each micro-batch's "
+             "expert inputs and output gradients until then (proxy: +31 GiB); the experts then "
+             "run outside torch.compile, and on one H200 (proxy, 8 x 4096 tokens) the step was "
+             "slower for it, 867 ms against 720 (benchmarks/RESULTS.md)")
     add("--compile", default="auto", choices=("auto", "none", "modules", "layers"),
         help="torch.compile our attention/MoE modules or whole transformer layers "
              "(model.compile_model); auto: modules on cuda, none on cpu")

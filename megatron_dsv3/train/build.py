@@ -127,16 +127,12 @@ def params_dtype(args, device: torch.device) -> torch.dtype:
     return getattr(torch, args.params_dtype)
 
 
-def expert_grad_merger(model: torch.nn.Module, args, device: torch.device):
-    """--expert-wgrad, auto resolved (step on cuda without a pipeline): an ExpertGradMerger
-    attached to the model's routed experts, or None (autograd's per-micro-batch gradients)."""
+def expert_grad_merger(model: torch.nn.Module, args):
+    """--expert-wgrad step: an ExpertGradMerger attached to the model's routed experts;
+    micro-batch: None (autograd's per-micro-batch gradients)."""
     from ..moe.expert_wgrad import ExpertGradMerger, attach_expert_grad_merger
 
-    when = args.expert_wgrad
-    if when == "auto":
-        when = "step" if device.type == "cuda" and args.pipeline_parallel_size == 1 \
-            else "micro-batch"
-    if when == "micro-batch":
+    if args.expert_wgrad == "micro-batch":
         return None
     merger = ExpertGradMerger()
     attach_expert_grad_merger(model, merger)

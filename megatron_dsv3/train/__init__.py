@@ -3,11 +3,11 @@ or the `dsv3-train` script; `main(argv)` from Python).
 
   args.py         the command line: flags, their checks, the model config; TrainError
   build.py        the device, the data (checked before the model is built), the initial model
-                  (the same weights at any TP/EP size), AdamW
+                  (the same weights at any TP/EP size), the parameters' dtype, AdamW
+  master_weights.py  bf16 parameters trained through fp32 masters and fp32 gradient sums
   step.py         one optimizer step (what it does, in six steps; a non-finite one is refused
                   before it is applied), evaluation, the metrics
   preemption.py   SIGTERM / SIGINT: every rank finishes the same step, saves it, exits 128 + signal
-  gradients.py    gradient reduction over DP / expert-DP, the global norm, clipping
   pipeline.py     PP > 1: this rank's two stages and their DualPipe / DualPipeV schedule
   checkpoint.py   per-rank checkpoints with a manifest of digests, published atomically; the
                   intact one to resume from; what a resume and a run folder must match
@@ -24,8 +24,9 @@ and EP size.
 
 Deviations from Megatron's own `pretrain()`: no Megatron DDP or distributed optimizer (they
 assume CUDA streams; DP here is a plain all-reduce of the gradients, and each rank keeps a full
-AdamW state for its TP/EP slice); parameters and AdamW stay fp32 (on GPU the forward runs under
-bf16 autocast); pipeline parallelism only through DualPipe/DualPipeV; checkpoints are plain
+AdamW state for its TP/EP slice; the gradient rules are `megatron_dsv3.gradients`); bf16
+parameters with fp32 masters on GPU (`--params-dtype`), our own rather than Megatron's
+`Float16OptimizerWithFloat16Params`; pipeline parallelism only through DualPipe/DualPipeV; checkpoints are plain
 per-rank torch files, not Megatron's distributed checkpoints.
 
 Outputs in --out-dir: checkpoints/step_<N>/, metrics.jsonl, loss_curve.png, expert_load.png,

@@ -25,22 +25,11 @@ TP=${TP:-1}
 EP=${EP:-1}
 PP=${PP:-1}
 
-for name in NPROC TP EP PP; do
-  if ! [[ "${!name}" =~ ^[1-9][0-9]*$ ]]; then
-    echo "$name=${!name} must be a positive integer" >&2; exit 2
-  fi
-done
-if (( NPROC % (TP * PP) != 0 )); then
-  echo "TP * PP = $(( TP * PP )) must divide NPROC=$NPROC (data parallelism is NPROC / (TP *" \
-       "PP)): change one of them" >&2
-  exit 2
+if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
+  echo "NPROC=$NPROC must be a positive integer" >&2; exit 2
 fi
-DP=$(( NPROC / (TP * PP) ))
-if (( DP % EP != 0 )); then
-  echo "EP=$EP must divide the data-parallel size NPROC / (TP * PP) = $DP (expert" \
-       "parallelism is carved out of DP): change NPROC, TP, PP or EP" >&2
-  exit 2
-fi
+source launch/layout.sh
+check_layout NPROC "$NPROC" "$TP" "$PP" "$EP"  # sets DP
 if [ "$GPUS" -gt 0 ] && (( NPROC > GPUS )); then
   echo "NPROC=$NPROC exceeds the $GPUS visible GPUs: lower NPROC (one process per GPU)" >&2
   exit 2

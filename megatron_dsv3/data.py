@@ -102,7 +102,7 @@ def load_corpus(data_dir: str | Path = DEFAULT_DATA_DIR, *,
         raise FileNotFoundError(f"data folder {data_dir} holds no *.txt file: {_HOW_TO_FIX}")
 
     # Split at EOS (which the tokenizer splits at anyway) so the documents encode in parallel.
-    texts = [_read_utf8(path) for path in text_paths]
+    texts = [read_utf8(path) for path in text_paths]
     documents = [doc for text in texts for doc in text.split(EOS_TOKEN)]
     if not any(doc.strip() for doc in documents):
         raise DataError(f"the corpus in {data_dir} ({', '.join(p.name for p in text_paths)}) is "
@@ -119,7 +119,7 @@ def load_corpus(data_dir: str | Path = DEFAULT_DATA_DIR, *,
     return tokenizer, TokenCorpus(train=tokens[:-num_val], val=tokens[-num_val:])
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: Path) -> str:
     """The text of a corpus file; DataError naming the file unless it is UTF-8."""
     try:
         return path.read_text(encoding="utf-8")

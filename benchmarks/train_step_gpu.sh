@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue 10's speed measurement on one GPU in one call (the device session; `.whl/` carried):
+#
+#   bash benchmarks/train_step_gpu.sh                 # every part, ~8 minutes on one H200
+#   bash benchmarks/train_step_gpu.sh default graphs  # some of them
+#
+# Parts (each `benchmarks/bench_train_step.py` under its own `timeout`; proxy with MTP, 8
+# micro-batches of 4,096 tokens per step):
+#   default        the benchmark's forward + backward (the baseline) and the job with its GPU
+#                  defaults, in one run: the ratio the issue asks for; a kernel profile
+#   graphs         the job with CUDA graphs over its compiled modules (--compile-mode
+#                  reduce-overhead, as bench_proxy runs them)
+#   merged         the job with the experts' weight gradients once per step (--expert-wgrad step)
+#   merged_graphs  both
+# JOB_ARGS: more flags for every job run; BENCH_ARGS: for bench_train_step.py (a CPU rehearsal:
+# BENCH_ARGS="--device cpu --preset tiny --seq-len 64 --steps 1 --warmup 1 --grad-accum 2").
+# Results: $OUT/<part>.json and .log (./gpu_out/train_step without $OUT); prof_default.txt.
+set -uo pipefail
+PARTS=${*:-default graphs merged merged_graphs}
+cd "$(dirname "$0")/.."
+DIR=${OUT:-gpu_out/train_step}
+mkdir -p "$DIR"
+
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    2>&1 | grep -v WARNING
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+python3 -c "import torch; print('torch', torch.__version__)"
+
+part() {  # part NAME TIMEOUT_S BENCH_ARGS...
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$limit" python3 benchmarks/bench_train_step.py "$@" ${BENCH_ARGS:-} \
+    --json-out "$DIR/$name.json" > "$DIR/$name.log" 2>&1
+  echo "== $name: rc=$? in $((SECONDS - start)) s"
+  grep -E '^(job|ours):|Error|error:' "$DIR/$name.log" | tail -n 4
+}
+
+for p in $PARTS; do
+  case $p in
+    default) part default 240 --profile "$DIR/prof_default.txt" --job-args "${JOB_ARGS:-}" ;;
+    graphs) part graphs 150 --skip-baseline \
+          --job-args "--compile-mode reduce-overhead ${JOB_ARGS:-}" ;;
+    merged) part merged 120 --skip-baseline --job-args "--expert-wgrad step ${JOB_ARGS:-}" ;;
+    merged_graphs) part merged_graphs 150 --skip-baseline \
+          --job-args "--expert-wgrad step --compile-mode reduce-overhead ${JOB_ARGS:-}" ;;
+    *) echo "unknown part $p: choose from default graphs merged merged_graphs" >&2; exit 2 ;;
+  esac
+done

@@ -86,6 +86,10 @@ def init_distributed(tensor_parallel_size: int = 1, expert_parallel_size: int = 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+            # a plain process alone needs no agreed port: a MASTER_PORT left in the shell by
+            # another job would only make the rendezvous fail with EADDRINUSE
+            os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), rank=rank,
                                 world_size=world_size,

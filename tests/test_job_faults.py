@@ -450,3 +450,26 @@ def test_dist_timeout_must_be_positive(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         parse_args(["--dist-timeout-s", "0"])
     assert "--dist-timeout-s 0.0 is invalid: must be > 0 seconds" in capsys.readouterr().err
+
+
+def test_a_single_process_ignores_a_stale_master_port_of_another_job(corpus, tmp_path):
+    """`python -m megatron_dsv3.train` alone, with MASTER_PORT (left by another job) naming a
+    port in use: it picks a free port instead of failing with EADDRINUSE."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(taken.getsockname()[1]),
+                   TORCHDYNAMO_DISABLE="1")
+        proc = subprocess.run(
+            [sys.executable, "-m", "megatron_dsv3.train", "--steps", "1", "--warmup-steps", "1",
+             "--seq-len", "16", "--grad-accum", "1", "--num-layers", "2", "--eval-interval",
+             "0", "--save-interval", "0", "--no-wandb", "--data-dir", str(corpus),
+             "--out-dir", str(tmp_path / "run")],
+            env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

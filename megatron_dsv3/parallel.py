@@ -90,7 +90,8 @@ def init_distributed(tensor_parallel_size: int = 1, expert_parallel_size: int = 
             # a plain process alone needs no agreed port: a MASTER_PORT left in the shell by
             # another job would only make the rendezvous fail with EADDRINUSE
             os.environ["MASTER_PORT"] = str(_free_port())
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        elif "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
         dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), rank=rank,
                                 world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))

@@ -41,6 +41,23 @@ def dist_single():
     return init_distributed(tensor_parallel_size=1, backend="gloo")
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A data folder for the training-job tests: the bundled tokenizer and the first 100 kB of
+    the bundled text (~30k tokens; 5% held out is ~1.5k validation tokens; far more than the
+    few steps of 32-64-token sequences those tests draw)."""
+    import shutil
+
+    from megatron_dsv3.data import DEFAULT_DATA_DIR, TOKENIZER_FILE
+
+    folder = tmp_path_factory.mktemp("corpus")
+    shutil.copy(DEFAULT_DATA_DIR / TOKENIZER_FILE, folder / TOKENIZER_FILE)
+    (text,) = sorted(DEFAULT_DATA_DIR.glob("*.txt"))
+    (folder / text.name).write_text(text.read_text(encoding="utf-8")[:100_000],
+                                    encoding="utf-8")
+    return folder
+
+
 @pytest.fixture
 def seed():
     torch.manual_seed(1234)

@@ -30,7 +30,6 @@ from helpers.tolerance import assert_equal
 
 TINY_JOB = ["--seq-len", "32", "--micro-batch-size", "2", "--grad-accum", "1", "--steps", "3",
             "--save-interval", "1", "--eval-interval", "0", "--warmup-steps", "1"]
-CORPUS_CHARS = 100_000  # ~30k tokens: far more than 5 steps of 64 tokens draw
 PAYLOAD_FLOATS = 4096    # 16 KiB per tensor: a 4 KiB damage lands inside the tensor data
 
 
@@ -394,18 +393,6 @@ def _job(rank: int, world: int, argv: list[str], forbid_work: bool) -> dict:
 def _run_job(corpus: Path, out: Path, *flags: str, forbid_work: bool = False) -> dict:
     argv = TINY_JOB + ["--data-dir", str(corpus), "--out-dir", str(out), *flags]
     return run_gloo(_job, 1, argv, forbid_work)[0]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from megatron_dsv3.data import DEFAULT_DATA_DIR, TOKENIZER_FILE
-
-    folder = tmp_path_factory.mktemp("corpus")
-    shutil.copy(DEFAULT_DATA_DIR / TOKENIZER_FILE, folder / TOKENIZER_FILE)
-    (text,) = sorted(DEFAULT_DATA_DIR.glob("*.txt"))
-    (folder / text.name).write_text(text.read_text(encoding="utf-8")[:CORPUS_CHARS],
-                                    encoding="utf-8")
-    return folder
 
 
 @pytest.fixture(scope="module")

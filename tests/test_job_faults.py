@@ -39,26 +39,12 @@ from helpers.gloo import run_gloo
 
 pytestmark = pytest.mark.multiprocess
 
-CORPUS_CHARS = 100_000  # ~30k tokens: 5% of them is ~1.5k validation tokens
 TINY = ["--seq-len", "32", "--micro-batch-size", "2", "--grad-accum", "1", "--warmup-steps", "1",
         "--eval-interval", "0", "--no-wandb"]
 HUNG_TIMEOUT_S = 2.0  # --dist-timeout-s of the hung-rank tests
 # How long a rank may take to notice a hung peer: the timeout, plus what a loaded 2-core machine
 # adds to a gloo wait (measured: 2.0-2.1 s for a 2 s timeout), far below Megatron's 30 minutes.
 HUNG_DETECTED_WITHIN_S = HUNG_TIMEOUT_S + 8.0
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A data folder: the bundled tokenizer and the first CORPUS_CHARS of the bundled text."""
-    from megatron_dsv3.data import DEFAULT_DATA_DIR, TOKENIZER_FILE
-
-    folder = tmp_path_factory.mktemp("corpus")
-    shutil.copy(DEFAULT_DATA_DIR / TOKENIZER_FILE, folder / TOKENIZER_FILE)
-    (text,) = sorted(DEFAULT_DATA_DIR.glob("*.txt"))
-    (folder / text.name).write_text(text.read_text(encoding="utf-8")[:CORPUS_CHARS],
-                                    encoding="utf-8")
-    return folder
 
 
 def _argv(corpus: Path, out: Path, *flags: str) -> list[str]:

@@ -38,7 +38,6 @@ Tolerances:
 """
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -57,7 +56,6 @@ SMALL = ["--seq-len", "32", "--micro-batch-size", "2", "--grad-accum", "4", "--n
          "--steps", "2", "--save-interval", "2"]
 TOKENS_PER_RANK_AND_STEP = 32 * 2 * 4  # --seq-len x --micro-batch-size x --grad-accum
 PLAIN_STEPS, PLAIN_SAVE_AT = 6, 3
-CORPUS_CHARS = 100_000  # ~30k tokens, 5% of them held out: far more than 6 steps draw
 NUM_EXPERTS = 8                                      # the tiny preset's
 TIMINGS = ("time_s", "step_time_s", "tokens_per_s")  # metrics that differ between equal runs
 
@@ -163,19 +161,6 @@ class Job:
     @property
     def last_step(self) -> int:
         return self.summary["steps"][-1]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A data folder: the bundled tokenizer and the first CORPUS_CHARS of the bundled text."""
-    from megatron_dsv3.data import DEFAULT_DATA_DIR, TOKENIZER_FILE
-
-    folder = tmp_path_factory.mktemp("corpus")
-    shutil.copy(DEFAULT_DATA_DIR / TOKENIZER_FILE, folder / TOKENIZER_FILE)
-    (text,) = sorted(DEFAULT_DATA_DIR.glob("*.txt"))
-    (folder / text.name).write_text(text.read_text(encoding="utf-8")[:CORPUS_CHARS],
-                                    encoding="utf-8")
-    return folder
 
 
 @pytest.fixture(scope="module")

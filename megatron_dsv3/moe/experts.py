@@ -193,12 +193,9 @@ class RoutedExperts(torch.nn.Module):
                 impl: Optional[str] = None) -> torch.Tensor:
         if self.weight_grad_merger is not None and torch.is_grad_enabled():
             return self._merged_weight_grads(x_ND, tokens_per_expert_E, impl)
-        store = self.weight_grad_store
-        if store is not None:  # the same GEMMs, weight gradients deferrable
-            name = resolve_experts_impl(impl or self.impl, x_ND.device)
-            groups = expert_groups(tokens_per_expert_E, name)
-            h_NF2 = experts_linear(x_ND, self.fc1, name, groups, store)
-            return experts_linear(swiglu(h_NF2), self.fc2, name, groups, store)
+        if self.weight_grad_store is not None:  # the same GEMMs, weight gradients deferrable
+            return self._through_experts_linear(x_ND, tokens_per_expert_E, impl,
+                                                store=self.weight_grad_store)
         run = pick_experts_impl(impl or self.impl, x_ND.device)
         fc1, fc2 = self.fc1, self.fc2
         device_type = x_ND.device.type
@@ -208,16 +205,22 @@ class RoutedExperts(torch.nn.Module):
             x_ND, fc1, fc2 = x_ND.to(dtype), fc1.to(dtype), fc2.to(dtype)
         return run(x_ND, fc1, fc2, tokens_per_expert_E)
 
-
     @torch.compiler.disable  # its backward keeps operands in a Python object: runs eager
     def _merged_weight_grads(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                              impl: Optional[str]) -> torch.Tensor:
         """The same GEMMs; the weight gradients' operands go to the merger (expert_wgrad.py)."""
+        return self._through_experts_linear(x_ND, tokens_per_expert_E, impl,
+                                            merger=self.weight_grad_merger)
+
+    def _through_experts_linear(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+                                impl: Optional[str], store: Optional[WeightGradStore] = None,
+                                merger=None) -> torch.Tensor:
+        """fc1, SwiGLU, fc2 as two `experts_linear` calls, whose weight gradients go to `store`
+        or `merger`."""
         name = resolve_experts_impl(impl or self.impl, x_ND.device)
         groups = expert_groups(tokens_per_expert_E, name)
-        merger = self.weight_grad_merger
-        h_NF2 = experts_linear(x_ND, self.fc1, name, groups, merger=merger)
-        return experts_linear(swiglu(h_NF2), self.fc2, name, groups, merger=merger)
+        h_NF2 = experts_linear(x_ND, self.fc1, name, groups, store, merger)
+        return experts_linear(swiglu(h_NF2), self.fc2, name, groups, store, merger)
 
 
 class SwiGLUMLP(torch.nn.Module):

@@ -44,7 +44,6 @@ class MasterWeights:
         self.model = model
         self.model_params = [p for p in model.parameters() if p.requires_grad]
         self.params: list[torch.Tensor] = []
-        self._hooks = []
         for param in self.model_params:
             master = param.detach().float().clone()  # exactly the weights the model was given
             master.grad = torch.zeros_like(master)
@@ -53,8 +52,7 @@ class MasterWeights:
                     setattr(master, name, getattr(param, name))
             param.data = param.data.to(dtype)
             param.main_grad = master.grad
-            self._hooks.append(param.register_post_accumulate_grad_hook(
-                _add_into(master.grad)))
+            param.register_post_accumulate_grad_hook(_add_into(master.grad))
             self.params.append(master)
 
     @torch.no_grad()
@@ -86,11 +84,6 @@ class MasterWeights:
             if id(param) in index:
                 self.params[index[id(param)]].copy_(state[name])
         self.publish()
-
-    def remove_hooks(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
 
 
 def _add_into(buffer: torch.Tensor):

@@ -52,6 +52,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels.grad_accumulate import add_into_fp32_
+
 GradFn = Callable[[], torch.Tensor]  # computes one parameter's gradient contribution
 
 
@@ -150,7 +152,7 @@ def accumulate_weight_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
     """param.main_grad += grad (Megatron DDP) or param.grad += grad, creating it if absent."""
     main_grad = getattr(param, "main_grad", None)
     if main_grad is not None:
-        main_grad.add_(grad)
+        add_into_fp32_(main_grad, grad)
     elif param.grad is None:
         param.grad = grad
     else:

@@ -74,6 +74,29 @@ def test_flush_adds_into_main_grad_when_the_weight_has_one():
     assert_close(experts.fc2.main_grad, reference.fc2.grad, FP32_REORDER, "fc2 main_grad")
 
 
+def test_copied_operands_survive_their_memory_being_reused():
+    """copy_operands (CUDA graphs replay into the same memory): overwriting the tensors handed
+    to `add` after the backward leaves the merged gradient as it was; without copies it
+    changes (the case the copies exist for)."""
+    weight = torch.zeros(EXPERTS, HIDDEN, FFN)
+    x, counts, _ = _micro_batches()[0]
+    grad_y = torch.randn(x.shape[0], HIDDEN)
+    x_in = torch.randn(x.shape[0], FFN)
+    expected = _merged_loop([(grad_y, x_in, counts.tolist(), "loop")])
+    for copy_operands in (True, False):
+        merger = ExpertGradMerger(copy_operands=copy_operands)
+        weight.grad = None
+        reused_grad_y, reused_x = grad_y.clone(), x_in.clone()
+        merger.add(weight, reused_grad_y, reused_x, counts.tolist(), "loop")
+        reused_grad_y.fill_(7.0)  # the next replay writes its own values there
+        reused_x.fill_(-3.0)
+        merger.flush()
+        if copy_operands:
+            assert_equal(weight.grad, expected, "copied operands")
+        else:
+            assert not torch.equal(weight.grad, expected)
+
+
 def test_grouped_mm_flush_interleaves_rows_expert_major_like_the_loop():
     """The device path's reordering (a stable sort of row keys) against per-expert stacking;
     torch._grouped_mm's forward runs on the CPU."""

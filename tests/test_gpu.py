@@ -2,7 +2,8 @@
 
   * SDPA (cuDNN / flash) attention core vs the plain reference, bf16;
   * the whole model compiled (`compile_model`, with and without CUDA graphs) vs eager, fp32,
-    over two optimizer steps, so that graph replays see the updated weights.
+    over two optimizer steps, so that graph replays see the updated weights;
+  * the Triton kernels (kernels/) vs PyTorch, bit for bit.
 """
 
 import pytest
@@ -106,3 +107,15 @@ def test_tracer_times_ops_on_the_device_without_synchronizing():
     assert min(durations) > 1e-3 and max(host) < min(durations), (durations, host)
     assert tracer.bubble_fraction() * tracer.duration() > 2 * 0.02
     del y
+
+
+def test_grad_accumulate_kernel_is_bit_identical_to_torch_add():
+    from megatron_dsv3.kernels.grad_accumulate import add_into_fp32_, uses_kernel
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    for shape, dtype in (((64, 2816, 2048), torch.bfloat16), ((1000, 3), torch.float16)):
+        total = torch.randn(shape, device="cuda") * 100
+        grad = torch.randn(shape, device="cuda").to(dtype)
+        assert uses_kernel(total, grad)
+        expected = total.clone().add_(grad)
+        assert torch.equal(add_into_fp32_(total, grad), expected)

@@ -32,15 +32,23 @@ from .experts import Groups, RoutedExperts, row_bounds
 
 
 class ExpertGradMerger:
-    """Per expert weight, the (dY, X, groups, impl) of each micro-batch since the last flush."""
+    """Per expert weight, the (dY, X, groups, impl) of each micro-batch since the last flush.
 
-    def __init__(self) -> None:
+    `copy_operands`: keep copies, for operands that live in memory a later replay overwrites:
+    under CUDA graphs (torch.compile's "reduce-overhead") the experts' input comes out of the
+    compiled router's graph and the gradient of their output out of the compiled combine's
+    backward graph, and the next micro-batch replays both."""
+
+    def __init__(self, copy_operands: bool = False) -> None:
         self._pending: dict[int, tuple[torch.Tensor, list]] = {}
+        self.copy_operands = copy_operands
 
     def add(self, weight: torch.Tensor, grad_y_NO: torch.Tensor, x_NI: torch.Tensor,
             groups: Groups, impl: str) -> None:
         """Keep one micro-batch's operands of `weight`'s gradient (called by the experts'
         autograd backward instead of computing it)."""
+        if self.copy_operands:
+            grad_y_NO, x_NI = grad_y_NO.clone(), x_NI.clone()
         self._pending.setdefault(id(weight), (weight, []))[1].append(
             (grad_y_NO, x_NI, groups, impl))
 

@@ -117,6 +117,12 @@ def compile_for_device(model: torch.nn.Module, args, device: torch.device) -> in
     return compile_model(model, scope=scope, **mode)
 
 
+def uses_cuda_graphs(args, device: torch.device) -> bool:
+    """Whether the compiled modules run as CUDA graphs (--compile-mode reduce-overhead on cuda)."""
+    return (device.type == "cuda" and args.compile != "none"
+            and "reduce-overhead" in args.compile_mode)
+
+
 def params_dtype(args, device: torch.device) -> torch.dtype:
     """--params-dtype, auto resolved: bfloat16 (fp32 masters) where bf16 autocast runs on cuda
     without a pipeline, float32 otherwise."""
@@ -127,14 +133,15 @@ def params_dtype(args, device: torch.device) -> torch.dtype:
     return getattr(torch, args.params_dtype)
 
 
-def expert_grad_merger(model: torch.nn.Module, args):
-    """--expert-wgrad step: an ExpertGradMerger attached to the model's routed experts;
-    micro-batch: None (autograd's per-micro-batch gradients)."""
+def expert_grad_merger(model: torch.nn.Module, args, device: torch.device):
+    """--expert-wgrad step: an ExpertGradMerger attached to the model's routed experts (keeping
+    copies of its operands where CUDA graphs would overwrite them); micro-batch: None
+    (autograd's per-micro-batch gradients)."""
     from ..moe.expert_wgrad import ExpertGradMerger, attach_expert_grad_merger
 
     if args.expert_wgrad == "micro-batch":
         return None
-    merger = ExpertGradMerger()
+    merger = ExpertGradMerger(copy_operands=uses_cuda_graphs(args, device))
     attach_expert_grad_merger(model, merger)
     return merger
 

@@ -76,7 +76,7 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
     # bf16: the fp32 weights become the masters (exactly), the model gets their rounding
     masters = MasterWeights(model, dtype) if dtype != torch.float32 else None
     compile_for_device(model, args, device)
-    expert_grads = expert_grad_merger(model, args)
+    expert_grads = expert_grad_merger(model, args, device)
     pipeline = None
     if args.pipeline_parallel_size > 1:
         pipeline = Pipeline.create(model, args, pg)

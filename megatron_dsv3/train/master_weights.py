@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.grad_accumulate import add_into_fp32_
+
 # Megatron's parameter attributes that say how a tensor is split (parallel.py, gradients.py read
 # them): the master copy carries them too.
 _PARALLEL_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride",
@@ -89,6 +91,6 @@ class MasterWeights:
 def _add_into(buffer: torch.Tensor):
     def hook(param: torch.Tensor) -> None:
         if param.grad is not None:  # None: an autograd function left this weight's gradient
-            buffer.add_(param.grad)  # to someone else (weight_grad.py, moe/expert_wgrad.py)
+            add_into_fp32_(buffer, param.grad)  # to someone else (weight_grad.py, moe/expert_wgrad.py)
             param.grad = None
     return hook

@@ -4,7 +4,8 @@
   python benchmarks/bench_grad_accumulate.py            # the proxy preset's parameter shapes
   python benchmarks/bench_grad_accumulate.py --device cpu --repeat 2   # logic check (no kernel)
 
-Per shape: the time of one pass of each and its bandwidth (2 + 4 bytes read, 4 written per
+Per shape: the time of one pass of each (the kernel launched directly, also below the size
+where `add_into_fp32_` leaves small tensors to PyTorch) and its bandwidth (2 + 4 bytes read, 4 written per
 element), with a plain fp32 copy of the same tensor in the same run as the memory ceiling.
 """
 
@@ -20,7 +21,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.common import emit_json, resolve_device, result_header, sync  # noqa: E402
-from megatron_dsv3.kernels.grad_accumulate import add_into_fp32_, uses_kernel  # noqa: E402
+from megatron_dsv3.kernels.grad_accumulate import (add_into_fp32_, launch_add_into,  # noqa: E402
+                                                   uses_kernel)
 
 # (name, shape): the proxy preset's largest gradients (one MoE layer's experts, the embedding,
 # an attention projection)
@@ -57,7 +59,8 @@ def main(argv=None) -> dict:
         n = total.numel()
         row = {"shape": name, "elements": n, "kernel": uses_kernel(total, grad),
                "torch_add_s": seconds(lambda: total.add_(grad), args.repeat, device),
-               "ours_s": seconds(lambda: add_into_fp32_(total, grad), args.repeat, device),
+               "ours_s": seconds(lambda: launch_add_into(total, grad) if device.type == "cuda"
+                                 else add_into_fp32_(total, grad), args.repeat, device),
                "fp32_copy_s": seconds(lambda: copy_dst.copy_(total), args.repeat, device)}
         row["torch_add_tb_s"] = round(10 * n / row["torch_add_s"] / 1e12, 3)
         row["ours_tb_s"] = round(10 * n / row["ours_s"] / 1e12, 3)

@@ -180,6 +180,11 @@ class OwnGemmHook:
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         if not self.own_gemm_enabled(weight):
+            if "tp_group" in kwargs and kwargs["tp_group"] is None:
+                # RowParallelLinear hands its GEMM tp_group=None (unused: no dX all-reduce);
+                # Megatron then warns on rank 0, and under torch.compile that warning is a
+                # graph break in every attention and MLP module. Its own group: no warning.
+                kwargs["tp_group"] = self.tp_group
             return super()._forward_impl(input, weight, *args, **kwargs)
         return self.own_gemm(input, weight, _gemm_call(*args, **kwargs))
 

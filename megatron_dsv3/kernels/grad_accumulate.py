@@ -22,6 +22,10 @@ except ImportError:  # the reference path (CPU machines without Triton)
 
 _BLOCK = 4096
 _NARROW = (torch.bfloat16, torch.float16)
+# Below this many elements PyTorch's add_ takes over: its GPU time (under ~25 us on an H200)
+# is then shorter than a Triton launch's host time, which the step would pay for each of the
+# model's ~100 small parameters per micro-batch.
+MIN_KERNEL_ELEMENTS = 1 << 23
 
 if triton is not None:
     @triton.jit
@@ -35,8 +39,10 @@ if triton is not None:
 
 def uses_kernel(fp32_sum: torch.Tensor, grad: torch.Tensor) -> bool:
     """Whether `add_into_fp32_` runs the Triton kernel for these tensors (else PyTorch's
-    add_): both contiguous on one GPU, of one shape, the sum fp32 and the gradient bf16/fp16."""
+    add_): both contiguous on one GPU, of one shape and at least MIN_KERNEL_ELEMENTS, the sum
+    fp32 and the gradient bf16/fp16."""
     return (triton is not None and fp32_sum.is_cuda and fp32_sum.device == grad.device
+            and fp32_sum.numel() >= MIN_KERNEL_ELEMENTS
             and fp32_sum.dtype == torch.float32 and grad.dtype in _NARROW
             and fp32_sum.shape == grad.shape and fp32_sum.is_contiguous()
             and grad.is_contiguous())

@@ -81,12 +81,31 @@ def global_grad_norm(params: list[torch.Tensor], pg) -> torch.Tensor:
 
 
 def clip_gradients(params: list[torch.Tensor], max_norm: float, pg,
-                   norm_params: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+                   norm_params: Optional[list[torch.Tensor]] = None,
+                   optimizer: Optional[torch.optim.Optimizer] = None) -> torch.Tensor:
     """Scale gradients so their global norm is at most max_norm (0: no clipping); returns the
     norm before clipping. The norm is over `norm_params` (default: `params`), the scaling
-    applies to `params` (DualPipe: the norm counts each stage once, both copies are scaled)."""
+    applies to `params` (DualPipe: the norm counts each stage once, both copies are scaled).
+
+    `optimizer`: when it is torch's fused Adam/AdamW, the scaling happens inside its next
+    step instead of in a pass of its own over every gradient: its `grad_scale`, by which the
+    fused kernel divides each gradient as it reads it (the hook torch's AMP unscaling uses,
+    which writes the divided gradient back), is set to 1 / the clipping factor."""
     norm = global_grad_norm(params if norm_params is None else norm_params, pg)
+    fused = optimizer is not None and scales_inside(optimizer)
+    if fused:
+        optimizer.grad_scale = None
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_([p.grad for p in params], scale)
+        if fused:
+            optimizer.grad_scale = (1.0 / scale).float()
+        else:
+            torch._foreach_mul_([p.grad for p in params], scale)
     return norm
+
+
+def scales_inside(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` divides the gradients by its `grad_scale` inside its step: torch's
+    Adam and AdamW with fused=True."""
+    return (isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
+            and bool(optimizer.defaults.get("fused")))

@@ -427,3 +427,30 @@ def test_importing_the_job_sets_no_environment_variable():
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_gpu_defaults_resolve_per_device_and_layout():
+    """--compile-mode / --params-dtype auto: CUDA graphs and bf16 parameters with fp32 masters
+    where they hold (cuda, one stage, no TP/EP collectives inside the graphs), the safe choice
+    elsewhere; an explicit value is kept."""
+    from megatron_dsv3.train.args import parse_args
+    from megatron_dsv3.train.build import compile_mode, params_dtype, uses_cuda_graphs
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+
+    def args(*flags):
+        return parse_args(["--preset", "tiny", "--device", "cpu", *flags])[0]
+
+    assert compile_mode(args(), cuda) == "reduce-overhead" and uses_cuda_graphs(args(), cuda)
+    assert compile_mode(args(), cpu) == "default" and not uses_cuda_graphs(args(), cpu)
+    for size in ("tensor_parallel_size", "expert_parallel_size", "pipeline_parallel_size"):
+        parallel = args()
+        setattr(parallel, size, 2)  # (parse_args checks sizes against the processes launched)
+        assert compile_mode(parallel, cuda) == "default", size
+    assert compile_mode(args("--compile-mode", "default"), cuda) == "default"
+    assert not uses_cuda_graphs(args("--compile", "none"), cuda)
+    assert params_dtype(args(), cuda) == torch.bfloat16  # auto autocast: bf16 on cuda
+    assert params_dtype(args(), cpu) == torch.float32
+    piped = args()
+    piped.pipeline_parallel_size = 2
+    assert params_dtype(piped, cuda) == torch.float32

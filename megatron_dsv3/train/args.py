@@ -111,8 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile", default="auto", choices=("auto", "none", "modules", "layers"),
         help="torch.compile our attention/MoE modules or whole transformer layers "
              "(model.compile_model); auto: modules on cuda, none on cpu")
-    add("--compile-mode", default="default",
-        help="torch.compile mode for --compile (default; reduce-overhead: CUDA graphs)")
+    add("--compile-mode", default="auto",
+        help="torch.compile mode for --compile: default, reduce-overhead (CUDA graphs), or any "
+             "mode torch.compile takes. auto: reduce-overhead on cuda without tensor, expert or "
+             "pipeline parallelism (whose collectives and micro-batches in flight CUDA graphs "
+             "do not take here), default otherwise")
     return p
 
 

@@ -113,14 +113,24 @@ def compile_for_device(model: torch.nn.Module, args, device: torch.device) -> in
         scope = "modules" if device.type == "cuda" else "none"
     if scope == "none":
         return 0
-    mode = {} if args.compile_mode == "default" else {"mode": args.compile_mode}
-    return compile_model(model, scope=scope, **mode)
+    mode = compile_mode(args, device)
+    return compile_model(model, scope=scope, **({} if mode == "default" else {"mode": mode}))
+
+
+def compile_mode(args, device: torch.device) -> str:
+    """--compile-mode, auto resolved: reduce-overhead (CUDA graphs) on cuda with TP = EP =
+    PP = 1, default otherwise."""
+    if args.compile_mode != "auto":
+        return args.compile_mode
+    single = (args.tensor_parallel_size == 1 and args.expert_parallel_size == 1
+              and args.pipeline_parallel_size == 1)
+    return "reduce-overhead" if device.type == "cuda" and single else "default"
 
 
 def uses_cuda_graphs(args, device: torch.device) -> bool:
-    """Whether the compiled modules run as CUDA graphs (--compile-mode reduce-overhead on cuda)."""
+    """Whether the compiled modules run as CUDA graphs (reduce-overhead on cuda)."""
     return (device.type == "cuda" and args.compile != "none"
-            and "reduce-overhead" in args.compile_mode)
+            and "reduce-overhead" in compile_mode(args, device))
 
 
 def params_dtype(args, device: torch.device) -> torch.dtype:

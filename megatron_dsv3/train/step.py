@@ -14,7 +14,8 @@ What one optimizer step does (each rank; TP ranks of one DP replica see the same
      expert parallelism, `--expert-parallel-size`) summed over the expert-data-parallel group,
      both divided by the DP size;
   3. global gradient norm (TP-split parameters' squares summed over TP, expert shards' over TP
-     and EP, replicated ones counted once), clipped to `--clip-grad`;
+     and EP, replicated ones counted once), clipped to `--clip-grad` (with the fused AdamW of
+     a GPU, inside its step: gradients.clip_gradients);
   4. the step's one host sync, before anything is applied: the losses (DP means), the norm
      (already global) and two flags max-reduced over every rank (a non-finite loss on this
      rank; the signal that asked this rank to stop, `stop_signal`). A non-finite loss or norm
@@ -204,7 +205,7 @@ def train_step(run: Run, stop_signal: Optional[Callable[[], int]] = None) -> Ste
     reduce_gradients(params, run.pg)
     # Step 3: clipping by the global norm (each pipeline stage counted once).
     norm_params = run.pipeline.norm_params() if run.pipeline is not None else None
-    grad_norm = clip_gradients(params, args.clip_grad, run.pg, norm_params)
+    grad_norm = clip_gradients(params, args.clip_grad, run.pg, norm_params, run.optimizer)
     # Step 4: the one host sync; every rank agrees whether to go on (module docstring).
     values = dict(zip(LOSS_NAMES + ("grad_norm", "non_finite_loss", "stop_signal"),
                       _agreed_step_values(run, sums, grad_norm,

@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # Issue 10's speed measurement on one GPU in one call (the device session; `.whl/` carried):
 #
-#   bash benchmarks/train_step_gpu.sh                 # every part, ~8 minutes on one H200
-#   bash benchmarks/train_step_gpu.sh default graphs  # some of them
+#   bash benchmarks/train_step_gpu.sh                 # every part, ~5 minutes on one H200
+#   bash benchmarks/train_step_gpu.sh default merged  # some of them
 #
 # Parts (each `benchmarks/bench_train_step.py` under its own `timeout`; proxy with MTP, 8
 # micro-batches of 4,096 tokens per step):
 #   default        the benchmark's forward + backward (the baseline) and the job with its GPU
-#                  defaults, in one run: the ratio the issue asks for; a kernel profile
-#   graphs         the job with CUDA graphs over its compiled modules (--compile-mode
-#                  reduce-overhead, as bench_proxy runs them)
+#                  defaults (CUDA graphs over its compiled modules, bf16 parameters with fp32
+#                  masters), in one run: the ratio the issue asks for; a kernel profile
+#   no_graphs      the job without CUDA graphs (--compile-mode default)
 #   merged         the job with the experts' weight gradients once per step (--expert-wgrad step)
-#   merged_graphs  both
 # JOB_ARGS: more flags for every job run; BENCH_ARGS: for bench_train_step.py (a CPU rehearsal:
 # BENCH_ARGS="--device cpu --preset tiny --seq-len 64 --steps 1 --warmup 1 --grad-accum 2").
-# Results: $OUT/<part>.json and .log (./gpu_out/train_step without $OUT); prof_default.txt.
+# Results: $OUT/<part>.json and .log (./gpu_out/train_step without $OUT); prof_default.txt,
+# prof_merged.txt.
 set -uo pipefail
-PARTS=${*:-default graphs merged merged_graphs}
+PARTS=${*:-default no_graphs merged}
 cd "$(dirname "$0")/.."
 DIR=${OUT:-gpu_out/train_step}
 mkdir -p "$DIR"
@@ -42,11 +42,10 @@ part() {  # part NAME TIMEOUT_S BENCH_ARGS...
 for p in $PARTS; do
   case $p in
     default) part default 240 --profile "$DIR/prof_default.txt" --job-args "${JOB_ARGS:-}" ;;
-    graphs) part graphs 150 --skip-baseline \
-          --job-args "--compile-mode reduce-overhead ${JOB_ARGS:-}" ;;
-    merged) part merged 120 --skip-baseline --job-args "--expert-wgrad step ${JOB_ARGS:-}" ;;
-    merged_graphs) part merged_graphs 150 --skip-baseline \
-          --job-args "--expert-wgrad step --compile-mode reduce-overhead ${JOB_ARGS:-}" ;;
-    *) echo "unknown part $p: choose from default graphs merged merged_graphs" >&2; exit 2 ;;
+    no_graphs) part no_graphs 150 --skip-baseline \
+          --job-args "--compile-mode default ${JOB_ARGS:-}" ;;
+    merged) part merged 180 --skip-baseline --profile "$DIR/prof_merged.txt" \
+          --job-args "--expert-wgrad step ${JOB_ARGS:-}" ;;
+    *) echo "unknown part $p: choose from default no_graphs merged" >&2; exit 2 ;;
   esac
 done

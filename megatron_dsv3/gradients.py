@@ -87,10 +87,10 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float, pg,
     norm before clipping. The norm is over `norm_params` (default: `params`), the scaling
     applies to `params` (DualPipe: the norm counts each stage once, both copies are scaled).
 
-    `optimizer`: when it is torch's fused Adam/AdamW, the scaling happens inside its next
-    step instead of in a pass of its own over every gradient: its `grad_scale`, by which the
-    fused kernel divides each gradient as it reads it (the hook torch's AMP unscaling uses,
-    which writes the divided gradient back), is set to 1 / the clipping factor."""
+    `optimizer`: when it is torch's fused Adam/AdamW (or one that says `applies_grad_scale`),
+    the scaling happens inside its next step instead of in a pass of its own over every
+    gradient: its `grad_scale`, by which the fused kernel divides each gradient as it reads it
+    (the hook torch's AMP unscaling uses), is set to 1 / the clipping factor."""
     norm = global_grad_norm(params if norm_params is None else norm_params, pg)
     fused = optimizer is not None and scales_inside(optimizer)
     if fused:
@@ -106,6 +106,7 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float, pg,
 
 def scales_inside(optimizer: torch.optim.Optimizer) -> bool:
     """Whether `optimizer` divides the gradients by its `grad_scale` inside its step: torch's
-    Adam and AdamW with fused=True."""
-    return (isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
-            and bool(optimizer.defaults.get("fused")))
+    Adam and AdamW with fused=True, or an optimizer that says so (`applies_grad_scale`)."""
+    return getattr(optimizer, "applies_grad_scale", False) or (
+        isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
+        and bool(optimizer.defaults.get("fused")))

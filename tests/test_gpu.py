@@ -119,3 +119,25 @@ def test_grad_accumulate_kernel_is_bit_identical_to_torch_add():
         assert uses_kernel(total, grad)
         expected = total.clone().add_(grad)
         assert torch.equal(add_into_fp32_(total, grad), expected)
+
+
+def test_adamw_kernel_matches_its_reference():
+    from megatron_dsv3.kernels.adamw import adamw_reference, launch_adamw, uses_kernel
+
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    torch.manual_seed(seed)
+    n = 3 * 2**20 + 17
+    tensors = [torch.randn(n, device="cuda"), torch.randn(n, device="cuda"),
+               torch.randn(n, device="cuda") * 0.1, torch.rand(n, device="cuda") * 0.01,
+               torch.zeros(n, device="cuda", dtype=torch.bfloat16)]
+    copies = [t.clone() for t in tensors]
+    assert uses_kernel(tensors)
+    hyper = dict(step=3, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
+                 grad_scale=torch.tensor(2.5, device="cuda"))
+    launch_adamw(*tensors, **hyper)
+    adamw_reference(*copies, **hyper)
+    for i, name in ((0, "param"), (2, "exp_avg"), (3, "exp_avg_sq")):
+        a, b = tensors[i], copies[i]
+        assert_close(a, b, FP32_REORDER, f"fused-multiply-add grouping (seed {seed})", name)
+    assert not tensors[1].any()
+    assert torch.equal(tensors[4], tensors[0].to(torch.bfloat16))

@@ -1,2 +1,7 @@
 """GPU kernels (Triton) with their plain PyTorch reference beside each; the reference runs
-where Triton or a GPU is missing."""
+where Triton or a GPU is missing.
+
+  grad_accumulate.py  a bf16 gradient added into its fp32 sum at memory speed
+  adamw.py            AdamW on an fp32 master that also writes its bf16 copy and zeroes its
+                      gradient, in one pass
+"""

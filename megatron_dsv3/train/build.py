@@ -156,11 +156,17 @@ def expert_grad_merger(model: torch.nn.Module, args, device: torch.device):
     return merger
 
 
-def build_optimizer(params: list[torch.Tensor], args) -> torch.optim.AdamW:
-    """AdamW (DeepSeek-V3's betas) over `params` (fp32: the model's parameters or their
-    masters) with weight decay on matrices, none on norms; the fused kernel when they are on a
-    GPU (one launch for all tensors)."""
+def build_optimizer(params: list[torch.Tensor], args, masters=None) -> torch.optim.AdamW:
+    """AdamW (DeepSeek-V3's betas) over `params` (fp32: the model's parameters or the masters
+    of `masters`, a MasterWeights) with weight decay on matrices, none on norms. With masters,
+    MasterAdamW (its step also publishes the masters into the model and zeroes their gradient
+    sums; one Triton kernel per tensor on a GPU); without, torch's, fused on a GPU."""
+    from .master_weights import MasterAdamW
+
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    hyper = {"lr": args.lr, "betas": (0.9, 0.95), "eps": 1e-8}
+    if masters is not None:
+        return MasterAdamW(groups, masters, **hyper)
     fused = bool(params) and params[0].device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    return torch.optim.AdamW(groups, fused=fused, **hyper)

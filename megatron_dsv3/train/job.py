@@ -84,7 +84,7 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
     set_balance_loss_scale(model, 1.0 / args.grad_accum)  # each micro-batch's loss / grad_accum
     trained = (masters.params if masters is not None
                else [p for p in model.parameters() if p.requires_grad])
-    run = Run(args, cfg, pg, device, model, build_optimizer(trained, args), corpus,
+    run = Run(args, cfg, pg, device, model, build_optimizer(trained, args, masters), corpus,
               out_dir=out_dir, pipeline=pipeline, masters=masters, expert_grads=expert_grads)
     if step_dir is not None:
         load_checkpoint(run, step_dir)

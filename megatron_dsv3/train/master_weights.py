@@ -10,10 +10,10 @@ post-accumulate-grad hook; the bf16 `.grad` is freed right away), so a step of m
 sums their gradients in fp32.
 
   masters = MasterWeights(model)                           # fp32 copies; model -> bf16
-  optimizer = torch.optim.AdamW(masters.params, ...)      # fp32 masters, .grad = the fp32 sums
+  optimizer = MasterAdamW(groups of masters.params, masters, ...)  # fp32 masters and sums
   ... backward of each micro-batch ...                     # hooks add into masters.params[i].grad
   reduce / clip masters.params' gradients                  # they carry the TP/EP attributes
-  optimizer.step(); masters.publish(); masters.zero_grad()  # bf16 copies of the masters
+  optimizer.step()   # AdamW on the masters, their bf16 copies into the model, the sums zeroed
 
 `state_dict()` is the model's state dict with the fp32 masters in place of the parameters, so
 a checkpoint holds the same fp32 weights whether the run kept fp32 parameters or bf16 ones with
@@ -24,8 +24,11 @@ into it directly.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from ..kernels.adamw import adamw_
 from ..kernels.grad_accumulate import add_into_fp32_
 
 # Megatron's parameter attributes that say how a tensor is split (parallel.py, gradients.py read
@@ -94,3 +97,50 @@ def _add_into(buffer: torch.Tensor):
             add_into_fp32_(buffer, param.grad)  # to someone else (weight_grad.py, moe/expert_wgrad.py)
             param.grad = None
     return hook
+
+
+class MasterAdamW(torch.optim.AdamW):
+    """torch's AdamW over a MasterWeights' fp32 masters whose step also does the masters'
+    bookkeeping: after it each master's bf16 copy is in the model (`publish`) and its gradient
+    sum is zero (`zero_grad`). Per tensor that is one pass (kernels/adamw.py: a Triton kernel
+    on a GPU, PyTorch operations elsewhere) instead of torch's AdamW, a copy and a fill.
+
+    The state is torch's AdamW's (`step`, `exp_avg`, `exp_avg_sq` per parameter), so a
+    checkpoint's optimizer state loads into either. Gradient clipping scales inside the step:
+    the gradients are divided by `grad_scale` when it is set (gradients.clip_gradients), as in
+    torch's fused AdamW."""
+
+    applies_grad_scale = True  # gradients.clip_gradients: scale inside the step
+
+    def __init__(self, param_groups, masters: MasterWeights, **adamw_kwargs) -> None:
+        super().__init__(param_groups, foreach=False, fused=False, **adamw_kwargs)
+        self.masters = masters
+        self.grad_scale: Optional[torch.Tensor] = None
+        self._model_param = {id(m): p for m, p in zip(masters.params, masters.model_params)}
+        unknown = [p for g in self.param_groups for p in g["params"]
+                   if id(p) not in self._model_param]
+        if unknown:
+            raise ValueError(f"MasterAdamW: {len(unknown)} parameters are not masters of the "
+                             "MasterWeights given; pass its `params` (in any grouping)")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MasterAdamW.step takes no closure")
+        for group in self.param_groups:
+            if group["amsgrad"] or group["maximize"]:
+                raise ValueError("MasterAdamW supports neither amsgrad nor maximize")
+            beta1, beta2 = group["betas"]
+            for master in group["params"]:
+                state = self.state[master]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(master)
+                    state["exp_avg_sq"] = torch.zeros_like(master)
+                if state["step"].device.type != "cpu":  # loaded from a fused AdamW's state
+                    state["step"] = state["step"].cpu()
+                state["step"] += 1
+                adamw_(master, master.grad, state["exp_avg"], state["exp_avg_sq"],
+                       self._model_param[id(master)], step=int(state["step"]),
+                       lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                       weight_decay=group["weight_decay"], grad_scale=self.grad_scale)

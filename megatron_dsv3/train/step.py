@@ -96,12 +96,9 @@ class Run:
         return [p for p in self.model.parameters() if p.grad is not None]
 
     def zero_grad(self) -> None:
-        """After the optimizer step: the masters into the model's bf16 parameters and their
-        fp32 gradient sums zeroed, or the fp32 parameters' gradients dropped."""
-        if self.masters is not None:
-            self.masters.publish()
-            self.masters.zero_grad()
-        else:
+        """After the optimizer step: the fp32 parameters' gradients dropped (with masters,
+        MasterAdamW's step has already put them into the model and zeroed their sums)."""
+        if self.masters is None:
             self.optimizer.zero_grad(set_to_none=True)
 
     def model_state_dict(self) -> dict:

@@ -1,0 +1,110 @@
+"""kernels/adamw.py and MasterAdamW (train/master_weights.py) against torch's AdamW.
+
+  * the Triton kernel, run by Triton's interpreter on the CPU (a fresh process), against the
+    PyTorch reference of the same update: masters, moments, the bf16 copy, the zeroed gradient;
+  * MasterAdamW over MasterWeights against torch's AdamW on fp32 copies of the masters, over
+    three steps, with and without a gradient scale (clipping inside the step); its state dict
+    loads into torch's AdamW and back.
+Fresh random inputs each run. Tolerance FP32_REORDER: the same fp32 update, its operations
+grouped differently from torch's (torch's AdamW blends the first moment with lerp).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
+from megatron_dsv3.train.master_weights import MasterAdamW, MasterWeights
+
+_INTERPRETED = textwrap.dedent("""
+    import torch
+    from megatron_dsv3.kernels.adamw import adamw_reference, launch_adamw
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    torch.manual_seed(seed)
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    for n, scale in ((1000, None), (2048 * 3 + 5, torch.tensor(4.0)), (0, None)):
+        tensors = [torch.randn(n), torch.randn(n), torch.randn(n) * 0.1, torch.rand(n) * 0.01,
+                   torch.zeros(n, dtype=torch.bfloat16)]
+        copies = [t.clone() for t in tensors]
+        for step in (1, 7):
+            launch_adamw(*tensors, step=step, grad_scale=scale, **hyper)
+            adamw_reference(*copies, step=step, grad_scale=scale, **hyper)
+            # (the bf16 copy is checked against the kernel's own master: a master 1e-7 away
+            # from the reference's may round to the neighbouring bf16 value)
+            for name, a, b in zip(("param", "grad", "exp_avg", "exp_avg_sq"), tensors, copies):
+                err = (a.double() - b.double()).abs().max().item() if n else 0.0
+                assert err <= 1e-6 * max(1.0, b.abs().max().item() if n else 0.0), (name, err)
+            assert not tensors[1].any(), "gradient zeroed"
+            assert torch.equal(tensors[4], tensors[0].to(torch.bfloat16)), "bf16 copy"
+            tensors[1].copy_(torch.randn(n)); copies[1].copy_(tensors[1])
+    print("ok")
+""")
+
+
+def test_kernel_in_triton_interpreter_matches_the_reference():
+    pytest.importorskip("triton")
+    run = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+
+
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(),
+                               torch.nn.Linear(32, 8, bias=False)).to(torch.bfloat16)
+
+
+def _groups(params):
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("grad_scale", [None, 3.0], ids=["unscaled", "scaled-inside"])
+def test_master_adamw_is_torch_adamw_on_the_masters_then_publish_and_zero(grad_scale):
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    model = _model(seed)
+    masters = MasterWeights(model)
+    hyper = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8}
+    optimizer = MasterAdamW(_groups(masters.params), masters, **hyper)
+    fp32 = [m.detach().clone().requires_grad_() for m in masters.params]
+    reference = torch.optim.AdamW(_groups(fp32), foreach=False, **hyper)
+    for step in range(3):
+        x = torch.randn(4, 16).to(torch.bfloat16)
+        model(x).float().pow(2).mean().backward()
+        for ref, master in zip(fp32, masters.params):
+            ref.grad = master.grad.clone() / (grad_scale or 1.0)
+        optimizer.grad_scale = None if grad_scale is None else torch.tensor(grad_scale)
+        optimizer.step()
+        reference.step()
+        for i, (master, ref, param) in enumerate(zip(masters.params, fp32, model.parameters())):
+            assert_close(master, ref.detach(), FP32_REORDER, "AdamW update",
+                         f"seed {seed} step {step} master {i}")
+            assert_equal(param.detach(), master.to(torch.bfloat16), f"step {step} param {i}")
+            assert not master.grad.any(), "the gradient sum is zeroed by the step"
+    assert not torch.equal(masters.params[0], _model(seed)[0].weight.float()), "weights moved"
+
+    # the state is torch's AdamW's: it loads both ways and the next step agrees
+    state = optimizer.state_dict()
+    loaded = torch.optim.AdamW(_groups([m.detach().clone().requires_grad_()
+                                        for m in masters.params]), foreach=False, **hyper)
+    loaded.load_state_dict(state)
+    back = MasterAdamW(_groups(masters.params), masters, **hyper)
+    back.load_state_dict(reference.state_dict())
+    for key in ("exp_avg", "exp_avg_sq"):
+        for a, b in zip(loaded.state.values(), optimizer.state.values()):
+            assert_equal(a[key], b[key], key)
+        for a, b in zip(back.state.values(), reference.state.values()):
+            assert_close(a[key], b[key], FP32_REORDER, key)
+    assert [int(s["step"]) for s in back.state.values()] == [3] * len(masters.params)
+
+
+def test_master_adamw_refuses_parameters_that_are_not_masters():
+    masters = MasterWeights(_model(0))
+    with pytest.raises(ValueError, match="not masters"):
+        MasterAdamW([torch.nn.Parameter(torch.zeros(2))], masters, lr=1e-3)

@@ -105,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
              "backward, as autograd does. step: once per optimizer step, over all its "
              "micro-batches in one grouped GEMM per projection (fewer, fuller GEMMs and one "
              "fp32 addition per step instead of one per micro-batch), keeping each micro-batch's "
-             "expert inputs and output gradients until then (proxy: +31 GiB); the experts then "
+             "expert inputs and output gradients until then (proxy: +16 GiB); the experts then "
              "run outside torch.compile, and on one H200 (proxy, 8 x 4096 tokens) the step was "
-             "slower for it, 867 ms against 720 (benchmarks/RESULTS.md)")
+             "not faster for it, 640 ms against 632 (benchmarks/RESULTS.md)")
     add("--compile", default="auto", choices=("auto", "none", "modules", "layers"),
         help="torch.compile our attention/MoE modules or whole transformer layers "
              "(model.compile_model); auto: modules on cuda, none on cpu")

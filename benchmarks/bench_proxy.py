@@ -5,7 +5,8 @@
   python benchmarks/bench_proxy.py --peers-dir .peers    # + HF transformers and torchtitan
   python benchmarks/bench_proxy.py --preset tiny --device cpu --steps 2   # logic check on CPU
 
-Same shapes as the peers' `proxy` (../shared/peers): micro-batch 1 x 4096 tokens, random ids
+Same shapes as the peers' `proxy` (anchor_hf.py and anchor_torchtitan.py in --peers-dir; the
+torchtitan peer with its per-block compile, TT_COMPILE=1): micro-batch 1 x 4096 tokens, random ids
 and labels, parameters in bf16 (no fp32 master copy, as the peers build theirs), no MTP unless
 `--mtp`. Model FLOPs per token from `megatron_dsv3.flops` (the peers' formula: 6 x active
 matmul parameters + causal attention). Prints a table and one JSON line; `--json-out` saves it.
@@ -131,7 +132,9 @@ def profile(step_fn, path: str) -> None:
 
 def run_peer(name: str, peers_dir: Path, steps: int) -> dict:
     script = {"hf": "anchor_hf.py", "torchtitan": "anchor_torchtitan.py"}[name]
-    env = dict(os.environ)
+    # torchtitan as its users run it: each block compiled (TT_COMPILE=0 in the environment
+    # measures it eager)
+    env = {"TT_COMPILE": "1", **os.environ}
     site = peers_dir / ".site"
     if name == "torchtitan" and site.exists():
         env["PYTHONPATH"] = f"{site}:{env.get('PYTHONPATH', '')}"

@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
-"""Adding bf16 gradients into fp32 sums: PyTorch's add_ against kernels/grad_accumulate.py.
+"""Adding bf16 gradients into fp32 sums: PyTorch's add_ against kernels/grad_accumulate.py, and
+the routed experts' weight gradient as a bf16 grouped GEMM plus that addition against the
+grouped GEMM that adds into the fp32 sum itself (kernels/grouped_wgrad.py).
 
   python benchmarks/bench_grad_accumulate.py            # the proxy preset's parameter shapes
   python benchmarks/bench_grad_accumulate.py --device cpu --repeat 2   # logic check (no kernel)
 
 Per shape: the time of one pass of each (the kernel launched directly, also below the size
-where `add_into_fp32_` leaves small tensors to PyTorch) and its bandwidth (2 + 4 bytes read, 4 written per
-element), with a plain fp32 copy of the same tensor in the same run as the memory ceiling.
+where `add_into_fp32_` leaves small tensors to PyTorch) and its bandwidth (2 + 4 bytes read, 4
+written per element), with a plain fp32 copy of the same tensor in the same run as the memory
+ceiling. Per expert projection of the proxy preset (64 experts, 4096 tokens x top-6 rows
+spread over them at random): `torch._grouped_mm` dW in bf16 then `add_into_fp32_`, against
+`grouped_wgrad_add_` (GPU only).
 """
 
 from __future__ import annotations
@@ -30,6 +35,37 @@ SHAPES = (("experts fc1 (64 x 2816 x 2048)", (64, 2816, 2048)),
           ("experts fc2 (64 x 2048 x 1408)", (64, 2048, 1408)),
           ("embedding (32768 x 2048)", (32768, 2048)),
           ("q up-projection (3072 x 1536)", (3072, 1536)))
+
+
+# (name, O, I) of the proxy preset's expert projections: dW [64, O, I] = dY^T X per expert
+EXPERT_PROJECTIONS = (("fc1 dW (64 x 2816 x 2048)", 2816, 2048),
+                      ("fc2 dW (64 x 2048 x 1408)", 2048, 1408))
+
+
+def expert_wgrad_row(name: str, out_features: int, in_features: int, repeat: int,
+                     device: torch.device) -> dict:
+    from megatron_dsv3.kernels.grouped_wgrad import grouped_wgrad_add_
+
+    experts, rows = 64, 4096 * 6
+    choice = torch.randint(0, experts, (rows,), generator=torch.Generator().manual_seed(0))
+    ends = torch.bincount(choice, minlength=experts).cumsum(0).to(torch.int32).to(device)
+    grad_y = torch.randn(rows, out_features, device=device).to(torch.bfloat16)
+    x = torch.randn(rows, in_features, device=device).to(torch.bfloat16)
+    total = torch.zeros(experts, out_features, in_features, device=device)
+
+    def gemm_then_add():
+        add_into_fp32_(total, torch._grouped_mm(grad_y.t(), x, offs=ends))
+
+    row = {"projection": name, "gemm_then_add_s": seconds(gemm_then_add, repeat, device),
+           "in_gemm_s": seconds(lambda: grouped_wgrad_add_(grad_y, x, ends, total), repeat,
+                                device),
+           "gemm_only_s": seconds(lambda: torch._grouped_mm(grad_y.t(), x, offs=ends), repeat,
+                                  device)}
+    row["speedup"] = round(row["gemm_then_add_s"] / row["in_gemm_s"], 3)
+    print(f"{name:28s} bf16 grouped GEMM {row['gemm_only_s'] * 1e3:.3f} ms, + fp32 add "
+          f"{row['gemm_then_add_s'] * 1e3:.3f} ms | in the GEMM {row['in_gemm_s'] * 1e3:.3f} ms "
+          f"x{row['speedup']}", file=sys.stderr)
+    return row
 
 
 def seconds(fn, repeat: int, device: torch.device) -> float:
@@ -72,6 +108,9 @@ def main(argv=None) -> dict:
               f"({row['ours_tb_s']:.2f} TB/s) x{row['speedup']} | fp32 copy "
               f"{row['fp32_copy_tb_s']:.2f} TB/s", file=sys.stderr)
     results["rows"] = rows
+    if device.type == "cuda":
+        results["expert_wgrad"] = [expert_wgrad_row(name, out_f, in_f, args.repeat, device)
+                                   for name, out_f, in_f in EXPERT_PROJECTIONS]
     emit_json(results, args.json_out)
     return results
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 10's speed measurement on one GPU in one call (the device session; `.whl/` carried):
 #
-#   bash benchmarks/train_step_gpu.sh                 # every part, ~5 minutes on one H200
+#   bash benchmarks/train_step_gpu.sh                 # every part, ~6 minutes on one H200
 #   bash benchmarks/train_step_gpu.sh default merged  # some of them
 #
 # Parts (each `benchmarks/bench_train_step.py` under its own `timeout`; proxy with MTP, 8
@@ -11,12 +11,15 @@
 #                  masters), in one run: the ratio the issue asks for; a kernel profile
 #   no_graphs      the job without CUDA graphs (--compile-mode default)
 #   merged         the job with the experts' weight gradients once per step (--expert-wgrad step)
+#   in_gemm        the job with the experts' weight gradients added into the fp32 sums inside
+#                  the grouped GEMM (--expert-wgrad in-gemm); profiled. For its ratio in one
+#                  run: JOB_ARGS="--expert-wgrad in-gemm" ... default
 # JOB_ARGS: more flags for every job run; BENCH_ARGS: for bench_train_step.py (a CPU rehearsal:
 # BENCH_ARGS="--device cpu --preset tiny --seq-len 64 --steps 1 --warmup 1 --grad-accum 2").
 # Results: $OUT/<part>.json and .log (./gpu_out/train_step without $OUT); prof_default.txt,
-# prof_merged.txt.
+# prof_merged.txt, prof_in_gemm.txt.
 set -uo pipefail
-PARTS=${*:-default no_graphs merged}
+PARTS=${*:-default no_graphs merged in_gemm}
 cd "$(dirname "$0")/.."
 DIR=${OUT:-gpu_out/train_step}
 mkdir -p "$DIR"
@@ -46,6 +49,8 @@ for p in $PARTS; do
           --job-args "--compile-mode default ${JOB_ARGS:-}" ;;
     merged) part merged 180 --skip-baseline --profile "$DIR/prof_merged.txt" \
           --job-args "--expert-wgrad step ${JOB_ARGS:-}" ;;
-    *) echo "unknown part $p: choose from default no_graphs merged" >&2; exit 2 ;;
+    in_gemm) part in_gemm 180 --skip-baseline --profile "$DIR/prof_in_gemm.txt" \
+          --job-args "--expert-wgrad in-gemm ${JOB_ARGS:-}" ;;
+    *) echo "unknown part $p: choose from default no_graphs merged in_gemm" >&2; exit 2 ;;
   esac
 done

@@ -376,6 +376,8 @@ def test_checkpoints_keep_replicas_and_mirror_copies_identical(name, jobs):
     (["--warmup-steps", "500", "--steps", "100"], "must not exceed --steps=100"),
     (["--resume", "auto"], "pass --out-dir of the run to continue"),
     (["--preset", "nope"], "invalid choice: 'nope'"),
+    (["--expert-wgrad", "in-gemm", "--device", "cpu"], "in-gemm adds into the fp32 sums of "
+     "bf16 parameters on a GPU: it needs --device cuda"),
 ])
 def test_bad_arguments_exit_with_a_message_naming_the_flag_and_the_fix(argv, expected, capsys,
                                                                        monkeypatch):
@@ -454,3 +456,20 @@ def test_gpu_defaults_resolve_per_device_and_layout():
     piped = args()
     piped.pipeline_parallel_size = 2
     assert params_dtype(piped, cuda) == torch.float32
+
+
+def test_in_gemm_expert_gradients_need_fp32_sums_on_a_gpu():
+    """--expert-wgrad in-gemm where --device auto found no GPU (or the parameters are fp32):
+    a TrainError naming the flag before any step, not a failure inside the backward."""
+    from megatron_dsv3.train.args import TrainError, parse_args
+    from megatron_dsv3.train.build import sum_expert_grads_in_gemm_if_asked
+
+    args = parse_args(["--preset", "tiny", "--expert-wgrad", "in-gemm"])[0]
+    with pytest.raises(TrainError, match="--expert-wgrad in-gemm .* no GPU"):
+        sum_expert_grads_in_gemm_if_asked(torch.nn.Linear(2, 2), args, None,
+                                          torch.device("cpu"))
+    with pytest.raises(TrainError, match="fp32 parameters"):
+        sum_expert_grads_in_gemm_if_asked(torch.nn.Linear(2, 2), args, None,
+                                          torch.device("cuda", 0))
+    assert not sum_expert_grads_in_gemm_if_asked(
+        torch.nn.Linear(2, 2), parse_args(["--preset", "tiny"])[0], None, torch.device("cpu"))

@@ -4,4 +4,6 @@ where Triton or a GPU is missing.
   grad_accumulate.py  a bf16 gradient added into its fp32 sum at memory speed
   adamw.py            AdamW on an fp32 master that also writes its bf16 copy and zeroes its
                       gradient, in one pass
+  grouped_wgrad.py    the routed experts' weight gradients added into fp32 sums inside the
+                      grouped GEMM (a torch custom op)
 """

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
+from ..kernels.grouped_wgrad import grouped_wgrad_add_
 from ..layers import mark_tensor_parallel, normal_init, tp_size
 from ..weight_grad import WeightGradStore, autocast_dtype, weight_grad_now_or_later
 
@@ -96,7 +97,8 @@ class _ExpertsLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups,
-                store: Optional[WeightGradStore], merger) -> torch.Tensor:
+                store: Optional[WeightGradStore], merger,
+                fp32_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
         x_c, w_c = x_NI, w_EOI
         dtype = autocast_dtype(x_NI.device.type)  # as RoutedExperts casts for _grouped_mm
         if dtype is not None:
@@ -108,7 +110,7 @@ class _ExpertsLinear(torch.autograd.Function):
                               enumerate(row_bounds(groups))], dim=0)
         ctx.save_for_backward(x_c, w_c)
         ctx.weight, ctx.impl, ctx.groups, ctx.store = w_EOI, impl, groups, store
-        ctx.merger = merger
+        ctx.merger, ctx.fp32_grad = merger, fp32_grad
         return y_NO
 
     @staticmethod
@@ -129,9 +131,11 @@ class _ExpertsLinear(torch.autograd.Function):
 
         if ctx.needs_input_grad[1] and ctx.merger is not None:  # expert_wgrad.py: later,
             ctx.merger.add(ctx.weight, grad_y_NO, x_NI, groups, ctx.impl)  # over micro-batches
+        elif ctx.needs_input_grad[1] and ctx.fp32_grad is not None:  # into the fp32 sum,
+            grouped_wgrad_add_(grad_y_NO, x_NI, groups, ctx.fp32_grad)  # inside the GEMM
         elif ctx.needs_input_grad[1]:
             grad_w = weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad_EOI)
-        return grad_x, grad_w, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None
 
 
 Groups = Union[torch.Tensor, list[int]]
@@ -146,11 +150,14 @@ def expert_groups(tokens_per_expert_E: torch.Tensor, impl: str) -> Groups:
 
 
 def experts_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups: Groups,
-                   store: Optional[WeightGradStore] = None, merger=None) -> torch.Tensor:
+                   store: Optional[WeightGradStore] = None, merger=None,
+                   fp32_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x_NI W_e^T on each expert e's rows, by `impl` ('loop' | 'grouped_mm'); the weight
     gradient's operands go to `merger` (expert_wgrad.ExpertGradMerger) when there is one, the
-    gradient to `store` while it defers, else to autograd as usual."""
-    return _ExpertsLinear.apply(x_NI, w_EOI, impl, groups, store, merger)
+    gradient into `fp32_grad` (w_EOI's fp32 sum; grouped_mm only) by the grouped GEMM itself
+    (kernels/grouped_wgrad.py) when given, to `store` while it defers, else to autograd as
+    usual."""
+    return _ExpertsLinear.apply(x_NI, w_EOI, impl, groups, store, merger, fp32_grad)
 
 
 def mark_expert_parallel(param: torch.nn.Parameter) -> None:
@@ -166,6 +173,9 @@ class RoutedExperts(torch.nn.Module):
 
     weight_grad_store: Optional[WeightGradStore] = None  # set by attach_weight_grad_store
     weight_grad_merger = None  # set by expert_wgrad.attach_expert_grad_merger
+    # True: each backward adds the weight gradients into fc1/fc2.main_grad (fp32) inside the
+    # grouped GEMM instead of handing them to autograd (set by sum_expert_grads_in_gemm)
+    grads_into_main_grad = False
 
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_size: int, *, tp_group,
                  dtype: torch.dtype, device=None, init_std: float = 0.006, impl: str = "auto",
@@ -196,6 +206,9 @@ class RoutedExperts(torch.nn.Module):
         if self.weight_grad_store is not None:  # the same GEMMs, weight gradients deferrable
             return self._through_experts_linear(x_ND, tokens_per_expert_E, impl,
                                                 store=self.weight_grad_store)
+        if self.grads_into_main_grad and torch.is_grad_enabled():
+            return self._through_experts_linear(x_ND, tokens_per_expert_E, impl,
+                                                into_main_grad=True)
         run = pick_experts_impl(impl or self.impl, x_ND.device)
         fc1, fc2 = self.fc1, self.fc2
         device_type = x_ND.device.type
@@ -214,13 +227,33 @@ class RoutedExperts(torch.nn.Module):
 
     def _through_experts_linear(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                                 impl: Optional[str], store: Optional[WeightGradStore] = None,
-                                merger=None) -> torch.Tensor:
+                                merger=None, into_main_grad: bool = False) -> torch.Tensor:
         """fc1, SwiGLU, fc2 as two `experts_linear` calls, whose weight gradients go to `store`
-        or `merger`."""
+        or `merger`, or into the weights' fp32 `main_grad` (grouped_mm)."""
         name = resolve_experts_impl(impl or self.impl, x_ND.device)
         groups = expert_groups(tokens_per_expert_E, name)
-        h_NF2 = experts_linear(x_ND, self.fc1, name, groups, store, merger)
-        return experts_linear(swiglu(h_NF2), self.fc2, name, groups, store, merger)
+        sums = (None, None)
+        if into_main_grad:
+            sums = tuple(getattr(w, "main_grad", None) for w in (self.fc1, self.fc2))
+            if name != "grouped_mm" or any(s is None or s.dtype != torch.float32 for s in sums):
+                raise ValueError(
+                    "RoutedExperts.grads_into_main_grad needs the grouped_mm experts and an fp32 "
+                    f"`main_grad` on fc1 and fc2 (experts_impl={name!r}); give the weights one "
+                    "(train/master_weights.MasterWeights does) or turn it off")
+        h_NF2 = experts_linear(x_ND, self.fc1, name, groups, store, merger, sums[0])
+        return experts_linear(swiglu(h_NF2), self.fc2, name, groups, store, merger, sums[1])
+
+
+def sum_expert_grads_in_gemm(module: torch.nn.Module, on: bool = True) -> int:
+    """Every RoutedExperts under `module` adds its weight gradients into the weights' fp32
+    `main_grad` inside the grouped GEMM (kernels/grouped_wgrad.py) instead of handing bf16
+    gradients to autograd (`on`), or stops; returns how many. For bf16 weights with fp32
+    sums that nothing else accumulates (not with Megatron's DDP hooks, which wait for
+    autograd's accumulation)."""
+    experts = [m for m in module.modules() if isinstance(m, RoutedExperts)]
+    for m in experts:
+        m.grads_into_main_grad = on
+    return len(experts)
 
 
 class SwiGLUMLP(torch.nn.Module):

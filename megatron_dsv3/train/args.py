@@ -100,9 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
              "fp32 buffer (DeepSeek-V3's precision map); float32: AdamW on the parameters, "
              "bf16 casts under autocast. Checkpoints hold the fp32 weights either way. auto: "
              "bfloat16 with bf16 autocast on cuda and no pipeline, float32 otherwise")
-    add("--expert-wgrad", default="micro-batch", choices=("micro-batch", "step"),
-        help="when the routed experts' weight gradients are computed. micro-batch: in each "
-             "backward, as autograd does. step: once per optimizer step, over all its "
+    add("--expert-wgrad", default="micro-batch", choices=("micro-batch", "in-gemm", "step"),
+        help="when and how the routed experts' weight gradients are computed. micro-batch: in "
+             "each backward, as autograd does (a bf16 gradient, then added into the fp32 sum). "
+             "in-gemm: in each backward, by a grouped GEMM that adds them into the fp32 sums "
+             "itself (kernels/grouped_wgrad.py; bf16 parameters with fp32 masters on a GPU; "
+             "not yet measured against micro-batch, hence opt-in). step: once per optimizer step, over all its "
              "micro-batches in one grouped GEMM per projection (fewer, fuller GEMMs and one "
              "fp32 addition per step instead of one per micro-batch), keeping each micro-batch's "
              "expert inputs and output gradients until then (proxy: +16 GiB); the experts then "
@@ -162,7 +165,13 @@ def validate_args(args: argparse.Namespace, cfg: ModelConfig, world_size: int) -
          "pipeline's stages keep fp32 parameters): pass --params-dtype float32 or auto")
     need(args.expert_wgrad != "step" or args.pipeline_parallel_size == 1, "--expert-wgrad",
          args.expert_wgrad, "step is not supported with --pipeline-parallel-size > 1 (the "
-         "schedules run the weight gradients themselves): pass micro-batch or auto")
+         "schedules run the weight gradients themselves): pass micro-batch")
+    need(args.expert_wgrad != "in-gemm" or (args.device != "cpu"
+                                            and args.params_dtype != "float32"
+                                            and args.pipeline_parallel_size == 1),
+         "--expert-wgrad", args.expert_wgrad, "in-gemm adds into the fp32 sums of bf16 "
+         "parameters on a GPU: it needs --device cuda (or auto on a GPU), --params-dtype auto "
+         "or bfloat16 and no pipeline; pass micro-batch")
     need(args.resume != "auto" or args.out_dir is not None, "--resume", args.resume,
          "'auto' looks in --out-dir, whose default is a new timestamped folder: pass --out-dir "
          "of the run to continue")

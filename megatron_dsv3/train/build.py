@@ -143,6 +143,25 @@ def params_dtype(args, device: torch.device) -> torch.dtype:
     return getattr(torch, args.params_dtype)
 
 
+def sum_expert_grads_in_gemm_if_asked(model: torch.nn.Module, args, masters,
+                                      device: torch.device) -> bool:
+    """--expert-wgrad in-gemm: each backward adds the routed experts' weight gradients into
+    the masters' fp32 sums inside the grouped GEMM (moe/experts.py, kernels/grouped_wgrad.py)
+    instead of a bf16 gradient and a pass adding it in. Returns whether it does; a TrainError
+    where the run has no fp32 sums on a GPU (--device auto found no GPU, or fp32 parameters)."""
+    from ..moe.experts import sum_expert_grads_in_gemm
+
+    if args.expert_wgrad != "in-gemm":
+        return False
+    if masters is None or device.type != "cuda":
+        raise TrainError(
+            f"--expert-wgrad in-gemm adds into the fp32 sums of bf16 parameters on a GPU; this "
+            f"run has {'no GPU' if device.type != 'cuda' else 'fp32 parameters'}: pass "
+            "--expert-wgrad micro-batch")
+    sum_expert_grads_in_gemm(model)
+    return True
+
+
 def expert_grad_merger(model: torch.nn.Module, args, device: torch.device):
     """--expert-wgrad step: an ExpertGradMerger attached to the model's routed experts (keeping
     copies of its operands where CUDA graphs would overwrite them); micro-batch: None

@@ -27,7 +27,8 @@ import torch.distributed as dist
 
 from .args import TrainError, parse_args
 from .build import (build_initial_model, build_optimizer, compile_for_device,
-                    expert_grad_merger, load_data, params_dtype, pick_device)
+                    expert_grad_merger, load_data, params_dtype, pick_device,
+                    sum_expert_grads_in_gemm_if_asked)
 from .checkpoint import (checkpoint_payload, checkpoint_to_resume, load_checkpoint,
                          run_folder_of, save_checkpoint)
 from .master_weights import MasterWeights
@@ -77,6 +78,7 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
     masters = MasterWeights(model, dtype) if dtype != torch.float32 else None
     compile_for_device(model, args, device)
     expert_grads = expert_grad_merger(model, args, device)
+    sum_expert_grads_in_gemm_if_asked(model, args, masters, device)
     pipeline = None
     if args.pipeline_parallel_size > 1:
         pipeline = Pipeline.create(model, args, pg)

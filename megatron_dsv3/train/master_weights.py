@@ -52,6 +52,9 @@ class MasterWeights:
         for param in self.model_params:
             master = param.detach().float().clone()  # exactly the weights the model was given
             master.grad = torch.zeros_like(master)
+            # never reallocated (zeroed in place): CUDA graphs may keep its address, so a
+            # compiled graph that adds into it (moe/experts.py) stays a graph
+            torch._dynamo.mark_static_address(master.grad)
             for name in _PARALLEL_ATTRIBUTES:
                 if hasattr(param, name):
                     setattr(master, name, getattr(param, name))

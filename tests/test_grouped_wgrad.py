@@ -1,0 +1,140 @@
+"""The routed experts' weight gradients added into fp32 sums inside the grouped GEMM
+(kernels/grouped_wgrad.py, RoutedExperts.grads_into_main_grad).
+
+  * the Triton kernel in Triton's interpreter (a fresh process) against an fp64 computation:
+    ragged experts, one without rows (its sum untouched), sizes that are not multiples of the
+    tiles. The interpreter computes a bf16 dot wrongly (numpy has no bf16), so it runs fp16
+    operands through the same code; test_gpu.py checks bf16 on a GPU;
+  * RoutedExperts in bf16 with the sums on (the op's reference path on the CPU) over two
+    micro-batches against autograd on fp32 copies of the weights: the sums, no bf16 gradient
+    left for autograd, the input gradients.
+Fresh random inputs each run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from helpers.tolerance import BF16, assert_close
+from megatron_dsv3.moe.experts import RoutedExperts, sum_expert_grads_in_gemm
+
+_INTERPRETED = textwrap.dedent("""
+    import torch
+    from megatron_dsv3.kernels.grouped_wgrad import launch_grouped_wgrad_add
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    torch.manual_seed(seed)
+    for counts, out_features, in_features in (([7, 0, 33, 1, 20], 40, 24), ([16, 16], 16, 48)):
+        counts = torch.tensor(counts)
+        ends = counts.cumsum(0).to(torch.int32)
+        rows = int(counts.sum())
+        grad_y = torch.randn(rows, out_features).half()
+        x = torch.randn(rows, in_features).half()
+        start_sum = torch.randn(len(counts), out_features, in_features)
+        total = start_sum.clone()
+        launch_grouped_wgrad_add(grad_y, x, ends, total, block_o=16, block_i=16, block_k=16)
+        expected = start_sum.double()
+        begin = 0
+        for e, end in enumerate(ends.tolist()):
+            expected[e] += grad_y[begin:end].double().t() @ x[begin:end].double()
+            begin = end
+        err = (total.double() - expected).abs().max().item()
+        assert err < 1e-4, (seed, counts.tolist(), err)
+        for e in (counts == 0).nonzero().flatten().tolist():
+            assert torch.equal(total[e], start_sum[e]), "an expert without rows is untouched"
+    print("ok")
+""")
+
+
+def test_kernel_in_triton_interpreter_matches_fp64():
+    pytest.importorskip("triton")
+    run = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+
+
+EXPERTS, HIDDEN, FFN = 4, 32, 16
+
+
+def _experts(seed: int, dtype: torch.dtype, impl: str) -> RoutedExperts:
+    torch.manual_seed(seed)
+    return RoutedExperts(EXPERTS, HIDDEN, FFN, tp_group=None, dtype=dtype, impl=impl,
+                         init_std=0.2)
+
+
+@pytest.fixture
+def grouped_mm_on_cpu(monkeypatch):
+    """The grouped_mm experts on the CPU: their autograd backward (torch._grouped_mm's) has no
+    CPU kernel, but with the sums on every backward GEMM is a forward _grouped_mm or the op's
+    reference path, which run there."""
+    from megatron_dsv3.moe import experts
+
+    monkeypatch.setattr(experts, "resolve_experts_impl", lambda impl, device: impl)
+
+
+def test_routed_experts_sum_their_weight_gradients_in_fp32_inside_the_gemm(grouped_mm_on_cpu):
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    fused = _experts(seed, torch.bfloat16, "grouped_mm")
+    reference = _experts(seed, torch.bfloat16, "loop").float()  # the same (bf16) values
+    start = {name: torch.randn(getattr(fused, name).shape) for name in ("fc1", "fc2")}
+    for name in ("fc1", "fc2"):
+        getattr(fused, name).main_grad = start[name].clone()
+    assert sum_expert_grads_in_gemm(fused) == 1
+    for micro in range(2):
+        counts = torch.randint(0, 9, (EXPERTS,))
+        counts[micro] = 0  # an expert without rows
+        x = torch.randn(int(counts.sum()), HIDDEN)
+        grad_out = torch.randn(x.shape[0], HIDDEN)
+        x_fused = x.to(torch.bfloat16).requires_grad_()
+        x_ref = x.to(torch.bfloat16).float().requires_grad_()
+        (fused(x_fused, counts).float() * grad_out).sum().backward()
+        (reference(x_ref, counts) * grad_out).sum().backward()
+        assert_close(x_fused.grad.float(), x_ref.grad, BF16, "bf16 GEMMs and activations",
+                     f"input gradient (seed {seed})")
+    assert fused.fc1.grad is None and fused.fc2.grad is None, "nothing left for autograd"
+    for name in ("fc1", "fc2"):
+        assert_close(getattr(fused, name).main_grad - start[name],
+                     getattr(reference, name).grad, BF16, "bf16 activations (h, swiglu)",
+                     f"{name} fp32 sum (seed {seed})")
+
+
+def test_sums_inside_the_gemm_need_an_fp32_main_grad(grouped_mm_on_cpu):
+    experts = _experts(0, torch.bfloat16, "grouped_mm")
+    sum_expert_grads_in_gemm(experts)
+    x = torch.randn(6, HIDDEN, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(ValueError, match="main_grad"):
+        experts(x, torch.tensor([2, 0, 3, 1]))
+
+
+def test_compiled_experts_add_the_same_sums_as_eager(grouped_mm_on_cpu, monkeypatch):
+    """Under torch.compile (AOT autograd, the graphs inductor would get; fullgraph) the custom
+    op's mutation of the sums happens once per backward, exactly as in eager."""
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")  # the suite turns dynamo off
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    experts = _experts(seed, torch.bfloat16, "grouped_mm")
+    for weight in (experts.fc1, experts.fc2):
+        weight.main_grad = torch.zeros(weight.shape)
+    sum_expert_grads_in_gemm(experts)
+    counts = torch.tensor([3, 0, 5, 8])
+    x = torch.randn(16, HIDDEN, dtype=torch.bfloat16)
+
+    def sums_after_two_backwards(run) -> list[torch.Tensor]:
+        for weight in (experts.fc1, experts.fc2):
+            weight.main_grad.zero_()
+        for _ in range(2):
+            run(x, counts).float().pow(2).sum().backward()
+        return [w.main_grad.clone() for w in (experts.fc1, experts.fc2)]
+
+    eager = sums_after_two_backwards(experts)
+    torch._dynamo.reset()
+    compiled = sums_after_two_backwards(torch.compile(experts, backend="aot_eager",
+                                                      fullgraph=True))
+    torch._dynamo.reset()
+    for name, a, b in zip(("fc1", "fc2"), compiled, eager):
+        assert b.abs().max() > 0
+        assert torch.equal(a, b), f"{name} (seed {seed})"

@@ -42,9 +42,14 @@ EXPERT_PROJECTIONS = (("fc1 dW (64 x 2816 x 2048)", 2816, 2048),
                       ("fc2 dW (64 x 2048 x 1408)", 2048, 1408))
 
 
+# (BLOCK_O, BLOCK_I, BLOCK_K, num_warps, num_stages) tried for the in-GEMM kernel
+TILE_SWEEP = ((128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3),
+              (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4))
+
+
 def expert_wgrad_row(name: str, out_features: int, in_features: int, repeat: int,
                      device: torch.device) -> dict:
-    from megatron_dsv3.kernels.grouped_wgrad import grouped_wgrad_add_
+    from megatron_dsv3.kernels.grouped_wgrad import grouped_wgrad_add_, launch_grouped_wgrad_add
 
     experts, rows = 64, 4096 * 6
     choice = torch.randint(0, experts, (rows,), generator=torch.Generator().manual_seed(0))
@@ -62,6 +67,17 @@ def expert_wgrad_row(name: str, out_features: int, in_features: int, repeat: int
            "gemm_only_s": seconds(lambda: torch._grouped_mm(grad_y.t(), x, offs=ends), repeat,
                                   device)}
     row["speedup"] = round(row["gemm_then_add_s"] / row["in_gemm_s"], 3)
+    # the kernel's tiles and launch settings (the op runs the first)
+    row["tiles"] = {}
+    for block_o, block_i, block_k, warps, stages in TILE_SWEEP:
+        key = f"{block_o}x{block_i}x{block_k} w{warps} s{stages}"
+        row["tiles"][key] = seconds(lambda: launch_grouped_wgrad_add(
+            grad_y, x, ends, total, block_o=block_o, block_i=block_i, block_k=block_k,
+            num_warps=warps, num_stages=stages), repeat, device)
+    best = min(row["tiles"], key=row["tiles"].get)
+    print(f"{'':28s} tiles: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in
+                                          row["tiles"].items()) + f" | best {best}",
+          file=sys.stderr)
     print(f"{name:28s} bf16 grouped GEMM {row['gemm_only_s'] * 1e3:.3f} ms, + fp32 add "
           f"{row['gemm_then_add_s'] * 1e3:.3f} ms | in the GEMM {row['in_gemm_s'] * 1e3:.3f} ms "
           f"x{row['speedup']}", file=sys.stderr)

@@ -68,8 +68,10 @@ def uses_kernel(grad_y_NO: torch.Tensor, x_NI: torch.Tensor, sum_EOI: torch.Tens
 
 
 def launch_grouped_wgrad_add(grad_y_NO, x_NI, ends_E, sum_EOI, *, block_o: int = BLOCK_O,
-                             block_i: int = BLOCK_I, block_k: int = BLOCK_K) -> None:
-    """The kernel itself (any device Triton runs on, its interpreter included)."""
+                             block_i: int = BLOCK_I, block_k: int = BLOCK_K,
+                             num_warps: int = 8, num_stages: int = 3) -> None:
+    """The kernel itself (any device Triton runs on, its interpreter included); the tile and
+    launch settings are arguments for benchmarks/bench_grad_accumulate.py's sweep."""
     experts, out_features, in_features = sum_EOI.shape
     if not experts or not grad_y_NO.shape[0]:
         return
@@ -77,7 +79,7 @@ def launch_grouped_wgrad_add(grad_y_NO, x_NI, ends_E, sum_EOI, *, block_o: int =
     _grouped_wgrad_add_kernel[grid](grad_y_NO, x_NI, ends_E, sum_EOI, out_features,
                                     in_features, grad_y_NO.stride(0), x_NI.stride(0),
                                     BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_K=block_k,
-                                    num_warps=8, num_stages=3)
+                                    num_warps=num_warps, num_stages=num_stages)
 
 
 @torch.no_grad()

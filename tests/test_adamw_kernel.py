@@ -108,3 +108,29 @@ def test_master_adamw_refuses_parameters_that_are_not_masters():
     masters = MasterWeights(_model(0))
     with pytest.raises(ValueError, match="not masters"):
         MasterAdamW([torch.nn.Parameter(torch.zeros(2))], masters, lr=1e-3)
+
+
+def test_a_loaded_state_keeps_the_loading_optimizers_implementation():
+    """A bf16 run's checkpoint (MasterAdamW: unfused groups) loaded into an fp32 run's fused
+    AdamW keeps it fused, and the other way round; the moments and steps are the saved ones."""
+    from megatron_dsv3.train.checkpoint import load_optimizer_state
+
+    masters = MasterWeights(_model(3))
+    hyper = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8}
+    bf16_run = MasterAdamW(_groups(masters.params), masters, **hyper)
+    _model_forward_backward(masters)
+    bf16_run.step()
+    fp32_params = [m.detach().clone().requires_grad_() for m in masters.params]
+    fp32_run = torch.optim.AdamW(_groups(fp32_params), fused=True, **hyper)
+    load_optimizer_state(fp32_run, bf16_run.state_dict())
+    assert all(g["fused"] and not g["foreach"] for g in fp32_run.param_groups)
+    for a, b in zip(fp32_run.state.values(), bf16_run.state.values()):
+        assert_equal(a["exp_avg"], b["exp_avg"], "exp_avg")
+    back = MasterAdamW(_groups(masters.params), masters, **hyper)
+    load_optimizer_state(back, fp32_run.state_dict())
+    assert all(not g["fused"] and not g["foreach"] for g in back.param_groups)
+    assert [int(s["step"]) for s in back.state.values()] == [1] * len(masters.params)
+
+
+def _model_forward_backward(masters: MasterWeights) -> None:
+    masters.model(torch.randn(4, 16).to(torch.bfloat16)).float().pow(2).mean().backward()

@@ -81,6 +81,21 @@ def _rng_states(device: torch.device) -> dict:
     return states
 
 
+# How an optimizer's step runs, not what it has learnt: kept as this run built it when a state
+# from another run is loaded (torch's load_state_dict takes the saved groups' values)
+_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)`, keeping this run's choice of implementation: a
+    checkpoint of a bf16 run (MasterAdamW, unfused) loads into an fp32 run's fused AdamW on a
+    GPU without turning it into the slow single-tensor loop, and the other way round."""
+    built = [{k: g[k] for k in _IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keep in zip(optimizer.param_groups, built):
+        group.update(keep)
+
+
 def _set_rng_states(states: dict, device: torch.device) -> None:
     torch.set_rng_state(states["torch"])
     random.setstate(states["python"])
@@ -615,7 +630,7 @@ def load_checkpoint(run: Run, step_dir: Path) -> None:
                          + ". Pass an older step folder to --resume")
     check_resumable(saved, run.cfg, run.args, step_dir)
     run.load_model_state_dict(saved["model"])
-    run.optimizer.load_state_dict(saved["optimizer"])
+    load_optimizer_state(run.optimizer, saved["optimizer"])
     _set_rng_states(saved["rng"], run.device)
     run.step, run.tokens_seen = saved["step"], saved["tokens_seen"]
     run.wandb_id = saved["wandb_id"]

@@ -39,7 +39,7 @@ def run_baseline(args) -> dict:
 
     argv = ["--preset", args.preset, "--device", args.device, "--steps", str(args.steps * 2),
             "--warmup", str(args.warmup + 2), "--batch", str(args.micro_batch_size),
-            "--seq-len", str(args.seq_len), "--mtp"]
+            "--seq-len", str(args.seq_len), "--mtp", *shlex.split(args.baseline_args)]
     return bench_proxy.main(argv)["ours"]
 
 
@@ -87,6 +87,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps of the job")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation)")
     parser.add_argument("--job-args", default="", help="more flags for the training job")
+    parser.add_argument("--baseline-args", default="",
+                        help="more flags for bench_proxy.py's baseline (e.g. --compile layers)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--profile", default=None, help="kernel table of one job step here")
     parser.add_argument("--json-out", type=Path, default=None)

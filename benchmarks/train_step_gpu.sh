@@ -11,6 +11,8 @@
 #                  masters), in one run: the ratio the issue asks for; a kernel profile
 #   no_graphs      the job without CUDA graphs (--compile-mode default)
 #   merged         the job with the experts' weight gradients once per step (--expert-wgrad step)
+#   layers         baseline and job with whole TransformerLayers compiled (--compile layers, one
+#                  graph each since the graph-break fix) instead of our modules
 #   in_gemm        the job with the experts' weight gradients added into the fp32 sums inside
 #                  the grouped GEMM (--expert-wgrad in-gemm); profiled. For its ratio in one
 #                  run: JOB_ARGS="--expert-wgrad in-gemm" ... default
@@ -19,7 +21,7 @@
 # Results: $OUT/<part>.json and .log (./gpu_out/train_step without $OUT); prof_default.txt,
 # prof_merged.txt, prof_in_gemm.txt.
 set -uo pipefail
-PARTS=${*:-default no_graphs merged in_gemm}
+PARTS=${*:-default in_gemm layers no_graphs merged}
 cd "$(dirname "$0")/.."
 DIR=${OUT:-gpu_out/train_step}
 mkdir -p "$DIR"
@@ -49,8 +51,10 @@ for p in $PARTS; do
           --job-args "--compile-mode default ${JOB_ARGS:-}" ;;
     merged) part merged 180 --skip-baseline --profile "$DIR/prof_merged.txt" \
           --job-args "--expert-wgrad step ${JOB_ARGS:-}" ;;
+    layers) part layers 240 --baseline-args "--compile layers" \
+          --job-args "--compile layers ${JOB_ARGS:-}" ;;
     in_gemm) part in_gemm 180 --skip-baseline --profile "$DIR/prof_in_gemm.txt" \
           --job-args "--expert-wgrad in-gemm ${JOB_ARGS:-}" ;;
-    *) echo "unknown part $p: choose from default no_graphs merged in_gemm" >&2; exit 2 ;;
+    *) echo "unknown part $p: choose from default no_graphs merged layers in_gemm" >&2; exit 2 ;;
   esac
 done

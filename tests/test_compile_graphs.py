@@ -1,4 +1,6 @@
-"""The modules `compile_model` compiles trace into one graph each, with no graph break.
+"""The modules `compile_model` compiles (scope "modules": our attention, MoE and dense MLP;
+scope "layers": Megatron's TransformerLayer around them) trace into one graph each, with no
+graph break.
 
 A graph break splits a compiled module into pieces with Python in between: each piece is its
 own CUDA graph (more launches and host work per micro-batch) and the elementwise work at the
@@ -31,14 +33,21 @@ def tiny_bf16(dist_single):
 
 
 def _module_of(model, kind):
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
     from megatron_dsv3.attention.mla import MultiLatentAttention
     from megatron_dsv3.moe.layer import DeepSeekMoE, DenseMLP
 
+    if kind.endswith("-layer"):  # compile_model(scope="layers"): Megatron's TransformerLayer
+        mlp = DenseMLP if kind == "dense-layer" else DeepSeekMoE
+        return next(m for m in model.modules()
+                    if isinstance(m, TransformerLayer) and isinstance(m.mlp, mlp))
     kinds = {"attention": MultiLatentAttention, "moe": DeepSeekMoE, "dense": DenseMLP}
     return next(m for m in model.modules() if isinstance(m, kinds[kind]))
 
 
-@pytest.mark.parametrize("kind", ["attention", "moe", "moe-sums-in-gemm", "dense"])
+@pytest.mark.parametrize("kind", ["attention", "moe", "moe-sums-in-gemm", "dense", "dense-layer",
+                                  "moe-layer"])
 def test_each_compiled_module_is_one_graph(tiny_bf16, kind, monkeypatch):
     from megatron_dsv3.moe import experts
 
@@ -52,8 +61,9 @@ def test_each_compiled_module_is_one_graph(tiny_bf16, kind, monkeypatch):
         monkeypatch.setattr(module.experts, "grads_into_main_grad", True)
     x = torch.randn(32, 1, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
     args = (x, None) if kind == "attention" else (x,)
+    kwargs = {"attention_mask": None} if kind.endswith("-layer") else {}
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(module.forward)(*args)
+    explained = torch._dynamo.explain(module.forward)(*args, **kwargs)
     reasons = [f"{b.reason.splitlines()[0]} at "
                + " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
                              for f in reversed(b.user_stack)) for b in explained.break_reasons]

@@ -14,7 +14,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "megatron_dsv3"
 
 TIERS = [  # the tiers of docs/architecture.md's package map
-    ("config", "megatron_compat", "kernels", "weight_grad", "data", "indexed_data", "flops"),
+    ("config", "megatron_compat", "megatron_cli", "kernels", "weight_grad", "data", "indexed_data",
+     "flops"),
     ("parallel", "gradients", "layers"),
     ("attention", "moe", "mtp"),
     ("specs",),

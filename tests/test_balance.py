@@ -143,3 +143,30 @@ def test_imbalance_is_max_over_mean_load_per_layer():
                         updated=True)
     # Small integers: max / mean is exact in fp32.
     assert_equal(loads.imbalance(), torch.tensor([1.25, 2.0, 1.0]), "imbalance")
+
+
+def test_megatrons_own_update_moves_our_biases_by_the_same_rule(dist_single):
+    """Megatron's training loop updates the biases itself (finalize_model_grads: every module
+    with `expert_bias` and `local_tokens_per_expert`, then reset_model_temporary_tensors): on
+    our routers it gives exactly our update of the same loads, zeroes the counters, and leaves
+    a router with `frozen_expert_bias` alone."""
+    from types import SimpleNamespace
+
+    from megatron.core.distributed.finalize_model_grads import (
+        _update_router_expert_bias, reset_model_temporary_tensors)
+
+    config = SimpleNamespace(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=RATE,
+                             moe_router_load_balancing_type="seq_aux_loss")
+    model = make_model()
+    model.set_loads(SUMMED_LOADS)
+    _update_router_expert_bias([model], config, tp_dp_cp_group=dist_single.dp)
+    reset_model_temporary_tensors(config, [model])
+    assert_equal(model.biases(), torch.tensor(EXPECTED_BIAS), "Megatron's update")
+    assert not model.counters().any()
+
+    frozen = make_model()
+    frozen.layers[1].frozen_expert_bias = True
+    frozen.set_loads(SUMMED_LOADS)
+    _update_router_expert_bias([frozen], config, tp_dp_cp_group=dist_single.dp)
+    assert_equal(frozen.biases()[0], torch.tensor(EXPECTED_BIAS[0]), "layer 0 moves")
+    assert_equal(frozen.biases()[1], torch.tensor(INITIAL_BIAS[1]), "frozen layer 1 stays")

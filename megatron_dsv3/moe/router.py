@@ -89,7 +89,16 @@ class Router(torch.nn.Module):
 
     `expert_bias` and `tokens_per_expert` are fp32/int64 buffers outside autograd; the bias is
     saved in checkpoints, the counter is reset by the bias update (`moe/balance.py`).
+
+    In Megatron's own training loop the update is Megatron's: its `finalize_model_grads` finds
+    every module with an `expert_bias` and a `local_tokens_per_expert` (Megatron's router's
+    names), all-reduces the counts over the tensor x data x context-parallel group, moves the
+    bias by `moe_router_bias_update_rate * sign(mean load - load)` (moe.balance's rule; the
+    TP ranks' repeated counts change no sign) and zeroes the counts, once per optimizer step.
+    `frozen_expert_bias` (Megatron's flag) stops it.
     """
+
+    frozen_expert_bias = False
 
     def __init__(self, hidden_size: int, cfg: MoEConfig, *, dtype: torch.dtype,
                  device=None, init_std: float = 0.006):
@@ -104,6 +113,11 @@ class Router(torch.nn.Module):
         self.register_buffer("tokens_per_expert",
                              torch.zeros(cfg.num_experts, dtype=torch.int64, device=device),
                              persistent=False)
+
+    @property
+    def local_tokens_per_expert(self) -> torch.Tensor:
+        """Megatron's name for `tokens_per_expert` (the class docstring)."""
+        return self.tokens_per_expert
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         # The GEMM runs in the activations' dtype (bf16 in bf16 training, as DeepSeek's own

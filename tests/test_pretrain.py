@@ -1,0 +1,175 @@
+"""megatron_dsv3.pretrain: the pieces our model adds to Megatron's own training loop, on the
+CPU (Megatron's `pretrain` itself asserts CUDA at start-up, see the README).
+
+  * the MTP weight schedule argument, good and bad;
+  * loss_func's (sum, tokens, report), once Megatron's per-token normalisation divides it,
+    against the training job's loss (mtp.weighted_lm_loss) on fresh random losses, with and
+    without a loss mask;
+  * forward_step on a small model: the loss Megatron gets equals the job's loss of the same
+    batch, lambda follows the tokens trained, the balance loss is scaled by 1 / micro-batches
+    and the routers freeze at --bias-update-stop-tokens;
+  * the data: Megatron's indexed dataset made by `indexed_data` from the bundled corpus, read
+    through Megatron's GPTDataset builder with Megatron's own Hugging Face tokenizer wrapper.
+"""
+
+from __future__ import annotations
+
+import argparse
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers.tolerance import FP32_REORDER, assert_close
+from megatron_dsv3.config import ConfigError, tiny
+from megatron_dsv3.model import LMOutput
+from megatron_dsv3.mtp import weighted_lm_loss
+from megatron_dsv3.pretrain import (add_arguments, forward_step, loss_func, mtp_weight,
+                                    parse_mtp_loss_weights)
+
+SEQ, BATCH = 8, 2
+
+
+def test_mtp_loss_weights_parse_and_bad_ones_name_the_flag():
+    assert parse_mtp_loss_weights("0:0.3,10e12:0.1") == ((0, 0.3), (10_000_000_000_000, 0.1))
+    for bad in ("0.3", "5:0.3", "0:0.3,0:0.1", "0:-1", "0:x"):
+        with pytest.raises(ConfigError, match="--mtp-loss-weights"):
+            parse_mtp_loss_weights(bad)
+
+
+def _args(**changes) -> SimpleNamespace:
+    fields = dict(consumed_train_samples=0, seq_length=SEQ, micro_batch_size=BATCH,
+                  mtp_loss_weights="0:0.3,64:0.1", bias_update_stop_tokens=None)
+    fields.update(changes)
+    return SimpleNamespace(**fields)
+
+
+def test_mtp_weight_follows_the_tokens_trained():
+    assert mtp_weight(_args(consumed_train_samples=7)) == 0.3  # 56 tokens
+    assert mtp_weight(_args(consumed_train_samples=8)) == 0.1  # 64 tokens
+
+
+def _output(seed: int, depth: int = 2) -> LMOutput:
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.ones(depth, BATCH, SEQ, dtype=torch.bool)
+    for k in range(depth):
+        valid[k, :, SEQ - 1 - k:] = False  # depth k+1 has no target for the last k+1 positions
+    return LMOutput(torch.rand(BATCH, SEQ, generator=g) * 5,
+                    torch.rand(depth, BATCH, SEQ, generator=g) * 5, valid)
+
+
+def test_loss_func_normalised_by_tokens_is_the_jobs_loss():
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    out = _output(seed)
+    loss, tokens, report = loss_func(torch.ones(BATCH, SEQ), 0.3, out)
+    assert int(tokens) == BATCH * SEQ
+    expected, lm, _, mtp_ce = weighted_lm_loss(out, 0.3)
+    assert_close(loss / tokens, expected, FP32_REORDER, "sum then divide", f"seed {seed}")
+    assert_close(report["lm loss"][0] / report["lm loss"][1], lm, FP32_REORDER, "lm report")
+    assert_close(report["mtp ce"][0] / report["mtp ce"][1], mtp_ce, FP32_REORDER, "mtp report")
+    # a mask: the next-token CE over the unmasked positions only
+    mask = torch.ones(BATCH, SEQ)
+    mask[0, :3] = 0
+    masked, tokens, _ = loss_func(mask, 0.0, out)
+    assert int(tokens) == BATCH * SEQ - 3
+    assert_close(masked / tokens, out.lm_loss[mask.bool()].mean(), FP32_REORDER, "masked mean")
+
+
+@pytest.fixture
+def small_model(dist_single):
+    from megatron_dsv3.config import to_megatron_config
+    from megatron_dsv3.model import build_model
+
+    cfg = tiny().replace(hidden_size=32, vocab_size=64, num_layers=3, max_seq_len=16,
+                         mla__num_heads=2, mla__q_lora_rank=16, mla__kv_lora_rank=8,
+                         mla__qk_nope_head_dim=8, mla__qk_rope_head_dim=4, mla__v_head_dim=8,
+                         moe__expert_ffn_size=16, moe__dense_ffn_size=32, linear_backend="local")
+    torch.manual_seed(0)
+    return cfg, build_model(cfg, pg_collection=dist_single, megatron_config=to_megatron_config(
+        cfg, use_cpu_initialization=True))
+
+
+def _batches(vocab: int, count: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(count):
+        full = torch.randint(0, vocab, (BATCH, SEQ + 1), generator=g)
+        yield {"tokens": full[:, :SEQ], "labels": full[:, 1:], "loss_mask": torch.ones(BATCH, SEQ),
+               "position_ids": torch.arange(SEQ).expand(BATCH, SEQ)}
+
+
+def test_forward_step_gives_megatron_the_jobs_loss_and_scales_and_freezes(small_model,
+                                                                          monkeypatch):
+    from megatron.core import num_microbatches_calculator as calculator
+
+    from megatron_dsv3.moe.layer import DeepSeekMoE
+    from megatron_dsv3.moe.router import Router
+
+    cfg, model = small_model
+    monkeypatch.setattr(calculator, "get_num_microbatches", lambda: 4)
+    args = _args(consumed_train_samples=8, bias_update_stop_tokens=64)  # 64 tokens trained
+    output, loss_of = forward_step(_batches(cfg.vocab_size, 1), model, args=args)
+    loss, tokens, _ = loss_of(output)
+    batch = next(_batches(cfg.vocab_size, 1))
+    direct = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    expected = weighted_lm_loss(direct, 0.1)[0]  # lambda 0.1 from 64 tokens on
+    assert_close(loss / tokens, expected, FP32_REORDER, "the same forward")
+    moe = [m for m in model.modules() if isinstance(m, DeepSeekMoE)]
+    assert moe and all(m._balance_loss_scale == 0.25 for m in moe)
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    assert routers and all(r.frozen_expert_bias for r in routers), "stopped at 64 tokens"
+    forward_step(_batches(cfg.vocab_size, 1), model, args=_args(bias_update_stop_tokens=64))
+    assert not any(r.frozen_expert_bias for r in routers), "0 tokens trained: still moving"
+
+
+def test_our_arguments_join_megatrons_parser():
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = add_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    args = parser.parse_args(["--bias-update-stop-tokens", "14.3e12"])
+    assert args.bias_update_stop_tokens == 14.3e12
+    assert parse_mtp_loss_weights(args.mtp_loss_weights)[-1] == (10_000_000_000_000, 0.1)
+
+
+def test_megatrons_gpt_dataset_reads_the_indexed_corpus_with_our_tokenizer(tmp_path, corpus,
+                                                                           dist_single):
+    """`indexed_data` from the bundled corpus, then Megatron's dataset builder with the config
+    `gpt_dataset_config` makes and Megatron's own wrapper of our tokenizer.json: windows of
+    --seq-length tokens whose labels are the tokens shifted by one, all within the vocabulary,
+    decoding to text of the corpus."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+    from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
+    from megatron.training.arguments import add_megatron_arguments
+
+    from megatron_dsv3.data import TOKENIZER_FILE, Tokenizer
+    from megatron_dsv3.indexed_data import main as make_indexed
+    from megatron_dsv3.pretrain import gpt_dataset_config
+
+    import json
+
+    # 20 documents (the corpus fixture's text is one play: --split divides documents, and
+    # Megatron's builder loops forever on a split that gets none)
+    text = next(corpus.glob("*.txt")).read_text(encoding="utf-8")
+    pieces = [text[i * 5000:(i + 1) * 5000] for i in range(20)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": piece}) + "\n"
+                                                 for piece in pieces), encoding="utf-8")
+    make_indexed(["--input", str(tmp_path / "docs.jsonl"), "--output-prefix",
+                  str(tmp_path / "plays"), "--tokenizer", str(corpus / TOKENIZER_FILE)])
+    args = add_arguments(add_megatron_arguments(argparse.ArgumentParser())).parse_args(
+        ["--data-path", str(tmp_path / "plays"), "--split", "90,10,0", "--seq-length", "32",
+         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(corpus),
+         "--data-cache-path", str(tmp_path / "cache")])
+    args.rank, args.tensor_model_parallel_size = 0, 1  # what Megatron's set-up fills in
+    tokenizer = build_tokenizer(args)
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [20, 4, 0], lambda: True, gpt_dataset_config(args, tokenizer)).build()
+    ours = Tokenizer.load(corpus / TOKENIZER_FILE)
+    for sample in (train[0], train[19], valid[0]):
+        tokens, labels = sample["tokens"], sample["labels"]
+        assert tokens.shape == labels.shape == (32,)
+        assert torch.equal(tokens[1:], labels[:-1])
+        assert int(tokens.max()) < ours.vocab_size
+        piece = ours.decode(tokens[:6].tolist()).strip()
+        assert piece and piece.split()[0] in text

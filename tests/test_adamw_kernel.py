@@ -11,15 +11,13 @@ grouped differently from torch's (torch's AdamW blends the first moment with ler
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
+from helpers.triton_interpreter import assert_ok_in_triton_interpreter
 from megatron_dsv3.train.master_weights import MasterAdamW, MasterWeights
 
 _INTERPRETED = textwrap.dedent("""
@@ -48,10 +46,7 @@ _INTERPRETED = textwrap.dedent("""
 
 
 def test_kernel_in_triton_interpreter_matches_the_reference():
-    pytest.importorskip("triton")
-    run = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True,
-                         env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=120)
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+    assert_ok_in_triton_interpreter(_INTERPRETED)
 
 
 def _model(seed: int) -> torch.nn.Module:

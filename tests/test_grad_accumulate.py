@@ -5,15 +5,12 @@ widening and one fp32 addition. On a GPU the compiled kernel is checked in test_
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
-import pytest
 import torch
 
 from helpers.tolerance import assert_equal
+from helpers.triton_interpreter import assert_ok_in_triton_interpreter
 from megatron_dsv3.kernels import grad_accumulate
 from megatron_dsv3.kernels.grad_accumulate import add_into_fp32_, uses_kernel
 
@@ -35,10 +32,7 @@ _INTERPRETED = textwrap.dedent("""
 
 
 def test_kernel_in_triton_interpreter_is_bit_identical_to_torch_add():
-    pytest.importorskip("triton")
-    run = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True,
-                         env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=120)
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+    assert_ok_in_triton_interpreter(_INTERPRETED)
 
 
 def test_cpu_and_mismatched_tensors_take_torch_add():

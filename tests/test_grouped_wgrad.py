@@ -13,15 +13,13 @@ Fresh random inputs each run.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from helpers.tolerance import BF16, assert_close
+from helpers.triton_interpreter import assert_ok_in_triton_interpreter
 from megatron_dsv3.moe.experts import RoutedExperts, sum_expert_grads_in_gemm
 
 _INTERPRETED = textwrap.dedent("""
@@ -52,10 +50,7 @@ _INTERPRETED = textwrap.dedent("""
 
 
 def test_kernel_in_triton_interpreter_matches_fp64():
-    pytest.importorskip("triton")
-    run = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True,
-                         env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+    assert_ok_in_triton_interpreter(_INTERPRETED, timeout_s=300)
 
 
 EXPERTS, HIDDEN, FFN = 4, 32, 16

@@ -47,20 +47,26 @@ V3_MTP_LOSS_WEIGHTS = "0:0.3,10e12:0.1"
 # ----------------------------------------------------------------------------------------------
 def parse_mtp_loss_weights(text: str) -> tuple[tuple[int, float], ...]:
     """'0:0.3,10e12:0.1' -> ((0, 0.3), (10_000_000_000_000, 0.1)): the MTP loss weight from
-    each number of trained tokens on; starts at 0, strictly increasing."""
+    each number of trained tokens on, checked as MTPConfig checks its schedule (starts at 0,
+    strictly increasing, weights >= 0)."""
+    return mtp_schedule(text).loss_weight_schedule
+
+
+def mtp_schedule(text: str):
+    """--mtp-loss-weights as an MTPConfig holding the schedule; ConfigError naming the flag."""
+    from .config import MTPConfig
+
     try:
         pairs = [part.split(":") for part in text.split(",")]
         schedule = tuple((int(float(start)), float(weight)) for start, weight in pairs)
     except ValueError as err:
         raise ConfigError(f"--mtp-loss-weights {text!r} is invalid: write TOKENS:WEIGHT pairs "
                           f"separated by commas, e.g. {V3_MTP_LOSS_WEIGHTS}") from err
-    starts = [start for start, _ in schedule]
-    if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
-        raise ConfigError(f"--mtp-loss-weights {text!r} is invalid: the token counts must start "
-                          f"at 0 and increase, e.g. {V3_MTP_LOSS_WEIGHTS}")
-    if any(weight < 0 for _, weight in schedule):
-        raise ConfigError(f"--mtp-loss-weights {text!r} is invalid: weights must be >= 0")
-    return schedule
+    try:
+        return MTPConfig(loss_weight_schedule=schedule)
+    except ConfigError as err:
+        raise ConfigError(f"--mtp-loss-weights {text!r} is invalid ({err}); e.g. "
+                          f"{V3_MTP_LOSS_WEIGHTS}") from err
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -82,11 +88,8 @@ def tokens_trained(args) -> int:
 
 
 def mtp_weight(args) -> float:
-    weight = 0.0
-    for start, value in parse_mtp_loss_weights(args.mtp_loss_weights):
-        if tokens_trained(args) >= start:
-            weight = value
-    return weight
+    """lambda in force after the tokens trained so far."""
+    return mtp_schedule(args.mtp_loss_weights).loss_weight(tokens_trained(args))
 
 
 # ----------------------------------------------------------------------------------------------

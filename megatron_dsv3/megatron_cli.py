@@ -72,7 +72,8 @@ def megatron_flags(cfg: ModelConfig) -> list[str]:
                 f"{', '.join(f'{k}={v[1]}' for k, v in fixed.items())}): use those values, or "
                 "build the model with megatron_dsv3.config.to_megatron_config instead")
         flags += ["--rope-type", "yarn", "--rotary-scaling-factor", _number(yarn.factor),
-                  "--mscale", _number(yarn.mscale), "--mscale-all-dim", _number(yarn.mscale_all_dim)]
+                  "--mscale", _number(yarn.mscale),
+                  "--mscale-all-dim", _number(yarn.mscale_all_dim)]
     else:  # Megatron's RoPE fusion for MLA exists only for YaRN
         flags += ["--rope-type", "rope", "--no-rope-fusion"]
     if moe.num_shared_experts:

@@ -26,8 +26,9 @@ def tiny_bf16(dist_single):
 
     cfg = preset("tiny").replace(moe__experts_impl="grouped_mm")
     torch.manual_seed(0)
-    built = model_mod.build_model(cfg, pg_collection=dist_single, megatron_config=to_megatron_config(
-        cfg, use_cpu_initialization=True)).to(torch.bfloat16)
+    megatron_cfg = to_megatron_config(cfg, use_cpu_initialization=True)
+    built = model_mod.build_model(cfg, pg_collection=dist_single,
+                                  megatron_config=megatron_cfg).to(torch.bfloat16)
     set_balance_loss_scale(built, 1.0)
     return cfg, built
 

@@ -16,7 +16,8 @@ from megatron_dsv3.megatron_cli import main, megatron_flags
 
 def _through_megatrons_parser(flags: list[str]):
     from megatron.core.transformer.transformer_config import MLATransformerConfig
-    from megatron.training.arguments import add_megatron_arguments, core_transformer_config_from_args
+    from megatron.training.arguments import (add_megatron_arguments,
+                                             core_transformer_config_from_args)
 
     args = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)).parse_args(flags)
     args.params_dtype = torch.bfloat16 if args.bf16 else torch.float32  # validate_args' job

@@ -105,9 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
              "each backward, as autograd does (a bf16 gradient, then added into the fp32 sum). "
              "in-gemm: in each backward, by a grouped GEMM that adds them into the fp32 sums "
              "itself (kernels/grouped_wgrad.py; bf16 parameters with fp32 masters on a GPU; "
-             "not yet measured against micro-batch, hence opt-in). step: once per optimizer step, over all its "
-             "micro-batches in one grouped GEMM per projection (fewer, fuller GEMMs and one "
-             "fp32 addition per step instead of one per micro-batch), keeping each micro-batch's "
+             "not yet measured against micro-batch, hence opt-in). step: once per optimizer "
+             "step, over all its micro-batches in one grouped GEMM per projection (fewer, "
+             "fuller GEMMs and one fp32 addition per step instead of one per micro-batch), "
+             "keeping each micro-batch's "
              "expert inputs and output gradients until then (proxy: +16 GiB); the experts then "
              "run outside torch.compile, and on one H200 (proxy, 8 x 4096 tokens) the step was "
              "not faster for it, 640 ms against 632 (benchmarks/RESULTS.md)")

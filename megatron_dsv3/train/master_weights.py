@@ -96,8 +96,10 @@ class MasterWeights:
 
 def _add_into(buffer: torch.Tensor):
     def hook(param: torch.Tensor) -> None:
-        if param.grad is not None:  # None: an autograd function left this weight's gradient
-            add_into_fp32_(buffer, param.grad)  # to someone else (weight_grad.py, moe/expert_wgrad.py)
+        # None: an autograd function left this weight's gradient to someone else
+        # (weight_grad.py, moe/expert_wgrad.py, moe/experts.py's sums inside the GEMM)
+        if param.grad is not None:
+            add_into_fp32_(buffer, param.grad)
             param.grad = None
     return hook
 

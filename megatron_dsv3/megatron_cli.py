@@ -3,15 +3,17 @@
 Megatron's `pretrain` reads the model from its arguments (`--num-layers`, `--multi-latent-
 attention`, `--num-experts`, ...); `model.model_provider` reads them back through
 `config.from_megatron_config`. `megatron_flags(cfg)` writes a ModelConfig (a preset) as those
-flags, so that
+flags (`python -m megatron_dsv3.pretrain --preset proxy ...` puts them in front of its
+command line), so that it trains exactly the preset. For one's own `pretrain_gpt.py` the flags
+are printed shell-quoted (one of them holds brackets and stars), to be read back by the shell:
 
-    python -m megatron_dsv3.pretrain $(python -m megatron_dsv3.megatron_cli proxy) ...
+    eval "python pretrain_gpt.py $(python -m megatron_dsv3.megatron_cli proxy) ..."
 
-trains exactly the preset; `from_megatron_config` of the parsed flags gives the preset back in
-every field Megatron's arguments carry (tested). Not carried, and set by our own arguments
-instead: the vocabulary (Megatron takes it from the tokenizer), the MTP weight's schedule after
-its first value, the step at which the bias update stops, and the implementations our modules
-choose at run time (attention, experts, linear backend).
+`from_megatron_config` of the parsed flags gives the preset back in every field Megatron's
+arguments carry (tested). Not carried, and set by our own arguments instead: the vocabulary
+(Megatron takes it from the tokenizer), the MTP weight's schedule after its first value, the
+step at which the bias update stops, and the implementations our modules choose at run time
+(attention, experts, linear backend).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Megatron-LM's own training loop (`megatron.training.pretrain`) with our model: this package's
 `pretrain_gpt.py`.
 
-  torchrun --nproc-per-node 8 -m megatron_dsv3.pretrain \\
-      $(python -m megatron_dsv3.megatron_cli proxy) \\
+  torchrun --nproc-per-node 8 -m megatron_dsv3.pretrain --preset proxy \\
       --tokenizer-type HuggingFaceTokenizer --tokenizer-model examples/data \\
       --data-path data/plays --split 98,2,0 --seq-length 4096 \\
       --micro-batch-size 1 --global-batch-size 64 --train-iters 1000 \\
@@ -12,8 +11,9 @@
 (`python -m megatron_dsv3.indexed_data` writes `data/plays.bin/.idx` from the bundled corpus.)
 
 Every Megatron argument keeps its meaning; the model is built by `model.model_provider` from
-Megatron's model flags (`megatron_cli.megatron_flags` writes a preset's). What this module adds
-to Megatron's loop:
+Megatron's model flags. `--preset NAME` stands for a preset's flags (`megatron_cli.megatron_flags`),
+put before the others so that a flag given on the command line overrides the preset's. What
+this module adds to Megatron's loop:
   * the loss of a micro-batch (`loss_func`): the next-token cross-entropy over `loss_mask`
     plus lambda / D times each MTP depth's mean cross-entropy over its valid positions, lambda
     from `--mtp-loss-weights` by the tokens trained so far (DeepSeek-V3: 0.3, then 0.1 after
@@ -36,7 +36,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from .config import PRESETS, ConfigError, preset
 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 V3_MTP_LOSS_WEIGHTS = "0:0.3,10e12:0.1"
@@ -72,6 +72,10 @@ def mtp_schedule(text: str):
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Our arguments, as Megatron's `extra_args_provider` adds them to its parser."""
     group = parser.add_argument_group("megatron_dsv3")
+    group.add_argument("--preset", default=None, choices=list(PRESETS),
+                       help="the model flags of one of our presets (python -m "
+                            "megatron_dsv3.megatron_cli NAME prints them); flags given on the "
+                            "command line override them")
     group.add_argument("--mtp-loss-weights", default=V3_MTP_LOSS_WEIGHTS,
                        help="MTP loss weight lambda by trained tokens, TOKENS:WEIGHT pairs "
                             "(DeepSeek-V3's 0.3 for the first 10T tokens, then 0.1); "
@@ -80,6 +84,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="freeze the routers' expert biases after this many trained tokens "
                             "(DeepSeek-V3: 14.3e12); default: never")
     return parser
+
+
+def expand_preset(argv: list[str]) -> list[str]:
+    """`argv` with the model flags of its `--preset NAME` put in front (argparse keeps the last
+    value of a flag given twice, so the user's own flags win)."""
+    names = [argv[i + 1] if arg == "--preset" else arg.split("=", 1)[1]
+             for i, arg in enumerate(argv)
+             if (arg == "--preset" and i + 1 < len(argv)) or arg.startswith("--preset=")]
+    if not names:
+        return list(argv)
+    if len(set(names)) > 1 or names[-1] not in PRESETS:
+        raise ConfigError(f"--preset {' '.join(names)} is invalid: give one of "
+                          f"{', '.join(PRESETS)}, once")
+    from .megatron_cli import megatron_flags
+
+    return [*megatron_flags(preset(names[-1])), *argv]
 
 
 def tokens_trained(args) -> int:
@@ -234,8 +254,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     from .model import model_provider
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    sys.argv = [sys.argv[0], *expand_preset(sys.argv[1:] if argv is None else argv)]
     args = parse_and_validate_args(extra_args_provider=add_arguments)
     parse_mtp_loss_weights(args.mtp_loss_weights)  # a clear error before anything is built
     cfg = pretrain_cfg_container_from_args(args, gpt_config_from_args(args))

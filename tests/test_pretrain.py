@@ -24,8 +24,8 @@ from helpers.tolerance import FP32_REORDER, assert_close
 from megatron_dsv3.config import ConfigError, tiny
 from megatron_dsv3.model import LMOutput
 from megatron_dsv3.mtp import weighted_lm_loss
-from megatron_dsv3.pretrain import (add_arguments, forward_step, loss_func, mtp_weight,
-                                    parse_mtp_loss_weights)
+from megatron_dsv3.pretrain import (add_arguments, expand_preset, forward_step, loss_func,
+                                    mtp_weight, parse_mtp_loss_weights)
 
 SEQ, BATCH = 8, 2
 
@@ -128,6 +128,26 @@ def test_our_arguments_join_megatrons_parser():
     args = parser.parse_args(["--bias-update-stop-tokens", "14.3e12"])
     assert args.bias_update_stop_tokens == 14.3e12
     assert parse_mtp_loss_weights(args.mtp_loss_weights)[-1] == (10_000_000_000_000, 0.1)
+
+
+def test_preset_flags_come_first_so_the_command_line_overrides_them():
+    """`--preset proxy` parses to the preset's model (the config read back from Megatron's
+    arguments equals it), and a model flag given on the command line wins over the preset's."""
+    from megatron.training.arguments import add_megatron_arguments
+
+    from megatron_dsv3.config import proxy
+
+    parser = add_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    args = parser.parse_args(expand_preset(["--preset", "proxy", "--bf16"]))
+    assert args.preset == "proxy"
+    assert (args.num_layers, args.hidden_size, args.num_experts, args.moe_router_topk) == (
+        proxy().num_layers, proxy().hidden_size, proxy().moe.num_experts, proxy().moe.top_k)
+    overridden = parser.parse_args(expand_preset(["--preset=proxy", "--moe-router-topk", "2"]))
+    assert overridden.moe_router_topk == 2 and overridden.num_experts == proxy().moe.num_experts
+    assert expand_preset(["--lr", "1e-3"]) == ["--lr", "1e-3"]
+    for bad in (["--preset", "huge"], ["--preset", "tiny", "--preset", "proxy"]):
+        with pytest.raises(ConfigError, match="--preset"):
+            expand_preset(bad)
 
 
 def test_megatrons_gpt_dataset_reads_the_indexed_corpus_with_our_tokenizer(tmp_path, corpus,

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Issue 11 on one GPU in one call (the device session; `.whl/` carried): Megatron-LM's own
+# training loop (`python -m megatron_dsv3.pretrain`) with our model, against our main job.
+#
+#   bash benchmarks/megatron_loop_gpu.sh               # every part
+#   bash benchmarks/megatron_loop_gpu.sh tiny resume   # some of them
+#
+# Parts (each under its own `timeout`; logs in $OUT, ./gpu_out/megatron_loop without $OUT):
+#   tiny     the tiny preset, 20 iterations with Megatron's distributed optimizer, a
+#            distributed checkpoint saved at iteration 10 and 20
+#   resume   (after tiny) the same command again with --train-iters 30: resumes at 20
+#   proxy    the proxy preset with MTP, 8 micro-batches of 4,096 tokens per iteration (our job's
+#            step), Megatron's per-iteration time
+#   job      our main job on the same preset and step (its GPU defaults): the ratio's baseline
+# MEGATRON_ARGS: more flags for every Megatron run.
+set -uo pipefail
+PARTS=${*:-tiny resume proxy job}
+cd "$(dirname "$0")/.."
+DIR=${OUT:-gpu_out/megatron_loop}
+WORK=${WORK:-/tmp/megatron_loop}
+mkdir -p "$DIR" "$WORK"
+
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    2>&1 | grep -v WARNING
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export CUDA_DEVICE_MAX_CONNECTIONS=1  # Megatron's requirement for its TP/SP overlap
+
+if [ ! -f "$WORK/plays_text_document.idx" ] && [ ! -f "$WORK/plays.idx" ]; then
+  python3 -m megatron_dsv3.indexed_data --input examples/data --output-prefix "$WORK/plays" \
+    > "$DIR/indexed_data.log" 2>&1 || { echo "indexed_data failed"; tail "$DIR/indexed_data.log"; }
+fi
+
+megatron() {  # megatron NAME TIMEOUT_S PRESET ARGS...
+  local name=$1 limit=$2 preset=$3
+  shift 3
+  local start=$SECONDS
+  timeout "$limit" python3 -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 1 \
+    -m megatron_dsv3.pretrain --preset "$preset" \
+    --transformer-impl local --no-gradient-accumulation-fusion \
+    --tokenizer-type HuggingFaceTokenizer --tokenizer-model examples/data \
+    --data-path "$WORK/plays" --split 98,2,0 \
+    --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 2 \
+    --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 \
+    --use-distributed-optimizer --log-interval 1 --eval-interval 1000 --eval-iters 1 \
+    --log-throughput "$@" ${MEGATRON_ARGS:-} > "$DIR/$name.log" 2>&1
+  echo "== $name: rc=$? in $((SECONDS - start)) s"
+  grep -E 'iteration +[0-9]+/|Error|error:|saved checkpoint|loaded checkpoint' "$DIR/$name.log" \
+    | tail -n 6
+}
+
+for p in $PARTS; do
+  case $p in
+    tiny) rm -rf "$WORK/ckpt_tiny"
+          megatron tiny 240 tiny --seq-length 128 --micro-batch-size 4 --global-batch-size 8 \
+            --train-iters 20 --save "$WORK/ckpt_tiny" --load "$WORK/ckpt_tiny" \
+            --save-interval 10 ;;
+    resume) megatron resume 240 tiny --seq-length 128 --micro-batch-size 4 \
+            --global-batch-size 8 --train-iters 30 --save "$WORK/ckpt_tiny" \
+            --load "$WORK/ckpt_tiny" --save-interval 10 ;;
+    proxy) megatron proxy 300 proxy --seq-length 4096 --micro-batch-size 1 \
+            --global-batch-size 8 --train-iters 8 ;;
+    job) start=$SECONDS
+         timeout 300 python3 -m megatron_dsv3.train --preset proxy --seq-len 4096 \
+           --micro-batch-size 1 --grad-accum 8 --steps 8 --no-wandb \
+           --out-dir "$WORK/job" > "$DIR/job.log" 2>&1
+         echo "== job: rc=$? in $((SECONDS - start)) s"; tail -n 6 "$DIR/job.log" ;;
+    *) echo "unknown part $p: choose from tiny resume proxy job" >&2; exit 2 ;;
+  esac
+done

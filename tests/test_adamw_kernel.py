@@ -1,7 +1,8 @@
 """kernels/adamw.py and MasterAdamW (train/master_weights.py) against torch's AdamW.
 
   * the Triton kernel, run by Triton's interpreter on the CPU (a fresh process), against the
-    PyTorch reference of the same update: masters, moments, the bf16 copy, the zeroed gradient;
+    PyTorch reference of the same update: masters, moments (fp32 and bf16), the bf16 copy, the
+    zeroed gradient;
   * MasterAdamW over MasterWeights against torch's AdamW on fp32 copies of the masters, over
     three steps, with and without a gradient scale (clipping inside the step); its state dict
     loads into torch's AdamW and back.
@@ -26,19 +27,33 @@ _INTERPRETED = textwrap.dedent("""
     seed = int(torch.randint(0, 2**31 - 1, ()))
     torch.manual_seed(seed)
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
-    for n, scale in ((1000, None), (2048 * 3 + 5, torch.tensor(4.0)), (0, None)):
-        tensors = [torch.randn(n), torch.randn(n), torch.randn(n) * 0.1, torch.rand(n) * 0.01,
-                   torch.zeros(n, dtype=torch.bfloat16)]
+    cases = ((1000, None, torch.float32), (2048 * 3 + 5, torch.tensor(4.0), torch.float32),
+             (0, None, torch.float32), (2048 * 2 + 9, torch.tensor(2.0), torch.bfloat16))
+    for n, scale, moments in cases:
+        tensors = [torch.randn(n), torch.randn(n), (torch.randn(n) * 0.1).to(moments),
+                   (torch.rand(n) * 0.01).to(moments), torch.zeros(n, dtype=torch.bfloat16)]
         copies = [t.clone() for t in tensors]
         for step in (1, 7):
             launch_adamw(*tensors, step=step, grad_scale=scale, **hyper)
             adamw_reference(*copies, step=step, grad_scale=scale, **hyper)
+            # fp32 moments: the same fp32 arithmetic. bf16 moments: a moment 1 fp32 ulp away
+            # from the reference's may round to the neighbouring bf16 value (2^-8 relative),
+            # and the update that uses it moves by as much of lr
+            wide = moments == torch.bfloat16
+            for name, a, b in zip(("param", "grad", "exp_avg", "exp_avg_sq"), tensors, copies):
+                assert a.dtype == b.dtype, name
+                err = (a.double() - b.double()).abs()
+                bound = 1e-6 * b.double().abs().clamp(min=1.0)
+                if wide:
+                    bound += b.double().abs() * 2**-7 if name.startswith("exp") else 4e-2 * 2**-7
+                assert (err <= bound).all(), (name, moments, err.max().item())
+            if wide:  # rounded to nearest (truncation would differ in half the elements)
+                for a, b in zip(tensors[2:4], copies[2:4]):
+                    assert a.dtype == torch.bfloat16 and a.any(), "moments kept"
+                    assert (a != b).double().mean() < 1e-2, "moments rounded to nearest"
+            assert not tensors[1].any(), "gradient zeroed"
             # (the bf16 copy is checked against the kernel's own master: a master 1e-7 away
             # from the reference's may round to the neighbouring bf16 value)
-            for name, a, b in zip(("param", "grad", "exp_avg", "exp_avg_sq"), tensors, copies):
-                err = (a.double() - b.double()).abs().max().item() if n else 0.0
-                assert err <= 1e-6 * max(1.0, b.abs().max().item() if n else 0.0), (name, err)
-            assert not tensors[1].any(), "gradient zeroed"
             assert torch.equal(tensors[4], tensors[0].to(torch.bfloat16)), "bf16 copy"
             tensors[1].copy_(torch.randn(n)); copies[1].copy_(tensors[1])
     print("ok")
@@ -97,6 +112,54 @@ def test_master_adamw_is_torch_adamw_on_the_masters_then_publish_and_zero(grad_s
         for a, b in zip(back.state.values(), reference.state.values()):
             assert_close(a[key], b[key], FP32_REORDER, key)
     assert [int(s["step"]) for s in back.state.values()] == [3] * len(masters.params)
+
+
+def test_bf16_moments_are_torch_adamws_rounded_and_their_state_loads_both_ways():
+    """moments_dtype=bf16 (DeepSeek-V3's): over three steps the moments are torch's fp32 AdamW
+    moments within bf16 rounding and the masters follow its updates to a fraction of lr; the
+    state loads into torch's AdamW (widened to fp32) and back (rounded to bf16)."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    model = _model(seed)
+    masters = MasterWeights(model)
+    hyper = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8}
+    optimizer = MasterAdamW(_groups(masters.params), masters, moments_dtype=torch.bfloat16,
+                            **hyper)
+    fp32 = [m.detach().clone().requires_grad_() for m in masters.params]
+    reference = torch.optim.AdamW(_groups(fp32), foreach=False, **hyper)
+    # each step rounds each moment once (at most 2^-9 of its value, 2^-8 with slack) and
+    # carries the earlier steps' errors times beta
+    bounds = {}
+    for step in range(3):
+        model(torch.randn(4, 16).to(torch.bfloat16)).float().pow(2).mean().backward()
+        for ref, master in zip(fp32, masters.params):
+            ref.grad = master.grad.clone()
+        optimizer.step()
+        reference.step()
+        for i, (master, ref) in enumerate(zip(masters.params, fp32)):
+            state, ref_state = optimizer.state[master], reference.state[ref]
+            for key, beta in (("exp_avg", 0.9), ("exp_avg_sq", 0.95)):
+                assert state[key].dtype == torch.bfloat16, key
+                ours = state[key].double()
+                bound = beta * bounds.get((i, key), 0.0) + ours.abs() * 2**-8
+                bounds[i, key] = bound
+                err = (ours - ref_state[key].double()).abs()
+                assert (err <= bound * 1.01 + 1e-30).all(), (
+                    f"seed {seed} step {step} tensor {i} {key}: {(err - bound).max().item()}")
+            drift = (master.double() - ref.detach().double()).abs().max().item()
+            assert drift <= hyper["lr"] * 0.05 * (step + 1), f"seed {seed} master {i}: {drift}"
+    with pytest.raises(ValueError, match="moments_dtype"):
+        MasterAdamW(_groups(masters.params), masters, moments_dtype=torch.float16, **hyper)
+
+    loaded = torch.optim.AdamW(_groups([m.detach().clone().requires_grad_()
+                                        for m in masters.params]), foreach=False, **hyper)
+    loaded.load_state_dict(optimizer.state_dict())
+    back = MasterAdamW(_groups(masters.params), masters, moments_dtype=torch.bfloat16, **hyper)
+    back.load_state_dict(reference.state_dict())
+    for a, b in zip(loaded.state.values(), optimizer.state.values()):
+        assert a["exp_avg"].dtype == torch.float32
+        assert_equal(a["exp_avg"], b["exp_avg"].float(), "widened exactly")
+    for a, b in zip(back.state.values(), reference.state.values()):
+        assert_equal(a["exp_avg_sq"], b["exp_avg_sq"].to(torch.bfloat16), "rounded on load")
 
 
 def test_master_adamw_refuses_parameters_that_are_not_masters():

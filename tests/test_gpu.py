@@ -121,14 +121,16 @@ def test_grad_accumulate_kernel_is_bit_identical_to_torch_add():
         assert torch.equal(add_into_fp32_(total, grad), expected)
 
 
-def test_adamw_kernel_matches_its_reference():
+@pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_adamw_kernel_matches_its_reference(moments):
     from megatron_dsv3.kernels.adamw import adamw_reference, launch_adamw, uses_kernel
 
     seed = int(torch.randint(0, 2**31 - 1, ()))
     torch.manual_seed(seed)
     n = 3 * 2**20 + 17
     tensors = [torch.randn(n, device="cuda"), torch.randn(n, device="cuda"),
-               torch.randn(n, device="cuda") * 0.1, torch.rand(n, device="cuda") * 0.01,
+               (torch.randn(n, device="cuda") * 0.1).to(moments),
+               (torch.rand(n, device="cuda") * 0.01).to(moments),
                torch.zeros(n, device="cuda", dtype=torch.bfloat16)]
     copies = [t.clone() for t in tensors]
     assert uses_kernel(tensors)
@@ -136,9 +138,14 @@ def test_adamw_kernel_matches_its_reference():
                  grad_scale=torch.tensor(2.5, device="cuda"))
     launch_adamw(*tensors, **hyper)
     adamw_reference(*copies, **hyper)
-    for i, name in ((0, "param"), (2, "exp_avg"), (3, "exp_avg_sq")):
-        a, b = tensors[i], copies[i]
-        assert_close(a, b, FP32_REORDER, f"fused-multiply-add grouping (seed {seed})", name)
+    if moments == torch.float32:
+        for i, name in ((0, "param"), (2, "exp_avg"), (3, "exp_avg_sq")):
+            a, b = tensors[i], copies[i]
+            assert_close(a, b, FP32_REORDER, f"fused-multiply-add grouping (seed {seed})", name)
+    else:  # a moment one fp32 ulp off may round to the next bf16 value (rarely)
+        for i in (2, 3):
+            assert (tensors[i] != copies[i]).double().mean() < 1e-3, f"seed {seed} moment {i}"
+        assert (tensors[0] - copies[0]).abs().max() < 1e-2 * 2**-6, f"seed {seed} param"
     assert not tensors[1].any()
     assert torch.equal(tensors[4], tensors[0].to(torch.bfloat16))
 

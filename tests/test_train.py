@@ -254,16 +254,18 @@ def test_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(name, jobs, corpu
 def test_bf16_parameters_train_like_fp32_and_checkpoints_hold_fp32_masters(jobs, corpus,
                                                                           tmp_path):
     """--params-dtype bfloat16: the losses of the fp32 run within bf16 rounding, checkpoints
-    whose weights and AdamW state are fp32 (the masters), and either kind of run resumes the
-    other's checkpoint: the fp32 run's step 3 continued with bf16 parameters gives its step 4."""
+    whose weights are fp32 (the masters) and whose AdamW moments are bf16 (--adam-moments-dtype
+    auto, DeepSeek-V3's), and either kind of run resumes the other's checkpoint: the fp32 run's
+    step 3 continued with bf16 parameters gives its step 4."""
     plain, bf16 = jobs("plain"), jobs("bf16")
     # measured: at most 4e-6 relative over the 3 steps (the forward in bf16, fp32 updates)
     assert bf16.summary["losses"] == pytest.approx(plain.summary["losses"][:3], rel=1e-3)
     saved = bf16.checkpoint(bf16.last_step)
     assert {t.dtype for _, t in _tensors(saved["model"]) if t.is_floating_point()} \
         == {torch.float32}
-    assert {t.dtype for state in saved["optimizer"]["state"].values()
-            for t in state.values() if t.is_floating_point()} == {torch.float32}
+    assert {key: t.dtype for state in saved["optimizer"]["state"].values()
+            for key, t in state.items()} == {"step": torch.float32, "exp_avg": torch.bfloat16,
+                                             "exp_avg_sq": torch.bfloat16}
     resumed = Job(tmp_path, run_gloo(_main, 1, _argv(LAYOUTS["plain"], corpus, tmp_path) + [
         "--resume", str(plain.out / "checkpoints" / f"step_{PLAIN_SAVE_AT}"), "--steps",
         str(PLAIN_SAVE_AT + 1), "--params-dtype", "bfloat16", "--no-wandb"])[0])
@@ -378,6 +380,8 @@ def test_checkpoints_keep_replicas_and_mirror_copies_identical(name, jobs):
     (["--preset", "nope"], "invalid choice: 'nope'"),
     (["--expert-wgrad", "in-gemm", "--device", "cpu"], "in-gemm adds into the fp32 sums of "
      "bf16 parameters on a GPU: it needs --device cuda"),
+    (["--adam-moments-dtype", "bfloat16", "--params-dtype", "float32"],
+     "--adam-moments-dtype bfloat16 is invalid: needs bf16 parameters with fp32 masters"),
 ])
 def test_bad_arguments_exit_with_a_message_naming_the_flag_and_the_fix(argv, expected, capsys,
                                                                        monkeypatch):
@@ -473,3 +477,17 @@ def test_in_gemm_expert_gradients_need_fp32_sums_on_a_gpu():
                                           torch.device("cuda", 0))
     assert not sum_expert_grads_in_gemm_if_asked(
         torch.nn.Linear(2, 2), parse_args(["--preset", "tiny"])[0], None, torch.device("cpu"))
+
+
+def test_bf16_moments_where_auto_found_fp32_parameters_name_the_flag():
+    """--adam-moments-dtype bfloat16 with --params-dtype auto on a machine without a GPU (fp32
+    parameters, torch's AdamW): a TrainError naming the flag; auto gives torch's fp32 AdamW."""
+    from megatron_dsv3.train.args import TrainError, parse_args
+    from megatron_dsv3.train.build import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2, 2))]
+    args = parse_args(["--preset", "tiny", "--adam-moments-dtype", "bfloat16"])[0]
+    with pytest.raises(TrainError, match="--adam-moments-dtype bfloat16 .* fp32 parameters"):
+        build_optimizer(params, args)
+    optimizer = build_optimizer(params, parse_args(["--preset", "tiny"])[0])
+    assert type(optimizer) is torch.optim.AdamW

@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
              "fp32 buffer (DeepSeek-V3's precision map); float32: AdamW on the parameters, "
              "bf16 casts under autocast. Checkpoints hold the fp32 weights either way. auto: "
              "bfloat16 with bf16 autocast on cuda and no pipeline, float32 otherwise")
+    add("--adam-moments-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+        help="dtype of AdamW's two moments. bfloat16: as DeepSeek-V3 keeps them (the update "
+             "still computed in fp32; 4 bytes less memory per parameter and moment, a faster "
+             "step); needs bf16 parameters with fp32 masters (--params-dtype). auto: bfloat16 "
+             "where the parameters are bf16, float32 otherwise")
     add("--expert-wgrad", default="micro-batch", choices=("micro-batch", "in-gemm", "step"),
         help="when and how the routed experts' weight gradients are computed. micro-batch: in "
              "each backward, as autograd does (a bf16 gradient, then added into the fp32 sum). "
@@ -164,6 +169,11 @@ def validate_args(args: argparse.Namespace, cfg: ModelConfig, world_size: int) -
     need(args.params_dtype != "bfloat16" or args.pipeline_parallel_size == 1, "--params-dtype",
          args.params_dtype, "is not supported with --pipeline-parallel-size > 1 yet (the "
          "pipeline's stages keep fp32 parameters): pass --params-dtype float32 or auto")
+    need(args.adam_moments_dtype != "bfloat16" or args.params_dtype != "float32",
+         "--adam-moments-dtype", args.adam_moments_dtype, "needs bf16 parameters with fp32 "
+         "masters (MasterAdamW), but --params-dtype is float32 (torch's AdamW keeps its "
+         "moments in the parameters' dtype): pass --params-dtype auto or bfloat16, or "
+         "--adam-moments-dtype auto")
     need(args.expert_wgrad != "step" or args.pipeline_parallel_size == 1, "--expert-wgrad",
          args.expert_wgrad, "step is not supported with --pipeline-parallel-size > 1 (the "
          "schedules run the weight gradients themselves): pass micro-batch")

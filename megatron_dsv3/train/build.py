@@ -179,13 +179,19 @@ def build_optimizer(params: list[torch.Tensor], args, masters=None) -> torch.opt
     """AdamW (DeepSeek-V3's betas) over `params` (fp32: the model's parameters or the masters
     of `masters`, a MasterWeights) with weight decay on matrices, none on norms. With masters,
     MasterAdamW (its step also publishes the masters into the model and zeroes their gradient
-    sums; one Triton kernel per tensor on a GPU); without, torch's, fused on a GPU."""
+    sums; one Triton kernel per tensor on a GPU) with --adam-moments-dtype's moments (auto:
+    bf16, DeepSeek-V3's); without, torch's, fused on a GPU."""
     from .master_weights import MasterAdamW
 
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     hyper = {"lr": args.lr, "betas": (0.9, 0.95), "eps": 1e-8}
     if masters is not None:
-        return MasterAdamW(groups, masters, **hyper)
+        moments = torch.float32 if args.adam_moments_dtype == "float32" else torch.bfloat16
+        return MasterAdamW(groups, masters, moments_dtype=moments, **hyper)
+    if args.adam_moments_dtype == "bfloat16":
+        raise TrainError("--adam-moments-dtype bfloat16 needs bf16 parameters with fp32 masters; "
+                         "this run has fp32 parameters (--params-dtype auto found no GPU, or a "
+                         "pipeline): pass --adam-moments-dtype auto")
     fused = bool(params) and params[0].device.type == "cuda"
     return torch.optim.AdamW(groups, fused=fused, **hyper)

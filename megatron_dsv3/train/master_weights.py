@@ -111,14 +111,21 @@ class MasterAdamW(torch.optim.AdamW):
     on a GPU, PyTorch operations elsewhere) instead of torch's AdamW, a copy and a fill.
 
     The state is torch's AdamW's (`step`, `exp_avg`, `exp_avg_sq` per parameter), so a
-    checkpoint's optimizer state loads into either. Gradient clipping scales inside the step:
-    the gradients are divided by `grad_scale` when it is set (gradients.clip_gradients), as in
-    torch's fused AdamW."""
+    checkpoint's optimizer state loads into either. `moments_dtype=torch.bfloat16` keeps both
+    moments in bf16, as DeepSeek-V3 does (the arithmetic stays fp32; kernels/adamw.py): a state
+    loaded from torch's AdamW is rounded to it, and torch's AdamW widens ours back to fp32 when
+    it loads it. Gradient clipping scales inside the step: the gradients are divided by
+    `grad_scale` when it is set (gradients.clip_gradients), as in torch's fused AdamW."""
 
     applies_grad_scale = True  # gradients.clip_gradients: scale inside the step
 
-    def __init__(self, param_groups, masters: MasterWeights, **adamw_kwargs) -> None:
+    def __init__(self, param_groups, masters: MasterWeights,
+                 moments_dtype: torch.dtype = torch.float32, **adamw_kwargs) -> None:
+        if moments_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"MasterAdamW(moments_dtype={moments_dtype}) is invalid: the "
+                             "moments are kept in torch.float32 or torch.bfloat16")
         super().__init__(param_groups, foreach=False, fused=False, **adamw_kwargs)
+        self.moments_dtype = moments_dtype
         self.masters = masters
         self.grad_scale: Optional[torch.Tensor] = None
         self._model_param = {id(m): p for m, p in zip(masters.params, masters.model_params)}
@@ -127,6 +134,15 @@ class MasterAdamW(torch.optim.AdamW):
         if unknown:
             raise ValueError(f"MasterAdamW: {len(unknown)} parameters are not masters of the "
                              "MasterWeights given; pass its `params` (in any grouping)")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loading (which casts the moments to the masters' fp32), then the moments
+        in this optimizer's dtype."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state and state[key].dtype != self.moments_dtype:
+                    state[key] = state[key].to(self.moments_dtype)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -140,8 +156,8 @@ class MasterAdamW(torch.optim.AdamW):
                 state = self.state[master]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(master)
-                    state["exp_avg_sq"] = torch.zeros_like(master)
+                    state["exp_avg"] = torch.zeros_like(master, dtype=self.moments_dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(master, dtype=self.moments_dtype)
                 if state["step"].device.type != "cpu":  # loaded from a fused AdamW's state
                     state["step"] = state["step"].cpu()
                 state["step"] += 1

@@ -17,6 +17,11 @@ rest of the package reaches them only through this module, so that a new release
   parallel_state._MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE / _RANK
         `one_pipeline_stage()`: Megatron's global pipeline size and rank read 1 and 0 while a
         whole model is built on a rank of a DualPipe pipeline (parallel.py)
+  megatron.core.datasets.utils.compile_helpers
+        `use_prebuilt_dataset_helpers()`: megatron.training's initialisation runs `make` in
+        megatron/core/datasets on rank 0 and exits when it fails; the megatron-core wheel ships
+        the built `helpers_cpp` extension but no Makefile, so `pretrain()` from the wheel
+        always stopped there (pretrain.py installs this before calling it)
 
 At import the module checks that the installed megatron-core is the release it was written
 against (`TESTED_VERSION`) and that each private method above still takes the arguments used
@@ -207,5 +212,30 @@ def one_pipeline_stage() -> Iterator[None]:
         parallel_state.set_pipeline_model_parallel_rank(saved[1])
 
 
+# ----------------------------------------------------------------------------------------------
+# Megatron's dataset helpers
+# ----------------------------------------------------------------------------------------------
+def use_prebuilt_dataset_helpers() -> None:
+    """Make `compile_helpers` (which megatron.training's `_compile_dependencies` imports and
+    calls on rank 0 at every start) a no-op when the wheel's built `helpers_cpp` extension
+    imports; it runs `make` as before where it does not (a source checkout without the build).
+    Idempotent."""
+    from megatron.core.datasets import utils
+
+    original = utils.compile_helpers
+    if getattr(original, "_prebuilt_aware", False):
+        return
+
+    def compile_helpers() -> None:
+        try:
+            from megatron.core.datasets import helpers_cpp  # noqa: F401
+        except ImportError:
+            original()
+
+    compile_helpers._prebuilt_aware = True
+    utils.compile_helpers = compile_helpers
+
+
 __all__ = ["TESTED_VERSION", "GPTPostprocessHook", "GemmCall", "OwnGemmHook",
-           "layer_attention", "layer_post_mlp", "layer_pre_mlp_norm", "one_pipeline_stage"]
+           "layer_attention", "layer_post_mlp", "layer_pre_mlp_norm", "one_pipeline_stage",
+           "use_prebuilt_dataset_helpers"]

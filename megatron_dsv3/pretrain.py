@@ -252,12 +252,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     )
     from megatron.training.arguments import parse_and_validate_args
 
+    from .megatron_compat import use_prebuilt_dataset_helpers
     from .model import model_provider
 
     sys.argv = [sys.argv[0], *expand_preset(sys.argv[1:] if argv is None else argv)]
     args = parse_and_validate_args(extra_args_provider=add_arguments)
     parse_mtp_loss_weights(args.mtp_loss_weights)  # a clear error before anything is built
     cfg = pretrain_cfg_container_from_args(args, gpt_config_from_args(args))
+    use_prebuilt_dataset_helpers()  # the wheel's pretrain() would run `make` and exit
     pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
              forward_step, model_provider=model_provider)
 

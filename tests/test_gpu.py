@@ -142,10 +142,14 @@ def test_adamw_kernel_matches_its_reference(moments):
         for i, name in ((0, "param"), (2, "exp_avg"), (3, "exp_avg_sq")):
             a, b = tensors[i], copies[i]
             assert_close(a, b, FP32_REORDER, f"fused-multiply-add grouping (seed {seed})", name)
-    else:  # a moment one fp32 ulp off may round to the next bf16 value (rarely)
-        for i in (2, 3):
-            assert (tensors[i] != copies[i]).double().mean() < 1e-3, f"seed {seed} moment {i}"
-        assert (tensors[0] - copies[0]).abs().max() < 1e-2 * 2**-6, f"seed {seed} param"
+    else:  # a moment one fp32 ulp off may round to the next bf16 value (rarely); the update
+        # then uses a moment one bf16 step apart (2^-8 relative), which on an element with a
+        # large m / sqrt(v) moves the parameter by more than any fixed bound: compare the
+        # parameters where both stored the same moments
+        same = (tensors[2] == copies[2]) & (tensors[3] == copies[3])
+        assert (~same).double().mean() < 1e-3, f"seed {seed}: {int((~same).sum())} moments"
+        assert_close(tensors[0][same], copies[0][same], FP32_REORDER,
+                     f"fused-multiply-add grouping, same stored moments (seed {seed})", "param")
     assert not tensors[1].any()
     assert torch.equal(tensors[4], tensors[0].to(torch.bfloat16))
 

@@ -193,3 +193,46 @@ def test_megatrons_gpt_dataset_reads_the_indexed_corpus_with_our_tokenizer(tmp_p
         assert int(tokens.max()) < ours.vocab_size
         piece = ours.decode(tokens[:6].tolist()).strip()
         assert piece and piece.split()[0] in text
+
+
+def test_the_wheels_dataset_helpers_are_used_instead_of_make(monkeypatch):
+    """megatron.training's start-up calls compile_helpers on rank 0, which runs `make` in
+    megatron/core/datasets and exits when it fails; the wheel has the built extension and no
+    Makefile (measured on the GPU: every pretrain() stopped there)."""
+    import subprocess
+    from pathlib import Path
+
+    from megatron.core.datasets import utils
+
+    from megatron_dsv3.megatron_compat import use_prebuilt_dataset_helpers
+
+    assert not (Path(utils.__file__).parent / "Makefile").exists()
+    made = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: made.append(cmd) or
+                        SimpleNamespace(returncode=2))
+    monkeypatch.setattr(utils, "compile_helpers", utils.compile_helpers)  # restored afterwards
+    with pytest.raises(SystemExit):  # Megatron's own: `make` fails, the process exits
+        utils.compile_helpers()
+    assert made and made[0][0] == "make"
+
+    made.clear()
+    use_prebuilt_dataset_helpers()
+    use_prebuilt_dataset_helpers()  # idempotent: one wrapper
+    utils.compile_helpers()
+    assert made == []
+    from megatron.core.datasets import helpers_cpp  # what it found instead
+
+    assert hasattr(helpers_cpp, "build_sample_idx_int64")
+
+    import builtins
+    real_import = builtins.__import__
+
+    def no_extension(name, *args, **kwargs):  # a source checkout without the build
+        if name.endswith("helpers_cpp") or (args[2:] and "helpers_cpp" in (args[2] or ())):
+            raise ImportError("no helpers_cpp")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_extension)
+    with pytest.raises(SystemExit):
+        utils.compile_helpers()
+    assert made and made[0][0] == "make"

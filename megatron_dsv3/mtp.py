@@ -89,26 +89,28 @@ def mtp_targets(labels: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.T
     return targets, valid
 
 
-def mtp_loss(per_token_losses: torch.Tensor, valid: torch.Tensor, weight: float) -> torch.Tensor:
-    """(lambda / D) * sum_k mean over valid positions of CE_k.
+def mtp_depth_ce(per_token_losses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[D]: each depth's mean cross-entropy over its valid positions.
 
     per_token_losses, valid: [D, b, s] (cross-entropy of each depth; which positions count).
     """
-    depth = per_token_losses.shape[0]
     valid = valid.to(per_token_losses.dtype)
-    per_depth = (per_token_losses * valid).sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp(min=1)
-    return weight / depth * per_depth.sum()
+    return (per_token_losses * valid).sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp(min=1)
+
+
+def mtp_loss(per_token_losses: torch.Tensor, valid: torch.Tensor, weight: float) -> torch.Tensor:
+    """(lambda / D) * sum_k mean over valid positions of CE_k (`mtp_depth_ce`)."""
+    return weight * mtp_depth_ce(per_token_losses, valid).mean()
 
 
 def weighted_lm_loss(out, mtp_lambda: float) -> tuple[torch.Tensor, ...]:
     """The training loss of one micro-batch from the model's LMOutput: (loss to backpropagate,
-    next-token CE, weighted MTP loss, unweighted MTP CE), with
-    loss = mean CE + (lambda / D) sum_k CE_k (`mtp_loss`); without MTP the last two are 0."""
+    next-token CE, weighted MTP loss, each depth's unweighted MTP CE [D], detached), with
+    loss = mean CE + (lambda / D) sum_k CE_k (`mtp_loss`); without MTP the weighted loss is 0
+    and the per-depth CE empty."""
     lm = out.lm_loss.float().mean()
     if out.mtp_losses is None:
-        zero = torch.zeros((), device=lm.device)
-        return lm, lm, zero, zero
-    mtp = mtp_loss(out.mtp_losses.float(), out.mtp_valid, mtp_lambda)
-    with torch.no_grad():
-        mtp_ce = mtp_loss(out.mtp_losses.float(), out.mtp_valid, 1.0)
-    return lm + mtp, lm, mtp, mtp_ce
+        return lm, lm, torch.zeros((), device=lm.device), torch.zeros(0, device=lm.device)
+    depth_ce = mtp_depth_ce(out.mtp_losses.float(), out.mtp_valid)
+    mtp = mtp_lambda * depth_ce.mean()
+    return lm + mtp, lm, mtp, depth_ce.detach()

@@ -24,7 +24,10 @@ this module adds to Megatron's loop:
   * the routers' balance loss scaled by 1 / micro-batches of the step (our routers inject its
     gradient themselves, as Megatron's MoE layers do through MoEAuxLossAutoScaler);
   * the batch of a micro-batch read on tensor-parallel rank 0 and broadcast to the others, on
-    the first and last pipeline stages only (`get_batch`).
+    the first and last pipeline stages only (`get_batch`);
+  * logging (pretrain_log.py): each MTP depth's CE in the loss report, each MoE layer's load
+    balance and bias, tokens/s and model TFLOP/s by our FLOP count, the load heatmap, to
+    Megatron's W&B run and TensorBoard; W&B offline when WANDB_API_KEY is not set.
 """
 
 from __future__ import annotations
@@ -83,6 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--bias-update-stop-tokens", type=float, default=None,
                        help="freeze the routers' expert biases after this many trained tokens "
                             "(DeepSeek-V3: 14.3e12); default: never")
+    group.add_argument("--expert-load-image-interval", type=int, default=100,
+                       help="log the expert-load heatmap to W&B every this many iterations "
+                            "(0: never); the per-layer load and bias metrics follow "
+                            "--tensorboard-log-interval")
     return parser
 
 
@@ -117,8 +124,10 @@ def mtp_weight(args) -> float:
 # ----------------------------------------------------------------------------------------------
 def loss_func(loss_mask: torch.Tensor, mtp_lambda: float, output):
     """Megatron's (loss sum, tokens, report) for our model's LMOutput; sum / tokens is
-    mean CE over loss_mask + (lambda / D) sum_k mean CE_k over depth k's valid positions."""
-    from .mtp import mtp_loss
+    mean CE over loss_mask + (lambda / D) sum_k mean CE_k over depth k's valid positions.
+    The report (Megatron logs each entry, W&B included): "lm loss", "mtp ce" (the depths'
+    mean) and "mtp ce depth k" for each depth k = 1..D."""
+    from .mtp import mtp_depth_ce
 
     mask = loss_mask.reshape(output.lm_loss.shape).float()
     num_tokens = mask.sum()
@@ -126,11 +135,12 @@ def loss_func(loss_mask: torch.Tensor, mtp_lambda: float, output):
     loss = lm_sum
     report = {"lm loss": torch.stack([lm_sum.detach(), num_tokens])}
     if output.mtp_losses is not None:
-        weighted = mtp_loss(output.mtp_losses.float(), output.mtp_valid, mtp_lambda)
-        loss = loss + weighted * num_tokens
-        with torch.no_grad():
-            ce = mtp_loss(output.mtp_losses.float(), output.mtp_valid, 1.0)
-        report["mtp ce"] = torch.stack([ce * num_tokens, num_tokens])
+        depth_ce = mtp_depth_ce(output.mtp_losses.float(), output.mtp_valid)
+        loss = loss + mtp_lambda * depth_ce.mean() * num_tokens
+        depth_ce = depth_ce.detach()
+        report["mtp ce"] = torch.stack([depth_ce.mean() * num_tokens, num_tokens])
+        for k, ce in enumerate(depth_ce, 1):
+            report[f"mtp ce depth {k}"] = torch.stack([ce * num_tokens, num_tokens])
     return loss, num_tokens.to(torch.int), report
 
 
@@ -252,16 +262,29 @@ def main(argv: Optional[list[str]] = None) -> None:
     )
     from megatron.training.arguments import parse_and_validate_args
 
+    import os
+
     from .megatron_compat import use_prebuilt_dataset_helpers
     from .model import model_provider
+    from .pretrain_log import PretrainLog
 
     sys.argv = [sys.argv[0], *expand_preset(sys.argv[1:] if argv is None else argv)]
     args = parse_and_validate_args(extra_args_provider=add_arguments)
     parse_mtp_loss_weights(args.mtp_loss_weights)  # a clear error before anything is built
+    if args.expert_load_image_interval < 0:
+        raise ConfigError(f"--expert-load-image-interval {args.expert_load_image_interval} is "
+                          "invalid: give a number of iterations, or 0 for no image")
+    if args.wandb_project and "WANDB_API_KEY" not in os.environ:
+        os.environ.setdefault("WANDB_MODE", "offline")  # before Megatron's wandb.init
+
+    def provide_model(*provider_args, **provider_kwargs):
+        model = model_provider(*provider_args, **provider_kwargs)
+        PretrainLog.install(model.config, args)
+        return model
     cfg = pretrain_cfg_container_from_args(args, gpt_config_from_args(args))
     use_prebuilt_dataset_helpers()  # the wheel's pretrain() would run `make` and exit
     pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
-             forward_step, model_provider=model_provider)
+             forward_step, model_provider=provide_model)
 
 
 if __name__ == "__main__":

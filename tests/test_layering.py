@@ -22,7 +22,7 @@ TIERS = [  # the tiers of docs/architecture.md's package map
     ("model",),
     ("pipeline",),
     ("profiling",),
-    ("train", "checkpoint", "pretrain"),
+    ("train", "checkpoint", "pretrain", "pretrain_log"),
 ]
 
 

@@ -63,10 +63,16 @@ def test_loss_func_normalised_by_tokens_is_the_jobs_loss():
     out = _output(seed)
     loss, tokens, report = loss_func(torch.ones(BATCH, SEQ), 0.3, out)
     assert int(tokens) == BATCH * SEQ
-    expected, lm, _, mtp_ce = weighted_lm_loss(out, 0.3)
+    expected, lm, _, depth_ce = weighted_lm_loss(out, 0.3)
     assert_close(loss / tokens, expected, FP32_REORDER, "sum then divide", f"seed {seed}")
     assert_close(report["lm loss"][0] / report["lm loss"][1], lm, FP32_REORDER, "lm report")
-    assert_close(report["mtp ce"][0] / report["mtp ce"][1], mtp_ce, FP32_REORDER, "mtp report")
+    assert_close(report["mtp ce"][0] / report["mtp ce"][1], depth_ce.mean(), FP32_REORDER,
+                 "mtp report")
+    assert sorted(report) == ["lm loss", "mtp ce", "mtp ce depth 1", "mtp ce depth 2"]
+    for k in (1, 2):  # each depth's mean CE over its own valid positions
+        entry = report[f"mtp ce depth {k}"]
+        direct = out.mtp_losses[k - 1][out.mtp_valid[k - 1]].mean()
+        assert_close(entry[0] / entry[1], direct, FP32_REORDER, f"depth {k} report")
     # a mask: the next-token CE over the unmasked positions only
     mask = torch.ones(BATCH, SEQ)
     mask[0, :3] = 0

@@ -57,7 +57,7 @@ SMALL = ["--seq-len", "32", "--micro-batch-size", "2", "--grad-accum", "4", "--n
 TOKENS_PER_RANK_AND_STEP = 32 * 2 * 4  # --seq-len x --micro-batch-size x --grad-accum
 PLAIN_STEPS, PLAIN_SAVE_AT = 6, 3
 NUM_EXPERTS = 8                                      # the tiny preset's
-TIMINGS = ("time_s", "step_time_s", "tokens_per_s")  # metrics that differ between equal runs
+TIMINGS = ("time_s", "step_time_s", "tokens_per_s", "model_tflops_per_gpu")  # metrics that differ between equal runs
 
 PIPELINE = ("--pipeline-parallel-size", "2", "--pipeline-schedule")
 WHY_TP = "TP=2 splits GEMM reductions and the vocab-parallel log-sum-exp"
@@ -203,13 +203,16 @@ def test_short_run_loss_falls_and_every_output_is_written(jobs):
     records = job.records()
     assert [r["step"] for r in records] == list(range(1, PLAIN_STEPS + 1))
     first = records[0]
-    for key in ("loss", "lm_loss", "mtp_loss", "mtp_ce", "mtp_lambda", "balance_loss", "lr",
-                "grad_norm", "tokens_per_s", "tokens_seen", "moe/L1/imbalance",
-                "moe/L1/bias_spread", "moe/mtp0/imbalance"):
+    for key in ("loss", "lm_loss", "mtp_loss", "mtp_ce", "mtp_ce_depth1", "mtp_lambda",
+                "balance_loss", "lr",
+                "grad_norm", "tokens_per_s", "model_tflops_per_gpu", "tokens_seen",
+                "moe/L1/imbalance", "moe/L1/max_over_min", "moe/L1/bias_spread",
+                "moe/L1/bias_norm", "moe/mtp0/imbalance"):
         assert key in first, key
     assert first["mtp_lambda"] == 0.3 and first["tokens_seen"] == TOKENS_PER_RANK_AND_STEP
     assert first["loss"] == pytest.approx(first["lm_loss"] + first["mtp_loss"]
                                           + first["balance_loss"], rel=1e-6)
+    assert first["mtp_ce_depth1"] == first["mtp_ce"]  # one depth: its CE is the mean
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert len(val) == PLAIN_STEPS // 2 and val[-1] < val[0], val
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{PLAIN_STEPS}"
@@ -217,6 +220,18 @@ def test_short_run_loss_falls_and_every_output_is_written(jobs):
         assert (out / name).stat().st_size > 0, name
     wandb_dir = Path(job.summary["wandb_dir"])
     assert wandb_dir.parent == out / "wandb" and list(wandb_dir.glob("run-*.wandb"))
+    # W&B has every metric of metrics.jsonl, and the load heatmap at each evaluation
+    from megatron_dsv3.train.metrics_log import wandb_history
+
+    rows = wandb_history(next(wandb_dir.glob("run-*.wandb")))
+    assert [row["_step"] for row in rows] == [r["step"] for r in records]
+    for row, record in zip(rows, records):
+        assert {key: row[key] for key in record if key != "step"} == {
+            key: value for key, value in record.items() if key != "step"}
+        image = row.get("moe/expert_load/_type")  # W&B stores an image as nested fields
+        assert image == ("image-file" if "val_loss" in record else None), row["_step"]
+    images = list(wandb_dir.glob("files/media/images/moe/expert_load_*.png"))
+    assert len(images) == len(val), images
 
 
 # ----------------------------------------------------------------------------------------------

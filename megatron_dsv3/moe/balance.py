@@ -16,6 +16,7 @@ autograd and stops (gamma = 0) once `bias_update_stop_tokens` training tokens ar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -31,11 +32,43 @@ class ExpertLoads:
     names: list[str]          # router module names, in model order
     loads: torch.Tensor       # [layers, E] int64 token-expert assignments
     updated: bool             # whether the biases moved this step
+    biases: Optional[torch.Tensor] = None  # [layers, E] fp32 expert biases after the step
 
     def imbalance(self) -> torch.Tensor:
         """max load / mean load per layer (1.0 is perfectly balanced)."""
         loads = self.loads.float()
         return loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)
+
+    def max_over_min(self) -> torch.Tensor:
+        """max load / min load per layer, an idle expert counted as 1 token (finite)."""
+        loads = self.loads.float()
+        return loads.max(dim=1).values / loads.min(dim=1).values.clamp(min=1)
+
+    def metrics(self) -> dict[str, float]:
+        """Per layer (`layer_label`): moe/<label>/imbalance (max / mean load), max_over_min,
+        and with the biases bias_spread (max - min) and bias_norm (L2)."""
+        out = {}
+        columns = {"imbalance": self.imbalance(), "max_over_min": self.max_over_min()}
+        if self.biases is not None:
+            biases = self.biases.float()
+            columns["bias_spread"] = biases.max(dim=1).values - biases.min(dim=1).values
+            columns["bias_norm"] = biases.norm(dim=1)
+        values = {key: column.tolist() for key, column in columns.items()}
+        for i, name in enumerate(self.names):
+            for key, column in values.items():
+                out[f"moe/{layer_label(name)}/{key}"] = column[i]
+        return out
+
+
+def layer_label(router_name: str) -> str:
+    """'decoder.layers.1.mlp.router' -> 'L1'; 'mtp.layers.0.transformer_layer...' -> 'mtp0'
+    (a leading 'module.' of a wrapped model is dropped)."""
+    parts = router_name.removeprefix("module.").split(".")
+    if parts[0] == "decoder" and len(parts) > 2:
+        return f"L{parts[2]}"
+    if parts[0] == "mtp" and len(parts) > 2:
+        return f"mtp{parts[2]}"
+    return router_name.removesuffix(".router")
 
 
 def set_balance_loss_scale(model: torch.nn.Module, scale: float) -> int:
@@ -58,7 +91,8 @@ def update_expert_biases(model: torch.nn.Module, *, group=None, tokens_seen: int
     """Sum every router's load over `group`, step its bias, reset its counter."""
     named = routers(model)
     if not named:
-        return ExpertLoads([], torch.zeros(0, 0, dtype=torch.int64), False)
+        return ExpertLoads([], torch.zeros(0, 0, dtype=torch.int64), False,
+                           torch.zeros(0, 0))
     loads = torch.stack([router.tokens_per_expert for _, router in named])  # [L, E]
     if group is not None and group.size() > 1:
         dist.all_reduce(loads, group=group)
@@ -67,4 +101,5 @@ def update_expert_biases(model: torch.nn.Module, *, group=None, tokens_seen: int
         if active:
             router.expert_bias.copy_(expert_bias_step(load, router.expert_bias, rate))
         router.tokens_per_expert.zero_()
-    return ExpertLoads([name for name, _ in named], loads.cpu(), active)
+    biases = torch.stack([router.expert_bias for _, router in named])
+    return ExpertLoads([name for name, _ in named], loads.cpu(), active, biases.cpu())

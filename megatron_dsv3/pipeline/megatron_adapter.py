@@ -268,7 +268,7 @@ def forward_step(data_iterator: Optional[Iterator], model: nn.Module, *, mtp_lam
     by the caller (`functools.partial(forward_step, mtp_lambda=cfg.mtp.loss_weight(tokens))`):
     the micro-batch (input_ids, labels) comes from the chunk's iterator on stage 0 and the
     last stage; the last stage returns a loss_func giving (loss, {"lm loss", "mtp loss",
-    "mtp ce"})."""
+    "mtp ce"}), "mtp ce" each depth's unweighted CE [D]."""
     needs_batch = model.is_first or model.is_last
     batch = next(data_iterator) if needs_batch else None
     output = model(batch[0] if model.is_first else None)

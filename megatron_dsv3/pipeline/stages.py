@@ -200,7 +200,8 @@ class DeepSeekV3Stage(nn.Module):
 
     def unscaled_loss(self, outputs: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
                       mtp_lambda: float) -> tuple[torch.Tensor, ...]:
-        """(loss, lm, mtp, mtp_ce) of one micro-batch, before the 1 / num_microbatches."""
+        """(loss, lm, mtp, each depth's MTP CE [D]) of one micro-batch, before the
+        1 / num_microbatches (mtp.weighted_lm_loss)."""
         (hidden,) = outputs
         input_ids, targets = labels
         return weighted_lm_loss(self.lm_output(hidden, input_ids, targets), mtp_lambda)
@@ -246,7 +247,7 @@ class DeepSeekV3Stage(nn.Module):
 class StageLoss:
     """The last stage's `loss_fn` for one step: each micro-batch's loss / num_microbatches.
 
-    `records` keeps each call's detached (loss, lm, mtp, mtp_ce), unscaled, in call order,
+    `records` keeps each call's detached (loss, lm, mtp, depth CE), unscaled, in call order,
     which is the micro-batch order of the chunk (StepResult.microbatches)."""
 
     def __init__(self, stage: DeepSeekV3Stage, num_microbatches: int, mtp_lambda: float) -> None:

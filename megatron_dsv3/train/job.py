@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..flops import training_flops_per_token
+
 from .args import TrainError, parse_args
 from .build import (build_initial_model, build_optimizer, compile_for_device,
                     expert_grad_merger, load_data, params_dtype, pick_device,
@@ -32,7 +34,8 @@ from .build import (build_initial_model, build_optimizer, compile_for_device,
 from .checkpoint import (checkpoint_payload, checkpoint_to_resume, load_checkpoint,
                          run_folder_of, save_checkpoint)
 from .master_weights import MasterWeights
-from .metrics_log import LOAD_WINDOW_STEPS, MetricsLog, start_wandb, write_plots
+from .metrics_log import (LOAD_WINDOW_STEPS, MetricsLog, expert_load_image, start_wandb,
+                          write_plots)
 from .pipeline import Pipeline
 from .preemption import StopSignals, exit_status, signal_name
 from .step import NonFiniteStep, Run, evaluate, train_step
@@ -113,6 +116,8 @@ def train(run: Run, step_dir: Optional[Path]) -> dict:
     wandb_run = start_wandb(run, out_dir) if is_main else None
     recent_loads: collections.deque = collections.deque(maxlen=LOAD_WINDOW_STEPS)
     names: list[str] = []
+    # model FLOPs per GPU and second (flops.py: what the peers' benchmarks count)
+    flops_per_token = training_flops_per_token(run.cfg, args.seq_len)
     progress = tqdm(total=args.steps, initial=start_step, disable=not is_main,
                     desc=f"{run.cfg.name} tp={run.pg.tp.size()} ep={run.pg.ep.size()} "
                          f"pp={args.pipeline_parallel_size} dp={run.pg.dp.size()}",
@@ -133,6 +138,8 @@ def train(run: Run, step_dir: Optional[Path]) -> dict:
             elapsed = time.perf_counter() - start
             metrics["step_time_s"] = elapsed
             metrics["tokens_per_s"] = run.tokens_per_step / elapsed
+            metrics["model_tflops_per_gpu"] = (flops_per_token * metrics["tokens_per_s"]
+                                               / dist.get_world_size() / 1e12)
             recent_loads.append(loads.loads)
             names = loads.names
             last = run.step == args.steps
@@ -146,7 +153,11 @@ def train(run: Run, step_dir: Optional[Path]) -> dict:
             if is_main:
                 log.append(metrics)
                 if wandb_run is not None:
-                    wandb_run.log(metrics, step=run.step)
+                    record = dict(metrics)
+                    if "val_loss" in metrics or last:  # the load heatmap at each evaluation
+                        record["moe/expert_load"] = expert_load_image(
+                            out_dir, log.records, names, recent_loads)
+                    wandb_run.log(record, step=run.step)
             summary["steps"].append(run.step)
             summary["losses"].append(metrics["loss"])
             summary["grad_norms"].append(metrics["grad_norm"])

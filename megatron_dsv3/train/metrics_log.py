@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .step import Run, layer_label
+from ..moe.balance import layer_label
+from .step import Run
 
 LOAD_WINDOW_STEPS = 20  # expert_load.png shows the loads summed over the last this many steps
 
@@ -169,13 +170,31 @@ def _last_wandb_step(wandb_dir: Path, run_id: str) -> int:
 
 def write_plots(out_dir: Path, records: list[dict], names: list[str],
                 recent_loads: collections.deque) -> None:
-    from .plots import plot_expert_load, plot_loss_curve
+    from .plots import plot_loss_curve
 
     plot_loss_curve(records, out_dir / "loss_curve.png")
+    write_expert_load(out_dir, records, names, recent_loads)
+
+
+def write_expert_load(out_dir: Path, records: list[dict], names: list[str],
+                      recent_loads: collections.deque) -> Path:
+    """expert_load.json and expert_load.png (the heatmap of the loads summed over the last
+    steps, and each layer's imbalance over training); returns the image's path."""
+    from .plots import plot_expert_load
+
     loads = (torch.stack(list(recent_loads)).sum(0).numpy() if recent_loads
              else np.zeros((0, 0)))
     labels = [layer_label(n) for n in names]
     (out_dir / "expert_load.json").write_text(json.dumps(
         {"layers": labels, "window_steps": len(recent_loads), "loads": loads.tolist()}))
-    plot_expert_load(labels, loads, records, out_dir / "expert_load.png",
-                     window_steps=len(recent_loads))
+    path = out_dir / "expert_load.png"
+    plot_expert_load(labels, loads, records, path, window_steps=len(recent_loads))
+    return path
+
+
+def expert_load_image(out_dir: Path, records: list[dict], names: list[str],
+                      recent_loads: collections.deque):
+    """The expert-load figure as a wandb.Image (W&B copies the file when it is logged)."""
+    import wandb
+
+    return wandb.Image(str(write_expert_load(out_dir, records, names, recent_loads)))

@@ -21,6 +21,8 @@ import functools
 import torch
 import torch.distributed as dist
 
+from .losses import step_sums
+
 
 @dataclasses.dataclass
 class Pipeline:
@@ -46,7 +48,8 @@ class Pipeline:
             forward_only: bool = False) -> torch.Tensor:
         """One schedule step over micro-batches batch_of(0..M-1) for the job's `run`
         (step.Run: device, autocast, sequence and micro-batch sizes). Returns the sums over the
-        micro-batches of [loss, lm, mtp, mtp_ce, balance], summed over the pipeline."""
+        micro-batches of step.step_sums (the losses, then each MTP depth's CE), summed over
+        the pipeline."""
         from ..pipeline.megatron_adapter import forward_step
 
         iterators = []
@@ -61,11 +64,11 @@ class Pipeline:
                 data_iterator=iterators, model=list(self.stages),
                 num_microbatches=num_microbatches, seq_length=run.args.seq_len,
                 micro_batch_size=run.args.micro_batch_size, forward_only=forward_only)
-        sums = torch.zeros(5, device=run.device)
+        depths = run.cfg.mtp.num_layers
+        sums = torch.zeros(5 + depths, device=run.device)  # the stages without a loss add 0
         for losses in loss_dicts:  # the micro-batches whose loss this rank computed
             lm, mtp = losses["lm loss"], losses["mtp loss"]
-            sums += torch.stack([lm + mtp, lm, mtp, losses["mtp ce"],
-                                 torch.zeros_like(lm)]).float()
+            sums += step_sums(lm + mtp, lm, mtp, losses["mtp ce"], torch.zeros_like(lm))
         balance = sum(stage.pop_balance_loss().to(run.device) for stage in self.stages)
         sums[0] += balance
         sums[4] += balance
@@ -84,8 +87,8 @@ class Pipeline:
         reduce_mirrored_router_loads(self.forward_backward.pipe, self.stages)
 
     def gather_expert_loads(self, loads):
-        """Every stage's routers (full-model names, model order) with their loads and bias
-        spreads, on every pipeline rank: (ExpertLoads, spreads)."""
+        """Every stage's routers (full-model names, model order) with their loads and biases,
+        on every pipeline rank (ExpertLoads)."""
         from ..moe.balance import ExpertLoads, routers
 
         rows = []
@@ -94,13 +97,13 @@ class Pipeline:
             chunk, _, local = name.partition(".")
             stage = self.stages[int(chunk)]
             if not stage.is_mirror:
-                spread = (router.expert_bias.max() - router.expert_bias.min()).item()
-                rows.append((stage.full_name(local), load, spread))
+                rows.append((stage.full_name(local), load, router.expert_bias.cpu()))
         parts: list = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(parts, rows, group=self.group)
         rows = sorted((row for part in parts for row in part),
                       key=lambda row: (row[0].startswith("mtp"), int(row[0].split(".")[2])))
         if not rows:
-            return ExpertLoads([], torch.zeros(0, 0, dtype=torch.int64), loads.updated), []
-        return (ExpertLoads([r[0] for r in rows], torch.stack([r[1] for r in rows]),
-                            loads.updated), [r[2] for r in rows])
+            return ExpertLoads([], torch.zeros(0, 0, dtype=torch.int64), loads.updated,
+                               torch.zeros(0, 0))
+        return ExpertLoads([r[0] for r in rows], torch.stack([r[1] for r in rows]),
+                           loads.updated, torch.stack([r[2] for r in rows]))

@@ -27,8 +27,9 @@ What one optimizer step does (each rank; TP ranks of one DP replica see the same
      from the raw scores). The DP group contains the EP group, so every token of the step is
      counted once.
 
-The metrics a step returns are DP means; per MoE layer (labelled `L<i>` / `mtp<k>`) they add
-the step's load imbalance and the bias spread. With the metrics comes the stop request every
+The metrics a step returns are DP means, and each MTP depth's CE; per MoE layer (labelled
+`L<i>` / `mtp<k>`) they add the step's load imbalance (max / mean), max / min load, and the
+bias's spread and norm (`ExpertLoads.metrics`). With the metrics comes the stop request every
 rank agreed on (`StepOutcome.stop_signal`): one rank's signal reaches all of them at the same
 step, so all save the same step.
 """
@@ -50,15 +51,9 @@ from ..data import get_batch
 from ..gradients import clip_gradients, reduce_gradients
 from ..moe.expert_wgrad import ExpertGradMerger
 from .args import TrainError, uses_bf16_autocast
+from .losses import LOSS_LABELS, LOSS_NAMES, depth_ce_names, step_sums
 from .master_weights import MasterWeights
 from .pipeline import Pipeline
-
-# The values of step 4's host sync, in order: the five DP-mean losses, the global gradient norm,
-# then the two flags max-reduced over every rank.
-LOSS_NAMES = ("loss", "lm_loss", "mtp_loss", "mtp_ce", "balance_loss")
-_LOSS_LABELS = {"loss": "total loss", "lm_loss": "next-token CE", "mtp_loss": "weighted MTP loss",
-                "mtp_ce": "MTP CE", "balance_loss": "balance loss"}
-
 
 @dataclasses.dataclass
 class Run:
@@ -133,7 +128,7 @@ def moe_layers(model: torch.nn.Module) -> list:
 
 
 def forward_losses(run: Run, input_ids: torch.Tensor, labels: torch.Tensor, mtp_lambda: float):
-    """(loss to backpropagate, next-token CE, weighted MTP loss, unweighted MTP CE)."""
+    """(loss to backpropagate, next-token CE, weighted MTP loss, each depth's MTP CE [D])."""
     from ..mtp import weighted_lm_loss
 
     with run.autocast():
@@ -183,18 +178,18 @@ def train_step(run: Run, stop_signal: Optional[Callable[[], int]] = None) -> Ste
                                       micro_batch=micro, rank=run.dp_rank)
         return to_device(input_ids, run.device), to_device(labels, run.device)
 
-    # Step 1: micro-batches.  sums: loss, lm, mtp, mtp_ce, balance (per micro-batch means)
+    # Step 1: micro-batches.  sums: `step_sums` of each (per micro-batch means)
     if run.pipeline is not None:
         sums = run.pipeline.run(run, args.grad_accum, mtp_lambda, train_batch)
     else:
-        sums = torch.zeros(5, device=run.device)
+        sums = 0
         for micro in range(args.grad_accum):
-            loss, lm, mtp, mtp_ce = forward_losses(run, *train_batch(micro), mtp_lambda)
+            loss, lm, mtp, depth_ce = forward_losses(run, *train_batch(micro), mtp_lambda)
             (loss / args.grad_accum).backward()
             balance = sum((m.last_aux_loss for m in layers if m.last_aux_loss is not None),
                           torch.zeros((), device=run.device))
-            sums += torch.stack([loss.detach() + balance, lm.detach(), mtp.detach(), mtp_ce,
-                                 balance]).float()
+            sums = sums + step_sums(loss.detach() + balance, lm.detach(), mtp.detach(),
+                                    depth_ce, balance)
         if run.expert_grads is not None:  # the routed experts' weight gradients of the step
             run.expert_grads.flush()
     params = run.trained_params()
@@ -204,10 +199,11 @@ def train_step(run: Run, stop_signal: Optional[Callable[[], int]] = None) -> Ste
     norm_params = run.pipeline.norm_params() if run.pipeline is not None else None
     grad_norm = clip_gradients(params, args.clip_grad, run.pg, norm_params, run.optimizer)
     # Step 4: the one host sync; every rank agrees whether to go on (module docstring).
-    values = dict(zip(LOSS_NAMES + ("grad_norm", "non_finite_loss", "stop_signal"),
+    loss_names = LOSS_NAMES + depth_ce_names(run.cfg.mtp.num_layers)
+    values = dict(zip(loss_names + ("grad_norm", "non_finite_loss", "stop_signal"),
                       _agreed_step_values(run, sums, grad_norm,
                                           stop_signal() if stop_signal is not None else 0)))
-    if not all(math.isfinite(values[name]) for name in LOSS_NAMES + ("grad_norm",)) \
+    if not all(math.isfinite(values[name]) for name in loss_names + ("grad_norm",)) \
             or values["non_finite_loss"]:
         raise NonFiniteStep(_non_finite_message(run, values, lr), run.step + 1)
     # Step 5: AdamW.
@@ -223,20 +219,18 @@ def train_step(run: Run, stop_signal: Optional[Callable[[], int]] = None) -> Ste
                                  rate=run.cfg.moe.bias_update_rate,
                                  stop_tokens=run.cfg.moe.bias_update_stop_tokens)
 
-    metrics = {"step": run.step, **{name: values[name] for name in LOSS_NAMES},
+    metrics = {"step": run.step, **{name: values[name] for name in loss_names},
                "mtp_lambda": mtp_lambda, "lr": lr, "grad_norm": values["grad_norm"],
                "tokens_seen": run.tokens_seen}
     if run.pipeline is not None:
-        loads, spreads = run.pipeline.gather_expert_loads(loads)
-    else:
-        spreads = bias_spreads(model)
-    metrics.update(expert_metrics(loads, spreads))
+        loads = run.pipeline.gather_expert_loads(loads)
+    metrics.update(loads.metrics())
     return StepOutcome(metrics, loads, int(values["stop_signal"]))
 
 
 def _agreed_step_values(run: Run, sums: torch.Tensor, grad_norm: torch.Tensor,
                         stop_signal: int) -> list[float]:
-    """Step 4's values (LOSS_NAMES as DP means, grad_norm, non_finite_loss, stop_signal), the
+    """Step 4's values (the losses as DP means, grad_norm, non_finite_loss, stop_signal), the
     same on every rank, through one host sync. The losses are DP means (a pipeline has summed
     them over its ranks), the norm is global; the two flags are max-reduced over the world, so
     that a rank whose own loss is not finite, or which received a signal, tells every other."""
@@ -255,7 +249,7 @@ def _non_finite_message(run: Run, values: dict, lr: float) -> str:
     """What was not finite in the step after run.step, what was, and the parameters' state
     (collective: every rank calls it, as every rank raises NonFiniteStep together)."""
     step = run.step + 1
-    shown = {name: f"{_LOSS_LABELS[name]} {values[name]:.6g}" for name in LOSS_NAMES}
+    shown = {name: f"{LOSS_LABELS[name]} {values[name]:.6g}" for name in LOSS_NAMES}
     shown["grad_norm"] = f"gradient norm {values['grad_norm']:.6g}"
     bad = [text for name, text in shown.items() if not math.isfinite(values[name])]
     finite = [text for name, text in shown.items() if math.isfinite(values[name])]
@@ -299,33 +293,6 @@ def _parameter_health(run: Run) -> tuple[list[str], tuple[float, str]]:
             max((big for _, big in everyone), key=lambda big: big[0]))
 
 
-def bias_spreads(model: torch.nn.Module) -> list[float]:
-    """max - min of each router's expert bias, in model order."""
-    from ..moe.balance import routers
-
-    return [(r.expert_bias.max() - r.expert_bias.min()).item() for _, r in routers(model)]
-
-
-def expert_metrics(loads, spreads: list[float]) -> dict:
-    """Per MoE layer: load imbalance (max/mean) of this step and the bias spread (max - min)."""
-    out = {}
-    for name, value, spread in zip(loads.names, loads.imbalance().tolist(), spreads):
-        label = layer_label(name)
-        out[f"moe/{label}/imbalance"] = value
-        out[f"moe/{label}/bias_spread"] = spread
-    return out
-
-
-def layer_label(router_name: str) -> str:
-    """'decoder.layers.1.mlp.router' -> 'L1'; 'mtp.layers.0.transformer_layer...' -> 'mtp0'."""
-    parts = router_name.split(".")
-    if parts[0] == "decoder":
-        return f"L{parts[2]}"
-    if parts[0] == "mtp":
-        return f"mtp{parts[2]}"
-    return router_name.removesuffix(".router")
-
-
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
     """Mean next-token and MTP CE over `--eval-batches` fixed validation batches (DP mean)."""
@@ -341,10 +308,10 @@ def evaluate(run: Run) -> dict:
     if run.pipeline is not None:
         sums = run.pipeline.run(run, args.eval_batches, 0.0, val_batch, forward_only=True)[[1, 3]]
     else:
-        sums = torch.zeros(2, device=run.device)
+        sums = 0
         for i in range(args.eval_batches):
-            _, lm, _, mtp_ce = forward_losses(run, *val_batch(i), mtp_lambda=0.0)
-            sums += torch.stack([lm, mtp_ce]).float()
+            parts = forward_losses(run, *val_batch(i), mtp_lambda=0.0)
+            sums = sums + step_sums(*parts, torch.zeros_like(parts[1]))[[1, 3]]
     run.model.train()
     sums /= args.eval_batches
     if run.pg.dp.size() > 1:

@@ -12,23 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_dsv3.config import tiny
 from megatron_dsv3.model import build_model
 from megatron_dsv3.mtp import mtp_loss, mtp_targets, shift_left
+from helpers.small_model import VOCAB, small_config
 from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
 
-SEQ, BATCH, VOCAB, HIDDEN = 8, 2, 64, 32
+SEQ, BATCH = 8, 2
 V3_SWITCH_TOKENS = 10_000_000_000_000
-
-
-def small_config(**changes):
-    """tiny, shrunk: 3 layers (1 dense + 2 MoE), d=32, 8 experts in 4 groups, vocab 64."""
-    fields = dict(hidden_size=HIDDEN, vocab_size=VOCAB, num_layers=3, max_seq_len=16,
-                  mla__num_heads=2, mla__q_lora_rank=16, mla__kv_lora_rank=8,
-                  mla__qk_nope_head_dim=8, mla__qk_rope_head_dim=4, mla__v_head_dim=8,
-                  moe__expert_ffn_size=16, moe__dense_ffn_size=32, linear_backend="local")
-    fields.update(changes)
-    return tiny().replace(**fields)
 
 
 def _batch(seed: int = 0):

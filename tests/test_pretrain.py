@@ -20,8 +20,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers.small_model import small_config
 from helpers.tolerance import FP32_REORDER, assert_close
-from megatron_dsv3.config import ConfigError, tiny
+from megatron_dsv3.config import ConfigError
 from megatron_dsv3.model import LMOutput
 from megatron_dsv3.mtp import weighted_lm_loss
 from megatron_dsv3.pretrain import (add_arguments, expand_preset, forward_step, loss_func,
@@ -86,10 +87,7 @@ def small_model(dist_single):
     from megatron_dsv3.config import to_megatron_config
     from megatron_dsv3.model import build_model
 
-    cfg = tiny().replace(hidden_size=32, vocab_size=64, num_layers=3, max_seq_len=16,
-                         mla__num_heads=2, mla__q_lora_rank=16, mla__kv_lora_rank=8,
-                         mla__qk_nope_head_dim=8, mla__qk_rope_head_dim=4, mla__v_head_dim=8,
-                         moe__expert_ffn_size=16, moe__dense_ffn_size=32, linear_backend="local")
+    cfg = small_config()
     torch.manual_seed(0)
     return cfg, build_model(cfg, pg_collection=dist_single, megatron_config=to_megatron_config(
         cfg, use_cpu_initialization=True))

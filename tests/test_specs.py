@@ -14,26 +14,21 @@ import pytest
 import torch
 
 from megatron_dsv3.attention.mla import MultiLatentAttention
-from megatron_dsv3.config import ConfigError, from_megatron_config, tiny, to_megatron_config
+from megatron_dsv3.config import ConfigError, from_megatron_config, to_megatron_config
 from megatron_dsv3.layers import RMSNorm
 from megatron_dsv3.model import DeepSeekV3Model, build_model, model_provider
 from megatron_dsv3.moe.layer import DeepSeekMoE, DenseMLP
 from megatron_dsv3.mtp import MTPLayer
 from megatron_dsv3.specs import decoder_block_spec, layer_spec, mtp_block_spec
+from helpers.small_model import small_config as _small_config
 from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
 
 SEQ, BATCH = 8, 2
 
 
 def small_config(**changes):
-    """tiny, shrunk: 3 layers (1 dense + 2 MoE), d=32, 8 experts in 4 groups, vocab 64."""
-    fields = dict(hidden_size=32, vocab_size=64, num_layers=3, max_seq_len=16,
-                  mla__num_heads=2, mla__q_lora_rank=16, mla__kv_lora_rank=8,
-                  mla__qk_nope_head_dim=8, mla__qk_rope_head_dim=4, mla__v_head_dim=8,
-                  moe__expert_ffn_size=16, moe__dense_ffn_size=32, linear_backend="local",
-                  moe__bias_update_rate=1e-3)  # Megatron CLI default (tiny uses 1e-2)
-    fields.update(changes)
-    return tiny().replace(**fields)
+    """helpers.small_model's, with Megatron's CLI default bias update rate (tiny uses 1e-2)."""
+    return _small_config(**{"moe__bias_update_rate": 1e-3, **changes})
 
 
 def _without_carried_config(megatron_cfg):

@@ -9,12 +9,17 @@
 #   tiny     the tiny preset, 20 iterations with Megatron's distributed optimizer, a
 #            distributed checkpoint saved at iteration 10 and 20
 #   resume   (after tiny) the same command again with --train-iters 30: resumes at 20
+#   straight the same 30 iterations in one run, no checkpoint: its losses of iterations 21-30
+#            against resume's (printed side by side)
+#   nan      tiny with --lr 1e6: Megatron's NaN check must stop it with an error
+#   corrupt  (after resume) 4 KiB of random bytes written into the newest checkpoint's largest
+#            file, then a resume: it must stop with an error, not train on
 #   proxy    the proxy preset with MTP, 8 micro-batches of 4,096 tokens per iteration (our job's
 #            step), Megatron's per-iteration time
 #   job      our main job on the same preset and step (its GPU defaults): the ratio's baseline
 # MEGATRON_ARGS: more flags for every Megatron run.
 set -uo pipefail
-PARTS=${*:-tiny resume proxy job}
+PARTS=${*:-tiny resume straight nan corrupt proxy job}
 cd "$(dirname "$0")/.."
 DIR=${OUT:-gpu_out/megatron_loop}
 WORK=${WORK:-/tmp/megatron_loop}
@@ -59,6 +64,41 @@ for p in $PARTS; do
     resume) megatron resume 240 tiny --seq-length 128 --micro-batch-size 4 \
             --global-batch-size 8 --train-iters 30 --save "$WORK/ckpt_tiny" \
             --load "$WORK/ckpt_tiny" --save-interval 10 ;;
+    straight) megatron straight 240 tiny --seq-length 128 --micro-batch-size 4 \
+            --global-batch-size 8 --train-iters 30
+          python3 - "$DIR/resume.log" "$DIR/straight.log" <<'PY'
+import re, sys
+def losses(path):
+    found = {}
+    for line in open(path, errors="replace"):
+        m = re.search(r"iteration +(\d+)/.*?lm loss: ([0-9.E+-]+)", line)
+        if m:
+            found[int(m.group(1))] = float(m.group(2))
+    return found
+resumed, straight = losses(sys.argv[1]), losses(sys.argv[2])
+for it in sorted(set(resumed) & set(straight)):
+    print(f"iteration {it}: resumed {resumed[it]:.6E} straight {straight[it]:.6E} "
+          f"diff {resumed[it] - straight[it]:+.2E}")
+PY
+          ;;
+    nan) megatron nan 180 tiny --seq-length 128 --micro-batch-size 4 --global-batch-size 8 \
+            --train-iters 10 --lr 1e6 --min-lr 1e5
+         grep -iE "nan|inf" "$DIR/nan.log" | grep -vE "^ +[a-z_]+ \.+" | tail -n 4 ;;
+    corrupt) newest=$(cat "$WORK/ckpt_tiny/latest_checkpointed_iteration.txt")
+             file=$(ls -S "$WORK"/ckpt_tiny/iter_$(printf %07d "$newest")/*.distcp | head -n 1)
+             size=$(stat -c %s "$file")
+             python3 - "$file" "$size" <<'PY'
+import os, sys
+path, size = sys.argv[1], int(sys.argv[2])
+with open(path, "r+b") as f:
+    f.seek(size // 2)
+    f.write(os.urandom(4096))
+print(f"wrote 4096 random bytes at offset {size // 2} of {path} ({size} bytes)")
+PY
+             megatron corrupt 240 tiny --seq-length 128 --micro-batch-size 4 \
+               --global-batch-size 8 --train-iters 40 --save "$WORK/ckpt_tiny" \
+               --load "$WORK/ckpt_tiny" --save-interval 10
+             grep -E "CorruptCheckpoint|Error" "$DIR/corrupt.log" | tail -n 3 ;;
     proxy) megatron proxy 300 proxy --seq-length 4096 --micro-batch-size 1 \
             --global-batch-size 8 --train-iters 8 ;;
     job) start=$SECONDS
@@ -66,6 +106,7 @@ for p in $PARTS; do
            --micro-batch-size 1 --grad-accum 8 --steps 8 --no-wandb \
            --out-dir "$WORK/job" > "$DIR/job.log" 2>&1
          echo "== job: rc=$? in $((SECONDS - start)) s"; tail -n 6 "$DIR/job.log" ;;
-    *) echo "unknown part $p: choose from tiny resume proxy job" >&2; exit 2 ;;
+    *) echo "unknown part $p: choose from tiny resume straight nan corrupt proxy job" >&2
+       exit 2 ;;
   esac
 done

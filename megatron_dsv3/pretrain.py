@@ -186,6 +186,7 @@ def forward_step(data_iterator, model, *, args=None, tp_group=None):
     post_process = get_attr_wrapped_model(model, "post_process")
     set_balance_loss_scale(model, 1.0 / get_num_microbatches())
     freeze_biases_after(model, args)
+    check_loaded_weights(model, args)
     device = next(model.parameters()).device
     batch = get_batch(data_iterator, device, args, tp_group, pre_process, post_process)
     tokens, labels, loss_mask, position_ids = batch if batch is not None else (None,) * 4
@@ -193,6 +194,37 @@ def forward_step(data_iterator, model, *, args=None, tp_group=None):
     if not post_process:
         return output, None
     return output, partial(loss_func, loss_mask, mtp_weight(args))
+
+
+class CorruptCheckpoint(RuntimeError):
+    """Weights loaded by Megatron that are not finite: the run stops before training on them."""
+
+
+_checked_models: set[int] = set()
+
+
+def check_loaded_weights(model: torch.nn.Module, args) -> None:
+    """Once per model chunk, when Megatron has resumed from `--load` (args.iteration > 0): every
+    floating-point parameter and buffer finite, in one host sync. Megatron's loader checks
+    neither checksums nor values, so a checkpoint with corrupted bytes (or one saved after a
+    diverged step) would otherwise train on silently; CorruptCheckpoint names the tensors and
+    the way back to an earlier checkpoint."""
+    if id(model) in _checked_models:
+        return
+    _checked_models.add(id(model))
+    if not getattr(args, "load", None) or not getattr(args, "iteration", 0):
+        return
+    named = [(name, tensor) for source in (model.named_parameters(), model.named_buffers())
+             for name, tensor in source if tensor.is_floating_point() and tensor.numel()]
+    finite = torch.stack([torch.isfinite(tensor).all() for _, tensor in named]).tolist()
+    bad = [name for (name, _), ok in zip(named, finite) if not ok]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CorruptCheckpoint(
+            f"--load {args.load}: the checkpoint of iteration {args.iteration} holds NaN or "
+            f"Inf in {len(bad)} of {len(named)} tensors ({shown}); its files are corrupted or "
+            "it was saved after a diverged step. Resume from an earlier one with --ckpt-step "
+            "ITERATION (its iter_* folder in --load), or restore the folder")
 
 
 def freeze_biases_after(model: torch.nn.Module, args) -> None:

@@ -125,6 +125,36 @@ def test_forward_step_gives_megatron_the_jobs_loss_and_scales_and_freezes(small_
     assert not any(r.frozen_expert_bias for r in routers), "0 tokens trained: still moving"
 
 
+def test_a_resumed_run_refuses_non_finite_loaded_weights_once(small_model, monkeypatch):
+    """Megatron's loader checks no values: forward_step's first call after a resume does, names
+    the tensors and points at --ckpt-step; a fresh run (iteration 0) is not checked."""
+    from megatron.core import num_microbatches_calculator as calculator
+
+    from megatron_dsv3 import pretrain
+    from megatron_dsv3.pretrain import CorruptCheckpoint
+
+    cfg, model = small_model
+    monkeypatch.setattr(calculator, "get_num_microbatches", lambda: 1)
+    monkeypatch.setattr(pretrain, "_checked_models", set())
+    name, param = list(model.named_parameters())[5]
+    saved = param.detach().clone()
+    with torch.no_grad():
+        param.view(-1)[3] = float("nan")
+    fresh = _args(load="ckpt", iteration=0)
+    forward_step(_batches(cfg.vocab_size, 1), model, args=fresh)  # nothing loaded: no check
+    pretrain._checked_models.clear()
+    resumed = _args(load="ckpt", iteration=20)
+    with pytest.raises(CorruptCheckpoint, match=rf"--load ckpt: the checkpoint of iteration 20 "
+                                                 rf"holds NaN or Inf in 1 of \d+ tensors "
+                                                 rf"\({name}\).*--ckpt-step"):
+        forward_step(_batches(cfg.vocab_size, 1), model, args=resumed)
+    with torch.no_grad():
+        param.copy_(saved)
+    pretrain._checked_models.clear()
+    forward_step(_batches(cfg.vocab_size, 1), model, args=resumed)  # finite: trains on
+    assert id(model) in pretrain._checked_models
+
+
 def test_our_arguments_join_megatrons_parser():
     from megatron.training.arguments import add_megatron_arguments
 

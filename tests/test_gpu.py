@@ -119,6 +119,7 @@ def test_grad_accumulate_kernel_is_bit_identical_to_torch_add():
         assert uses_kernel(total, grad)
         expected = total.clone().add_(grad)
         assert torch.equal(add_into_fp32_(total, grad), expected)
+        assert torch.equal(add_into_fp32_(total, grad, store=True), grad.float())
 
 
 @pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -27,6 +27,8 @@ _INTERPRETED = textwrap.dedent("""
         expected = total.clone().add_(grad)
         launch_add_into(total, grad)
         assert torch.equal(total, expected), (n, dtype, seed, (total - expected).abs().max())
+        launch_add_into(total, grad, True)  # store: the gradient widened, the sum not read
+        assert torch.equal(total, grad.float()), (n, dtype, seed, "store")
     print("ok")
 """)
 
@@ -41,6 +43,7 @@ def test_cpu_and_mismatched_tensors_take_torch_add():
     assert not uses_kernel(total, grad), "no kernel on the CPU"
     expected = total.clone().add_(grad)
     assert_equal(add_into_fp32_(total, grad), expected, "reference path")
+    assert_equal(add_into_fp32_(total, grad, store=True), grad.float(), "reference store")
     # not the kernel's case even on a GPU: an fp32 gradient, a strided sum
     if grad_accumulate.triton is not None:
         assert not uses_kernel(total, grad.float())

@@ -138,3 +138,46 @@ def test_weights_whose_gradient_is_merged_elsewhere_get_it_in_their_fp32_master(
     for master, param in zip(masters.params, reference.parameters()):
         # the merged GEMM sums the micro-batches inside one bf16 GEMM: within bf16 rounding
         torch.testing.assert_close(master.grad, param.grad.float(), rtol=2e-2, atol=1e-4)
+
+
+def _steps_with(store_first: bool, idle_step: int):
+    """Three MasterAdamW steps of MICRO_BATCHES micro-batches; in step `idle_step` the last
+    layer gets no gradient (its input detached from it: only the first layer trains). Returns
+    the masters, their sums after each step's accumulation, and the model."""
+    from megatron_dsv3.train.master_weights import MasterAdamW
+
+    model = _model()
+    masters = MasterWeights(model, store_first=store_first)
+    optimizer = MasterAdamW(masters.params, masters, lr=1e-2, betas=(0.9, 0.95),
+                            weight_decay=0.1)
+    sums = []
+    for step in range(3):
+        for x in _batches():
+            if step == idle_step:
+                model[0](x).float().pow(2).mean().backward()
+            else:
+                model(x).float().pow(2).mean().backward()
+        masters.finish_accumulation()
+        sums.append([m.grad.clone() for m in masters.params])
+        optimizer.step()
+    return masters, sums, model
+
+
+def test_storing_the_first_gradient_of_a_step_gives_the_same_sums_and_steps():
+    """store_first: the step's first gradient overwrites the sum (MasterAdamW no longer zeroes
+    it), bit for bit the zeroed-then-added sums; a master that got no gradient in a step has a
+    zero sum, not the previous step's."""
+    for idle_step in (1, 2):
+        added, added_sums, added_model = _steps_with(False, idle_step)
+        stored, stored_sums, stored_model = _steps_with(True, idle_step)
+        for step, (expected, actual) in enumerate(zip(added_sums, stored_sums)):
+            for i, (e, a) in enumerate(zip(expected, actual)):
+                assert_equal(a, e, f"idle step {idle_step}: step {step} sum {i}")
+        assert not added_sums[idle_step][2].any(), "the idle layer's sum is zero"
+        for i, (e, a) in enumerate(zip(added.params, stored.params)):
+            assert_equal(a, e, f"idle step {idle_step}: master {i} after 3 steps")
+        for e, a in zip(added_model.parameters(), stored_model.parameters()):
+            assert_equal(a.detach(), e.detach(), "published bf16 weights")
+        # what the optimizer left: zeroed sums without store_first, used ones with it
+        assert not any(m.grad.any() for m in added.params)
+        assert any(m.grad.any() for m in stored.params)

@@ -15,7 +15,8 @@ the step):
     m    <- beta1 * m + (1 - beta1) * g
     v    <- beta2 * v + (1 - beta2) * g * g
     p    <- p - (lr / bias_correction1) * m / (sqrt(v) / sqrt(bias_correction2) + eps)
-    out  <- bf16(p);  g_sum <- 0
+    out  <- bf16(p);  g_sum <- 0   (unless zero_grad=False: the next step's first gradient
+                                   overwrites the sum instead, train/master_weights.py)
 
 The moments may be kept in bf16, as DeepSeek-V3 does ("the BF16 data format instead of FP32 to
 track the first and second moments in the AdamW optimizer"): they are widened to fp32 for the
@@ -52,7 +53,8 @@ if triton is not None:
     @triton.jit
     def _adamw_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, out_ptr, scale_ptr, n,
                       decay, beta1, beta2, step_size, bias_correction2_sqrt, eps,
-                      HAS_SCALE: tl.constexpr, BF16_MOMENTS: tl.constexpr, BLOCK: tl.constexpr):
+                      HAS_SCALE: tl.constexpr, BF16_MOMENTS: tl.constexpr, ZERO_GRAD: tl.constexpr,
+                      BLOCK: tl.constexpr):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
         param = tl.load(param_ptr + offsets, mask=mask) * decay
@@ -74,7 +76,8 @@ if triton is not None:
         param = param - step_size * tl.div_rn(exp_avg, denom)
         tl.store(param_ptr + offsets, param, mask=mask)
         tl.store(out_ptr + offsets, _bf16_rne(param), mask=mask)
-        tl.store(grad_ptr + offsets, tl.zeros_like(grad), mask=mask)
+        if ZERO_GRAD:
+            tl.store(grad_ptr + offsets, tl.zeros_like(grad), mask=mask)
 
 
 def _coefficients(step: int, lr: float, beta1: float, beta2: float,
@@ -98,7 +101,7 @@ def uses_kernel(tensors: list[torch.Tensor]) -> bool:
 
 def launch_adamw(param, grad, exp_avg, exp_avg_sq, out, *, step: int, lr: float,
                  beta1: float, beta2: float, eps: float, weight_decay: float,
-                 grad_scale: Optional[torch.Tensor] = None) -> None:
+                 grad_scale: Optional[torch.Tensor] = None, zero_grad: bool = True) -> None:
     """The kernel itself (any device Triton runs on, its interpreter included)."""
     n = param.numel()
     if not n:
@@ -107,13 +110,14 @@ def launch_adamw(param, grad, exp_avg, exp_avg_sq, out, *, step: int, lr: float,
     _adamw_kernel[(triton.cdiv(n, _BLOCK),)](
         param, grad, exp_avg, exp_avg_sq, out, grad_scale if grad_scale is not None else param,
         n, decay, beta1, beta2, step_size, bias2_sqrt, eps, HAS_SCALE=grad_scale is not None,
-        BF16_MOMENTS=exp_avg.dtype == torch.bfloat16, BLOCK=_BLOCK, num_warps=8)
+        BF16_MOMENTS=exp_avg.dtype == torch.bfloat16, ZERO_GRAD=zero_grad, BLOCK=_BLOCK,
+        num_warps=8)
 
 
 @torch.no_grad()
 def adamw_reference(param, grad, exp_avg, exp_avg_sq, out, *, step: int, lr: float,
                     beta1: float, beta2: float, eps: float, weight_decay: float,
-                    grad_scale: Optional[torch.Tensor] = None) -> None:
+                    grad_scale: Optional[torch.Tensor] = None, zero_grad: bool = True) -> None:
     """The module docstring's update in PyTorch operations."""
     decay, step_size, bias2_sqrt = _coefficients(step, lr, beta1, beta2, weight_decay)
     if grad_scale is not None:
@@ -125,12 +129,14 @@ def adamw_reference(param, grad, exp_avg, exp_avg_sq, out, *, step: int, lr: flo
     param.addcdiv_(exp_avg.float(), exp_avg_sq.float().sqrt().div_(bias2_sqrt).add_(eps),
                    value=-step_size)
     out.copy_(param)
-    grad.zero_()
+    if zero_grad:
+        grad.zero_()
 
 
 def adamw_(param, grad, exp_avg, exp_avg_sq, out, **hyper) -> None:
     """One AdamW step of `param` (fp32, in place) with its moments (fp32 or bf16), its
     rounding written into `out` and `grad` zeroed; `hyper`: step (1-based), lr, beta1, beta2,
-    eps, weight_decay, grad_scale. The kernel on a GPU, the reference elsewhere."""
+    eps, weight_decay, grad_scale, zero_grad (False: `grad` is left as it is, divided by
+    grad_scale or not). The kernel on a GPU, the reference elsewhere."""
     tensors = [param, grad, exp_avg, exp_avg_sq, out]
     (launch_adamw if uses_kernel(tensors) else adamw_reference)(*tensors, **hyper)

@@ -7,7 +7,8 @@ runs its unvectorised elementwise kernel: on one H200 the proxy preset's 8 micro
 writes 4 per element with wide loads; the arithmetic is PyTorch's (the gradient widened to
 fp32, one fp32 addition), so the result is bit-identical to `fp32_sum.add_(grad)`.
 
-  add_into_fp32_(fp32_sum, grad)   # fp32_sum += grad
+  add_into_fp32_(fp32_sum, grad)              # fp32_sum += grad
+  add_into_fp32_(fp32_sum, grad, store=True)  # fp32_sum = grad (a step's first: 2 + 4 bytes)
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ MIN_KERNEL_ELEMENTS = 1 << 23
 
 if triton is not None:
     @triton.jit
-    def _add_into_kernel(sum_ptr, grad_ptr, n, BLOCK: tl.constexpr):
+    def _add_into_kernel(sum_ptr, grad_ptr, n, STORE: tl.constexpr, BLOCK: tl.constexpr):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
-        total = tl.load(sum_ptr + offsets, mask=mask) + tl.load(grad_ptr + offsets,
-                                                                  mask=mask).to(tl.float32)
+        total = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+        if not STORE:
+            total = tl.load(sum_ptr + offsets, mask=mask) + total
         tl.store(sum_ptr + offsets, total, mask=mask)
 
 
@@ -48,18 +50,22 @@ def uses_kernel(fp32_sum: torch.Tensor, grad: torch.Tensor) -> bool:
             and grad.is_contiguous())
 
 
-def launch_add_into(fp32_sum: torch.Tensor, grad: torch.Tensor) -> None:
+def launch_add_into(fp32_sum: torch.Tensor, grad: torch.Tensor, store: bool = False) -> None:
     """The kernel itself (any device Triton runs on, its interpreter included)."""
     n = fp32_sum.numel()
     if n:
-        _add_into_kernel[(triton.cdiv(n, _BLOCK),)](fp32_sum, grad, n, BLOCK=_BLOCK,
-                                                    num_warps=8)
+        _add_into_kernel[(triton.cdiv(n, _BLOCK),)](fp32_sum, grad, n, STORE=store,
+                                                    BLOCK=_BLOCK, num_warps=8)
 
 
-def add_into_fp32_(fp32_sum: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """fp32_sum += grad, in place; returns fp32_sum."""
+def add_into_fp32_(fp32_sum: torch.Tensor, grad: torch.Tensor, *, store: bool = False
+                   ) -> torch.Tensor:
+    """fp32_sum += grad in place (`store`: fp32_sum = grad, widened exactly); returns
+    fp32_sum."""
     if uses_kernel(fp32_sum, grad):
-        launch_add_into(fp32_sum, grad)
+        launch_add_into(fp32_sum, grad, store)
+    elif store:
+        fp32_sum.copy_(grad)
     else:
         fp32_sum.add_(grad)
     return fp32_sum

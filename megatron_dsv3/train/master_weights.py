@@ -15,6 +15,13 @@ sums their gradients in fp32.
   reduce / clip masters.params' gradients                  # they carry the TP/EP attributes
   optimizer.step()   # AdamW on the masters, their bf16 copies into the model, the sums zeroed
 
+With `store_first=True` the first gradient a master receives in a step is stored into its sum
+(a bf16 read and an fp32 write) instead of added to a zeroed one, and MasterAdamW's step leaves
+the sums as they are instead of zeroing them: 8 bytes per parameter and step less (of ~106 at
+8 micro-batches); `finish_accumulation()`, after the step's last backward, zeroes the sums of
+masters that got no gradient. Only for runs in which every gradient arrives through the hook
+(not with deferred or merged weight gradients, or sums added inside a GEMM: train/build.py).
+
 `state_dict()` is the model's state dict with the fp32 masters in place of the parameters, so
 a checkpoint holds the same fp32 weights whether the run kept fp32 parameters or bf16 ones with
 masters, and either kind of run resumes from it. The fp32 gradient of a parameter is also its
@@ -42,14 +49,18 @@ class MasterWeights:
     cast to `dtype` in place (buffers, such as the routers' expert biases, keep their dtype).
     `params[i]` is the master of the i-th of `model.parameters()`."""
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16, *,
+                 store_first: bool = False) -> None:
         if not dtype.is_floating_point or dtype == torch.float32:
             raise ValueError(f"MasterWeights(dtype={dtype}) is invalid: the model's parameters "
                              "must be of a lower precision than the fp32 masters (bfloat16)")
         self.model = model
+        self.store_first = store_first
         self.model_params = [p for p in model.parameters() if p.requires_grad]
         self.params: list[torch.Tensor] = []
-        for param in self.model_params:
+        # store_first: whether master i's sum holds this step's gradients yet
+        self.holds_sum = [False] * len(self.model_params)
+        for index, param in enumerate(self.model_params):
             master = param.detach().float().clone()  # exactly the weights the model was given
             master.grad = torch.zeros_like(master)
             # never reallocated (zeroed in place): CUDA graphs may keep its address, so a
@@ -60,7 +71,7 @@ class MasterWeights:
                     setattr(master, name, getattr(param, name))
             param.data = param.data.to(dtype)
             param.main_grad = master.grad
-            param.register_post_accumulate_grad_hook(_add_into(master.grad))
+            param.register_post_accumulate_grad_hook(self._accumulate_hook(index, master.grad))
             self.params.append(master)
 
     @torch.no_grad()
@@ -69,9 +80,37 @@ class MasterWeights:
         or after loading masters."""
         torch._foreach_copy_(self.model_params, self.params)
 
+    def _accumulate_hook(self, index: int, buffer: torch.Tensor):
+        """The post-accumulate-grad hook of model parameter `index`, whose sum is `buffer`."""
+        def hook(param: torch.Tensor) -> None:
+            # None: an autograd function left this weight's gradient to someone else
+            # (weight_grad.py, moe/expert_wgrad.py, moe/experts.py's sums inside the GEMM)
+            if param.grad is None:
+                return
+            store = self.store_first and not self.holds_sum[index]
+            add_into_fp32_(buffer, param.grad, store=store)
+            self.holds_sum[index] = True
+            param.grad = None
+        return hook
+
+    @torch.no_grad()
+    def finish_accumulation(self) -> None:
+        """After a step's last backward (store_first): the sums of masters that received no
+        gradient this step are zeroed (they still hold an earlier step's)."""
+        if self.store_first:
+            idle = [m.grad for m, held in zip(self.params, self.holds_sum) if not held]
+            if idle:
+                torch._foreach_zero_(idle)
+            self.holds_sum = [True] * len(self.params)
+
+    def sums_consumed(self) -> None:
+        """The optimizer has used the sums: the next gradient of each master is stored."""
+        self.holds_sum = [False] * len(self.params)
+
     @torch.no_grad()
     def zero_grad(self) -> None:
         torch._foreach_zero_([m.grad for m in self.params])
+        self.holds_sum = [True] * len(self.params)  # zero is a valid sum to add into
 
     def state_dict(self) -> dict:
         """The model's state dict, its trainable parameters replaced by their fp32 masters
@@ -94,20 +133,10 @@ class MasterWeights:
         self.publish()
 
 
-def _add_into(buffer: torch.Tensor):
-    def hook(param: torch.Tensor) -> None:
-        # None: an autograd function left this weight's gradient to someone else
-        # (weight_grad.py, moe/expert_wgrad.py, moe/experts.py's sums inside the GEMM)
-        if param.grad is not None:
-            add_into_fp32_(buffer, param.grad)
-            param.grad = None
-    return hook
-
-
 class MasterAdamW(torch.optim.AdamW):
     """torch's AdamW over a MasterWeights' fp32 masters whose step also does the masters'
     bookkeeping: after it each master's bf16 copy is in the model (`publish`) and its gradient
-    sum is zero (`zero_grad`). Per tensor that is one pass (kernels/adamw.py: a Triton kernel
+    sum is zero (`zero_grad`), or with `store_first` left to be overwritten. Per tensor that is one pass (kernels/adamw.py: a Triton kernel
     on a GPU, PyTorch operations elsewhere) instead of torch's AdamW, a copy and a fill.
 
     The state is torch's AdamW's (`step`, `exp_avg`, `exp_avg_sq` per parameter), so a
@@ -164,4 +193,7 @@ class MasterAdamW(torch.optim.AdamW):
                 adamw_(master, master.grad, state["exp_avg"], state["exp_avg_sq"],
                        self._model_param[id(master)], step=int(state["step"]),
                        lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                       weight_decay=group["weight_decay"], grad_scale=self.grad_scale)
+                       weight_decay=group["weight_decay"], grad_scale=self.grad_scale,
+                       zero_grad=not self.masters.store_first)
+        if self.masters.store_first:
+            self.masters.sums_consumed()

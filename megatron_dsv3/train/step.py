@@ -192,6 +192,8 @@ def train_step(run: Run, stop_signal: Optional[Callable[[], int]] = None) -> Ste
                                     depth_ce, balance)
         if run.expert_grads is not None:  # the routed experts' weight gradients of the step
             run.expert_grads.flush()
+    if run.masters is not None:
+        run.masters.finish_accumulation()
     params = run.trained_params()
     # Step 2: gradient reduction: DP for replicated parameters, expert-DP for expert shards.
     reduce_gradients(params, run.pg)

@@ -22,6 +22,10 @@ rest of the package reaches them only through this module, so that a new release
         megatron/core/datasets on rank 0 and exits when it fails; the megatron-core wheel ships
         the built `helpers_cpp` extension but no Makefile, so `pretrain()` from the wheel
         always stopped there (pretrain.py installs this before calling it)
+  megatron.core.optimizer.Adam / USING_PYTORCH_OPTIMIZER
+        `use_megatron_adam(cls)`: the class Megatron's optimizer builder instantiates for
+        `--optimizer adam` (TE's or apex's FusedAdam when they import, else torch's AdamW),
+        replaced by ours (optimizer.MegatronAdamW: bf16 moments without TE)
 
 At import the module checks that the installed megatron-core is the release it was written
 against (`TESTED_VERSION`) and that each private method above still takes the arguments used
@@ -236,6 +240,24 @@ def use_prebuilt_dataset_helpers() -> None:
     utils.compile_helpers = compile_helpers
 
 
+# ----------------------------------------------------------------------------------------------
+# Megatron's Adam class
+# ----------------------------------------------------------------------------------------------
+def use_megatron_adam(cls) -> None:
+    """Megatron's optimizer builder (`_get_megatron_optimizer_based_on_param_groups`) builds
+    `cls(params=..., lr=, weight_decay=, betas=, eps=, capturable=, adam_w_mode=)` for
+    `--optimizer adam`, as it builds TE's or apex's FusedAdam; Megatron's distributed
+    optimizer accepts it if it is a torch.optim.AdamW (its checkpoint reads torch's per-
+    parameter `step`)."""
+    from megatron.core import optimizer
+
+    if not issubclass(cls, torch.optim.AdamW):
+        raise TypeError(f"use_megatron_adam({cls.__name__}): Megatron's distributed optimizer "
+                        "takes subclasses of torch.optim.AdamW only")
+    optimizer.Adam = cls
+    optimizer.USING_PYTORCH_OPTIMIZER = False  # the FusedAdam keywords (adam_w_mode)
+
+
 __all__ = ["TESTED_VERSION", "GPTPostprocessHook", "GemmCall", "OwnGemmHook",
            "layer_attention", "layer_post_mlp", "layer_pre_mlp_norm", "one_pipeline_stage",
-           "use_prebuilt_dataset_helpers"]
+           "use_megatron_adam", "use_prebuilt_dataset_helpers"]

@@ -25,6 +25,8 @@ this module adds to Megatron's loop:
     gradient themselves, as Megatron's MoE layers do through MoEAuxLossAutoScaler);
   * the batch of a micro-batch read on tensor-parallel rank 0 and broadcast to the others, on
     the first and last pipeline stages only (`get_batch`);
+  * AdamW's moments in bf16 as DeepSeek-V3 keeps them (`--adam-moments-dtype`, auto: with
+    --bf16), through our AdamW in place of Megatron's Adam class (optimizer.MegatronAdamW);
   * logging (pretrain_log.py): each MTP depth's CE in the loss report, each MoE layer's load
     balance and bias, tokens/s and model TFLOP/s by our FLOP count, the load heatmap, to
     Megatron's W&B run and TensorBoard; W&B offline when WANDB_API_KEY is not set.
@@ -86,6 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--bias-update-stop-tokens", type=float, default=None,
                        help="freeze the routers' expert biases after this many trained tokens "
                             "(DeepSeek-V3: 14.3e12); default: never")
+    group.add_argument("--adam-moments-dtype", default="auto",
+                       choices=("auto", "float32", "bfloat16"),
+                       help="AdamW's two moments. bfloat16 (DeepSeek-V3's): our AdamW "
+                            "(optimizer.MegatronAdamW, a Triton kernel per tensor) in place of "
+                            "Megatron's Adam class, since Megatron keeps bf16 moments only "
+                            "with Transformer Engine; float32: Megatron's own optimizer; "
+                            "auto: bfloat16 with --bf16, else float32")
     group.add_argument("--expert-load-image-interval", type=int, default=100,
                        help="log the expert-load heatmap to W&B every this many iterations "
                             "(0: never); the per-layer load and bias metrics follow "
@@ -107,6 +116,13 @@ def expand_preset(argv: list[str]) -> list[str]:
     from .megatron_cli import megatron_flags
 
     return [*megatron_flags(preset(names[-1])), *argv]
+
+
+def adam_moments_dtype(args) -> str:
+    """--adam-moments-dtype resolved: auto is bfloat16 with --bf16, else float32."""
+    if args.adam_moments_dtype != "auto":
+        return args.adam_moments_dtype
+    return "bfloat16" if getattr(args, "bf16", False) else "float32"
 
 
 def tokens_trained(args) -> int:
@@ -308,6 +324,15 @@ def main(argv: Optional[list[str]] = None) -> None:
                           "invalid: give a number of iterations, or 0 for no image")
     if args.wandb_project and "WANDB_API_KEY" not in os.environ:
         os.environ.setdefault("WANDB_MODE", "offline")  # before Megatron's wandb.init
+
+    if adam_moments_dtype(args) == "bfloat16":
+        from .megatron_compat import use_megatron_adam
+        from .optimizer import MegatronAdamW
+
+        if args.optimizer != "adam":
+            raise ConfigError(f"--adam-moments-dtype bfloat16 is for --optimizer adam (given "
+                              f"{args.optimizer}): pass --adam-moments-dtype float32")
+        use_megatron_adam(MegatronAdamW)
 
     def provide_model(*provider_args, **provider_kwargs):
         model = model_provider(*provider_args, **provider_kwargs)

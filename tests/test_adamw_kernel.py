@@ -56,6 +56,16 @@ _INTERPRETED = textwrap.dedent("""
             # from the reference's may round to the neighbouring bf16 value)
             assert torch.equal(tensors[4], tensors[0].to(torch.bfloat16)), "bf16 copy"
             tensors[1].copy_(torch.randn(n)); copies[1].copy_(tensors[1])
+    # no bf16 copy, the gradient left as it is (optimizer.KernelAdamW; store_first sums)
+    n = 2048 + 3
+    tensors = [torch.randn(n), torch.randn(n), (torch.randn(n) * 0.1).to(torch.bfloat16),
+               (torch.rand(n) * 0.01).to(torch.bfloat16), None]
+    copies = [t.clone() if t is not None else None for t in tensors]
+    grad = tensors[1].clone()
+    launch_adamw(*tensors, step=2, zero_grad=False, **hyper)
+    adamw_reference(*copies, step=2, zero_grad=False, **hyper)
+    assert torch.equal(tensors[1], grad) and torch.equal(copies[1], grad), "gradient kept"
+    assert ((tensors[0] - copies[0]).abs() <= 1e-6 + 4e-2 * 2**-7).all(), "param"
     print("ok")
 """)
 

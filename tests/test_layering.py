@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron_dsv3"
 
 TIERS = [  # the tiers of docs/architecture.md's package map
     ("config", "megatron_compat", "megatron_cli", "kernels", "weight_grad", "data", "indexed_data",
-     "flops"),
+     "flops", "optimizer"),
     ("parallel", "gradients", "layers"),
     ("attention", "moe", "mtp"),
     ("specs",),

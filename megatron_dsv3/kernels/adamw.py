@@ -15,7 +15,7 @@ the step):
     m    <- beta1 * m + (1 - beta1) * g
     v    <- beta2 * v + (1 - beta2) * g * g
     p    <- p - (lr / bias_correction1) * m / (sqrt(v) / sqrt(bias_correction2) + eps)
-    out  <- bf16(p);  g_sum <- 0   (unless zero_grad=False: the next step's first gradient
+    out  <- bf16(p) (if given);  g_sum <- 0   (unless zero_grad=False: the next step's first gradient
                                    overwrites the sum instead, train/master_weights.py)
 
 The moments may be kept in bf16, as DeepSeek-V3 does ("the BF16 data format instead of FP32 to
@@ -54,7 +54,7 @@ if triton is not None:
     def _adamw_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, out_ptr, scale_ptr, n,
                       decay, beta1, beta2, step_size, bias_correction2_sqrt, eps,
                       HAS_SCALE: tl.constexpr, BF16_MOMENTS: tl.constexpr, ZERO_GRAD: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      HAS_OUT: tl.constexpr, BLOCK: tl.constexpr):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
         param = tl.load(param_ptr + offsets, mask=mask) * decay
@@ -75,7 +75,8 @@ if triton is not None:
         denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
         param = param - step_size * tl.div_rn(exp_avg, denom)
         tl.store(param_ptr + offsets, param, mask=mask)
-        tl.store(out_ptr + offsets, _bf16_rne(param), mask=mask)
+        if HAS_OUT:
+            tl.store(out_ptr + offsets, _bf16_rne(param), mask=mask)
         if ZERO_GRAD:
             tl.store(grad_ptr + offsets, tl.zeros_like(grad), mask=mask)
 
@@ -90,13 +91,14 @@ def _coefficients(step: int, lr: float, beta1: float, beta2: float,
 def uses_kernel(tensors: list[torch.Tensor]) -> bool:
     """Whether `adamw_` runs the Triton kernel for (param, grad, exp_avg, exp_avg_sq, out):
     every tensor contiguous on one GPU, param and grad fp32, the moments both fp32 or both
-    bf16, `out` bf16."""
+    bf16, `out` bf16 or None."""
     param, grad, exp_avg, exp_avg_sq, out = tensors
-    return (triton is not None and all(t.is_cuda and t.is_contiguous() for t in tensors)
-            and len({t.device for t in tensors}) == 1
+    present = [t for t in tensors if t is not None]
+    return (triton is not None and all(t.is_cuda and t.is_contiguous() for t in present)
+            and len({t.device for t in present}) == 1
             and param.dtype == grad.dtype == torch.float32
             and exp_avg.dtype == exp_avg_sq.dtype in (torch.float32, torch.bfloat16)
-            and out.dtype == torch.bfloat16)
+            and (out is None or out.dtype == torch.bfloat16))
 
 
 def launch_adamw(param, grad, exp_avg, exp_avg_sq, out, *, step: int, lr: float,
@@ -108,10 +110,11 @@ def launch_adamw(param, grad, exp_avg, exp_avg_sq, out, *, step: int, lr: float,
         return
     decay, step_size, bias2_sqrt = _coefficients(step, lr, beta1, beta2, weight_decay)
     _adamw_kernel[(triton.cdiv(n, _BLOCK),)](
-        param, grad, exp_avg, exp_avg_sq, out, grad_scale if grad_scale is not None else param,
+        param, grad, exp_avg, exp_avg_sq, out if out is not None else param,
+        grad_scale if grad_scale is not None else param,
         n, decay, beta1, beta2, step_size, bias2_sqrt, eps, HAS_SCALE=grad_scale is not None,
-        BF16_MOMENTS=exp_avg.dtype == torch.bfloat16, ZERO_GRAD=zero_grad, BLOCK=_BLOCK,
-        num_warps=8)
+        BF16_MOMENTS=exp_avg.dtype == torch.bfloat16, ZERO_GRAD=zero_grad,
+        HAS_OUT=out is not None, BLOCK=_BLOCK, num_warps=8)
 
 
 @torch.no_grad()
@@ -128,14 +131,15 @@ def adamw_reference(param, grad, exp_avg, exp_avg_sq, out, *, step: int, lr: flo
     exp_avg_sq.copy_(exp_avg_sq.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2))
     param.addcdiv_(exp_avg.float(), exp_avg_sq.float().sqrt().div_(bias2_sqrt).add_(eps),
                    value=-step_size)
-    out.copy_(param)
+    if out is not None:
+        out.copy_(param)
     if zero_grad:
         grad.zero_()
 
 
 def adamw_(param, grad, exp_avg, exp_avg_sq, out, **hyper) -> None:
     """One AdamW step of `param` (fp32, in place) with its moments (fp32 or bf16), its
-    rounding written into `out` and `grad` zeroed; `hyper`: step (1-based), lr, beta1, beta2,
+    rounding written into `out` (unless None) and `grad` zeroed; `hyper`: step (1-based), lr, beta1, beta2,
     eps, weight_decay, grad_scale, zero_grad (False: `grad` is left as it is, divided by
     grad_scale or not). The kernel on a GPU, the reference elsewhere."""
     tensors = [param, grad, exp_avg, exp_avg_sq, out]

@@ -31,12 +31,11 @@ into it directly.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
-from ..kernels.adamw import adamw_
 from ..kernels.grad_accumulate import add_into_fp32_
+from ..optimizer import KernelAdamW
 
 # Megatron's parameter attributes that say how a tensor is split (parallel.py, gradients.py read
 # them): the master copy carries them too.
@@ -133,30 +132,18 @@ class MasterWeights:
         self.publish()
 
 
-class MasterAdamW(torch.optim.AdamW):
-    """torch's AdamW over a MasterWeights' fp32 masters whose step also does the masters'
-    bookkeeping: after it each master's bf16 copy is in the model (`publish`) and its gradient
-    sum is zero (`zero_grad`), or with `store_first` left to be overwritten. Per tensor that is one pass (kernels/adamw.py: a Triton kernel
-    on a GPU, PyTorch operations elsewhere) instead of torch's AdamW, a copy and a fill.
-
-    The state is torch's AdamW's (`step`, `exp_avg`, `exp_avg_sq` per parameter), so a
-    checkpoint's optimizer state loads into either. `moments_dtype=torch.bfloat16` keeps both
-    moments in bf16, as DeepSeek-V3 does (the arithmetic stays fp32; kernels/adamw.py): a state
-    loaded from torch's AdamW is rounded to it, and torch's AdamW widens ours back to fp32 when
-    it loads it. Gradient clipping scales inside the step: the gradients are divided by
-    `grad_scale` when it is set (gradients.clip_gradients), as in torch's fused AdamW."""
-
-    applies_grad_scale = True  # gradients.clip_gradients: scale inside the step
+class MasterAdamW(KernelAdamW):
+    """AdamW (optimizer.KernelAdamW) over a MasterWeights' fp32 masters whose step also does
+    the masters' bookkeeping: after it each master's bf16 copy is in the model (`publish`) and
+    its gradient sum is zero (`zero_grad`), or with `store_first` left to be overwritten. Per
+    tensor that is one pass (kernels/adamw.py: a Triton kernel on a GPU, PyTorch operations
+    elsewhere) instead of torch's AdamW, a copy and a fill. `moments_dtype=torch.bfloat16`
+    keeps both moments in bf16, as DeepSeek-V3 does."""
 
     def __init__(self, param_groups, masters: MasterWeights,
                  moments_dtype: torch.dtype = torch.float32, **adamw_kwargs) -> None:
-        if moments_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"MasterAdamW(moments_dtype={moments_dtype}) is invalid: the "
-                             "moments are kept in torch.float32 or torch.bfloat16")
-        super().__init__(param_groups, foreach=False, fused=False, **adamw_kwargs)
-        self.moments_dtype = moments_dtype
+        super().__init__(param_groups, moments_dtype, **adamw_kwargs)
         self.masters = masters
-        self.grad_scale: Optional[torch.Tensor] = None
         self._model_param = {id(m): p for m, p in zip(masters.params, masters.model_params)}
         unknown = [p for g in self.param_groups for p in g["params"]
                    if id(p) not in self._model_param]
@@ -164,36 +151,12 @@ class MasterAdamW(torch.optim.AdamW):
             raise ValueError(f"MasterAdamW: {len(unknown)} parameters are not masters of the "
                              "MasterWeights given; pass its `params` (in any grouping)")
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """torch's loading (which casts the moments to the masters' fp32), then the moments
-        in this optimizer's dtype."""
-        super().load_state_dict(state_dict)
-        for state in self.state.values():
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state and state[key].dtype != self.moments_dtype:
-                    state[key] = state[key].to(self.moments_dtype)
+    def _bf16_copy_of(self, param: torch.Tensor) -> torch.Tensor:
+        return self._model_param[id(param)]
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        if closure is not None:
-            raise ValueError("MasterAdamW.step takes no closure")
-        for group in self.param_groups:
-            if group["amsgrad"] or group["maximize"]:
-                raise ValueError("MasterAdamW supports neither amsgrad nor maximize")
-            beta1, beta2 = group["betas"]
-            for master in group["params"]:
-                state = self.state[master]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(master, dtype=self.moments_dtype)
-                    state["exp_avg_sq"] = torch.zeros_like(master, dtype=self.moments_dtype)
-                if state["step"].device.type != "cpu":  # loaded from a fused AdamW's state
-                    state["step"] = state["step"].cpu()
-                state["step"] += 1
-                adamw_(master, master.grad, state["exp_avg"], state["exp_avg_sq"],
-                       self._model_param[id(master)], step=int(state["step"]),
-                       lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                       weight_decay=group["weight_decay"], grad_scale=self.grad_scale,
-                       zero_grad=not self.masters.store_first)
+    def _zeroes_grads(self) -> bool:
+        return not self.masters.store_first
+
+    def _after_step(self) -> None:
         if self.masters.store_first:
             self.masters.sums_consumed()

@@ -1,0 +1,113 @@
+"""AdamW whose step is one pass per tensor of kernels/adamw.py, with its moments in fp32 or bf16.
+
+DeepSeek-V3 keeps AdamW's two moments in bf16 ("the BF16 data format instead of FP32 to track
+the first and second moments"), the arithmetic and the master weights in fp32. torch's AdamW
+needs its moments in the parameters' dtype; Megatron's optimizer keeps them in bf16 only through
+Transformer Engine's FusedAdam (`--use-precision-aware-optimizer`). `KernelAdamW` is torch's
+AdamW (decoupled weight decay, torch's state layout: `step`, `exp_avg`, `exp_avg_sq` per
+parameter, so states load both ways) on fp32 parameters with `moments_dtype` moments: a Triton
+kernel per tensor on a GPU, PyTorch operations elsewhere. Subclasses say what else the pass
+writes (`_bf16_copy_of`: the model's bf16 weight of a master) and whether it zeroes the
+gradient (`_zeroes_grads`).
+
+  KernelAdamW            fp32 parameters, their `.grad` left as it is (Megatron zeroes its own)
+  MegatronAdamW          the same under the keyword arguments Megatron's optimizer builder
+                         passes its `Adam` class (megatron_compat.use_megatron_adam)
+  train.master_weights.MasterAdamW
+                         fp32 masters of bf16 parameters: publishes the bf16 copies and
+                         consumes the gradient sums in the same pass
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .kernels.adamw import adamw_
+
+MOMENT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class KernelAdamW(torch.optim.AdamW):
+    """torch's AdamW with kernels/adamw.py's step (module docstring). Gradients are divided by
+    `grad_scale` (a device scalar) when it is set, as torch's fused AdamW does: gradient
+    clipping scales inside the step (gradients.clip_gradients)."""
+
+    applies_grad_scale = True  # gradients.clip_gradients: scale inside the step
+
+    def __init__(self, params, moments_dtype: torch.dtype = torch.float32, **adamw_kwargs):
+        if moments_dtype not in MOMENT_DTYPES:
+            raise ValueError(f"{type(self).__name__}(moments_dtype={moments_dtype}) is invalid: "
+                             "the moments are kept in torch.float32 or torch.bfloat16")
+        super().__init__(params, foreach=False, fused=False, **adamw_kwargs)
+        self.moments_dtype = moments_dtype
+        self.grad_scale: Optional[torch.Tensor] = None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loading (which casts the moments to the parameters' fp32), then the moments
+        in this optimizer's dtype."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state and state[key].dtype != self.moments_dtype:
+                    state[key] = state[key].to(self.moments_dtype)
+
+    def _bf16_copy_of(self, param: torch.Tensor) -> Optional[torch.Tensor]:
+        """The bf16 tensor the step writes `param`'s rounding into (None: none)."""
+        return None
+
+    def _zeroes_grads(self) -> bool:
+        return False
+
+    def _after_step(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError(f"{type(self).__name__}.step takes no closure")
+        zero_grad = self._zeroes_grads()
+        for group in self.param_groups:
+            if group["amsgrad"] or group["maximize"]:
+                raise ValueError(f"{type(self).__name__} supports neither amsgrad nor maximize")
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "step" not in state:  # new, or moments made by Megatron's init_state_fn
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                for key in ("exp_avg", "exp_avg_sq"):  # new, or fp32 ones made by someone else
+                    if key not in state:
+                        state[key] = torch.zeros_like(param, dtype=self.moments_dtype)
+                    elif state[key].dtype != self.moments_dtype:
+                        state[key] = state[key].to(self.moments_dtype)
+                if state["step"].device.type != "cpu":  # loaded from a fused AdamW's state
+                    state["step"] = state["step"].cpu()
+                state["step"] += 1
+                adamw_(param, param.grad, state["exp_avg"], state["exp_avg_sq"],
+                       self._bf16_copy_of(param), step=int(state["step"]),
+                       lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                       weight_decay=group["weight_decay"], grad_scale=self.grad_scale,
+                       zero_grad=zero_grad)
+        self._after_step()
+
+
+class MegatronAdamW(KernelAdamW):
+    """KernelAdamW with bf16 moments, built by Megatron's optimizer builder in place of its
+    `Adam` (megatron_compat.use_megatron_adam) from the keyword arguments it passes TE's or
+    apex's FusedAdam: params, lr, weight_decay, betas, eps, capturable, adam_w_mode."""
+
+    def __init__(self, params, *, lr: float, weight_decay: float, betas, eps: float,
+                 capturable: bool = False, adam_w_mode: bool = True,
+                 moments_dtype: torch.dtype = torch.bfloat16):
+        if capturable:
+            raise ValueError("MegatronAdamW (--adam-moments-dtype bfloat16) cannot be captured "
+                             "in a CUDA graph: drop --optimizer-cuda-graph, or pass "
+                             "--adam-moments-dtype float32")
+        if not adam_w_mode:
+            raise ValueError("MegatronAdamW (--adam-moments-dtype bfloat16) is AdamW: drop "
+                             "--no-decoupled-weight-decay, or pass --adam-moments-dtype float32")
+        super().__init__(params, moments_dtype, lr=lr, weight_decay=weight_decay,
+                         betas=betas, eps=eps)

@@ -17,6 +17,8 @@
 #   proxy    the proxy preset with MTP, 8 micro-batches of 4,096 tokens per iteration (our job's
 #            step), Megatron's per-iteration time
 #   job      our main job on the same preset and step (its GPU defaults): the ratio's baseline
+# Every Megatron run: bf16 parameters, Megatron's distributed optimizer (fp32 main parameters and
+# gradients) with our AdamW's bf16 moments (--adam-moments-dtype auto with --bf16).
 # MEGATRON_ARGS: more flags for every Megatron run.
 set -uo pipefail
 PARTS=${*:-tiny resume straight nan corrupt proxy job}
@@ -48,7 +50,7 @@ megatron() {  # megatron NAME TIMEOUT_S PRESET ARGS...
     --data-path "$WORK/plays" --split 98,2,0 \
     --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 2 \
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 \
-    --use-distributed-optimizer --log-interval 1 --eval-interval 1000 --eval-iters 1 \
+    --bf16 --use-distributed-optimizer --log-interval 1 --eval-interval 1000 --eval-iters 1 \
     --log-throughput "$@" ${MEGATRON_ARGS:-} > "$DIR/$name.log" 2>&1
   echo "== $name: rc=$? in $((SECONDS - start)) s"
   grep -E 'iteration +[0-9]+/|Error|error:|saved checkpoint|loaded checkpoint' "$DIR/$name.log" \

@@ -105,7 +105,7 @@ PY
             --global-batch-size 8 --train-iters 8 ;;
     job) start=$SECONDS
          timeout 300 python3 -m megatron_dsv3.train --preset proxy --seq-len 4096 \
-           --micro-batch-size 1 --grad-accum 8 --steps 8 --no-wandb \
+           --micro-batch-size 1 --grad-accum 8 --steps 8 --warmup-steps 2 --no-wandb \
            --out-dir "$WORK/job" > "$DIR/job.log" 2>&1
          echo "== job: rc=$? in $((SECONDS - start)) s"; tail -n 6 "$DIR/job.log" ;;
     *) echo "unknown part $p: choose from tiny resume straight nan corrupt proxy job" >&2

@@ -118,14 +118,16 @@ def expand_preset(argv: list[str]) -> list[str]:
     return [*megatron_flags(preset(names[-1])), *argv]
 
 
-def without_fused_norm_kernels(args) -> None:
+def without_fused_norm_kernels(argv: list[str]) -> list[str]:
     """Megatron defaults to its persistent LayerNorm kernel (apex / TE), which the torch norm our
     specs use without TE refuses at build time ("persist_layer_norm not supported by torch
-    LayerNorm"): switched off, as --no-persist-layer-norm would, when TE does not import."""
+    LayerNorm", measured on the GPU): `argv` with --no-persist-layer-norm when TE does not
+    import (on the command line: Megatron's pretrain parses it again)."""
     from .layers import transformer_engine_available
 
-    if getattr(args, "persist_layer_norm", False) and not transformer_engine_available():
-        args.persist_layer_norm = False
+    if transformer_engine_available() or "--no-persist-layer-norm" in argv:
+        return list(argv)
+    return [*argv, "--no-persist-layer-norm"]
 
 
 def adam_moments_dtype(args) -> str:
@@ -326,10 +328,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     from .model import model_provider
     from .pretrain_log import PretrainLog
 
-    sys.argv = [sys.argv[0], *expand_preset(sys.argv[1:] if argv is None else argv)]
+    sys.argv = [sys.argv[0], *without_fused_norm_kernels(
+        expand_preset(sys.argv[1:] if argv is None else argv))]
     args = parse_and_validate_args(extra_args_provider=add_arguments)
     parse_mtp_loss_weights(args.mtp_loss_weights)  # a clear error before anything is built
-    without_fused_norm_kernels(args)
     if args.expert_load_image_interval < 0:
         raise ConfigError(f"--expert-load-image-interval {args.expert_load_image_interval} is "
                           "invalid: give a number of iterations, or 0 for no image")

@@ -101,13 +101,3 @@ def test_moments_follow_bf16_training_unless_asked():
     assert adam_moments_dtype(SimpleNamespace(adam_moments_dtype="float32", bf16=True)) == \
         "float32"
 
-
-def test_megatrons_persistent_layer_norm_is_off_without_te():
-    """Megatron's default (persist_layer_norm) fails our torch norm at build time on a GPU
-    without TE (measured: 'persist_layer_norm not supported by torch LayerNorm')."""
-    from megatron_dsv3.layers import transformer_engine_available
-    from megatron_dsv3.pretrain import without_fused_norm_kernels
-
-    args = SimpleNamespace(persist_layer_norm=True)
-    without_fused_norm_kernels(args)
-    assert args.persist_layer_norm is transformer_engine_available()

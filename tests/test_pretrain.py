@@ -270,3 +270,14 @@ def test_the_wheels_dataset_helpers_are_used_instead_of_make(monkeypatch):
     with pytest.raises(SystemExit):
         utils.compile_helpers()
     assert made and made[0][0] == "make"
+
+
+def test_megatrons_persistent_layer_norm_is_off_without_te():
+    """Megatron's default (persist_layer_norm) fails our torch norm at build time on a GPU
+    without TE (measured: 'persist_layer_norm not supported by torch LayerNorm')."""
+    from megatron_dsv3.layers import transformer_engine_available
+    from megatron_dsv3.pretrain import without_fused_norm_kernels
+
+    argv = without_fused_norm_kernels(["--preset", "tiny"])
+    assert ("--no-persist-layer-norm" in argv) is not transformer_engine_available()
+    assert without_fused_norm_kernels(argv) == argv  # once

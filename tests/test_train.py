@@ -37,6 +37,7 @@ Tolerances:
     another order. Step-2 numbers follow one AdamW step on those gradients.
 """
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -506,3 +507,28 @@ def test_bf16_moments_where_auto_found_fp32_parameters_name_the_flag():
         build_optimizer(params, args)
     optimizer = build_optimizer(params, parse_args(["--preset", "tiny"])[0])
     assert type(optimizer) is torch.optim.AdamW
+
+
+def test_validation_runs_eager_under_cuda_graphs(monkeypatch):
+    """Measured on an H200: the proxy job's first evaluation replayed the training CUDA graphs
+    without grad and failed ("accessing tensor output of CUDAGraphs that has been
+    overwritten"); validation now runs eager whenever the modules are CUDA graphs."""
+    import argparse
+
+    from megatron_dsv3.train.step import eval_stance
+
+    stances = []
+    monkeypatch.setattr(torch.compiler, "set_stance", lambda stance: stances.append(stance)
+                        or contextlib.nullcontext())
+    graphs = argparse.Namespace(compile="modules", compile_mode="reduce-overhead")
+    with eval_stance(SimpleNamespace(args=graphs, device=torch.device("cuda"))):
+        pass
+    assert stances == ["force_eager"]
+    for args, device in ((graphs, torch.device("cpu")),
+                         (argparse.Namespace(compile="none", compile_mode="auto"),
+                          torch.device("cuda")),
+                         (argparse.Namespace(compile="modules", compile_mode="default"),
+                          torch.device("cuda"))):
+        with eval_stance(SimpleNamespace(args=args, device=device)):
+            pass
+    assert stances == ["force_eager"]

@@ -295,6 +295,18 @@ def _parameter_health(run: Run) -> tuple[list[str], tuple[float, str]]:
             max((big for _, big in everyone), key=lambda big: big[0]))
 
 
+def eval_stance(run: Run):
+    """The validation forwards run eager when the training modules are CUDA graphs: graphs
+    recorded for training replayed without grad overwrote outputs still in use (measured on an
+    H200: "accessing tensor output of CUDAGraphs that has been overwritten" at the first
+    evaluation of the proxy job); validation is a few forwards per eval interval."""
+    from .build import uses_cuda_graphs
+
+    if uses_cuda_graphs(run.args, run.device):
+        return torch.compiler.set_stance("force_eager")
+    return nullcontext()
+
+
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
     """Mean next-token and MTP CE over `--eval-batches` fixed validation batches (DP mean)."""
@@ -307,13 +319,15 @@ def evaluate(run: Run) -> dict:
                                       rank=run.dp_rank)
         return to_device(input_ids, run.device), to_device(labels, run.device)
 
-    if run.pipeline is not None:
-        sums = run.pipeline.run(run, args.eval_batches, 0.0, val_batch, forward_only=True)[[1, 3]]
-    else:
-        sums = 0
-        for i in range(args.eval_batches):
-            parts = forward_losses(run, *val_batch(i), mtp_lambda=0.0)
-            sums = sums + step_sums(*parts, torch.zeros_like(parts[1]))[[1, 3]]
+    with eval_stance(run):
+        if run.pipeline is not None:
+            sums = run.pipeline.run(run, args.eval_batches, 0.0, val_batch,
+                                    forward_only=True)[[1, 3]]
+        else:
+            sums = 0
+            for i in range(args.eval_batches):
+                parts = forward_losses(run, *val_batch(i), mtp_lambda=0.0)
+                sums = sums + step_sums(*parts, torch.zeros_like(parts[1]))[[1, 3]]
     run.model.train()
     sums /= args.eval_batches
     if run.pg.dp.size() > 1:

@@ -25,6 +25,7 @@ import torch
 
 from .config import ModelConfig, from_megatron_config
 from .layers import LinearBackend, gather_last_dim_from_tp, normal_init, tp_group_of
+from .sharded_checkpoint import ShardedCheckpointable
 
 
 def shift_left(x: torch.Tensor, k: int, fill: int | float = 0) -> torch.Tensor:
@@ -41,7 +42,7 @@ class MTPSubmodules:
     transformer_layer: object  # ModuleSpec of the layer inside the module
 
 
-class MTPLayer(torch.nn.Module):
+class MTPLayer(ShardedCheckpointable, torch.nn.Module):
     """One MTP depth, called by Megatron's MultiTokenPredictionBlock."""
 
     def __init__(self, config, submodules: MTPSubmodules, layer_number: int = 1,

@@ -27,7 +27,15 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig, from_megatron_config
-from ..layers import LinearBackend, copy_to_tp, get_backend, normal_init, tp_group_of, tp_size
+from ..layers import (
+    LinearBackend,
+    copy_to_tp,
+    get_backend,
+    normal_init,
+    tp_group_of,
+    tp_size,
+)
+from ..sharded_checkpoint import ShardedCheckpointable
 from .core import cudnn_attention_takes_unequal_widths, pick_attention_core
 from .rope import RotaryEmbedding, apply_rope
 
@@ -44,7 +52,7 @@ class MLASubmodules:
 LATENT_NORM_EPS = 1e-6
 
 
-class MultiLatentAttention(torch.nn.Module):
+class MultiLatentAttention(ShardedCheckpointable, torch.nn.Module):
     """MLA self-attention with Megatron's attention-module call signature."""
 
     def __init__(self, config, submodules: Optional[MLASubmodules] = None, layer_number: int = 1,

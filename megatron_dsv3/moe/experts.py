@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from ..config import ConfigError
 from ..kernels.grouped_wgrad import grouped_wgrad_add_
 from ..layers import mark_tensor_parallel, normal_init, tp_size
+from ..sharded_checkpoint import ShardedCheckpointable
 from ..weight_grad import WeightGradStore, autocast_dtype, weight_grad_now_or_later
 
 
@@ -256,7 +257,7 @@ def sum_expert_grads_in_gemm(module: torch.nn.Module, on: bool = True) -> int:
     return len(experts)
 
 
-class SwiGLUMLP(torch.nn.Module):
+class SwiGLUMLP(ShardedCheckpointable, torch.nn.Module):
     """Dense FFN (and DeepSeekMoE's shared experts): fc1 [gate; up] column-parallel with
     stride 2, fc2 row-parallel (its output is all-reduced over TP)."""
 

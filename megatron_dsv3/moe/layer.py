@@ -39,6 +39,7 @@ import torch
 
 from ..config import ModelConfig, from_megatron_config
 from ..layers import copy_to_tp, get_backend, init_device, reduce_from_tp, tp_group_of
+from ..sharded_checkpoint import ShardedCheckpointable
 from .dispatcher import (  # noqa: F401 - DispatchState re-exported for callers of layer.py
     AllToAllDispatcher,
     AllToAllState,
@@ -92,7 +93,7 @@ class MoERoute:
     shape: torch.Size           # [s, b, d] of the layer's hidden states
 
 
-class DeepSeekMoE(torch.nn.Module):
+class DeepSeekMoE(ShardedCheckpointable, torch.nn.Module):
     """Shared + routed experts with the DeepSeek-V3 router. Megatron MlpBuilder signature."""
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False,

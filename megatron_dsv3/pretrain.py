@@ -130,6 +130,53 @@ def without_fused_norm_kernels(argv: list[str]) -> list[str]:
     return [*argv, "--no-persist-layer-norm"]
 
 
+# Megatron's arguments that decide the model's tensors: a resume with any of them changed is
+# refused before the model is built (Megatron itself compares only num_layers, hidden_size and
+# num_attention_heads, and a changed expert count fails deep in the loader)
+MODEL_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+              "kv_channels", "multi_latent_attention", "q_lora_rank", "kv_lora_rank",
+              "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "num_experts",
+              "moe_layer_freq", "moe_ffn_hidden_size", "moe_router_topk",
+              "moe_shared_expert_intermediate_size", "moe_router_num_groups",
+              "moe_router_group_topk", "mtp_num_layers", "untie_embeddings_and_output_weights",
+              "padded_vocab_size")
+
+
+def check_resume_matches(args) -> None:
+    """When --load holds a distributed checkpoint: its saved arguments give the same model as
+    these (MODEL_ARGS), else ConfigError naming each flag with both values, before anything is
+    built. Reads only the checkpoint's common state (no tensors)."""
+    import os
+
+    from megatron.core import dist_checkpointing
+    from megatron.training.checkpointing import (get_checkpoint_name,
+                                                 get_checkpoint_tracker_filename)
+
+    load = getattr(args, "load", None)
+    tracker = get_checkpoint_tracker_filename(load) if load else None
+    if not tracker or not os.path.isfile(tracker):
+        return
+    text = open(tracker).read().strip()
+    release = text == "release"
+    iteration = getattr(args, "ckpt_step", None) or (0 if release else int(text))
+    folder = get_checkpoint_name(load, iteration, release, return_base_dir=True)
+    if not os.path.isfile(os.path.join(folder, "metadata.json")):
+        return  # not a distributed checkpoint: Megatron's own checks
+    saved = dist_checkpointing.load_common_state_dict(folder).get("args")
+    if saved is None:
+        return
+    changed = [(name, getattr(saved, name), getattr(args, name)) for name in MODEL_ARGS
+               if hasattr(saved, name) and hasattr(args, name)
+               and getattr(saved, name) != getattr(args, name)]
+    if changed:
+        raise ConfigError(
+            f"--load {load}: iteration {iteration} was saved by another model: "
+            + "; ".join(f"--{name.replace('_', '-')} {new} here, {old} in the checkpoint"
+                        for name, old, new in changed)
+            + ". Pass the checkpoint's values (the --preset it was trained with), or another "
+              "--load / --save folder")
+
+
 def adam_moments_dtype(args) -> str:
     """--adam-moments-dtype resolved: auto is bfloat16 with --bf16, else float32."""
     if args.adam_moments_dtype != "auto":
@@ -332,6 +379,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         expand_preset(sys.argv[1:] if argv is None else argv))]
     args = parse_and_validate_args(extra_args_provider=add_arguments)
     parse_mtp_loss_weights(args.mtp_loss_weights)  # a clear error before anything is built
+    check_resume_matches(args)
     if args.expert_load_image_interval < 0:
         raise ConfigError(f"--expert-load-image-interval {args.expert_load_image_interval} is "
                           "invalid: give a number of iterations, or 0 for no image")

@@ -281,3 +281,34 @@ def test_megatrons_persistent_layer_norm_is_off_without_te():
     argv = without_fused_norm_kernels(["--preset", "tiny"])
     assert ("--no-persist-layer-norm" in argv) is not transformer_engine_available()
     assert without_fused_norm_kernels(argv) == argv  # once
+
+
+def test_a_resume_with_another_model_is_refused_naming_the_flags(dist_single, tmp_path,
+                                                                  monkeypatch):
+    """A distributed checkpoint whose saved arguments describe another model: refused before
+    anything is built, each changed flag named with both values; the same model passes."""
+    import argparse
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from megatron_dsv3.pretrain import check_resume_matches
+
+    if not torch.cuda.is_available():  # Megatron's torch_dist writer assumes CUDA here
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    saved = argparse.Namespace(num_layers=3, hidden_size=128, num_experts=8, mtp_num_layers=1,
+                               moe_layer_freq=[0, 1, 1], data_path=["a"])
+    folder = tmp_path / "ckpt" / "iter_0000020"
+    folder.mkdir(parents=True)
+    dist_checkpointing.save({"args": saved, "w": ShardedTensor.from_rank_offsets(
+        "w", torch.zeros(2), replica_id=0)}, str(folder))
+    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("20")
+    same = argparse.Namespace(**{**vars(saved), "data_path": ["b"]}, load=str(tmp_path / "ckpt"))
+    check_resume_matches(same)  # other data: fine
+    other = argparse.Namespace(**{**vars(same), "num_experts": 16, "hidden_size": 256})
+    with pytest.raises(ConfigError, match=r"iteration 20 was saved by another model: "
+                                          r"--hidden-size 256 here, 128 in the checkpoint; "
+                                          r"--num-experts 16 here, 8 in the checkpoint"):
+        check_resume_matches(other)
+    check_resume_matches(argparse.Namespace(**{**vars(other), "load": str(tmp_path / "none")}))

@@ -16,8 +16,10 @@ gives our modules the method (`ShardedCheckpointable`):
   * a tensor marked tensor-parallel is split along its partition dim, one copy per DP group;
   * any other tensor (norm weights, the router weight and its expert bias) is replicated.
 
-A TP split with stride 2 (SwiGLU's fused [gate; up]) is saved as the TP ranks hold it, so a
-checkpoint resumes at the same TP size; loading it at another TP size is not supported yet.
+A TP split with stride 2 (SwiGLU's fused [gate; up], each rank holding [gate_r; up_r]) is saved
+as its two halves, each split over TP (`swiglu_sharded`, for the routed experts' fc1; Megatron's
+`apply_swiglu_sharded_factory` for the MLPs' linear_fc1, as Megatron's own MLP does): the
+checkpoint holds the global [gate; up] whatever the TP size, and loads at another one.
 """
 
 from __future__ import annotations
@@ -45,16 +47,40 @@ def sharded_tensor(key: str, tensor: torch.Tensor, sharded_offsets=(), ranks=Non
     prepend = len(sharded_offsets)
     offsets = list(sharded_offsets)
     tp_split = bool(getattr(tensor, "tensor_model_parallel", False)) and tp_size > 1
-    if tp_split:
-        offsets.append((prepend + tensor.partition_dim, tp_rank, tp_size))
     if getattr(tensor, "expert_parallel", False):
         if ep_size > 1:
             offsets.append((prepend, ep_rank, ep_size))
         replica_id = (0, 0 if tp_split else tp_rank, ranks["expt_dp"])
     else:
         replica_id = (0, 0 if tp_split else tp_rank, ranks["dp"])
+    if tp_split and getattr(tensor, "partition_stride", 1) == 2:
+        return swiglu_sharded(key, tensor, offsets, prepend + tensor.partition_dim,
+                              (tp_rank, tp_size), replica_id, prepend)
+    if tp_split:
+        offsets.append((prepend + tensor.partition_dim, tp_rank, tp_size))
     return ShardedTensor.from_rank_offsets(key, tensor, *offsets, replica_id=replica_id,
                                            prepend_axis_num=prepend)
+
+
+def swiglu_sharded(key: str, tensor: torch.Tensor, offsets: list, axis: int, tp, replica_id,
+                   prepend: int):
+    """A [gate_r; up_r] TP shard (along global `axis`) saved as gate_r at slot r and up_r at
+    slot tp + r of 2 x tp slots: the global tensor is [gate; up] at any TP size."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    tp_rank, tp_size = tp
+    local_axis = axis - prepend
+
+    def build(key, data, replica_id, flattened_range):
+        gate, up = torch.chunk(data, 2, dim=local_axis)
+        return [ShardedTensor.from_rank_offsets(key, half, *offsets, (axis, slot, 2 * tp_size),
+                                                replica_id=replica_id, prepend_axis_num=prepend)
+                for half, slot in ((gate, tp_rank), (up, tp_size + tp_rank))]
+
+    def merge(halves):
+        return torch.cat(halves, dim=local_axis)
+
+    return ShardedTensorFactory(key, tensor, build, merge, replica_id)
 
 
 def sharded_state_dict_of(module: torch.nn.Module, prefix: str = "", sharded_offsets=(),

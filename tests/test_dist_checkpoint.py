@@ -1,8 +1,9 @@
 """Our model in Megatron's distributed checkpoint (sharded_checkpoint.py), the format Megatron's
 loop saves with --save: on 2 gloo ranks at TP=2 and at EP=2 a model is saved with
 `dist_checkpointing.save`, a model of other weights loads it, and the full weights (every rank's
-slices gathered) and the routers' expert biases equal the saved model's; an EP=2 checkpoint
-loads at EP=1 (each rank then holding every expert) with the same full weights. Before
+slices gathered) and the routers' expert biases equal the saved model's; a TP=2 checkpoint
+loads at TP=1 and an EP=2 one at EP=1 (each rank then holding every expert) with the same full
+weights. Before
 sharded_checkpoint.py Megatron could not save the model at all (MTPLayer had no
 sharded_state_dict) and would have saved the EP ranks' different experts under one key."""
 
@@ -78,8 +79,10 @@ def _folder(tmp_path, name: str) -> str:
     return str(tmp_path / name)
 
 
-def test_tensor_parallel_checkpoint_round_trip(tmp_path):
+def test_tensor_parallel_checkpoint_round_trip_and_load_at_another_tp_size(tmp_path):
+    """SwiGLU's fused [gate; up] (stride 2) is saved as its global layout: TP=2 -> TP=1."""
     _check(run_gloo(_save_and_load, 2, _folder(tmp_path, "tp2"), (2, 1), (2, 1)))
+    _check(run_gloo(_save_and_load, 2, _folder(tmp_path, "tp2_to_tp1"), (2, 1), (1, 1)))
 
 
 def test_expert_parallel_checkpoint_round_trip_and_load_without_ep(tmp_path):

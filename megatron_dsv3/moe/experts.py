@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..config import ConfigError
 from ..kernels.grouped_wgrad import grouped_wgrad_add_
 from ..layers import mark_tensor_parallel, normal_init, tp_size
-from ..sharded_checkpoint import ShardedCheckpointable
+from ..sharded_checkpoint import sharded_state_dict_of
 from ..weight_grad import WeightGradStore, autocast_dtype, weight_grad_now_or_later
 
 
@@ -257,7 +257,7 @@ def sum_expert_grads_in_gemm(module: torch.nn.Module, on: bool = True) -> int:
     return len(experts)
 
 
-class SwiGLUMLP(ShardedCheckpointable, torch.nn.Module):
+class SwiGLUMLP(torch.nn.Module):
     """Dense FFN (and DeepSeekMoE's shared experts): fc1 [gate; up] column-parallel with
     stride 2, fc2 row-parallel (its output is all-reduced over TP)."""
 
@@ -269,6 +269,18 @@ class SwiGLUMLP(ShardedCheckpointable, torch.nn.Module):
                                          init_method=init, tp_group=tp_group, stride=2)
         self.linear_fc2 = backend.row(ffn_size, hidden_size, config=config, init_method=init,
                                       tp_group=tp_group)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        """Megatron's distributed checkpoint (sharded_checkpoint.py), linear_fc1's fused
+        [gate; up] saved as two TP-split halves, as Megatron's own MLP saves it."""
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+        out = sharded_state_dict_of(self, prefix, sharded_offsets, metadata)
+        key = f"{prefix}linear_fc1.weight"
+        if getattr(self.linear_fc1.weight, "partition_stride", 1) == 2 and \
+                tp_size(self.linear_fc1.tp_group) > 1:
+            out[key] = apply_swiglu_sharded_factory(out[key], sharded_offsets)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.linear_fc1(x)

@@ -1,18 +1,21 @@
 """Our model in Megatron's distributed checkpoint (sharded_checkpoint.py), the format Megatron's
 loop saves with --save: on 2 gloo ranks at TP=2 and at EP=2 a model is saved with
 `dist_checkpointing.save`, a model of other weights loads it, and the full weights (every rank's
-slices gathered) and the routers' expert biases equal the saved model's; a TP=2 checkpoint
-loads at TP=1 and an EP=2 one at EP=1 (each rank then holding every expert) with the same full
-weights. Before
+slices gathered) and the routers' expert biases equal the saved model's, a TP=2 checkpoint
+loaded at EP=2 and an EP=2 one at TP=2 (LAYOUTS; with -m extended also the same-layout round
+trips and EP=2 -> EP=1). Before
 sharded_checkpoint.py Megatron could not save the model at all (MTPLayer had no
 sharded_state_dict) and would have saved the EP ranks' different experts under one key."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from helpers.gloo import run_gloo
 from helpers.small_model import small_config
+
+pytestmark = pytest.mark.multiprocess
 
 
 def _model(pg, seed: int):
@@ -79,12 +82,16 @@ def _folder(tmp_path, name: str) -> str:
     return str(tmp_path / name)
 
 
-def test_tensor_parallel_checkpoint_round_trip_and_load_at_another_tp_size(tmp_path):
-    """SwiGLU's fused [gate; up] (stride 2) is saved as its global layout: TP=2 -> TP=1."""
-    _check(run_gloo(_save_and_load, 2, _folder(tmp_path, "tp2"), (2, 1), (2, 1)))
-    _check(run_gloo(_save_and_load, 2, _folder(tmp_path, "tp2_to_tp1"), (2, 1), (1, 1)))
+# (TP, EP) saved -> loaded. The two default cases cross the layouts, so that each saves in one
+# split and loads in the other (SwiGLU's fused [gate; up] included); the same-layout round trips
+# repeat them.
+LAYOUTS = [pytest.param((2, 1), (1, 2), id="tp2-to-ep2"),
+           pytest.param((1, 2), (2, 1), id="ep2-to-tp2"),
+           pytest.param((2, 1), (2, 1), id="tp2-round-trip", marks=pytest.mark.extended),
+           pytest.param((1, 2), (1, 2), id="ep2-round-trip", marks=pytest.mark.extended),
+           pytest.param((1, 2), (1, 1), id="ep2-to-ep1", marks=pytest.mark.extended)]
 
 
-def test_expert_parallel_checkpoint_round_trip_and_load_without_ep(tmp_path):
-    _check(run_gloo(_save_and_load, 2, _folder(tmp_path, "ep2"), (1, 2), (1, 2)))
-    _check(run_gloo(_save_and_load, 2, _folder(tmp_path, "ep2_to_ep1"), (1, 2), (1, 1)))
+@pytest.mark.parametrize("saved,loaded", LAYOUTS)
+def test_a_checkpoint_loads_exactly_at_another_layout(tmp_path, saved, loaded):
+    _check(run_gloo(_save_and_load, 2, _folder(tmp_path, "ckpt"), saved, loaded))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from helpers.gloo import run_gloo
@@ -168,6 +169,7 @@ def _pipeline_rank(rank: int, world_size: int):
     return [name for name, _ in routers], wandb.logged if wandb is not None else None
 
 
+@pytest.mark.multiprocess
 def test_pipeline_stages_routers_are_logged_by_the_last_rank_under_global_numbers():
     (names0, logged0), (names1, logged1) = run_gloo(_pipeline_rank, 2)
     assert names0 == ["decoder.layers.1.mlp.router"]  # layer 0 is dense

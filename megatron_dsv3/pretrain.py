@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 from functools import partial
+from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
@@ -156,7 +157,7 @@ def check_resume_matches(args) -> None:
     tracker = get_checkpoint_tracker_filename(load) if load else None
     if not tracker or not os.path.isfile(tracker):
         return
-    text = open(tracker).read().strip()
+    text = Path(tracker).read_text().strip()
     release = text == "release"
     iteration = getattr(args, "ckpt_step", None) or (0 if release else int(text))
     folder = get_checkpoint_name(load, iteration, release, return_base_dir=True)

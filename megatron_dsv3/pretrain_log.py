@@ -37,10 +37,9 @@ import torch
 import torch.distributed as dist
 
 from .flops import training_flops_per_token
-from .moe.balance import ExpertLoads, layer_label
+from .moe.balance import LOAD_WINDOW_STEPS, gather_expert_loads, layer_label
 from .moe.router import Router
 
-LOAD_WINDOW_STEPS = 20  # the heatmap sums the loads of the last this many logged steps
 
 
 def global_routers(model_chunks) -> list[tuple[str, Router]]:
@@ -64,11 +63,6 @@ def global_routers(model_chunks) -> list[tuple[str, Router]]:
                         full = f"decoder.layers.{layer.layer_number - 1}.{local}"
                     found.append((full, module))
     return found
-
-
-def _order(name: str) -> tuple[bool, int]:
-    label = layer_label(name)
-    return label.startswith("mtp"), int(label.lstrip("Lmtp"))
 
 
 class PretrainLog:
@@ -139,10 +133,7 @@ class PretrainLog:
             biases = torch.stack([r.expert_bias for _, r in named]).float().cpu()
             rows = [(name, load, bias) for (name, _), load, bias
                     in zip(named, counts.cpu(), biases)]
-        if pp.size() > 1:
-            parts: list = [None] * pp.size()
-            dist.all_gather_object(parts, rows, group=pp)
-            rows = [row for part in parts for row in part]
+        loads = gather_expert_loads(rows, True, pp)
         now, last = self.clock(), self._last
         self._last = (iteration, now)
         wandb_writer, tensorboard_writer = self._writers_or_megatrons()
@@ -154,11 +145,7 @@ class PretrainLog:
             metrics["tokens_per_s"] = tokens / (now - last[1])
             metrics["model_tflops_per_gpu"] = (metrics["tokens_per_s"] * self.flops_per_token
                                                / self.args.world_size / 1e12)
-        loads = None
-        if rows:
-            rows.sort(key=lambda row: _order(row[0]))
-            loads = ExpertLoads([r[0] for r in rows], torch.stack([r[1] for r in rows]), True,
-                                torch.stack([r[2] for r in rows]))
+        if loads.names:
             metrics.update(loads.metrics())
             self.records.append({"step": iteration, **metrics})
             self.recent.append(loads.loads)
@@ -168,7 +155,7 @@ class PretrainLog:
         if wandb_writer is None:
             return
         interval = getattr(self.args, "expert_load_image_interval", 0)
-        if loads is not None and interval and iteration % interval == 0:
+        if loads.names and interval and iteration % interval == 0:
             metrics["moe/expert_load"] = self._image(loads.names, wandb_writer)
         wandb_writer.log(metrics, iteration)
 

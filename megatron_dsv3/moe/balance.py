@@ -25,6 +25,9 @@ from .layer import DeepSeekMoE
 from .router import Router, expert_bias_step
 
 
+LOAD_WINDOW_STEPS = 20  # the load heatmaps sum the loads of the last this many (logged) steps
+
+
 @dataclass
 class ExpertLoads:
     """Global expert loads of one optimizer step, per MoE layer (for logging and plots)."""
@@ -58,6 +61,21 @@ class ExpertLoads:
             for key, column in values.items():
                 out[f"moe/{layer_label(name)}/{key}"] = column[i]
         return out
+
+
+def gather_expert_loads(rows: list, updated: bool, group=None) -> ExpertLoads:
+    """ExpertLoads of rows (router's full-model name, load [E], bias [E]) held by the ranks of
+    `group` (all of them, through all_gather_object, on every rank of it; this rank's alone
+    without a group or in a group of one), in model order: decoder layers, then MTP depths."""
+    if group is not None and dist.get_world_size(group) > 1:
+        parts: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, rows, group=group)
+        rows = [row for part in parts for row in part]
+    rows = sorted(rows, key=lambda row: (row[0].startswith("mtp"), int(row[0].split(".")[2])))
+    if not rows:
+        return ExpertLoads([], torch.zeros(0, 0, dtype=torch.int64), updated, torch.zeros(0, 0))
+    return ExpertLoads([r[0] for r in rows], torch.stack([r[1] for r in rows]), updated,
+                       torch.stack([r[2] for r in rows]))
 
 
 def layer_label(router_name: str) -> str:

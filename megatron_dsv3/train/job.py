@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..flops import training_flops_per_token
-
+from ..moe.balance import LOAD_WINDOW_STEPS
 from .args import TrainError, parse_args
 from .build import (build_initial_model, build_optimizer, compile_for_device,
                     expert_grad_merger, load_data, params_dtype, pick_device,
@@ -34,8 +34,7 @@ from .build import (build_initial_model, build_optimizer, compile_for_device,
 from .checkpoint import (checkpoint_payload, checkpoint_to_resume, load_checkpoint,
                          run_folder_of, save_checkpoint)
 from .master_weights import MasterWeights
-from .metrics_log import (LOAD_WINDOW_STEPS, MetricsLog, expert_load_image, start_wandb,
-                          write_plots)
+from .metrics_log import MetricsLog, expert_load_image, start_wandb, write_plots
 from .pipeline import Pipeline
 from .preemption import StopSignals, exit_status, signal_name
 from .step import NonFiniteStep, Run, evaluate, train_step

@@ -35,8 +35,6 @@ import torch.distributed as dist
 from ..moe.balance import layer_label
 from .step import Run
 
-LOAD_WINDOW_STEPS = 20  # expert_load.png shows the loads summed over the last this many steps
-
 
 class MetricsLog:
     """Appends one JSON line per step; on resume keeps the history up to the resumed step."""

@@ -89,7 +89,7 @@ class Pipeline:
     def gather_expert_loads(self, loads):
         """Every stage's routers (full-model names, model order) with their loads and biases,
         on every pipeline rank (ExpertLoads)."""
-        from ..moe.balance import ExpertLoads, routers
+        from ..moe.balance import gather_expert_loads, routers
 
         rows = []
         container = torch.nn.ModuleList(self.stages)
@@ -98,12 +98,4 @@ class Pipeline:
             stage = self.stages[int(chunk)]
             if not stage.is_mirror:
                 rows.append((stage.full_name(local), load, router.expert_bias.cpu()))
-        parts: list = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(parts, rows, group=self.group)
-        rows = sorted((row for part in parts for row in part),
-                      key=lambda row: (row[0].startswith("mtp"), int(row[0].split(".")[2])))
-        if not rows:
-            return ExpertLoads([], torch.zeros(0, 0, dtype=torch.int64), loads.updated,
-                               torch.zeros(0, 0))
-        return ExpertLoads([r[0] for r in rows], torch.stack([r[1] for r in rows]),
-                           loads.updated, torch.stack([r[2] for r in rows]))
+        return gather_expert_loads(rows, loads.updated, self.group)

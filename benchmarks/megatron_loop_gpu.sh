@@ -45,7 +45,7 @@ megatron() {  # megatron NAME TIMEOUT_S PRESET ARGS...
   local start=$SECONDS
   timeout "$limit" python3 -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 1 \
     -m megatron_dsv3.pretrain --preset "$preset" \
-    --transformer-impl local --no-gradient-accumulation-fusion \
+    --transformer-impl local \
     --tokenizer-type HuggingFaceTokenizer --tokenizer-model examples/data \
     --data-path "$WORK/plays" --split 98,2,0 \
     --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 2 \

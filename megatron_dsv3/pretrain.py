@@ -35,6 +35,7 @@ this module adds to Megatron's loop:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional
@@ -119,16 +120,23 @@ def expand_preset(argv: list[str]) -> list[str]:
     return [*megatron_flags(preset(names[-1])), *argv]
 
 
-def without_fused_norm_kernels(argv: list[str]) -> list[str]:
-    """Megatron defaults to its persistent LayerNorm kernel (apex / TE), which the torch norm our
-    specs use without TE refuses at build time ("persist_layer_norm not supported by torch
-    LayerNorm", measured on the GPU): `argv` with --no-persist-layer-norm when TE does not
-    import (on the command line: Megatron's pretrain parses it again)."""
+def without_missing_kernels(argv: list[str]) -> list[str]:
+    """`argv` with Megatron's fused-kernel defaults turned off where their kernels are missing
+    (on the command line: Megatron's pretrain parses it again), each measured failing at build
+    time otherwise:
+      * --no-persist-layer-norm without TE: the torch norm our specs use refuses it
+        ("persist_layer_norm not supported by torch LayerNorm");
+      * --no-gradient-accumulation-fusion without apex's fused_weight_gradient_mlp_cuda:
+        Megatron's ColumnParallelLinear refuses it.
+    A flag already given is kept as given."""
     from .layers import transformer_engine_available
 
-    if transformer_engine_available() or "--no-persist-layer-norm" in argv:
-        return list(argv)
-    return [*argv, "--no-persist-layer-norm"]
+    missing = []
+    if not transformer_engine_available():
+        missing.append("--no-persist-layer-norm")
+    if importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None:
+        missing.append("--no-gradient-accumulation-fusion")
+    return [*argv, *(flag for flag in missing if flag not in argv)]
 
 
 # Megatron's arguments that decide the model's tensors: a resume with any of them changed is
@@ -356,6 +364,22 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
 train_valid_test_datasets_provider.is_distributed = True
 
 
+def megatron_config_container(args):
+    """Megatron's run configuration from its parsed arguments, without a model config.
+
+    Given one (`gpt_config_from_args`), Megatron 0.19's setup builds its own `GPTModel` from
+    that config's layer spec and never calls the model provider; without, it calls ours
+    (measured on the GPU: Megatron's MLA was built instead of ours and failed).
+    """
+    import warnings
+
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+
+    with warnings.catch_warnings():  # "a ModelConfig is recommended over a model provider"
+        warnings.filterwarnings("ignore", message=r"\s*It is recommended to use a ModelConfig")
+        return pretrain_cfg_container_from_args(args, None)
+
+
 # ----------------------------------------------------------------------------------------------
 # The entry point
 # ----------------------------------------------------------------------------------------------
@@ -364,10 +388,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
-    from megatron.training.argument_utils import (
-        gpt_config_from_args,
-        pretrain_cfg_container_from_args,
-    )
     from megatron.training.arguments import parse_and_validate_args
 
     import os
@@ -376,7 +396,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from .model import model_provider
     from .pretrain_log import PretrainLog
 
-    sys.argv = [sys.argv[0], *without_fused_norm_kernels(
+    sys.argv = [sys.argv[0], *without_missing_kernels(
         expand_preset(sys.argv[1:] if argv is None else argv))]
     args = parse_and_validate_args(extra_args_provider=add_arguments)
     parse_mtp_loss_weights(args.mtp_loss_weights)  # a clear error before anything is built
@@ -400,7 +420,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         model = model_provider(*provider_args, **provider_kwargs)
         PretrainLog.install(model.config, args)
         return model
-    cfg = pretrain_cfg_container_from_args(args, gpt_config_from_args(args))
+    cfg = megatron_config_container(args)
     use_prebuilt_dataset_helpers()  # the wheel's pretrain() would run `make` and exit
     pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
              forward_step, model_provider=provide_model)

@@ -272,15 +272,20 @@ def test_the_wheels_dataset_helpers_are_used_instead_of_make(monkeypatch):
     assert made and made[0][0] == "make"
 
 
-def test_megatrons_persistent_layer_norm_is_off_without_te():
-    """Megatron's default (persist_layer_norm) fails our torch norm at build time on a GPU
-    without TE (measured: 'persist_layer_norm not supported by torch LayerNorm')."""
-    from megatron_dsv3.layers import transformer_engine_available
-    from megatron_dsv3.pretrain import without_fused_norm_kernels
+def test_fused_kernel_defaults_are_off_where_the_kernels_are_missing():
+    """Megatron's defaults persist_layer_norm (without TE: our torch norm refuses it) and
+    gradient_accumulation_fusion (without apex's extension: ColumnParallelLinear refuses it) both
+    failed the model build on the GPU; they are turned off on the command line, once."""
+    import importlib.util
 
-    argv = without_fused_norm_kernels(["--preset", "tiny"])
+    from megatron_dsv3.layers import transformer_engine_available
+    from megatron_dsv3.pretrain import without_missing_kernels
+
+    argv = without_missing_kernels(["--preset", "tiny"])
     assert ("--no-persist-layer-norm" in argv) is not transformer_engine_available()
-    assert without_fused_norm_kernels(argv) == argv  # once
+    assert ("--no-gradient-accumulation-fusion" in argv) is (
+        importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None)
+    assert without_missing_kernels(argv) == argv  # once
 
 
 def test_a_resume_with_another_model_is_refused_naming_the_flags(dist_single, tmp_path,
@@ -312,3 +317,36 @@ def test_a_resume_with_another_model_is_refused_naming_the_flags(dist_single, tm
                                           r"--num-experts 16 here, 8 in the checkpoint"):
         check_resume_matches(other)
     check_resume_matches(argparse.Namespace(**{**vars(other), "load": str(tmp_path / "none")}))
+
+
+def test_megatrons_setup_builds_our_model_through_the_provider(dist_single, monkeypatch):
+    """Megatron 0.19's setup_model_and_optimizer builds its own GPTModel whenever the run
+    configuration carries a model config (measured on the GPU: its MLA was built, not ours);
+    main hands it none, and the provider it hands builds our model, called as get_model calls
+    it."""
+    import sys
+
+    import megatron.training
+    from megatron.training import global_vars
+
+    from megatron_dsv3 import pretrain
+    from megatron_dsv3.attention.mla import MultiLatentAttention
+    from megatron_dsv3.model import DeepSeekV3Model
+
+    seen = {}
+    monkeypatch.setattr(megatron.training, "pretrain", lambda cfg, *a, model_provider, **k:
+                        seen.update(cfg=cfg, provider=model_provider))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    try:
+        pretrain.main(["--preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2",
+                       "--global-batch-size", "2", "--train-iters", "1", "--tokenizer-type",
+                       "NullTokenizer", "--vocab-size", "255", "--transformer-impl", "local",
+                       "--use-cpu-initialization"])
+        assert getattr(seen["cfg"], "model", None) is None
+        assert seen["cfg"].train.train_iters == 1
+        model = seen["provider"](pre_process=True, post_process=True, config=None,
+                                 pg_collection=dist_single)
+    finally:
+        global_vars.unset_global_variables()
+    assert isinstance(model, DeepSeekV3Model)
+    assert sum(isinstance(m, MultiLatentAttention) for m in model.modules()) == 4  # 3 + MTP

@@ -47,7 +47,7 @@ megatron() {  # megatron NAME TIMEOUT_S PRESET ARGS...
     -m megatron_dsv3.pretrain --preset "$preset" \
     --transformer-impl local \
     --tokenizer-type HuggingFaceTokenizer --tokenizer-model examples/data \
-    --data-path "$WORK/plays" --split 98,2,0 \
+    --data-path "$WORK/plays" --split 80,20,0 \
     --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 2 \
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 \
     --bf16 --use-distributed-optimizer --log-interval 1 --eval-interval 1000 --eval-iters 1 \
@@ -60,13 +60,13 @@ megatron() {  # megatron NAME TIMEOUT_S PRESET ARGS...
 for p in $PARTS; do
   case $p in
     tiny) rm -rf "$WORK/ckpt_tiny"
-          megatron tiny 240 tiny --seq-length 128 --micro-batch-size 4 --global-batch-size 8 \
+          megatron tiny 150 tiny --seq-length 128 --micro-batch-size 4 --global-batch-size 8 \
             --train-iters 20 --save "$WORK/ckpt_tiny" --load "$WORK/ckpt_tiny" \
             --save-interval 10 ;;
-    resume) megatron resume 240 tiny --seq-length 128 --micro-batch-size 4 \
+    resume) megatron resume 120 tiny --seq-length 128 --micro-batch-size 4 \
             --global-batch-size 8 --train-iters 30 --save "$WORK/ckpt_tiny" \
             --load "$WORK/ckpt_tiny" --save-interval 10 ;;
-    straight) megatron straight 240 tiny --seq-length 128 --micro-batch-size 4 \
+    straight) megatron straight 120 tiny --seq-length 128 --micro-batch-size 4 \
             --global-batch-size 8 --train-iters 30
           python3 - "$DIR/resume.log" "$DIR/straight.log" <<'PY'
 import re, sys
@@ -83,7 +83,7 @@ for it in sorted(set(resumed) & set(straight)):
           f"diff {resumed[it] - straight[it]:+.2E}")
 PY
           ;;
-    nan) megatron nan 180 tiny --seq-length 128 --micro-batch-size 4 --global-batch-size 8 \
+    nan) megatron nan 90 tiny --seq-length 128 --micro-batch-size 4 --global-batch-size 8 \
             --train-iters 10 --lr 1e6 --min-lr 1e5
          grep -iE "nan|inf" "$DIR/nan.log" | grep -vE "^ +[a-z_]+ \.+" | tail -n 4 ;;
     corrupt) newest=$(cat "$WORK/ckpt_tiny/latest_checkpointed_iteration.txt")
@@ -97,7 +97,7 @@ with open(path, "r+b") as f:
     f.write(os.urandom(4096))
 print(f"wrote 4096 random bytes at offset {size // 2} of {path} ({size} bytes)")
 PY
-             megatron corrupt 240 tiny --seq-length 128 --micro-batch-size 4 \
+             megatron corrupt 90 tiny --seq-length 128 --micro-batch-size 4 \
                --global-batch-size 8 --train-iters 40 --save "$WORK/ckpt_tiny" \
                --load "$WORK/ckpt_tiny" --save-interval 10
              grep -E "CorruptCheckpoint|Error" "$DIR/corrupt.log" | tail -n 3 ;;

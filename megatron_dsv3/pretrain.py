@@ -3,7 +3,7 @@
 
   torchrun --nproc-per-node 8 -m megatron_dsv3.pretrain --preset proxy \\
       --tokenizer-type HuggingFaceTokenizer --tokenizer-model examples/data \\
-      --data-path data/plays --split 98,2,0 --seq-length 4096 \\
+      --data-path data/plays --split 80,20,0 --seq-length 4096 \\
       --micro-batch-size 1 --global-batch-size 64 --train-iters 1000 \\
       --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --use-distributed-optimizer \\
       --save ckpt --load ckpt --wandb-project dsv3
@@ -340,6 +340,30 @@ def gpt_dataset_config(args, tokenizer):
         create_attention_mask=False)
 
 
+def check_splits_have_data(config, num_samples) -> None:
+    """Refuse a `--split` that leaves a split which must give samples without a sequence:
+    Megatron's GPTDataset then loops forever building its index (measured on the GPU: the
+    bundled corpus's 15 sequences under --split 98,2,0 give the validation split none).
+    The bounds are Megatron's: round(share * sequences) of each indexed dataset in the blend."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    if config.blend is None or config.split_matrix is None:
+        return  # per-split files (--train-data-path ...) or mock data: nothing split here
+    names = ("training", "validation", "test")
+    for prefix in config.blend[0]:
+        sequences = len(IndexedDataset(prefix, mmap=config.mmap_bin_files).sequence_lengths)
+        for name, bounds, wanted in zip(names, config.split_matrix, num_samples):
+            if bounds is None or not wanted:
+                continue
+            begin, end = (int(round(share * float(sequences))) for share in bounds)
+            if end <= begin:
+                raise ConfigError(
+                    f"--split {config.split} gives the {name} split no sequence of {prefix} "
+                    f"({sequences} sequences in all) but {wanted} samples are asked of it; "
+                    "Megatron's dataset would loop forever: give that split a larger share "
+                    "(each share * sequences must round to at least one), or more documents")
+
+
 def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
     """Megatron's indexed GPT datasets, built on the ranks that read data (tensor-parallel
     rank 0 of the first and last pipeline stages)."""
@@ -357,8 +381,10 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
         return (is_first_or_last_pipeline_stage(vp_stage)
                 and parallel_state.get_tensor_model_parallel_rank() == 0)
 
+    config = gpt_dataset_config(args, get_tokenizer())
+    check_splits_have_data(config, train_val_test_num_samples)
     return BlendedMegatronDatasetBuilder(GPTDataset, train_val_test_num_samples, built_here,
-                                         gpt_dataset_config(args, get_tokenizer())).build()
+                                         config).build()
 
 
 train_valid_test_datasets_provider.is_distributed = True

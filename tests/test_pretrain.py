@@ -199,7 +199,7 @@ def test_megatrons_gpt_dataset_reads_the_indexed_corpus_with_our_tokenizer(tmp_p
 
     from megatron_dsv3.data import TOKENIZER_FILE, Tokenizer
     from megatron_dsv3.indexed_data import main as make_indexed
-    from megatron_dsv3.pretrain import gpt_dataset_config
+    from megatron_dsv3.pretrain import check_splits_have_data, gpt_dataset_config
 
     import json
 
@@ -227,6 +227,12 @@ def test_megatrons_gpt_dataset_reads_the_indexed_corpus_with_our_tokenizer(tmp_p
         assert int(tokens.max()) < ours.vocab_size
         piece = ours.decode(tokens[:6].tolist()).strip()
         assert piece and piece.split()[0] in text
+    check_splits_have_data(gpt_dataset_config(args, tokenizer), [20, 4, 0])
+    args.split = "99,1,0"  # round(0.99 * 20) = 20: the validation split gets no sequence
+    with pytest.raises(ConfigError, match=r"--split 99,1,0 gives the validation split no "
+                                          r"sequence of .*plays \(20 sequences in all\) but 4"):
+        check_splits_have_data(gpt_dataset_config(args, tokenizer), [20, 4, 0])
+    check_splits_have_data(gpt_dataset_config(args, tokenizer), [20, 0, 0])  # none asked
 
 
 def test_the_wheels_dataset_helpers_are_used_instead_of_make(monkeypatch):

@@ -66,6 +66,13 @@ class MTPLayer(ShardedCheckpointable, torch.nn.Module):
             pg_collection=pg_collection, vp_stage=vp_stage, is_mtp_layer=True)
         self.final_layernorm = backend.norm(config=config, hidden_size=d, eps=cfg.norm_eps)
 
+    @property
+    def mtp_model_layer(self) -> torch.nn.Module:
+        """Megatron's name for the transformer layer inside an MTP layer: its schedules set
+        `current_microbatch` on it before every forward (cuda_graphs.set_current_microbatch,
+        which asserts the attribute)."""
+        return self.transformer_layer
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 hidden_states: torch.Tensor, attention_mask=None, padding_mask=None,
                 embedding=None, **unused):

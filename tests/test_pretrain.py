@@ -125,6 +125,19 @@ def test_forward_step_gives_megatron_the_jobs_loss_and_scales_and_freezes(small_
     assert not any(r.frozen_expert_bias for r in routers), "0 tokens trained: still moving"
 
 
+def test_megatrons_schedules_can_mark_the_microbatch_on_our_layers(small_model):
+    """Megatron's forward_step marks the micro-batch on every decoder and MTP layer before each
+    forward and asserts Megatron's MTP attribute (it stopped our model's first step on the
+    GPU)."""
+    from megatron.core.transformer.cuda_graphs import set_current_microbatch
+
+    cfg, model = small_model
+    set_current_microbatch(model, 3)
+    marked = [layer.current_microbatch for layer in model.decoder.layers] + [
+        layer.transformer_layer.current_microbatch for layer in model.mtp.layers]
+    assert marked == [3] * (cfg.num_layers + cfg.mtp.num_layers) and cfg.mtp.num_layers
+
+
 def test_a_resumed_run_refuses_non_finite_loaded_weights_once(small_model, monkeypatch):
     """Megatron's loader checks no values: forward_step's first call after a resume does, names
     the tensors and points at --ckpt-step; a fresh run (iteration 0) is not checked."""

@@ -25,7 +25,8 @@ rest of the package reaches them only through this module, so that a new release
   megatron.core.optimizer.Adam / USING_PYTORCH_OPTIMIZER
         `use_megatron_adam(cls)`: the class Megatron's optimizer builder instantiates for
         `--optimizer adam` (TE's or apex's FusedAdam when they import, else torch's AdamW),
-        replaced by ours (optimizer.MegatronAdamW: bf16 moments without TE)
+        replaced by ours (optimizer.MegatronAdamW: bf16 moments without TE);
+        `megatron_has_fused_adam()`: whether Megatron found TE's or apex's FusedAdam
 
 At import the module checks that the installed megatron-core is the release it was written
 against (`TESTED_VERSION`) and that each private method above still takes the arguments used
@@ -258,6 +259,13 @@ def use_megatron_adam(cls) -> None:
     optimizer.USING_PYTORCH_OPTIMIZER = False  # the FusedAdam keywords (adam_w_mode)
 
 
+def megatron_has_fused_adam() -> bool:
+    """Whether Megatron's `Adam` is TE's or apex's FusedAdam (before use_megatron_adam)."""
+    from megatron.core import optimizer
+
+    return not optimizer.USING_PYTORCH_OPTIMIZER and optimizer.Adam is not torch.optim.AdamW
+
+
 __all__ = ["TESTED_VERSION", "GPTPostprocessHook", "GemmCall", "OwnGemmHook",
-           "layer_attention", "layer_post_mlp", "layer_pre_mlp_norm", "one_pipeline_stage",
-           "use_megatron_adam", "use_prebuilt_dataset_helpers"]
+           "layer_attention", "layer_post_mlp", "layer_pre_mlp_norm", "megatron_has_fused_adam",
+           "one_pipeline_stage", "use_megatron_adam", "use_prebuilt_dataset_helpers"]

@@ -12,7 +12,8 @@ gradient (`_zeroes_grads`).
 
   KernelAdamW            fp32 parameters, their `.grad` left as it is (Megatron zeroes its own)
   MegatronAdamW          the same under the keyword arguments Megatron's optimizer builder
-                         passes its `Adam` class (megatron_compat.use_megatron_adam)
+                         passes its `Adam` class (megatron_compat.use_megatron_adam), its
+                         state made whole at construction; MegatronAdamWFP32: fp32 moments
   train.master_weights.MasterAdamW
                          fp32 masters of bf16 parameters: publishes the bf16 copies and
                          consumes the gradient sums in the same pass
@@ -95,19 +96,39 @@ class KernelAdamW(torch.optim.AdamW):
 
 
 class MegatronAdamW(KernelAdamW):
-    """KernelAdamW with bf16 moments, built by Megatron's optimizer builder in place of its
-    `Adam` (megatron_compat.use_megatron_adam) from the keyword arguments it passes TE's or
-    apex's FusedAdam: params, lr, weight_decay, betas, eps, capturable, adam_w_mode."""
+    """KernelAdamW built by Megatron's optimizer builder in place of its `Adam`
+    (megatron_compat.use_megatron_adam) from the keyword arguments it passes TE's or apex's
+    FusedAdam: params, lr, weight_decay, betas, eps, capturable, adam_w_mode. Moments in bf16
+    (`MegatronAdamWFP32`: fp32).
+
+    Every parameter's state (step 0, zero moments) exists from construction: without TE or apex
+    Megatron's distributed optimizer reads one `step` from all of them when it builds the state
+    dict a checkpoint loads into, on a fresh optimizer (measured on the GPU: torch's lazily made
+    state failed every resume there)."""
+
+    default_moments_dtype = torch.bfloat16
 
     def __init__(self, params, *, lr: float, weight_decay: float, betas, eps: float,
                  capturable: bool = False, adam_w_mode: bool = True,
-                 moments_dtype: torch.dtype = torch.bfloat16):
+                 moments_dtype: Optional[torch.dtype] = None):
         if capturable:
-            raise ValueError("MegatronAdamW (--adam-moments-dtype bfloat16) cannot be captured "
-                             "in a CUDA graph: drop --optimizer-cuda-graph, or pass "
-                             "--adam-moments-dtype float32")
+            raise ValueError(f"{type(self).__name__} (--adam-moments-dtype) cannot be captured "
+                             "in a CUDA graph: drop --optimizer-cuda-graph")
         if not adam_w_mode:
-            raise ValueError("MegatronAdamW (--adam-moments-dtype bfloat16) is AdamW: drop "
-                             "--no-decoupled-weight-decay, or pass --adam-moments-dtype float32")
-        super().__init__(params, moments_dtype, lr=lr, weight_decay=weight_decay,
-                         betas=betas, eps=eps)
+            raise ValueError(f"{type(self).__name__} (--adam-moments-dtype) is AdamW: drop "
+                             "--no-decoupled-weight-decay")
+        super().__init__(params, moments_dtype or self.default_moments_dtype, lr=lr,
+                         weight_decay=weight_decay, betas=betas, eps=eps)
+        for group in self.param_groups:
+            for param in group["params"]:
+                self.state[param].update(
+                    step=torch.zeros((), dtype=torch.float32),
+                    exp_avg=torch.zeros_like(param, dtype=self.moments_dtype),
+                    exp_avg_sq=torch.zeros_like(param, dtype=self.moments_dtype))
+
+
+class MegatronAdamWFP32(MegatronAdamW):
+    """MegatronAdamW with fp32 moments: Megatron's Adam without TE or apex (its torch AdamW
+    cannot resume from a distributed-optimizer checkpoint there, see MegatronAdamW)."""
+
+    default_moments_dtype = torch.float32

@@ -95,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="AdamW's two moments. bfloat16 (DeepSeek-V3's): our AdamW "
                             "(optimizer.MegatronAdamW, a Triton kernel per tensor) in place of "
                             "Megatron's Adam class, since Megatron keeps bf16 moments only "
-                            "with Transformer Engine; float32: Megatron's own optimizer; "
+                            "with Transformer Engine; float32: Megatron's own optimizer (ours "
+                            "with fp32 moments without TE and apex); "
                             "auto: bfloat16 with --bf16, else float32")
     group.add_argument("--expert-load-image-interval", type=int, default=100,
                        help="log the expert-load heatmap to W&B every this many iterations "
@@ -191,6 +192,26 @@ def adam_moments_dtype(args) -> str:
     if args.adam_moments_dtype != "auto":
         return args.adam_moments_dtype
     return "bfloat16" if getattr(args, "bf16", False) else "float32"
+
+
+def use_our_adamw(args) -> None:
+    """Our AdamW in place of Megatron's Adam class where Megatron's falls short: for bf16
+    moments (Megatron keeps them only with TE), and without TE and apex at all (Megatron's
+    torch AdamW cannot resume from a distributed-optimizer checkpoint: optimizer.MegatronAdamW).
+    """
+    from .megatron_compat import megatron_has_fused_adam, use_megatron_adam
+    from .optimizer import MegatronAdamW, MegatronAdamWFP32
+
+    bf16_moments = adam_moments_dtype(args) == "bfloat16"
+    if args.optimizer != "adam":
+        if bf16_moments:
+            raise ConfigError(f"--adam-moments-dtype bfloat16 is for --optimizer adam (given "
+                              f"{args.optimizer}): pass --adam-moments-dtype float32")
+        return
+    if bf16_moments:
+        use_megatron_adam(MegatronAdamW)
+    elif not megatron_has_fused_adam():
+        use_megatron_adam(MegatronAdamWFP32)
 
 
 def tokens_trained(args) -> int:
@@ -433,14 +454,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.wandb_project and "WANDB_API_KEY" not in os.environ:
         os.environ.setdefault("WANDB_MODE", "offline")  # before Megatron's wandb.init
 
-    if adam_moments_dtype(args) == "bfloat16":
-        from .megatron_compat import use_megatron_adam
-        from .optimizer import MegatronAdamW
-
-        if args.optimizer != "adam":
-            raise ConfigError(f"--adam-moments-dtype bfloat16 is for --optimizer adam (given "
-                              f"{args.optimizer}): pass --adam-moments-dtype float32")
-        use_megatron_adam(MegatronAdamW)
+    use_our_adamw(args)
 
     def provide_model(*provider_args, **provider_kwargs):
         model = model_provider(*provider_args, **provider_kwargs)

@@ -4,8 +4,11 @@ gradients, and pretrain's --adam-moments-dtype.
 
   * the builder instantiates our class from its FusedAdam keywords; over three steps the bf16
     moments are torch's fp32 ones within bf16 rounding and the parameters follow torch's to a
-    fraction of lr; Megatron's init_state_fn (fp32 moments) is taken over; the gradients are
-    left for Megatron to zero; the state loads into torch's AdamW;
+    fraction of lr; the gradients are left for Megatron to zero; the state loads into torch's
+    AdamW;
+  * a fresh optimizer's state is whole (one step over every parameter, as Megatron's
+    distributed optimizer reads it to load a checkpoint into) and takes a saved one back;
+  * which Adam class pretrain installs for which flags;
   * keywords our AdamW cannot honour are refused naming the flag.
 """
 
@@ -16,7 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_dsv3.optimizer import MegatronAdamW
+from megatron_dsv3.config import ConfigError
+from megatron_dsv3.optimizer import MegatronAdamW, MegatronAdamWFP32
 from megatron_dsv3.pretrain import adam_moments_dtype
 
 HYPER = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8}
@@ -50,8 +54,8 @@ def test_megatrons_builder_makes_our_adamw_which_follows_torchs(monkeypatch, dis
     ours, init_state_fn = _get_megatron_optimizer_based_on_param_groups(
         config, model_chunks=[], param_groups=_groups(params), skip_megatron_wrapping=True)
     assert type(ours) is MegatronAdamW
-    init_state_fn(ours)  # Megatron's: fp32 zeros, which our first step takes over
-    assert all(s["exp_avg"].dtype == torch.float32 for s in ours.state.values())
+    init_state_fn(ours)  # Megatron's (fp32 zeros for a parameter without state): a no-op
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in ours.state.values())
     reference = torch.optim.AdamW(_groups(ref_params), foreach=False, **HYPER)
     g = torch.Generator().manual_seed(seed + 1)
     bounds = {}
@@ -101,3 +105,55 @@ def test_moments_follow_bf16_training_unless_asked():
     assert adam_moments_dtype(SimpleNamespace(adam_moments_dtype="float32", bf16=True)) == \
         "float32"
 
+
+
+def _steps(optimizer) -> set:
+    """What Megatron's distributed optimizer reads (without TE or apex) from the state dict it
+    loads a checkpoint into, asserting exactly one value."""
+    return {s["step"].item() for s in optimizer.state_dict()["state"].values()}
+
+
+@pytest.mark.parametrize("cls, dtype", [(MegatronAdamW, torch.bfloat16),
+                                        (MegatronAdamWFP32, torch.float32)])
+def test_a_fresh_optimizer_has_the_whole_state_megatron_loads_into(cls, dtype):
+    """On the GPU every resume of Megatron's loop failed in its distributed optimizer's
+    `assert len(steps) == 1`: torch makes a parameter's state at its first step only."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    saved = cls(_groups(_params(seed)), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    assert _steps(saved) == {0.0}
+    assert all(s[k].dtype == dtype and not s[k].any() for s in saved.state.values()
+               for k in ("exp_avg", "exp_avg_sq"))
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(2):
+        for group in saved.param_groups:
+            for p in group["params"]:
+                p.grad = torch.randn(p.shape, generator=g)
+        saved.step()
+    fresh = cls(_groups(_params(seed + 1)), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95),
+                eps=1e-8)
+    assert _steps(fresh) == {0.0}
+    fresh.load_state_dict(saved.state_dict())
+    assert _steps(fresh) == {2.0}
+    for a, b in zip(fresh.state.values(), saved.state.values()):
+        assert a["exp_avg"].dtype == dtype and torch.equal(a["exp_avg"], b["exp_avg"])
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"]) and a["exp_avg"].any()
+
+
+@pytest.mark.parametrize("moments, bf16, fused, installed", [
+    ("auto", True, True, MegatronAdamW), ("auto", True, False, MegatronAdamW),
+    ("float32", True, True, None), ("auto", False, False, MegatronAdamWFP32)])
+def test_pretrain_installs_our_adamw_where_megatrons_falls_short(monkeypatch, moments, bf16,
+                                                                  fused, installed):
+    from megatron_dsv3 import megatron_compat
+    from megatron_dsv3.pretrain import use_our_adamw
+
+    chosen = []
+    monkeypatch.setattr(megatron_compat, "megatron_has_fused_adam", lambda: fused)
+    monkeypatch.setattr(megatron_compat, "use_megatron_adam", chosen.append)
+    use_our_adamw(SimpleNamespace(optimizer="adam", adam_moments_dtype=moments, bf16=bf16))
+    assert chosen == ([installed] if installed else [])
+    use_our_adamw(SimpleNamespace(optimizer="sgd", adam_moments_dtype="float32", bf16=bf16))
+    with pytest.raises(ConfigError, match="--adam-moments-dtype bfloat16 is for --optimizer "
+                                          "adam .given sgd.: pass --adam-moments-dtype float32"):
+        use_our_adamw(SimpleNamespace(optimizer="sgd", adam_moments_dtype="bfloat16", bf16=bf16))
+    assert len(chosen) <= 1

@@ -22,6 +22,9 @@ rest of the package reaches them only through this module, so that a new release
         megatron/core/datasets on rank 0 and exits when it fails; the megatron-core wheel ships
         the built `helpers_cpp` extension but no Makefile, so `pretrain()` from the wheel
         always stopped there (pretrain.py installs this before calling it)
+  megatron.training.training.save_checkpoint / load_checkpoint
+        `around_megatron_checkpointing(after_save, before_load)`: the names Megatron's loop
+        calls, wrapped (pretrain.py writes and checks a digest manifest of each checkpoint)
   megatron.core.optimizer.Adam / USING_PYTORCH_OPTIMIZER
         `use_megatron_adam(cls)`: the class Megatron's optimizer builder instantiates for
         `--optimizer adam` (TE's or apex's FusedAdam when they import, else torch's AdamW),
@@ -242,6 +245,34 @@ def use_prebuilt_dataset_helpers() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Megatron's checkpoint save and load in its loop
+# ----------------------------------------------------------------------------------------------
+def around_megatron_checkpointing(after_save, before_load) -> None:
+    """Wrap the `save_checkpoint` / `load_checkpoint` that megatron.training.training calls
+    (names it imports from megatron.training.checkpointing): `after_save(iteration,
+    non_persistent)` once Megatron's save has returned on this rank, `before_load(load_arg)`
+    before its load (load_arg: the argument naming the folder, 'load' unless given).
+    Idempotent: a second call replaces the hooks."""
+    from megatron.training import training
+
+    save = getattr(training.save_checkpoint, "_megatron_save", training.save_checkpoint)
+    load = getattr(training.load_checkpoint, "_megatron_load", training.load_checkpoint)
+
+    def save_checkpoint(iteration, *args, **kwargs):
+        result = save(iteration, *args, **kwargs)
+        after_save(iteration, bool(kwargs.get("non_persistent_ckpt", False)))
+        return result
+
+    def load_checkpoint(*args, **kwargs):
+        before_load(kwargs.get("load_arg", args[3] if len(args) > 3 else "load"))
+        return load(*args, **kwargs)
+
+    save_checkpoint._megatron_save = save
+    load_checkpoint._megatron_load = load
+    training.save_checkpoint, training.load_checkpoint = save_checkpoint, load_checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
 # Megatron's Adam class
 # ----------------------------------------------------------------------------------------------
 def use_megatron_adam(cls) -> None:
@@ -267,5 +298,5 @@ def megatron_has_fused_adam() -> bool:
 
 
 __all__ = ["TESTED_VERSION", "GPTPostprocessHook", "GemmCall", "OwnGemmHook",
-           "layer_attention", "layer_post_mlp", "layer_pre_mlp_norm", "megatron_has_fused_adam",
-           "one_pipeline_stage", "use_megatron_adam", "use_prebuilt_dataset_helpers"]
+           "around_megatron_checkpointing", "layer_attention", "layer_post_mlp",
+           "layer_pre_mlp_norm", "megatron_has_fused_adam", "one_pipeline_stage", "use_megatron_adam", "use_prebuilt_dataset_helpers"]

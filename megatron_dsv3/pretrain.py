@@ -152,27 +152,29 @@ MODEL_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_si
               "padded_vocab_size")
 
 
+def megatron_checkpoint_folder(root: str, args) -> Optional[Path]:
+    """The folder Megatron's load reads under `root`: iter_<--ckpt-step> if given, else what
+    its tracker file names (an iteration or 'release'); None without a tracker."""
+    if getattr(args, "ckpt_step", None):  # as Megatron reads it (0: the tracker's)
+        return Path(root) / f"iter_{int(args.ckpt_step):07d}"
+    tracker = Path(root) / "latest_checkpointed_iteration.txt"
+    if not tracker.is_file():
+        return None
+    named = tracker.read_text().strip()
+    return Path(root) / ("release" if named == "release" else f"iter_{int(named):07d}")
+
+
 def check_resume_matches(args) -> None:
     """When --load holds a distributed checkpoint: its saved arguments give the same model as
     these (MODEL_ARGS), else ConfigError naming each flag with both values, before anything is
     built. Reads only the checkpoint's common state (no tensors)."""
-    import os
-
     from megatron.core import dist_checkpointing
-    from megatron.training.checkpointing import (get_checkpoint_name,
-                                                 get_checkpoint_tracker_filename)
 
     load = getattr(args, "load", None)
-    tracker = get_checkpoint_tracker_filename(load) if load else None
-    if not tracker or not os.path.isfile(tracker):
-        return
-    text = Path(tracker).read_text().strip()
-    release = text == "release"
-    iteration = getattr(args, "ckpt_step", None) or (0 if release else int(text))
-    folder = get_checkpoint_name(load, iteration, release, return_base_dir=True)
-    if not os.path.isfile(os.path.join(folder, "metadata.json")):
-        return  # not a distributed checkpoint: Megatron's own checks
-    saved = dist_checkpointing.load_common_state_dict(folder).get("args")
+    folder = megatron_checkpoint_folder(load, args) if load else None
+    if folder is None or not (folder / "metadata.json").is_file():
+        return  # none, or not a distributed checkpoint: Megatron's own checks
+    saved = dist_checkpointing.load_common_state_dict(str(folder)).get("args")
     if saved is None:
         return
     changed = [(name, getattr(saved, name), getattr(args, name)) for name in MODEL_ARGS
@@ -180,7 +182,7 @@ def check_resume_matches(args) -> None:
                and getattr(saved, name) != getattr(args, name)]
     if changed:
         raise ConfigError(
-            f"--load {load}: iteration {iteration} was saved by another model: "
+            f"--load {load}: {folder.name} was saved by another model: "
             + "; ".join(f"--{name.replace('_', '-')} {new} here, {old} in the checkpoint"
                         for name, old, new in changed)
             + ". Pass the checkpoint's values (the --preset it was trained with), or another "
@@ -302,7 +304,56 @@ def forward_step(data_iterator, model, *, args=None, tp_group=None):
 
 
 class CorruptCheckpoint(RuntimeError):
-    """Weights loaded by Megatron that are not finite: the run stops before training on them."""
+    """A checkpoint Megatron would load whose files changed since the save, or whose weights
+    are not finite: the run stops before training on them."""
+
+
+def manifest_after_save(args, iteration: int, non_persistent: bool) -> None:
+    """After Megatron's save of `iteration`: a digest manifest of its folder
+    (checkpoint.digest), every rank hashing a share. Megatron's loader checks no checksum, and
+    random bytes written into a saved tensor load as plausible weights. Not for non-persistent
+    (local) checkpoints, nor with --async-save (the files are still being written here)."""
+    from .checkpoint.digest import write_folder_manifest
+
+    if non_persistent or not args.save:
+        return
+    if getattr(args, "async_save", False):
+        if not getattr(args, "_warned_async_manifest", False):
+            args._warned_async_manifest = True
+            _print_rank0(f"WARNING: --async-save: the checkpoints in {args.save} get no digest "
+                         "manifest, so a resume cannot verify them")
+        return
+    folder = Path(args.save) / f"iter_{iteration:07d}"
+    if folder.is_dir():
+        write_folder_manifest(folder)
+
+
+def verify_before_load(args, load_arg: str) -> None:
+    """Before Megatron loads from --load (or `load_arg`): the checkpoint folder it will read
+    against its digest manifest, on every rank together; CorruptCheckpoint naming the files
+    and the way back. A folder without a manifest (saved before them, or with --async-save)
+    loads with a warning."""
+    from .checkpoint.digest import verify_folder_manifest
+
+    root = getattr(args, load_arg, None)
+    folder = megatron_checkpoint_folder(root, args) if root else None
+    if folder is None or not folder.is_dir():
+        return  # Megatron reports a missing checkpoint itself
+    problems = verify_folder_manifest(folder)
+    if problems is None:
+        _print_rank0(f"WARNING: {folder} has no digest manifest: loading it unverified")
+    elif problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
+                                            if len(problems) > 5 else "")
+        raise CorruptCheckpoint(
+            f"--{load_arg.replace('_', '-')} {root}: {folder.name} does not match the digest "
+            f"manifest written when it was saved: {shown}. Resume from an earlier checkpoint "
+            "with --ckpt-step ITERATION (its iter_* folder), or restore the folder")
+
+
+def _print_rank0(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
 
 
 _checked_models: set[int] = set()
@@ -439,7 +490,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     import os
 
-    from .megatron_compat import use_prebuilt_dataset_helpers
+    from .megatron_compat import around_megatron_checkpointing, use_prebuilt_dataset_helpers
     from .model import model_provider
     from .pretrain_log import PretrainLog
 
@@ -462,6 +513,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         return model
     cfg = megatron_config_container(args)
     use_prebuilt_dataset_helpers()  # the wheel's pretrain() would run `make` and exit
+    around_megatron_checkpointing(partial(manifest_after_save, args),
+                                  partial(verify_before_load, args))
     pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
              forward_step, model_provider=provide_model)
 

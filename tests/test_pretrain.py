@@ -331,7 +331,7 @@ def test_a_resume_with_another_model_is_refused_naming_the_flags(dist_single, tm
     same = argparse.Namespace(**{**vars(saved), "data_path": ["b"]}, load=str(tmp_path / "ckpt"))
     check_resume_matches(same)  # other data: fine
     other = argparse.Namespace(**{**vars(same), "num_experts": 16, "hidden_size": 256})
-    with pytest.raises(ConfigError, match=r"iteration 20 was saved by another model: "
+    with pytest.raises(ConfigError, match=r"iter_0000020 was saved by another model: "
                                           r"--hidden-size 256 here, 128 in the checkpoint; "
                                           r"--num-experts 16 here, 8 in the checkpoint"):
         check_resume_matches(other)
@@ -352,9 +352,15 @@ def test_megatrons_setup_builds_our_model_through_the_provider(dist_single, monk
     from megatron_dsv3.attention.mla import MultiLatentAttention
     from megatron_dsv3.model import DeepSeekV3Model
 
+    from megatron.training import training
+
     seen = {}
     monkeypatch.setattr(megatron.training, "pretrain", lambda cfg, *a, model_provider, **k:
                         seen.update(cfg=cfg, provider=model_provider))
+    megatrons = {name: getattr(training, name) for name in ("save_checkpoint",
+                                                            "load_checkpoint")}
+    for name, function in megatrons.items():  # restored after the test
+        monkeypatch.setattr(training, name, function)
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     try:
         pretrain.main(["--preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2",
@@ -362,6 +368,9 @@ def test_megatrons_setup_builds_our_model_through_the_provider(dist_single, monk
                        "NullTokenizer", "--vocab-size", "255", "--transformer-impl", "local",
                        "--use-cpu-initialization"])
         assert getattr(seen["cfg"], "model", None) is None
+        # the digest manifest's hooks (tests/test_checkpoint_digest.py) around Megatron's own
+        assert training.save_checkpoint._megatron_save is megatrons["save_checkpoint"]
+        assert training.load_checkpoint._megatron_load is megatrons["load_checkpoint"]
         assert seen["cfg"].train.train_iters == 1
         model = seen["provider"](pre_process=True, post_process=True, config=None,
                                  pg_collection=dist_single)

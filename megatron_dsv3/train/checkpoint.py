@@ -34,14 +34,12 @@ run never starts in a folder holding another run (`check_out_dir`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -49,15 +47,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.digest import DIGEST_DESCRIPTION, MANIFEST, file_digest, file_entry
 from .args import TrainError, build_parser
 from .step import Run
 
 CHECKPOINT_FORMAT = 1  # of the rank files' payload
 MANIFEST_FORMAT = 1
-MANIFEST, META, LATEST = "manifest.json", "meta.json", "latest"
-DIGEST_BLOCK_BYTES = 64 << 20  # blocks hashed in parallel; the digest is sha256 of their sha256s
-_READ_CHUNK_BYTES = 8 << 20
-_HASH_THREADS = 8
+META, LATEST = "meta.json", "latest"
 _STEP_FOLDER = re.compile(r"step_(\d+)")
 _LATEST_TARGET = re.compile(r"step_(\d+)(\.tmp)?")  # a re-save points `latest` at its .tmp
 # Arguments that fix the data stream and the model: a resume must keep them.
@@ -153,37 +149,6 @@ def _warn(message: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Digests and the finite check
 # ----------------------------------------------------------------------------------------------
-def file_digest(path: Path) -> str:
-    """sha256 of the sha256 digests of the file's DIGEST_BLOCK_BYTES blocks: one streaming
-    read, the blocks hashed on several threads (hashlib releases the GIL), so that hashing a
-    checkpoint just written costs a fraction of writing it."""
-    size = path.stat().st_size
-    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-             else os.cpu_count() or 1)
-    threads = min(_HASH_THREADS, cores)
-    with open(path, "rb") as f, ThreadPoolExecutor(threads) as pool:
-        starts = range(0, max(size, 1), DIGEST_BLOCK_BYTES)
-        blocks = pool.map(lambda start: _block_digest(f.fileno(), start,
-                                                      min(DIGEST_BLOCK_BYTES, size - start)),
-                          starts)
-        return hashlib.sha256(b"".join(blocks)).hexdigest()
-
-
-def _block_digest(fd: int, start: int, length: int) -> bytes:
-    digest = hashlib.sha256()
-    while length > 0:
-        chunk = os.pread(fd, min(_READ_CHUNK_BYTES, length), start)
-        if not chunk:
-            raise OSError(f"file ended {length} bytes early while being hashed")
-        digest.update(chunk)
-        start, length = start + len(chunk), length - len(chunk)
-    return digest.digest()
-
-
-def _file_entry(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256_of_blocks": file_digest(path)}
-
-
 def _floating_tensors(prefix: str, obj) -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(obj, torch.Tensor):
         if obj.is_floating_point() or obj.is_complex():
@@ -254,7 +219,7 @@ def save_checkpoint(checkpoint_dir: Path, step: int, payload: dict, *, rank: int
     error: Optional[OSError] = None
     try:
         torch.save(payload, partial)
-        entry = _file_entry(partial)
+        entry = file_entry(partial)
         os.replace(partial, path)
     except OSError as err:
         error, entry = err, None
@@ -270,10 +235,10 @@ def save_checkpoint(checkpoint_dir: Path, step: int, payload: dict, *, rank: int
                                         "world_size")}
         meta["manifest_format"] = MANIFEST_FORMAT  # this folder has a manifest: never skip it
         (staging / META).write_text(json.dumps(meta, indent=1, default=str))
-        files = {META: _file_entry(staging / META)}
+        files = {META: file_entry(staging / META)}
         files.update((name, entry) for name, entry, _ in written)
         manifest = {"manifest_format": MANIFEST_FORMAT, "step": step, "world_size": len(written),
-                    "digest": f"sha256 of the sha256 digests of {DIGEST_BLOCK_BYTES} byte blocks",
+                    "digest": DIGEST_DESCRIPTION,
                     "files": files}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: complete now
         _publish(checkpoint_dir, staging, final)

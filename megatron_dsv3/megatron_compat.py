@@ -25,6 +25,9 @@ rest of the package reaches them only through this module, so that a new release
   megatron.training.training.save_checkpoint / load_checkpoint
         `around_megatron_checkpointing(after_save, before_load)`: the names Megatron's loop
         calls, wrapped (pretrain.py writes and checks a digest manifest of each checkpoint)
+  megatron.training.training.get_forward_backward_func
+        `use_forward_backward_func(factory)`: the schedule Megatron's loop runs (pretrain with
+        --pipeline-schedule dualpipev: ours)
   megatron.core.optimizer.Adam / USING_PYTORCH_OPTIMIZER
         `use_megatron_adam(cls)`: the class Megatron's optimizer builder instantiates for
         `--optimizer adam` (TE's or apex's FusedAdam when they import, else torch's AdamW),
@@ -272,6 +275,14 @@ def around_megatron_checkpointing(after_save, before_load) -> None:
     training.save_checkpoint, training.load_checkpoint = save_checkpoint, load_checkpoint
 
 
+def use_forward_backward_func(factory) -> None:
+    """The `get_forward_backward_func` Megatron's training and evaluation loops call (a name
+    megatron.training.training imports) returns `factory()` instead of Megatron's schedule."""
+    from megatron.training import training
+
+    training.get_forward_backward_func = lambda *args, **kwargs: factory()
+
+
 # ----------------------------------------------------------------------------------------------
 # Megatron's Adam class
 # ----------------------------------------------------------------------------------------------
@@ -299,4 +310,5 @@ def megatron_has_fused_adam() -> bool:
 
 __all__ = ["TESTED_VERSION", "GPTPostprocessHook", "GemmCall", "OwnGemmHook",
            "around_megatron_checkpointing", "layer_attention", "layer_post_mlp",
-           "layer_pre_mlp_norm", "megatron_has_fused_adam", "one_pipeline_stage", "use_megatron_adam", "use_prebuilt_dataset_helpers"]
+           "layer_pre_mlp_norm", "megatron_has_fused_adam", "one_pipeline_stage",
+           "use_forward_backward_func", "use_megatron_adam", "use_prebuilt_dataset_helpers"]

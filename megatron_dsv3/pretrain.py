@@ -98,6 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "with Transformer Engine; float32: Megatron's own optimizer (ours "
                             "with fp32 moments without TE and apex); "
                             "auto: bfloat16 with --bf16, else float32")
+    group.add_argument("--pipeline-schedule", default="1f1b", choices=("1f1b", "dualpipev"),
+                       help="with --pipeline-model-parallel-size > 1: Megatron's own 1F1B, or "
+                            "DualPipeV (pretrain_dualpipe.py: 2 stages per rank, rank r "
+                            "holding stages r and 2PP-1-r; --num-layers a multiple of 2PP)")
     group.add_argument("--expert-load-image-interval", type=int, default=100,
                        help="log the expert-load heatmap to W&B every this many iterations "
                             "(0: never); the per-layer load and bias metrics follow "
@@ -251,6 +255,14 @@ def loss_func(loss_mask: torch.Tensor, mtp_lambda: float, output):
     return loss, num_tokens.to(torch.int), report
 
 
+def stage_loss_func(stage, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                    position_ids: torch.Tensor, mtp_lambda: float, hidden: torch.Tensor):
+    """loss_func for the last pipeline stage's final-norm hidden states: the output head, the
+    MTP and the cross-entropies (the stage's lm_output), then the same (sum, tokens, report)."""
+    return loss_func(loss_mask, mtp_lambda, stage.lm_output(
+        hidden, tokens, labels, position_ids=position_ids, loss_mask=loss_mask))
+
+
 def get_batch(data_iterator: Optional[Iterator], model_device: torch.device, args,
               tp_group=None, is_first_stage: bool = True, is_last_stage: bool = True):
     """(tokens, labels, loss_mask, position_ids) of the next micro-batch on `model_device`:
@@ -282,6 +294,7 @@ def forward_step(data_iterator, model, *, args=None, tp_group=None):
     from megatron.core.utils import get_attr_wrapped_model
 
     from .moe.balance import set_balance_loss_scale
+    from .pipeline.megatron_adapter import find_stage
 
     if args is None:
         from megatron.training import get_args
@@ -297,6 +310,14 @@ def forward_step(data_iterator, model, *, args=None, tp_group=None):
     device = next(model.parameters()).device
     batch = get_batch(data_iterator, device, args, tp_group, pre_process, post_process)
     tokens, labels, loss_mask, position_ids = batch if batch is not None else (None,) * 4
+    stage = find_stage(model)
+    if stage is not None:  # a DualPipeV chunk (pretrain_dualpipe.py); called unwrapped: the
+        # hidden states it passes on stay bf16 (Float16Module would make the last rank's fp32)
+        hidden = stage(tokens if stage.is_first else None)  # else what the schedule set
+        if not stage.is_last:
+            return hidden, None
+        return hidden, partial(stage_loss_func, stage, tokens, labels, loss_mask,
+                               position_ids, mtp_weight(args))
     output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)
     if not post_process:
         return output, None
@@ -447,11 +468,18 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     from megatron.training import get_args, get_tokenizer
     from megatron.training.utils import is_first_or_last_pipeline_stage
 
+    from . import pretrain_dualpipe as dualpipe
+
     args = get_args()
 
     def built_here():
-        return (is_first_or_last_pipeline_stage(vp_stage)
-                and parallel_state.get_tensor_model_parallel_rank() == 0)
+        if parallel_state.get_tensor_model_parallel_rank() != 0:
+            return False
+        if args.pipeline_schedule == dualpipe.SCHEDULE:  # the V: rank 0 holds both ends
+            return dualpipe.reads_data(dualpipe.stage_plan(args),
+                                       parallel_state.get_pipeline_model_parallel_rank(),
+                                       vp_stage)
+        return is_first_or_last_pipeline_stage(vp_stage)
 
     config = gpt_dataset_config(args, get_tokenizer())
     check_splits_have_data(config, train_val_test_num_samples)
@@ -490,13 +518,18 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     import os
 
+    from . import pretrain_dualpipe as dualpipe
     from .megatron_compat import around_megatron_checkpointing, use_prebuilt_dataset_helpers
     from .model import model_provider
     from .pretrain_log import PretrainLog
 
-    sys.argv = [sys.argv[0], *without_missing_kernels(
-        expand_preset(sys.argv[1:] if argv is None else argv))]
+    sys.argv = [sys.argv[0], *dualpipe.with_two_chunks_per_rank(without_missing_kernels(
+        expand_preset(sys.argv[1:] if argv is None else argv)))]
     args = parse_and_validate_args(extra_args_provider=add_arguments)
+    if args.pipeline_schedule == dualpipe.SCHEDULE:
+        dualpipe.check_microbatches(dualpipe.stage_plan(args), args.global_batch_size // (
+            args.micro_batch_size * args.data_parallel_size))
+        dualpipe.install()
     parse_mtp_loss_weights(args.mtp_loss_weights)  # a clear error before anything is built
     check_resume_matches(args)
     if args.expert_load_image_interval < 0:
@@ -507,8 +540,15 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     use_our_adamw(args)
 
-    def provide_model(*provider_args, **provider_kwargs):
-        model = model_provider(*provider_args, **provider_kwargs)
+    def provide_model(pre_process=True, post_process=True, vp_stage=None, config=None,
+                      pg_collection=None):
+        if args.pipeline_schedule == dualpipe.SCHEDULE:
+            model = dualpipe.provide_stage(
+                args, lambda whole, groups: model_provider(config=whole, pg_collection=groups),
+                vp_stage=vp_stage, pg_collection=pg_collection, config=config)
+        else:
+            model = model_provider(pre_process, post_process, vp_stage=vp_stage, config=config,
+                                   pg_collection=pg_collection)
         PretrainLog.install(model.config, args)
         return model
     cfg = megatron_config_container(args)

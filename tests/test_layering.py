@@ -22,7 +22,7 @@ TIERS = [  # the tiers of docs/architecture.md's package map
     ("model",),
     ("pipeline",),
     ("profiling",),
-    ("train", "checkpoint", "pretrain", "pretrain_log"),
+    ("train", "checkpoint", "pretrain", "pretrain_dualpipe", "pretrain_log"),
 ]
 
 

@@ -34,7 +34,7 @@ How Megatron's contract maps onto the two-chunk schedules:
     num_microbatches (times the grad scale; `moe.balance.set_balance_loss_scale`), as Megatron
     sets its MoEAuxLossAutoScaler's.
   * Not supported (a clear error): collect_non_loss_data, adjust_tensor_shapes_fn, a
-    p2p_communicator, decoder_seq_length, variable sequence lengths. Megatron DDP's
+    p2p_communicator, decoder_seq_length, force_all_reduce, variable sequence lengths. Megatron DDP's
     no_sync/grad-sync hooks are not driven: gradients are complete after the call and the
     caller reduces them over data parallelism.
   * The chunks' F&B overlap (DeepSeekV3Stage with overlap_moe) works through the wrapper that
@@ -54,7 +54,7 @@ from ..moe.balance import set_balance_loss_scale
 from ..weight_grad import WeightGradStore
 from .comm import TensorSpec
 from .schedules import SCHEDULES, schedule_class
-from .stages import StagePlan
+from .stages import DeepSeekV3Stage, StagePlan
 from .trace import Tracer
 
 MEGATRON_SCHEDULE = "1f1b"  # Megatron's own forward_backward_func (no pipelining at PP=1)
@@ -107,15 +107,16 @@ class _ForwardStepChunk(nn.Module):
 
     def __init__(self, chunk: nn.Module) -> None:
         super().__init__()
-        self.chunk = chunk
-        self.stage_index = chunk.stage_index
+        self.chunk = chunk  # what forward_step_func gets: the stage, or Megatron's wrapping of it
+        self.stage = unwrapped_stage(chunk)
+        self.stage_index = self.stage.stage_index
         self.forward_step_func: Optional[Callable] = None
         self.data_iterator: Optional[Iterator] = None
         self.loss_funcs: list[Callable] = []
 
     def forward(self, *inputs: torch.Tensor):
         if inputs:
-            self.chunk.set_input_tensor(inputs[0])
+            self.stage.set_input_tensor(inputs[0])
         output, loss_func = self.forward_step_func(self.data_iterator, self.chunk)
         if loss_func is not None:
             self.loss_funcs.append(loss_func)
@@ -124,7 +125,25 @@ class _ForwardStepChunk(nn.Module):
     @property
     def piecewise_layers(self):
         """The chunk's layer stack, through which the schedule's F&B steps interleave."""
-        return getattr(self.chunk, "piecewise_layers", None)
+        return getattr(self.stage, "piecewise_layers", None)
+
+
+def find_stage(chunk: nn.Module) -> Optional[DeepSeekV3Stage]:
+    """The stage module inside Megatron's wrappers of a model chunk (DDP, Float16Module: each
+    holds the next as `.module`); None if the chunk is no stage."""
+    inner = chunk
+    while not isinstance(inner, DeepSeekV3Stage) and isinstance(getattr(inner, "module", None),
+                                                                nn.Module):
+        inner = inner.module
+    return inner if isinstance(inner, DeepSeekV3Stage) else None
+
+
+def unwrapped_stage(chunk: nn.Module) -> DeepSeekV3Stage:
+    stage = find_stage(chunk)
+    if stage is None:
+        raise ValueError(f"{type(chunk).__name__} is no pipeline stage: the bidirectional "
+                         "schedules run the modules of stages.stages_from_model (wrapped or not)")
+    return stage
 
 
 class DualPipeForwardBackward:
@@ -159,9 +178,10 @@ class DualPipeForwardBackward:
                  seq_length: int, micro_batch_size: int, decoder_seq_length=None,
                  forward_only: bool = False, collect_non_loss_data: bool = False,
                  first_val_step=None, adjust_tensor_shapes_fn=None, p2p_communicator=None,
-                 pg_collection=None) -> list:
+                 pg_collection=None, force_all_reduce: bool = False) -> list:
         name = self.schedule_name
         for arg, value in (("collect_non_loss_data", collect_non_loss_data),
+                           ("force_all_reduce", force_all_reduce),
                            ("adjust_tensor_shapes_fn", adjust_tensor_shapes_fn),
                            ("p2p_communicator", p2p_communicator),
                            ("decoder_seq_length", decoder_seq_length)):
@@ -200,8 +220,8 @@ class DualPipeForwardBackward:
         for wrapper, iterator in zip(self._wrappers, data_iterator):
             wrapper.forward_step_func, wrapper.data_iterator = forward_step_func, iterator
             wrapper.loss_funcs = []
-        holds_first = any(w.chunk.stage_index == 0 for w in self._wrappers)
-        last = [w for w in self._wrappers if w.chunk.stage_index == w.chunk.num_stages - 1]
+        holds_first = any(w.stage.is_first for w in self._wrappers)
+        last = [w for w in self._wrappers if w.stage.is_last]
         # forward_step_func reads the data itself: the schedule's inputs/labels are empty
         empty = [()] * num_microbatches
 

@@ -157,6 +157,10 @@ class DeepSeekV3Stage(nn.Module):
         self._model = (model,) if self.is_last else ()
         self._balance_loss: Optional[torch.Tensor] = None  # running sum, see pop_balance_loss
         self._input_tensor: Optional[torch.Tensor] = None
+        # What Megatron's loop reads of each model chunk (pretrain_dualpipe.py)
+        self.pre_process, self.post_process = self.is_first, self.is_last
+        self.share_embeddings_and_output_weights = False
+        self.pg_collection = getattr(model, "pg_collection", None)
 
     # ---- forward ----------------------------------------------------------------------------
 
@@ -187,14 +191,19 @@ class DeepSeekV3Stage(nn.Module):
 
     # ---- loss (last stage) ------------------------------------------------------------------
 
-    def lm_output(self, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor):
+    def lm_output(self, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
+                  position_ids: Optional[torch.Tensor] = None,
+                  loss_mask: Optional[torch.Tensor] = None):
         """The model's LMOutput (per-token CE of the next token and of each MTP depth) from
-        the final-norm hidden states [s, b, d] and the micro-batch's ids and labels [b, s]."""
+        the final-norm hidden states [s, b, d] and the micro-batch's ids and labels [b, s];
+        position_ids and loss_mask [b, s] as the whole model's forward takes them (the MTP
+        depths shift both)."""
         if not self.is_last:
             raise RuntimeError(f"stage {self.stage_index} of {self.num_stages} has no output "
                                "head; the loss runs on the last stage")
-        out = self._model[0].postprocess(hidden, input_ids=input_ids, position_ids=None,
-                                         labels=labels, run_mtp=self.mtp is not None)
+        out = self._model[0].postprocess(hidden, input_ids=input_ids, position_ids=position_ids,
+                                         labels=labels, loss_mask=loss_mask,
+                                         run_mtp=self.mtp is not None)
         self._collect_balance_losses([self.mtp] if self.mtp is not None else [])
         return out
 
@@ -228,8 +237,40 @@ class DeepSeekV3Stage(nn.Module):
         total, self._balance_loss = self._balance_loss, None
         return total if total is not None else torch.zeros(())
 
+    def shared_embedding_or_output_weight(self) -> None:
+        """Megatron all-reduces the gradient of a word embedding held by the first and the last
+        stage; here the last stage's MTP uses the embedding of the stage 0 on its own rank
+        (module note), so nothing is duplicated across ranks: None."""
+        return None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None) -> dict:
+        """Megatron's distributed checkpoint of this stage: its tensors under the whole
+        model's keys (`full_name`), as the whole model's own sharded_state_dict names them
+        (decoder layers by their global index, Megatron's non-homogeneous layout), so that a
+        checkpoint saved in stages loads into the whole model, or other stages, and back.
+        The dictionary's own keys stay this module's state-dict names (what the load fills)."""
+        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        out: dict = {}
+        for name, child in self.named_children():
+            if child is self.layers:
+                parts = [(f"layers.{i}.", layer, []) for i, layer in enumerate(self.layers)]
+            else:
+                parts = [(f"{name}.", child, sharded_offsets)]
+            for local, module, offsets in parts:
+                part = sharded_state_dict_default(module, prefix + local, offsets, metadata)
+                if self.full_name(local) != local:
+                    replace_prefix_for_sharding(part, prefix + local,
+                                                prefix + self.full_name(local))
+                out.update(part)
+        out.pop(f"{prefix}output_layer._extra_state", None)  # GPTModel drops it (always empty)
+        return out
+
     def full_name(self, local_name: str) -> str:
-        """This stage's parameter/buffer name -> the full model's name."""
+        """This stage's parameter/buffer name (or a prefix of names, ending in '.') -> the
+        full model's."""
         head, _, rest = local_name.partition(".")
         if head == "layers":
             index, _, rest = rest.partition(".")

@@ -17,6 +17,9 @@
 #   proxy    the proxy preset with MTP, 8 micro-batches of 4,096 tokens per iteration (our job's
 #            step), Megatron's per-iteration time
 #   job      our main job on the same preset and step (its GPU defaults): the ratio's baseline
+#   dualpipev (2 GPUs: the nvidia-h200-x2 kind) the tiny preset with 4 layers at PP=2 under
+#            --pipeline-schedule dualpipev, 20 iterations, a checkpoint at 10 and 20, then the
+#            same command with --train-iters 30 resuming from it
 # Every Megatron run: bf16 parameters, Megatron's distributed optimizer (fp32 main parameters and
 # gradients) with our AdamW's bf16 moments (--adam-moments-dtype auto with --bf16).
 # MEGATRON_ARGS: more flags for every Megatron run.
@@ -43,7 +46,8 @@ megatron() {  # megatron NAME TIMEOUT_S PRESET ARGS...
   local name=$1 limit=$2 preset=$3
   shift 3
   local start=$SECONDS
-  timeout "$limit" python3 -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 1 \
+  timeout "$limit" python3 -m torch.distributed.run --standalone --nnodes 1 \
+    --nproc-per-node "${NPROC:-1}" \
     -m megatron_dsv3.pretrain --preset "$preset" \
     --transformer-impl local \
     --tokenizer-type HuggingFaceTokenizer --tokenizer-model examples/data \
@@ -108,7 +112,15 @@ PY
            --micro-batch-size 1 --grad-accum 8 --steps 8 --warmup-steps 2 --no-wandb \
            --out-dir "$WORK/job" > "$DIR/job.log" 2>&1
          echo "== job: rc=$? in $((SECONDS - start)) s"; tail -n 6 "$DIR/job.log" ;;
-    *) echo "unknown part $p: choose from tiny resume straight nan corrupt proxy job" >&2
+    dualpipev) rm -rf "$WORK/ckpt_dualpipev"
+          for iters in 20 30; do
+            NPROC=2 megatron "dualpipev_$iters" 240 tiny --num-layers 4 \
+              --moe-layer-freq "[0,1,1,1]" --pipeline-model-parallel-size 2 \
+              --pipeline-schedule dualpipev --seq-length 128 --micro-batch-size 2 \
+              --global-batch-size 8 --train-iters "$iters" --save "$WORK/ckpt_dualpipev" \
+              --load "$WORK/ckpt_dualpipev" --save-interval 10
+          done ;;
+    *) echo "unknown part $p: choose from tiny resume straight nan corrupt proxy job dualpipev" >&2
        exit 2 ;;
   esac
 done

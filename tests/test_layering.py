@@ -14,8 +14,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "megatron_dsv3"
 
 TIERS = [  # the tiers of docs/architecture.md's package map
-    ("config", "megatron_compat", "megatron_cli", "kernels", "weight_grad", "data", "indexed_data",
-     "flops", "optimizer"),
+    ("config", "megatron_compat", "megatron_cli", "kernels", "fp8", "weight_grad", "data",
+     "indexed_data", "flops", "optimizer"),
     ("parallel", "gradients", "layers", "sharded_checkpoint"),
     ("attention", "moe", "mtp"),
     ("specs",),

@@ -1,0 +1,24 @@
+"""FP8 training (DeepSeek-V3's recipe): E4M3 with fine-grained scales computed from the live
+tensor, per 1x128 tile of activations and output gradients, per 128x1 tile of activations
+for the weight gradient, per 128x128 block of weights.
+
+  quantize.py   the plain PyTorch quantizers (the references) and Fp8Tensor; the fused kernels
+                are kernels/fp8_quantize.py
+"""
+
+from megatron_dsv3.fp8.quantize import (
+    FP8_DTYPE,
+    FP8_E4M3_MAX,
+    MIN_SCALE,
+    TILE,
+    Fp8Tensor,
+    check_quantize_input,
+    quantize_1x128,
+    quantize_128x1,
+    quantize_128x128,
+    round_scale_up_to_power_of_two,
+)
+
+__all__ = ["FP8_DTYPE", "FP8_E4M3_MAX", "MIN_SCALE", "TILE", "Fp8Tensor", "check_quantize_input",
+           "quantize_1x128", "quantize_128x1", "quantize_128x128",
+           "round_scale_up_to_power_of_two"]

@@ -1,0 +1,202 @@
+"""DeepSeek-V3's FP8 quantizers as fused Triton kernels: one pass per tensor that loads a tile,
+takes its amax, computes the scale, divides, clamps, casts to E4M3 and stores data and scale
+(and, for 128x1, stores the data transposed). The unfused PyTorch references
+(fp8/quantize.py, which defines the convention) read the input three times and write fp32
+temporaries; these kernels read it once and write one byte per element.
+
+  quantize_1x128_fused(x_MK)     data [M, K], scales [M, ceil(K/128)]
+  quantize_128x1_fused(x_MK)     data x^T [K, M], scales [K, ceil(M/128)]
+  quantize_128x128_fused(w_NK)   data [N, K], scales [ceil(N/128), ceil(K/128)]
+
+Each runs its kernel on an NVIDIA GPU with FP8 conversions (sm_89 and newer) and the
+reference elsewhere. The kernels give bit-identical data and scales to the references: every
+step is an exactly rounded fp32 operation (division through div_rn, since Triton's `/` is an
+approximate division on NVIDIA GPUs; the cast rounds to nearest even, as torch's does).
+One difference by design: a tile holding inf or NaN gets a NaN scale (raising would need a
+host sync), so everything computed from it is NaN; the references raise ValueError instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_dsv3.fp8.quantize import (
+    FP8_DTYPE,
+    FP8_E4M3_MAX,
+    INPUT_DTYPES,
+    MIN_SCALE,
+    TILE,
+    Fp8Tensor,
+    check_quantize_input,
+    quantize_1x128,
+    quantize_128x1,
+    quantize_128x128,
+)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference path (CPU machines without Triton)
+    triton = None
+
+# Rows of x per program of the 1x128 kernel (one tile column, a scale per row), and columns
+# of x per program of the 128x1 kernel (one 128-row band, a scale per column; each column is
+# stored as a 128-byte row of x^T). The 128x128 kernel takes one block per program.
+BLOCK_ROWS_1X128 = 32
+BLOCK_COLS_128X1 = 64
+
+# Hopper and Ada convert to E4M3 in hardware; older GPUs have no float8e4nv in Triton.
+MIN_CUDA_CAPABILITY = (8, 9)
+
+if triton is not None:
+    _FP8_MAX = tl.constexpr(FP8_E4M3_MAX)
+    _FP32_MAX = tl.constexpr(torch.finfo(torch.float32).max)
+    _MIN_SCALE = tl.constexpr(MIN_SCALE)
+    _FP32_MANTISSA_MASK = tl.constexpr((1 << 23) - 1)
+
+    @triton.jit
+    def _tile_scale(amax, all_finite, POW2_SCALES: tl.constexpr):
+        """max(amax / 448, 2^-126), rounded up to a power of two when asked; NaN where the
+        tile was not all finite (set last: the power-of-two rounding would turn NaN's bits
+        into 0)."""
+        scale = tl.maximum(tl.math.div_rn(amax, _FP8_MAX), _MIN_SCALE)
+        if POW2_SCALES:  # fp8/quantize.py's round_scale_up_to_power_of_two
+            bits = scale.to(tl.int32, bitcast=True)
+            bits = (bits + _FP32_MANTISSA_MASK) & ~_FP32_MANTISSA_MASK
+            scale = bits.to(tl.float32, bitcast=True)
+        return tl.where(all_finite, scale, float("nan"))
+
+    @triton.jit
+    def _to_fp8(x, scale):
+        scaled = tl.clamp(tl.math.div_rn(x, scale), -_FP8_MAX, _FP8_MAX)
+        return scaled.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+
+    @triton.jit
+    def _quantize_1x128_kernel(x_ptr, data_ptr, scales_ptr,     # pointers
+                               M, K,                            # sizes
+                               stride_xm, stride_xk,            # x's strides (outputs contiguous)
+                               POW2_SCALES: tl.constexpr, BLOCK_M: tl.constexpr,
+                               TILE: tl.constexpr):
+        block_m, tile_k = tl.program_id(0), tl.program_id(1)
+        rows = (block_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = tile_k * TILE + tl.arange(0, TILE)
+        in_x = (rows[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=in_x,
+                    other=0.0).to(tl.float32)                                # [BLOCK_M, TILE]
+        finite = (tl.abs(x) <= _FP32_MAX).to(tl.int32)                       # NaN compares false
+        scale = _tile_scale(tl.max(tl.abs(x), axis=1), tl.min(finite, axis=1) == 1,
+                            POW2_SCALES)                                     # [BLOCK_M]
+        tl.store(data_ptr + rows[:, None] * K + cols[None, :], _to_fp8(x, scale[:, None]),
+                 mask=in_x)
+        tl.store(scales_ptr + rows * tl.cdiv(K, TILE) + tile_k, scale, mask=rows < M)
+
+    @triton.jit
+    def _quantize_128x1_kernel(x_ptr, data_t_ptr, scales_ptr,   # pointers
+                               M, K,                            # sizes
+                               stride_xm, stride_xk,            # x's strides (outputs contiguous)
+                               POW2_SCALES: tl.constexpr, BLOCK_K: tl.constexpr,
+                               TILE: tl.constexpr):
+        tile_m, block_k = tl.program_id(0), tl.program_id(1)
+        rows = tile_m * TILE + tl.arange(0, TILE)
+        cols = (block_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+        in_x = (rows[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=in_x,
+                    other=0.0).to(tl.float32)                                # [TILE, BLOCK_K]
+        finite = (tl.abs(x) <= _FP32_MAX).to(tl.int32)
+        scale = _tile_scale(tl.max(tl.abs(x), axis=0), tl.min(finite, axis=0) == 1,
+                            POW2_SCALES)                                     # [BLOCK_K]
+        data_t = tl.trans(_to_fp8(x, scale[None, :]))                        # [BLOCK_K, TILE]
+        tl.store(data_t_ptr + cols[:, None] * M + rows[None, :], data_t, mask=tl.trans(in_x))
+        tl.store(scales_ptr + cols * tl.cdiv(M, TILE) + tile_m, scale, mask=cols < K)
+
+    @triton.jit
+    def _quantize_128x128_kernel(w_ptr, data_ptr, scales_ptr,   # pointers
+                                 N, K,                          # sizes
+                                 stride_wn, stride_wk,          # w's strides (outputs contiguous)
+                                 POW2_SCALES: tl.constexpr, TILE: tl.constexpr):
+        tile_n, tile_k = tl.program_id(0), tl.program_id(1)
+        rows = (tile_n * TILE + tl.arange(0, TILE)).to(tl.int64)
+        cols = tile_k * TILE + tl.arange(0, TILE)
+        in_w = (rows[:, None] < N) & (cols[None, :] < K)
+        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=in_w,
+                    other=0.0).to(tl.float32)                                # [TILE, TILE]
+        finite = (tl.abs(w) <= _FP32_MAX).to(tl.int32)
+        scale = _tile_scale(tl.max(tl.abs(w)), tl.min(finite) == 1, POW2_SCALES)  # scalar
+        tl.store(data_ptr + rows[:, None] * K + cols[None, :], _to_fp8(w, scale), mask=in_w)
+        tl.store(scales_ptr + tile_n * tl.cdiv(K, TILE) + tile_k, scale)
+
+
+def uses_kernel(x: torch.Tensor) -> bool:
+    """Whether the fused kernels run for x: Triton present, x a 2-D bf16/fp16/fp32 tensor on an
+    NVIDIA GPU that converts to E4M3 (compute capability 8.9 or newer)."""
+    return (triton is not None and isinstance(x, torch.Tensor) and x.is_cuda
+            and torch.version.hip is None and x.dim() == 2 and x.dtype in INPUT_DTYPES
+            and torch.cuda.get_device_capability(x.device) >= MIN_CUDA_CAPABILITY)
+
+
+def _empty_result(rows: int, cols: int, scale_shape, tiling: str, device) -> Fp8Tensor:
+    return Fp8Tensor(torch.empty(rows, cols, dtype=FP8_DTYPE, device=device),
+                     torch.empty(scale_shape, dtype=torch.float32, device=device), tiling)
+
+
+def launch_quantize_1x128(x: torch.Tensor, *, pow2_scales: bool = False) -> Fp8Tensor:
+    """The 1x128 kernel itself, on any device Triton runs on (its interpreter included)."""
+    check_quantize_input(x, "x")
+    M, K = x.shape
+    out = _empty_result(M, K, (M, triton.cdiv(K, TILE)), "1x128", x.device)
+    if M and K:
+        grid = (triton.cdiv(M, BLOCK_ROWS_1X128), triton.cdiv(K, TILE))
+        _quantize_1x128_kernel[grid](x, out.data, out.scales, M, K, x.stride(0), x.stride(1),
+                                     POW2_SCALES=pow2_scales, BLOCK_M=BLOCK_ROWS_1X128,
+                                     TILE=TILE)
+    return out
+
+
+def launch_quantize_128x1(x: torch.Tensor, *, pow2_scales: bool = False) -> Fp8Tensor:
+    """The 128x1 kernel itself (transposed data), on any device Triton runs on."""
+    check_quantize_input(x, "x")
+    M, K = x.shape
+    out = _empty_result(K, M, (K, triton.cdiv(M, TILE)), "128x1", x.device)
+    if M and K:
+        grid = (triton.cdiv(M, TILE), triton.cdiv(K, BLOCK_COLS_128X1))
+        _quantize_128x1_kernel[grid](x, out.data, out.scales, M, K, x.stride(0), x.stride(1),
+                                     POW2_SCALES=pow2_scales, BLOCK_K=BLOCK_COLS_128X1,
+                                     TILE=TILE)
+    return out
+
+
+def launch_quantize_128x128(w: torch.Tensor, *, pow2_scales: bool = False) -> Fp8Tensor:
+    """The 128x128 kernel itself, on any device Triton runs on."""
+    check_quantize_input(w, "w")
+    N, K = w.shape
+    out = _empty_result(N, K, (triton.cdiv(N, TILE), triton.cdiv(K, TILE)), "128x128",
+                        w.device)
+    if N and K:
+        grid = (triton.cdiv(N, TILE), triton.cdiv(K, TILE))
+        _quantize_128x128_kernel[grid](w, out.data, out.scales, N, K, w.stride(0), w.stride(1),
+                                       POW2_SCALES=pow2_scales, TILE=TILE)
+    return out
+
+
+def quantize_1x128_fused(x: torch.Tensor, *, pow2_scales: bool = False) -> Fp8Tensor:
+    """x [M, K] in 1x128 tiles (fp8/quantize.py's quantize_1x128): the kernel on a GPU, the
+    reference elsewhere."""
+    if uses_kernel(x):
+        return launch_quantize_1x128(x, pow2_scales=pow2_scales)
+    return quantize_1x128(x, pow2_scales=pow2_scales)
+
+
+def quantize_128x1_fused(x: torch.Tensor, *, pow2_scales: bool = False) -> Fp8Tensor:
+    """x [M, K] in 128x1 tiles, data stored as x^T [K, M] (fp8/quantize.py's quantize_128x1):
+    the kernel on a GPU, the reference elsewhere."""
+    if uses_kernel(x):
+        return launch_quantize_128x1(x, pow2_scales=pow2_scales)
+    return quantize_128x1(x, pow2_scales=pow2_scales)
+
+
+def quantize_128x128_fused(w: torch.Tensor, *, pow2_scales: bool = False) -> Fp8Tensor:
+    """w [N, K] in 128x128 blocks (fp8/quantize.py's quantize_128x128): the kernel on a GPU,
+    the reference elsewhere."""
+    if uses_kernel(w):
+        return launch_quantize_128x128(w, pow2_scales=pow2_scales)
+    return quantize_128x128(w, pow2_scales=pow2_scales)

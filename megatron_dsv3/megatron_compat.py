@@ -25,6 +25,9 @@ rest of the package reaches them only through this module, so that a new release
   megatron.training.training.save_checkpoint / load_checkpoint
         `around_megatron_checkpointing(after_save, before_load)`: the names Megatron's loop
         calls, wrapped (pretrain.py writes and checks a digest manifest of each checkpoint)
+  megatron.training.training.evaluate
+        `around_megatron_evaluate(context)`: evaluation inside a context (pretrain: eager
+        while the training modules are CUDA graphs)
   megatron.training.training.get_forward_backward_func
         `use_forward_backward_func(factory)`: the schedule Megatron's loop runs (pretrain with
         --pipeline-schedule dualpipev: ours)
@@ -275,6 +278,21 @@ def around_megatron_checkpointing(after_save, before_load) -> None:
     training.save_checkpoint, training.load_checkpoint = save_checkpoint, load_checkpoint
 
 
+def around_megatron_evaluate(context) -> None:
+    """Megatron's loop runs each evaluation (`evaluate`, a name of
+    megatron.training.training) inside `context()`. Idempotent: a second call replaces it."""
+    from megatron.training import training
+
+    evaluate = getattr(training.evaluate, "_megatron_evaluate", training.evaluate)
+
+    def evaluate_within(*args, **kwargs):
+        with context():
+            return evaluate(*args, **kwargs)
+
+    evaluate_within._megatron_evaluate = evaluate
+    training.evaluate = evaluate_within
+
+
 def use_forward_backward_func(factory) -> None:
     """The `get_forward_backward_func` Megatron's training and evaluation loops call (a name
     megatron.training.training imports) returns `factory()` instead of Megatron's schedule."""
@@ -309,6 +327,6 @@ def megatron_has_fused_adam() -> bool:
 
 
 __all__ = ["TESTED_VERSION", "GPTPostprocessHook", "GemmCall", "OwnGemmHook",
-           "around_megatron_checkpointing", "layer_attention", "layer_post_mlp",
+           "around_megatron_checkpointing", "around_megatron_evaluate", "layer_attention", "layer_post_mlp",
            "layer_pre_mlp_norm", "megatron_has_fused_adam", "one_pipeline_stage",
            "use_forward_backward_func", "use_megatron_adam", "use_prebuilt_dataset_helpers"]

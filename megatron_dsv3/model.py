@@ -151,6 +151,19 @@ def _megatron_args():
         return None
 
 
+def resolve_compile(scope: str, mode: str, *, on_cuda: bool, parallel: bool) -> tuple[str, str]:
+    """A --compile scope and --compile-mode with 'auto' resolved, as the training job and
+    Megatron's loop (pretrain) take them: our modules on cuda, nothing elsewhere (CPU tests
+    and runs stay eager); reduce-overhead (CUDA graphs) on cuda without tensor, expert or
+    pipeline parallelism (whose collectives and micro-batches in flight CUDA graphs do not
+    take here), default otherwise."""
+    if scope == "auto":
+        scope = "modules" if on_cuda else "none"
+    if mode == "auto":
+        mode = "reduce-overhead" if on_cuda and not parallel else "default"
+    return scope, mode
+
+
 def compile_model(model: torch.nn.Module, scope: str = "layers", **compile_kwargs) -> int:
     """torch.compile, in place, each transformer layer (scope="layers", decoder and MTP) or
     each of our attention / FFN modules (scope="modules"). Fuses the elementwise work around

@@ -27,6 +27,10 @@ this module adds to Megatron's loop:
     the first and last pipeline stages only (`get_batch`);
   * AdamW's moments in bf16 as DeepSeek-V3 keeps them (`--adam-moments-dtype`, auto: with
     --bf16), through our AdamW in place of Megatron's Adam class (optimizer.MegatronAdamW);
+  * our modules compiled as the training job compiles them (`--compile`, `--compile-mode`:
+    CUDA graphs on one GPU), evaluation eager while they are CUDA graphs;
+  * DualPipeV as the pipeline schedule (`--pipeline-schedule dualpipev`, pretrain_dualpipe.py);
+  * a digest manifest of each checkpoint, verified before a resume loads it;
   * logging (pretrain_log.py): each MTP depth's CE in the loss report, each MoE layer's load
     balance and bias, tokens/s and model TFLOP/s by our FLOP count, the load heatmap, to
     Megatron's W&B run and TensorBoard; W&B offline when WANDB_API_KEY is not set.
@@ -102,6 +106,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="with --pipeline-model-parallel-size > 1: Megatron's own 1F1B, or "
                             "DualPipeV (pretrain_dualpipe.py: 2 stages per rank, rank r "
                             "holding stages r and 2PP-1-r; --num-layers a multiple of 2PP)")
+    group.add_argument("--compile", default="auto", choices=("auto", "none", "modules", "layers"),
+                       help="torch.compile our attention/MoE modules or whole transformer "
+                            "layers (model.compile_model), as the training job does; auto: "
+                            "modules on cuda, none on cpu")
+    group.add_argument("--compile-mode", default="auto",
+                       help="torch.compile mode for --compile: default, reduce-overhead (CUDA "
+                            "graphs) or any mode torch.compile takes; auto: reduce-overhead on "
+                            "cuda without tensor, expert or pipeline parallelism, else default")
     group.add_argument("--expert-load-image-interval", type=int, default=100,
                        help="log the expert-load heatmap to W&B every this many iterations "
                             "(0: never); the per-layer load and bias metrics follow "
@@ -218,6 +230,28 @@ def use_our_adamw(args) -> None:
         use_megatron_adam(MegatronAdamW)
     elif not megatron_has_fused_adam():
         use_megatron_adam(MegatronAdamWFP32)
+
+
+def compile_settings(args) -> tuple[str, str]:
+    """(--compile scope, --compile-mode) with auto resolved as the training job does."""
+    from .model import resolve_compile
+
+    parallel = (args.tensor_model_parallel_size > 1 or args.expert_model_parallel_size > 1
+                or args.pipeline_model_parallel_size > 1)
+    return resolve_compile(args.compile, args.compile_mode, on_cuda=torch.cuda.is_available(),
+                           parallel=parallel)
+
+
+def eager_while_graphed(args):
+    """The context of Megatron's evaluations: eager when the compiled modules are CUDA graphs
+    (graphs recorded for training, replayed without grad, overwrote outputs still in use at
+    the training job's first evaluation on an H200), else nothing."""
+    from contextlib import nullcontext
+
+    scope, mode = compile_settings(args)
+    if scope != "none" and "reduce-overhead" in mode:
+        return torch.compiler.set_stance("force_eager")
+    return nullcontext()
 
 
 def tokens_trained(args) -> int:
@@ -519,8 +553,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     import os
 
     from . import pretrain_dualpipe as dualpipe
-    from .megatron_compat import around_megatron_checkpointing, use_prebuilt_dataset_helpers
-    from .model import model_provider
+    from .megatron_compat import (around_megatron_checkpointing, around_megatron_evaluate,
+                                  use_prebuilt_dataset_helpers)
+    from .model import compile_model, model_provider
     from .pretrain_log import PretrainLog
 
     sys.argv = [sys.argv[0], *dualpipe.with_two_chunks_per_rank(without_missing_kernels(
@@ -550,11 +585,15 @@ def main(argv: Optional[list[str]] = None) -> None:
             model = model_provider(pre_process, post_process, vp_stage=vp_stage, config=config,
                                    pg_collection=pg_collection)
         PretrainLog.install(model.config, args)
+        scope, mode = compile_settings(args)
+        if scope != "none":
+            compile_model(model, scope=scope, **({} if mode == "default" else {"mode": mode}))
         return model
     cfg = megatron_config_container(args)
     use_prebuilt_dataset_helpers()  # the wheel's pretrain() would run `make` and exit
     around_megatron_checkpointing(partial(manifest_after_save, args),
                                   partial(verify_before_load, args))
+    around_megatron_evaluate(partial(eager_while_graphed, args))
     pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
              forward_step, model_provider=provide_model)
 

@@ -358,7 +358,7 @@ def test_megatrons_setup_builds_our_model_through_the_provider(dist_single, monk
     monkeypatch.setattr(megatron.training, "pretrain", lambda cfg, *a, model_provider, **k:
                         seen.update(cfg=cfg, provider=model_provider))
     megatrons = {name: getattr(training, name) for name in ("save_checkpoint",
-                                                            "load_checkpoint")}
+                                                            "load_checkpoint", "evaluate")}
     for name, function in megatrons.items():  # restored after the test
         monkeypatch.setattr(training, name, function)
     monkeypatch.setattr(sys, "argv", list(sys.argv))
@@ -371,6 +371,7 @@ def test_megatrons_setup_builds_our_model_through_the_provider(dist_single, monk
         # the digest manifest's hooks (tests/test_checkpoint_digest.py) around Megatron's own
         assert training.save_checkpoint._megatron_save is megatrons["save_checkpoint"]
         assert training.load_checkpoint._megatron_load is megatrons["load_checkpoint"]
+        assert training.evaluate._megatron_evaluate is megatrons["evaluate"]
         assert seen["cfg"].train.train_iters == 1
         model = seen["provider"](pre_process=True, post_process=True, config=None,
                                  pg_collection=dist_single)
@@ -378,3 +379,40 @@ def test_megatrons_setup_builds_our_model_through_the_provider(dist_single, monk
         global_vars.unset_global_variables()
     assert isinstance(model, DeepSeekV3Model)
     assert sum(isinstance(m, MultiLatentAttention) for m in model.modules()) == 4  # 3 + MTP
+
+
+def test_megatrons_loop_compiles_as_the_job_and_evaluates_eager_under_cuda_graphs(monkeypatch):
+    """--compile / --compile-mode resolve as the training job's (model.resolve_compile): our
+    modules with CUDA graphs on one GPU, without graphs with any parallelism, nothing on the
+    CPU; Megatron's evaluation then runs eager (the job's first evaluation under CUDA graphs
+    failed on an H200) through the wrapper around Megatron's evaluate."""
+    import contextlib
+
+    from megatron.training import training
+
+    from megatron_dsv3.megatron_compat import around_megatron_evaluate
+    from megatron_dsv3.pretrain import compile_settings, eager_while_graphed
+
+    def args(**changes):
+        return argparse.Namespace(**{"compile": "auto", "compile_mode": "auto",
+                                     "tensor_model_parallel_size": 1,
+                                     "expert_model_parallel_size": 1,
+                                     "pipeline_model_parallel_size": 1, **changes})
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert compile_settings(args()) == ("modules", "reduce-overhead")
+    assert compile_settings(args(expert_model_parallel_size=2)) == ("modules", "default")
+    assert compile_settings(args(pipeline_model_parallel_size=2)) == ("modules", "default")
+    assert compile_settings(args(compile="layers", compile_mode="max-autotune")) == (
+        "layers", "max-autotune")
+    stances = []
+    monkeypatch.setattr(torch.compiler, "set_stance", lambda stance: stances.append(stance)
+                        or contextlib.nullcontext())
+    monkeypatch.setattr(training, "evaluate", lambda *a, **k: stances.append("evaluated"))
+    around_megatron_evaluate(lambda: eager_while_graphed(args()))
+    training.evaluate("model")
+    around_megatron_evaluate(lambda: eager_while_graphed(args(compile="none")))  # replaces
+    training.evaluate("model")
+    assert stances == ["force_eager", "evaluated", "evaluated"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert compile_settings(args()) == ("none", "default")

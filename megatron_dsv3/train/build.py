@@ -108,23 +108,24 @@ def compile_for_device(model: torch.nn.Module, args, device: torch.device) -> in
     (state-dict names unchanged); returns how many modules were compiled."""
     from ..model import compile_model
 
-    scope = args.compile
-    if scope == "auto":
-        scope = "modules" if device.type == "cuda" else "none"
+    scope, mode = _compile_settings(args, device)
     if scope == "none":
         return 0
-    mode = compile_mode(args, device)
     return compile_model(model, scope=scope, **({} if mode == "default" else {"mode": mode}))
 
 
 def compile_mode(args, device: torch.device) -> str:
-    """--compile-mode, auto resolved: reduce-overhead (CUDA graphs) on cuda with TP = EP =
-    PP = 1, default otherwise."""
-    if args.compile_mode != "auto":
-        return args.compile_mode
-    single = (args.tensor_parallel_size == 1 and args.expert_parallel_size == 1
-              and args.pipeline_parallel_size == 1)
-    return "reduce-overhead" if device.type == "cuda" and single else "default"
+    """--compile-mode, auto resolved (model.resolve_compile)."""
+    return _compile_settings(args, device)[1]
+
+
+def _compile_settings(args, device: torch.device) -> tuple[str, str]:
+    from ..model import resolve_compile
+
+    parallel = any(getattr(args, f"{kind}_parallel_size", 1) > 1  # read for auto only
+                   for kind in ("tensor", "expert", "pipeline"))
+    return resolve_compile(args.compile, args.compile_mode, on_cuda=device.type == "cuda",
+                           parallel=parallel)
 
 
 def uses_cuda_graphs(args, device: torch.device) -> bool:

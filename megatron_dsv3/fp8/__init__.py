@@ -4,6 +4,10 @@ for the weight gradient, per 128x128 block of weights.
 
   quantize.py   the plain PyTorch quantizers (the references) and Fp8Tensor; the fused kernels
                 are kernels/fp8_quantize.py
+  gemm.py       GEMMs of K-major FP8 operands, FP32 promotion every 128-element K block (the
+                emulation every machine runs)
+  linear.py     fp8_linear: y = x W^T with the forward, input- and weight-gradient GEMMs in
+                FP8, x and W kept in FP8 for backward
 """
 
 from megatron_dsv3.fp8.quantize import (

@@ -1,0 +1,75 @@
+"""The FP8 linear y = x W^T (+ b) of DeepSeek-V3's recipe: all three GEMMs in FP8.
+
+  fp8_linear(x, weight, bias=None)    x [..., K], weight [N, K] -> y [..., N] in x's dtype
+
+  forward       x quantized in 1x128 tiles, W in 128x128 blocks; y = fp8_gemm
+  input grad    dy in 1x128 tiles, W^T the forward's blocks transposed; dx = fp8_gemm
+  weight grad   dy and x in 128x1 tiles (1x128 along the tokens, stored transposed);
+                dW = fp8_gemm, accumulated in FP32, returned in W's dtype
+
+What backward needs is kept in FP8: x as its 128x1 quantization (the weight gradient's
+operand, quantized once in the forward, where x is at hand) and W as its 128x128 blocks, with
+their FP32 scales: one byte per element instead of two for a bf16 x.
+
+The quantizers are kernels/fp8_quantize.py's (one fused pass on a GPU, the references
+elsewhere); the GEMMs fp8/gemm.py's.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..kernels.fp8_quantize import (quantize_1x128_fused, quantize_128x1_fused,
+                                    quantize_128x128_fused)
+from .gemm import fp8_gemm, transposed_blocks
+from .quantize import Fp8Tensor
+
+
+class _Fp8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+                ) -> torch.Tensor:
+        x_MK = x.reshape(-1, x.shape[-1])
+        w = quantize_128x128_fused(weight)
+        y = fp8_gemm(quantize_1x128_fused(x_MK), w, out_dtype=torch.float32)
+        if bias is not None:
+            y = y + bias.float()
+        # for backward, in FP8: x^T in 1x128 tiles along the tokens, and W's blocks
+        x_t = quantize_128x1_fused(x_MK) if weight.requires_grad else None
+        ctx.save_for_backward(*(t for q in (x_t, w) if q is not None
+                                for t in (q.data, q.scales)))
+        ctx.saved_x = x_t is not None
+        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
+        ctx.b_dtype = None if bias is None else bias.dtype
+        return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        saved = list(ctx.saved_tensors)
+        x_t = Fp8Tensor(saved.pop(0), saved.pop(0), "128x1") if ctx.saved_x else None
+        w = Fp8Tensor(saved.pop(0), saved.pop(0), "128x128")
+        dy_MN = grad_y.reshape(-1, grad_y.shape[-1])
+        if dy_MN.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            dy_MN = dy_MN.float()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = fp8_gemm(quantize_1x128_fused(dy_MN), transposed_blocks(w),
+                              out_dtype=ctx.x_dtype).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = fp8_gemm(quantize_128x1_fused(dy_MN), x_t,
+                              out_dtype=torch.float32).to(ctx.w_dtype)
+        if ctx.b_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = dy_MN.float().sum(dim=0).to(ctx.b_dtype)
+        return grad_x, grad_w, grad_b
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor,
+               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x W^T (+ b) with the forward, input-gradient and weight-gradient GEMMs in FP8
+    (module docstring); x [..., K], weight [N, K], y [..., N] in x's dtype."""
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"fp8_linear: x [..., K] = {list(x.shape)} and weight [N, K] = "
+                         f"{list(weight.shape)} do not match: K must be x's last dimension")
+    return _Fp8Linear.apply(x, weight, bias)

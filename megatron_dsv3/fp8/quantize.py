@@ -23,9 +23,11 @@ The convention, for every tiling:
     exactly to 0;
   * with pow2_scales the scale is rounded up to a power of two, 2^ceil(log2(scale)), so that
     scaling and unscaling are exact; the data then use at most the range up to 448;
-  * data = cast(clamp(x / scale, -448, 448)) with round-to-nearest-even. The clamp matters:
-    x / scale can land a rounding above 448 at the tile's amax, and torch's cast to
-    float8_e4m3fn gives NaN there instead of saturating.
+  * data = cast(clamp(x / scale, -448, 448)) with round-to-nearest-even. x / scale reaches
+    448 (1 + 2^-23) at most (the scale's rounding), which rounds to 448, so with the tile's
+    own amax the clamp changes nothing; it makes the saturation explicit instead of leaving
+    values above 448 to the cast (torch 2.14's saturates, inf included; older releases gave
+    NaN from 480 up).
 Every step is an exactly rounded fp32 operation (abs and max are exact, division correctly
 rounded), which is what lets a kernel reproduce the data and scales bit for bit.
 

@@ -71,6 +71,8 @@ if triton is not None:
         scaled = tl.clamp(tl.math.div_rn(x, scale), -_FP8_MAX, _FP8_MAX)
         return scaled.to(tl.float8e4nv, fp_downcast_rounding="rtne")
 
+    # The kernels take one tile-aligned block each and index in int64: a strided view's
+    # offsets (row * stride) can pass 2^31 on large inputs.
     @triton.jit
     def _quantize_1x128_kernel(x_ptr, data_ptr, scales_ptr,     # pointers
                                M, K,                            # sizes
@@ -79,7 +81,7 @@ if triton is not None:
                                TILE: tl.constexpr):
         block_m, tile_k = tl.program_id(0), tl.program_id(1)
         rows = (block_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        cols = tile_k * TILE + tl.arange(0, TILE)
+        cols = (tile_k * TILE + tl.arange(0, TILE)).to(tl.int64)
         in_x = (rows[:, None] < M) & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=in_x,
                     other=0.0).to(tl.float32)                                # [BLOCK_M, TILE]
@@ -97,7 +99,7 @@ if triton is not None:
                                POW2_SCALES: tl.constexpr, BLOCK_K: tl.constexpr,
                                TILE: tl.constexpr):
         tile_m, block_k = tl.program_id(0), tl.program_id(1)
-        rows = tile_m * TILE + tl.arange(0, TILE)
+        rows = (tile_m * TILE + tl.arange(0, TILE)).to(tl.int64)
         cols = (block_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
         in_x = (rows[:, None] < M) & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=in_x,
@@ -116,7 +118,7 @@ if triton is not None:
                                  POW2_SCALES: tl.constexpr, TILE: tl.constexpr):
         tile_n, tile_k = tl.program_id(0), tl.program_id(1)
         rows = (tile_n * TILE + tl.arange(0, TILE)).to(tl.int64)
-        cols = tile_k * TILE + tl.arange(0, TILE)
+        cols = (tile_k * TILE + tl.arange(0, TILE)).to(tl.int64)
         in_w = (rows[:, None] < N) & (cols[None, :] < K)
         w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=in_w,
                     other=0.0).to(tl.float32)                                # [TILE, TILE]

@@ -177,3 +177,42 @@ def test_grouped_wgrad_kernel_matches_fp64_in_bf16():
         begin = end
     assert_close(total, expected, FP32_REORDER, f"fp32 accumulation (seed {seed})")
     assert torch.equal(total[3], start[3])
+
+
+@pytest.mark.parametrize("tiling", ["1x128", "128x1", "128x128"])
+def test_fp8_quantize_kernels_are_bit_identical_to_the_references_in_bf16(tiling):
+    """The one-pass Triton quantizers on bf16 activations (the interpreter on the CPU cannot
+    run bf16): data and scales bit for bit, a partial tile included."""
+    from megatron_dsv3.fp8 import quantize
+    from megatron_dsv3.kernels import fp8_quantize
+
+    torch.manual_seed(0)
+    x = (torch.randn(4096 + 64, 2048 + 72, device="cuda") * 3).to(torch.bfloat16)
+    name = {"1x128": "quantize_1x128", "128x1": "quantize_128x1", "128x128": "quantize_128x128"}
+    fused = getattr(fp8_quantize, f"{name[tiling]}_fused")(x)
+    reference = getattr(quantize, name[tiling])(x)
+    assert fp8_quantize.uses_kernel(x)
+    assert torch.equal(fused.scales, reference.scales)
+    assert torch.equal(fused.data.view(torch.uint8), reference.data.view(torch.uint8))
+
+
+@pytest.mark.parametrize("gemm", ["forward", "input grad", "weight grad"])
+def test_fp8_gemm_on_cublas_matches_the_emulation(gemm):
+    """cuBLASLt's blockwise-scaled GEMM (F.scaled_mm, DeepSeek's 1x128 / 128x128 scaling) on
+    the linear's three operand pairs against fp8/gemm.py's emulation of the same FP8 operands:
+    both promote every 128 elements of K to fp32; they differ only in the order of fp32 sums."""
+    from megatron_dsv3.fp8.gemm import (fp8_gemm, fp8_gemm_emulated, transposed_blocks,
+                                        uses_scaled_mm)
+    from megatron_dsv3.fp8.quantize import quantize_1x128, quantize_128x1, quantize_128x128
+
+    torch.manual_seed(0)
+    m, k, n = 1024, 2048, 1408
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) * 1e-3
+    a, b = {"forward": lambda: (quantize_1x128(x), quantize_128x128(w)),
+            "input grad": lambda: (quantize_1x128(dy), transposed_blocks(quantize_128x128(w))),
+            "weight grad": lambda: (quantize_128x1(dy), quantize_128x1(x))}[gemm]()
+    assert uses_scaled_mm(a, b)
+    assert_close(fp8_gemm(a, b), fp8_gemm_emulated(a, b), FP32_REORDER,
+                 "the same FP8 products and scales, fp32 sums in another order")

@@ -1,5 +1,5 @@
 """DeepSeek-V3's FP8 quantization in plain PyTorch: E4M3 with scales from the live tensor, one
-per tile (docs: ../shared/DESIGN.md section 4). These are the references that the fused
+per tile (docs/precision-and-parallelism.md section 2). These are the references that the fused
 kernels (kernels/fp8_quantize.py) match bit for bit, and the path on machines without them.
 
   quantize_1x128(x_MK)     activations and output gradients: one scale per row and 128

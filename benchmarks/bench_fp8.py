@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""FP8 (issue 12) on one GPU: the quantizers against a bf16 copy of the same tensor, and the FP8
+linear (fp8/linear.py) forward + backward against a bf16 nn.Linear, in the same run.
+
+  python benchmarks/bench_fp8.py                                   # H200: DeepSeek-V3 shapes
+  python benchmarks/bench_fp8.py --device cpu --tokens 256 --shrink 16 --repeat 1   # logic
+
+Quantizers, on a [tokens, 7168] bf16 activation and a [7168, 2048] bf16 weight: each fused
+kernel's time and bandwidth (2 bytes read, 1 written per element, plus the fp32 scales) against
+a bf16 copy of the same tensor (2 read, 2 written), the memory ceiling; the target is 80% of it.
+Linear, for each (K, N) of the issue's table at `--tokens` rows: forward + backward of
+fp8_linear (three FP8 GEMMs, quantizers included) against torch.nn.functional.linear in bf16,
+and the forward GEMM alone (fp8_gemm on quantized operands) against the bf16 matmul. The
+speedups are the ratios of the two in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.common import emit_json, resolve_device, result_header, sync  # noqa: E402
+from megatron_dsv3.fp8.gemm import fp8_gemm, uses_scaled_mm  # noqa: E402
+from megatron_dsv3.fp8.linear import fp8_linear  # noqa: E402
+from megatron_dsv3.kernels.fp8_quantize import (quantize_1x128_fused,  # noqa: E402
+                                                quantize_128x1_fused, quantize_128x128_fused,
+                                                uses_kernel)
+
+# (K, N) of DeepSeek-V3's linears (the issue's table): y [M, N] = x [M, K] W^T
+SHAPES = ((7168, 2048), (2048, 7168), (7168, 18432), (7168, 1536), (1536, 24576))
+
+
+def seconds(fn, repeat: int, device: torch.device) -> float:
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeat
+
+
+def quantizer_rows(tokens: int, shrink: int, repeat: int, device: torch.device) -> list[dict]:
+    x = torch.randn(tokens, 7168 // shrink, device=device).to(torch.bfloat16)
+    w = torch.randn(7168 // shrink, 2048 // shrink, device=device).to(torch.bfloat16)
+    rows = []
+    for name, fn, t in (("activation 1x128", quantize_1x128_fused, x),
+                        ("activation 128x1 (transposed)", quantize_128x1_fused, x),
+                        ("weight 128x128", quantize_128x128_fused, w)):
+        copy = torch.empty_like(t)
+        n = t.numel()
+        row = {"quantizer": name, "shape": list(t.shape), "kernel": uses_kernel(t),
+               "quantize_s": seconds(lambda: fn(t), repeat, device),
+               "bf16_copy_s": seconds(lambda: copy.copy_(t), repeat, device)}
+        scales = n // 128 * 4 if "128x128" not in name else n // (128 * 128) * 4
+        row["quantize_tb_s"] = round((3 * n + scales) / row["quantize_s"] / 1e12, 3)
+        row["bf16_copy_tb_s"] = round(4 * n / row["bf16_copy_s"] / 1e12, 3)
+        row["fraction_of_copy"] = round(row["quantize_tb_s"] / row["bf16_copy_tb_s"], 3)
+        rows.append(row)
+        print(f"{name:30s} {row['quantize_s'] * 1e3:7.3f} ms {row['quantize_tb_s']:.2f} TB/s | "
+              f"bf16 copy {row['bf16_copy_tb_s']:.2f} TB/s | {row['fraction_of_copy']:.2f} of it",
+              file=sys.stderr)
+    return rows
+
+
+def linear_rows(tokens: int, shrink: int, repeat: int, device: torch.device) -> list[dict]:
+    from megatron_dsv3.fp8.quantize import quantize_1x128, quantize_128x128
+
+    rows = []
+    for k, n in SHAPES:
+        k, n = k // shrink, n // shrink
+        x = torch.randn(tokens, k, device=device).to(torch.bfloat16).requires_grad_()
+        w = (torch.randn(n, k, device=device) * 0.02).to(torch.bfloat16).requires_grad_()
+        dy = torch.randn(tokens, n, device=device).to(torch.bfloat16)
+
+        def step(linear):
+            x.grad = w.grad = None
+            linear(x, w).backward(dy)
+
+        xq, wq = quantize_1x128(x.detach()), quantize_128x128(w.detach())
+        row = {"k": k, "n": n, "tokens": tokens, "scaled_mm": uses_scaled_mm(xq, wq),
+               "bf16_fwd_bwd_s": seconds(lambda: step(torch.nn.functional.linear), repeat,
+                                         device),
+               "fp8_fwd_bwd_s": seconds(lambda: step(fp8_linear), repeat, device),
+               "bf16_gemm_s": seconds(lambda: x.detach() @ w.detach().t(), repeat, device),
+               "fp8_gemm_s": seconds(lambda: fp8_gemm(xq, wq, out_dtype=torch.bfloat16),
+                                     repeat, device)}
+        row["fwd_bwd_speedup"] = round(row["bf16_fwd_bwd_s"] / row["fp8_fwd_bwd_s"], 3)
+        row["gemm_speedup"] = round(row["bf16_gemm_s"] / row["fp8_gemm_s"], 3)
+        row["fp8_gemm_tflops"] = round(2 * tokens * k * n / row["fp8_gemm_s"] / 1e12, 1)
+        rows.append(row)
+        print(f"{k:6d} x {n:6d}: fwd+bwd bf16 {row['bf16_fwd_bwd_s'] * 1e3:7.3f} ms, fp8 "
+              f"{row['fp8_fwd_bwd_s'] * 1e3:7.3f} ms x{row['fwd_bwd_speedup']} | GEMM "
+              f"x{row['gemm_speedup']} ({row['fp8_gemm_tflops']} TFLOP/s)", file=sys.stderr)
+    return rows
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--shrink", type=int, default=1,
+                        help="divide every K and N by this (CPU logic checks)")
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(resolve_device(args.device))
+    results = result_header(device)
+    results["quantizers"] = quantizer_rows(args.tokens, args.shrink, args.repeat, device)
+    results["linears"] = linear_rows(args.tokens, args.shrink, args.repeat, device)
+    emit_json(results, args.json_out)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -9,10 +9,9 @@
   benchmarks/pipeline_ep_overlap.py  EP=2 MoE F&B step, overlapped and sequential, every piece
                                      stamped; the hidden fraction of the all-to-all
 
-pipeline_ep_overlap.py is started as its docstring says, by torchrun: that run shows a script
-works under the launcher. pipeline_schedules.py's `main(argv)` runs on `run_gloo`'s ranks, with
-the environment torchrun would give them (a fresh process each, forked from one that has
-imported torch and Megatron: ~6 s of imports saved per process).
+Both scripts' `main(argv)` run on `run_gloo`'s ranks, with the environment torchrun would give
+them (a fresh process each, forked from one that has imported torch and Megatron: ~6 s of
+imports saved per process); tests/test_launch_slurm.py starts the job under torchrun itself.
 
 What is asserted is what the CPU can say: the JSON has its keys, every loss equals the
 schedule-free loss bit for bit (same fp32 operations on the same data: test_pipeline_model
@@ -20,7 +19,8 @@ shows the stages compute exactly what the whole model computes), the overlapped 
 EP steps agree bit for bit (test_moe_overlap: the pieces run the layers' own operations), the
 fractions lie in [0, 1], the trace files exist. Timings on two shared cores mean nothing and are
 only checked to be positive. The hidden-fraction arithmetic itself is checked on a made-up step.
-Measured: the whole file ~40 s on 2 cores, half of it the torchrun run.
+Measured: the whole file ~38 s on 2 cores run alone, ~15 s of it starting run_gloo's fork
+server (once per pytest run).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -47,16 +46,6 @@ def _load(script: str):
     sys.modules[script] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
-
-
-def _torchrun(script: str, args: list[str], json_out: Path, timeout_s: float = 180) -> dict:
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               "2", str(REPO / "benchmarks" / script), *args, "--json-out", str(json_out)]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout_s)
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stderr[-6000:]}"
-    return json.loads(json_out.read_text())
 
 
 def _script_main(rank: int, world: int, script: str, argv: list[str],
@@ -243,12 +232,12 @@ def test_schedules_refuses_a_pipeline_size_other_than_the_world(tmp_path):
 @pytest.fixture(scope="module")
 def ep_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ep")
-    result = _torchrun("pipeline_ep_overlap.py",
-                       ["--preset", "tiny", "--device", "cpu", "--seq-len", "32", "--moe-layers",
-                        "2", "--steps", "2", "--warmup", "1", "--trace-dir", str(out),
-                        "--count-group", "separate", "--defer-wgrad"],
-                       out / "result.json")
-    return result, out
+    run_gloo(_script_main, 2, "pipeline_ep_overlap",
+             ["--preset", "tiny", "--device", "cpu", "--seq-len", "32", "--moe-layers", "2",
+              "--steps", "2", "--warmup", "1", "--trace-dir", str(out), "--count-group",
+              "separate", "--defer-wgrad", "--json-out", str(out / "result.json")],
+             timeout_s=180)
+    return json.loads((out / "result.json").read_text()), out
 
 
 def test_ep_overlap_reports_fractions_in_0_1_for_both_passes_on_every_rank(ep_run):

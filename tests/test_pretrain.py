@@ -361,6 +361,12 @@ def test_megatrons_setup_builds_our_model_through_the_provider(dist_single, monk
                                                             "load_checkpoint", "evaluate")}
     for name, function in megatrons.items():  # restored after the test
         monkeypatch.setattr(training, name, function)
+    from megatron.core import optimizer
+    from megatron.core.datasets import utils
+
+    for module, name in ((optimizer, "Adam"), (optimizer, "USING_PYTORCH_OPTIMIZER"),
+                         (utils, "compile_helpers")):  # what main() installs, restored too
+        monkeypatch.setattr(module, name, getattr(module, name))
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     try:
         pretrain.main(["--preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2",

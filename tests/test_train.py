@@ -431,24 +431,28 @@ def test_lr_schedule_warms_up_linearly_then_decays_to_min_lr():
     assert lr_at(99, args) == pytest.approx(0.1, abs=1e-3)
 
 
+def _environment_changed_by_importing_the_job(rank: int, world_size: int) -> list[str]:
+    import os
+    import sys
+
+    assert "megatron_dsv3.train" not in sys.modules, "the import under test already ran"
+    os.environ.pop("TORCHDYNAMO_DISABLE", None)  # run_gloo's ranks get it; the job must not
+    # Megatron-Core sets TORCHINDUCTOR_CACHE_DIR when imported: the baseline is taken after it
+    import megatron.core.models.gpt  # noqa: F401
+    import megatron.core.pipeline_parallel  # noqa: F401
+    before = dict(os.environ)
+    import megatron_dsv3.train  # noqa: F401
+    import megatron_dsv3.train.job  # noqa: F401
+    import megatron_dsv3.train.step  # noqa: F401
+    return sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))
+
+
 def test_importing_the_job_sets_no_environment_variable():
     """Importing megatron_dsv3.train (its modules and what they import) leaves the process's
     environment as it was: the job switches off torch.compile on CPU at set-up, for its own
-    process only, instead of exporting TORCHDYNAMO_DISABLE to whoever imports it."""
-    import subprocess
-    import sys
-
-    # Megatron-Core sets TORCHINDUCTOR_CACHE_DIR when imported: the baseline is taken after it
-    code = ("import os, megatron.core.models.gpt, megatron.core.pipeline_parallel; "
-            "before = dict(os.environ); import megatron_dsv3.train; "
-            "import megatron_dsv3.train.job, megatron_dsv3.train.step; "
-            "changed = {k for k in set(before) | set(os.environ) "
-            "if before.get(k) != os.environ.get(k)}; print(sorted(changed))")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TORCHDYNAMO_DISABLE"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+    process only, instead of exporting TORCHDYNAMO_DISABLE to whoever imports it. (In a
+    process of its own, forked before anything of megatron_dsv3 was imported.)"""
+    assert run_gloo(_environment_changed_by_importing_the_job, 1) == [[]]
 
 
 def test_gpu_defaults_resolve_per_device_and_layout():

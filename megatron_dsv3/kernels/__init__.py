@@ -6,4 +6,6 @@ where Triton or a GPU is missing.
                       gradient, in one pass
   grouped_wgrad.py    the routed experts' weight gradients added into fp32 sums inside the
                       grouped GEMM (a torch custom op)
+  fp8_quantize.py     FP8 quantization in one pass per tile (1x128, 128x1 transposed,
+                      128x128); the references are fp8/quantize.py
 """

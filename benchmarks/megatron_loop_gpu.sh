@@ -111,7 +111,33 @@ PY
          timeout 300 python3 -m megatron_dsv3.train --preset proxy --seq-len 4096 \
            --micro-batch-size 1 --grad-accum 8 --steps 8 --warmup-steps 2 --no-wandb \
            --out-dir "$WORK/job" > "$DIR/job.log" 2>&1
-         echo "== job: rc=$? in $((SECONDS - start)) s"; tail -n 6 "$DIR/job.log" ;;
+         echo "== job: rc=$? in $((SECONDS - start)) s"; tail -n 6 "$DIR/job.log"
+         # the ratio (issue 11: Megatron's loop at >= 0.9x our job's tokens/s), when both ran
+         python3 - "$DIR/proxy.log" "$WORK/job/metrics.jsonl" "$DIR/compare.json" <<'PY'
+import json, re, sys
+from pathlib import Path
+megatron_log, job_metrics, out = map(Path, sys.argv[1:])
+if not (megatron_log.is_file() and job_metrics.is_file()):
+    sys.exit("compare: run the proxy and job parts first")
+iters = {int(m.group(1)): float(m.group(2)) for m in re.finditer(
+    r"iteration +(\d+)/.*?elapsed time per iteration \(ms\): ([0-9.]+)",
+    megatron_log.read_text(errors="replace"))}
+steps = {r["step"]: 1e3 * r["step_time_s"] for r in map(json.loads, job_metrics.open())
+         if "step_time_s" in r}
+# the first two of each are compilation and CUDA-graph recording
+megatron_ms = [v for k, v in sorted(iters.items()) if k > 2]
+job_ms = [v for k, v in sorted(steps.items()) if k > 2]
+if not megatron_ms or not job_ms:
+    sys.exit(f"compare: too few timed steps (Megatron {sorted(iters)}, job {sorted(steps)})")
+result = {"megatron_ms_per_iteration": sum(megatron_ms) / len(megatron_ms),
+          "job_ms_per_step": sum(job_ms) / len(job_ms),
+          "megatron_iterations": len(megatron_ms), "job_steps": len(job_ms)}
+result["megatron_tokens_per_s_over_job"] = round(
+    result["job_ms_per_step"] / result["megatron_ms_per_iteration"], 3)
+out.write_text(json.dumps(result, indent=1))
+print(json.dumps(result))
+PY
+         ;;
     dualpipev) rm -rf "$WORK/ckpt_dualpipev"
           for iters in 20 30; do
             NPROC=2 megatron "dualpipev_$iters" 240 tiny --num-layers 4 \

@@ -6,10 +6,11 @@
     replica, values), and each stage's dictionary keys are its own state-dict names (what
     Megatron's load fills), so a checkpoint saved in stages loads at PP=1 and back;
   * one step on 2 gloo ranks: the chunks Megatron's get_model would receive from the provider
-    (vp_stage 0 and 1), Megatron-format micro-batches, pretrain's forward_step, and the
-    forward_backward_func installed in Megatron's loop: the loss reports reach the last
-    pipeline rank (where Megatron's loop reads them) and equal, with every gradient, a
-    single-process run of the same weights through the same forward_step;
+    (vp_stage 0 and 1), each in Megatron's DDP, Megatron-format micro-batches, pretrain's
+    forward_step, and the forward_backward_func installed in Megatron's loop: the loss reports
+    reach the last pipeline rank (where Megatron's loop reads them) and equal, with every
+    gradient in DDP's buffer, a single-process run of the same weights through the same
+    forward_step;
   * the command line: two chunks per rank added, and each impossible setting refused naming
     the flag.
 """
@@ -128,23 +129,31 @@ def _dualpipev_rank(rank: int, world_size: int, batches):
     from megatron_dsv3.parallel import init_distributed
     from megatron_dsv3.pretrain import forward_step
 
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
     calculator.get_num_microbatches = lambda: MICROBATCHES
+    torch.cuda.current_device = lambda: "cpu"  # Megatron's DDP buffers (this process only)
     pg = init_distributed(pipeline_parallel_size=PP, backend="gloo")
     cfg = small_config(num_layers=LAYERS)
     args = _args()
+    config = to_megatron_config(cfg, use_cpu_initialization=True)
     torch.manual_seed(0)  # the whole model of the reference
-    chunks = [dualpipe.provide_stage(
+    stages = [dualpipe.provide_stage(
         args, lambda whole, groups: build_model(cfg, pg_collection=groups, megatron_config=whole),
-        vp_stage=c, pg_collection=pg, config=to_megatron_config(cfg, use_cpu_initialization=True))
-        for c in range(2)]
+        vp_stage=c, pg_collection=pg, config=config) for c in range(2)]
+    # as Megatron's get_model hands them to its loop: each chunk in Megatron's DDP, whose hooks
+    # put the gradients into its buffer (main_grad)
+    chunks = [DistributedDataParallel(stage.config, DistributedDataParallelConfig(), stage,
+                                      disable_bucketing=c > 0, pg_collection=pg)
+              for c, stage in enumerate(stages)]
     reads = [dualpipe.reads_data(dualpipe.stage_plan(args), rank, c) for c in range(2)]
     schedule = dualpipe.LoopDualPipeV(pg.pp)
     reports = schedule(forward_step_func=partial(forward_step, args=args, tp_group=pg.tp),
                        data_iterator=[iter(batches) if r else None for r in reads], model=chunks,
                        num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=BATCH,
                        forward_only=False, force_all_reduce=False, pg_collection=pg)
-    grads = {stage.full_name(name): p.grad.clone() for stage in chunks
-             for name, p in stage.named_parameters() if p.grad is not None}
+    grads = {stage.full_name(name): p.main_grad.clone() for stage in stages
+             for name, p in stage.named_parameters() if p.requires_grad}
     return reads, reports, grads
 
 

@@ -253,6 +253,9 @@ class ModelConfig:
     # Which implementation of the parallel linears and norms: "local" (Megatron-Core's own
     # tensor-parallel layers), "te" (Transformer Engine's), "auto" (TE when it imports).
     linear_backend: Literal["auto", "local", "te"] = "auto"
+    # FP8 training: "none", or "deepseek" (DeepSeek-V3's recipe: E4M3 with 1x128 / 128x128
+    # scales computed online, FP32 promotion; the layers in FP8 are `fp8_linear_widths`'s)
+    fp8: Literal["none", "deepseek"] = "none"
 
     def __post_init__(self):
         _positive(self, "vocab_size", "hidden_size", "num_layers", "max_seq_len")
@@ -264,6 +267,17 @@ class ModelConfig:
                f"choose one of {sorted(_DTYPES)}")
         _check(self.linear_backend in ("auto", "local", "te"), "ModelConfig.linear_backend",
                self.linear_backend, "choose 'auto', 'local' or 'te'")
+        _check(self.fp8 in ("none", "deepseek"), "ModelConfig.fp8", self.fp8,
+               "choose 'none' or 'deepseek'")
+        if self.fp8 == "deepseek":
+            _check(self.linear_backend != "te", "ModelConfig.linear_backend",
+                   self.linear_backend, "fp8='deepseek' runs on the local backend (TE's "
+                   "block-scaling recipe is not wired yet): use 'local' or 'auto'")
+            for name, width, role in self.fp8_linear_widths():
+                _check(width % 128 == 0, name, width,
+                       f"with fp8='deepseek' it is {role}, which FP8 cuts into 128-wide tiles: "
+                       f"use a multiple of 128 (e.g. {max(128, width // 128 * 128)}), or "
+                       "fp8='none'")
         if self.mla.yarn is not None:
             _check(self.max_seq_len >= self.mla.yarn.original_max_position_embeddings,
                    "ModelConfig.max_seq_len", self.max_seq_len,
@@ -274,6 +288,33 @@ class ModelConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.params_dtype]
+
+    def fp8_linear_widths(self) -> list[tuple[str, int, str]]:
+        """(field, width, what it is) of every input and output width of the linears that run
+        in FP8 with fp8='deepseek' (the precision map, docs/precision-and-parallelism.md): the
+        MLA projections but the KV down-projection (its 576-wide output in V3 is no multiple of
+        128) and the output projection (its input stays in higher precision), the dense FFNs
+        and the shared experts. The routed experts stay in BF16 until the grouped FP8 GEMM."""
+        mla, moe = self.mla, self.moe
+        widths = [("ModelConfig.hidden_size", self.hidden_size, "the input of the MLA "
+                   "query projection and of the FFNs")]
+        if mla.q_lora_rank > 0:
+            widths.append(("MLAConfig.q_lora_rank", mla.q_lora_rank,
+                           "the query down-projection's output and up-projection's input"))
+        widths += [("MLAConfig.num_heads * qk_head_dim", mla.num_heads * mla.qk_head_dim,
+                    "the query projection's output"),
+                   ("MLAConfig.kv_lora_rank", mla.kv_lora_rank,
+                    "the KV up-projection's input"),
+                   ("MLAConfig.num_heads * (qk_nope_head_dim + v_head_dim)",
+                    mla.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim),
+                    "the KV up-projection's output")]
+        if self.moe.first_k_dense > 0:
+            widths.append(("MoEConfig.dense_ffn_size", moe.dense_ffn_size,
+                           "the dense FFN's hidden width"))
+        if moe.shared_ffn_size:
+            widths.append(("MoEConfig.num_shared_experts * expert_ffn_size", moe.shared_ffn_size,
+                           "the shared experts' hidden width"))
+        return widths
 
     def is_moe_layer(self, layer_index: int) -> bool:
         """layer_index is 0-based over the decoder; MTP layers are always MoE layers."""

@@ -8,7 +8,11 @@
 "local" is Megatron-Core's own tensor-parallel layers (`ColumnParallelLinear`,
 `RowParallelLinear`) plus our `ReplicatedLinear` and `RMSNorm`, and runs on CPU/gloo and
 GPU/NCCL. "te" is Transformer Engine's layers through Megatron's TE extension (GPU only).
-FP8 (docs/precision-and-parallelism.md) will be a third backend: nothing else needs to change.
+
+FP8 (`ModelConfig.fp8='deepseek'`, docs/precision-and-parallelism.md): the local linears have an
+`fp8` attribute (False; model.mark_fp8_linears sets it on the layers of the precision map); with it
+their GEMMs are fp8/linear.py's `fp8_linear` (forward, input and weight gradient in FP8), the
+rest of the layer Megatron's.
 
 The local linears can defer their weight gradient to a pipeline schedule's W step
 (weight_grad.py; docs/pipeline.md): each has a `weight_grad_store` attribute,
@@ -41,6 +45,7 @@ from megatron.core.tensor_parallel import (
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from .config import ConfigError
+from .fp8.linear import fp8_linear
 from .megatron_compat import GemmCall, OwnGemmHook
 from .weight_grad import WeightGradStore, linear_deferred_wgrad
 
@@ -101,6 +106,7 @@ class ReplicatedLinear(torch.nn.Module):
     """
 
     weight_grad_store: Optional[WeightGradStore] = None
+    fp8: bool = False  # the GEMMs in FP8 (mark_fp8_linears)
 
     def __init__(self, input_size: int, output_size: int, *, config, init_method: Callable,
                  name: Optional[str] = None):
@@ -114,6 +120,9 @@ class ReplicatedLinear(torch.nn.Module):
             self.weight.copy_(master)
 
     def forward(self, x: torch.Tensor):
+        if self.fp8:
+            _refuse_deferred_fp8(self)
+            return fp8_linear(x, self.weight), None
         if self.weight_grad_store is None:
             return F.linear(x, self.weight), None
         return linear_deferred_wgrad(x, self.weight, None, self.weight_grad_store), None
@@ -123,24 +132,40 @@ class ReplicatedLinear(torch.nn.Module):
 # Megatron's tensor-parallel linears with a deferrable weight gradient
 # ----------------------------------------------------------------------------------------------
 class _DeferrableWgrad(OwnGemmHook):
-    """Mixin for Megatron's Column/RowParallelLinear: while a store is attached, their GEMM runs
-    as `linear_deferred_wgrad` (megatron_compat.OwnGemmHook is the seam); detached, Megatron's
-    own code runs unchanged."""
+    """Mixin for Megatron's Column/RowParallelLinear: in FP8 (`fp8`), their GEMMs run as
+    `fp8_linear`; while a store is attached, as `linear_deferred_wgrad`
+    (megatron_compat.OwnGemmHook is the seam); otherwise Megatron's own code runs unchanged."""
 
     weight_grad_store: Optional[WeightGradStore] = None
+    fp8: bool = False  # the GEMMs in FP8 (mark_fp8_linears)
 
     def own_gemm_enabled(self, weight: torch.Tensor) -> bool:
-        return self.weight_grad_store is not None and weight.requires_grad
+        return self.fp8 or (self.weight_grad_store is not None and weight.requires_grad)
 
     def own_gemm(self, input: torch.Tensor, weight: torch.Tensor, call: GemmCall):
         if call.unsupported:
+            what = "FP8" if self.fp8 else "weight-gradient deferral"
             raise NotImplementedError(
-                f"{type(self).__name__}: weight-gradient deferral does not support "
+                f"{type(self).__name__}: {what} does not support "
                 f"{', '.join(call.unsupported)}; turn it off in Megatron's config (for the "
-                "fusion: gradient_accumulation_fusion=False, --no-gradient-accumulation-fusion) "
-                "or detach the store: attach_weight_grad_store(model, None)")
+                "fusion: gradient_accumulation_fusion=False, --no-gradient-accumulation-fusion)"
+                + ("" if self.fp8 else
+                   " or detach the store: attach_weight_grad_store(model, None)"))
+        if self.fp8:
+            _refuse_deferred_fp8(self)
+            if call.dgrad_group is not None:  # the column-parallel dX all-reduce
+                input = copy_to_tensor_model_parallel_region(input, group=call.dgrad_group)
+            return fp8_linear(input, weight, call.bias)
         return linear_deferred_wgrad(input, weight, call.bias, self.weight_grad_store,
                                      dgrad_group=call.dgrad_group)
+
+
+def _refuse_deferred_fp8(layer) -> None:
+    if layer.weight_grad_store is not None:
+        raise NotImplementedError(
+            f"{type(layer).__name__}: FP8 GEMMs with a deferred weight gradient (the DualPipe "
+            "schedules' W step) are not implemented yet: train FP8 with another pipeline "
+            "schedule, or fp8='none'")
 
 
 class DeferrableColumnParallelLinear(_DeferrableWgrad, ColumnParallelLinear):

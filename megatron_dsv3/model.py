@@ -85,7 +85,8 @@ def build_model(cfg: ModelConfig, *, pg_collection: Optional[ProcessGroupCollect
     """One pipeline stage of the model (the whole model by default).
 
     `megatron_config` defaults to `to_megatron_config(cfg)` with the TP, PP and EP sizes of
-    `pg_collection`; `pg_collection` defaults to Megatron's global process groups.
+    `pg_collection`; `pg_collection` defaults to Megatron's global process groups. With
+    cfg.fp8 == "deepseek" the precision map's linears run in FP8 (mark_fp8_linears).
     """
     if pg_collection is None:
         pg_collection = ProcessGroupCollection.use_mpu_process_groups()
@@ -93,7 +94,7 @@ def build_model(cfg: ModelConfig, *, pg_collection: Optional[ProcessGroupCollect
         megatron_config = to_megatron_config(cfg, tensor_parallel_size=pg_collection.tp.size(),
                                              pipeline_parallel_size=pg_collection.pp.size(),
                                              expert_parallel_size=pg_collection.ep.size())
-    return DeepSeekV3Model(
+    model = DeepSeekV3Model(
         config=megatron_config,
         transformer_layer_spec=decoder_block_spec(megatron_config, vp_stage=vp_stage),
         vocab_size=cfg.vocab_size,
@@ -107,6 +108,9 @@ def build_model(cfg: ModelConfig, *, pg_collection: Optional[ProcessGroupCollect
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
+    if cfg.fp8 == "deepseek":
+        mark_fp8_linears(model)
+    return model
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True,
@@ -149,6 +153,30 @@ def _megatron_args():
         return get_args()
     except AssertionError:  # Megatron's arguments were never parsed
         return None
+
+
+def mark_fp8_linears(model: torch.nn.Module) -> int:
+    """Put the linears of DeepSeek-V3's FP8 precision map in FP8 (ModelConfig.fp8_linear_widths
+    lists them: the MLA projections but the KV down- and output projections, the dense FFNs
+    and the shared experts); returns how many. Local backend only."""
+    from .attention.mla import MultiLatentAttention
+    from .config import ConfigError
+    from .moe.experts import SwiGLUMLP
+
+    chosen = []
+    for module in model.modules():
+        if isinstance(module, MultiLatentAttention):
+            chosen += [getattr(module, name, None) for name in
+                       ("linear_q_down", "linear_q_up", "linear_q", "linear_kv_up")]
+        elif isinstance(module, SwiGLUMLP):
+            chosen += [module.linear_fc1, module.linear_fc2]
+    chosen = [layer for layer in chosen if layer is not None]
+    for layer in chosen:
+        if not hasattr(type(layer), "fp8"):
+            raise ConfigError(f"fp8='deepseek': {type(layer).__name__} has no FP8 path (the "
+                              "local backend's linears have): use linear_backend='local'")
+        layer.fp8 = True
+    return len(chosen)
 
 
 def resolve_compile(scope: str, mode: str, *, on_cuda: bool, parallel: bool) -> tuple[str, str]:

@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
              "expert inputs and output gradients until then (proxy: +16 GiB); the experts then "
              "run outside torch.compile, and on one H200 (proxy, 8 x 4096 tokens) the step was "
              "not faster for it, 640 ms against 632 (benchmarks/RESULTS.md)")
+    add("--fp8", default="none", choices=("none", "deepseek"),
+        help="FP8 training: deepseek runs the precision map's linears (MLA projections but the "
+             "KV down- and output projections, dense FFNs, shared experts) with E4M3 GEMMs, "
+             "1x128 / 128x128 scales and FP32 promotion (ModelConfig.fp8); their widths must "
+             "be multiples of 128. Not with --pipeline-schedule dualpipe(v) yet")
     add("--compile", default="auto", choices=("auto", "none", "modules", "layers"),
         help="torch.compile our attention/MoE modules or whole transformer layers "
              "(model.compile_model); auto: modules on cuda, none on cpu")
@@ -280,6 +285,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, Mo
         cfg = preset(args.preset).replace(params_dtype="float32")  # AdamW on fp32 masters
         if args.num_layers is not None:
             cfg = cfg.replace(num_layers=args.num_layers)
+        if args.fp8 != "none":
+            cfg = cfg.replace(fp8=args.fp8)
     except ConfigError as err:
         parser.error(str(err))
     if args.seq_len is None:

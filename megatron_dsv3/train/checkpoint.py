@@ -507,10 +507,11 @@ def check_resumable(saved: dict, cfg, args, step_dir: Path) -> None:
 
 def _without_implementation_choices(cfg_dict: dict) -> dict:
     """The model config minus how it is computed (experts_impl, attention_impl,
-    linear_backend), which may differ between machines resuming the same run."""
+    linear_backend, fp8: the same weights in other GEMMs), which may differ between machines
+    or phases resuming the same run."""
     out = {}
     for key, value in cfg_dict.items():
-        if key.endswith("_impl") or key == "linear_backend":
+        if key.endswith("_impl") or key in ("linear_backend", "fp8"):
             continue
         out[key] = _without_implementation_choices(value) if isinstance(value, dict) else value
     return out

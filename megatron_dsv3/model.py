@@ -115,12 +115,13 @@ def build_model(cfg: ModelConfig, *, pg_collection: Optional[ProcessGroupCollect
 
 def model_provider(pre_process: bool = True, post_process: bool = True,
                    vp_stage: Optional[int] = None, config=None, pg_collection=None,
-                   **unused) -> DeepSeekV3Model:
+                   fp8: Optional[str] = None, **unused) -> DeepSeekV3Model:
     """`megatron.training.pretrain`'s model provider for this model.
 
     The model config comes from Megatron's parsed arguments (`--multi-latent-attention
     --q-lora-rank ... --num-experts ... --moe-router-score-function sigmoid ...`) through
     `from_megatron_config`; pass `config` to override with a Megatron TransformerConfig.
+    `fp8`: ModelConfig.fp8 for the model ("deepseek": the precision map's linears in FP8).
     """
     from .config import ConfigError, from_megatron_config
 
@@ -141,6 +142,8 @@ def model_provider(pre_process: bool = True, post_process: bool = True,
                               "initialise Megatron's arguments first")
         cfg = from_megatron_config(config, vocab_size=vocab_size,
                                    max_seq_len=getattr(args, "max_position_embeddings", None))
+    if fp8 is not None:
+        cfg = cfg.replace(fp8=fp8)
     config.dsv3 = cfg
     return build_model(cfg, pg_collection=pg_collection, megatron_config=config,
                        pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)

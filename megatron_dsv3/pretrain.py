@@ -106,6 +106,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="with --pipeline-model-parallel-size > 1: Megatron's own 1F1B, or "
                             "DualPipeV (pretrain_dualpipe.py: 2 stages per rank, rank r "
                             "holding stages r and 2PP-1-r; --num-layers a multiple of 2PP)")
+    group.add_argument("--dsv3-fp8", default="none", choices=("none", "deepseek"),
+                       help="FP8 training, DeepSeek-V3's recipe (ModelConfig.fp8): the "
+                            "precision map's linears with E4M3 GEMMs, 1x128 / 128x128 scales "
+                            "and FP32 promotion. Without Transformer Engine, Megatron's "
+                            "--fp8-format e4m3 --fp8-recipe blockwise means this")
     group.add_argument("--compile", default="auto", choices=("auto", "none", "modules", "layers"),
                        help="torch.compile our attention/MoE modules or whole transformer "
                             "layers (model.compile_model), as the training job does; auto: "
@@ -154,6 +159,52 @@ def without_missing_kernels(argv: list[str]) -> list[str]:
     if importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None:
         missing.append("--no-gradient-accumulation-fusion")
     return [*argv, *(flag for flag in missing if flag not in argv)]
+
+
+def fp8_without_te(argv: list[str]) -> list[str]:
+    """Megatron's FP8 flags run Transformer Engine's recipes; without TE, `argv` with
+    `--fp8-format e4m3 --fp8-recipe blockwise` (TE's DeepSeek-style block scaling) turned into
+    our `--dsv3-fp8 deepseek`, and any other FP8 recipe refused naming the flags (on the
+    command line: Megatron's pretrain parses it again)."""
+    from .layers import transformer_engine_available
+
+    values, rest, i = {}, [], 0
+    while i < len(argv):
+        flag, _, inline = argv[i].partition("=")
+        if flag in ("--fp8-format", "--fp8-recipe"):
+            if inline:
+                values[flag] = inline
+            elif i + 1 < len(argv):
+                values[flag], i = argv[i + 1], i + 1
+            else:
+                values[flag] = ""
+        else:
+            rest.append(argv[i])
+        i += 1
+    if "--fp8-format" not in values or transformer_engine_available():
+        return list(argv)
+    fmt, recipe = values["--fp8-format"], values.get("--fp8-recipe", "delayed")
+    if (fmt, recipe) != ("e4m3", "blockwise"):
+        raise ConfigError(f"--fp8-format {fmt} --fp8-recipe {recipe} is invalid here: those "
+                          "recipes are Transformer Engine's, which is not installed; FP8 "
+                          "without it is DeepSeek-V3's: --fp8-format e4m3 --fp8-recipe "
+                          "blockwise (or --dsv3-fp8 deepseek)")
+    return [*rest, "--dsv3-fp8", "deepseek"]
+
+
+def check_fp8_model(args) -> None:
+    """With --dsv3-fp8 deepseek: the model these arguments describe has every FP8 width a
+    multiple of 128, else ConfigError naming the field, before anything is built."""
+    if args.dsv3_fp8 == "none":
+        return
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    from .config import from_megatron_config
+
+    config = core_transformer_config_from_args(args, MLATransformerConfig)
+    from_megatron_config(config, vocab_size=args.padded_vocab_size,
+                         max_seq_len=args.max_position_embeddings).replace(fp8=args.dsv3_fp8)
 
 
 # Megatron's arguments that decide the model's tensors: a resume with any of them changed is
@@ -558,9 +609,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     from .model import compile_model, model_provider
     from .pretrain_log import PretrainLog
 
-    sys.argv = [sys.argv[0], *dualpipe.with_two_chunks_per_rank(without_missing_kernels(
-        expand_preset(sys.argv[1:] if argv is None else argv)))]
+    sys.argv = [sys.argv[0], *fp8_without_te(dualpipe.with_two_chunks_per_rank(
+        without_missing_kernels(expand_preset(sys.argv[1:] if argv is None else argv))))]
     args = parse_and_validate_args(extra_args_provider=add_arguments)
+    check_fp8_model(args)
     if args.pipeline_schedule == dualpipe.SCHEDULE:
         dualpipe.check_microbatches(dualpipe.stage_plan(args), args.global_batch_size // (
             args.micro_batch_size * args.data_parallel_size))
@@ -579,11 +631,12 @@ def main(argv: Optional[list[str]] = None) -> None:
                       pg_collection=None):
         if args.pipeline_schedule == dualpipe.SCHEDULE:
             model = dualpipe.provide_stage(
-                args, lambda whole, groups: model_provider(config=whole, pg_collection=groups),
+                args, lambda whole, groups: model_provider(config=whole, pg_collection=groups,
+                                                           fp8=args.dsv3_fp8),
                 vp_stage=vp_stage, pg_collection=pg_collection, config=config)
         else:
             model = model_provider(pre_process, post_process, vp_stage=vp_stage, config=config,
-                                   pg_collection=pg_collection)
+                                   pg_collection=pg_collection, fp8=args.dsv3_fp8)
         PretrainLog.install(model.config, args)
         scope, mode = compile_settings(args)
         if scope != "none":

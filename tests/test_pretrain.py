@@ -343,36 +343,15 @@ def test_megatrons_setup_builds_our_model_through_the_provider(dist_single, monk
     configuration carries a model config (measured on the GPU: its MLA was built, not ours);
     main hands it none, and the provider it hands builds our model, called as get_model calls
     it."""
-    import sys
+    from megatron.training import global_vars, training
 
-    import megatron.training
-    from megatron.training import global_vars
-
-    from megatron_dsv3 import pretrain
     from megatron_dsv3.attention.mla import MultiLatentAttention
     from megatron_dsv3.model import DeepSeekV3Model
 
-    from megatron.training import training
-
-    seen = {}
-    monkeypatch.setattr(megatron.training, "pretrain", lambda cfg, *a, model_provider, **k:
-                        seen.update(cfg=cfg, provider=model_provider))
     megatrons = {name: getattr(training, name) for name in ("save_checkpoint",
                                                             "load_checkpoint", "evaluate")}
-    for name, function in megatrons.items():  # restored after the test
-        monkeypatch.setattr(training, name, function)
-    from megatron.core import optimizer
-    from megatron.core.datasets import utils
-
-    for module, name in ((optimizer, "Adam"), (optimizer, "USING_PYTORCH_OPTIMIZER"),
-                         (utils, "compile_helpers")):  # what main() installs, restored too
-        monkeypatch.setattr(module, name, getattr(module, name))
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
     try:
-        pretrain.main(["--preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2",
-                       "--global-batch-size", "2", "--train-iters", "1", "--tokenizer-type",
-                       "NullTokenizer", "--vocab-size", "255", "--transformer-impl", "local",
-                       "--use-cpu-initialization"])
+        seen = _main_with(monkeypatch, [])
         assert getattr(seen["cfg"], "model", None) is None
         # the digest manifest's hooks (tests/test_checkpoint_digest.py) around Megatron's own
         assert training.save_checkpoint._megatron_save is megatrons["save_checkpoint"]
@@ -385,6 +364,7 @@ def test_megatrons_setup_builds_our_model_through_the_provider(dist_single, monk
         global_vars.unset_global_variables()
     assert isinstance(model, DeepSeekV3Model)
     assert sum(isinstance(m, MultiLatentAttention) for m in model.modules()) == 4  # 3 + MTP
+    assert not any(getattr(m, "fp8", False) for m in model.modules())
 
 
 def test_megatrons_loop_compiles_as_the_job_and_evaluates_eager_under_cuda_graphs(monkeypatch):
@@ -422,3 +402,81 @@ def test_megatrons_loop_compiles_as_the_job_and_evaluates_eager_under_cuda_graph
     assert stances == ["force_eager", "evaluated", "evaluated"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert compile_settings(args()) == ("none", "default")
+
+
+def test_megatrons_fp8_flags_mean_deepseeks_recipe_without_te_and_others_are_refused():
+    from megatron_dsv3.layers import transformer_engine_available
+    from megatron_dsv3.pretrain import fp8_without_te
+
+    if transformer_engine_available():
+        pytest.skip("with TE Megatron's FP8 flags run TE's recipes")
+    argv = ["--preset", "tiny", "--fp8-format", "e4m3", "--fp8-recipe=blockwise", "--bf16"]
+    assert fp8_without_te(argv) == ["--preset", "tiny", "--bf16", "--dsv3-fp8", "deepseek"]
+    assert fp8_without_te(["--preset", "tiny"]) == ["--preset", "tiny"]
+    for bad, named in ((["--fp8-format", "hybrid", "--fp8-recipe", "blockwise"],
+                        "--fp8-format hybrid --fp8-recipe blockwise"),
+                       (["--fp8-format", "e4m3"], "--fp8-format e4m3 --fp8-recipe delayed")):
+        with pytest.raises(ConfigError, match=f"{named} is invalid here: .* not installed"):
+            fp8_without_te(bad)
+
+
+# tiny with every FP8 width a multiple of 128 (hidden 128; 2 heads x (48 + 16) queries, 2 x
+# (48 + 16) for the KV up-projection; q/kv LoRA 128; dense FFN 256; shared experts 128)
+FP8_TINY_FLAGS = ["--num-attention-heads", "2", "--q-lora-rank", "128", "--kv-lora-rank", "128",
+                  "--qk-head-dim", "48", "--qk-pos-emb-head-dim", "16", "--v-head-dim", "16",
+                  "--moe-shared-expert-intermediate-size", "128"]
+
+
+def _main_with(monkeypatch, flags):
+    """pretrain.main on the tiny preset (+ `flags`) with Megatron's pretrain() replaced by a
+    recorder of what main hands it; everything main installs in Megatron is restored after the
+    test."""
+    import sys
+
+    import megatron.training
+    from megatron.core import optimizer
+    from megatron.core.datasets import utils
+    from megatron.training import training
+
+    from megatron_dsv3 import pretrain
+
+    seen = {}
+    monkeypatch.setattr(megatron.training, "pretrain", lambda cfg, *a, model_provider, **k:
+                        seen.update(cfg=cfg, provider=model_provider))
+    for module, name in ((training, "save_checkpoint"), (training, "load_checkpoint"),
+                         (training, "evaluate"), (optimizer, "Adam"),
+                         (optimizer, "USING_PYTORCH_OPTIMIZER"), (utils, "compile_helpers")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    pretrain.main(["--preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2",
+                   "--global-batch-size", "2", "--train-iters", "1", "--tokenizer-type",
+                   "NullTokenizer", "--vocab-size", "255", "--transformer-impl", "local",
+                   "--use-cpu-initialization", *flags])
+    return seen
+
+
+def test_fp8_in_megatrons_loop_builds_the_fp8_model_or_names_the_width(dist_single,
+                                                                        monkeypatch):
+    """Megatron's --fp8-format e4m3 --fp8-recipe blockwise (no TE here): the tiny preset is
+    refused before anything is built, naming its 64-wide q_lora_rank; with FP8-compatible
+    widths the provider Megatron calls builds the model with the precision map in FP8."""
+    from megatron.training import global_vars
+
+    from megatron_dsv3.layers import transformer_engine_available
+
+    if transformer_engine_available():
+        pytest.skip("with TE Megatron's FP8 flags run TE's recipes")
+    fp8 = ["--fp8-format", "e4m3", "--fp8-recipe", "blockwise"]
+    try:
+        with pytest.raises(ConfigError, match="MLAConfig.q_lora_rank=64 is invalid: with "
+                                              "fp8='deepseek'"):
+            _main_with(monkeypatch, fp8)
+        global_vars.unset_global_variables()
+        seen = _main_with(monkeypatch, fp8 + FP8_TINY_FLAGS)
+        model = seen["provider"](pre_process=True, post_process=True, config=None,
+                                 pg_collection=dist_single)
+    finally:
+        global_vars.unset_global_variables()
+    assert model.config.dsv3.fp8 == "deepseek"
+    # 4 MLAs (3 layers, 1 MTP) x 3 projections, 1 dense FFN x 2, 3 shared-expert FFNs x 2
+    assert sum(getattr(m, "fp8", False) for m in model.modules()) == 4 * 3 + 2 + 3 * 2

@@ -9,7 +9,8 @@
   * the Triton kernels in Triton's interpreter (a fresh process) against the references, bit
     for bit, data and scales, on partial tiles, strided input, fp16 and fp32 (the interpreter
     has no bf16: numpy lacks it; test_gpu.py is where bf16 belongs), and a non-finite tile
-    giving a NaN scale while its neighbours stay as they were.
+    giving a NaN scale while its neighbours stay as they were; the paired kernel's two
+    results (1x128 and 128x1 from one read) against both references on the same inputs.
     The interpreter's own fp32 -> fp8 cast is wrong (it rounds the mantissa without carrying
     into the exponent: 31.6 becomes 16, not 32), so the interpreted script replaces it with
     torch's cast, round-to-nearest-even like the GPU's cvt.rn; everything else the kernels do
@@ -34,7 +35,8 @@ from megatron_dsv3.fp8 import (
     quantize_128x1,
     quantize_128x128,
 )
-from megatron_dsv3.kernels.fp8_quantize import quantize_1x128_fused
+from megatron_dsv3.kernels.fp8_quantize import (quantize_1x128_and_128x1_fused,
+                                                quantize_1x128_fused)
 
 QUANTIZERS = {"1x128": quantize_1x128, "128x1": quantize_128x1, "128x128": quantize_128x128}
 INPUT_TILE = {"1x128": (1, 128), "128x1": (128, 1), "128x128": (128, 128)}
@@ -213,6 +215,19 @@ def test_the_fused_entry_points_use_the_reference_on_the_cpu():
         quantize_1x128_fused(x)
 
 
+def test_the_paired_entry_point_gives_both_references_on_the_cpu():
+    x = torch.randn(130, 200, dtype=torch.bfloat16)
+    rowwise, colwise = quantize_1x128_and_128x1_fused(x, pow2_scales=True)
+    for got, reference in ((rowwise, quantize_1x128), (colwise, quantize_128x1)):
+        want = reference(x, pow2_scales=True)
+        assert got.tiling == want.tiling
+        assert torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8))
+        assert torch.equal(got.scales, want.scales)
+    x[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize_1x128_and_128x1_fused(x)
+
+
 @pytest.mark.parametrize("tiling", QUANTIZERS)
 def test_bad_inputs_raise_naming_the_argument_and_the_fix(tiling):
     name = "w" if tiling == "128x128" else "x"
@@ -259,11 +274,18 @@ _INTERPRETED = textwrap.dedent("""
 
     from megatron_dsv3.fp8 import MIN_SCALE, quantize_1x128, quantize_128x1, quantize_128x128
     from megatron_dsv3.kernels.fp8_quantize import (
-        launch_quantize_1x128, launch_quantize_128x1, launch_quantize_128x128)
+        launch_quantize_1x128, launch_quantize_1x128_and_128x1, launch_quantize_128x1,
+        launch_quantize_128x128)
+
+    def paired(which):  # one of the paired kernel's two results
+        return lambda x, pow2_scales=False: launch_quantize_1x128_and_128x1(
+            x, pow2_scales=pow2_scales)[which]
 
     PAIRS = {"1x128": (launch_quantize_1x128, quantize_1x128),
              "128x1": (launch_quantize_128x1, quantize_128x1),
-             "128x128": (launch_quantize_128x128, quantize_128x128)}
+             "128x128": (launch_quantize_128x128, quantize_128x128),
+             "paired 1x128": (paired(0), quantize_1x128),
+             "paired 128x1": (paired(1), quantize_128x1)}
     seed = int(torch.randint(0, 2**31 - 1, ()))
     torch.manual_seed(seed)
 
@@ -305,12 +327,13 @@ _INTERPRETED = textwrap.dedent("""
         for tiling, (kernel, reference) in PAIRS.items():
             got, want = kernel(broken, pow2_scales=pow2), reference(x, pow2_scales=pow2)
             nan_tiles = got.scales.isnan().nonzero().tolist()
-            expected_tile = {"1x128": [129, 1], "128x1": [150, 1], "128x128": [1, 1]}[tiling]
+            expected_tile = {"1x128": [129, 1], "128x1": [150, 1],
+                             "128x128": [1, 1]}[got.tiling]
             assert nan_tiles == [expected_tile], (seed, tiling, bad, nan_tiles)
             assert got.dequantize().isnan().any(), (seed, tiling, "NaN reaches the values")
             keep = ~got.scales.isnan()
             assert torch.equal(got.scales[keep], want.scales[keep]), (seed, tiling, bad)
-            tile_rows, tile_cols = (128, 128) if tiling == "128x128" else (1, 128)
+            tile_rows, tile_cols = (128, 128) if got.tiling == "128x128" else (1, 128)
             rows_ok = keep.repeat_interleave(tile_rows, 0)[: got.data.shape[0]]
             ok = rows_ok.repeat_interleave(tile_cols, 1)[:, : got.data.shape[1]]
             assert torch.equal(bits(got)[ok], bits(want)[ok]), (seed, tiling, bad)
@@ -318,6 +341,10 @@ _INTERPRETED = textwrap.dedent("""
     for tiling, (kernel, reference) in PAIRS.items():  # zero rows: nothing launched
         got, want = kernel(torch.zeros(0, 200)), reference(torch.zeros(0, 200))
         assert got.data.shape == want.data.shape and got.scales.shape == want.scales.shape
+    got = launch_quantize_1x128_and_128x1(torch.zeros(0, 200))  # the pair: both results
+    want = (quantize_1x128(torch.zeros(0, 200)), quantize_128x1(torch.zeros(0, 200)))
+    assert [(g.data.shape, g.scales.shape, g.tiling) for g in got] == [
+        (w.data.shape, w.scales.shape, w.tiling) for w in want]
     print("ok")
 """)
 

@@ -7,6 +7,11 @@ temporaries; these kernels read it once and write one byte per element.
   quantize_1x128_fused(x_MK)     data [M, K], scales [M, ceil(K/128)]
   quantize_128x1_fused(x_MK)     data x^T [K, M], scales [K, ceil(M/128)]
   quantize_128x128_fused(w_NK)   data [N, K], scales [ceil(N/128), ceil(K/128)]
+  quantize_1x128_and_128x1_fused(x_MK)   both of the first two from one read of x: a
+                                 program loads a 128x128 tile, takes the amax of each row
+                                 (1x128) and of each column (128x1) from the same registers
+                                 and stores both; the FP8 linear's forward, which needs x in
+                                 both tilings, reads x once instead of twice
 
 Each runs its kernel on an NVIDIA GPU with FP8 conversions (sm_89 and newer) and the
 reference elsewhere. The kernels give bit-identical data and scales to the references: every
@@ -41,9 +46,12 @@ except ImportError:  # the reference path (CPU machines without Triton)
 
 # Rows of x per program of the 1x128 kernel (one tile column, a scale per row), and columns
 # of x per program of the 128x1 kernel (one 128-row band, a scale per column; each column is
-# stored as a 128-byte row of x^T). The 128x128 kernel takes one block per program.
+# stored as a 128-byte row of x^T). The 128x128 kernel and the paired 1x128 + 128x1 kernel
+# take one 128x128 block per program; the paired one holds it in fp32 (64 KiB), so it runs
+# on more warps to keep it in registers.
 BLOCK_ROWS_1X128 = 32
 BLOCK_COLS_128X1 = 64
+NUM_WARPS_PAIRED = 8
 
 # Hopper and Ada convert to E4M3 in hardware; older GPUs have no float8e4nv in Triton.
 MIN_CUDA_CAPABILITY = (8, 9)
@@ -128,6 +136,36 @@ if triton is not None:
         tl.store(scales_ptr + tile_n * tl.cdiv(K, TILE) + tile_k, scale)
 
 
+    @triton.jit
+    def _quantize_1x128_and_128x1_kernel(x_ptr,                          # pointers
+                                         data_ptr, scales_ptr,           # 1x128
+                                         data_t_ptr, scales_t_ptr,       # 128x1 (transposed)
+                                         M, K,                           # sizes
+                                         stride_xm, stride_xk,           # x's strides
+                                         POW2_SCALES: tl.constexpr, TILE: tl.constexpr):
+        tile_m, tile_k = tl.program_id(0), tl.program_id(1)
+        rows = (tile_m * TILE + tl.arange(0, TILE)).to(tl.int64)
+        cols = (tile_k * TILE + tl.arange(0, TILE)).to(tl.int64)
+        in_x = (rows[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=in_x,
+                    other=0.0).to(tl.float32)                                # [TILE, TILE]
+        abs_x = tl.abs(x)
+        finite = (abs_x <= _FP32_MAX).to(tl.int32)                           # NaN compares false
+        # 1x128: a scale per row of the tile, as _quantize_1x128_kernel
+        scale = _tile_scale(tl.max(abs_x, axis=1), tl.min(finite, axis=1) == 1,
+                            POW2_SCALES)                                     # [TILE]
+        tl.store(data_ptr + rows[:, None] * K + cols[None, :], _to_fp8(x, scale[:, None]),
+                 mask=in_x)
+        tl.store(scales_ptr + rows * tl.cdiv(K, TILE) + tile_k, scale, mask=rows < M)
+        # 128x1: a scale per column of the same tile, data stored transposed, as
+        # _quantize_128x1_kernel
+        scale_t = _tile_scale(tl.max(abs_x, axis=0), tl.min(finite, axis=0) == 1,
+                              POW2_SCALES)                                   # [TILE]
+        data_t = tl.trans(_to_fp8(x, scale_t[None, :]))                      # [TILE, TILE]
+        tl.store(data_t_ptr + cols[:, None] * M + rows[None, :], data_t, mask=tl.trans(in_x))
+        tl.store(scales_t_ptr + cols * tl.cdiv(M, TILE) + tile_m, scale_t, mask=cols < K)
+
+
 def uses_kernel(x: torch.Tensor) -> bool:
     """Whether the fused kernels run for x: Triton present, x a 2-D bf16/fp16/fp32 tensor on an
     NVIDIA GPU that converts to E4M3 (compute capability 8.9 or newer)."""
@@ -180,6 +218,23 @@ def launch_quantize_128x128(w: torch.Tensor, *, pow2_scales: bool = False) -> Fp
     return out
 
 
+def launch_quantize_1x128_and_128x1(x: torch.Tensor, *, pow2_scales: bool = False
+                                    ) -> tuple[Fp8Tensor, Fp8Tensor]:
+    """The paired kernel itself (1x128, and 128x1 with transposed data, from one read of x),
+    on any device Triton runs on."""
+    check_quantize_input(x, "x")
+    M, K = x.shape
+    rowwise = _empty_result(M, K, (M, triton.cdiv(K, TILE)), "1x128", x.device)
+    colwise = _empty_result(K, M, (K, triton.cdiv(M, TILE)), "128x1", x.device)
+    if M and K:
+        grid = (triton.cdiv(M, TILE), triton.cdiv(K, TILE))
+        _quantize_1x128_and_128x1_kernel[grid](
+            x, rowwise.data, rowwise.scales, colwise.data, colwise.scales, M, K,
+            x.stride(0), x.stride(1), POW2_SCALES=pow2_scales, TILE=TILE,
+            num_warps=NUM_WARPS_PAIRED)
+    return rowwise, colwise
+
+
 def quantize_1x128_fused(x: torch.Tensor, *, pow2_scales: bool = False) -> Fp8Tensor:
     """x [M, K] in 1x128 tiles (fp8/quantize.py's quantize_1x128): the kernel on a GPU, the
     reference elsewhere."""
@@ -202,3 +257,13 @@ def quantize_128x128_fused(w: torch.Tensor, *, pow2_scales: bool = False) -> Fp8
     if uses_kernel(w):
         return launch_quantize_128x128(w, pow2_scales=pow2_scales)
     return quantize_128x128(w, pow2_scales=pow2_scales)
+
+
+def quantize_1x128_and_128x1_fused(x: torch.Tensor, *, pow2_scales: bool = False
+                                   ) -> tuple[Fp8Tensor, Fp8Tensor]:
+    """x [M, K] in 1x128 tiles and in 128x1 tiles (data stored as x^T [K, M]) from one read
+    of x: (quantize_1x128(x), quantize_128x1(x)) of fp8/quantize.py. The kernel on a GPU, the
+    two references elsewhere."""
+    if uses_kernel(x):
+        return launch_quantize_1x128_and_128x1(x, pow2_scales=pow2_scales)
+    return quantize_1x128(x, pow2_scales=pow2_scales), quantize_128x1(x, pow2_scales=pow2_scales)

@@ -6,8 +6,9 @@ linear (fp8/linear.py) forward + backward against a bf16 nn.Linear, in the same 
   python benchmarks/bench_fp8.py --device cpu --tokens 256 --shrink 16 --repeat 1   # logic
 
 Quantizers, on a [tokens, 7168] bf16 activation and a [7168, 2048] bf16 weight: each fused
-kernel's time and bandwidth (2 bytes read, 1 written per element, plus the fp32 scales) against
-a bf16 copy of the same tensor (2 read, 2 written), the memory ceiling; the target is 80% of it.
+kernel's time and bandwidth (2 bytes read, 1 written per element, plus the fp32 scales; the
+paired 1x128 + 128x1 kernel writes both: 2 read, 2 written, two sets of scales) against a bf16
+copy of the same tensor (2 read, 2 written), the memory ceiling; the target is 80% of it.
 Linear, for each (K, N) of the issue's table at `--tokens` rows: forward + backward of
 fp8_linear (three FP8 GEMMs, quantizers included) against torch.nn.functional.linear in bf16,
 and the forward GEMM alone (fp8_gemm on quantized operands) against the bf16 matmul. The
@@ -28,9 +29,9 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import emit_json, resolve_device, result_header, sync  # noqa: E402
 from megatron_dsv3.fp8.gemm import fp8_gemm, uses_scaled_mm  # noqa: E402
 from megatron_dsv3.fp8.linear import fp8_linear  # noqa: E402
-from megatron_dsv3.kernels.fp8_quantize import (quantize_1x128_fused,  # noqa: E402
-                                                quantize_128x1_fused, quantize_128x128_fused,
-                                                uses_kernel)
+from megatron_dsv3.kernels.fp8_quantize import (  # noqa: E402
+    quantize_1x128_and_128x1_fused, quantize_1x128_fused, quantize_128x1_fused,
+    quantize_128x128_fused, uses_kernel)
 
 # (K, N) of DeepSeek-V3's linears (the issue's table): y [M, N] = x [M, K] W^T
 SHAPES = ((7168, 2048), (2048, 7168), (7168, 18432), (7168, 1536), (1536, 24576))
@@ -50,20 +51,24 @@ def quantizer_rows(tokens: int, shrink: int, repeat: int, device: torch.device) 
     x = torch.randn(tokens, 7168 // shrink, device=device).to(torch.bfloat16)
     w = torch.randn(7168 // shrink, 2048 // shrink, device=device).to(torch.bfloat16)
     rows = []
-    for name, fn, t in (("activation 1x128", quantize_1x128_fused, x),
-                        ("activation 128x1 (transposed)", quantize_128x1_fused, x),
-                        ("weight 128x128", quantize_128x128_fused, w)):
+    # (name, quantizer, input, bytes moved per element besides the scales, scales per element)
+    for name, fn, t, bytes_per_element, scales_per_element in (
+            ("activation 1x128", quantize_1x128_fused, x, 3, 1 / 128),
+            ("activation 128x1 (transposed)", quantize_128x1_fused, x, 3, 1 / 128),
+            ("activation 1x128 + 128x1 paired", quantize_1x128_and_128x1_fused, x, 4, 2 / 128),
+            ("weight 128x128", quantize_128x128_fused, w, 3, 1 / (128 * 128))):
         copy = torch.empty_like(t)
         n = t.numel()
         row = {"quantizer": name, "shape": list(t.shape), "kernel": uses_kernel(t),
                "quantize_s": seconds(lambda: fn(t), repeat, device),
                "bf16_copy_s": seconds(lambda: copy.copy_(t), repeat, device)}
-        scales = n // 128 * 4 if "128x128" not in name else n // (128 * 128) * 4
-        row["quantize_tb_s"] = round((3 * n + scales) / row["quantize_s"] / 1e12, 3)
+        scales = int(n * scales_per_element) * 4
+        row["quantize_tb_s"] = round((bytes_per_element * n + scales) / row["quantize_s"] / 1e12,
+                                     3)
         row["bf16_copy_tb_s"] = round(4 * n / row["bf16_copy_s"] / 1e12, 3)
         row["fraction_of_copy"] = round(row["quantize_tb_s"] / row["bf16_copy_tb_s"], 3)
         rows.append(row)
-        print(f"{name:30s} {row['quantize_s'] * 1e3:7.3f} ms {row['quantize_tb_s']:.2f} TB/s | "
+        print(f"{name:32s} {row['quantize_s'] * 1e3:7.3f} ms {row['quantize_tb_s']:.2f} TB/s | "
               f"bf16 copy {row['bf16_copy_tb_s']:.2f} TB/s | {row['fraction_of_copy']:.2f} of it",
               file=sys.stderr)
     return rows

@@ -8,7 +8,8 @@
                 dW = fp8_gemm, accumulated in FP32, returned in W's dtype
 
 What backward needs is kept in FP8: x as its 128x1 quantization (the weight gradient's
-operand, quantized once in the forward, where x is at hand) and W as its 128x128 blocks, with
+operand, quantized in the forward, where x is at hand, in the same pass over x as its 1x128
+quantization) and W as its 128x128 blocks, with
 their FP32 scales: one byte per element instead of two for a bf16 x.
 
 The quantizers are kernels/fp8_quantize.py's (one fused pass on a GPU, the references
@@ -21,8 +22,8 @@ from typing import Optional
 
 import torch
 
-from ..kernels.fp8_quantize import (quantize_1x128_fused, quantize_128x1_fused,
-                                    quantize_128x128_fused)
+from ..kernels.fp8_quantize import (quantize_1x128_and_128x1_fused, quantize_1x128_fused,
+                                    quantize_128x1_fused, quantize_128x128_fused)
 from .gemm import fp8_gemm, transposed_blocks
 from .quantize import Fp8Tensor
 
@@ -33,11 +34,16 @@ class _Fp8Linear(torch.autograd.Function):
                 ) -> torch.Tensor:
         x_MK = x.reshape(-1, x.shape[-1])
         w = quantize_128x128_fused(weight)
-        y = fp8_gemm(quantize_1x128_fused(x_MK), w, out_dtype=torch.float32)
+        # x in 1x128 tiles for the forward GEMM and, when W needs a gradient, in 128x1 tiles
+        # (x^T in 1x128 tiles along the tokens) for backward: both from one read of x
+        if weight.requires_grad:
+            x_q, x_t = quantize_1x128_and_128x1_fused(x_MK)
+        else:
+            x_q, x_t = quantize_1x128_fused(x_MK), None
+        y = fp8_gemm(x_q, w, out_dtype=torch.float32)
         if bias is not None:
             y = y + bias.float()
-        # for backward, in FP8: x^T in 1x128 tiles along the tokens, and W's blocks
-        x_t = quantize_128x1_fused(x_MK) if weight.requires_grad else None
+        # kept for backward, in FP8: x^T and W's blocks
         ctx.save_for_backward(*(t for q in (x_t, w) if q is not None
                                 for t in (q.data, q.scales)))
         ctx.saved_x = x_t is not None

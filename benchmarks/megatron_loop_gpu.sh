@@ -64,13 +64,13 @@ megatron() {  # megatron NAME TIMEOUT_S PRESET ARGS...
 for p in $PARTS; do
   case $p in
     tiny) rm -rf "$WORK/ckpt_tiny"
-          megatron tiny 150 tiny --seq-length 128 --micro-batch-size 4 --global-batch-size 8 \
+          megatron tiny 200 tiny --seq-length 128 --micro-batch-size 4 --global-batch-size 8 \
             --train-iters 20 --save "$WORK/ckpt_tiny" --load "$WORK/ckpt_tiny" \
             --save-interval 10 ;;
-    resume) megatron resume 120 tiny --seq-length 128 --micro-batch-size 4 \
+    resume) megatron resume 180 tiny --seq-length 128 --micro-batch-size 4 \
             --global-batch-size 8 --train-iters 30 --save "$WORK/ckpt_tiny" \
             --load "$WORK/ckpt_tiny" --save-interval 10 ;;
-    straight) megatron straight 120 tiny --seq-length 128 --micro-batch-size 4 \
+    straight) megatron straight 180 tiny --seq-length 128 --micro-batch-size 4 \
             --global-batch-size 8 --train-iters 30
           python3 - "$DIR/resume.log" "$DIR/straight.log" <<'PY'
 import re, sys
@@ -87,7 +87,7 @@ for it in sorted(set(resumed) & set(straight)):
           f"diff {resumed[it] - straight[it]:+.2E}")
 PY
           ;;
-    nan) megatron nan 90 tiny --seq-length 128 --micro-batch-size 4 --global-batch-size 8 \
+    nan) megatron nan 120 tiny --seq-length 128 --micro-batch-size 4 --global-batch-size 8 \
             --train-iters 10 --lr 1e6 --min-lr 1e5
          grep -iE "nan|inf" "$DIR/nan.log" | grep -vE "^ +[a-z_]+ \.+" | tail -n 4 ;;
     corrupt) newest=$(cat "$WORK/ckpt_tiny/latest_checkpointed_iteration.txt")
@@ -101,7 +101,7 @@ with open(path, "r+b") as f:
     f.write(os.urandom(4096))
 print(f"wrote 4096 random bytes at offset {size // 2} of {path} ({size} bytes)")
 PY
-             megatron corrupt 90 tiny --seq-length 128 --micro-batch-size 4 \
+             megatron corrupt 120 tiny --seq-length 128 --micro-batch-size 4 \
                --global-batch-size 8 --train-iters 40 --save "$WORK/ckpt_tiny" \
                --load "$WORK/ckpt_tiny" --save-interval 10
              grep -E "CorruptCheckpoint|Error" "$DIR/corrupt.log" | tail -n 3 ;;

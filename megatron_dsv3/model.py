@@ -178,8 +178,23 @@ def mark_fp8_linears(model: torch.nn.Module) -> int:
         if not hasattr(type(layer), "fp8"):
             raise ConfigError(f"fp8='deepseek': {type(layer).__name__} has no FP8 path (the "
                               "local backend's linears have): use linear_backend='local'")
+        check_fp8_shard(layer.weight, type(layer).__name__)
         layer.fp8 = True
     return len(chosen)
+
+
+def check_fp8_shard(weight: torch.Tensor, layer: str) -> None:
+    """The weight shard a rank holds must be whole 128 x 128 blocks: the config checks the full
+    widths (ModelConfig.fp8_linear_widths); tensor parallelism divides them further."""
+    from .config import ConfigError
+
+    rows, cols = weight.shape
+    if rows % 128 or cols % 128:
+        raise ConfigError(
+            f"fp8='deepseek': a {layer} holds a {rows} x {cols} shard of its weight on this "
+            "rank, and FP8 needs both sides a multiple of 128 (its 128 x 128 blocks); tensor "
+            "parallelism divides the widths: use a smaller --tensor-parallel-size, wider "
+            "layers, or fp8='none'")
 
 
 def resolve_compile(scope: str, mode: str, *, on_cuda: bool, parallel: bool) -> tuple[str, str]:

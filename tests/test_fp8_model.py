@@ -55,6 +55,17 @@ def test_widths_no_multiple_of_128_and_the_te_backend_are_refused_naming_the_fie
         tiny().replace(fp8="e5m2")
 
 
+def test_a_weight_shard_of_partial_blocks_is_refused_naming_tensor_parallelism():
+    """The config checks the full widths; tensor parallelism splits them further (TP=2 on a
+    128-wide projection leaves 64 x 128 shards, no whole 128 x 128 block)."""
+    from megatron_dsv3.model import check_fp8_shard
+
+    check_fp8_shard(torch.empty(256, 128), "ColumnParallelLinear")
+    with pytest.raises(ConfigError, match="a ColumnParallelLinear holds a 64 x 128 shard .* "
+                                          "use a smaller --tensor-parallel-size"):
+        check_fp8_shard(torch.empty(64, 128), "ColumnParallelLinear")
+
+
 def test_the_precision_maps_linears_run_fp8_linear(dist_single):
     model = _model(dist_single, fp8=True)
     in_fp8 = sorted(name for name, m in model.named_modules() if getattr(m, "fp8", False))

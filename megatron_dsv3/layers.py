@@ -11,8 +11,8 @@ GPU/NCCL. "te" is Transformer Engine's layers through Megatron's TE extension (G
 
 FP8 (`ModelConfig.fp8='deepseek'`, docs/precision-and-parallelism.md): the local linears have an
 `fp8` attribute (False; model.mark_fp8_linears sets it on the layers of the precision map); with it
-their GEMMs are fp8/linear.py's `fp8_linear` (forward, input and weight gradient in FP8), the
-rest of the layer Megatron's.
+their GEMMs are fp8/linear.py's `fp8_linear` (forward, input and weight gradient in FP8; the
+weight gradient deferrable as above), the rest of the layer Megatron's.
 
 The local linears can defer their weight gradient to a pipeline schedule's W step
 (weight_grad.py; docs/pipeline.md): each has a `weight_grad_store` attribute,
@@ -121,8 +121,7 @@ class ReplicatedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor):
         if self.fp8:
-            _refuse_deferred_fp8(self)
-            return fp8_linear(x, self.weight), None
+            return fp8_linear(x, self.weight, store=self.weight_grad_store), None
         if self.weight_grad_store is None:
             return F.linear(x, self.weight), None
         return linear_deferred_wgrad(x, self.weight, None, self.weight_grad_store), None
@@ -152,20 +151,11 @@ class _DeferrableWgrad(OwnGemmHook):
                 + ("" if self.fp8 else
                    " or detach the store: attach_weight_grad_store(model, None)"))
         if self.fp8:
-            _refuse_deferred_fp8(self)
             if call.dgrad_group is not None:  # the column-parallel dX all-reduce
                 input = copy_to_tensor_model_parallel_region(input, group=call.dgrad_group)
-            return fp8_linear(input, weight, call.bias)
+            return fp8_linear(input, weight, call.bias, store=self.weight_grad_store)
         return linear_deferred_wgrad(input, weight, call.bias, self.weight_grad_store,
                                      dgrad_group=call.dgrad_group)
-
-
-def _refuse_deferred_fp8(layer) -> None:
-    if layer.weight_grad_store is not None:
-        raise NotImplementedError(
-            f"{type(layer).__name__}: FP8 GEMMs with a deferred weight gradient (the DualPipe "
-            "schedules' W step) are not implemented yet: train FP8 with another pipeline "
-            "schedule, or fp8='none'")
 
 
 class DeferrableColumnParallelLinear(_DeferrableWgrad, ColumnParallelLinear):

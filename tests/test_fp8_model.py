@@ -8,6 +8,7 @@ on the CPU with the FP8 GEMM emulation:
     experts run in FP8; the KV down-projection, the attention output projection, the routed
     experts and the MTP projection do not; an FP8 layer's output and gradients are exactly
     fp8_linear's of its input and weight;
+  * an FP8 layer's weight gradient defers to the pipeline schedules' W step unchanged;
   * a small model trains in FP8 like in fp32 from the same weights and batches (bound stated
     in the test).
 """
@@ -88,6 +89,26 @@ def test_the_precision_maps_linears_run_fp8_linear(dist_single):
     fp8_linear(x_ref, w_ref).backward(dy)
     assert torch.equal(y.detach(), fp8_linear(x_ref.detach(), w_ref.detach()))
     assert torch.equal(x.grad, x_ref.grad) and torch.equal(layer.weight.grad, w_ref.grad)
+
+
+def test_an_fp8_layers_weight_gradient_defers_to_the_w_step(dist_single):
+    """The DualPipe schedules' B step defers weight gradients: an FP8 layer's arrives only at W,
+    equal bit for bit to the one computed in backward."""
+    from megatron_dsv3.weight_grad import WeightGradStore, attach_weight_grad_store
+
+    layer = _model(dist_single, fp8=True).decoder.layers[0].mlp.linear_fc1
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    x = torch.randn(8, 2, 128, generator=g)
+    dy = torch.randn(8, 2, layer.weight.shape[0], generator=g)
+    layer(x)[0].backward(dy)
+    direct, layer.weight.grad = layer.weight.grad.clone(), None
+    store = WeightGradStore()
+    attach_weight_grad_store(layer, store)
+    with store.deferring(label=("B", 0, 0)):
+        layer(x)[0].backward(dy)
+    assert layer.weight.grad is None
+    store.run_next()
+    assert torch.equal(layer.weight.grad, direct)
 
 
 def test_a_small_model_trains_in_fp8_like_in_fp32(dist_single):

@@ -1,6 +1,7 @@
 """The FP8 linear y = x W^T (+ b) of DeepSeek-V3's recipe: all three GEMMs in FP8.
 
-  fp8_linear(x, weight, bias=None)    x [..., K], weight [N, K] -> y [..., N] in x's dtype
+  fp8_linear(x, weight, bias=None, store=None)   x [..., K], weight [N, K] -> y [..., N] in
+                                                 x's dtype (autocast's where it is on)
 
   forward       x quantized in 1x128 tiles, W in 128x128 blocks; y = fp8_gemm
   input grad    dy in 1x128 tiles, W^T the forward's blocks transposed; dx = fp8_gemm
@@ -11,6 +12,10 @@ What backward needs is kept in FP8: x as its 128x1 quantization (the weight grad
 operand, quantized in the forward, where x is at hand, in the same pass over x as its 1x128
 quantization) and W as its 128x128 blocks, with
 their FP32 scales: one byte per element instead of two for a bf16 x.
+
+The weight gradient (and the bias's) goes through weight_grad.weight_grad_now_or_later: with a
+`store` that defers (the DualPipe schedules' B step) it is queued for the W step, with dY
+already quantized (FP8 is what the queue holds), else computed in backward as usual.
 
 The quantizers are kernels/fp8_quantize.py's (one fused pass on a GPU, the references
 elsewhere); the GEMMs fp8/gemm.py's.
@@ -24,14 +29,15 @@ import torch
 
 from ..kernels.fp8_quantize import (quantize_1x128_and_128x1_fused, quantize_1x128_fused,
                                     quantize_128x1_fused, quantize_128x128_fused)
+from ..weight_grad import WeightGradStore, autocast_dtype, weight_grad_now_or_later
 from .gemm import fp8_gemm, transposed_blocks
 from .quantize import Fp8Tensor
 
 
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
-                ) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                store: Optional[WeightGradStore]) -> torch.Tensor:
         x_MK = x.reshape(-1, x.shape[-1])
         w = quantize_128x128_fused(weight)
         # x in 1x128 tiles for the forward GEMM and, when W needs a gradient, in 128x1 tiles
@@ -47,9 +53,11 @@ class _Fp8Linear(torch.autograd.Function):
         ctx.save_for_backward(*(t for q in (x_t, w) if q is not None
                                 for t in (q.data, q.scales)))
         ctx.saved_x = x_t is not None
-        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
-        ctx.b_dtype = None if bias is None else bias.dtype
-        return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        # the parameters themselves: a deferred gradient is accumulated into them
+        ctx.weight, ctx.bias, ctx.store = weight, bias, store
+        out_dtype = autocast_dtype(x.device.type) or x.dtype
+        return y.to(out_dtype).reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
@@ -64,18 +72,23 @@ class _Fp8Linear(torch.autograd.Function):
             grad_x = fp8_gemm(quantize_1x128_fused(dy_MN), transposed_blocks(w),
                               out_dtype=ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            grad_w = fp8_gemm(quantize_128x1_fused(dy_MN), x_t,
-                              out_dtype=torch.float32).to(ctx.w_dtype)
-        if ctx.b_dtype is not None and ctx.needs_input_grad[2]:
-            grad_b = dy_MN.float().sum(dim=0).to(ctx.b_dtype)
-        return grad_x, grad_w, grad_b
+            dy_t = quantize_128x1_fused(dy_MN)  # now: the queue then holds FP8
+            weight = ctx.weight
+            grad_w = weight_grad_now_or_later(ctx.store, weight, lambda: fp8_gemm(
+                dy_t, x_t, out_dtype=torch.float32).to(weight.dtype))
+        if ctx.bias is not None and ctx.needs_input_grad[2]:
+            bias = ctx.bias
+            grad_b = weight_grad_now_or_later(ctx.store, bias, lambda: dy_MN.float().sum(
+                dim=0).to(bias.dtype))
+        return grad_x, grad_w, grad_b, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor,
-               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               store: Optional[WeightGradStore] = None) -> torch.Tensor:
     """y = x W^T (+ b) with the forward, input-gradient and weight-gradient GEMMs in FP8
-    (module docstring); x [..., K], weight [N, K], y [..., N] in x's dtype."""
+    (module docstring); x [..., K], weight [N, K], y [..., N]; the weight gradient deferred
+    while `store` defers."""
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"fp8_linear: x [..., K] = {list(x.shape)} and weight [N, K] = "
                          f"{list(weight.shape)} do not match: K must be x's last dimension")
-    return _Fp8Linear.apply(x, weight, bias)
+    return _Fp8Linear.apply(x, weight, bias, store)

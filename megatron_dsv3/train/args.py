@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="FP8 training: deepseek runs the precision map's linears (MLA projections but the "
              "KV down- and output projections, dense FFNs, shared experts) with E4M3 GEMMs, "
              "1x128 / 128x128 scales and FP32 promotion (ModelConfig.fp8); their widths must "
-             "be multiples of 128. Not with --pipeline-schedule dualpipe(v) yet")
+             "be multiples of 128")
     add("--compile", default="auto", choices=("auto", "none", "modules", "layers"),
         help="torch.compile our attention/MoE modules or whole transformer layers "
              "(model.compile_model); auto: modules on cuda, none on cpu")

@@ -3,7 +3,7 @@ loop saves with --save: on 2 gloo ranks at TP=2 and at EP=2 a model is saved wit
 `dist_checkpointing.save`, a model of other weights loads it, and the full weights (every rank's
 slices gathered) and the routers' expert biases equal the saved model's, a TP=2 checkpoint
 loaded at EP=2 and an EP=2 one at TP=2 (LAYOUTS; with -m extended also the same-layout round
-trips and EP=2 -> EP=1). Before
+trips and EP=2 -> EP=1; the default run crosses TP=2 -> EP=2). Before
 sharded_checkpoint.py Megatron could not save the model at all (MTPLayer had no
 sharded_state_dict) and would have saved the EP ranks' different experts under one key."""
 
@@ -82,11 +82,11 @@ def _folder(tmp_path, name: str) -> str:
     return str(tmp_path / name)
 
 
-# (TP, EP) saved -> loaded. The two default cases cross the layouts, so that each saves in one
-# split and loads in the other (SwiGLU's fused [gate; up] included); the same-layout round trips
-# repeat them.
+# (TP, EP) saved -> loaded. The default case crosses the layouts: saved in TP's split (SwiGLU's
+# fused [gate; up] included), loaded in EP's (each rank's experts by their global keys); the
+# other direction and the same-layout round trips repeat it (-m extended).
 LAYOUTS = [pytest.param((2, 1), (1, 2), id="tp2-to-ep2"),
-           pytest.param((1, 2), (2, 1), id="ep2-to-tp2"),
+           pytest.param((1, 2), (2, 1), id="ep2-to-tp2", marks=pytest.mark.extended),
            pytest.param((2, 1), (2, 1), id="tp2-round-trip", marks=pytest.mark.extended),
            pytest.param((1, 2), (1, 2), id="ep2-round-trip", marks=pytest.mark.extended),
            pytest.param((1, 2), (1, 1), id="ep2-to-ep1", marks=pytest.mark.extended)]

@@ -17,6 +17,9 @@
 #   proxy    the proxy preset with MTP, 8 micro-batches of 4,096 tokens per iteration (our job's
 #            step), Megatron's per-iteration time
 #   job      our main job on the same preset and step (its GPU defaults): the ratio's baseline
+#   fp8      the tiny preset with every FP8 width a multiple of 128, 30 iterations with
+#            Megatron's --fp8-format e4m3 --fp8-recipe blockwise (our DeepSeek FP8 without TE),
+#            and the same in bf16: their losses side by side
 #   dualpipev (2 GPUs: the nvidia-h200-x2 kind) the tiny preset with 4 layers at PP=2 under
 #            --pipeline-schedule dualpipev, 20 iterations, a checkpoint at 10 and 20, then the
 #            same command with --train-iters 30 resuming from it
@@ -138,6 +141,25 @@ out.write_text(json.dumps(result, indent=1))
 print(json.dumps(result))
 PY
          ;;
+    fp8) widths="--num-attention-heads 2 --q-lora-rank 128 --kv-lora-rank 128 --qk-head-dim 48
+                 --qk-pos-emb-head-dim 16 --v-head-dim 16 --moe-shared-expert-intermediate-size 128"
+         # shellcheck disable=SC2086
+         megatron fp8 240 tiny $widths --seq-length 128 --micro-batch-size 4 \
+           --global-batch-size 8 --train-iters 30 --fp8-format e4m3 --fp8-recipe blockwise
+         # shellcheck disable=SC2086
+         megatron fp8_bf16 240 tiny $widths --seq-length 128 --micro-batch-size 4 \
+           --global-batch-size 8 --train-iters 30
+         python3 - "$DIR/fp8.log" "$DIR/fp8_bf16.log" <<'PY'
+import re, sys
+def losses(path):
+    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(
+        r"iteration +(\d+)/.*?lm loss: ([0-9.E+-]+)", open(path, errors="replace").read())}
+fp8, bf16 = losses(sys.argv[1]), losses(sys.argv[2])
+for it in sorted(set(fp8) & set(bf16)):
+    print(f"iteration {it}: fp8 {fp8[it]:.5f} bf16 {bf16[it]:.5f} "
+          f"rel {(fp8[it] - bf16[it]) / bf16[it]:+.2%}")
+PY
+         ;;
     dualpipev) rm -rf "$WORK/ckpt_dualpipev"
           for iters in 20 30; do
             NPROC=2 megatron "dualpipev_$iters" 240 tiny --num-layers 4 \
@@ -146,7 +168,7 @@ PY
               --global-batch-size 8 --train-iters "$iters" --save "$WORK/ckpt_dualpipev" \
               --load "$WORK/ckpt_dualpipev" --save-interval 10
           done ;;
-    *) echo "unknown part $p: choose from tiny resume straight nan corrupt proxy job dualpipev" >&2
+    *) echo "unknown part $p: choose from tiny resume straight nan corrupt proxy job fp8 dualpipev" >&2
        exit 2 ;;
   esac
 done

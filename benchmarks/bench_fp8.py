@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import emit_json, resolve_device, result_header, sync  # noqa: E402
+from benchmarks.common import (emit_json, mean_seconds, resolve_device,  # noqa: E402
+                               result_header)
 from megatron_dsv3.fp8.gemm import fp8_gemm, uses_scaled_mm  # noqa: E402
 from megatron_dsv3.fp8.linear import fp8_linear  # noqa: E402
 from megatron_dsv3.kernels.fp8_quantize import (  # noqa: E402
@@ -35,16 +35,6 @@ from megatron_dsv3.kernels.fp8_quantize import (  # noqa: E402
 
 # (K, N) of DeepSeek-V3's linears (the issue's table): y [M, N] = x [M, K] W^T
 SHAPES = ((7168, 2048), (2048, 7168), (7168, 18432), (7168, 1536), (1536, 24576))
-
-
-def seconds(fn, repeat: int, device: torch.device) -> float:
-    fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeat
 
 
 def quantizer_rows(tokens: int, shrink: int, repeat: int, device: torch.device) -> list[dict]:
@@ -60,8 +50,8 @@ def quantizer_rows(tokens: int, shrink: int, repeat: int, device: torch.device) 
         copy = torch.empty_like(t)
         n = t.numel()
         row = {"quantizer": name, "shape": list(t.shape), "kernel": uses_kernel(t),
-               "quantize_s": seconds(lambda: fn(t), repeat, device),
-               "bf16_copy_s": seconds(lambda: copy.copy_(t), repeat, device)}
+               "quantize_s": mean_seconds(lambda: fn(t), repeat, device),
+               "bf16_copy_s": mean_seconds(lambda: copy.copy_(t), repeat, device)}
         scales = int(n * scales_per_element) * 4
         row["quantize_tb_s"] = round((bytes_per_element * n + scales) / row["quantize_s"] / 1e12,
                                      3)
@@ -90,11 +80,11 @@ def linear_rows(tokens: int, shrink: int, repeat: int, device: torch.device) -> 
 
         xq, wq = quantize_1x128(x.detach()), quantize_128x128(w.detach())
         row = {"k": k, "n": n, "tokens": tokens, "scaled_mm": uses_scaled_mm(xq, wq),
-               "bf16_fwd_bwd_s": seconds(lambda: step(torch.nn.functional.linear), repeat,
+               "bf16_fwd_bwd_s": mean_seconds(lambda: step(torch.nn.functional.linear), repeat,
                                          device),
-               "fp8_fwd_bwd_s": seconds(lambda: step(fp8_linear), repeat, device),
-               "bf16_gemm_s": seconds(lambda: x.detach() @ w.detach().t(), repeat, device),
-               "fp8_gemm_s": seconds(lambda: fp8_gemm(xq, wq, out_dtype=torch.bfloat16),
+               "fp8_fwd_bwd_s": mean_seconds(lambda: step(fp8_linear), repeat, device),
+               "bf16_gemm_s": mean_seconds(lambda: x.detach() @ w.detach().t(), repeat, device),
+               "fp8_gemm_s": mean_seconds(lambda: fp8_gemm(xq, wq, out_dtype=torch.bfloat16),
                                      repeat, device)}
         row["fwd_bwd_speedup"] = round(row["bf16_fwd_bwd_s"] / row["fp8_fwd_bwd_s"], 3)
         row["gemm_speedup"] = round(row["bf16_gemm_s"] / row["fp8_gemm_s"], 3)

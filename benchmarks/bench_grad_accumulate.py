@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import emit_json, resolve_device, result_header, sync  # noqa: E402
+from benchmarks.common import (emit_json, mean_seconds, resolve_device,  # noqa: E402
+                               result_header)
 from megatron_dsv3.kernels.grad_accumulate import (add_into_fp32_, launch_add_into,  # noqa: E402
                                                    uses_kernel)
 
@@ -61,17 +61,17 @@ def expert_wgrad_row(name: str, out_features: int, in_features: int, repeat: int
     def gemm_then_add():
         add_into_fp32_(total, torch._grouped_mm(grad_y.t(), x, offs=ends))
 
-    row = {"projection": name, "gemm_then_add_s": seconds(gemm_then_add, repeat, device),
-           "in_gemm_s": seconds(lambda: grouped_wgrad_add_(grad_y, x, ends, total), repeat,
+    row = {"projection": name, "gemm_then_add_s": mean_seconds(gemm_then_add, repeat, device),
+           "in_gemm_s": mean_seconds(lambda: grouped_wgrad_add_(grad_y, x, ends, total), repeat,
                                 device),
-           "gemm_only_s": seconds(lambda: torch._grouped_mm(grad_y.t(), x, offs=ends), repeat,
+           "gemm_only_s": mean_seconds(lambda: torch._grouped_mm(grad_y.t(), x, offs=ends), repeat,
                                   device)}
     row["speedup"] = round(row["gemm_then_add_s"] / row["in_gemm_s"], 3)
     # the kernel's tiles and launch settings (the op runs the first)
     row["tiles"] = {}
     for block_o, block_i, block_k, warps, stages in TILE_SWEEP:
         key = f"{block_o}x{block_i}x{block_k} w{warps} s{stages}"
-        row["tiles"][key] = seconds(lambda: launch_grouped_wgrad_add(
+        row["tiles"][key] = mean_seconds(lambda: launch_grouped_wgrad_add(
             grad_y, x, ends, total, block_o=block_o, block_i=block_i, block_k=block_k,
             num_warps=warps, num_stages=stages), repeat, device)
     best = min(row["tiles"], key=row["tiles"].get)
@@ -82,16 +82,6 @@ def expert_wgrad_row(name: str, out_features: int, in_features: int, repeat: int
           f"{row['gemm_then_add_s'] * 1e3:.3f} ms | in the GEMM {row['in_gemm_s'] * 1e3:.3f} ms "
           f"x{row['speedup']}", file=sys.stderr)
     return row
-
-
-def seconds(fn, repeat: int, device: torch.device) -> float:
-    fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeat
 
 
 def main(argv=None) -> dict:
@@ -110,10 +100,10 @@ def main(argv=None) -> dict:
         copy_dst = torch.empty_like(total)
         n = total.numel()
         row = {"shape": name, "elements": n, "kernel": uses_kernel(total, grad),
-               "torch_add_s": seconds(lambda: total.add_(grad), args.repeat, device),
-               "ours_s": seconds(lambda: launch_add_into(total, grad) if device.type == "cuda"
+               "torch_add_s": mean_seconds(lambda: total.add_(grad), args.repeat, device),
+               "ours_s": mean_seconds(lambda: launch_add_into(total, grad) if device.type == "cuda"
                                  else add_into_fp32_(total, grad), args.repeat, device),
-               "fp32_copy_s": seconds(lambda: copy_dst.copy_(total), args.repeat, device)}
+               "fp32_copy_s": mean_seconds(lambda: copy_dst.copy_(total), args.repeat, device)}
         row["torch_add_tb_s"] = round(10 * n / row["torch_add_s"] / 1e12, 3)
         row["ours_tb_s"] = round(10 * n / row["ours_s"] / 1e12, 3)
         row["fp32_copy_tb_s"] = round(8 * n / row["fp32_copy_s"] / 1e12, 3)

@@ -115,6 +115,18 @@ def time_steps(step_fn: Callable[[], object], steps: int, warmup: int, device: t
     return times
 
 
+def mean_seconds(fn: Callable[[], object], repeat: int, device: torch.device) -> float:
+    """Mean wall time of `repeat` back-to-back calls of `fn` after one untimed call, the device
+    synchronised only before and after them (what a kernel costs in a stream of launches)."""
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeat
+
+
 # ----------------------------------------------------------------------------------------------
 # Distributed set-up of a torchrun script
 # ----------------------------------------------------------------------------------------------

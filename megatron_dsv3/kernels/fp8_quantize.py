@@ -174,16 +174,21 @@ def uses_kernel(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= MIN_CUDA_CAPABILITY)
 
 
-def _empty_result(rows: int, cols: int, scale_shape, tiling: str, device) -> Fp8Tensor:
-    return Fp8Tensor(torch.empty(rows, cols, dtype=FP8_DTYPE, device=device),
-                     torch.empty(scale_shape, dtype=torch.float32, device=device), tiling)
+def _empty_result(x: torch.Tensor, tiling: str) -> Fp8Tensor:
+    """The uninitialised result of quantizing x [M, K] in `tiling`'s tiles (for "128x1" the
+    data stored transposed, [K, M])."""
+    rows, cols = x.shape[::-1] if tiling == "128x1" else x.shape
+    tile_rows = TILE if tiling == "128x128" else 1
+    return Fp8Tensor(torch.empty(rows, cols, dtype=FP8_DTYPE, device=x.device),
+                     torch.empty(triton.cdiv(rows, tile_rows), triton.cdiv(cols, TILE),
+                                 dtype=torch.float32, device=x.device), tiling)
 
 
 def launch_quantize_1x128(x: torch.Tensor, *, pow2_scales: bool = False) -> Fp8Tensor:
     """The 1x128 kernel itself, on any device Triton runs on (its interpreter included)."""
     check_quantize_input(x, "x")
     M, K = x.shape
-    out = _empty_result(M, K, (M, triton.cdiv(K, TILE)), "1x128", x.device)
+    out = _empty_result(x, "1x128")
     if M and K:
         grid = (triton.cdiv(M, BLOCK_ROWS_1X128), triton.cdiv(K, TILE))
         _quantize_1x128_kernel[grid](x, out.data, out.scales, M, K, x.stride(0), x.stride(1),
@@ -196,7 +201,7 @@ def launch_quantize_128x1(x: torch.Tensor, *, pow2_scales: bool = False) -> Fp8T
     """The 128x1 kernel itself (transposed data), on any device Triton runs on."""
     check_quantize_input(x, "x")
     M, K = x.shape
-    out = _empty_result(K, M, (K, triton.cdiv(M, TILE)), "128x1", x.device)
+    out = _empty_result(x, "128x1")
     if M and K:
         grid = (triton.cdiv(M, TILE), triton.cdiv(K, BLOCK_COLS_128X1))
         _quantize_128x1_kernel[grid](x, out.data, out.scales, M, K, x.stride(0), x.stride(1),
@@ -209,8 +214,7 @@ def launch_quantize_128x128(w: torch.Tensor, *, pow2_scales: bool = False) -> Fp
     """The 128x128 kernel itself, on any device Triton runs on."""
     check_quantize_input(w, "w")
     N, K = w.shape
-    out = _empty_result(N, K, (triton.cdiv(N, TILE), triton.cdiv(K, TILE)), "128x128",
-                        w.device)
+    out = _empty_result(w, "128x128")
     if N and K:
         grid = (triton.cdiv(N, TILE), triton.cdiv(K, TILE))
         _quantize_128x128_kernel[grid](w, out.data, out.scales, N, K, w.stride(0), w.stride(1),
@@ -224,8 +228,7 @@ def launch_quantize_1x128_and_128x1(x: torch.Tensor, *, pow2_scales: bool = Fals
     on any device Triton runs on."""
     check_quantize_input(x, "x")
     M, K = x.shape
-    rowwise = _empty_result(M, K, (M, triton.cdiv(K, TILE)), "1x128", x.device)
-    colwise = _empty_result(K, M, (K, triton.cdiv(M, TILE)), "128x1", x.device)
+    rowwise, colwise = _empty_result(x, "1x128"), _empty_result(x, "128x1")
     if M and K:
         grid = (triton.cdiv(M, TILE), triton.cdiv(K, TILE))
         _quantize_1x128_and_128x1_kernel[grid](

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional
 
 import torch
 
@@ -95,6 +96,28 @@ def megatron_flags(cfg: ModelConfig) -> list[str]:
         flags += ["--mtp-num-layers", str(mtp.num_layers),
                   "--mtp-loss-scaling-factor", _number(mtp.loss_weight(0))]
     return flags
+
+
+def take_flag(argv: list[str], flag: str) -> tuple[list[Optional[str]], list[str]]:
+    """The values given to `flag` on a command line, in order (`--flag VALUE` or
+    `--flag=VALUE`; None for a `--flag` with nothing after it), and the command line without
+    them (argparse keeps the last value of a flag given twice)."""
+    values: list[Optional[str]] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        name, equals, inline = argv[i].partition("=")
+        if name != flag:
+            rest.append(argv[i])
+        elif equals:
+            values.append(inline)
+        elif i + 1 < len(argv):
+            values.append(argv[i + 1])
+            i += 1
+        else:
+            values.append(None)
+        i += 1
+    return values, rest
 
 
 def main(argv=None) -> None:

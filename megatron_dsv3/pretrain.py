@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from .config import PRESETS, ConfigError, preset
+from .megatron_cli import megatron_flags, take_flag
 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 V3_MTP_LOSS_WEIGHTS = "0:0.3,10e12:0.1"
@@ -129,16 +130,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def expand_preset(argv: list[str]) -> list[str]:
     """`argv` with the model flags of its `--preset NAME` put in front (argparse keeps the last
     value of a flag given twice, so the user's own flags win)."""
-    names = [argv[i + 1] if arg == "--preset" else arg.split("=", 1)[1]
-             for i, arg in enumerate(argv)
-             if (arg == "--preset" and i + 1 < len(argv)) or arg.startswith("--preset=")]
+    names = [name for name in take_flag(argv, "--preset")[0] if name is not None]
     if not names:
         return list(argv)
     if len(set(names)) > 1 or names[-1] not in PRESETS:
         raise ConfigError(f"--preset {' '.join(names)} is invalid: give one of "
                           f"{', '.join(PRESETS)}, once")
-    from .megatron_cli import megatron_flags
-
     return [*megatron_flags(preset(names[-1])), *argv]
 
 
@@ -168,22 +165,11 @@ def fp8_without_te(argv: list[str]) -> list[str]:
     command line: Megatron's pretrain parses it again)."""
     from .layers import transformer_engine_available
 
-    values, rest, i = {}, [], 0
-    while i < len(argv):
-        flag, _, inline = argv[i].partition("=")
-        if flag in ("--fp8-format", "--fp8-recipe"):
-            if inline:
-                values[flag] = inline
-            elif i + 1 < len(argv):
-                values[flag], i = argv[i + 1], i + 1
-            else:
-                values[flag] = ""
-        else:
-            rest.append(argv[i])
-        i += 1
-    if "--fp8-format" not in values or transformer_engine_available():
+    formats, rest = take_flag(argv, "--fp8-format")
+    recipes, rest = take_flag(rest, "--fp8-recipe")
+    if not formats or transformer_engine_available():
         return list(argv)
-    fmt, recipe = values["--fp8-format"], values.get("--fp8-recipe", "delayed")
+    fmt, recipe = formats[-1] or "", (recipes[-1] or "") if recipes else "delayed"
     if (fmt, recipe) != ("e4m3", "blockwise"):
         raise ConfigError(f"--fp8-format {fmt} --fp8-recipe {recipe} is invalid here: those "
                           "recipes are Transformer Engine's, which is not installed; FP8 "

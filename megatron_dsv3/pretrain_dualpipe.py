@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .megatron_cli import take_flag
 
 SCHEDULE = "dualpipev"
 CHUNKS = 2  # model chunks per pipeline rank: Megatron's virtual pipeline size
@@ -44,13 +45,8 @@ _CHUNKS_FLAG = "--num-virtual-stages-per-pipeline-rank"
 
 def schedule_of(argv: list[str]) -> Optional[str]:
     """The value of --pipeline-schedule on a command line (the last one given), or None."""
-    found = None
-    for i, arg in enumerate(argv):
-        if arg == "--pipeline-schedule" and i + 1 < len(argv):
-            found = argv[i + 1]
-        elif arg.startswith("--pipeline-schedule="):
-            found = arg.split("=", 1)[1]
-    return found
+    values = [v for v in take_flag(argv, "--pipeline-schedule")[0] if v is not None]
+    return values[-1] if values else None
 
 
 def with_two_chunks_per_rank(argv: list[str]) -> list[str]:
@@ -59,20 +55,17 @@ def with_two_chunks_per_rank(argv: list[str]) -> list[str]:
     layers-per-chunk flag given otherwise is refused."""
     if schedule_of(argv) != SCHEDULE:
         return list(argv)
-    for i, arg in enumerate(argv):
-        if arg.startswith(_CHUNKS_FLAG):
-            value = arg.split("=", 1)[1] if "=" in arg else argv[i + 1] if i + 1 < len(argv) \
-                else None
-            if value != str(CHUNKS):
-                raise ConfigError(f"{_CHUNKS_FLAG} {value} is invalid with --pipeline-schedule "
-                                  f"{SCHEDULE}: a DualPipeV rank holds {CHUNKS} stages; drop "
-                                  "the flag")
-            return list(argv)
-        if arg.startswith("--num-layers-per-virtual-pipeline-stage"):
-            raise ConfigError(f"--num-layers-per-virtual-pipeline-stage is invalid with "
-                              f"--pipeline-schedule {SCHEDULE}: the stages are cut evenly "
-                              "from --num-layers; drop the flag")
-    return [*argv, _CHUNKS_FLAG, str(CHUNKS)]
+    if take_flag(argv, "--num-layers-per-virtual-pipeline-stage")[0]:
+        raise ConfigError(f"--num-layers-per-virtual-pipeline-stage is invalid with "
+                          f"--pipeline-schedule {SCHEDULE}: the stages are cut evenly "
+                          "from --num-layers; drop the flag")
+    chunks = take_flag(argv, _CHUNKS_FLAG)[0]
+    for value in chunks:
+        if value != str(CHUNKS):
+            raise ConfigError(f"{_CHUNKS_FLAG} {value} is invalid with --pipeline-schedule "
+                              f"{SCHEDULE}: a DualPipeV rank holds {CHUNKS} stages; drop "
+                              "the flag")
+    return list(argv) if chunks else [*argv, _CHUNKS_FLAG, str(CHUNKS)]
 
 
 def stage_plan(args):

@@ -253,44 +253,54 @@ def use_prebuilt_dataset_helpers() -> None:
 # ----------------------------------------------------------------------------------------------
 # Megatron's checkpoint save and load in its loop
 # ----------------------------------------------------------------------------------------------
+def _wrap_in_training_loop(name: str, wrap) -> None:
+    """Replace the function `name` that megatron.training.training calls by `wrap(original)`,
+    the original being Megatron's own even when an earlier call wrapped it already (so a second
+    call replaces the wrapper instead of stacking one more)."""
+    from megatron.training import training
+
+    current = getattr(training, name)
+    original = getattr(current, "_megatron_original", current)
+    wrapped = wrap(original)
+    wrapped._megatron_original = original
+    setattr(training, name, wrapped)
+
+
 def around_megatron_checkpointing(after_save, before_load) -> None:
     """Wrap the `save_checkpoint` / `load_checkpoint` that megatron.training.training calls
     (names it imports from megatron.training.checkpointing): `after_save(iteration,
     non_persistent)` once Megatron's save has returned on this rank, `before_load(load_arg)`
     before its load (load_arg: the argument naming the folder, 'load' unless given).
     Idempotent: a second call replaces the hooks."""
-    from megatron.training import training
 
-    save = getattr(training.save_checkpoint, "_megatron_save", training.save_checkpoint)
-    load = getattr(training.load_checkpoint, "_megatron_load", training.load_checkpoint)
+    def with_after_save(save):
+        def save_checkpoint(iteration, *args, **kwargs):
+            result = save(iteration, *args, **kwargs)
+            after_save(iteration, bool(kwargs.get("non_persistent_ckpt", False)))
+            return result
+        return save_checkpoint
 
-    def save_checkpoint(iteration, *args, **kwargs):
-        result = save(iteration, *args, **kwargs)
-        after_save(iteration, bool(kwargs.get("non_persistent_ckpt", False)))
-        return result
+    def with_before_load(load):
+        def load_checkpoint(*args, **kwargs):
+            before_load(kwargs.get("load_arg", args[3] if len(args) > 3 else "load"))
+            return load(*args, **kwargs)
+        return load_checkpoint
 
-    def load_checkpoint(*args, **kwargs):
-        before_load(kwargs.get("load_arg", args[3] if len(args) > 3 else "load"))
-        return load(*args, **kwargs)
-
-    save_checkpoint._megatron_save = save
-    load_checkpoint._megatron_load = load
-    training.save_checkpoint, training.load_checkpoint = save_checkpoint, load_checkpoint
+    _wrap_in_training_loop("save_checkpoint", with_after_save)
+    _wrap_in_training_loop("load_checkpoint", with_before_load)
 
 
 def around_megatron_evaluate(context) -> None:
     """Megatron's loop runs each evaluation (`evaluate`, a name of
     megatron.training.training) inside `context()`. Idempotent: a second call replaces it."""
-    from megatron.training import training
 
-    evaluate = getattr(training.evaluate, "_megatron_evaluate", training.evaluate)
+    def within_context(evaluate):
+        def evaluate_within(*args, **kwargs):
+            with context():
+                return evaluate(*args, **kwargs)
+        return evaluate_within
 
-    def evaluate_within(*args, **kwargs):
-        with context():
-            return evaluate(*args, **kwargs)
-
-    evaluate_within._megatron_evaluate = evaluate
-    training.evaluate = evaluate_within
+    _wrap_in_training_loop("evaluate", within_context)
 
 
 def use_forward_backward_func(factory) -> None:

@@ -354,9 +354,9 @@ def test_megatrons_setup_builds_our_model_through_the_provider(dist_single, monk
         seen = _main_with(monkeypatch, [])
         assert getattr(seen["cfg"], "model", None) is None
         # the digest manifest's hooks (tests/test_checkpoint_digest.py) around Megatron's own
-        assert training.save_checkpoint._megatron_save is megatrons["save_checkpoint"]
-        assert training.load_checkpoint._megatron_load is megatrons["load_checkpoint"]
-        assert training.evaluate._megatron_evaluate is megatrons["evaluate"]
+        assert training.save_checkpoint._megatron_original is megatrons["save_checkpoint"]
+        assert training.load_checkpoint._megatron_original is megatrons["load_checkpoint"]
+        assert training.evaluate._megatron_original is megatrons["evaluate"]
         assert seen["cfg"].train.train_iters == 1
         model = seen["provider"](pre_process=True, post_process=True, config=None,
                                  pg_collection=dist_single)

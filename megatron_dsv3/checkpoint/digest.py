@@ -11,10 +11,12 @@
   verify_folder_manifest(folder)
                              what is wrong with the folder against its MANIFEST, the same list
                              on every rank; None when it has no MANIFEST
+  all_gather_from_ranks(obj) every rank's obj on every rank (a world of one without
+                             torch.distributed)
 
-The training job's own checkpoints (train/checkpoint.py) use the first two; Megatron's
-checkpoint folders (`iter_<N>/` under --save, written by Megatron's loop, which checks neither
-sizes nor digests when it loads) the last two.
+The training job's own checkpoints (train/checkpoint.py) use the digests and the gather;
+Megatron's checkpoint folders (`iter_<N>/` under --save, written by Megatron's loop, which checks
+neither sizes nor digests when it loads) the folder manifest.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _gathered(obj) -> list:
+def all_gather_from_ranks(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank ([obj] without torch.distributed)."""
     rank, world = _rank_and_world()
     if world == 1:
         return [obj]
@@ -103,7 +106,7 @@ def write_folder_manifest(folder: Path) -> None:
         names = shared[0]
     mine = {name: file_entry(folder / name) for name in names[rank::world]}
     entries = {}
-    for part in _gathered(mine):
+    for part in all_gather_from_ranks(mine):
         entries.update(part)
     if rank == 0:
         temporary = folder / (MANIFEST + ".tmp")
@@ -151,4 +154,4 @@ def verify_folder_manifest(folder: Path) -> Optional[list[str]]:
         elif file_digest(path) != digest:
             problems.append(f"{name} does not match its digest (its bytes changed since the "
                             "save)")
-    return sorted(problem for part in _gathered(problems) for problem in part)
+    return sorted(problem for part in all_gather_from_ranks(problems) for problem in part)

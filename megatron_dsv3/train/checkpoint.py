@@ -47,7 +47,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint.digest import DIGEST_DESCRIPTION, MANIFEST, file_digest, file_entry
+from ..checkpoint.digest import (DIGEST_DESCRIPTION, MANIFEST, all_gather_from_ranks,
+                                 file_digest, file_entry)
 from .args import TrainError, build_parser
 from .step import Run
 
@@ -113,15 +114,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _all_gather(obj) -> list:
-    """Every rank's `obj`, in rank order, on every rank."""
-    if not dist.is_initialized():
-        return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 def _decided_on_rank0(fn: Callable, *args):
@@ -223,7 +215,7 @@ def save_checkpoint(checkpoint_dir: Path, step: int, payload: dict, *, rank: int
         os.replace(partial, path)
     except OSError as err:
         error, entry = err, None
-    written = _all_gather((path.name, entry, None if error is None else f"rank {rank}: {error}"))
+    written = all_gather_from_ranks((path.name, entry, None if error is None else f"rank {rank}: {error}"))
     if error is not None:
         raise error
     failures = [failure for _, _, failure in written if failure]
@@ -248,7 +240,7 @@ def save_checkpoint(checkpoint_dir: Path, step: int, payload: dict, *, rank: int
 
 def _refuse_non_finite(payload: dict, step: int, checkpoint_dir: Path, rank: int) -> None:
     bad = first_non_finite(payload)
-    reports = [r for r in _all_gather(None if bad is None else f"rank {rank}'s {bad}") if r]
+    reports = [r for r in all_gather_from_ranks(None if bad is None else f"rank {rank}'s {bad}") if r]
     if reports:
         more = f" (and on {len(reports) - 1} other ranks)" if len(reports) > 1 else ""
         raise TrainError(
@@ -365,7 +357,7 @@ def _is_unverifiable(step_dir: Path) -> bool:
 def _verified_by_every_rank(step_dir: Path) -> list[str]:
     """verify_checkpoint over all ranks, each checking its share; the same list on every rank."""
     problems = []
-    for rank_problems in _all_gather(verify_checkpoint(step_dir, _rank())):
+    for rank_problems in all_gather_from_ranks(verify_checkpoint(step_dir, _rank())):
         problems += [p for p in rank_problems if p not in problems]
     return problems
 
@@ -590,7 +582,7 @@ def load_checkpoint(run: Run, step_dir: Path) -> None:
                    f"{CHECKPOINT_FORMAT}")
     elif saved is not None and (bad := first_non_finite(saved)):
         problem = f"{path}: {bad} holds NaN or Inf"
-    problems = [p for p in _all_gather(problem) if p]
+    problems = [p for p in all_gather_from_ranks(problem) if p]
     if problems:
         raise TrainError(f"cannot resume from {step_dir}: " + "; ".join(problems)
                          + ". Pass an older step folder to --resume")

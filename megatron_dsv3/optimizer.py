@@ -54,6 +54,17 @@ class KernelAdamW(torch.optim.AdamW):
                 if key in state and state[key].dtype != self.moments_dtype:
                     state[key] = state[key].to(self.moments_dtype)
 
+    def _state_of(self, param: torch.Tensor) -> dict:
+        """`param`'s state with what is missing made (step 0, zero moments): all of it for a
+        new parameter, the step for moments made by Megatron's init_state_fn."""
+        state = self.state[param]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                state[key] = torch.zeros_like(param, dtype=self.moments_dtype)
+        return state
+
     def _bf16_copy_of(self, param: torch.Tensor) -> Optional[torch.Tensor]:
         """The bf16 tensor the step writes `param`'s rounding into (None: none)."""
         return None
@@ -76,13 +87,9 @@ class KernelAdamW(torch.optim.AdamW):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                state = self.state[param]
-                if "step" not in state:  # new, or moments made by Megatron's init_state_fn
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                for key in ("exp_avg", "exp_avg_sq"):  # new, or fp32 ones made by someone else
-                    if key not in state:
-                        state[key] = torch.zeros_like(param, dtype=self.moments_dtype)
-                    elif state[key].dtype != self.moments_dtype:
+                state = self._state_of(param)
+                for key in ("exp_avg", "exp_avg_sq"):  # fp32 ones made by someone else
+                    if state[key].dtype != self.moments_dtype:
                         state[key] = state[key].to(self.moments_dtype)
                 if state["step"].device.type != "cpu":  # loaded from a fused AdamW's state
                     state["step"] = state["step"].cpu()
@@ -121,10 +128,7 @@ class MegatronAdamW(KernelAdamW):
                          weight_decay=weight_decay, betas=betas, eps=eps)
         for group in self.param_groups:
             for param in group["params"]:
-                self.state[param].update(
-                    step=torch.zeros((), dtype=torch.float32),
-                    exp_avg=torch.zeros_like(param, dtype=self.moments_dtype),
-                    exp_avg_sq=torch.zeros_like(param, dtype=self.moments_dtype))
+                self._state_of(param)
 
 
 class MegatronAdamWFP32(MegatronAdamW):

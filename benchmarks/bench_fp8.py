@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """FP8 (issue 12) on one GPU: the quantizers against a bf16 copy of the same tensor, and the FP8
-linear (fp8/linear.py) forward + backward against a bf16 nn.Linear, in the same run.
+linear (fp8/linear.py) forward + backward against a bf16 nn.Linear and, where torchao imports
+(benchmarks/fp8_gpu.sh carries it), torchao's blockwise FP8 linear, in the same run.
 
   python benchmarks/bench_fp8.py                                   # H200: DeepSeek-V3 shapes
   python benchmarks/bench_fp8.py --device cpu --tokens 256 --shrink 16 --repeat 1   # logic
@@ -64,9 +65,23 @@ def quantizer_rows(tokens: int, shrink: int, repeat: int, device: torch.device) 
     return rows
 
 
+def torchao_linear(device: torch.device):
+    """torchao 0.18's DeepSeek-style blockwise FP8 linear (cuBLASLt GEMMs), as a function of
+    (x, w) like the others, or None where torchao or a Hopper GPU is missing (the issue's
+    baseline: carry its wheel, see benchmarks/fp8_gpu.sh)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+        return None
+    try:
+        from torchao.prototype.blockwise_fp8_training.linear import fp8_blockwise_mm
+    except ImportError:
+        return None
+    return lambda x, w: fp8_blockwise_mm.apply(x, w, 128, torch.bfloat16, False)
+
+
 def linear_rows(tokens: int, shrink: int, repeat: int, device: torch.device) -> list[dict]:
     from megatron_dsv3.fp8.quantize import quantize_1x128, quantize_128x128
 
+    torchao = torchao_linear(device)
     rows = []
     for k, n in SHAPES:
         k, n = k // shrink, n // shrink
@@ -87,12 +102,16 @@ def linear_rows(tokens: int, shrink: int, repeat: int, device: torch.device) -> 
                "fp8_gemm_s": mean_seconds(lambda: fp8_gemm(xq, wq, out_dtype=torch.bfloat16),
                                      repeat, device)}
         row["fwd_bwd_speedup"] = round(row["bf16_fwd_bwd_s"] / row["fp8_fwd_bwd_s"], 3)
+        if torchao is not None:
+            row["torchao_fwd_bwd_s"] = mean_seconds(lambda: step(torchao), repeat, device)
+            row["torchao_speedup"] = round(row["bf16_fwd_bwd_s"] / row["torchao_fwd_bwd_s"], 3)
         row["gemm_speedup"] = round(row["bf16_gemm_s"] / row["fp8_gemm_s"], 3)
         row["fp8_gemm_tflops"] = round(2 * tokens * k * n / row["fp8_gemm_s"] / 1e12, 1)
         rows.append(row)
         print(f"{k:6d} x {n:6d}: fwd+bwd bf16 {row['bf16_fwd_bwd_s'] * 1e3:7.3f} ms, fp8 "
               f"{row['fp8_fwd_bwd_s'] * 1e3:7.3f} ms x{row['fwd_bwd_speedup']} | GEMM "
-              f"x{row['gemm_speedup']} ({row['fp8_gemm_tflops']} TFLOP/s)", file=sys.stderr)
+              f"x{row['gemm_speedup']} ({row['fp8_gemm_tflops']} TFLOP/s) | torchao "
+              f"x{row.get('torchao_speedup', '-')}", file=sys.stderr)
     return rows
 
 

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Issue 12 on one GPU in one call (the device session; `.whl/` carried, torchao's wheel in
+# `.whl/extra/` for the baseline):
+#
+#   bash benchmarks/fp8_gpu.sh              # the GPU tests of fp8, then bench_fp8.py
+#   bash benchmarks/fp8_gpu.sh bench        # some of them: tests bench
+#
+# tests  python -m pytest tests/test_gpu.py -k fp8 (kernels bit-identical to the references in
+#        bf16, cuBLASLt's blockwise GEMM against the emulation)
+# bench  benchmarks/bench_fp8.py at DeepSeek-V3's shapes (16,384 tokens): quantizers against a
+#        bf16 copy, our FP8 linear against bf16 nn.Linear and torchao's blockwise FP8 linear
+# Results: $OUT/<part>.log and bench_fp8.json (./gpu_out/fp8 without $OUT).
+set -uo pipefail
+PARTS=${*:-tests bench}
+cd "$(dirname "$0")/.."
+DIR=${OUT:-gpu_out/fp8}
+mkdir -p "$DIR"
+
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    2>&1 | grep -v WARNING
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+if ls .whl/extra/torchao-*.whl > /dev/null 2>&1; then  # the baseline only, not on the path above
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ao_site \
+    .whl/extra/torchao-*.whl 2>&1 | grep -v WARNING
+  AO_PATH=/tmp/ao_site
+fi
+
+for p in $PARTS; do
+  start=$SECONDS
+  case $p in
+    tests) timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k fp8 > "$DIR/tests.log" 2>&1 ;;
+    bench) PYTHONPATH=${PYTHONPATH:-}:${AO_PATH:-} timeout 300 python3 benchmarks/bench_fp8.py \
+             --json-out "$DIR/bench_fp8.json" > "$DIR/bench.log" 2>&1 ;;
+    *) echo "unknown part $p"; continue ;;
+  esac
+  echo "== $p: rc=$? in $((SECONDS - start)) s"
+  tail -n 14 "$DIR/$p.log"
+done

@@ -5,6 +5,8 @@ linear (fp8/linear.py) forward + backward against a bf16 nn.Linear and, where to
 
   python benchmarks/bench_fp8.py                                   # H200: DeepSeek-V3 shapes
   python benchmarks/bench_fp8.py --device cpu --tokens 256 --shrink 16 --repeat 1   # logic
+  python benchmarks/bench_fp8.py --tune ...     # first every quantizer under each launch config
+  (the --tune logic on a CPU: TRITON_INTERPRET=1 ... --device cpu --tokens 128 --shrink 56)
 
 Quantizers, on a [tokens, 7168] bf16 activation and a [7168, 2048] bf16 weight: each fused
 kernel's time and bandwidth (2 bytes read, 1 written per element, plus the fp32 scales; the
@@ -31,8 +33,9 @@ from benchmarks.common import (emit_json, mean_seconds, resolve_device,  # noqa:
 from megatron_dsv3.fp8.gemm import fp8_gemm, uses_scaled_mm  # noqa: E402
 from megatron_dsv3.fp8.linear import fp8_linear  # noqa: E402
 from megatron_dsv3.kernels.fp8_quantize import (  # noqa: E402
-    quantize_1x128_and_128x1_fused, quantize_1x128_fused, quantize_128x1_fused,
-    quantize_128x128_fused, uses_kernel)
+    LAUNCH_CONFIG, launch_quantize_1x128, launch_quantize_1x128_and_128x1,
+    launch_quantize_128x1, launch_quantize_128x128, quantize_1x128_and_128x1_fused,
+    quantize_1x128_fused, quantize_128x1_fused, quantize_128x128_fused, uses_kernel)
 
 # (K, N) of DeepSeek-V3's linears (the issue's table): y [M, N] = x [M, K] W^T
 SHAPES = ((7168, 2048), (2048, 7168), (7168, 18432), (7168, 1536), (1536, 24576))
@@ -62,6 +65,39 @@ def quantizer_rows(tokens: int, shrink: int, repeat: int, device: torch.device) 
         print(f"{name:32s} {row['quantize_s'] * 1e3:7.3f} ms {row['quantize_tb_s']:.2f} TB/s | "
               f"bf16 copy {row['bf16_copy_tb_s']:.2f} TB/s | {row['fraction_of_copy']:.2f} of it",
               file=sys.stderr)
+    return rows
+
+
+# --tune: the launch parameters tried per kernel (kernels/fp8_quantize.py's LAUNCH_CONFIG)
+CANDIDATES = {
+    "1x128": [{"BLOCK_M": m, "num_warps": w} for m in (8, 16, 32, 64) for w in (2, 4, 8)],
+    "128x1": [{"BLOCK_K": k, "num_warps": w} for k in (16, 32, 64, 128) for w in (2, 4, 8)],
+    "128x128": [{"num_warps": w} for w in (2, 4, 8, 16)],
+    "paired": [{"CHUNK": c, "num_warps": w} for c in (16, 32, 64, 128) for w in (4, 8, 16)],
+}
+
+
+def tune_rows(tokens: int, shrink: int, repeat: int, device: torch.device) -> list[dict]:
+    """Each kernel under each candidate launch config, on the benchmark's tensors: seconds and
+    the fraction of a bf16 copy of the same tensor; the best config of each kernel printed."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # Triton's interpreter
+    x = torch.randn(tokens, 7168 // shrink, device=device).to(dtype)
+    w = torch.randn(7168 // shrink, 2048 // shrink, device=device).to(dtype)
+    launchers = {"1x128": (launch_quantize_1x128, x), "128x1": (launch_quantize_128x1, x),
+                 "128x128": (launch_quantize_128x128, w),
+                 "paired": (launch_quantize_1x128_and_128x1, x)}
+    rows = []
+    for kernel, (launch, t) in launchers.items():
+        copy = torch.empty_like(t)
+        copy_s = mean_seconds(lambda: copy.copy_(t), repeat, device)
+        for config in CANDIDATES[kernel]:
+            seconds = mean_seconds(lambda: launch(t, config=config), repeat, device)
+            rows.append({"kernel": kernel, "config": config, "seconds": seconds,
+                         "default": config == LAUNCH_CONFIG[kernel],
+                         "bf16_copy_s": copy_s, "copy_over_kernel": round(copy_s / seconds, 3)})
+        best = min((r for r in rows if r["kernel"] == kernel), key=lambda r: r["seconds"])
+        print(f"tune {kernel:8s} best {best['config']} {best['seconds'] * 1e3:.3f} ms "
+              f"(copy {copy_s * 1e3:.3f} ms)", file=sys.stderr, flush=True)
     return rows
 
 
@@ -111,7 +147,7 @@ def linear_rows(tokens: int, shrink: int, repeat: int, device: torch.device) -> 
         print(f"{k:6d} x {n:6d}: fwd+bwd bf16 {row['bf16_fwd_bwd_s'] * 1e3:7.3f} ms, fp8 "
               f"{row['fp8_fwd_bwd_s'] * 1e3:7.3f} ms x{row['fwd_bwd_speedup']} | GEMM "
               f"x{row['gemm_speedup']} ({row['fp8_gemm_tflops']} TFLOP/s) | torchao "
-              f"x{row.get('torchao_speedup', '-')}", file=sys.stderr)
+              f"x{row.get('torchao_speedup', '-')}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -124,9 +160,13 @@ def main(argv=None) -> dict:
                         help="divide every K and N by this (CPU logic checks)")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--tune", action="store_true",
+                        help="first time every kernel under each candidate launch config")
     args = parser.parse_args(argv)
     device = torch.device(resolve_device(args.device))
     results = result_header(device)
+    if args.tune:
+        results["tune"] = tune_rows(args.tokens, args.shrink, args.repeat, device)
     results["quantizers"] = quantizer_rows(args.tokens, args.shrink, args.repeat, device)
     results["linears"] = linear_rows(args.tokens, args.shrink, args.repeat, device)
     emit_json(results, args.json_out)

@@ -108,10 +108,14 @@ class MegatronAdamW(KernelAdamW):
     FusedAdam: params, lr, weight_decay, betas, eps, capturable, adam_w_mode. Moments in bf16
     (`MegatronAdamWFP32`: fp32).
 
-    Every parameter's state (step 0, zero moments) exists from construction: without TE or apex
-    Megatron's distributed optimizer reads one `step` from all of them when it builds the state
-    dict a checkpoint loads into, on a fresh optimizer (measured on the GPU: torch's lazily made
-    state failed every resume there)."""
+    Its state dict holds every parameter's state (step 0 and zero moments where no step ran):
+    without TE or apex Megatron's distributed optimizer reads one `step` from all of them when
+    it builds the state dict a checkpoint loads into, on a fresh optimizer (measured on the GPU:
+    torch's lazily made state failed every resume there). It is made when the state dict is
+    asked for, not at construction: that optimizer swaps `param_groups` for its fp32 shards
+    after constructing us and round-trips the state dict at once (a state made at construction
+    was keyed by parameters no longer in any group: torch's state_dict failed, found on the
+    GPU)."""
 
     default_moments_dtype = torch.bfloat16
 
@@ -126,9 +130,17 @@ class MegatronAdamW(KernelAdamW):
                              "--no-decoupled-weight-decay")
         super().__init__(params, moments_dtype or self.default_moments_dtype, lr=lr,
                          weight_decay=weight_decay, betas=betas, eps=eps)
+
+    def state_dict(self) -> dict:
+        """torch's state dict over the parameters now in `param_groups`, each with its whole
+        state (class docstring); the state of parameters no longer in a group is dropped."""
+        live = {id(p) for group in self.param_groups for p in group["params"]}
+        for param in [p for p in self.state if id(p) not in live]:
+            del self.state[param]
         for group in self.param_groups:
             for param in group["params"]:
                 self._state_of(param)
+        return super().state_dict()
 
 
 class MegatronAdamWFP32(MegatronAdamW):

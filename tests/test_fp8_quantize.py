@@ -277,15 +277,16 @@ _INTERPRETED = textwrap.dedent("""
         launch_quantize_1x128, launch_quantize_1x128_and_128x1, launch_quantize_128x1,
         launch_quantize_128x128)
 
-    def paired(which):  # one of the paired kernel's two results
+    def paired(which, config=None):  # one of the paired kernel's two results
         return lambda x, pow2_scales=False: launch_quantize_1x128_and_128x1(
-            x, pow2_scales=pow2_scales)[which]
+            x, pow2_scales=pow2_scales, config=config)[which]
 
     PAIRS = {"1x128": (launch_quantize_1x128, quantize_1x128),
              "128x1": (launch_quantize_128x1, quantize_128x1),
              "128x128": (launch_quantize_128x128, quantize_128x128),
              "paired 1x128": (paired(0), quantize_1x128),
-             "paired 128x1": (paired(1), quantize_128x1)}
+             "paired 128x1": (paired(1), quantize_128x1),
+             "paired 128x1, 32 columns a step": (paired(1, {"CHUNK": 32}), quantize_128x1)}
     seed = int(torch.randint(0, 2**31 - 1, ()))
     torch.manual_seed(seed)
 
@@ -351,3 +352,13 @@ _INTERPRETED = textwrap.dedent("""
 
 def test_kernels_in_triton_interpreter_match_the_reference_bit_for_bit():
     assert_ok_in_triton_interpreter(_INTERPRETED)
+
+
+def test_a_launch_config_with_an_unknown_key_or_a_chunk_not_dividing_128_is_refused():
+    from megatron_dsv3.kernels.fp8_quantize import launch_config, launch_quantize_1x128_and_128x1
+
+    assert launch_config("paired", {"CHUNK": 32})["CHUNK"] == 32
+    with pytest.raises(ValueError, match=r"unknown keys \['BLOCK_M'\].*\['CHUNK', 'num_warps'\]"):
+        launch_config("paired", {"BLOCK_M": 32})
+    with pytest.raises(ValueError, match="CHUNK=48 must divide 128"):
+        launch_quantize_1x128_and_128x1(torch.zeros(128, 128), config={"CHUNK": 48})

@@ -54,8 +54,7 @@ def test_megatrons_builder_makes_our_adamw_which_follows_torchs(monkeypatch, dis
     ours, init_state_fn = _get_megatron_optimizer_based_on_param_groups(
         config, model_chunks=[], param_groups=_groups(params), skip_megatron_wrapping=True)
     assert type(ours) is MegatronAdamW
-    init_state_fn(ours)  # Megatron's (fp32 zeros for a parameter without state): a no-op
-    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in ours.state.values())
+    init_state_fn(ours)  # Megatron's: fp32 zero moments, which our step turns to bf16
     reference = torch.optim.AdamW(_groups(ref_params), foreach=False, **HYPER)
     g = torch.Generator().manual_seed(seed + 1)
     bounds = {}
@@ -84,6 +83,29 @@ def test_megatrons_builder_makes_our_adamw_which_follows_torchs(monkeypatch, dis
     for a, b in zip(loaded.state.values(), ours.state.values()):
         assert a["exp_avg"].dtype == torch.float32
         assert torch.equal(a["exp_avg"], b["exp_avg"].float()) and int(a["step"]) == 3
+
+
+def test_the_state_follows_megatrons_swap_of_the_param_groups_for_its_shards():
+    """Megatron's DistributedOptimizer (0.19.2, distrib_optimizer.py __init__) constructs the
+    Adam over the model's bf16 parameters, then sets `param_groups` to groups of its fp32
+    shards and round-trips the state dict; on the GPU that failed with torch's KeyError when
+    the state was made at construction (keyed by parameters no longer in any group)."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    model = [p.detach().bfloat16().requires_grad_() for p in _params(seed)]
+    ours = MegatronAdamW(_groups(model), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    shards = [torch.nn.Parameter(p.detach().float().flatten()[: p.numel() // 2].clone())
+              for p in model]
+    ours.param_groups = [dict(group, params=[shard])
+                         for group, shard in zip(ours.param_groups, shards)]
+    ours.load_state_dict(ours.state_dict())
+    assert _steps(ours) == {0.0}
+    assert {id(p) for p in ours.state} == {id(p) for p in shards}
+    for shard in shards:
+        shard.grad = torch.ones_like(shard)
+    before = [shard.detach().clone() for shard in shards]
+    ours.step()
+    assert _steps(ours) == {1.0}
+    assert all((a < b).all() for a, b in zip(shards, before)), "the shards are what it steps"
 
 
 def test_keywords_our_adamw_cannot_honour_name_the_flag():
@@ -121,8 +143,9 @@ def test_a_fresh_optimizer_has_the_whole_state_megatron_loads_into(cls, dtype):
     seed = int(torch.randint(0, 2**31 - 1, ()))
     saved = cls(_groups(_params(seed)), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
     assert _steps(saved) == {0.0}
-    assert all(s[k].dtype == dtype and not s[k].any() for s in saved.state.values()
-               for k in ("exp_avg", "exp_avg_sq"))
+    state = saved.state_dict()["state"]
+    assert len(state) == 2 and all(s[k].dtype == dtype and not s[k].any()
+                                   for s in state.values() for k in ("exp_avg", "exp_avg_sq"))
     g = torch.Generator().manual_seed(seed)
     for _ in range(2):
         for group in saved.param_groups:

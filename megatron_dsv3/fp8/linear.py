@@ -46,9 +46,11 @@ class _Fp8Linear(torch.autograd.Function):
             x_q, x_t = quantize_1x128_and_128x1_fused(x_MK)
         else:
             x_q, x_t = quantize_1x128_fused(x_MK), None
-        y = fp8_gemm(x_q, w, out_dtype=torch.float32)
-        if bias is not None:
-            y = y + bias.float()
+        out_dtype = autocast_dtype(x.device.type) or x.dtype
+        if bias is None:  # the GEMM writes the output dtype itself: no fp32 pass over y
+            y = fp8_gemm(x_q, w, out_dtype=out_dtype)
+        else:
+            y = (fp8_gemm(x_q, w, out_dtype=torch.float32) + bias.float()).to(out_dtype)
         # kept for backward, in FP8: x^T and W's blocks
         ctx.save_for_backward(*(t for q in (x_t, w) if q is not None
                                 for t in (q.data, q.scales)))
@@ -56,8 +58,7 @@ class _Fp8Linear(torch.autograd.Function):
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         # the parameters themselves: a deferred gradient is accumulated into them
         ctx.weight, ctx.bias, ctx.store = weight, bias, store
-        out_dtype = autocast_dtype(x.device.type) or x.dtype
-        return y.to(out_dtype).reshape(*x.shape[:-1], weight.shape[0])
+        return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
@@ -68,11 +69,19 @@ class _Fp8Linear(torch.autograd.Function):
         if dy_MN.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             dy_MN = dy_MN.float()
         grad_x = grad_w = grad_b = None
+        # dy in 1x128 tiles for the input gradient, in 128x1 tiles (dy^T) for the weight's:
+        # both from one read of dy when both are needed; now, even when the weight gradient is
+        # deferred (the queue then holds FP8)
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            dy_q, dy_t = quantize_1x128_and_128x1_fused(dy_MN)
+        elif ctx.needs_input_grad[0]:
+            dy_q, dy_t = quantize_1x128_fused(dy_MN), None
+        elif ctx.needs_input_grad[1]:
+            dy_q, dy_t = None, quantize_128x1_fused(dy_MN)
         if ctx.needs_input_grad[0]:
-            grad_x = fp8_gemm(quantize_1x128_fused(dy_MN), transposed_blocks(w),
+            grad_x = fp8_gemm(dy_q, transposed_blocks(w),
                               out_dtype=ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dy_t = quantize_128x1_fused(dy_MN)  # now: the queue then holds FP8
             weight = ctx.weight
             grad_w = weight_grad_now_or_later(ctx.store, weight, lambda: fp8_gemm(
                 dy_t, x_t, out_dtype=torch.float32).to(weight.dtype))

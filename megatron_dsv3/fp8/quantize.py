@@ -144,7 +144,9 @@ def _quantize_tiles(x_RC: torch.Tensor, tiling: str, pow2_scales: bool) -> Fp8Te
     padded[:rows, :cols] = x_RC
     tiles = padded.view(row_tiles, tile_rows, col_tiles, tile_cols)
     amax = tiles.abs().amax(dim=(1, 3))                                   # [row_tiles, col_tiles]
-    scales = torch.clamp_min(amax / FP8_E4M3_MAX, MIN_SCALE)
+    # 448 as a tensor: CUDA divides by a Python number as a multiplication by its rounded
+    # reciprocal, which is not amax / 448 correctly rounded (found against the kernels on GPU)
+    scales = torch.clamp_min(amax / amax.new_full((), FP8_E4M3_MAX), MIN_SCALE)
     if pow2_scales:
         scales = round_scale_up_to_power_of_two(scales)
     scaled = (tiles / scales[:, None, :, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)

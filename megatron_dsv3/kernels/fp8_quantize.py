@@ -44,17 +44,32 @@ try:
 except ImportError:  # the reference path (CPU machines without Triton)
     triton = None
 
-# Rows of x per program of the 1x128 kernel (one tile column, a scale per row), and columns
-# of x per program of the 128x1 kernel (one 128-row band, a scale per column; each column is
-# stored as a 128-byte row of x^T). The 128x128 kernel and the paired 1x128 + 128x1 kernel
-# take one 128x128 block per program; the paired one holds it in fp32 (64 KiB), so it runs
-# on more warps to keep it in registers.
-BLOCK_ROWS_1X128 = 32
-BLOCK_COLS_128X1 = 64
-NUM_WARPS_PAIRED = 8
+# Launch parameters per kernel (benchmarks/bench_fp8.py --tune measures the candidates):
+#   1x128    BLOCK_M rows of x per program (one tile column, a scale per row);
+#   128x1    BLOCK_K columns of x per program (one 128-row band, a scale per column; each
+#            column is stored as a 128-byte row of x^T);
+#   128x128  one 128x128 block per program;
+#   paired   one 128x128 block per program, its 128x1 half CHUNK columns at a time (re-read
+#            from the cache: less live data than the whole block in fp32, 64 KiB).
+# A launch_* function takes `config` to override them (keys as here, num_warps included).
+LAUNCH_CONFIG = {
+    "1x128": {"BLOCK_M": 32, "num_warps": 4},
+    "128x1": {"BLOCK_K": 64, "num_warps": 4},
+    "128x128": {"num_warps": 4},
+    "paired": {"CHUNK": 128, "num_warps": 8},
+}
 
-# Hopper and Ada convert to E4M3 in hardware; older GPUs have no float8e4nv in Triton.
-MIN_CUDA_CAPABILITY = (8, 9)
+
+def launch_config(kernel: str, config: dict | None) -> dict:
+    """LAUNCH_CONFIG[kernel] updated with `config`; an unknown key is an error naming the
+    known ones."""
+    known = LAUNCH_CONFIG[kernel]
+    unknown = sorted(set(config or {}) - set(known))
+    if unknown:
+        raise ValueError(f"launch config of the {kernel} FP8 quantizer: unknown keys {unknown}; "
+                         f"it takes {sorted(known)}")
+    return {**known, **(config or {})}
+
 
 if triton is not None:
     _FP8_MAX = tl.constexpr(FP8_E4M3_MAX)
@@ -142,7 +157,8 @@ if triton is not None:
                                          data_t_ptr, scales_t_ptr,       # 128x1 (transposed)
                                          M, K,                           # sizes
                                          stride_xm, stride_xk,           # x's strides
-                                         POW2_SCALES: tl.constexpr, TILE: tl.constexpr):
+                                         POW2_SCALES: tl.constexpr, TILE: tl.constexpr,
+                                         CHUNK: tl.constexpr):
         tile_m, tile_k = tl.program_id(0), tl.program_id(1)
         rows = (tile_m * TILE + tl.arange(0, TILE)).to(tl.int64)
         cols = (tile_k * TILE + tl.arange(0, TILE)).to(tl.int64)
@@ -158,12 +174,24 @@ if triton is not None:
                  mask=in_x)
         tl.store(scales_ptr + rows * tl.cdiv(K, TILE) + tile_k, scale, mask=rows < M)
         # 128x1: a scale per column of the same tile, data stored transposed, as
-        # _quantize_128x1_kernel
-        scale_t = _tile_scale(tl.max(abs_x, axis=0), tl.min(finite, axis=0) == 1,
-                              POW2_SCALES)                                   # [TILE]
-        data_t = tl.trans(_to_fp8(x, scale_t[None, :]))                      # [TILE, TILE]
-        tl.store(data_t_ptr + cols[:, None] * M + rows[None, :], data_t, mask=tl.trans(in_x))
-        tl.store(scales_t_ptr + cols * tl.cdiv(M, TILE) + tile_m, scale_t, mask=cols < K)
+        # _quantize_128x1_kernel; CHUNK columns at a time (re-read: they are in the cache)
+        for c in tl.static_range(0, TILE, CHUNK):
+            if CHUNK == TILE:
+                x_c, abs_c, finite_c, cols_c, in_c = x, abs_x, finite, cols, in_x
+            else:
+                cols_c = (tile_k * TILE + c + tl.arange(0, CHUNK)).to(tl.int64)
+                in_c = (rows[:, None] < M) & (cols_c[None, :] < K)
+                x_c = tl.load(x_ptr + rows[:, None] * stride_xm + cols_c[None, :] * stride_xk,
+                              mask=in_c, other=0.0).to(tl.float32)           # [TILE, CHUNK]
+                abs_c = tl.abs(x_c)
+                finite_c = (abs_c <= _FP32_MAX).to(tl.int32)
+            scale_t = _tile_scale(tl.max(abs_c, axis=0), tl.min(finite_c, axis=0) == 1,
+                                  POW2_SCALES)                               # [CHUNK]
+            data_t = tl.trans(_to_fp8(x_c, scale_t[None, :]))                # [CHUNK, TILE]
+            tl.store(data_t_ptr + cols_c[:, None] * M + rows[None, :], data_t,
+                     mask=tl.trans(in_c))
+            tl.store(scales_t_ptr + cols_c * tl.cdiv(M, TILE) + tile_m, scale_t,
+                     mask=cols_c < K)
 
 
 def uses_kernel(x: torch.Tensor) -> bool:
@@ -184,57 +212,68 @@ def _empty_result(x: torch.Tensor, tiling: str) -> Fp8Tensor:
                                  dtype=torch.float32, device=x.device), tiling)
 
 
-def launch_quantize_1x128(x: torch.Tensor, *, pow2_scales: bool = False) -> Fp8Tensor:
-    """The 1x128 kernel itself, on any device Triton runs on (its interpreter included)."""
+def launch_quantize_1x128(x: torch.Tensor, *, pow2_scales: bool = False,
+                          config: dict | None = None) -> Fp8Tensor:
+    """The 1x128 kernel itself, on any device Triton runs on (its interpreter included);
+    `config` overrides LAUNCH_CONFIG["1x128"]."""
     check_quantize_input(x, "x")
     M, K = x.shape
     out = _empty_result(x, "1x128")
+    launch = launch_config("1x128", config)
     if M and K:
-        grid = (triton.cdiv(M, BLOCK_ROWS_1X128), triton.cdiv(K, TILE))
+        grid = (triton.cdiv(M, launch["BLOCK_M"]), triton.cdiv(K, TILE))
         _quantize_1x128_kernel[grid](x, out.data, out.scales, M, K, x.stride(0), x.stride(1),
-                                     POW2_SCALES=pow2_scales, BLOCK_M=BLOCK_ROWS_1X128,
-                                     TILE=TILE)
+                                     POW2_SCALES=pow2_scales, TILE=TILE, **launch)
     return out
 
 
-def launch_quantize_128x1(x: torch.Tensor, *, pow2_scales: bool = False) -> Fp8Tensor:
-    """The 128x1 kernel itself (transposed data), on any device Triton runs on."""
+def launch_quantize_128x1(x: torch.Tensor, *, pow2_scales: bool = False,
+                          config: dict | None = None) -> Fp8Tensor:
+    """The 128x1 kernel itself (transposed data), on any device Triton runs on; `config`
+    overrides LAUNCH_CONFIG["128x1"]."""
     check_quantize_input(x, "x")
     M, K = x.shape
     out = _empty_result(x, "128x1")
+    launch = launch_config("128x1", config)
     if M and K:
-        grid = (triton.cdiv(M, TILE), triton.cdiv(K, BLOCK_COLS_128X1))
+        grid = (triton.cdiv(M, TILE), triton.cdiv(K, launch["BLOCK_K"]))
         _quantize_128x1_kernel[grid](x, out.data, out.scales, M, K, x.stride(0), x.stride(1),
-                                     POW2_SCALES=pow2_scales, BLOCK_K=BLOCK_COLS_128X1,
-                                     TILE=TILE)
+                                     POW2_SCALES=pow2_scales, TILE=TILE, **launch)
     return out
 
 
-def launch_quantize_128x128(w: torch.Tensor, *, pow2_scales: bool = False) -> Fp8Tensor:
-    """The 128x128 kernel itself, on any device Triton runs on."""
+def launch_quantize_128x128(w: torch.Tensor, *, pow2_scales: bool = False,
+                            config: dict | None = None) -> Fp8Tensor:
+    """The 128x128 kernel itself, on any device Triton runs on; `config` overrides
+    LAUNCH_CONFIG["128x128"]."""
     check_quantize_input(w, "w")
     N, K = w.shape
     out = _empty_result(w, "128x128")
+    launch = launch_config("128x128", config)
     if N and K:
         grid = (triton.cdiv(N, TILE), triton.cdiv(K, TILE))
         _quantize_128x128_kernel[grid](w, out.data, out.scales, N, K, w.stride(0), w.stride(1),
-                                       POW2_SCALES=pow2_scales, TILE=TILE)
+                                       POW2_SCALES=pow2_scales, TILE=TILE, **launch)
     return out
 
 
-def launch_quantize_1x128_and_128x1(x: torch.Tensor, *, pow2_scales: bool = False
+def launch_quantize_1x128_and_128x1(x: torch.Tensor, *, pow2_scales: bool = False,
+                                    config: dict | None = None
                                     ) -> tuple[Fp8Tensor, Fp8Tensor]:
     """The paired kernel itself (1x128, and 128x1 with transposed data, from one read of x),
-    on any device Triton runs on."""
+    on any device Triton runs on; `config` overrides LAUNCH_CONFIG["paired"]."""
     check_quantize_input(x, "x")
     M, K = x.shape
     rowwise, colwise = _empty_result(x, "1x128"), _empty_result(x, "128x1")
+    launch = launch_config("paired", config)
+    if TILE % launch["CHUNK"]:
+        raise ValueError(f"launch config of the paired FP8 quantizer: CHUNK={launch['CHUNK']} "
+                         f"must divide {TILE}")
     if M and K:
         grid = (triton.cdiv(M, TILE), triton.cdiv(K, TILE))
         _quantize_1x128_and_128x1_kernel[grid](
             x, rowwise.data, rowwise.scales, colwise.data, colwise.scales, M, K,
-            x.stride(0), x.stride(1), POW2_SCALES=pow2_scales, TILE=TILE,
-            num_warps=NUM_WARPS_PAIRED)
+            x.stride(0), x.stride(1), POW2_SCALES=pow2_scales, TILE=TILE, **launch)
     return rowwise, colwise
 
 

@@ -9,6 +9,7 @@
 #        bf16, cuBLASLt's blockwise GEMM against the emulation)
 # bench  benchmarks/bench_fp8.py at DeepSeek-V3's shapes (16,384 tokens): quantizers against a
 #        bf16 copy, our FP8 linear against bf16 nn.Linear and torchao's blockwise FP8 linear
+# BENCH_ARGS: more flags for bench_fp8.py (--tune, --repeat N); BENCH_TIMEOUT (300 s).
 # Results: $OUT/<part>.log and bench_fp8.json (./gpu_out/fp8 without $OUT).
 set -uo pipefail
 PARTS=${*:-tests bench}
@@ -31,8 +32,9 @@ for p in $PARTS; do
   start=$SECONDS
   case $p in
     tests) timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k fp8 > "$DIR/tests.log" 2>&1 ;;
-    bench) PYTHONPATH=${PYTHONPATH:-}:${AO_PATH:-} timeout 300 python3 benchmarks/bench_fp8.py \
-             --json-out "$DIR/bench_fp8.json" > "$DIR/bench.log" 2>&1 ;;
+    bench) PYTHONPATH=${PYTHONPATH:-}:${AO_PATH:-} timeout "${BENCH_TIMEOUT:-300}" \
+             python3 benchmarks/bench_fp8.py --json-out "$DIR/bench_fp8.json" ${BENCH_ARGS:-} \
+             > "$DIR/bench.log" 2>&1 ;;
     *) echo "unknown part $p"; continue ;;
   esac
   echo "== $p: rc=$? in $((SECONDS - start)) s"

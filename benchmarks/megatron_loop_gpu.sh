@@ -6,12 +6,13 @@
 #   bash benchmarks/megatron_loop_gpu.sh tiny resume   # some of them
 #
 # Parts (each under its own `timeout`; logs in $OUT, ./gpu_out/megatron_loop without $OUT):
-#   tiny     the tiny preset, 20 iterations with Megatron's distributed optimizer, a
-#            distributed checkpoint saved at iteration 10 and 20
+#   tiny     the tiny preset, 20 of 30 iterations (--exit-interval 20) with Megatron's
+#            distributed optimizer, a distributed checkpoint saved at iteration 10 and 20
 #   resume   (after tiny) the same command again with --train-iters 30: resumes at 20
 #   straight the same 30 iterations in one run, no checkpoint: its losses of iterations 21-30
 #            against resume's (printed side by side)
-#   nan      tiny with --lr 1e6: Megatron's NaN check must stop it with an error
+#   nan      tiny with --lr 1e6: Megatron's NaN check must stop it with an error (pretrain's
+#            default --rerun-mode disabled: at once, naming the iteration)
 #   corrupt  (after resume) 4 KiB of random bytes written into the newest checkpoint's largest
 #            file, then a resume: it must stop with an error, not train on
 #   proxy    the proxy preset with MTP, 8 micro-batches of 4,096 tokens per iteration (our job's
@@ -67,9 +68,11 @@ megatron() {  # megatron NAME TIMEOUT_S PRESET ARGS...
 for p in $PARTS; do
   case $p in
     tiny) rm -rf "$WORK/ckpt_tiny"
+          # stops at 20 of a 30-iteration schedule (Megatron refuses a resume whose
+          # --train-iters changed the learning-rate schedule)
           megatron tiny 200 tiny --seq-length 128 --micro-batch-size 4 --global-batch-size 8 \
-            --train-iters 20 --save "$WORK/ckpt_tiny" --load "$WORK/ckpt_tiny" \
-            --save-interval 10 ;;
+            --train-iters 30 --exit-interval 20 --save "$WORK/ckpt_tiny" \
+            --load "$WORK/ckpt_tiny" --save-interval 10 ;;
     resume) megatron resume 180 tiny --seq-length 128 --micro-batch-size 4 \
             --global-batch-size 8 --train-iters 30 --save "$WORK/ckpt_tiny" \
             --load "$WORK/ckpt_tiny" --save-interval 10 ;;
@@ -105,7 +108,7 @@ with open(path, "r+b") as f:
 print(f"wrote 4096 random bytes at offset {size // 2} of {path} ({size} bytes)")
 PY
              megatron corrupt 120 tiny --seq-length 128 --micro-batch-size 4 \
-               --global-batch-size 8 --train-iters 40 --save "$WORK/ckpt_tiny" \
+               --global-batch-size 8 --train-iters 30 --save "$WORK/ckpt_tiny" \
                --load "$WORK/ckpt_tiny" --save-interval 10
              grep -E "CorruptCheckpoint|Error" "$DIR/corrupt.log" | tail -n 3 ;;
     proxy) megatron proxy 300 proxy --seq-length 4096 --micro-batch-size 1 \

@@ -158,6 +158,23 @@ def without_missing_kernels(argv: list[str]) -> list[str]:
     return [*argv, *(flag for flag in missing if flag not in argv)]
 
 
+def nan_stops_the_run(argv: list[str]) -> list[str]:
+    """`argv` with `--rerun-mode disabled` unless a rerun mode is given: a NaN/Inf loss or
+    gradient then stops the run at once with Megatron's RuntimeError naming the iteration and
+    the rank, before the optimizer step (nothing NaN is saved). Megatron's default,
+    validate_results, re-runs the iteration and then exits through a checkpoint save for a
+    re-run on another GPU; without --save that save failed with a bare TypeError (measured on
+    the GPU with --lr 1e6), so that mode asks for --save."""
+    modes, _ = take_flag(argv, "--rerun-mode")
+    if not modes:
+        return [*argv, "--rerun-mode", "disabled"]
+    if modes[-1] == "validate_results" and not take_flag(argv, "--save")[0]:
+        raise ConfigError("--rerun-mode validate_results without --save is invalid: on a NaN "
+                          "Megatron saves a checkpoint to re-run the iteration on another GPU; "
+                          "give --save DIR, or drop --rerun-mode (a NaN then stops the run)")
+    return list(argv)
+
+
 def fp8_without_te(argv: list[str]) -> list[str]:
     """Megatron's FP8 flags run Transformer Engine's recipes; without TE, `argv` with
     `--fp8-format e4m3 --fp8-recipe blockwise` (TE's DeepSeek-style block scaling) turned into
@@ -595,8 +612,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     from .model import compile_model, model_provider
     from .pretrain_log import PretrainLog
 
-    sys.argv = [sys.argv[0], *fp8_without_te(dualpipe.with_two_chunks_per_rank(
-        without_missing_kernels(expand_preset(sys.argv[1:] if argv is None else argv))))]
+    sys.argv = [sys.argv[0], *nan_stops_the_run(fp8_without_te(dualpipe.with_two_chunks_per_rank(
+        without_missing_kernels(expand_preset(sys.argv[1:] if argv is None else argv)))))]
     args = parse_and_validate_args(extra_args_provider=add_arguments)
     check_fp8_model(args)
     if args.pipeline_schedule == dualpipe.SCHEDULE:

@@ -307,6 +307,31 @@ def test_fused_kernel_defaults_are_off_where_the_kernels_are_missing():
     assert without_missing_kernels(argv) == argv  # once
 
 
+def test_a_nan_stops_the_run_unless_megatrons_rerun_mode_is_asked_for_with_somewhere_to_save():
+    """Megatron's default rerun mode met --lr 1e6 on the GPU by re-running the iteration, then
+    exiting through a checkpoint save that failed with a bare TypeError without --save."""
+    from megatron.training.arguments import parse_args
+
+    from megatron_dsv3.pretrain import nan_stops_the_run
+
+    argv = nan_stops_the_run(["--preset", "tiny"])
+    assert argv[-2:] == ["--rerun-mode", "disabled"]
+    assert nan_stops_the_run(argv) == argv  # once
+    explicit = ["--rerun-mode", "validate_results", "--save", "/ckpt"]
+    assert nan_stops_the_run(explicit) == explicit
+    with pytest.raises(ConfigError, match="--rerun-mode validate_results without --save.*"
+                                          "give --save DIR"):
+        nan_stops_the_run(["--rerun-mode=validate_results"])
+    # Megatron's parser takes the mode (its RuntimeError on a NaN needs a GPU to be raised)
+    import sys
+    saved = sys.argv
+    try:
+        sys.argv = ["pretrain", "--rerun-mode", "disabled"]
+        assert parse_args(ignore_unknown_args=True).rerun_mode == "disabled"
+    finally:
+        sys.argv = saved
+
+
 def test_a_resume_with_another_model_is_refused_naming_the_flags(dist_single, tmp_path,
                                                                   monkeypatch):
     """A distributed checkpoint whose saved arguments describe another model: refused before

@@ -44,6 +44,9 @@ try:
 except ImportError:  # the reference path (CPU machines without Triton)
     triton = None
 
+# Hopper and Ada convert to E4M3 in hardware; older GPUs have no float8e4nv in Triton.
+MIN_CUDA_CAPABILITY = (8, 9)
+
 # Launch parameters per kernel (benchmarks/bench_fp8.py --tune measures the candidates):
 #   1x128    BLOCK_M rows of x per program (one tile column, a scale per row);
 #   128x1    BLOCK_K columns of x per program (one 128-row band, a scale per column; each

@@ -91,9 +91,11 @@ class KernelAdamW(torch.optim.AdamW):
                 for key in ("exp_avg", "exp_avg_sq"):  # fp32 ones made by someone else
                     if state[key].dtype != self.moments_dtype:
                         state[key] = state[key].to(self.moments_dtype)
-                if state["step"].device.type != "cpu":  # loaded from a fused AdamW's state
-                    state["step"] = state["step"].cpu()
-                state["step"] += 1
+                # a new tensor, not `+= 1`: Megatron's distributed optimizer loads one step
+                # tensor shared by every parameter's state, which an in-place increment
+                # advanced once per parameter (found on the GPU: the resumed run's losses left
+                # the straight run's after the first step); .cpu() for a fused AdamW's step
+                state["step"] = state["step"].detach().cpu().float() + 1
                 adamw_(param, param.grad, state["exp_avg"], state["exp_avg_sq"],
                        self._bf16_copy_of(param), step=int(state["step"]),
                        lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],

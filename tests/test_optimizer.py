@@ -108,6 +108,39 @@ def test_the_state_follows_megatrons_swap_of_the_param_groups_for_its_shards():
     assert all((a < b).all() for a, b in zip(shards, before)), "the shards are what it steps"
 
 
+def test_a_step_tensor_shared_by_every_state_as_megatron_loads_it_counts_once_per_step():
+    """Megatron's distributed optimizer (0.19.2, load_state_dict without TE or apex) puts one
+    step tensor into every parameter's state; an in-place increment counted it once per
+    parameter, and the resumed run on the GPU left the straight one after its first step."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    resumed = MegatronAdamW(_groups(_params(seed)), **HYPER, weight_decay=0.1)
+    straight = MegatronAdamW(_groups(_params(seed)), **HYPER, weight_decay=0.1)
+    g = torch.Generator().manual_seed(seed + 1)
+    grads = [[torch.randn(p.shape, generator=g) for p in _params(seed)] for _ in range(5)]
+
+    def step(optimizer, grads_now):
+        for group, grad in zip(optimizer.param_groups, grads_now):
+            group["params"][0].grad = grad.clone()
+        optimizer.step()
+
+    for grads_now in grads[:3]:
+        step(straight, grads_now)
+    saved = straight.state_dict()
+    shared = torch.tensor(3.0)
+    for state in saved["state"].values():
+        state["step"] = shared
+    resumed.load_state_dict(saved)
+    with torch.no_grad():
+        for a, b in zip(resumed.param_groups, straight.param_groups):
+            a["params"][0].copy_(b["params"][0])
+    for grads_now in grads[3:]:
+        step(straight, grads_now)
+        step(resumed, grads_now)
+    assert _steps(resumed) == {5.0} and float(shared) == 3.0
+    for a, b in zip(resumed.param_groups, straight.param_groups):
+        assert torch.equal(a["params"][0], b["params"][0])
+
+
 def test_keywords_our_adamw_cannot_honour_name_the_flag():
     with pytest.raises(ValueError, match="--optimizer-cuda-graph"):
         MegatronAdamW(_params(0), lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8,

@@ -12,6 +12,11 @@ from __future__ import annotations
 import torch
 
 FP32_REORDER = 1e-5
+# Hopper's FP8 tensor cores keep about 14 bits while they sum the products of one 128-element K
+# block (DeepSeek-V3 report, section 3.3.2), before cuBLASLt's blockwise GEMM promotes the
+# block's sum to fp32: 1.6e-4 against the exact-fp32 emulation was measured on an H200; a wrong
+# scale or layout is off by O(1)
+HOPPER_FP8_ACCUMULATION = 2.0**-11
 BF16 = 2e-2
 
 

@@ -59,7 +59,7 @@ LAUNCH_CONFIG = {
     "1x128": {"BLOCK_M": 32, "num_warps": 4},
     "128x1": {"BLOCK_K": 64, "num_warps": 4},
     "128x128": {"num_warps": 4},
-    "paired": {"CHUNK": 128, "num_warps": 8},
+    "paired": {"CHUNK": 64, "num_warps": 8},
 }
 
 

@@ -161,13 +161,18 @@ def _megatron_args():
 def mark_fp8_linears(model: torch.nn.Module) -> int:
     """Put the linears of DeepSeek-V3's FP8 precision map in FP8 (ModelConfig.fp8_linear_widths
     lists them: the MLA projections but the KV down- and output projections, the dense FFNs
-    and the shared experts); returns how many. Local backend only."""
+    and the shared experts), and the dispatch all-to-all of every expert-parallel MoE layer
+    (its rows sent in FP8 with their scales, moe/dispatcher.py); returns how many linears.
+    Local backend only."""
     from .attention.mla import MultiLatentAttention
     from .config import ConfigError
+    from .moe.dispatcher import AllToAllDispatcher
     from .moe.experts import SwiGLUMLP
 
     chosen = []
     for module in model.modules():
+        if isinstance(getattr(module, "dispatcher", None), AllToAllDispatcher):
+            module.dispatcher.fp8 = True
         if isinstance(module, MultiLatentAttention):
             chosen += [getattr(module, name, None) for name in
                        ("linear_q_down", "linear_q_up", "linear_q", "linear_kv_up")]

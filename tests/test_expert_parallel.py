@@ -140,7 +140,7 @@ def _dispatcher_against_local(rank, world) -> dict:
     x = torch.randn(T, D)
     grad_out = torch.randn(T, D)
 
-    def run(dispatcher, experts_fn):
+    def run(dispatcher, experts_fn, x=x):
         x_TD = x.clone().requires_grad_()
         gates_TK = gates.clone().requires_grad_()
         x_ND, counts, state = dispatcher.dispatch(x_TD, routing)
@@ -156,6 +156,15 @@ def _dispatcher_against_local(rank, world) -> dict:
     local, ep = LocalDispatcher(), AllToAllDispatcher(group)
     out = {"scaled_local": run(local, scale_by_expert(0)),
            "scaled_ep": run(ep, scale_by_expert(rank * L))}
+    # FP8 dispatch: against the local dispatcher on x's FP8 round trip (rows of 6: one partial
+    # 1x128 tile each; row 0 scaled up so that rows' scales differ by 2^20)
+    from megatron_dsv3.fp8 import quantize_1x128
+
+    x_wide = x.clone()
+    x_wide[0] *= 2.0**20
+    out["fp8_ep"] = run(AllToAllDispatcher(group, fp8=True), scale_by_expert(rank * L), x_wide)
+    out["fp8_local"] = run(local, scale_by_expert(0), quantize_1x128(x_wide).dequantize())
+    out["fp8_bf16_local"] = run(local, scale_by_expert(0), x_wide)
     # Real experts: full weights here, this rank's slice of them under EP (same draw everywhere).
     torch.manual_seed(0)
     full = RoutedExperts(E, D, F, tp_group=None, dtype=torch.float32, init_std=0.3, impl="loop")
@@ -319,6 +328,21 @@ def test_all_to_all_dispatcher_matches_local_dispatcher_exactly_with_elementwise
     received = torch.cat([r["_dispatcher_against_local"]["scaled_ep"][3] for r in runs[2]])
     assert_equal(received, total, "rows received per expert")
     assert total[5] == 0 and total.sum() == 3 * (13 + 17)
+
+
+def test_fp8_dispatch_delivers_each_row_with_its_scales_and_gradients_in_full_precision(runs):
+    """AllToAllDispatcher(fp8=True): the rows cross the all-to-all as E4M3 with their 1x128
+    scales; what the experts receive is exactly the FP8 round trip of the sent rows (the local
+    dispatcher on quantize_1x128(x).dequantize() gives the same output and gate gradients),
+    and the input gradient comes back unquantized (equal to the BF16 dispatcher's)."""
+    for rank, result in enumerate(runs[2]):
+        res = result["_dispatcher_against_local"]
+        (out_f, dx_f, dg_f, _), (out_l, _, dg_l, _), (out_b, dx_b, _, _) = (
+            res["fp8_ep"], res["fp8_local"], res["fp8_bf16_local"])
+        assert_equal(out_f, out_l, f"combine output after FP8 dispatch, rank {rank}")
+        assert_equal(dg_f, dg_l, f"gate gradient after FP8 dispatch, rank {rank}")
+        assert_equal(dx_f, dx_b, f"input gradient (straight through), rank {rank}")
+        assert not torch.equal(out_f, out_b), "FP8 must have rounded something"
 
 
 def test_all_to_all_dispatcher_with_swiglu_experts_matches_local_with_all_experts(runs):

@@ -91,6 +91,22 @@ def test_the_precision_maps_linears_run_fp8_linear(dist_single):
     assert torch.equal(x.grad, x_ref.grad) and torch.equal(layer.weight.grad, w_ref.grad)
 
 
+def test_marking_puts_the_dispatch_all_to_all_of_expert_parallel_layers_in_fp8(dist_single):
+    """EP > 1 layers' AllToAllDispatcher sends in FP8 after mark_fp8_linears (the two-rank test
+    of the exchange itself is in test_expert_parallel.py); the local dispatcher sends nothing."""
+    from megatron_dsv3.model import mark_fp8_linears
+    from megatron_dsv3.moe.dispatcher import AllToAllDispatcher, LocalDispatcher
+
+    model = _model(dist_single, fp8=False)
+    moe = model.decoder.layers[1].mlp
+    assert isinstance(moe.dispatcher, LocalDispatcher)
+    moe.dispatcher = AllToAllDispatcher(None)  # as an EP group of 2 would make it
+    assert not moe.dispatcher.fp8
+    mark_fp8_linears(model)
+    assert moe.dispatcher.fp8
+    assert isinstance(model.mtp.layers[0].transformer_layer.mlp.dispatcher, LocalDispatcher)
+
+
 def test_an_fp8_layers_weight_gradient_defers_to_the_w_step(dist_single):
     """The DualPipe schedules' B step defers weight gradients: an FP8 layer's arrives only at W,
     equal bit for bit to the one computed in backward."""

@@ -156,16 +156,22 @@ def check_layer_pieces(pg, seed: int) -> dict:
     return sent
 
 
-def check_stage_piecewise_vs_plain(pg, seed: int) -> None:
-    """(a) for a whole stage: piecewise layers (through the stack's autograd node) vs the loop."""
+def check_stage_piecewise_vs_plain(pg, seed: int, fp8_dispatch: bool = False) -> None:
+    """(a) for a whole stage: piecewise layers (through the stack's autograd node) vs the loop;
+    `fp8_dispatch`: both with the dispatch all-to-all in FP8 (the pieces pack and unpack the
+    rows around their own exchange)."""
     results = {}
     for piecewise in (True, False):
         stage = Stage(pg, piecewise=piecewise)
+        for layer in stage.block.layers:
+            if hasattr(layer.mlp, "dispatcher"):  # the MoE layers
+                layer.mlp.dispatcher.fp8 = fp8_dispatch
         x, target = microbatch(seed)
         out = stage(x)
         mse_loss((out,), (target,)).backward()
         results[piecewise] = {"out": out.detach(), "x.grad": x.grad, **param_grads(stage)}
-    assert_same(results[True], results[False], "piecewise stage vs plain layer loop")
+    assert_same(results[True], results[False],
+                f"piecewise stage vs plain layer loop (fp8 dispatch {fp8_dispatch})")
 
 
 class CountingStore(WeightGradStore):
@@ -357,6 +363,7 @@ def _ep2_worker(rank: int, world: int) -> dict:
     start = time.perf_counter()
     sent = check_layer_pieces(pg, seed)
     check_stage_piecewise_vs_plain(pg, seed)
+    check_stage_piecewise_vs_plain(pg, seed, fp8_dispatch=True)
     check_fb_step(pg, seed, last_stage=True)
     trace = check_fb_step(pg, seed, last_stage=False)
     return {"sent": sent, "trace": trace, "seconds": time.perf_counter() - start}

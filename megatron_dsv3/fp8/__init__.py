@@ -8,6 +8,7 @@ for the weight gradient, per 128x128 block of weights.
                 emulation every machine runs)
   linear.py     fp8_linear: y = x W^T with the forward, input- and weight-gradient GEMMs in
                 FP8, x and W kept in FP8 for backward
+  wire.py       rows packed with their scales for the FP8 dispatch all-to-all
 """
 
 from megatron_dsv3.fp8.quantize import (

@@ -71,6 +71,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..fp8.wire import pack_rows, unpack_rows
 from .router import Routing
 
 
@@ -195,6 +196,14 @@ class LocalDispatcher:
     def return_rows(self, y_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
         return y_ND
 
+    @staticmethod
+    def to_wire(x_ND: torch.Tensor) -> torch.Tensor:
+        return x_ND  # no exchange, nothing to pack
+
+    @staticmethod
+    def from_wire(received: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return received
+
     def to_expert_order(self, x_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
         return x_ND
 
@@ -291,11 +300,31 @@ def destination_ranks(topk_TK: torch.Tensor, num_experts: int, ep_size: int) -> 
     return topk_TK // experts_per_rank(num_experts, ep_size)
 
 
-class AllToAllDispatcher:
-    """Dispatch/combine with the experts sharded over `ep_group` (module docstring)."""
+class _Fp8AllToAllRows(torch.autograd.Function):
+    """Rows exchanged over `group` in FP8 (fp8/wire.py: E4M3 data with their 1x128 scales in
+    one uint8 row), dequantized to x's dtype on arrival; backward is _AllToAllRows' reverse
+    exchange of the gradients in their own dtype (BF16 on the combine side, DeepSeek-V3's
+    recipe): the gradient passes the quantization straight through."""
 
-    def __init__(self, ep_group):
+    @staticmethod
+    def forward(ctx, x, output_splits: list[int], input_splits: list[int], group):
+        ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
+        received = _all_to_all(pack_rows(x), output_splits, input_splits, group)
+        return unpack_rows(received, x.shape[1], x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, ctx.input_splits, ctx.output_splits, ctx.group), None, None, None
+
+
+class AllToAllDispatcher:
+    """Dispatch/combine with the experts sharded over `ep_group` (module docstring). `fp8`:
+    the dispatch all-to-all (step 4 toward the experts, forward) sends the rows in FP8 with
+    their scales (fp8/wire.py); combine and every backward exchange stay in the rows' dtype."""
+
+    def __init__(self, ep_group, fp8: bool = False):
         self.ep_group = ep_group
+        self.fp8 = fp8
 
     def plan_start(self, x_TD: torch.Tensor, routing: Routing,
                    counts: Optional[CountExchange] = None) -> PlanStart:
@@ -341,8 +370,18 @@ class AllToAllDispatcher:
         return state.send_splits, state.recv_splits
 
     def send_rows(self, x_ND: torch.Tensor, state: AllToAllState) -> torch.Tensor:
-        """Step 4: x_ND -> x_MD (source-major)."""
-        return _AllToAllRows.apply(x_ND, *self.row_splits(state, True), self.ep_group)
+        """Step 4: x_ND -> x_MD (source-major); in FP8 when the dispatcher's `fp8` is set."""
+        exchange = _Fp8AllToAllRows if self.fp8 else _AllToAllRows
+        return exchange.apply(x_ND, *self.row_splits(state, True), self.ep_group)
+
+    def to_wire(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """The rows step 4 sends for x_ND, for a caller that runs the exchange itself
+        (moe/pieces.py): x_ND, or its FP8 packing when `fp8` is set."""
+        return pack_rows(x_ND) if self.fp8 else x_ND
+
+    def from_wire(self, received: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """What to_wire's rows become on arrival: the rows of `like`'s width and dtype."""
+        return unpack_rows(received, like.shape[1], like.dtype) if self.fp8 else received
 
     def return_rows(self, y_MD: torch.Tensor, state: AllToAllState) -> torch.Tensor:
         """Step 4 reversed: y_MD (source-major) -> y_ND, back on the source rank."""

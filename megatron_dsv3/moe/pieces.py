@@ -152,11 +152,13 @@ class MoELayerPieces:
         self.route = self.moe.route_finish(started)
 
     def start_dispatch(self) -> None:
-        self._pending = _exchange_rows(self.exchange, self.route.x_ND.detach(), self.moe,
-                                       self.route, toward_experts=True)
+        rows = self.moe.dispatcher.to_wire(self.route.x_ND.detach())  # FP8-packed or as is
+        self._pending = _exchange_rows(self.exchange, rows, self.moe, self.route,
+                                       toward_experts=True)
 
     def finish_dispatch(self) -> None:
-        x_MD = self.exchange.finish(self._take())  # a fresh tensor: the exchange's output
+        # a fresh tensor: the exchange's output (dequantized from FP8 with the dispatcher's fp8)
+        x_MD = self.moe.dispatcher.from_wire(self.exchange.finish(self._take()), self.route.x_ND)
         self.x_MD = x_MD.requires_grad_(self.route.x_ND.requires_grad)
 
     def mlp(self) -> None:

@@ -327,3 +327,27 @@ def test_grouped_mm_training_on_cpu_is_refused_with_a_clear_error():
     with torch.no_grad():
         assert pick_experts_impl("grouped_mm", torch.device("cpu")) is experts_grouped_mm
     assert pick_experts_impl("auto", torch.device("cpu")) is experts_loop
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_saves_only_its_input_and_its_gradient_equals_autograds(dtype):
+    """experts.swiglu keeps h for backward (DeepSeek-V3: "SwiGLU input saved", the activation
+    recomputed), where autograd's silu(gate) * up kept 1.5x h; the gradient is autograd's, bit
+    for bit (the compiled experts, which run autograd's graph, must equal eager)."""
+    from megatron_dsv3.moe.experts import swiglu
+
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(37, 2 * 48, generator=g) * 3).to(dtype).requires_grad_()
+    dy = torch.randn(37, 48, generator=g).to(dtype)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = swiglu(h)
+    assert sum(t.numel() for t in saved) == h.numel(), f"saved {[t.shape for t in saved]}"
+    (grad,) = torch.autograd.grad(y, h, dy)
+    h_ref = h.detach().clone().requires_grad_()
+    gate, up = h_ref.chunk(2, dim=-1)
+    y_ref = F.silu(gate) * up
+    assert torch.equal(y.detach(), y_ref.detach())
+    (grad_ref,) = torch.autograd.grad(y_ref, h_ref, dy)
+    assert torch.equal(grad, grad_ref), f"seed {seed}"

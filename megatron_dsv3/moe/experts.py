@@ -37,9 +37,35 @@ from ..sharded_checkpoint import sharded_state_dict_of
 from ..weight_grad import WeightGradStore, autocast_dtype, weight_grad_now_or_later
 
 
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up that saves only its input h = [gate; up] and recomputes the activation in
+    backward (DeepSeek-V3's precision map: "SwiGLU input saved"), where autograd's composition
+    saved gate, silu(gate) and up: half of h again. The backward runs autograd's own kernels
+    on the recomputed activation (the mul's products, aten.silu_backward), so its gradient is
+    bit for bit autograd's."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h)
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (h,) = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return torch.cat([grad_gate, grad * F.silu(gate)], dim=-1)
+
+
 def swiglu(h: torch.Tensor) -> torch.Tensor:
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    """silu(gate) * up for h = [gate; up] along the last dimension. Eager: _SwiGLU (only h
+    saved for backward); under torch.compile the plain expression, whose backward the
+    compiler's partitioner already recomputes from h."""
+    if torch.compiler.is_compiling():
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return _SwiGLU.apply(h)
 
 
 def experts_loop(x_ND: torch.Tensor, fc1_EFD2: torch.Tensor, fc2_EDF: torch.Tensor,

@@ -1,0 +1,198 @@
+"""The routed experts' grouped FP8 GEMM as a Triton kernel: out [M, N] = rows of expert e of
+a [M, K] (1x128) times W_e^T (W [E, N, K] in 128x128 blocks per expert), with DeepSeek-V3's
+FP32 promotion every 128 elements of K. The reference, and the definition, is
+fp8/grouped_gemm.py's fp8_grouped_gemm_emulated.
+
+  launch_fp8_grouped_gemm(a, b, group_ends)   the kernel, wherever Triton runs (interpreter too)
+  fp8_grouped_gemm(a, b, group_ends)          the kernel on an NVIDIA GPU with FP8 tensor cores
+                                              (sm_89 and newer), the emulation elsewhere
+  quantize_128x128_grouped_fused(w_ENK)       every expert's weight in 128x128 blocks: the
+                                              fused 128x128 quantizer over the [E * N, K]
+                                              stack when N is a multiple of 128
+
+The schedule, without a host sync (group_ends stays on the device): programs over (M tiles,
+N tiles), N fastest, so that the programs running together share one M tile, i.e. one expert,
+and its weight stays in L2 for that expert's next M tiles. A program finds the experts whose
+rows its M tile covers by counting the ends at or before its first and last row (group_ends is
+non-decreasing), then loops over them: for each, the tile's rows of that expert (a row mask),
+the K loop, and a masked store of those rows. A tile inside one expert runs the loop once; a
+tile across a boundary runs it once per expert it touches (its other rows masked: wasted tensor
+core work, at most one extra tile per boundary). Empty experts are skipped. Rows past the
+last end are stored as zeros.
+
+The K loop is the promotion: for each 128-wide K block kb
+    acc += tl.dot(a[rows, kb], b_e[cols, kb]^T)  (FP8 inputs, FP32 result)
+           * a_scale[rows, kb][:, None] * b_scale[e, cols // 128, kb][None, :]
+so each block's sum is scaled in FP32 and added to an FP32 accumulator, as the emulation does.
+On Hopper the tensor cores sum the 128 products of a block in their FP8 accumulator (about 14
+bits, tests/helpers/tolerance.py HOPPER_FP8_ACCUMULATION); the interpreter sums them exactly.
+
+K must be a multiple of 128 (the loads are unmasked along K: whole blocks); the model's K
+(7168, 2048, 1408 = 11 * 128) all are. fp8_grouped_gemm runs the emulation for other K.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_dsv3.fp8.grouped_gemm import (
+    Fp8GroupedTensor,
+    check_grouped_operands,
+    fp8_grouped_gemm_emulated,
+    quantize_128x128_grouped,
+)
+from megatron_dsv3.fp8.quantize import TILE, Fp8Tensor
+from megatron_dsv3.kernels.fp8_quantize import (
+    MIN_CUDA_CAPABILITY,
+    quantize_128x128_fused,
+    uses_kernel,
+)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the emulation (CPU machines without Triton)
+    triton = None
+
+# Launch parameters: BLOCK_M rows x BLOCK_N output columns per program (K is walked 128 at a
+# time: the promotion's block); num_warps / num_stages as Triton takes them. `config` of
+# launch_fp8_grouped_gemm overrides them (keys as here).
+LAUNCH_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def launch_config(config: dict | None) -> dict:
+    """LAUNCH_CONFIG updated with `config`; an unknown key is an error naming the known ones."""
+    unknown = sorted(set(config or {}) - set(LAUNCH_CONFIG))
+    if unknown:
+        raise ValueError(f"launch config of the grouped FP8 GEMM: unknown keys {unknown}; it "
+                         f"takes {sorted(LAUNCH_CONFIG)}")
+    return {**LAUNCH_CONFIG, **(config or {})}
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fp8_grouped_gemm_kernel(
+            a_ptr, a_scales_ptr, b_ptr, b_scales_ptr, ends_ptr, out_ptr,   # pointers
+            M, N, K, E,                                                    # sizes
+            stride_am, stride_ak, stride_asm, stride_ask,                  # a [M, K], [M, K/128]
+            stride_be, stride_bn, stride_bk,                               # b [E, N, K]
+            stride_bse, stride_bsn, stride_bsk,                            # [E, N/128, K/128]
+            stride_om, stride_on,                                          # out [M, N]
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr,
+            E_POW2: tl.constexpr):
+        pid = tl.program_id(0)
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        tile_m, tile_n = pid // n_tiles, pid % n_tiles  # N fastest: one expert's tiles together
+        first_row = tile_m * BLOCK_M
+        last_row = tl.minimum(first_row + BLOCK_M, M) - 1
+        rows = (first_row + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        in_n = cols < N
+
+        # The experts of this tile: expert e owns the rows r with ends[e-1] <= r < ends[e], so
+        # the expert of row r is the number of ends at or before r (E: past the last end).
+        experts = tl.arange(0, E_POW2)
+        ends = tl.load(ends_ptr + experts, mask=experts < E, other=0)
+        counted = experts < E
+        first_expert = tl.sum(((ends <= first_row) & counted).to(tl.int32))
+        last_expert = tl.minimum(tl.sum(((ends <= last_row) & counted).to(tl.int32)), E - 1)
+
+        out_tile = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+        total = tl.load(ends_ptr + E - 1)
+        unowned = (rows >= total) & (rows < M)  # padding rows past the last end: zeros
+        tl.store(out_tile, tl.zeros((BLOCK_M, BLOCK_N), tl.float32).to(out_ptr.dtype.element_ty),
+                 mask=unowned[:, None] & in_n[None, :])
+
+        k_blocks = tl.cdiv(K, TILE)
+        ks = tl.arange(0, TILE)
+        for e in range(first_expert, last_expert + 1):
+            start = tl.load(ends_ptr + tl.maximum(e - 1, 0))
+            start = tl.where(e > 0, start, 0)
+            end = tl.load(ends_ptr + e)
+            if end > start:  # an empty expert owns no row
+                in_e = (rows >= start) & (rows < end) & (rows < M)
+                a_rows = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
+                b_cols = (b_ptr + tl.cast(e, tl.int64) * stride_be + cols[:, None] * stride_bn
+                          + ks[None, :] * stride_bk)
+                a_scale_rows = a_scales_ptr + rows * stride_asm
+                b_scale_cols = (b_scales_ptr + tl.cast(e, tl.int64) * stride_bse
+                                + (cols // TILE) * stride_bsn)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                for kb in range(k_blocks):
+                    a = tl.load(a_rows + kb * TILE * stride_ak, mask=in_e[:, None], other=0.0)
+                    b = tl.load(b_cols + kb * TILE * stride_bk, mask=in_n[:, None], other=0.0)
+                    a_scale = tl.load(a_scale_rows + kb * stride_ask, mask=in_e, other=0.0)
+                    b_scale = tl.load(b_scale_cols + kb * stride_bsk, mask=in_n, other=0.0)
+                    # the promotion: this block's FP32 sum, scaled in FP32
+                    acc += tl.dot(a, tl.trans(b)) * a_scale[:, None] * b_scale[None, :]
+                tl.store(out_tile, acc.to(out_ptr.dtype.element_ty),
+                         mask=in_e[:, None] & in_n[None, :])
+
+
+def launch_fp8_grouped_gemm(a: Fp8Tensor, b: Fp8GroupedTensor, group_ends: torch.Tensor,
+                            out_dtype: torch.dtype = torch.float32, *,
+                            config: dict | None = None) -> torch.Tensor:
+    """The kernel itself (module docstring), on any device Triton runs on (its interpreter
+    included); `config` overrides LAUNCH_CONFIG. group_ends is read on the device only: its
+    values are not checked (fp8_grouped_gemm_emulated checks them, with a host sync)."""
+    check_grouped_operands(a, b, group_ends)
+    M, K = a.data.shape
+    E, N, _ = b.data.shape
+    if K % TILE:
+        raise ValueError(f"launch_fp8_grouped_gemm: K={K} is not a multiple of {TILE} (the "
+                         f"kernel loads whole 128-wide K blocks); pad K or use "
+                         f"fp8_grouped_gemm_emulated")
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"launch_fp8_grouped_gemm: out_dtype={out_dtype}; use one of "
+                         f"{', '.join(map(str, OUT_DTYPES))}")
+    launch = launch_config(config)
+    out_MN = torch.empty(M, N, dtype=out_dtype, device=a.data.device)
+    if M and N:
+        block_m, block_n = launch.pop("BLOCK_M"), launch.pop("BLOCK_N")
+        grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+        _fp8_grouped_gemm_kernel[grid](
+            a.data, a.scales, b.data, b.scales, group_ends, out_MN,
+            M, N, K, E,
+            *a.data.stride(), *a.scales.stride(), *b.data.stride(), *b.scales.stride(),
+            *out_MN.stride(),
+            BLOCK_M=block_m, BLOCK_N=block_n, TILE=TILE, E_POW2=triton.next_power_of_2(E),
+            **launch)
+    return out_MN
+
+
+def uses_grouped_gemm_kernel(a: Fp8Tensor, b: Fp8GroupedTensor) -> bool:
+    """Whether fp8_grouped_gemm runs the kernel: Triton present, both operands on an NVIDIA GPU
+    with FP8 tensor cores (compute capability 8.9 or newer), K a multiple of 128."""
+    return (triton is not None and a.data.is_cuda and b.data.device == a.data.device
+            and torch.version.hip is None
+            and torch.cuda.get_device_capability(a.data.device) >= MIN_CUDA_CAPABILITY
+            and a.data.shape[1] % TILE == 0)
+
+
+def fp8_grouped_gemm(a: Fp8Tensor, b: Fp8GroupedTensor, group_ends: torch.Tensor,
+                     out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """out [M, N]: expert e's rows of a times W_e^T, FP32 promotion per 128-element K block
+    (fp8/grouped_gemm.py). The kernel where it runs (`uses_grouped_gemm_kernel`; no host
+    sync), else the emulation (which reads group_ends on the host)."""
+    check_grouped_operands(a, b, group_ends)
+    if uses_grouped_gemm_kernel(a, b):
+        return launch_fp8_grouped_gemm(a, b, group_ends, out_dtype)
+    return fp8_grouped_gemm_emulated(a, b, group_ends, out_dtype)
+
+
+def quantize_128x128_grouped_fused(w_ENK: torch.Tensor, *, pow2_scales: bool = False
+                                   ) -> Fp8GroupedTensor:
+    """Every expert's weight w_ENK[e] [N, K] in its own 128x128 blocks (fp8/grouped_gemm.py's
+    quantize_128x128_grouped). When N is a multiple of 128 no block of the [E * N, K] stack
+    spans two experts, so one launch of the fused 128x128 quantizer over the stack gives the
+    same data and scales; elsewhere the per-expert reference."""
+    if (isinstance(w_ENK, torch.Tensor) and w_ENK.dim() == 3 and w_ENK.shape[1] % TILE == 0
+            and w_ENK.shape[0] and uses_kernel(w_ENK[0])):
+        E, N, K = w_ENK.shape
+        stacked = quantize_128x128_fused(w_ENK.reshape(E * N, K), pow2_scales=pow2_scales)
+        return Fp8GroupedTensor(stacked.data.view(E, N, K),
+                                stacked.scales.view(E, N // TILE, -(-K // TILE)))
+    return quantize_128x128_grouped(w_ENK, pow2_scales=pow2_scales)

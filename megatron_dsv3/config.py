@@ -254,7 +254,9 @@ class ModelConfig:
     # tensor-parallel layers), "te" (Transformer Engine's), "auto" (TE when it imports).
     linear_backend: Literal["auto", "local", "te"] = "auto"
     # FP8 training: "none", or "deepseek" (DeepSeek-V3's recipe: E4M3 with 1x128 / 128x128
-    # scales computed online, FP32 promotion; the layers in FP8 are `fp8_linear_widths`'s)
+    # scales computed online, FP32 promotion; the layers in FP8 are `fp8_linear_widths`'s).
+    # On the TE backend it is Transformer Engine's Float8BlockScaling recipe (the same tiles),
+    # which Megatron enters around each layer (`to_megatron_config`).
     fp8: Literal["none", "deepseek"] = "none"
 
     def __post_init__(self):
@@ -270,9 +272,6 @@ class ModelConfig:
         _check(self.fp8 in ("none", "deepseek"), "ModelConfig.fp8", self.fp8,
                "choose 'none' or 'deepseek'")
         if self.fp8 == "deepseek":
-            _check(self.linear_backend != "te", "ModelConfig.linear_backend",
-                   self.linear_backend, "fp8='deepseek' runs on the local backend (TE's "
-                   "block-scaling recipe is not wired yet): use 'local' or 'auto'")
             for name, width, role in self.fp8_linear_widths():
                 _check(width % 128 == 0, name, width,
                        f"with fp8='deepseek' it is {role}, which FP8 cuts into 128-wide tiles: "
@@ -423,6 +422,16 @@ def preset(name: str) -> ModelConfig:
 # ----------------------------------------------------------------------------------------------
 # Megatron-Core adapter
 # ----------------------------------------------------------------------------------------------
+def resolved_linear_backend(name: str) -> str:
+    """ModelConfig.linear_backend `name` with "auto" resolved: "te" when TE imports, else
+    "local"."""
+    if name != "auto":
+        return name
+    from .megatron_compat import transformer_engine_available
+
+    return "te" if transformer_engine_available() else "local"
+
+
 def to_megatron_config(cfg: ModelConfig, *, tensor_parallel_size: int = 1,
                        pipeline_parallel_size: int = 1, expert_parallel_size: int = 1,
                        use_cpu_initialization: Optional[bool] = None, **overrides):
@@ -515,6 +524,10 @@ def to_megatron_config(cfg: ModelConfig, *, tensor_parallel_size: int = 1,
         mtp_num_layers=cfg.mtp.num_layers or None,
         mtp_loss_scaling_factor=cfg.mtp.loss_weight(0),
     )
+    if cfg.fp8 == "deepseek" and resolved_linear_backend(cfg.linear_backend) == "te":
+        # TE's DeepSeek-style recipe (1x128 activations, 128x128 weights), entered by Megatron
+        # around each layer; the local backend runs our own FP8 instead (model.mark_fp8_linears)
+        kwargs.update(fp8="e4m3", fp8_recipe="blockwise")
     kwargs.update(overrides)
     megatron_cfg = MLATransformerConfig(**kwargs)
     # Our modules read the exact config they were designed around; Megatron's fields above

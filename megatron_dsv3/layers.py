@@ -44,9 +44,9 @@ from megatron.core.tensor_parallel import (
 )
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-from .config import ConfigError
+from .config import ConfigError, resolved_linear_backend
 from .fp8.linear import fp8_linear
-from .megatron_compat import GemmCall, OwnGemmHook
+from .megatron_compat import GemmCall, OwnGemmHook, transformer_engine_available
 from .weight_grad import WeightGradStore, linear_deferred_wgrad
 
 
@@ -65,14 +65,6 @@ def init_device(config):
 def tp_group_of(pg_collection):
     """The tensor-parallel group of a Megatron ProcessGroupCollection (None: no TP)."""
     return pg_collection.tp if pg_collection is not None else None
-
-
-def transformer_engine_available() -> bool:
-    try:
-        from megatron.core.extensions.transformer_engine import HAVE_TE
-    except ImportError:
-        return False
-    return bool(HAVE_TE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +232,7 @@ LOCAL = LinearBackend("local", _local_column, _local_row, _local_replicated, RMS
 def get_backend(name: str = "auto") -> LinearBackend:
     """The layer implementations for `ModelConfig.linear_backend`."""
     if name == "auto":
-        name = "te" if transformer_engine_available() else "local"
+        name = resolved_linear_backend(name)
     if name == "local":
         return LOCAL
     if name == "te":

@@ -329,6 +329,16 @@ def use_megatron_adam(cls) -> None:
     optimizer.USING_PYTORCH_OPTIMIZER = False  # the FusedAdam keywords (adam_w_mode)
 
 
+def transformer_engine_available() -> bool:
+    """Whether Megatron's Transformer Engine extension found TE (its HAVE_TE): the one switch
+    between TE's modules and recipes and our own."""
+    try:
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+    except ImportError:
+        return False
+    return bool(HAVE_TE)
+
+
 def megatron_has_fused_adam() -> bool:
     """Whether Megatron's `Adam` is TE's or apex's FusedAdam (before use_megatron_adam)."""
     from megatron.core import optimizer

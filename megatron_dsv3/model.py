@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from .config import ModelConfig, to_megatron_config
+from .config import ModelConfig, resolved_linear_backend, to_megatron_config
 from .megatron_compat import GPTPostprocessHook
 from .mtp import mtp_targets
 from .specs import decoder_block_spec, mtp_block_spec
@@ -109,7 +109,7 @@ def build_model(cfg: ModelConfig, *, pg_collection: Optional[ProcessGroupCollect
         vp_stage=vp_stage,
     )
     if cfg.fp8 == "deepseek":
-        mark_fp8_linears(model)
+        mark_fp8_linears(model, linears=resolved_linear_backend(cfg.linear_backend) == "local")
     return model
 
 
@@ -158,12 +158,13 @@ def _megatron_args():
         return None
 
 
-def mark_fp8_linears(model: torch.nn.Module) -> int:
+def mark_fp8_linears(model: torch.nn.Module, linears: bool = True) -> int:
     """Put the linears of DeepSeek-V3's FP8 precision map in FP8 (ModelConfig.fp8_linear_widths
     lists them: the MLA projections but the KV down- and output projections, the dense FFNs
     and the shared experts), and the dispatch all-to-all of every expert-parallel MoE layer
     (its rows sent in FP8 with their scales, moe/dispatcher.py); returns how many linears.
-    Local backend only."""
+    `linears=False` (the TE backend, whose linears run TE's blockwise recipe under Megatron's
+    FP8 context, config.to_megatron_config): the dispatch only."""
     from .attention.mla import MultiLatentAttention
     from .config import ConfigError
     from .moe.dispatcher import AllToAllDispatcher
@@ -178,7 +179,7 @@ def mark_fp8_linears(model: torch.nn.Module) -> int:
                        ("linear_q_down", "linear_q_up", "linear_q", "linear_kv_up")]
         elif isinstance(module, SwiGLUMLP):
             chosen += [module.linear_fc1, module.linear_fc2]
-    chosen = [layer for layer in chosen if layer is not None]
+    chosen = [layer for layer in chosen if layer is not None] if linears else []
     for layer in chosen:
         if not hasattr(type(layer), "fp8"):
             raise ConfigError(f"fp8='deepseek': {type(layer).__name__} has no FP8 path (the "

@@ -148,7 +148,7 @@ def without_missing_kernels(argv: list[str]) -> list[str]:
       * --no-gradient-accumulation-fusion without apex's fused_weight_gradient_mlp_cuda:
         Megatron's ColumnParallelLinear refuses it.
     A flag already given is kept as given."""
-    from .layers import transformer_engine_available
+    from .megatron_compat import transformer_engine_available
 
     missing = []
     if not transformer_engine_available():
@@ -180,7 +180,7 @@ def fp8_without_te(argv: list[str]) -> list[str]:
     `--fp8-format e4m3 --fp8-recipe blockwise` (TE's DeepSeek-style block scaling) turned into
     our `--dsv3-fp8 deepseek`, and any other FP8 recipe refused naming the flags (on the
     command line: Megatron's pretrain parses it again)."""
-    from .layers import transformer_engine_available
+    from .megatron_compat import transformer_engine_available
 
     formats, rest = take_flag(argv, "--fp8-format")
     recipes, rest = take_flag(rest, "--fp8-recipe")

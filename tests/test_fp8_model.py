@@ -43,15 +43,13 @@ def _model(pg, fp8: bool):
     return model
 
 
-def test_widths_no_multiple_of_128_and_the_te_backend_are_refused_naming_the_field():
+def test_widths_no_multiple_of_128_are_refused_naming_the_field():
     with pytest.raises(ConfigError, match=r"MLAConfig.q_lora_rank=64 is invalid: with "
                                           r"fp8='deepseek' it is the query down-projection's "
                                           r"output .* use a multiple of 128 \(e.g. 128\)"):
         tiny().replace(fp8="deepseek")
     with pytest.raises(ConfigError, match="MoEConfig.dense_ffn_size=200 is invalid"):
         tiny().replace(**{**FP8_SMALL, "moe__dense_ffn_size": 200}, fp8="deepseek")
-    with pytest.raises(ConfigError, match="ModelConfig.linear_backend='te' is invalid"):
-        tiny().replace(**{**FP8_SMALL, "linear_backend": "te"}, fp8="deepseek")
     with pytest.raises(ConfigError, match="ModelConfig.fp8='e5m2' is invalid"):
         tiny().replace(fp8="e5m2")
 
@@ -105,6 +103,56 @@ def test_marking_puts_the_dispatch_all_to_all_of_expert_parallel_layers_in_fp8(d
     mark_fp8_linears(model)
     assert moe.dispatcher.fp8
     assert isinstance(model.mtp.layers[0].transformer_layer.mlp.dispatcher, LocalDispatcher)
+
+
+def test_the_local_backend_runs_our_fp8_not_megatrons_te_recipe():
+    """Megatron's own FP8 (fp8 / fp8_recipe on its config) drives TE's recipes; on the local
+    backend it stays off and our linears carry FP8 (the TE backend's test below)."""
+    from megatron_dsv3.config import to_megatron_config
+
+    megatron_config = to_megatron_config(tiny().replace(**FP8_SMALL, fp8="deepseek"),
+                                         use_cpu_initialization=True)
+    assert megatron_config.fp8 is None and megatron_config.dsv3.fp8 == "deepseek"
+
+
+def _te_on_a_gpu() -> bool:
+    from megatron_dsv3.megatron_compat import transformer_engine_available
+
+    return transformer_engine_available() and torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _te_on_a_gpu(), reason="Transformer Engine and a GPU are needed for "
+                    "TE's blockwise FP8 recipe (neither is on the CI machine)")
+def test_the_te_backend_trains_with_tes_blockwise_recipe(dist_single):
+    """fp8='deepseek' on the TE backend: Megatron's config asks for TE's Float8BlockScaling
+    (fp8='e4m3', fp8_recipe='blockwise'), our linears are left to TE, and a few steps train
+    like the same model in bf16 (within 2% of its loss)."""
+    from megatron_dsv3.config import to_megatron_config
+    from megatron_dsv3.model import build_model
+    from megatron_dsv3.moe.balance import set_balance_loss_scale
+    from megatron_dsv3.mtp import weighted_lm_loss
+
+    losses = {}
+    for fp8 in ("deepseek", "none"):
+        cfg = tiny().replace(**{**FP8_SMALL, "linear_backend": "te"}, fp8=fp8,
+                             params_dtype="bfloat16")
+        megatron_config = to_megatron_config(cfg, use_cpu_initialization=False)
+        assert (megatron_config.fp8, megatron_config.fp8_recipe) == (
+            ("e4m3", "blockwise") if fp8 == "deepseek" else (None, megatron_config.fp8_recipe))
+        torch.manual_seed(0)
+        model = build_model(cfg, pg_collection=dist_single, megatron_config=megatron_config)
+        assert not any(getattr(m, "fp8", False) for m in model.modules())
+        set_balance_loss_scale(model, 1.0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            ids = torch.randint(0, cfg.vocab_size, (2, 65), generator=g).cuda()
+            loss = weighted_lm_loss(model(ids[:, :-1], None, None, labels=ids[:, 1:]), 0.3)[0]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        losses[fp8] = loss.item()
+    assert abs(losses["deepseek"] - losses["none"]) <= 0.02 * losses["none"], losses
 
 
 def test_an_fp8_layers_weight_gradient_defers_to_the_w_step(dist_single):

@@ -297,7 +297,7 @@ def test_fused_kernel_defaults_are_off_where_the_kernels_are_missing():
     failed the model build on the GPU; they are turned off on the command line, once."""
     import importlib.util
 
-    from megatron_dsv3.layers import transformer_engine_available
+    from megatron_dsv3.megatron_compat import transformer_engine_available
     from megatron_dsv3.pretrain import without_missing_kernels
 
     argv = without_missing_kernels(["--preset", "tiny"])
@@ -430,7 +430,7 @@ def test_megatrons_loop_compiles_as_the_job_and_evaluates_eager_under_cuda_graph
 
 
 def test_megatrons_fp8_flags_mean_deepseeks_recipe_without_te_and_others_are_refused():
-    from megatron_dsv3.layers import transformer_engine_available
+    from megatron_dsv3.megatron_compat import transformer_engine_available
     from megatron_dsv3.pretrain import fp8_without_te
 
     if transformer_engine_available():
@@ -487,7 +487,7 @@ def test_fp8_in_megatrons_loop_builds_the_fp8_model_or_names_the_width(dist_sing
     widths the provider Megatron calls builds the model with the precision map in FP8."""
     from megatron.training import global_vars
 
-    from megatron_dsv3.layers import transformer_engine_available
+    from megatron_dsv3.megatron_compat import transformer_engine_available
 
     if transformer_engine_available():
         pytest.skip("with TE Megatron's FP8 flags run TE's recipes")

@@ -17,6 +17,9 @@ Triton kernel (kernels/fp8_grouped_gemm.py) in Triton's interpreter.
     (exact: 3 mantissa bits, exponents 2^-9..2^8) and sums in fp32, so the kernel's index,
     mask and scale logic is what is compared; within FP32_REORDER (a different summation
     order). Hopper's narrower FP8 accumulator is tests/test_gpu_fp8_grouped.py's business;
+  * the kernel compiles for Hopper (sm_90) on this GPU-less machine, as the JIT would for the
+    benchmark's operands (pointers and row strides 16-byte aligned): FP8 wgmma and a K loop
+    software-pipelined with asynchronous copies (3 stages, 96 KiB of shared memory);
   * the CPU dispatch (fp8_grouped_gemm) is the emulation; bad inputs raise naming the argument.
 Fresh random inputs each run; the seed is in every failure message.
 """
@@ -181,6 +184,40 @@ _INTERPRETED = textwrap.dedent("""
 
 def test_kernel_in_triton_interpreter_matches_the_emulation():
     assert_ok_in_triton_interpreter(_INTERPRETED)
+
+
+def test_kernel_compiles_for_hopper_to_pipelined_fp8_wgmma():
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from megatron_dsv3.kernels.fp8_grouped_gemm import (
+        LAUNCH_CONFIG,
+        _fp8_grouped_gemm_kernel,
+    )
+
+    kernel = _fp8_grouped_gemm_kernel
+    names = list(kernel.arg_names)
+    # what the JIT specialises for contiguous torch operands with K, N multiples of 16
+    unit_strides = ("stride_ak", "stride_ask", "stride_bk", "stride_bsk", "stride_on")
+    constexprs = {"BLOCK_M": LAUNCH_CONFIG["BLOCK_M"], "BLOCK_N": LAUNCH_CONFIG["BLOCK_N"],
+                  "TILE": 128, "E_POW2": 64, **dict.fromkeys(unit_strides, 1)}
+    pointers = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scales_ptr": "*fp32",
+                "b_scales_ptr": "*fp32", "ends_ptr": "*i32", "out_ptr": "*bf16"}
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
+                 for name in names}
+    aligned = [*pointers, "N", "K", "stride_am", "stride_be", "stride_bn", "stride_om"]
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    compiled = triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": LAUNCH_CONFIG["num_warps"],
+                 "num_stages": LAUNCH_CONFIG["num_stages"]})
+    ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
+    assert "warp_group_dot " in ttgir and "e4m3" in ptx, "FP8 wgmma on Hopper"
+    assert ttgir.count("async_copy_global_to_local") == 2 * LAUNCH_CONFIG["num_stages"], \
+        "a and b tiles loaded asynchronously, num_stages deep"
+    assert compiled.metadata.shared == LAUNCH_CONFIG["num_stages"] * 2 * 128 * 128
 
 
 def test_bad_inputs_raise_naming_the_argument_and_the_fix():

@@ -235,6 +235,10 @@ class MTPConfig:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# The parts of DeepSeek-V3's FP8 precision map that ModelConfig.fp8_layers can select
+FP8_LAYERS = ("attention", "dense_ffn", "shared_experts", "dispatch")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A DeepSeek-V3-style decoder. Widths here, mechanisms in the nested configs."""
@@ -258,6 +262,9 @@ class ModelConfig:
     # On the TE backend it is Transformer Engine's Float8BlockScaling recipe (the same tiles),
     # which Megatron enters around each layer (`to_megatron_config`).
     fp8: Literal["none", "deepseek"] = "none"
+    # The precision map's parts in FP8 with fp8="deepseek" (FP8_LAYERS: the MLA projections,
+    # the dense FFNs, the shared experts, the dispatch all-to-all); a part left out stays BF16
+    fp8_layers: tuple[str, ...] = FP8_LAYERS
 
     def __post_init__(self):
         _positive(self, "vocab_size", "hidden_size", "num_layers", "max_seq_len")
@@ -271,12 +278,16 @@ class ModelConfig:
                self.linear_backend, "choose 'auto', 'local' or 'te'")
         _check(self.fp8 in ("none", "deepseek"), "ModelConfig.fp8", self.fp8,
                "choose 'none' or 'deepseek'")
+        unknown = sorted(set(self.fp8_layers) - set(FP8_LAYERS))
+        _check(not unknown, "ModelConfig.fp8_layers", self.fp8_layers,
+               f"{unknown} are no parts of the precision map: choose among {list(FP8_LAYERS)}")
         if self.fp8 == "deepseek":
-            for name, width, role in self.fp8_linear_widths():
+            for name, width, role, part in self.fp8_linear_widths():
                 _check(width % 128 == 0, name, width,
                        f"with fp8='deepseek' it is {role}, which FP8 cuts into 128-wide tiles: "
-                       f"use a multiple of 128 (e.g. {max(128, width // 128 * 128)}), or "
-                       "fp8='none'")
+                       f"use a multiple of 128 (e.g. {max(128, width // 128 * 128)}), leave "
+                       f"{part!r} out of ModelConfig.fp8_layers (--fp8-layers) to keep it in "
+                       "BF16, or fp8='none'")
         if self.mla.yarn is not None:
             _check(self.max_seq_len >= self.mla.yarn.original_max_position_embeddings,
                    "ModelConfig.max_seq_len", self.max_seq_len,
@@ -288,31 +299,39 @@ class ModelConfig:
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.params_dtype]
 
-    def fp8_linear_widths(self) -> list[tuple[str, int, str]]:
-        """(field, width, what it is) of every input and output width of the linears that run
-        in FP8 with fp8='deepseek' (the precision map, docs/precision-and-parallelism.md): the
-        MLA projections but the KV down-projection (its 576-wide output in V3 is no multiple of
-        128) and the output projection (its input stays in higher precision), the dense FFNs
-        and the shared experts. The routed experts stay in BF16 until the grouped FP8 GEMM."""
-        mla, moe = self.mla, self.moe
-        widths = [("ModelConfig.hidden_size", self.hidden_size, "the input of the MLA "
-                   "query projection and of the FFNs")]
-        if mla.q_lora_rank > 0:
-            widths.append(("MLAConfig.q_lora_rank", mla.q_lora_rank,
-                           "the query down-projection's output and up-projection's input"))
-        widths += [("MLAConfig.num_heads * qk_head_dim", mla.num_heads * mla.qk_head_dim,
-                    "the query projection's output"),
-                   ("MLAConfig.kv_lora_rank", mla.kv_lora_rank,
-                    "the KV up-projection's input"),
-                   ("MLAConfig.num_heads * (qk_nope_head_dim + v_head_dim)",
-                    mla.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim),
-                    "the KV up-projection's output")]
-        if self.moe.first_k_dense > 0:
-            widths.append(("MoEConfig.dense_ffn_size", moe.dense_ffn_size,
-                           "the dense FFN's hidden width"))
-        if moe.shared_ffn_size:
-            widths.append(("MoEConfig.num_shared_experts * expert_ffn_size", moe.shared_ffn_size,
-                           "the shared experts' hidden width"))
+    def fp8_linear_widths(self) -> list[tuple[str, int, str, str]]:
+        """(field, width, what it is, part of fp8_layers) of every input and output width of
+        the linears that run in FP8 with fp8='deepseek' (the precision map,
+        docs/precision-and-parallelism.md), for the parts in `fp8_layers`: the MLA projections
+        but the KV down-projection (its 576-wide output in V3 is no multiple of 128) and the
+        output projection (its input stays in higher precision), the dense FFNs and the shared
+        experts. The routed experts stay in BF16 until the grouped FP8 GEMM; the dispatch
+        packs any width."""
+        mla, moe, parts = self.mla, self.moe, set(self.fp8_layers)
+        widths = []
+        if "attention" in parts:
+            widths.append(("ModelConfig.hidden_size", self.hidden_size,
+                           "the input of the MLA query projection", "attention"))
+            if mla.q_lora_rank > 0:
+                widths.append(("MLAConfig.q_lora_rank", mla.q_lora_rank, "the query "
+                               "down-projection's output and up-projection's input", "attention"))
+            widths += [("MLAConfig.num_heads * qk_head_dim", mla.num_heads * mla.qk_head_dim,
+                        "the query projection's output", "attention"),
+                       ("MLAConfig.kv_lora_rank", mla.kv_lora_rank,
+                        "the KV up-projection's input", "attention"),
+                       ("MLAConfig.num_heads * (qk_nope_head_dim + v_head_dim)",
+                        mla.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim),
+                        "the KV up-projection's output", "attention")]
+        for part, size, role in (("dense_ffn", moe.dense_ffn_size if moe.first_k_dense else 0,
+                                  "the dense FFN's hidden width"),
+                                 ("shared_experts", moe.shared_ffn_size,
+                                  "the shared experts' hidden width")):
+            if part in parts and size:
+                field_name = ("MoEConfig.dense_ffn_size" if part == "dense_ffn" else
+                              "MoEConfig.num_shared_experts * expert_ffn_size")
+                widths += [("ModelConfig.hidden_size", self.hidden_size,
+                            f"the input of the {part.replace('_', ' ')}", part),
+                           (field_name, size, role, part)]
         return widths
 
     def is_moe_layer(self, layer_index: int) -> bool:
@@ -422,6 +441,11 @@ def preset(name: str) -> ModelConfig:
 # ----------------------------------------------------------------------------------------------
 # Megatron-Core adapter
 # ----------------------------------------------------------------------------------------------
+def fp8_layers_flag(text: str) -> tuple[str, ...]:
+    """The parts named by a comma-separated --fp8-layers value (ModelConfig checks the names)."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def resolved_linear_backend(name: str) -> str:
     """ModelConfig.linear_backend `name` with "auto" resolved: "te" when TE imports, else
     "local"."""

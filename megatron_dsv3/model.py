@@ -13,12 +13,12 @@ signature Megatron's `pretrain()` calls.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from .config import ModelConfig, resolved_linear_backend, to_megatron_config
+from .config import FP8_LAYERS, ModelConfig, resolved_linear_backend, to_megatron_config
 from .megatron_compat import GPTPostprocessHook
 from .mtp import mtp_targets
 from .specs import decoder_block_spec, mtp_block_spec
@@ -109,19 +109,22 @@ def build_model(cfg: ModelConfig, *, pg_collection: Optional[ProcessGroupCollect
         vp_stage=vp_stage,
     )
     if cfg.fp8 == "deepseek":
-        mark_fp8_linears(model, linears=resolved_linear_backend(cfg.linear_backend) == "local")
+        mark_fp8_linears(model, linears=resolved_linear_backend(cfg.linear_backend) == "local",
+                         parts=cfg.fp8_layers)
     return model
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True,
                    vp_stage: Optional[int] = None, config=None, pg_collection=None,
-                   fp8: Optional[str] = None, **unused) -> DeepSeekV3Model:
+                   fp8: Optional[str] = None, fp8_layers: Optional[Sequence[str]] = None,
+                   **unused) -> DeepSeekV3Model:
     """`megatron.training.pretrain`'s model provider for this model.
 
     The model config comes from Megatron's parsed arguments (`--multi-latent-attention
     --q-lora-rank ... --num-experts ... --moe-router-score-function sigmoid ...`) through
     `from_megatron_config`; pass `config` to override with a Megatron TransformerConfig.
-    `fp8`: ModelConfig.fp8 for the model ("deepseek": the precision map's linears in FP8).
+    `fp8`, `fp8_layers`: ModelConfig.fp8 and fp8_layers for the model ("deepseek": those
+    parts of the precision map in FP8).
     """
     from .config import ConfigError, from_megatron_config
 
@@ -144,6 +147,8 @@ def model_provider(pre_process: bool = True, post_process: bool = True,
                                    max_seq_len=getattr(args, "max_position_embeddings", None))
     if fp8 is not None:
         cfg = cfg.replace(fp8=fp8)
+    if fp8_layers is not None:
+        cfg = cfg.replace(fp8_layers=tuple(fp8_layers))
     config.dsv3 = cfg
     return build_model(cfg, pg_collection=pg_collection, megatron_config=config,
                        pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
@@ -158,26 +163,31 @@ def _megatron_args():
         return None
 
 
-def mark_fp8_linears(model: torch.nn.Module, linears: bool = True) -> int:
-    """Put the linears of DeepSeek-V3's FP8 precision map in FP8 (ModelConfig.fp8_linear_widths
-    lists them: the MLA projections but the KV down- and output projections, the dense FFNs
-    and the shared experts), and the dispatch all-to-all of every expert-parallel MoE layer
-    (its rows sent in FP8 with their scales, moe/dispatcher.py); returns how many linears.
-    `linears=False` (the TE backend, whose linears run TE's blockwise recipe under Megatron's
-    FP8 context, config.to_megatron_config): the dispatch only."""
+def mark_fp8_linears(model: torch.nn.Module, linears: bool = True,
+                     parts: Sequence[str] = FP8_LAYERS) -> int:
+    """Put the `parts` (ModelConfig.fp8_layers) of DeepSeek-V3's FP8 precision map in FP8:
+    "attention" the MLA projections but the KV down- and output projections, "dense_ffn" and
+    "shared_experts" their linears (ModelConfig.fp8_linear_widths lists the widths), "dispatch"
+    the dispatch all-to-all of every expert-parallel MoE layer (its rows sent in FP8 with their
+    scales, moe/dispatcher.py); returns how many linears. `linears=False` (the TE backend,
+    whose linears run TE's blockwise recipe under Megatron's FP8 context,
+    config.to_megatron_config): the dispatch only."""
     from .attention.mla import MultiLatentAttention
     from .config import ConfigError
     from .moe.dispatcher import AllToAllDispatcher
     from .moe.experts import SwiGLUMLP
 
+    shared = {id(m.shared_experts) for m in model.modules()
+              if isinstance(getattr(m, "shared_experts", None), SwiGLUMLP)}
     chosen = []
     for module in model.modules():
         if isinstance(getattr(module, "dispatcher", None), AllToAllDispatcher):
-            module.dispatcher.fp8 = True
-        if isinstance(module, MultiLatentAttention):
+            module.dispatcher.fp8 = "dispatch" in parts
+        if isinstance(module, MultiLatentAttention) and "attention" in parts:
             chosen += [getattr(module, name, None) for name in
                        ("linear_q_down", "linear_q_up", "linear_q", "linear_kv_up")]
-        elif isinstance(module, SwiGLUMLP):
+        elif isinstance(module, SwiGLUMLP) and (
+                "shared_experts" if id(module) in shared else "dense_ffn") in parts:
             chosen += [module.linear_fc1, module.linear_fc2]
     chosen = [layer for layer in chosen if layer is not None] if linears else []
     for layer in chosen:

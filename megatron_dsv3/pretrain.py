@@ -47,7 +47,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from .config import PRESETS, ConfigError, preset
+from .config import FP8_LAYERS, PRESETS, ConfigError, fp8_layers_flag, preset
 from .megatron_cli import megatron_flags, take_flag
 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -112,6 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "precision map's linears with E4M3 GEMMs, 1x128 / 128x128 scales "
                             "and FP32 promotion. Without Transformer Engine, Megatron's "
                             "--fp8-format e4m3 --fp8-recipe blockwise means this")
+    group.add_argument("--dsv3-fp8-layers", default=",".join(FP8_LAYERS),
+                       help="with --dsv3-fp8 deepseek: the parts of the precision map in FP8, "
+                            f"comma-separated, among {','.join(FP8_LAYERS)} "
+                            "(ModelConfig.fp8_layers); the others stay BF16")
     group.add_argument("--compile", default="auto", choices=("auto", "none", "modules", "layers"),
                        help="torch.compile our attention/MoE modules or whole transformer "
                             "layers (model.compile_model), as the training job does; auto: "
@@ -207,7 +211,8 @@ def check_fp8_model(args) -> None:
 
     config = core_transformer_config_from_args(args, MLATransformerConfig)
     from_megatron_config(config, vocab_size=args.padded_vocab_size,
-                         max_seq_len=args.max_position_embeddings).replace(fp8=args.dsv3_fp8)
+                         max_seq_len=args.max_position_embeddings).replace(
+        fp8=args.dsv3_fp8, fp8_layers=fp8_layers_flag(args.dsv3_fp8_layers))
 
 
 # Megatron's arguments that decide the model's tensors: a resume with any of them changed is
@@ -630,16 +635,18 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     use_our_adamw(args)
 
+    fp8 = {"fp8": args.dsv3_fp8, "fp8_layers": fp8_layers_flag(args.dsv3_fp8_layers)}
+
     def provide_model(pre_process=True, post_process=True, vp_stage=None, config=None,
                       pg_collection=None):
         if args.pipeline_schedule == dualpipe.SCHEDULE:
             model = dualpipe.provide_stage(
                 args, lambda whole, groups: model_provider(config=whole, pg_collection=groups,
-                                                           fp8=args.dsv3_fp8),
+                                                           **fp8),
                 vp_stage=vp_stage, pg_collection=pg_collection, config=config)
         else:
             model = model_provider(pre_process, post_process, vp_stage=vp_stage, config=config,
-                                   pg_collection=pg_collection, fp8=args.dsv3_fp8)
+                                   pg_collection=pg_collection, **fp8)
         PretrainLog.install(model.config, args)
         scope, mode = compile_settings(args)
         if scope != "none":

@@ -105,6 +105,33 @@ def test_marking_puts_the_dispatch_all_to_all_of_expert_parallel_layers_in_fp8(d
     assert isinstance(model.mtp.layers[0].transformer_layer.mlp.dispatcher, LocalDispatcher)
 
 
+def test_the_precision_maps_parts_are_chosen_by_fp8_layers_and_a_part_left_out_needs_no_width(
+        dist_single):
+    """proxy's dense FFN is 10944 wide: refused in FP8 naming the field and fp8_layers; left
+    out of fp8_layers (--fp8-layers) it stays BF16 and the rest of the map is FP8."""
+    from megatron_dsv3.config import preset
+    from megatron_dsv3.model import mark_fp8_linears
+    from megatron_dsv3.train.args import parse_args
+
+    with pytest.raises(ConfigError, match=r"MoEConfig.dense_ffn_size=10944 is invalid.*leave "
+                                          r"'dense_ffn' out of ModelConfig.fp8_layers"):
+        preset("proxy").replace(fp8="deepseek")
+    cfg = preset("proxy").replace(fp8="deepseek",
+                                  fp8_layers=("attention", "shared_experts", "dispatch"))
+    assert "dense_ffn" not in {part for *_, part in cfg.fp8_linear_widths()}
+    with pytest.raises(ConfigError, match=r"ModelConfig.fp8_layers=.*\['experts'\] are no "
+                                          r"parts of the precision map"):
+        tiny().replace(fp8_layers=("attention", "experts"))
+    _, parsed = parse_args(["--preset", "proxy", "--fp8", "deepseek", "--fp8-layers",
+                            "attention, shared_experts,dispatch"])
+    assert parsed.fp8_layers == ("attention", "shared_experts", "dispatch")
+    # marking follows the parts: attention only
+    model = _model(dist_single, fp8=False)
+    assert mark_fp8_linears(model, parts=("attention",)) == 9  # 3 MLA layers x 3 projections
+    marked = {name for name, m in model.named_modules() if getattr(m, "fp8", False)}
+    assert marked and all(".self_attention." in name for name in marked)
+
+
 def test_the_local_backend_runs_our_fp8_not_megatrons_te_recipe():
     """Megatron's own FP8 (fp8 / fp8_recipe on its config) drives TE's recipes; on the local
     backend it stays off and our linears carry FP8 (the TE backend's test below)."""

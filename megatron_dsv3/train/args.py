@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..config import PRESETS, ConfigError, ModelConfig, preset
+from ..config import FP8_LAYERS, PRESETS, ConfigError, ModelConfig, fp8_layers_flag, preset
 from ..data import DEFAULT_DATA_DIR
 
 # How long a collective waits for its peers (--dist-timeout-s): 10 minutes, torch's NCCL default
@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
              "KV down- and output projections, dense FFNs, shared experts) with E4M3 GEMMs, "
              "1x128 / 128x128 scales and FP32 promotion (ModelConfig.fp8); their widths must "
              "be multiples of 128")
+    add("--fp8-layers", default=",".join(FP8_LAYERS),
+        help="with --fp8 deepseek: the parts of the precision map in FP8, comma-separated, "
+             f"among {','.join(FP8_LAYERS)} (ModelConfig.fp8_layers); the others stay BF16 "
+             "(e.g. proxy's 10944-wide dense FFN: --fp8-layers attention,shared_experts,"
+             "dispatch)")
     add("--compile", default="auto", choices=("auto", "none", "modules", "layers"),
         help="torch.compile our attention/MoE modules or whole transformer layers "
              "(model.compile_model); auto: modules on cuda, none on cpu")
@@ -286,7 +291,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, Mo
         if args.num_layers is not None:
             cfg = cfg.replace(num_layers=args.num_layers)
         if args.fp8 != "none":
-            cfg = cfg.replace(fp8=args.fp8)
+            cfg = cfg.replace(fp8=args.fp8, fp8_layers=fp8_layers_flag(args.fp8_layers))
     except ConfigError as err:
         parser.error(str(err))
     if args.seq_len is None:

@@ -503,7 +503,7 @@ def _without_implementation_choices(cfg_dict: dict) -> dict:
     or phases resuming the same run."""
     out = {}
     for key, value in cfg_dict.items():
-        if key.endswith("_impl") or key in ("linear_backend", "fp8"):
+        if key.endswith("_impl") or key in ("linear_backend", "fp8", "fp8_layers"):
             continue
         out[key] = _without_implementation_choices(value) if isinstance(value, dict) else value
     return out

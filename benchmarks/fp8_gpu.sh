@@ -5,14 +5,17 @@
 #   bash benchmarks/fp8_gpu.sh              # the GPU tests of fp8, then bench_fp8.py
 #   bash benchmarks/fp8_gpu.sh bench        # some of them: tests bench
 #
-# tests  python -m pytest tests/test_gpu.py -k fp8 (kernels bit-identical to the references in
-#        bf16, cuBLASLt's blockwise GEMM against the emulation)
+# tests  python -m pytest tests/test_gpu.py -k fp8 and tests/test_gpu_fp8_grouped.py (kernels
+#        bit-identical to the references in bf16, cuBLASLt's blockwise GEMM and the grouped
+#        FP8 GEMM kernel against the emulation)
 # bench  benchmarks/bench_fp8.py at DeepSeek-V3's shapes (16,384 tokens): quantizers against a
 #        bf16 copy, our FP8 linear against bf16 nn.Linear and torchao's blockwise FP8 linear
+# grouped  benchmarks/bench_fp8_grouped.py: the grouped FP8 expert GEMM against bf16
+#        torch._grouped_mm (64 experts x 384 tokens 2048 -> 1408, 32 x 1024 7168 -> 2048)
 # BENCH_ARGS: more flags for bench_fp8.py (--tune, --repeat N); BENCH_TIMEOUT (300 s).
 # Results: $OUT/<part>.log and bench_fp8.json (./gpu_out/fp8 without $OUT).
 set -uo pipefail
-PARTS=${*:-tests bench}
+PARTS=${*:-tests bench grouped}
 cd "$(dirname "$0")/.."
 DIR=${OUT:-gpu_out/fp8}
 mkdir -p "$DIR"
@@ -31,10 +34,13 @@ fi
 for p in $PARTS; do
   start=$SECONDS
   case $p in
-    tests) timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k fp8 > "$DIR/tests.log" 2>&1 ;;
+    tests) timeout 300 python3 -m pytest -q tests/test_gpu.py tests/test_gpu_fp8_grouped.py -k fp8 \
+             > "$DIR/tests.log" 2>&1 ;;
     bench) PYTHONPATH=${PYTHONPATH:-}:${AO_PATH:-} timeout "${BENCH_TIMEOUT:-300}" \
              python3 benchmarks/bench_fp8.py --json-out "$DIR/bench_fp8.json" ${BENCH_ARGS:-} \
              > "$DIR/bench.log" 2>&1 ;;
+    grouped) timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_fp8_grouped.py \
+               --json-out "$DIR/bench_fp8_grouped.json" ${BENCH_ARGS:-} > "$DIR/grouped.log" 2>&1 ;;
     *) echo "unknown part $p"; continue ;;
   esac
   echo "== $p: rc=$? in $((SECONDS - start)) s"

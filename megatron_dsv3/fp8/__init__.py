@@ -9,6 +9,9 @@ for the weight gradient, per 128x128 block of weights.
   linear.py     fp8_linear: y = x W^T with the forward, input- and weight-gradient GEMMs in
                 FP8, x and W kept in FP8 for backward
   wire.py       rows packed with their scales for the FP8 dispatch all-to-all
+  grouped_gemm.py  the routed experts' grouped GEMM: every expert's 128x128-block weights
+                (Fp8GroupedTensor) times its rows, the emulation; the kernel is
+                kernels/fp8_grouped_gemm.py
 """
 
 from megatron_dsv3.fp8.quantize import (

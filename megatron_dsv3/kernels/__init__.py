@@ -8,4 +8,7 @@ where Triton or a GPU is missing.
                       grouped GEMM (a torch custom op)
   fp8_quantize.py     FP8 quantization in one pass per tile (1x128, 128x1 transposed,
                       128x128); the references are fp8/quantize.py
+  fp8_grouped_gemm.py the routed experts' grouped FP8 GEMM (rows sorted by expert, per-expert
+                      128x128 weight blocks, FP32 promotion per 128-wide K block); the
+                      reference is fp8/grouped_gemm.py's emulation
 """

@@ -151,6 +151,9 @@ def test_dualpipe_traces_report_the_bubble_next_to_the_paper_formula(schedules_r
     assert _run(result, "dualpipe", 4)["bubble"]["within_10pct_of_paper"] is None
 
 
+# extended (13 s): the schedules' losses at PP=2 x EP=2 are the default run's
+# test_pipeline_parallel_compose and test_dualpipe; this is the benchmark script's own path
+@pytest.mark.extended
 def test_pp2_x_ep2_every_schedule_through_the_gpu_code_path_gives_each_pipeline_its_reference_loss(
         tmp_path):
     """Issue 4's EP=2 x PP=2 run on 4 gloo ranks with Megatron's CUDA calls pointed at the CPU:

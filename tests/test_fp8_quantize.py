@@ -285,8 +285,7 @@ _INTERPRETED = textwrap.dedent("""
              "128x1": (launch_quantize_128x1, quantize_128x1),
              "128x128": (launch_quantize_128x128, quantize_128x128),
              "paired 1x128": (paired(0), quantize_1x128),
-             "paired 128x1": (paired(1), quantize_128x1),
-             "paired 128x1, 32 columns a step": (paired(1, {"CHUNK": 32}), quantize_128x1)}
+             "paired 128x1": (paired(1), quantize_128x1)}
     seed = int(torch.randint(0, 2**31 - 1, ()))
     torch.manual_seed(seed)
 
@@ -316,6 +315,13 @@ _INTERPRETED = textwrap.dedent("""
                 for pow2 in (False, True):
                     assert_bit_identical(kernel, reference, x, pow2,
                                          (seed, tiling, dtype, rows, cols, pow2))
+    # the paired kernel's 128x1 half from the whole block at once (CHUNK 128; LAUNCH_CONFIG's
+    # default steps through it in 64-column chunks, tested above)
+    for dtype in (torch.float32, torch.float16):
+        x = inputs(130, 200, dtype)
+        for pow2 in (False, True):
+            assert_bit_identical(paired(1, {"CHUNK": 128}), quantize_128x1, x, pow2,
+                                 (seed, "paired 128x1 from the whole block", dtype, pow2))
     strided = inputs(200, 130, torch.float32).t()  # a column-major view: the strides are used
     for tiling, (kernel, reference) in PAIRS.items():
         assert_bit_identical(kernel, reference, strided, False, (seed, tiling, "strided"))

@@ -315,13 +315,18 @@ _INTERPRETED = textwrap.dedent("""
                 for pow2 in (False, True):
                     assert_bit_identical(kernel, reference, x, pow2,
                                          (seed, tiling, dtype, rows, cols, pow2))
-    # the paired kernel's 128x1 half from the whole block at once (CHUNK 128; LAUNCH_CONFIG's
-    # default steps through it in 64-column chunks, tested above)
-    for dtype in (torch.float32, torch.float16):
-        x = inputs(130, 200, dtype)
-        for pow2 in (False, True):
-            assert_bit_identical(paired(1, {"CHUNK": 128}), quantize_128x1, x, pow2,
-                                 (seed, "paired 128x1 from the whole block", dtype, pow2))
+    # the paired kernel's other launch configs (LAUNCH_CONFIG's default is tested above): the
+    # whole block at once, and both halves in 32-row / 32-column steps
+    for config in ({"ROWS": 128, "CHUNK": 128}, {"ROWS": 32, "CHUNK": 32}):
+        for dtype in (torch.float32, torch.float16):
+            x = inputs(130, 200, dtype)
+            for pow2 in (False, True):
+                got = launch_quantize_1x128_and_128x1(x, pow2_scales=pow2, config=config)
+                for half, reference in zip(got, (quantize_1x128, quantize_128x1)):
+                    want = reference(x, pow2_scales=pow2)
+                    case = (seed, config, half.tiling, dtype, pow2)
+                    assert torch.equal(bits(half), bits(want)), case
+                    assert torch.equal(half.scales, want.scales), case
     strided = inputs(200, 130, torch.float32).t()  # a column-major view: the strides are used
     for tiling, (kernel, reference) in PAIRS.items():
         assert_bit_identical(kernel, reference, strided, False, (seed, tiling, "strided"))
@@ -364,7 +369,8 @@ def test_a_launch_config_with_an_unknown_key_or_a_chunk_not_dividing_128_is_refu
     from megatron_dsv3.kernels.fp8_quantize import launch_config, launch_quantize_1x128_and_128x1
 
     assert launch_config("paired", {"CHUNK": 32})["CHUNK"] == 32
-    with pytest.raises(ValueError, match=r"unknown keys \['BLOCK_M'\].*\['CHUNK', 'num_warps'\]"):
+    with pytest.raises(ValueError, match=r"unknown keys \['BLOCK_M'\].*\['CHUNK', 'ROWS', "
+                                         r"'num_warps'\]"):
         launch_config("paired", {"BLOCK_M": 32})
     with pytest.raises(ValueError, match="CHUNK=48 must divide 128"):
         launch_quantize_1x128_and_128x1(torch.zeros(128, 128), config={"CHUNK": 48})

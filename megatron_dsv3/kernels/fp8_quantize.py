@@ -52,14 +52,16 @@ MIN_CUDA_CAPABILITY = (8, 9)
 #   128x1    BLOCK_K columns of x per program (one 128-row band, a scale per column; each
 #            column is stored as a 128-byte row of x^T);
 #   128x128  one 128x128 block per program;
-#   paired   one 128x128 block per program, its 128x1 half CHUNK columns at a time (re-read
-#            from the cache: less live data than the whole block in fp32, 64 KiB).
+#   paired   one 128x128 block per program, its 1x128 half ROWS rows and its 128x1 half CHUNK
+#            columns at a time (re-read from the cache: less live data than the whole block in
+#            fp32, 64 KiB; ptxas gives the whole block 179-234 registers a thread at 8 warps,
+#            one block per SM).
 # A launch_* function takes `config` to override them (keys as here, num_warps included).
 LAUNCH_CONFIG = {
     "1x128": {"BLOCK_M": 32, "num_warps": 4},
     "128x1": {"BLOCK_K": 64, "num_warps": 4},
     "128x128": {"num_warps": 4},
-    "paired": {"CHUNK": 64, "num_warps": 8},
+    "paired": {"ROWS": 128, "CHUNK": 64, "num_warps": 8},
 }
 
 
@@ -161,25 +163,41 @@ if triton is not None:
                                          M, K,                           # sizes
                                          stride_xm, stride_xk,           # x's strides
                                          POW2_SCALES: tl.constexpr, TILE: tl.constexpr,
-                                         CHUNK: tl.constexpr):
+                                         ROWS: tl.constexpr, CHUNK: tl.constexpr):
         tile_m, tile_k = tl.program_id(0), tl.program_id(1)
         rows = (tile_m * TILE + tl.arange(0, TILE)).to(tl.int64)
         cols = (tile_k * TILE + tl.arange(0, TILE)).to(tl.int64)
         in_x = (rows[:, None] < M) & (cols[None, :] < K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=in_x,
-                    other=0.0).to(tl.float32)                                # [TILE, TILE]
-        abs_x = tl.abs(x)
-        finite = (abs_x <= _FP32_MAX).to(tl.int32)                           # NaN compares false
-        # 1x128: a scale per row of the tile, as _quantize_1x128_kernel
-        scale = _tile_scale(tl.max(abs_x, axis=1), tl.min(finite, axis=1) == 1,
-                            POW2_SCALES)                                     # [TILE]
-        tl.store(data_ptr + rows[:, None] * K + cols[None, :], _to_fp8(x, scale[:, None]),
-                 mask=in_x)
-        tl.store(scales_ptr + rows * tl.cdiv(K, TILE) + tile_k, scale, mask=rows < M)
+        # 1x128: a scale per row of the tile, as _quantize_1x128_kernel; ROWS rows at a time
+        # (fewer live registers: the whole block in fp32 takes 64 KiB)
+        if ROWS == TILE:
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                        mask=in_x, other=0.0).to(tl.float32)                 # [TILE, TILE]
+            abs_x = tl.abs(x)
+            finite = (abs_x <= _FP32_MAX).to(tl.int32)                       # NaN compares false
+            scale = _tile_scale(tl.max(abs_x, axis=1), tl.min(finite, axis=1) == 1,
+                                POW2_SCALES)                                 # [TILE]
+            tl.store(data_ptr + rows[:, None] * K + cols[None, :], _to_fp8(x, scale[:, None]),
+                     mask=in_x)
+            tl.store(scales_ptr + rows * tl.cdiv(K, TILE) + tile_k, scale, mask=rows < M)
+        else:
+            for r in tl.range(0, TILE, ROWS):
+                rows_r = (tile_m * TILE + r + tl.arange(0, ROWS)).to(tl.int64)
+                in_r = (rows_r[:, None] < M) & (cols[None, :] < K)
+                x_r = tl.load(x_ptr + rows_r[:, None] * stride_xm + cols[None, :] * stride_xk,
+                              mask=in_r, other=0.0).to(tl.float32)           # [ROWS, TILE]
+                abs_r = tl.abs(x_r)
+                finite_r = (abs_r <= _FP32_MAX).to(tl.int32)
+                scale_r = _tile_scale(tl.max(abs_r, axis=1), tl.min(finite_r, axis=1) == 1,
+                                      POW2_SCALES)                           # [ROWS]
+                tl.store(data_ptr + rows_r[:, None] * K + cols[None, :],
+                         _to_fp8(x_r, scale_r[:, None]), mask=in_r)
+                tl.store(scales_ptr + rows_r * tl.cdiv(K, TILE) + tile_k, scale_r,
+                         mask=rows_r < M)
         # 128x1: a scale per column of the same tile, data stored transposed, as
         # _quantize_128x1_kernel; CHUNK columns at a time (re-read: they are in the cache)
-        for c in tl.static_range(0, TILE, CHUNK):
-            if CHUNK == TILE:
+        for c in tl.range(0, TILE, CHUNK):
+            if CHUNK == TILE and ROWS == TILE:
                 x_c, abs_c, finite_c, cols_c, in_c = x, abs_x, finite, cols, in_x
             else:
                 cols_c = (tile_k * TILE + c + tl.arange(0, CHUNK)).to(tl.int64)
@@ -269,9 +287,10 @@ def launch_quantize_1x128_and_128x1(x: torch.Tensor, *, pow2_scales: bool = Fals
     M, K = x.shape
     rowwise, colwise = _empty_result(x, "1x128"), _empty_result(x, "128x1")
     launch = launch_config("paired", config)
-    if TILE % launch["CHUNK"]:
-        raise ValueError(f"launch config of the paired FP8 quantizer: CHUNK={launch['CHUNK']} "
-                         f"must divide {TILE}")
+    for key in ("ROWS", "CHUNK"):
+        if TILE % launch[key]:
+            raise ValueError(f"launch config of the paired FP8 quantizer: {key}="
+                             f"{launch[key]} must divide {TILE}")
     if M and K:
         grid = (triton.cdiv(M, TILE), triton.cdiv(K, TILE))
         _quantize_1x128_and_128x1_kernel[grid](

@@ -145,7 +145,8 @@ print(json.dumps(result))
 PY
          ;;
     fp8) widths="--num-attention-heads 2 --q-lora-rank 128 --kv-lora-rank 128 --qk-head-dim 48
-                 --qk-pos-emb-head-dim 16 --v-head-dim 16 --moe-shared-expert-intermediate-size 128"
+                 --qk-pos-emb-head-dim 16 --v-head-dim 16 --moe-shared-expert-intermediate-size 128
+                 --moe-ffn-hidden-size 128"
          # shellcheck disable=SC2086
          megatron fp8 240 tiny $widths --seq-length 128 --micro-batch-size 4 \
            --global-batch-size 8 --train-iters 30 --fp8-format e4m3 --fp8-recipe blockwise

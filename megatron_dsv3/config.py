@@ -236,7 +236,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 # The parts of DeepSeek-V3's FP8 precision map that ModelConfig.fp8_layers can select
-FP8_LAYERS = ("attention", "dense_ffn", "shared_experts", "dispatch")
+FP8_LAYERS = ("attention", "dense_ffn", "shared_experts", "routed_experts", "dispatch")
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,8 @@ class ModelConfig:
     # which Megatron enters around each layer (`to_megatron_config`).
     fp8: Literal["none", "deepseek"] = "none"
     # The precision map's parts in FP8 with fp8="deepseek" (FP8_LAYERS: the MLA projections,
-    # the dense FFNs, the shared experts, the dispatch all-to-all); a part left out stays BF16
+    # the dense FFNs, the shared and the routed experts, the dispatch all-to-all); a part left
+    # out stays BF16
     fp8_layers: tuple[str, ...] = FP8_LAYERS
 
     def __post_init__(self):
@@ -304,9 +305,9 @@ class ModelConfig:
         the linears that run in FP8 with fp8='deepseek' (the precision map,
         docs/precision-and-parallelism.md), for the parts in `fp8_layers`: the MLA projections
         but the KV down-projection (its 576-wide output in V3 is no multiple of 128) and the
-        output projection (its input stays in higher precision), the dense FFNs and the shared
-        experts. The routed experts stay in BF16 until the grouped FP8 GEMM; the dispatch
-        packs any width."""
+        output projection (its input stays in higher precision), the dense FFNs, the shared
+        experts and the routed experts' forward and input-gradient GEMMs (the grouped FP8 GEMM;
+        their weight gradients stay BF16); the dispatch packs any width."""
         mla, moe, parts = self.mla, self.moe, set(self.fp8_layers)
         widths = []
         if "attention" in parts:
@@ -325,10 +326,13 @@ class ModelConfig:
         for part, size, role in (("dense_ffn", moe.dense_ffn_size if moe.first_k_dense else 0,
                                   "the dense FFN's hidden width"),
                                  ("shared_experts", moe.shared_ffn_size,
-                                  "the shared experts' hidden width")):
+                                  "the shared experts' hidden width"),
+                                 ("routed_experts", moe.expert_ffn_size,
+                                  "each routed expert's hidden width")):
             if part in parts and size:
-                field_name = ("MoEConfig.dense_ffn_size" if part == "dense_ffn" else
-                              "MoEConfig.num_shared_experts * expert_ffn_size")
+                field_name = {"dense_ffn": "MoEConfig.dense_ffn_size",
+                              "shared_experts": "MoEConfig.num_shared_experts * expert_ffn_size",
+                              "routed_experts": "MoEConfig.expert_ffn_size"}[part]
                 widths += [("ModelConfig.hidden_size", self.hidden_size,
                             f"the input of the {part.replace('_', ' ')}", part),
                            (field_name, size, role, part)]

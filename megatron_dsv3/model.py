@@ -167,15 +167,16 @@ def mark_fp8_linears(model: torch.nn.Module, linears: bool = True,
                      parts: Sequence[str] = FP8_LAYERS) -> int:
     """Put the `parts` (ModelConfig.fp8_layers) of DeepSeek-V3's FP8 precision map in FP8:
     "attention" the MLA projections but the KV down- and output projections, "dense_ffn" and
-    "shared_experts" their linears (ModelConfig.fp8_linear_widths lists the widths), "dispatch"
+    "shared_experts" their linears (ModelConfig.fp8_linear_widths lists the widths),
+    "routed_experts" the experts' forward and input-gradient grouped GEMMs, "dispatch"
     the dispatch all-to-all of every expert-parallel MoE layer (its rows sent in FP8 with their
     scales, moe/dispatcher.py); returns how many linears. `linears=False` (the TE backend,
     whose linears run TE's blockwise recipe under Megatron's FP8 context,
-    config.to_megatron_config): the dispatch only."""
+    config.to_megatron_config): the routed experts and the dispatch only (ours either way)."""
     from .attention.mla import MultiLatentAttention
     from .config import ConfigError
     from .moe.dispatcher import AllToAllDispatcher
-    from .moe.experts import SwiGLUMLP
+    from .moe.experts import RoutedExperts, SwiGLUMLP
 
     shared = {id(m.shared_experts) for m in model.modules()
               if isinstance(getattr(m, "shared_experts", None), SwiGLUMLP)}
@@ -183,6 +184,10 @@ def mark_fp8_linears(model: torch.nn.Module, linears: bool = True,
     for module in model.modules():
         if isinstance(getattr(module, "dispatcher", None), AllToAllDispatcher):
             module.dispatcher.fp8 = "dispatch" in parts
+        if isinstance(module, RoutedExperts) and "routed_experts" in parts:
+            for weight in (module.fc1, module.fc2):  # this rank's [E, rows, cols] shards
+                check_fp8_shard(weight[0], "RoutedExperts")
+            module.fp8 = True
         if isinstance(module, MultiLatentAttention) and "attention" in parts:
             chosen += [getattr(module, name, None) for name in
                        ("linear_q_down", "linear_q_up", "linear_q", "linear_kv_up")]

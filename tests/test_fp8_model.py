@@ -22,11 +22,12 @@ from megatron_dsv3.config import ConfigError, tiny
 from megatron_dsv3.fp8.linear import fp8_linear
 
 # every FP8 width a multiple of 128: hidden 128, q_lora 128, 2 heads x (48 + 16) = 128 for the
-# queries, kv_lora 128, 2 x (48 + 16) for the KV up-projection, dense FFN 256, 2 shared x 64
+# queries, kv_lora 128, 2 x (48 + 16) for the KV up-projection, dense FFN 256, experts 128
+# wide (2 shared: 256)
 FP8_SMALL = dict(hidden_size=128, num_layers=2, vocab_size=256, max_seq_len=64,
                  mla__num_heads=2, mla__q_lora_rank=128, mla__kv_lora_rank=128,
                  mla__qk_nope_head_dim=48, mla__qk_rope_head_dim=16, mla__v_head_dim=16,
-                 moe__expert_ffn_size=64, moe__num_shared_experts=2, moe__dense_ffn_size=256,
+                 moe__expert_ffn_size=128, moe__num_shared_experts=2, moe__dense_ffn_size=256,
                  moe__first_k_dense=1, linear_backend="local")
 
 
@@ -75,7 +76,8 @@ def test_the_precision_maps_linears_run_fp8_linear(dist_single):
          for p in ("linear_q_down", "linear_q_up", "linear_kv_up")]
         + [f"{layer0}mlp.linear_fc{i}" for i in (1, 2)]
         + [f"{layer}mlp.shared_experts.linear_fc{i}" for layer in (
-            layer1, "mtp.layers.0.transformer_layer.") for i in (1, 2)])
+            layer1, "mtp.layers.0.transformer_layer.") for i in (1, 2)]
+        + [f"{layer}mlp.experts" for layer in (layer1, "mtp.layers.0.transformer_layer.")])
     layer = model.decoder.layers[0].mlp.linear_fc1  # Megatron's ColumnParallelLinear
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     x = torch.randn(8, 2, 128, generator=g, requires_grad=True)
@@ -228,3 +230,36 @@ def test_a_small_model_trains_in_fp8_like_in_fp32(dist_single):
     apart = max(abs(a - b) / a for a, b in zip(fp32, fp8))
     assert apart < 0.03, (apart, curves)
     assert apart > 0, "the FP8 run must differ: its GEMMs round to E4M3"
+
+
+def test_routed_experts_in_fp8_run_the_grouped_fp8_gemm_forward_and_back_and_bf16_weight_grads():
+    """experts_linear(fp8=True), as RoutedExperts runs it once marked: y and dX are the grouped
+    FP8 GEMM of the 1x128-quantized rows (dY for dX) and each expert's 128x128 blocks (W^T's for
+    dX), bit for bit the emulation on this machine; dW is the BF16 path's, unchanged. Uneven
+    groups with an empty expert and a boundary inside a 128-row tile."""
+    from megatron_dsv3.fp8 import quantize_1x128
+    from megatron_dsv3.fp8.grouped_gemm import (fp8_grouped_gemm_emulated,
+                                                quantize_128x128_grouped,
+                                                transposed_blocks_grouped)
+    from megatron_dsv3.moe.experts import experts_linear
+
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    g = torch.Generator().manual_seed(seed)
+    counts = [70, 0, 100, 30]
+    ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(sum(counts), 128, generator=g)
+    w = torch.randn(4, 256, 128, generator=g) * 0.05
+    dy = torch.randn(sum(counts), 256, generator=g)
+    grads = {}
+    for fp8 in (True, False):
+        x_in, w_in = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = experts_linear(x_in, w_in, "loop", counts, fp8=fp8)
+        y.backward(dy)
+        grads[fp8] = (y.detach(), x_in.grad, w_in.grad)
+    w_q = quantize_128x128_grouped(w)
+    y_fp8 = fp8_grouped_gemm_emulated(quantize_1x128(x), w_q, ends)
+    assert torch.equal(grads[True][0], y_fp8), seed
+    assert torch.equal(grads[True][1], fp8_grouped_gemm_emulated(
+        quantize_1x128(dy), transposed_blocks_grouped(w_q), ends)), seed
+    assert torch.equal(grads[True][2], grads[False][2]), f"weight gradient (seed {seed})"
+    assert not torch.equal(grads[True][0], grads[False][0]), "FP8 must have rounded something"

@@ -449,7 +449,7 @@ def test_megatrons_fp8_flags_mean_deepseeks_recipe_without_te_and_others_are_ref
 # (48 + 16) for the KV up-projection; q/kv LoRA 128; dense FFN 256; shared experts 128)
 FP8_TINY_FLAGS = ["--num-attention-heads", "2", "--q-lora-rank", "128", "--kv-lora-rank", "128",
                   "--qk-head-dim", "48", "--qk-pos-emb-head-dim", "16", "--v-head-dim", "16",
-                  "--moe-shared-expert-intermediate-size", "128"]
+                  "--moe-shared-expert-intermediate-size", "128", "--moe-ffn-hidden-size", "128"]
 
 
 def _main_with(monkeypatch, flags):
@@ -503,5 +503,6 @@ def test_fp8_in_megatrons_loop_builds_the_fp8_model_or_names_the_width(dist_sing
     finally:
         global_vars.unset_global_variables()
     assert model.config.dsv3.fp8 == "deepseek"
-    # 4 MLAs (3 layers, 1 MTP) x 3 projections, 1 dense FFN x 2, 3 shared-expert FFNs x 2
-    assert sum(getattr(m, "fp8", False) for m in model.modules()) == 4 * 3 + 2 + 3 * 2
+    # 4 MLAs (3 layers, 1 MTP) x 3 projections, 1 dense FFN x 2, 3 shared-expert FFNs x 2,
+    # 3 routed-expert modules
+    assert sum(getattr(m, "fp8", False) for m in model.modules()) == 4 * 3 + 2 + 3 * 2 + 3

@@ -31,6 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
+from ..fp8.grouped_gemm import Fp8GroupedTensor, transposed_blocks_grouped
+from ..kernels.fp8_grouped_gemm import fp8_grouped_gemm, quantize_128x128_grouped_fused
+from ..kernels.fp8_quantize import quantize_1x128_fused
 from ..kernels.grouped_wgrad import grouped_wgrad_add_
 from ..layers import mark_tensor_parallel, normal_init, tp_size
 from ..sharded_checkpoint import sharded_state_dict_of
@@ -125,29 +128,41 @@ class _ExpertsLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups,
                 store: Optional[WeightGradStore], merger,
-                fp32_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
+                fp32_grad: Optional[torch.Tensor] = None, fp8: bool = False) -> torch.Tensor:
         x_c, w_c = x_NI, w_EOI
         dtype = autocast_dtype(x_NI.device.type)  # as RoutedExperts casts for _grouped_mm
         if dtype is not None:
             x_c, w_c = x_NI.to(dtype), w_EOI.to(dtype)
-        if impl == "grouped_mm":
+        w_q = None
+        if fp8:  # forward and input gradient in FP8 (fp8/grouped_gemm.py); W kept in FP8
+            w_q = quantize_128x128_grouped_fused(w_c)
+            y_NO = fp8_grouped_gemm(quantize_1x128_fused(x_c), w_q, _group_ends(groups),
+                                    out_dtype=x_c.dtype)
+        elif impl == "grouped_mm":
             y_NO = torch._grouped_mm(x_c, w_c.transpose(-2, -1), offs=groups)
         else:
             y_NO = torch.cat([F.linear(x_c[a:b], w_c[e]) for e, (a, b) in
                               enumerate(row_bounds(groups))], dim=0)
-        ctx.save_for_backward(x_c, w_c)
+        # FP8: x for the weight gradient (BF16 until a grouped FP8 weight-gradient GEMM) and W's
+        # FP8 blocks for the input gradient
+        ctx.save_for_backward(x_c, *((w_q.data, w_q.scales) if fp8 else (w_c,)))
         ctx.weight, ctx.impl, ctx.groups, ctx.store = w_EOI, impl, groups, store
-        ctx.merger, ctx.fp32_grad = merger, fp32_grad
+        ctx.merger, ctx.fp32_grad, ctx.fp8 = merger, fp32_grad, fp8
         return y_NO
 
     @staticmethod
     def backward(ctx, grad_y_NO: torch.Tensor):
-        x_NI, w_EOI = ctx.saved_tensors
+        x_NI, *w_saved = ctx.saved_tensors
         groups = ctx.groups
         grouped = ctx.impl == "grouped_mm"
         bounds = None if grouped else row_bounds(groups)
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:  # dX_e = dY_e W_e
+        if ctx.needs_input_grad[0] and ctx.fp8:  # dX_e = dY_e W_e, in FP8
+            w_T = transposed_blocks_grouped(Fp8GroupedTensor(*w_saved))
+            grad_x = fp8_grouped_gemm(quantize_1x128_fused(grad_y_NO.contiguous()), w_T,
+                                      _group_ends(groups), out_dtype=x_NI.dtype)
+        elif ctx.needs_input_grad[0]:  # dX_e = dY_e W_e
+            (w_EOI,) = w_saved
             grad_x = (torch._grouped_mm(grad_y_NO, w_EOI, offs=groups) if grouped else
                       torch.cat([grad_y_NO[a:b] @ w_EOI[e] for e, (a, b) in enumerate(bounds)]))
 
@@ -162,10 +177,18 @@ class _ExpertsLinear(torch.autograd.Function):
             grouped_wgrad_add_(grad_y_NO, x_NI, groups, ctx.fp32_grad)  # inside the GEMM
         elif ctx.needs_input_grad[1]:
             grad_w = weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad_EOI)
-        return grad_x, grad_w, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None
 
 
 Groups = Union[torch.Tensor, list[int]]
+
+
+def _group_ends(groups: Groups) -> torch.Tensor:
+    """The int32 end row of each expert: grouped_mm's offsets as they are, the loop's counts
+    summed (on the CPU: the loop runs there)."""
+    if isinstance(groups, torch.Tensor):
+        return groups
+    return torch.tensor(groups, dtype=torch.int64).cumsum(0).to(torch.int32)
 
 
 def expert_groups(tokens_per_expert_E: torch.Tensor, impl: str) -> Groups:
@@ -178,13 +201,14 @@ def expert_groups(tokens_per_expert_E: torch.Tensor, impl: str) -> Groups:
 
 def experts_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups: Groups,
                    store: Optional[WeightGradStore] = None, merger=None,
-                   fp32_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   fp32_grad: Optional[torch.Tensor] = None, fp8: bool = False) -> torch.Tensor:
     """x_NI W_e^T on each expert e's rows, by `impl` ('loop' | 'grouped_mm'); the weight
     gradient's operands go to `merger` (expert_wgrad.ExpertGradMerger) when there is one, the
     gradient into `fp32_grad` (w_EOI's fp32 sum; grouped_mm only) by the grouped GEMM itself
     (kernels/grouped_wgrad.py) when given, to `store` while it defers, else to autograd as
-    usual."""
-    return _ExpertsLinear.apply(x_NI, w_EOI, impl, groups, store, merger, fp32_grad)
+    usual. `fp8`: the forward and input-gradient GEMMs in FP8 (x and dY in 1x128 tiles, each
+    expert's W in 128x128 blocks, the grouped FP8 GEMM); the weight gradient as without."""
+    return _ExpertsLinear.apply(x_NI, w_EOI, impl, groups, store, merger, fp32_grad, fp8)
 
 
 def mark_expert_parallel(param: torch.nn.Parameter) -> None:
@@ -203,6 +227,9 @@ class RoutedExperts(torch.nn.Module):
     # True: each backward adds the weight gradients into fc1/fc2.main_grad (fp32) inside the
     # grouped GEMM instead of handing them to autograd (set by sum_expert_grads_in_gemm)
     grads_into_main_grad = False
+    # True: the forward and input-gradient GEMMs in FP8 (model.mark_fp8_linears, part
+    # "routed_experts"); the weight gradients as in BF16
+    fp8 = False
 
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_size: int, *, tp_group,
                  dtype: torch.dtype, device=None, init_std: float = 0.006, impl: str = "auto",
@@ -236,6 +263,8 @@ class RoutedExperts(torch.nn.Module):
         if self.grads_into_main_grad and torch.is_grad_enabled():
             return self._through_experts_linear(x_ND, tokens_per_expert_E, impl,
                                                 into_main_grad=True)
+        if self.fp8:
+            return self._in_fp8(x_ND, tokens_per_expert_E, impl)
         run = pick_experts_impl(impl or self.impl, x_ND.device)
         fc1, fc2 = self.fc1, self.fc2
         device_type = x_ND.device.type
@@ -252,6 +281,11 @@ class RoutedExperts(torch.nn.Module):
         return self._through_experts_linear(x_ND, tokens_per_expert_E, impl,
                                             merger=self.weight_grad_merger)
 
+    @torch.compiler.disable  # the FP8 quantizers and grouped GEMM are Triton kernels: eager
+    def _in_fp8(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+                impl: Optional[str]) -> torch.Tensor:
+        return self._through_experts_linear(x_ND, tokens_per_expert_E, impl)
+
     def _through_experts_linear(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                                 impl: Optional[str], store: Optional[WeightGradStore] = None,
                                 merger=None, into_main_grad: bool = False) -> torch.Tensor:
@@ -267,8 +301,9 @@ class RoutedExperts(torch.nn.Module):
                     "RoutedExperts.grads_into_main_grad needs the grouped_mm experts and an fp32 "
                     f"`main_grad` on fc1 and fc2 (experts_impl={name!r}); give the weights one "
                     "(train/master_weights.MasterWeights does) or turn it off")
-        h_NF2 = experts_linear(x_ND, self.fc1, name, groups, store, merger, sums[0])
-        return experts_linear(swiglu(h_NF2), self.fc2, name, groups, store, merger, sums[1])
+        h_NF2 = experts_linear(x_ND, self.fc1, name, groups, store, merger, sums[0], self.fp8)
+        return experts_linear(swiglu(h_NF2), self.fc2, name, groups, store, merger, sums[1],
+                              self.fp8)
 
 
 def sum_expert_grads_in_gemm(module: torch.nn.Module, on: bool = True) -> int:

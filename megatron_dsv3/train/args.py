@@ -119,14 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
              "not faster for it, 640 ms against 632 (benchmarks/RESULTS.md)")
     add("--fp8", default="none", choices=("none", "deepseek"),
         help="FP8 training: deepseek runs the precision map's linears (MLA projections but the "
-             "KV down- and output projections, dense FFNs, shared experts) with E4M3 GEMMs, "
+             "KV down- and output projections, dense FFNs, shared and routed experts) with E4M3 "
+             "GEMMs, "
              "1x128 / 128x128 scales and FP32 promotion (ModelConfig.fp8); their widths must "
              "be multiples of 128")
     add("--fp8-layers", default=",".join(FP8_LAYERS),
         help="with --fp8 deepseek: the parts of the precision map in FP8, comma-separated, "
              f"among {','.join(FP8_LAYERS)} (ModelConfig.fp8_layers); the others stay BF16 "
              "(e.g. proxy's 10944-wide dense FFN: --fp8-layers attention,shared_experts,"
-             "dispatch)")
+             "routed_experts,dispatch)")
     add("--compile", default="auto", choices=("auto", "none", "modules", "layers"),
         help="torch.compile our attention/MoE modules or whole transformer layers "
              "(model.compile_model); auto: modules on cuda, none on cpu")

@@ -4,6 +4,9 @@
   python benchmarks/bench_proxy.py                       # proxy preset, bf16, one GPU
   python benchmarks/bench_proxy.py --peers-dir .peers    # + HF transformers and torchtitan
   python benchmarks/bench_proxy.py --preset tiny --device cpu --steps 2   # logic check on CPU
+  python benchmarks/bench_proxy.py --fp8 deepseek --peer-fp8 rowwise --peers torchtitan ...
+      # ours in FP8 (proxy: --fp8-layers without dense_ffn, the default here), the torchtitan
+      # peer with torchao's float8 (TT_FP8), run once more in BF16 for the same-run ratios
 
 Same shapes as the peers' `proxy` (anchor_hf.py and anchor_torchtitan.py in --peers-dir; the
 torchtitan peer with its per-block compile, TT_COMPILE=1): micro-batch 1 x 4096 tokens, random ids
@@ -31,12 +34,14 @@ from benchmarks.common import (emit_json, empty_cache, peak_gib,  # noqa: E402
 
 
 def build(args, device):
-    from megatron_dsv3.config import preset, to_megatron_config
+    from megatron_dsv3.config import fp8_layers_flag, preset, to_megatron_config
     from megatron_dsv3.model import build_model
     from megatron_dsv3.moe.balance import set_balance_loss_scale
     from megatron_dsv3.parallel import init_distributed
 
     cfg = preset(args.preset)
+    if args.fp8 != "none":
+        cfg = cfg.replace(fp8=args.fp8, fp8_layers=fp8_layers_flag(args.fp8_layers))
     if not args.mtp:
         cfg = cfg.replace(mtp__num_layers=0)
     if args.dtype:
@@ -103,6 +108,7 @@ def run_ours(args, device) -> dict:
     st = statistics.median(step_times)
     return {
         "impl": "megatron_dsv3", "preset": cfg.name, "mtp": cfg.mtp.num_layers,
+        "fp8": cfg.fp8, "fp8_layers": list(cfg.fp8_layers) if cfg.fp8 != "none" else [],
         "params": sum(p.numel() for p in model.parameters()),
         "active_matmul_params": active_matmul_params(cfg, include_mtp=args.mtp),
         "tokens": tokens, "flops_per_token": flops_tok,
@@ -130,11 +136,13 @@ def profile(step_fn, path: str) -> None:
     print(table[:6000], file=sys.stderr)
 
 
-def run_peer(name: str, peers_dir: Path, steps: int) -> dict:
+def run_peer(name: str, peers_dir: Path, steps: int, fp8: str = "none") -> dict:
     script = {"hf": "anchor_hf.py", "torchtitan": "anchor_torchtitan.py"}[name]
     # torchtitan as its users run it: each block compiled (TT_COMPILE=0 in the environment
-    # measures it eager)
+    # measures it eager); `fp8`: torchao's float8 linears the way torchtitan converts them
     env = {"TT_COMPILE": "1", **os.environ}
+    if fp8 != "none":
+        env["TT_FP8"] = fp8
     site = peers_dir / ".site"
     if name == "torchtitan" and site.exists():
         env["PYTHONPATH"] = f"{site}:{env.get('PYTHONPATH', '')}"
@@ -171,6 +179,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--peers", default="hf,torchtitan")
     parser.add_argument("--profile", default=None, help="write a kernel profile table here")
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--fp8", default="none", choices=["none", "deepseek"],
+                        help="our model in FP8 (ModelConfig.fp8)")
+    parser.add_argument("--fp8-layers", default="attention,shared_experts,routed_experts,dispatch",
+                        help="ModelConfig.fp8_layers with --fp8 (default: proxy's map, its "
+                             "10944-wide dense FFN in BF16)")
+    parser.add_argument("--peer-fp8", default="none", choices=["none", "rowwise", "tensorwise"],
+                        help="the torchtitan peer also with torchao's float8 (TT_FP8)")
     args = parser.parse_args(argv)
     args.device = resolve_device(args.device)
     device = torch.device(args.device)
@@ -184,6 +199,10 @@ def main(argv=None) -> dict:
     if args.peers_dir is not None:
         for name in args.peers.split(","):
             results["peers"].append(run_peer(name, args.peers_dir, max(args.steps // 2, 3)))
+            if name == "torchtitan" and args.peer_fp8 != "none":
+                peer = run_peer(name, args.peers_dir, max(args.steps // 2, 3), args.peer_fp8)
+                peer["impl"] = f"torchtitan+torchao {args.peer_fp8}"
+                results["peers"].append(peer)
     ok_peers = [p for p in results["peers"] if "tok_per_s" in p]
     if ok_peers:
         best = max(ok_peers, key=lambda p: p["tok_per_s"])

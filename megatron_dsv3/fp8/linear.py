@@ -92,6 +92,9 @@ class _Fp8Linear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+# Eager inside a compiled module (a graph break around it): the quantizers' host-side checks and
+# Fp8Tensor's validation are not traced; what tracing them would give is unmeasured
+@torch.compiler.disable
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                store: Optional[WeightGradStore] = None) -> torch.Tensor:
     """y = x W^T (+ b) with the forward, input-gradient and weight-gradient GEMMs in FP8

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 12's end-to-end comparison on one GPU in one call (the device session; `.whl/` carried
+# with torchao's wheel in `.whl/extra/`, and the peers' folder `.peers/` carried: anchor_hf.py,
+# anchor_torchtitan.py and torchtitan's wheels):
+#
+#   bash benchmarks/fp8_proxy_gpu.sh
+#
+# bench_proxy.py on the proxy preset (bf16 parameters, compiled modules with CUDA graphs, 4,096
+# tokens): ours in BF16 with torchtitan compiled in BF16 and with torchao's rowwise float8
+# (TT_FP8=rowwise), then ours in FP8 (--fp8 deepseek; proxy's 10944-wide dense FFN in BF16).
+# Results: $OUT/bf16.json, $OUT/fp8.json and their logs (./gpu_out/fp8_proxy without $OUT).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DIR=${OUT:-gpu_out/fp8_proxy}
+mkdir -p "$DIR"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    2>&1 | grep -v WARNING
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+PEERS=()
+if [ -f .peers/anchor_torchtitan.py ]; then  # the peers' own site: torchtitan and torchao
+  python3 -m pip install -q --no-index --no-deps --no-compile --target .peers/.site \
+    .peers/*.whl .whl/extra/torchao-*.whl 2>&1 | grep -v WARNING
+  PEERS=(--peers-dir .peers --peers torchtitan --peer-fp8 rowwise)
+fi
+start=$SECONDS
+timeout 420 python3 benchmarks/bench_proxy.py --steps 10 --warmup 4 "${PEERS[@]}" \
+  --json-out "$DIR/bf16.json" > "$DIR/bf16.log" 2>&1
+echo "== bf16 (+ peers): rc=$? in $((SECONDS - start)) s"; grep -E "^ours|^torchtitan" "$DIR/bf16.log"
+start=$SECONDS
+timeout 240 python3 benchmarks/bench_proxy.py --steps 10 --warmup 4 --fp8 deepseek \
+  --json-out "$DIR/fp8.json" > "$DIR/fp8.log" 2>&1
+echo "== fp8: rc=$? in $((SECONDS - start)) s"; grep -E "^ours|Error" "$DIR/fp8.log" | tail -n 3

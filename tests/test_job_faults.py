@@ -192,12 +192,20 @@ def test_sigterm_saves_the_step_in_flight_exits_143_and_resume_auto_continues(co
     """A real job process: once it has logged a step, SIGTERM. It finishes the step in flight,
     saves it (with --save-interval 0), says so and exits with 143 within seconds (measured:
     0.3 s to the saved checkpoint, 2 s to the exit, most of it the interpreter's teardown);
-    `--resume auto` continues from that step."""
+    `--resume auto` continues from that step. The job starts alone with MASTER_PORT (left by
+    another job) naming a port in use: it picks a free port instead of failing with
+    EADDRINUSE (one process serves both checks: its interpreter start is most of their time)."""
+    import socket
+
     argv = _argv(corpus, tmp_path, "--steps", "200", "--save-interval", "0")
-    # A world of its own: not the pytest process's (dist_single sets MASTER_PORT, in use here)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    # A world of its own, not the pytest process's, with a stale port
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["TORCHDYNAMO_DISABLE"] = "1"
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(taken.getsockname()[1]),
+               TORCHDYNAMO_DISABLE="1")
     job = subprocess.Popen([sys.executable, "-m", "megatron_dsv3.train", *argv], env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -213,6 +221,7 @@ def test_sigterm_saves_the_step_in_flight_exits_143_and_resume_auto_continues(co
         _, err = job.communicate(timeout=30)
         took = time.monotonic() - signalled
     finally:
+        taken.close()
         if job.poll() is None:
             job.kill()
             job.wait()
@@ -438,24 +447,3 @@ def test_dist_timeout_must_be_positive(capsys, monkeypatch):
     assert "--dist-timeout-s 0.0 is invalid: must be > 0 seconds" in capsys.readouterr().err
 
 
-def test_a_single_process_ignores_a_stale_master_port_of_another_job(corpus, tmp_path):
-    """`python -m megatron_dsv3.train` alone, with MASTER_PORT (left by another job) naming a
-    port in use: it picks a free port instead of failing with EADDRINUSE."""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")}
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(taken.getsockname()[1]),
-                   TORCHDYNAMO_DISABLE="1")
-        proc = subprocess.run(
-            [sys.executable, "-m", "megatron_dsv3.train", "--steps", "1", "--warmup-steps", "1",
-             "--seq-len", "16", "--grad-accum", "1", "--num-layers", "2", "--eval-interval",
-             "0", "--save-interval", "0", "--no-wandb", "--data-dir", str(corpus),
-             "--out-dir", str(tmp_path / "run")],
-            env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]

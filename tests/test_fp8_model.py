@@ -3,11 +3,14 @@ on the CPU with the FP8 GEMM emulation:
 
   * the widths FP8 cuts into 128-wide tiles are checked when the config is made: one that is
     no multiple of 128 is refused naming the field and the fix (the tiny preset's
-    q_lora_rank=64); the TE backend is refused (not wired);
-  * the precision map: the MLA query and KV up-projections, the dense FFN and the shared
-    experts run in FP8; the KV down-projection, the attention output projection, the routed
-    experts and the MTP projection do not; an FP8 layer's output and gradients are exactly
-    fp8_linear's of its input and weight;
+    q_lora_rank=64); ModelConfig.fp8_layers chooses the parts; the TE backend leaves the
+    linears to TE's recipe (its test runs only where TE and a GPU are);
+  * the precision map: the MLA query and KV up-projections, the dense FFN, the shared and the
+    routed experts run in FP8; the KV down-projection, the attention output projection and the
+    MTP projection do not; an FP8 layer's output and gradients are exactly fp8_linear's of its
+    input and weight, the routed experts' the grouped FP8 GEMM's;
+  * expert parallelism on 2 gloo ranks gives the single process's FP8 loss, and with the
+    dispatch in FP8 too a loss within FP8 rounding of it;
   * an FP8 layer's weight gradient defers to the pipeline schedules' W step unchanged;
   * a small model trains in FP8 like in fp32 from the same weights and batches (bound stated
     in the test).
@@ -263,3 +266,73 @@ def test_routed_experts_in_fp8_run_the_grouped_fp8_gemm_forward_and_back_and_bf1
         quantize_1x128(dy), transposed_blocks_grouped(w_q), ends)), seed
     assert torch.equal(grads[True][2], grads[False][2]), f"weight gradient (seed {seed})"
     assert not torch.equal(grads[True][0], grads[False][0]), "FP8 must have rounded something"
+
+
+def _fp8_ep2_worker(rank, world, full_state, input_ids, labels):
+    """FP8_SMALL in FP8 at EP=2 (DP=2), each rank its half of the batch: the mean loss and the
+    gradient norm, without and with the dispatch in FP8."""
+    import torch.distributed as dist
+
+    from megatron_dsv3.config import to_megatron_config
+    from megatron_dsv3.gradients import global_grad_norm, reduce_gradients
+    from megatron_dsv3.model import build_model
+    from megatron_dsv3.moe.balance import set_balance_loss_scale
+    from megatron_dsv3.mtp import weighted_lm_loss
+    from megatron_dsv3.parallel import init_distributed, load_full_state_dict
+
+    pg = init_distributed(tensor_parallel_size=1, expert_parallel_size=2)
+    out = {}
+    for layers in (FP8_NO_DISPATCH, FP8_ALL):
+        cfg = tiny().replace(**FP8_SMALL, fp8="deepseek", fp8_layers=layers)
+        model = build_model(cfg, pg_collection=pg, megatron_config=to_megatron_config(
+            cfg, expert_parallel_size=2, use_cpu_initialization=True))
+        load_full_state_dict(model, full_state, pg.tp, pg.ep)
+        set_balance_loss_scale(model, 1.0)
+        share = slice(rank * len(input_ids) // world, (rank + 1) * len(input_ids) // world)
+        loss = weighted_lm_loss(model(input_ids[share], None, None, labels=labels[share]),
+                                0.3)[0]
+        loss.backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        reduce_gradients(params, pg)
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        out[layers] = {"loss": mean / world, "grad_norm": global_grad_norm(params, pg),
+                       "fp8_dispatch": model.decoder.layers[1].mlp.dispatcher.fp8}
+    return out
+
+
+FP8_ALL = ("attention", "dense_ffn", "shared_experts", "routed_experts", "dispatch")
+FP8_NO_DISPATCH = FP8_ALL[:-1]
+
+
+@pytest.mark.multiprocess
+def test_expert_parallel_fp8_gives_the_single_process_fp8_loss(dist_single):
+    """EP=2 x DP=2 on 2 gloo ranks against one process, same weights and batch, in FP8. The
+    forward quantizes per token (1x128) and per weight block, so the split changes no FP8
+    value: the loss is the single process's up to fp32 order. The gradients' 128x1 tiles run
+    along the tokens of each rank's share: the norm agrees to FP8 rounding (2%). With the
+    dispatch in FP8 as well the routed experts receive FP8 round trips of their rows and
+    quantize them again in the same 1x128 tiles: the same E4M3 values (a tile's amax comes back
+    as 448 x scale), scales within an ulp, so the loss stays that of FP8 experts fed BF16 rows
+    (found so, exactly, here; the dispatch's own rounding is test_expert_parallel's)."""
+    from helpers.gloo import run_gloo
+    from helpers.tolerance import FP32_REORDER, assert_close
+    from megatron_dsv3.gradients import global_grad_norm
+    from megatron_dsv3.mtp import weighted_lm_loss
+
+    model = _model(dist_single, fp8=True)
+    state = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    ids = torch.randint(0, 256, (4, 33), generator=g)
+    input_ids, labels = ids[:, :-1], ids[:, 1:]
+    loss = weighted_lm_loss(model(input_ids, None, None, labels=labels), 0.3)[0]
+    loss.backward()
+    norm = global_grad_norm([p for p in model.parameters() if p.grad is not None], dist_single)
+    ranks = run_gloo(_fp8_ep2_worker, 2, state, input_ids, labels)
+    for rank, result in enumerate(ranks):
+        plain, with_dispatch = result[FP8_NO_DISPATCH], result[FP8_ALL]
+        assert not plain["fp8_dispatch"] and with_dispatch["fp8_dispatch"]
+        assert_close(plain["loss"], loss.detach(), FP32_REORDER, "the same FP8 values", "loss")
+        assert abs(plain["grad_norm"] / norm - 1) < 0.02, (rank, plain["grad_norm"], norm)
+        assert_close(with_dispatch["loss"], plain["loss"], FP32_REORDER,
+                     "FP8 experts re-quantize the dispatched FP8 rows to the same values", "loss")

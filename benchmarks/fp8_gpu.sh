@@ -20,14 +20,10 @@ cd "$(dirname "$0")/.."
 DIR=${OUT:-gpu_out/fp8}
 mkdir -p "$DIR"
 
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    2>&1 | grep -v WARNING
-  export PYTHONPATH=/tmp/site:$PWD
-fi
+. benchmarks/carried_wheels.sh
+use_carried_wheels
 if ls .whl/extra/torchao-*.whl > /dev/null 2>&1; then  # the baseline only, not on the path above
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ao_site \
-    .whl/extra/torchao-*.whl 2>&1 | grep -v WARNING
+  install_wheels /tmp/ao_site .whl/extra/torchao-*.whl
   AO_PATH=/tmp/ao_site
 fi
 

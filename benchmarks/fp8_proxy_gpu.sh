@@ -13,15 +13,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DIR=${OUT:-gpu_out/fp8_proxy}
 mkdir -p "$DIR"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    2>&1 | grep -v WARNING
-  export PYTHONPATH=/tmp/site:$PWD
-fi
+. benchmarks/carried_wheels.sh
+use_carried_wheels
 PEERS=()
 if [ -f .peers/anchor_torchtitan.py ]; then  # the peers' own site: torchtitan and torchao
-  python3 -m pip install -q --no-index --no-deps --no-compile --target .peers/.site \
-    .peers/*.whl .whl/extra/torchao-*.whl 2>&1 | grep -v WARNING
+  install_wheels .peers/.site .peers/*.whl .whl/extra/torchao-*.whl
   PEERS=(--peers-dir .peers --peers torchtitan --peer-fp8 rowwise)
 fi
 start=$SECONDS

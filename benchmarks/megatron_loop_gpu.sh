@@ -34,11 +34,8 @@ DIR=${OUT:-gpu_out/megatron_loop}
 WORK=${WORK:-/tmp/megatron_loop}
 mkdir -p "$DIR" "$WORK"
 
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    2>&1 | grep -v WARNING
-  export PYTHONPATH=/tmp/site:$PWD
-fi
+. benchmarks/carried_wheels.sh
+use_carried_wheels
 export CUDA_DEVICE_MAX_CONNECTIONS=1  # Megatron's requirement for its TP/SP overlap
 
 if [ ! -f "$WORK/plays_text_document.idx" ] && [ ! -f "$WORK/plays.idx" ]; then

@@ -47,10 +47,10 @@ cd "$(dirname "$0")/.."
 DIR=${OUT:-gpu_out/n$N}  # the device fetches folders at most two levels under $OUT
 mkdir -p "$DIR"
 
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+. benchmarks/carried_wheels.sh
+[ -d .whl ] && use_carried_wheels \
   || { echo "installing the megatron-core wheel from .whl/ failed: carry .whl" >&2; exit 2; }
-export PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
-  NVSHMEM_DISABLE_NVLS=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'GPUs', torch.cuda.device_count())"
 RUN="python3 -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node $N"

@@ -26,11 +26,8 @@ cd "$(dirname "$0")/.."
 DIR=${OUT:-gpu_out/train_step}
 mkdir -p "$DIR"
 
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    2>&1 | grep -v WARNING
-  export PYTHONPATH=/tmp/site:$PWD
-fi
+. benchmarks/carried_wheels.sh
+use_carried_wheels
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 python3 -c "import torch; print('torch', torch.__version__)"
 

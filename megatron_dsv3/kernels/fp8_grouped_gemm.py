@@ -43,7 +43,8 @@ from megatron_dsv3.fp8.grouped_gemm import (
 )
 from megatron_dsv3.fp8.quantize import TILE, Fp8Tensor
 from megatron_dsv3.kernels.fp8_quantize import (
-    MIN_CUDA_CAPABILITY,
+    merged_launch_config,
+    on_fp8_gpu,
     quantize_128x128_fused,
     uses_kernel,
 )
@@ -63,12 +64,8 @@ OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def launch_config(config: dict | None) -> dict:
-    """LAUNCH_CONFIG updated with `config`; an unknown key is an error naming the known ones."""
-    unknown = sorted(set(config or {}) - set(LAUNCH_CONFIG))
-    if unknown:
-        raise ValueError(f"launch config of the grouped FP8 GEMM: unknown keys {unknown}; it "
-                         f"takes {sorted(LAUNCH_CONFIG)}")
-    return {**LAUNCH_CONFIG, **(config or {})}
+    """LAUNCH_CONFIG updated with `config` (fp8_quantize.merged_launch_config)."""
+    return merged_launch_config(LAUNCH_CONFIG, config, "the grouped FP8 GEMM")
 
 
 if triton is not None:
@@ -166,9 +163,7 @@ def launch_fp8_grouped_gemm(a: Fp8Tensor, b: Fp8GroupedTensor, group_ends: torch
 def uses_grouped_gemm_kernel(a: Fp8Tensor, b: Fp8GroupedTensor) -> bool:
     """Whether fp8_grouped_gemm runs the kernel: Triton present, both operands on an NVIDIA GPU
     with FP8 tensor cores (compute capability 8.9 or newer), K a multiple of 128."""
-    return (triton is not None and a.data.is_cuda and b.data.device == a.data.device
-            and torch.version.hip is None
-            and torch.cuda.get_device_capability(a.data.device) >= MIN_CUDA_CAPABILITY
+    return (on_fp8_gpu(a.data) and b.data.device == a.data.device
             and a.data.shape[1] % TILE == 0)
 
 

@@ -65,15 +65,19 @@ LAUNCH_CONFIG = {
 }
 
 
-def launch_config(kernel: str, config: dict | None) -> dict:
-    """LAUNCH_CONFIG[kernel] updated with `config`; an unknown key is an error naming the
-    known ones."""
-    known = LAUNCH_CONFIG[kernel]
-    unknown = sorted(set(config or {}) - set(known))
+def merged_launch_config(defaults: dict, config: dict | None, kernel: str) -> dict:
+    """A kernel's default launch parameters updated with `config` (the FP8 kernels' `config`
+    argument); an unknown key is an error naming `kernel` and the known keys."""
+    unknown = sorted(set(config or {}) - set(defaults))
     if unknown:
-        raise ValueError(f"launch config of the {kernel} FP8 quantizer: unknown keys {unknown}; "
-                         f"it takes {sorted(known)}")
-    return {**known, **(config or {})}
+        raise ValueError(f"launch config of {kernel}: unknown keys {unknown}; it takes "
+                         f"{sorted(defaults)}")
+    return {**defaults, **(config or {})}
+
+
+def launch_config(kernel: str, config: dict | None) -> dict:
+    """LAUNCH_CONFIG[kernel] updated with `config` (merged_launch_config)."""
+    return merged_launch_config(LAUNCH_CONFIG[kernel], config, f"the {kernel} FP8 quantizer")
 
 
 if triton is not None:
@@ -215,12 +219,17 @@ if triton is not None:
                      mask=cols_c < K)
 
 
+def on_fp8_gpu(t: torch.Tensor) -> bool:
+    """Whether Triton's FP8 kernels can run on t's device: Triton present, an NVIDIA GPU that
+    converts to E4M3 (compute capability 8.9 or newer)."""
+    return (triton is not None and t.is_cuda and torch.version.hip is None
+            and torch.cuda.get_device_capability(t.device) >= MIN_CUDA_CAPABILITY)
+
+
 def uses_kernel(x: torch.Tensor) -> bool:
-    """Whether the fused kernels run for x: Triton present, x a 2-D bf16/fp16/fp32 tensor on an
-    NVIDIA GPU that converts to E4M3 (compute capability 8.9 or newer)."""
-    return (triton is not None and isinstance(x, torch.Tensor) and x.is_cuda
-            and torch.version.hip is None and x.dim() == 2 and x.dtype in INPUT_DTYPES
-            and torch.cuda.get_device_capability(x.device) >= MIN_CUDA_CAPABILITY)
+    """Whether the fused kernels run for x: a 2-D bf16/fp16/fp32 tensor `on_fp8_gpu`."""
+    return (isinstance(x, torch.Tensor) and x.dim() == 2 and x.dtype in INPUT_DTYPES
+            and on_fp8_gpu(x))
 
 
 def _empty_result(x: torch.Tensor, tiling: str) -> Fp8Tensor:

@@ -106,6 +106,37 @@ if triton is not None:
     # The kernels take one tile-aligned block each and index in int64: a strided view's
     # offsets (row * stride) can pass 2^31 on large inputs.
     @triton.jit
+    def _quantize_rows(x_ptr, data_ptr, scales_ptr, rows, cols, tile_k, M, K,
+                       stride_xm, stride_xk, POW2_SCALES: tl.constexpr, TILE: tl.constexpr):
+        """1x128: x's `rows` in the tile column `cols` (number tile_k), a scale per row; the
+        data [M, K] and scales [M, ceil(K/128)] stored."""
+        in_x = (rows[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=in_x,
+                    other=0.0).to(tl.float32)                                # [rows, TILE]
+        finite = (tl.abs(x) <= _FP32_MAX).to(tl.int32)                       # NaN compares false
+        scale = _tile_scale(tl.max(tl.abs(x), axis=1), tl.min(finite, axis=1) == 1,
+                            POW2_SCALES)                                     # [rows]
+        tl.store(data_ptr + rows[:, None] * K + cols[None, :], _to_fp8(x, scale[:, None]),
+                 mask=in_x)
+        tl.store(scales_ptr + rows * tl.cdiv(K, TILE) + tile_k, scale, mask=rows < M)
+
+    @triton.jit
+    def _quantize_columns(x_ptr, data_t_ptr, scales_ptr, rows, cols, tile_m, M, K,
+                          stride_xm, stride_xk, POW2_SCALES: tl.constexpr, TILE: tl.constexpr):
+        """128x1: x's `cols` in the 128-row band `rows` (number tile_m), a scale per column; the
+        data stored transposed (x^T [K, M]: each column a 128-byte row) and the scales
+        [K, ceil(M/128)]."""
+        in_x = (rows[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=in_x,
+                    other=0.0).to(tl.float32)                                # [TILE, cols]
+        finite = (tl.abs(x) <= _FP32_MAX).to(tl.int32)
+        scale = _tile_scale(tl.max(tl.abs(x), axis=0), tl.min(finite, axis=0) == 1,
+                            POW2_SCALES)                                     # [cols]
+        data_t = tl.trans(_to_fp8(x, scale[None, :]))                        # [cols, TILE]
+        tl.store(data_t_ptr + cols[:, None] * M + rows[None, :], data_t, mask=tl.trans(in_x))
+        tl.store(scales_ptr + cols * tl.cdiv(M, TILE) + tile_m, scale, mask=cols < K)
+
+    @triton.jit
     def _quantize_1x128_kernel(x_ptr, data_ptr, scales_ptr,     # pointers
                                M, K,                            # sizes
                                stride_xm, stride_xk,            # x's strides (outputs contiguous)
@@ -114,15 +145,8 @@ if triton is not None:
         block_m, tile_k = tl.program_id(0), tl.program_id(1)
         rows = (block_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = (tile_k * TILE + tl.arange(0, TILE)).to(tl.int64)
-        in_x = (rows[:, None] < M) & (cols[None, :] < K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=in_x,
-                    other=0.0).to(tl.float32)                                # [BLOCK_M, TILE]
-        finite = (tl.abs(x) <= _FP32_MAX).to(tl.int32)                       # NaN compares false
-        scale = _tile_scale(tl.max(tl.abs(x), axis=1), tl.min(finite, axis=1) == 1,
-                            POW2_SCALES)                                     # [BLOCK_M]
-        tl.store(data_ptr + rows[:, None] * K + cols[None, :], _to_fp8(x, scale[:, None]),
-                 mask=in_x)
-        tl.store(scales_ptr + rows * tl.cdiv(K, TILE) + tile_k, scale, mask=rows < M)
+        _quantize_rows(x_ptr, data_ptr, scales_ptr, rows, cols, tile_k, M, K, stride_xm,
+                       stride_xk, POW2_SCALES, TILE)
 
     @triton.jit
     def _quantize_128x1_kernel(x_ptr, data_t_ptr, scales_ptr,   # pointers
@@ -133,15 +157,8 @@ if triton is not None:
         tile_m, block_k = tl.program_id(0), tl.program_id(1)
         rows = (tile_m * TILE + tl.arange(0, TILE)).to(tl.int64)
         cols = (block_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-        in_x = (rows[:, None] < M) & (cols[None, :] < K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=in_x,
-                    other=0.0).to(tl.float32)                                # [TILE, BLOCK_K]
-        finite = (tl.abs(x) <= _FP32_MAX).to(tl.int32)
-        scale = _tile_scale(tl.max(tl.abs(x), axis=0), tl.min(finite, axis=0) == 1,
-                            POW2_SCALES)                                     # [BLOCK_K]
-        data_t = tl.trans(_to_fp8(x, scale[None, :]))                        # [BLOCK_K, TILE]
-        tl.store(data_t_ptr + cols[:, None] * M + rows[None, :], data_t, mask=tl.trans(in_x))
-        tl.store(scales_ptr + cols * tl.cdiv(M, TILE) + tile_m, scale, mask=cols < K)
+        _quantize_columns(x_ptr, data_t_ptr, scales_ptr, rows, cols, tile_m, M, K, stride_xm,
+                          stride_xk, POW2_SCALES, TILE)
 
     @triton.jit
     def _quantize_128x128_kernel(w_ptr, data_ptr, scales_ptr,   # pointers
@@ -168,55 +185,20 @@ if triton is not None:
                                          stride_xm, stride_xk,           # x's strides
                                          POW2_SCALES: tl.constexpr, TILE: tl.constexpr,
                                          ROWS: tl.constexpr, CHUNK: tl.constexpr):
+        """One 128x128 block of x: its 1x128 half ROWS rows at a time, then its 128x1 half
+        CHUNK columns at a time (the block re-read from the cache, as runtime loops: fewer
+        live registers than the whole block in fp32, 64 KiB)."""
         tile_m, tile_k = tl.program_id(0), tl.program_id(1)
         rows = (tile_m * TILE + tl.arange(0, TILE)).to(tl.int64)
         cols = (tile_k * TILE + tl.arange(0, TILE)).to(tl.int64)
-        in_x = (rows[:, None] < M) & (cols[None, :] < K)
-        # 1x128: a scale per row of the tile, as _quantize_1x128_kernel; ROWS rows at a time
-        # (fewer live registers: the whole block in fp32 takes 64 KiB)
-        if ROWS == TILE:
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                        mask=in_x, other=0.0).to(tl.float32)                 # [TILE, TILE]
-            abs_x = tl.abs(x)
-            finite = (abs_x <= _FP32_MAX).to(tl.int32)                       # NaN compares false
-            scale = _tile_scale(tl.max(abs_x, axis=1), tl.min(finite, axis=1) == 1,
-                                POW2_SCALES)                                 # [TILE]
-            tl.store(data_ptr + rows[:, None] * K + cols[None, :], _to_fp8(x, scale[:, None]),
-                     mask=in_x)
-            tl.store(scales_ptr + rows * tl.cdiv(K, TILE) + tile_k, scale, mask=rows < M)
-        else:
-            for r in tl.range(0, TILE, ROWS):
-                rows_r = (tile_m * TILE + r + tl.arange(0, ROWS)).to(tl.int64)
-                in_r = (rows_r[:, None] < M) & (cols[None, :] < K)
-                x_r = tl.load(x_ptr + rows_r[:, None] * stride_xm + cols[None, :] * stride_xk,
-                              mask=in_r, other=0.0).to(tl.float32)           # [ROWS, TILE]
-                abs_r = tl.abs(x_r)
-                finite_r = (abs_r <= _FP32_MAX).to(tl.int32)
-                scale_r = _tile_scale(tl.max(abs_r, axis=1), tl.min(finite_r, axis=1) == 1,
-                                      POW2_SCALES)                           # [ROWS]
-                tl.store(data_ptr + rows_r[:, None] * K + cols[None, :],
-                         _to_fp8(x_r, scale_r[:, None]), mask=in_r)
-                tl.store(scales_ptr + rows_r * tl.cdiv(K, TILE) + tile_k, scale_r,
-                         mask=rows_r < M)
-        # 128x1: a scale per column of the same tile, data stored transposed, as
-        # _quantize_128x1_kernel; CHUNK columns at a time (re-read: they are in the cache)
+        for r in tl.range(0, TILE, ROWS):
+            rows_r = (tile_m * TILE + r + tl.arange(0, ROWS)).to(tl.int64)
+            _quantize_rows(x_ptr, data_ptr, scales_ptr, rows_r, cols, tile_k, M, K, stride_xm,
+                           stride_xk, POW2_SCALES, TILE)
         for c in tl.range(0, TILE, CHUNK):
-            if CHUNK == TILE and ROWS == TILE:
-                x_c, abs_c, finite_c, cols_c, in_c = x, abs_x, finite, cols, in_x
-            else:
-                cols_c = (tile_k * TILE + c + tl.arange(0, CHUNK)).to(tl.int64)
-                in_c = (rows[:, None] < M) & (cols_c[None, :] < K)
-                x_c = tl.load(x_ptr + rows[:, None] * stride_xm + cols_c[None, :] * stride_xk,
-                              mask=in_c, other=0.0).to(tl.float32)           # [TILE, CHUNK]
-                abs_c = tl.abs(x_c)
-                finite_c = (abs_c <= _FP32_MAX).to(tl.int32)
-            scale_t = _tile_scale(tl.max(abs_c, axis=0), tl.min(finite_c, axis=0) == 1,
-                                  POW2_SCALES)                               # [CHUNK]
-            data_t = tl.trans(_to_fp8(x_c, scale_t[None, :]))                # [CHUNK, TILE]
-            tl.store(data_t_ptr + cols_c[:, None] * M + rows[None, :], data_t,
-                     mask=tl.trans(in_c))
-            tl.store(scales_t_ptr + cols_c * tl.cdiv(M, TILE) + tile_m, scale_t,
-                     mask=cols_c < K)
+            cols_c = (tile_k * TILE + c + tl.arange(0, CHUNK)).to(tl.int64)
+            _quantize_columns(x_ptr, data_t_ptr, scales_t_ptr, rows, cols_c, tile_m, M, K,
+                              stride_xm, stride_xk, POW2_SCALES, TILE)
 
 
 def on_fp8_gpu(t: torch.Tensor) -> bool:

@@ -13,7 +13,8 @@ gradient (`_zeroes_grads`).
   KernelAdamW            fp32 parameters, their `.grad` left as it is (Megatron zeroes its own)
   MegatronAdamW          the same under the keyword arguments Megatron's optimizer builder
                          passes its `Adam` class (megatron_compat.use_megatron_adam), its
-                         state made whole at construction; MegatronAdamWFP32: fp32 moments
+                         state dict whole (every parameter's step and moments, made when it
+                         is asked for); MegatronAdamWFP32: fp32 moments
   train.master_weights.MasterAdamW
                          fp32 masters of bf16 parameters: publishes the bf16 copies and
                          consumes the gradient sums in the same pass

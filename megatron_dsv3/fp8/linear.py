@@ -31,7 +31,7 @@ from ..kernels.fp8_quantize import (quantize_1x128_and_128x1_fused, quantize_1x1
                                     quantize_128x1_fused, quantize_128x128_fused)
 from ..weight_grad import WeightGradStore, autocast_dtype, weight_grad_now_or_later
 from .gemm import fp8_gemm, transposed_blocks
-from .quantize import Fp8Tensor
+from .quantize import INPUT_DTYPES, Fp8Tensor
 
 
 class _Fp8Linear(torch.autograd.Function):
@@ -66,7 +66,7 @@ class _Fp8Linear(torch.autograd.Function):
         x_t = Fp8Tensor(saved.pop(0), saved.pop(0), "128x1") if ctx.saved_x else None
         w = Fp8Tensor(saved.pop(0), saved.pop(0), "128x128")
         dy_MN = grad_y.reshape(-1, grad_y.shape[-1])
-        if dy_MN.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        if dy_MN.dtype not in INPUT_DTYPES:  # what the quantizers take
             dy_MN = dy_MN.float()
         grad_x = grad_w = grad_b = None
         # dy in 1x128 tiles for the input gradient, in 128x1 tiles (dy^T) for the weight's:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_dsv3.config import ConfigError, tiny
+from megatron_dsv3.config import FP8_LAYERS, ConfigError, tiny
 from megatron_dsv3.fp8.linear import fp8_linear
 
 # every FP8 width a multiple of 128: hidden 128, q_lora 128, 2 heads x (48 + 16) = 128 for the
@@ -301,8 +301,8 @@ def _fp8_ep2_worker(rank, world, full_state, input_ids, labels):
     return out
 
 
-FP8_ALL = ("attention", "dense_ffn", "shared_experts", "routed_experts", "dispatch")
-FP8_NO_DISPATCH = FP8_ALL[:-1]
+FP8_ALL = FP8_LAYERS
+FP8_NO_DISPATCH = tuple(part for part in FP8_LAYERS if part != "dispatch")
 
 
 @pytest.mark.multiprocess

@@ -10,8 +10,9 @@ Per shape: the time of one pass of each (the kernel launched directly, also belo
 where `add_into_fp32_` leaves small tensors to PyTorch) and its bandwidth (2 + 4 bytes read, 4
 written per element), with a plain fp32 copy of the same tensor in the same run as the memory
 ceiling. Per expert projection of the proxy preset (64 experts, 4096 tokens x top-6 rows
-spread over them at random): `torch._grouped_mm` dW in bf16 then `add_into_fp32_`, against
-`grouped_wgrad_add_` (GPU only).
+spread over them at random), one optimizer step of 8 micro-batches each way --expert-wgrad
+takes (GPU only): `torch._grouped_mm` dW in bf16 then `add_into_fp32_` per micro-batch,
+`grouped_wgrad_add_` per micro-batch, `grouped_wgrad_segments` once over all 8.
 """
 
 from __future__ import annotations
@@ -42,45 +43,72 @@ EXPERT_PROJECTIONS = (("fc1 dW (64 x 2816 x 2048)", 2816, 2048),
                       ("fc2 dW (64 x 2048 x 1408)", 2048, 1408))
 
 
-# (BLOCK_O, BLOCK_I, BLOCK_K, num_warps, num_stages) tried for the in-GEMM kernel
+# (BLOCK_O, BLOCK_I, BLOCK_K, num_warps, num_stages) tried for the kernel
 TILE_SWEEP = ((128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3),
-              (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4))
+              (256, 128, 64, 8, 3), (128, 256, 32, 8, 4), (64, 128, 64, 4, 4),
+              (128, 64, 64, 4, 4))
+MICRO_BATCHES = 8  # of an optimizer step, as in bench_train_step.py
 
 
 def expert_wgrad_row(name: str, out_features: int, in_features: int, repeat: int,
                      device: torch.device) -> dict:
-    from megatron_dsv3.kernels.grouped_wgrad import grouped_wgrad_add_, launch_grouped_wgrad_add
+    """One optimizer step's weight gradient of one expert projection, 8 micro-batches, each way
+    the job can take (--expert-wgrad): micro-batch (bf16 grouped GEMM, then the fp32 add, per
+    micro-batch), in-gemm (the kernel adding into the sum, per micro-batch), step (the kernel
+    over the 8 micro-batches' rows as segments, storing the sum once); the tile sweep on step."""
+    from megatron_dsv3.kernels.grouped_wgrad import (grouped_wgrad_add_, grouped_wgrad_segments,
+                                                     launch_grouped_wgrad)
 
     experts, rows = 64, 4096 * 6
-    choice = torch.randint(0, experts, (rows,), generator=torch.Generator().manual_seed(0))
-    ends = torch.bincount(choice, minlength=experts).cumsum(0).to(torch.int32).to(device)
-    grad_y = torch.randn(rows, out_features, device=device).to(torch.bfloat16)
-    x = torch.randn(rows, in_features, device=device).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    ends = torch.stack([torch.bincount(torch.randint(0, experts, (rows,), generator=gen),
+                                       minlength=experts).cumsum(0)
+                        for _ in range(MICRO_BATCHES)]).to(torch.int32).to(device)
+    grad_y = torch.randn(MICRO_BATCHES, rows, out_features, device=device).to(torch.bfloat16)
+    x = torch.randn(MICRO_BATCHES, rows, in_features, device=device).to(torch.bfloat16)
     total = torch.zeros(experts, out_features, in_features, device=device)
 
-    def gemm_then_add():
-        add_into_fp32_(total, torch._grouped_mm(grad_y.t(), x, offs=ends))
+    def micro_batch():
+        for m in range(MICRO_BATCHES):
+            add_into_fp32_(total, torch._grouped_mm(grad_y[m].t(), x[m], offs=ends[m]),
+                           store=m == 0)
 
-    row = {"projection": name, "gemm_then_add_s": mean_seconds(gemm_then_add, repeat, device),
-           "in_gemm_s": mean_seconds(lambda: grouped_wgrad_add_(grad_y, x, ends, total), repeat,
-                                device),
-           "gemm_only_s": mean_seconds(lambda: torch._grouped_mm(grad_y.t(), x, offs=ends), repeat,
-                                  device)}
-    row["speedup"] = round(row["gemm_then_add_s"] / row["in_gemm_s"], 3)
-    # the kernel's tiles and launch settings (the op runs the first)
+    def in_gemm():
+        for m in range(MICRO_BATCHES):
+            grouped_wgrad_add_(grad_y[m], x[m], ends[m], total)
+
+    def gemm_only():
+        for m in range(MICRO_BATCHES):
+            torch._grouped_mm(grad_y[m].t(), x[m], offs=ends[m])
+
+    row = {"projection": name, "micro_batches": MICRO_BATCHES,
+           "micro_batch_s": mean_seconds(micro_batch, repeat, device),
+           "in_gemm_s": mean_seconds(in_gemm, repeat, device),
+           "step_s": mean_seconds(lambda: grouped_wgrad_segments(grad_y, x, ends, total,
+                                                                 accumulate=False),
+                                  repeat, device),
+           "grouped_mm_only_s": mean_seconds(gemm_only, repeat, device)}
+    flops = 2 * MICRO_BATCHES * rows * out_features * in_features
+    for key in ("micro_batch", "in_gemm", "step", "grouped_mm_only"):
+        row[f"{key}_tflop_s"] = round(flops / row[f"{key}_s"] / 1e12, 1)
+    row["step_speedup"] = round(row["micro_batch_s"] / row["step_s"], 3)
     row["tiles"] = {}
     for block_o, block_i, block_k, warps, stages in TILE_SWEEP:
         key = f"{block_o}x{block_i}x{block_k} w{warps} s{stages}"
-        row["tiles"][key] = mean_seconds(lambda: launch_grouped_wgrad_add(
-            grad_y, x, ends, total, block_o=block_o, block_i=block_i, block_k=block_k,
-            num_warps=warps, num_stages=stages), repeat, device)
+        try:
+            row["tiles"][key] = mean_seconds(lambda: launch_grouped_wgrad(
+                grad_y, x, ends, total, accumulate=False, block_o=block_o, block_i=block_i,
+                block_k=block_k, num_warps=warps, num_stages=stages), repeat, device)
+        except Exception as error:  # a config the GPU cannot hold (shared memory): skipped
+            print(f"{key}: {type(error).__name__}: {error}"[:200], file=sys.stderr)
     best = min(row["tiles"], key=row["tiles"].get)
-    print(f"{'':28s} tiles: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in
-                                          row["tiles"].items()) + f" | best {best}",
+    print(f"{'':28s} step tiles: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in
+                                               row["tiles"].items()) + f" | best {best}",
           file=sys.stderr)
-    print(f"{name:28s} bf16 grouped GEMM {row['gemm_only_s'] * 1e3:.3f} ms, + fp32 add "
-          f"{row['gemm_then_add_s'] * 1e3:.3f} ms | in the GEMM {row['in_gemm_s'] * 1e3:.3f} ms "
-          f"x{row['speedup']}", file=sys.stderr)
+    print(f"{name:28s} {MICRO_BATCHES} micro-batches: bf16 grouped GEMM + fp32 add "
+          f"{row['micro_batch_s'] * 1e3:.3f} ms (GEMMs alone {row['grouped_mm_only_s'] * 1e3:.3f})"
+          f" | in-gemm {row['in_gemm_s'] * 1e3:.3f} ms | step {row['step_s'] * 1e3:.3f} ms "
+          f"({row['step_tflop_s']} TFLOP/s) x{row['step_speedup']}", file=sys.stderr)
     return row
 
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
-from megatron_dsv3.moe.expert_wgrad import (ExpertGradMerger, _merged_grouped_mm, _merged_loop,
-                                            attach_expert_grad_merger)
+from megatron_dsv3.moe.expert_wgrad import ExpertGradMerger, attach_expert_grad_merger
 from megatron_dsv3.moe.experts import RoutedExperts
 
 EXPERTS, HIDDEN, FFN, MICRO_BATCHES = 4, 16, 8, 3
@@ -74,35 +73,47 @@ def test_flush_adds_into_main_grad_when_the_weight_has_one():
     assert_close(experts.fc2.main_grad, reference.fc2.grad, FP32_REORDER, "fc2 main_grad")
 
 
-def test_copied_operands_survive_their_memory_being_reused():
-    """copy_operands (CUDA graphs replay into the same memory): overwriting the tensors handed
-    to `add` after the backward leaves the merged gradient as it was; without copies it
-    changes (the case the copies exist for)."""
+def test_operands_are_copied_so_that_reused_memory_and_more_micro_batches_change_nothing():
+    """The merger copies what `add` is given (CUDA graphs replay into the same memory): the
+    tensors overwritten after each backward leave the merged gradient as it was. Ten
+    micro-batches of growing row counts: the buffers grow past their first size (8 segments,
+    the first micro-batch's rows) and keep what they held."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     weight = torch.zeros(EXPERTS, HIDDEN, FFN)
-    x, counts, _ = _micro_batches()[0]
-    grad_y = torch.randn(x.shape[0], HIDDEN)
-    x_in = torch.randn(x.shape[0], FFN)
-    expected = _merged_loop([(grad_y, x_in, counts.tolist(), "loop")])
-    for copy_operands in (True, False):
-        merger = ExpertGradMerger(copy_operands=copy_operands)
-        weight.grad = None
-        reused_grad_y, reused_x = grad_y.clone(), x_in.clone()
-        merger.add(weight, reused_grad_y, reused_x, counts.tolist(), "loop")
-        reused_grad_y.fill_(7.0)  # the next replay writes its own values there
-        reused_x.fill_(-3.0)
+    merger = ExpertGradMerger()
+    expected = torch.zeros(EXPERTS, HIDDEN, FFN)
+    for m in range(10):
+        counts = torch.randint(0, 3 + m, (EXPERTS,))
+        grad_y, x = torch.randn(int(counts.sum()), HIDDEN), torch.randn(int(counts.sum()), FFN)
+        start = 0
+        for e, count in enumerate(counts.tolist()):
+            expected[e] += grad_y[start:start + count].t() @ x[start:start + count]
+            start += count
+        merger.add(weight, grad_y, x, counts.tolist())
+        grad_y.fill_(7.0)  # the next replay writes its own values there
+        x.fill_(-3.0)
+    merger.flush()
+    assert_close(weight.grad, expected, FP32_REORDER, "merged gradient of 10 micro-batches")
+
+
+def test_flush_stores_where_the_sum_holds_nothing_of_the_step_yet():
+    """`stores_first` (MasterWeights.claims_sum) says True: the flush overwrites the weight's
+    fp32 sum (an earlier step's values are not added to); False: it adds."""
+    experts = _experts(0)
+    for store in (True, False):
+        asked = []
+        merger = ExpertGradMerger(stores_first=lambda w: asked.append(w) or store)
+        attach_expert_grad_merger(experts, merger)
+        experts.fc1.main_grad = torch.full_like(experts.fc1, 5.0)
+        experts.fc2.main_grad = torch.full_like(experts.fc2, 5.0)
+        x, counts, grad_out = _micro_batches()[0]
+        (experts(x, counts) * grad_out).sum().backward()
         merger.flush()
-        if copy_operands:
-            assert_equal(weight.grad, expected, "copied operands")
-        else:
-            assert not torch.equal(weight.grad, expected)
-
-
-def test_grouped_mm_flush_interleaves_rows_expert_major_like_the_loop():
-    """The device path's reordering (a stable sort of row keys) against per-expert stacking;
-    torch._grouped_mm's forward runs on the CPU."""
-    items_loop, items_grouped = [], []
-    for x, counts, grad_out in _micro_batches():
-        items_loop.append((grad_out, x, counts.tolist(), "loop"))
-        items_grouped.append((grad_out, x, counts.cumsum(0).to(torch.int32), "grouped_mm"))
-    assert_close(_merged_grouped_mm(items_grouped), _merged_loop(items_loop), FP32_REORDER,
-                 "dW from grouped_mm over reordered rows")
+        reference = _experts(0)
+        (reference(x, counts) * grad_out).sum().backward()
+        assert sorted(map(id, asked)) == sorted(map(id, (experts.fc1, experts.fc2)))
+        offset = 0.0 if store else 5.0
+        for name in ("fc1", "fc2"):
+            assert_close(getattr(experts, name).main_grad,
+                         getattr(reference, name).grad + offset, FP32_REORDER,
+                         f"{name} main_grad, store={store}")

@@ -155,28 +155,32 @@ def test_adamw_kernel_matches_its_reference(moments):
     assert torch.equal(tensors[4], tensors[0].to(torch.bfloat16))
 
 
-def test_grouped_wgrad_kernel_matches_fp64_in_bf16():
-    from megatron_dsv3.kernels.grouped_wgrad import grouped_wgrad_add_, uses_kernel
+@pytest.mark.parametrize("segments,accumulate", [(1, True), (3, False)])
+def test_grouped_wgrad_kernel_matches_fp64_in_bf16(segments, accumulate):
+    """One segment added into the sum (--expert-wgrad in-gemm) and three micro-batches' rows
+    stored (--expert-wgrad step), expert 3 without rows in any."""
+    from megatron_dsv3.kernels.grouped_wgrad import grouped_wgrad_segments, uses_kernel
 
     seed = int(torch.randint(0, 2**31 - 1, ()))
     torch.manual_seed(seed)
-    counts = torch.randint(0, 700, (16,))
-    counts[3] = 0
-    ends = counts.cumsum(0).to(torch.int32).cuda()
-    rows = int(counts.sum())
-    grad_y = torch.randn(rows, 2816, device="cuda").to(torch.bfloat16)
-    x = torch.randn(rows, 1408, device="cuda").to(torch.bfloat16)
+    counts = torch.randint(0, 700, (segments, 16))
+    counts[:, 3] = 0
+    ends = counts.cumsum(1).to(torch.int32).cuda()
+    rows = int(counts.sum(1).max()) + 5
+    grad_y = torch.randn(segments, rows, 2816, device="cuda").to(torch.bfloat16)
+    x = torch.randn(segments, rows, 1408, device="cuda").to(torch.bfloat16)
     start = torch.randn(16, 2816, 1408, device="cuda")
     total = start.clone()
     assert uses_kernel(grad_y, x, total)
-    grouped_wgrad_add_(grad_y, x, ends, total)
-    expected = start.double()
-    begin = 0
-    for e, end in enumerate(ends.tolist()):
-        expected[e] += grad_y[begin:end].double().t() @ x[begin:end].double()
-        begin = end
+    grouped_wgrad_segments(grad_y, x, ends, total, accumulate=accumulate)
+    expected = start.double() if accumulate else torch.zeros_like(start, dtype=torch.float64)
+    for s in range(segments):
+        begin = 0
+        for e, end in enumerate(ends[s].tolist()):
+            expected[e] += grad_y[s, begin:end].double().t() @ x[s, begin:end].double()
+            begin = end
     assert_close(total, expected, FP32_REORDER, f"fp32 accumulation (seed {seed})")
-    assert torch.equal(total[3], start[3])
+    assert torch.equal(total[3], start[3] if accumulate else torch.zeros_like(start[3]))
 
 
 @pytest.mark.parametrize("tiling", ["1x128", "128x1", "128x128"])

@@ -1,9 +1,10 @@
 """The routed experts' weight gradients added into fp32 sums inside the grouped GEMM
 (kernels/grouped_wgrad.py, RoutedExperts.grads_into_main_grad).
 
-  * the Triton kernel in Triton's interpreter (a fresh process) against an fp64 computation:
-    ragged experts, one without rows (its sum untouched), sizes that are not multiples of the
-    tiles. The interpreter computes a bf16 dot wrongly (numpy has no bf16), so it runs fp16
+  * the Triton kernel in Triton's interpreter (a fresh process) against an fp64 computation,
+    one segment of rows and three (an optimizer step's micro-batches), adding into the sum and
+    storing it: ragged experts, one without rows (its sum untouched when adding, zero when
+    storing), sizes that are not multiples of the tiles. The interpreter computes a bf16 dot wrongly (numpy has no bf16), so it runs fp16
     operands through the same code; test_gpu.py checks bf16 on a GPU;
   * RoutedExperts in bf16 with the sums on (the op's reference path on the CPU) over two
     micro-batches against autograd on fp32 copies of the weights: the sums, no bf16 gradient
@@ -24,27 +25,38 @@ from megatron_dsv3.moe.experts import RoutedExperts, sum_expert_grads_in_gemm
 
 _INTERPRETED = textwrap.dedent("""
     import torch
-    from megatron_dsv3.kernels.grouped_wgrad import launch_grouped_wgrad_add
+    from megatron_dsv3.kernels.grouped_wgrad import launch_grouped_wgrad
     seed = int(torch.randint(0, 2**31 - 1, ()))
     torch.manual_seed(seed)
-    for counts, out_features, in_features in (([7, 0, 33, 1, 20], 40, 24), ([16, 16], 16, 48)):
+    # (row counts per expert of each segment, O, I): one segment (a micro-batch's sums inside
+    # the GEMM), three (an optimizer step's micro-batches) with an expert that has no rows in
+    # any segment and one without rows in one of them
+    cases = (([[7, 0, 33, 1, 20]], 40, 24), ([[16, 16]], 16, 48),
+             ([[5, 0, 9, 17], [0, 0, 3, 30], [12, 0, 0, 1]], 24, 40))
+    for counts, out_features, in_features in cases:
         counts = torch.tensor(counts)
-        ends = counts.cumsum(0).to(torch.int32)
-        rows = int(counts.sum())
-        grad_y = torch.randn(rows, out_features).half()
-        x = torch.randn(rows, in_features).half()
-        start_sum = torch.randn(len(counts), out_features, in_features)
-        total = start_sum.clone()
-        launch_grouped_wgrad_add(grad_y, x, ends, total, block_o=16, block_i=16, block_k=16)
-        expected = start_sum.double()
-        begin = 0
-        for e, end in enumerate(ends.tolist()):
-            expected[e] += grad_y[begin:end].double().t() @ x[begin:end].double()
-            begin = end
-        err = (total.double() - expected).abs().max().item()
-        assert err < 1e-4, (seed, counts.tolist(), err)
-        for e in (counts == 0).nonzero().flatten().tolist():
-            assert torch.equal(total[e], start_sum[e]), "an expert without rows is untouched"
+        ends = counts.cumsum(1).to(torch.int32)
+        rows = int(counts.sum(1).max()) + 3  # rows past a segment's last end are not read
+        grad_y = torch.randn(len(counts), rows, out_features).half()
+        x = torch.randn(len(counts), rows, in_features).half()
+        expected = torch.zeros(counts.shape[1], out_features, in_features, dtype=torch.float64)
+        for s in range(len(counts)):
+            begin = 0
+            for e, end in enumerate(ends[s].tolist()):
+                expected[e] += grad_y[s, begin:end].double().t() @ x[s, begin:end].double()
+                begin = end
+        start_sum = torch.randn(counts.shape[1], out_features, in_features)
+        for accumulate in (True, False):
+            total = start_sum.clone()
+            launch_grouped_wgrad(grad_y, x, ends, total, accumulate=accumulate, block_o=16,
+                                 block_i=16, block_k=16)
+            want = expected + start_sum.double() if accumulate else expected
+            err = (total.double() - want).abs().max().item()
+            assert err < 1e-4, (seed, counts.tolist(), accumulate, err)
+            for e in (counts.sum(0) == 0).nonzero().flatten().tolist():
+                assert torch.equal(total[e], start_sum[e] if accumulate
+                                   else torch.zeros_like(total[e])), (
+                    "an expert without rows: its sum untouched (accumulate) or zero (store)")
     print("ok")
 """)
 

@@ -140,6 +140,36 @@ def test_weights_whose_gradient_is_merged_elsewhere_get_it_in_their_fp32_master(
         torch.testing.assert_close(master.grad, param.grad.float(), rtol=2e-2, atol=1e-4)
 
 
+def test_merged_expert_gradients_are_stored_into_sums_that_hold_nothing_of_the_step():
+    """store_first with the merger asking `claims_sum`: two steps, no optimizer zeroing the
+    sums in between; each step's flush stores the step's gradient (adding it to the previous
+    step's would double it), and finish_accumulation keeps it."""
+    from megatron_dsv3.moe.expert_wgrad import ExpertGradMerger, attach_expert_grad_merger
+    from megatron_dsv3.moe.experts import RoutedExperts
+
+    def experts():
+        torch.manual_seed(4)
+        return RoutedExperts(2, HIDDEN, 8, tp_group=None, dtype=torch.float32, impl="loop",
+                             init_std=0.2)
+
+    model = experts()
+    masters = MasterWeights(model, store_first=True)
+    merger = ExpertGradMerger(stores_first=masters.claims_sum)
+    attach_expert_grad_merger(model, merger)
+    counts = torch.tensor([3, 5])
+    for step in range(2):
+        reference = experts().to(torch.bfloat16)
+        for x in _batches():
+            x = torch.cat([x, x[:4]])  # 8 rows; the same in both steps: added, step 1 doubles
+            model(x, counts).float().pow(2).mean().backward()
+            reference(x, counts).float().pow(2).mean().backward()
+        merger.flush()
+        masters.finish_accumulation()
+        for master, param in zip(masters.params, reference.parameters()):
+            torch.testing.assert_close(master.grad, param.grad.float(), rtol=2e-2, atol=1e-4)
+        masters.sums_consumed()  # what MasterAdamW's step does with store_first
+
+
 def _steps_with(store_first: bool, idle_step: int):
     """Three MasterAdamW steps of MICRO_BATCHES micro-batches; in step `idle_step` the last
     layer gets no gradient (its input detached from it: only the first layer trains). Returns

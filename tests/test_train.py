@@ -536,3 +536,19 @@ def test_validation_runs_eager_under_cuda_graphs(monkeypatch):
         with eval_stance(SimpleNamespace(args=args, device=device)):
             pass
     assert stances == ["force_eager"]
+
+
+def test_only_expert_wgrad_step_attaches_a_merger():
+    """--expert-wgrad step hands the routed experts' weight gradients to a merger; micro-batch
+    and in-gemm attach none (in-gemm with one attached ran the merged path instead of its
+    own)."""
+    from megatron_dsv3.moe.experts import RoutedExperts
+    from megatron_dsv3.train.args import parse_args
+    from megatron_dsv3.train.build import expert_grad_merger
+
+    for mode, attached in (("micro-batch", False), ("in-gemm", False), ("step", True)):
+        experts = RoutedExperts(2, 8, 4, tp_group=None, dtype=torch.float32, impl="loop")
+        merger = expert_grad_merger(experts, parse_args(["--preset", "tiny", "--expert-wgrad",
+                                                         mode])[0])
+        assert (merger is not None) == attached, mode
+        assert (experts.weight_grad_merger is not None) == attached, mode

@@ -172,7 +172,7 @@ class _ExpertsLinear(torch.autograd.Function):
             return torch.stack([grad_y_NO[a:b].t() @ x_NI[a:b] for a, b in bounds])
 
         if ctx.needs_input_grad[1] and ctx.merger is not None:  # expert_wgrad.py: later,
-            ctx.merger.add(ctx.weight, grad_y_NO, x_NI, groups, ctx.impl)  # over micro-batches
+            ctx.merger.add(ctx.weight, grad_y_NO, x_NI, groups)  # over micro-batches
         elif ctx.needs_input_grad[1] and ctx.fp32_grad is not None:  # into the fp32 sum,
             grouped_wgrad_add_(grad_y_NO, x_NI, groups, ctx.fp32_grad)  # inside the GEMM
         elif ctx.needs_input_grad[1]:

@@ -163,15 +163,14 @@ def sum_expert_grads_in_gemm_if_asked(model: torch.nn.Module, args, masters,
     return True
 
 
-def expert_grad_merger(model: torch.nn.Module, args, device: torch.device):
-    """--expert-wgrad step: an ExpertGradMerger attached to the model's routed experts (keeping
-    copies of its operands where CUDA graphs would overwrite them); micro-batch: None
-    (autograd's per-micro-batch gradients)."""
+def expert_grad_merger(model: torch.nn.Module, args, masters=None):
+    """--expert-wgrad step: an ExpertGradMerger attached to the model's routed experts, storing
+    into the masters' fp32 sums where they hold nothing of the step yet; otherwise None."""
     from ..moe.expert_wgrad import ExpertGradMerger, attach_expert_grad_merger
 
-    if args.expert_wgrad == "micro-batch":
+    if args.expert_wgrad != "step":
         return None
-    merger = ExpertGradMerger(copy_operands=uses_cuda_graphs(args, device))
+    merger = ExpertGradMerger(stores_first=None if masters is None else masters.claims_sum)
     attach_expert_grad_merger(model, merger)
     return merger
 

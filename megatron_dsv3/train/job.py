@@ -77,13 +77,14 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
     model = build_initial_model(cfg, pg, args.seed, device)  # fp32
     dtype = params_dtype(args, device)
     # bf16: the fp32 weights become the masters (exactly), the model gets their rounding
-    # every gradient through the masters' hook (no merged, deferred or in-GEMM weight
-    # gradients): the first of a step is stored, not added to a zeroed sum
-    store_first = args.expert_wgrad == "micro-batch" and args.pipeline_parallel_size == 1
+    # every gradient through the masters' hook or the step's merged expert gradients (no
+    # deferred or in-GEMM weight gradients): the first of a step is stored, not added to a
+    # zeroed sum
+    store_first = args.expert_wgrad != "in-gemm" and args.pipeline_parallel_size == 1
     masters = (MasterWeights(model, dtype, store_first=store_first)
                if dtype != torch.float32 else None)
     compile_for_device(model, args, device)
-    expert_grads = expert_grad_merger(model, args, device)
+    expert_grads = expert_grad_merger(model, args, masters)
     sum_expert_grads_in_gemm_if_asked(model, args, masters, device)
     pipeline = None
     if args.pipeline_parallel_size > 1:

@@ -20,7 +20,8 @@ With `store_first=True` the first gradient a master receives in a step is stored
 the sums as they are instead of zeroing them: 8 bytes per parameter and step less (of ~106 at
 8 micro-batches); `finish_accumulation()`, after the step's last backward, zeroes the sums of
 masters that got no gradient. Only for runs in which every gradient arrives through the hook
-(not with deferred or merged weight gradients, or sums added inside a GEMM: train/build.py).
+or is written by code that asks `claims_sum` first (moe/expert_wgrad.py's merged expert
+gradients); not with deferred weight gradients or sums added inside a GEMM (train/job.py).
 
 `state_dict()` is the model's state dict with the fp32 masters in place of the parameters, so
 a checkpoint holds the same fp32 weights whether the run kept fp32 parameters or bf16 ones with
@@ -59,6 +60,7 @@ class MasterWeights:
         self.params: list[torch.Tensor] = []
         # store_first: whether master i's sum holds this step's gradients yet
         self.holds_sum = [False] * len(self.model_params)
+        self._index = {id(p): i for i, p in enumerate(self.model_params)}
         for index, param in enumerate(self.model_params):
             master = param.detach().float().clone()  # exactly the weights the model was given
             master.grad = torch.zeros_like(master)
@@ -86,11 +88,22 @@ class MasterWeights:
             # (weight_grad.py, moe/expert_wgrad.py, moe/experts.py's sums inside the GEMM)
             if param.grad is None:
                 return
-            store = self.store_first and not self.holds_sum[index]
-            add_into_fp32_(buffer, param.grad, store=store)
-            self.holds_sum[index] = True
+            add_into_fp32_(buffer, param.grad, store=self._claim(index))
             param.grad = None
         return hook
+
+    def _claim(self, index: int) -> bool:
+        """Whether master `index`'s next gradient is stored into its sum rather than added
+        (store_first, nothing of this step there yet); from now on the sum holds the step's."""
+        store = self.store_first and not self.holds_sum[index]
+        self.holds_sum[index] = True
+        return store
+
+    def claims_sum(self, param: torch.Tensor) -> bool:
+        """For a gradient that model parameter `param` receives outside its hook, written into
+        its `main_grad` directly (moe/expert_wgrad.py): True where it must be stored, not
+        added; the sum then holds this step's gradient."""
+        return self._claim(self._index[id(param)])
 
     @torch.no_grad()
     def finish_accumulation(self) -> None:
@@ -125,10 +138,9 @@ class MasterWeights:
         """Load a model state dict (fp32 values, e.g. `state_dict()`'s or an fp32 model's) into
         the model's buffers and the masters, then publish the masters into the parameters."""
         self.model.load_state_dict(state)
-        index = {id(p): i for i, p in enumerate(self.model_params)}
         for name, param in self.model.named_parameters():
-            if id(param) in index:
-                self.params[index[id(param)]].copy_(state[name])
+            if id(param) in self._index:
+                self.params[self._index[id(param)]].copy_(state[name])
         self.publish()
 
 

@@ -39,9 +39,11 @@ from .experts import Groups, RoutedExperts
 
 class _Segments:
     """One expert weight's (dY, X) rows and expert end offsets, one segment per micro-batch,
-    in buffers [segments, rows, features] that grow to the largest step seen and are kept."""
+    in buffers [segments, rows, features] that grow to the largest step seen and are kept.
+    `segments`: how many to make room for at first (the micro-batches of a step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, segments: int) -> None:
+        self.first_segments = segments
         self.grad_y: Optional[torch.Tensor] = None
         self.x: Optional[torch.Tensor] = None
         self.ends: Optional[torch.Tensor] = None
@@ -58,12 +60,14 @@ class _Segments:
         self.count += 1
 
     def _grow(self, grad_y_NO, x_NI, ends_E) -> None:
-        """Room for twice the segments (at least 8) and the larger row count; what is held is
-        kept."""
+        """Room for the first step's segments (then twice as many as held) and the larger row
+        count; what is held is kept."""
         old = (self.grad_y, self.x, self.ends)
         held = self.count
-        full = old[0] is None or held == old[0].shape[0]
-        segments = max(8, 2 * held) if full else old[0].shape[0]
+        if old[0] is None:
+            segments = self.first_segments
+        else:
+            segments = 2 * held if held == old[0].shape[0] else old[0].shape[0]
         rows = max(grad_y_NO.shape[0], 0 if old[0] is None else old[0].shape[1])
         self.grad_y = grad_y_NO.new_empty(segments, rows, grad_y_NO.shape[1])
         self.x = x_NI.new_empty(segments, rows, x_NI.shape[1])
@@ -79,9 +83,15 @@ class _Segments:
 
 
 class ExpertGradMerger:
-    """Per expert weight, the (dY, X, expert ends) of each micro-batch since the last flush."""
+    """Per expert weight, the (dY, X, expert ends) of each micro-batch since the last flush;
+    `micro_batches`: how many a step has (the buffers' first size; more make them grow)."""
 
-    def __init__(self, stores_first: Optional[Callable[[torch.Tensor], bool]] = None) -> None:
+    def __init__(self, stores_first: Optional[Callable[[torch.Tensor], bool]] = None,
+                 micro_batches: int = 8) -> None:
+        if micro_batches < 1:
+            raise ValueError(f"ExpertGradMerger(micro_batches={micro_batches}) is invalid: a "
+                             "step has at least one micro-batch")
+        self.micro_batches = micro_batches
         self._pending: dict[int, tuple[torch.Tensor, _Segments]] = {}
         self._buffers: dict[int, _Segments] = {}
         self.stores_first = stores_first
@@ -90,7 +100,7 @@ class ExpertGradMerger:
             groups: Groups) -> None:
         """Copy one micro-batch's operands of `weight`'s gradient (called by the experts'
         autograd backward instead of computing it)."""
-        segments = self._buffers.setdefault(id(weight), _Segments())
+        segments = self._buffers.setdefault(id(weight), _Segments(self.micro_batches))
         self._pending.setdefault(id(weight), (weight, segments))
         ends_E = (groups if isinstance(groups, torch.Tensor) else
                   torch.tensor(groups, dtype=torch.int64).cumsum(0).to(torch.int32))

@@ -108,15 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--expert-wgrad", default="micro-batch", choices=("micro-batch", "in-gemm", "step"),
         help="when and how the routed experts' weight gradients are computed. micro-batch: in "
              "each backward, as autograd does (a bf16 gradient, then added into the fp32 sum). "
-             "in-gemm: in each backward, by a grouped GEMM that adds them into the fp32 sums "
-             "itself (kernels/grouped_wgrad.py; bf16 parameters with fp32 masters on a GPU; "
-             "not yet measured against micro-batch, hence opt-in). step: once per optimizer "
-             "step, over all its micro-batches in one grouped GEMM per projection (fewer, "
-             "fuller GEMMs and one fp32 addition per step instead of one per micro-batch), "
-             "keeping each micro-batch's "
-             "expert inputs and output gradients until then (proxy: +16 GiB); the experts then "
-             "run outside torch.compile, and on one H200 (proxy, 8 x 4096 tokens) the step was "
-             "not faster for it, 640 ms against 632 (benchmarks/RESULTS.md)")
+             "in-gemm: in each backward, by a Triton grouped GEMM that adds them into the fp32 "
+             "sums itself (kernels/grouped_wgrad.py; bf16 parameters with fp32 masters on a "
+             "GPU). step: once per optimizer step, one grouped GEMM per projection over all "
+             "its micro-batches' rows, the fp32 sum written once (moe/expert_wgrad.py), keeping "
+             "a copy of each micro-batch's expert inputs and output gradients until then "
+             "(proxy: ~0.4 GB per MoE layer and micro-batch); the experts then run outside "
+             "torch.compile. Both opt-in until measured faster than micro-batch in the job "
+             "(benchmarks/RESULTS.md)")
     add("--fp8", default="none", choices=("none", "deepseek"),
         help="FP8 training: deepseek runs the precision map's linears (MLA projections but the "
              "KV down- and output projections, dense FFNs, shared and routed experts) with E4M3 "

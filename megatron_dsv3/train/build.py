@@ -170,7 +170,8 @@ def expert_grad_merger(model: torch.nn.Module, args, masters=None):
 
     if args.expert_wgrad != "step":
         return None
-    merger = ExpertGradMerger(stores_first=None if masters is None else masters.claims_sum)
+    merger = ExpertGradMerger(stores_first=None if masters is None else masters.claims_sum,
+                              micro_batches=args.grad_accum)
     attach_expert_grad_merger(model, merger)
     return merger
 

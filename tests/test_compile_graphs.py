@@ -47,19 +47,25 @@ def _module_of(model, kind):
     return next(m for m in model.modules() if isinstance(m, kinds[kind]))
 
 
-@pytest.mark.parametrize("kind", ["attention", "moe", "moe-sums-in-gemm", "dense", "dense-layer",
-                                  "moe-layer"])
+@pytest.mark.parametrize("kind", ["attention", "moe", "moe-sums-in-gemm", "moe-merged", "dense",
+                                  "dense-layer", "moe-layer"])
 def test_each_compiled_module_is_one_graph(tiny_bf16, kind, monkeypatch):
     from megatron_dsv3.moe import experts
 
     monkeypatch.setattr(experts, "resolve_experts_impl", lambda impl, device: "grouped_mm")
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")  # the suite turns dynamo off
     cfg, model = tiny_bf16
-    module = _module_of(model, kind.removesuffix("-sums-in-gemm"))
+    module = _module_of(model, kind.removesuffix("-sums-in-gemm").removesuffix("-merged"))
     if kind == "moe-sums-in-gemm":  # the experts' weight gradients into fp32 sums (a custom op)
         for weight in (module.experts.fc1, module.experts.fc2):
             monkeypatch.setattr(weight, "main_grad", torch.zeros(weight.shape), raising=False)
         monkeypatch.setattr(module.experts, "grads_into_main_grad", True)
+    if kind == "moe-merged":  # --expert-wgrad step: the operands copied into segment buffers
+        from megatron_dsv3.moe.expert_wgrad import ExpertGradMerger
+
+        for name in ("weight_grad_merger", "fc1_segments", "fc2_segments"):
+            monkeypatch.setattr(module.experts, name, None)  # back to None after the test
+        ExpertGradMerger(2, 32 * cfg.moe.top_k).attach(module)
     x = torch.randn(32, 1, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
     args = (x, None) if kind == "attention" else (x,)
     kwargs = {"attention_mask": None} if kind.endswith("-layer") else {}

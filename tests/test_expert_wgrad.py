@@ -8,13 +8,15 @@ GEMM over all rows instead of per micro-batch and then added.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
-from megatron_dsv3.moe.expert_wgrad import ExpertGradMerger, attach_expert_grad_merger
+from megatron_dsv3.moe.expert_wgrad import ExpertGradMerger
 from megatron_dsv3.moe.experts import RoutedExperts
 
 EXPERTS, HIDDEN, FFN, MICRO_BATCHES = 4, 16, 8, 3
+ROWS = EXPERTS * 6  # the most rows _micro_batches gives a micro-batch
 
 
 def _experts(seed: int) -> RoutedExperts:
@@ -36,84 +38,109 @@ def _micro_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     return batches
 
 
+def _merger(micro_batches: int = MICRO_BATCHES, **kwargs) -> ExpertGradMerger:
+    return ExpertGradMerger(micro_batches, ROWS, dtype=torch.float32, **kwargs)
+
+
 def test_merged_gradients_equal_the_sum_of_each_micro_batchs_and_input_gradients_are_unchanged():
+    """Also: the operands are copied (under CUDA graphs the next replay overwrites the memory
+    they came in): the tensors overwritten after each backward change nothing."""
     seed = int(torch.randint(0, 2**31 - 1, ()))
     reference, merged = _experts(seed), _experts(seed)
-    merger = ExpertGradMerger()
-    assert attach_expert_grad_merger(merged, merger) == 1
+    merger = _merger()
+    assert merger.attach(merged) == 1
     for x, counts, grad_out in _micro_batches():
         x_ref, x_new = x.clone().requires_grad_(), x.clone().requires_grad_()
         (reference(x_ref, counts) * grad_out).sum().backward()
+        merger.begin_micro_batch()
         out = merged(x_new, counts)
         assert_equal(out, reference(x, counts), "forward")
         (out * grad_out).sum().backward()
         assert_equal(x_new.grad, x_ref.grad, "input gradient (computed at once, as before)")
+        for reused in (x_new, x_new.grad, grad_out, out):
+            reused.detach().fill_(7.0)  # the next replay writes its own values there
     assert merged.fc1.grad is None and merged.fc2.grad is None, "no weight gradient before flush"
-    assert len(merger) == 2
+    assert merger.count == MICRO_BATCHES
     merger.flush()
-    assert len(merger) == 0
+    assert merger.count == 0
     for name in ("fc1", "fc2"):
         assert_close(getattr(merged, name).grad, getattr(reference, name).grad,
                      FP32_REORDER, f"{name} (seed {seed})")
 
 
-def test_flush_adds_into_main_grad_when_the_weight_has_one():
-    experts = _experts(0)
-    merger = ExpertGradMerger()
-    attach_expert_grad_merger(experts, merger)
-    experts.fc1.main_grad = torch.ones_like(experts.fc1)
-    experts.fc2.main_grad = torch.zeros_like(experts.fc2)
-    x, counts, grad_out = _micro_batches()[0]
-    (experts(x, counts) * grad_out).sum().backward()
-    merger.flush()
-    reference = _experts(0)
-    (reference(x, counts) * grad_out).sum().backward()
-    assert experts.fc1.grad is None
-    assert_close(experts.fc1.main_grad, reference.fc1.grad + 1, FP32_REORDER, "fc1 main_grad")
-    assert_close(experts.fc2.main_grad, reference.fc2.grad, FP32_REORDER, "fc2 main_grad")
-
-
-def test_operands_are_copied_so_that_reused_memory_and_more_micro_batches_change_nothing():
-    """The merger copies what `add` is given (CUDA graphs replay into the same memory): the
-    tensors overwritten after each backward leave the merged gradient as it was. Ten
-    micro-batches of growing row counts: the buffers grow past their first size (3 segments,
-    the first micro-batch's rows) and keep what they held."""
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    weight = torch.zeros(EXPERTS, HIDDEN, FFN)
-    merger = ExpertGradMerger(micro_batches=3)
-    expected = torch.zeros(EXPERTS, HIDDEN, FFN)
-    for m in range(10):
-        counts = torch.randint(0, 3 + m, (EXPERTS,))
-        grad_y, x = torch.randn(int(counts.sum()), HIDDEN), torch.randn(int(counts.sum()), FFN)
-        start = 0
-        for e, count in enumerate(counts.tolist()):
-            expected[e] += grad_y[start:start + count].t() @ x[start:start + count]
-            start += count
-        merger.add(weight, grad_y, x, counts.tolist())
-        grad_y.fill_(7.0)  # the next replay writes its own values there
-        x.fill_(-3.0)
-    merger.flush()
-    assert_close(weight.grad, expected, FP32_REORDER, "merged gradient of 10 micro-batches")
-
-
-def test_flush_stores_where_the_sum_holds_nothing_of_the_step_yet():
-    """`stores_first` (MasterWeights.claims_sum) says True: the flush overwrites the weight's
-    fp32 sum (an earlier step's values are not added to); False: it adds."""
-    experts = _experts(0)
-    for store in (True, False):
+def test_flush_adds_into_main_grad_or_stores_where_the_sum_holds_nothing_of_the_step():
+    """Without `stores_first`, or where it says False, the flush adds into the fp32
+    `main_grad`; where it says True (MasterWeights.claims_sum) it overwrites it."""
+    for store in (None, True, False):
+        experts = _experts(0)
         asked = []
-        merger = ExpertGradMerger(stores_first=lambda w: asked.append(w) or store)
-        attach_expert_grad_merger(experts, merger)
+        merger = _merger(stores_first=None if store is None
+                         else lambda w: asked.append(w) or store)
+        merger.attach(experts)
         experts.fc1.main_grad = torch.full_like(experts.fc1, 5.0)
         experts.fc2.main_grad = torch.full_like(experts.fc2, 5.0)
         x, counts, grad_out = _micro_batches()[0]
+        merger.begin_micro_batch()
         (experts(x, counts) * grad_out).sum().backward()
         merger.flush()
         reference = _experts(0)
         (reference(x, counts) * grad_out).sum().backward()
-        assert sorted(map(id, asked)) == sorted(map(id, (experts.fc1, experts.fc2)))
+        assert experts.fc1.grad is None
+        if store is not None:
+            assert sorted(map(id, asked)) == sorted(map(id, (experts.fc1, experts.fc2)))
         offset = 0.0 if store else 5.0
         for name in ("fc1", "fc2"):
             assert_close(getattr(experts, name).main_grad,
                          getattr(reference, name).grad + offset, FP32_REORDER,
                          f"{name} main_grad, store={store}")
+
+
+def test_more_micro_batches_or_rows_than_the_buffers_hold_are_refused():
+    experts = _experts(0)
+    merger = _merger(micro_batches=1)
+    merger.attach(experts)
+    merger.begin_micro_batch()
+    with pytest.raises(RuntimeError, match="holds 1 micro-batches and was not flushed"):
+        merger.begin_micro_batch()
+    merger.flush()
+    merger.begin_micro_batch()
+    x = torch.randn(ROWS + 1, HIDDEN, requires_grad=True)
+    with pytest.raises(ValueError, match=f"brought {ROWS + 1} expert rows, its buffers hold "
+                                         f"{ROWS}"):
+        experts(x, torch.tensor([ROWS + 1, 0, 0, 0]))
+    with pytest.raises(ValueError, match="micro_batches=0"):
+        ExpertGradMerger(0, ROWS)
+
+
+def test_compiled_experts_stash_the_same_operands_as_eager(monkeypatch):
+    """Under torch.compile (AOT autograd, the graphs inductor would get; fullgraph, so no graph
+    break around the experts) the backward's copies into the buffers happen at the slot the
+    step set, exactly as in eager: the merged gradients are equal."""
+    from megatron_dsv3.moe import experts as experts_mod
+
+    monkeypatch.setattr(experts_mod, "resolve_experts_impl", lambda impl, device: impl)
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")  # the suite turns dynamo off
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+
+    def merged_grads(compiled: bool) -> list[torch.Tensor]:
+        torch.manual_seed(seed)
+        module = RoutedExperts(EXPERTS, HIDDEN, FFN, tp_group=None, dtype=torch.bfloat16,
+                               impl="grouped_mm", init_std=0.2)
+        merger = ExpertGradMerger(2, 16)
+        merger.attach(module)
+        run = torch.compile(module, backend="aot_eager", fullgraph=True) if compiled else module
+        gen = torch.Generator().manual_seed(seed)
+        for counts in (torch.tensor([3, 0, 5, 8]), torch.tensor([1, 7, 0, 8])):
+            merger.begin_micro_batch()
+            x = torch.randn(16, HIDDEN, generator=gen).to(torch.bfloat16)
+            run(x, counts).float().pow(2).sum().backward()
+        merger.flush()
+        return [module.fc1.grad, module.fc2.grad]
+
+    eager = merged_grads(False)
+    torch._dynamo.reset()
+    compiled = merged_grads(True)
+    torch._dynamo.reset()
+    for name, a, b in zip(("fc1", "fc2"), compiled, eager):
+        assert b.abs().max() > 0
+        assert torch.equal(a, b), f"{name} (seed {seed})"

@@ -116,7 +116,7 @@ def test_parallel_attributes_travel_and_an_fp32_model_dtype_is_refused():
 def test_weights_whose_gradient_is_merged_elsewhere_get_it_in_their_fp32_master():
     """The routed experts with --expert-wgrad step: autograd brings no gradient to their
     weights (the hooks see None); the merger adds the step's into `main_grad`, the master's."""
-    from megatron_dsv3.moe.expert_wgrad import ExpertGradMerger, attach_expert_grad_merger
+    from megatron_dsv3.moe.expert_wgrad import ExpertGradMerger
     from megatron_dsv3.moe.experts import RoutedExperts
 
     def experts():
@@ -125,11 +125,13 @@ def test_weights_whose_gradient_is_merged_elsewhere_get_it_in_their_fp32_master(
                              init_std=0.2)
 
     model, reference = experts(), experts()
-    masters, merger = MasterWeights(model), ExpertGradMerger()
+    masters = MasterWeights(model)
+    merger = ExpertGradMerger(len(_batches()), 8)
     reference = reference.to(torch.bfloat16)
-    attach_expert_grad_merger(model, merger)
+    merger.attach(model)
     counts = torch.tensor([3, 5])
     for x in _batches():
+        merger.begin_micro_batch()
         x = torch.cat([x, x[:4]])  # 8 rows
         model(x, counts).float().pow(2).mean().backward()
         reference(x, counts).float().pow(2).mean().backward()
@@ -144,7 +146,7 @@ def test_merged_expert_gradients_are_stored_into_sums_that_hold_nothing_of_the_s
     """store_first with the merger asking `claims_sum`: two steps, no optimizer zeroing the
     sums in between; each step's flush stores the step's gradient (adding it to the previous
     step's would double it), and finish_accumulation keeps it."""
-    from megatron_dsv3.moe.expert_wgrad import ExpertGradMerger, attach_expert_grad_merger
+    from megatron_dsv3.moe.expert_wgrad import ExpertGradMerger
     from megatron_dsv3.moe.experts import RoutedExperts
 
     def experts():
@@ -154,12 +156,13 @@ def test_merged_expert_gradients_are_stored_into_sums_that_hold_nothing_of_the_s
 
     model = experts()
     masters = MasterWeights(model, store_first=True)
-    merger = ExpertGradMerger(stores_first=masters.claims_sum)
-    attach_expert_grad_merger(model, merger)
+    merger = ExpertGradMerger(len(_batches()), 8, stores_first=masters.claims_sum)
+    merger.attach(model)
     counts = torch.tensor([3, 5])
     for step in range(2):
         reference = experts().to(torch.bfloat16)
         for x in _batches():
+            merger.begin_micro_batch()
             x = torch.cat([x, x[:4]])  # 8 rows; the same in both steps: added, step 1 doubles
             model(x, counts).float().pow(2).mean().backward()
             reference(x, counts).float().pow(2).mean().backward()

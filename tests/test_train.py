@@ -546,9 +546,11 @@ def test_only_expert_wgrad_step_attaches_a_merger():
     from megatron_dsv3.train.args import parse_args
     from megatron_dsv3.train.build import expert_grad_merger
 
+    from megatron_dsv3.config import preset
+
     for mode, attached in (("micro-batch", False), ("in-gemm", False), ("step", True)):
         experts = RoutedExperts(2, 8, 4, tp_group=None, dtype=torch.float32, impl="loop")
         merger = expert_grad_merger(experts, parse_args(["--preset", "tiny", "--expert-wgrad",
-                                                         mode])[0])
+                                                         mode])[0], preset("tiny"))
         assert (merger is not None) == attached, mode
         assert (experts.weight_grad_merger is not None) == attached, mode

@@ -18,7 +18,9 @@ once per micro-batch.
 
 `ends` are the int32 end offsets of each expert's rows within its segment (what
 torch._grouped_mm takes as `offs`). `grouped_wgrad_add_` is a torch custom op that declares
-its mutation of `sum_EOI`, so it runs inside torch.compile'd graphs and CUDA graphs. The
+its mutation of `sum_EOI`, so it runs inside torch.compile'd graphs and CUDA graphs; so is
+`stash_segment_`, which copies a micro-batch's operands into segment `slot` of such buffers
+(`slot` a device tensor: no host sync). The
 Triton kernel runs on a GPU (bf16 operands, fp32 sum); `grouped_wgrad_reference` (fp32
 matmuls per expert) elsewhere.
 """
@@ -140,4 +142,16 @@ def grouped_wgrad_add_(grad_y_NO: torch.Tensor, x_NI: torch.Tensor, ends_E: torc
 
 @grouped_wgrad_add_.register_fake
 def _(grad_y_NO, x_NI, ends_E, sum_EOI) -> None:
+    return None
+
+
+@torch.library.custom_op("megatron_dsv3::stash_segment_", mutates_args=("buffer_SNC",))
+def stash_segment_(buffer_SNC: torch.Tensor, slot: torch.Tensor, rows_NC: torch.Tensor) -> None:
+    """buffer_SNC[slot, :N] = rows_NC, with `slot` a one-element int64 tensor on the buffer's
+    device (no host sync)."""
+    buffer_SNC.narrow(1, 0, rows_NC.shape[0]).index_copy_(0, slot, rows_NC.unsqueeze(0))
+
+
+@stash_segment_.register_fake
+def _(buffer_SNC, slot, rows_NC) -> None:
     return None

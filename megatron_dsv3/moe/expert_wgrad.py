@@ -10,17 +10,23 @@ Collected over the micro-batches of an optimizer step instead, the same sum
 
 is one GEMM per expert over all its rows of the step, accumulated in fp32 inside the GEMM,
 and the fp32 gradient is written once per step (kernels/grouped_wgrad.py: the micro-batches are
-the kernel's segments, read where they lie; no reordering of rows). The price is memory: each
-micro-batch's X and dY of every expert projection are copied into buffers that live from step to
-step (the proxy preset: ~0.4 GB per MoE layer and micro-batch). The copy is also what CUDA
-graphs need: under torch.compile's "reduce-overhead" the experts' input comes out of the
-compiled router's graph and the gradient of their output out of the compiled combine's
-backward graph, and the next micro-batch's replay overwrites both.
+the kernel's segments, read where they lie; no reordering of rows).
 
-  merger = ExpertGradMerger()
-  attach_expert_grad_merger(model, merger)   # every RoutedExperts of the model
-  for each micro-batch: loss.backward()       # dX as usual; (dY, X) of each projection copied
-  merger.flush()                              # dW of all of them, into main_grad / .grad
+Each expert projection's backward copies its dY and X (and the experts' row ends) into segment
+`slot` of buffers [micro-batches, rows, features] made when the merger is attached, with a
+custom op that declares the mutation (kernels/grouped_wgrad.stash_segment_): the copy needs no host sync and no
+Python state, so the experts' backward stays inside torch.compile's graph and its CUDA graph
+(the buffers have static addresses; `slot` is a device tensor the step sets before each
+micro-batch). The copy is also what CUDA graphs need: the next micro-batch's replay overwrites
+the memory the operands came in. The price is memory: the proxy preset, ~0.4 GB per MoE layer
+and micro-batch. `rows` is fixed: every token goes to top-k experts, so a micro-batch of T
+tokens has T * top_k rows without expert parallelism (with it, the rows a rank receives vary:
+not supported).
+
+  merger = ExpertGradMerger(micro_batches=8, rows=4096 * 6)
+  merger.attach(model)                       # every RoutedExperts of the model
+  for each micro-batch: merger.begin_micro_batch(); loss.backward()   # dX as usual
+  merger.flush()                             # dW of all of them, into main_grad / .grad
 
 `stores_first(weight)` (MasterWeights.claims_sum): whether the weight's fp32 sum holds nothing
 of this step yet, so that the flush stores the gradient instead of adding it to a zeroed sum.
@@ -34,105 +40,82 @@ import torch
 
 from ..kernels.grouped_wgrad import grouped_wgrad_segments
 from ..weight_grad import accumulate_weight_grad
-from .experts import Groups, RoutedExperts
+from .experts import RoutedExperts
 
 
-class _Segments:
-    """One expert weight's (dY, X) rows and expert end offsets, one segment per micro-batch,
-    in buffers [segments, rows, features] that grow to the largest step seen and are kept.
-    `segments`: how many to make room for at first (the micro-batches of a step)."""
+class Segments:
+    """One expert weight's buffers: dY [S, N, O], X [S, N, I], the experts' end rows [S, E]
+    (int32), and the merger's `slot` (shared by every weight)."""
 
-    def __init__(self, segments: int) -> None:
-        self.first_segments = segments
-        self.grad_y: Optional[torch.Tensor] = None
-        self.x: Optional[torch.Tensor] = None
-        self.ends: Optional[torch.Tensor] = None
-        self.count = 0
-
-    def append(self, grad_y_NO: torch.Tensor, x_NI: torch.Tensor, ends_E: torch.Tensor) -> None:
-        rows = grad_y_NO.shape[0]
-        if (self.grad_y is None or self.count == self.grad_y.shape[0]
-                or rows > self.grad_y.shape[1] or self.grad_y.dtype != grad_y_NO.dtype):
-            self._grow(grad_y_NO, x_NI, ends_E)
-        self.grad_y[self.count, :rows].copy_(grad_y_NO)
-        self.x[self.count, :rows].copy_(x_NI)
-        self.ends[self.count].copy_(ends_E)
-        self.count += 1
-
-    def _grow(self, grad_y_NO, x_NI, ends_E) -> None:
-        """Room for the first step's segments (then twice as many as held) and the larger row
-        count; what is held is kept."""
-        old = (self.grad_y, self.x, self.ends)
-        held = self.count
-        if old[0] is None:
-            segments = self.first_segments
-        else:
-            segments = 2 * held if held == old[0].shape[0] else old[0].shape[0]
-        rows = max(grad_y_NO.shape[0], 0 if old[0] is None else old[0].shape[1])
-        self.grad_y = grad_y_NO.new_empty(segments, rows, grad_y_NO.shape[1])
-        self.x = x_NI.new_empty(segments, rows, x_NI.shape[1])
-        self.ends = ends_E.new_empty(segments, ends_E.shape[0])
-        if held:
-            for new, kept in zip((self.grad_y, self.x, self.ends), old):
-                new[:held, :kept.shape[1]].copy_(kept[:held])
-
-    def release_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The held segments (views of the buffers, valid until the next append); emptied."""
-        held, self.count = self.count, 0
-        return self.grad_y[:held], self.x[:held], self.ends[:held]
+    def __init__(self, weight: torch.Tensor, micro_batches: int, rows: int,
+                 slot: torch.Tensor, dtype: torch.dtype) -> None:
+        experts, out_features, in_features = weight.shape
+        make = dict(device=weight.device, dtype=dtype)
+        self.weight = weight
+        self.grad_y = torch.zeros(micro_batches, rows, out_features, **make)
+        self.x = torch.zeros(micro_batches, rows, in_features, **make)
+        self.ends = torch.zeros(micro_batches, experts, device=weight.device, dtype=torch.int32)
+        self.slot = slot
+        for buffer in (self.grad_y, self.x, self.ends):  # CUDA graphs may keep their address
+            torch._dynamo.mark_static_address(buffer)
 
 
 class ExpertGradMerger:
-    """Per expert weight, the (dY, X, expert ends) of each micro-batch since the last flush;
-    `micro_batches`: how many a step has (the buffers' first size; more make them grow)."""
+    """Segment buffers for every routed-expert weight of the modules it is attached to, for
+    `micro_batches` micro-batches of `rows` expert rows each, in `dtype` (the GEMMs' operands:
+    bf16 on a GPU)."""
 
-    def __init__(self, stores_first: Optional[Callable[[torch.Tensor], bool]] = None,
-                 micro_batches: int = 8) -> None:
-        if micro_batches < 1:
-            raise ValueError(f"ExpertGradMerger(micro_batches={micro_batches}) is invalid: a "
-                             "step has at least one micro-batch")
-        self.micro_batches = micro_batches
-        self._pending: dict[int, tuple[torch.Tensor, _Segments]] = {}
-        self._buffers: dict[int, _Segments] = {}
+    def __init__(self, micro_batches: int, rows: int, *, dtype: torch.dtype = torch.bfloat16,
+                 stores_first: Optional[Callable[[torch.Tensor], bool]] = None) -> None:
+        if micro_batches < 1 or rows < 1:
+            raise ValueError(f"ExpertGradMerger(micro_batches={micro_batches}, rows={rows}) is "
+                             "invalid: a step has at least one micro-batch of at least one row")
+        self.micro_batches, self.rows, self.dtype = micro_batches, rows, dtype
         self.stores_first = stores_first
+        self.segments: list[Segments] = []
+        self.slot: Optional[torch.Tensor] = None
+        self.count = 0  # micro-batches begun since the last flush
 
-    def add(self, weight: torch.Tensor, grad_y_NO: torch.Tensor, x_NI: torch.Tensor,
-            groups: Groups) -> None:
-        """Copy one micro-batch's operands of `weight`'s gradient (called by the experts'
-        autograd backward instead of computing it)."""
-        segments = self._buffers.setdefault(id(weight), _Segments(self.micro_batches))
-        self._pending.setdefault(id(weight), (weight, segments))
-        ends_E = (groups if isinstance(groups, torch.Tensor) else
-                  torch.tensor(groups, dtype=torch.int64).cumsum(0).to(torch.int32))
-        segments.append(grad_y_NO, x_NI, ends_E.to(device=grad_y_NO.device, dtype=torch.int32))
+    def attach(self, module: torch.nn.Module) -> int:
+        """Buffers for, and a pointer to this merger in, every RoutedExperts under `module`;
+        returns how many."""
+        experts = [m for m in module.modules() if isinstance(m, RoutedExperts)]
+        for m in experts:
+            if self.slot is None:
+                self.slot = torch.zeros(1, dtype=torch.int64, device=m.fc1.device)
+                torch._dynamo.mark_static_address(self.slot)
+            m.fc1_segments, m.fc2_segments = (
+                Segments(w, self.micro_batches, self.rows, self.slot, self.dtype)
+                for w in (m.fc1, m.fc2))
+            self.segments += [m.fc1_segments, m.fc2_segments]
+            m.weight_grad_merger = self
+        return len(experts)
 
-    def __len__(self) -> int:
-        """Expert weights with operands held."""
-        return len(self._pending)
+    def begin_micro_batch(self) -> None:
+        """Before a micro-batch's forward: its backward stashes into the next segment."""
+        if self.count == self.micro_batches:
+            raise RuntimeError(f"ExpertGradMerger holds {self.micro_batches} micro-batches and "
+                               "was not flushed: call flush() after each step's last backward, "
+                               "or make it with more micro_batches")
+        self.slot.fill_(self.count)
+        self.count += 1
 
     @torch.no_grad()
     def flush(self) -> None:
-        """Each held weight's gradient over its micro-batches, written once into its fp32
+        """Each weight's gradient over the step's micro-batches, written once into its fp32
         `main_grad` (stored when `stores_first` says its sum is not yet this step's, else
         added), or added to its `.grad`."""
-        pending, self._pending = self._pending, {}
-        for weight, segments in pending.values():
-            grad_y_SNO, x_SNI, ends_SE = segments.release_view()
+        held, self.count = self.count, 0
+        if not held:
+            return
+        for seg in self.segments:
+            operands = (seg.grad_y[:held], seg.x[:held], seg.ends[:held])
+            weight = seg.weight
             main_grad = getattr(weight, "main_grad", None)
             if main_grad is not None and main_grad.dtype == torch.float32:
                 store = self.stores_first is not None and self.stores_first(weight)
-                grouped_wgrad_segments(grad_y_SNO, x_SNI, ends_SE, main_grad,
-                                       accumulate=not store)
+                grouped_wgrad_segments(*operands, main_grad, accumulate=not store)
             else:
                 grad_EOI = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-                grouped_wgrad_segments(grad_y_SNO, x_SNI, ends_SE, grad_EOI, accumulate=False)
+                grouped_wgrad_segments(*operands, grad_EOI, accumulate=False)
                 accumulate_weight_grad(weight, grad_EOI.to(weight.dtype))
-
-
-def attach_expert_grad_merger(module: torch.nn.Module, merger) -> int:
-    """Point every routed-experts module under `module` at `merger` (None detaches); returns
-    how many."""
-    experts = [m for m in module.modules() if isinstance(m, RoutedExperts)]
-    for m in experts:
-        m.weight_grad_merger = merger
-    return len(experts)

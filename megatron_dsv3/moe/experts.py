@@ -34,7 +34,7 @@ from ..config import ConfigError
 from ..fp8.grouped_gemm import Fp8GroupedTensor, transposed_blocks_grouped
 from ..kernels.fp8_grouped_gemm import fp8_grouped_gemm, quantize_128x128_grouped_fused
 from ..kernels.fp8_quantize import quantize_1x128_fused
-from ..kernels.grouped_wgrad import grouped_wgrad_add_
+from ..kernels.grouped_wgrad import grouped_wgrad_add_, stash_segment_
 from ..layers import mark_tensor_parallel, normal_init, tp_size
 from ..sharded_checkpoint import sharded_state_dict_of
 from ..weight_grad import WeightGradStore, autocast_dtype, weight_grad_now_or_later
@@ -127,8 +127,10 @@ class _ExpertsLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups,
-                store: Optional[WeightGradStore], merger,
-                fp32_grad: Optional[torch.Tensor] = None, fp8: bool = False) -> torch.Tensor:
+                store: Optional[WeightGradStore], fp32_grad: Optional[torch.Tensor],
+                fp8: bool, stash_grad_y: Optional[torch.Tensor],
+                stash_x: Optional[torch.Tensor], stash_ends: Optional[torch.Tensor],
+                slot: Optional[torch.Tensor]) -> torch.Tensor:
         x_c, w_c = x_NI, w_EOI
         dtype = autocast_dtype(x_NI.device.type)  # as RoutedExperts casts for _grouped_mm
         if dtype is not None:
@@ -147,7 +149,8 @@ class _ExpertsLinear(torch.autograd.Function):
         # FP8 blocks for the input gradient
         ctx.save_for_backward(x_c, *((w_q.data, w_q.scales) if fp8 else (w_c,)))
         ctx.weight, ctx.impl, ctx.groups, ctx.store = w_EOI, impl, groups, store
-        ctx.merger, ctx.fp32_grad, ctx.fp8 = merger, fp32_grad, fp8
+        ctx.fp32_grad, ctx.fp8 = fp32_grad, fp8
+        ctx.stash = None if slot is None else (stash_grad_y, stash_x, stash_ends, slot)
         return y_NO
 
     @staticmethod
@@ -171,13 +174,16 @@ class _ExpertsLinear(torch.autograd.Function):
                 return torch._grouped_mm(grad_y_NO.t(), x_NI, offs=groups)
             return torch.stack([grad_y_NO[a:b].t() @ x_NI[a:b] for a, b in bounds])
 
-        if ctx.needs_input_grad[1] and ctx.merger is not None:  # expert_wgrad.py: later,
-            ctx.merger.add(ctx.weight, grad_y_NO, x_NI, groups)  # over micro-batches
+        if ctx.needs_input_grad[1] and ctx.stash is not None:  # expert_wgrad.py: later,
+            stash_grad_y, stash_x, stash_ends, slot = ctx.stash  # over micro-batches
+            for buffer, rows in ((stash_grad_y, grad_y_NO), (stash_x, x_NI),
+                                 (stash_ends, _group_ends(groups).to(slot.device))):
+                stash_segment_(buffer, slot, rows.to(buffer.dtype))
         elif ctx.needs_input_grad[1] and ctx.fp32_grad is not None:  # into the fp32 sum,
             grouped_wgrad_add_(grad_y_NO, x_NI, groups, ctx.fp32_grad)  # inside the GEMM
         elif ctx.needs_input_grad[1]:
             grad_w = weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad_EOI)
-        return grad_x, grad_w, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, None
 
 
 Groups = Union[torch.Tensor, list[int]]
@@ -200,15 +206,24 @@ def expert_groups(tokens_per_expert_E: torch.Tensor, impl: str) -> Groups:
 
 
 def experts_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups: Groups,
-                   store: Optional[WeightGradStore] = None, merger=None,
+                   store: Optional[WeightGradStore] = None, segments=None,
                    fp32_grad: Optional[torch.Tensor] = None, fp8: bool = False) -> torch.Tensor:
     """x_NI W_e^T on each expert e's rows, by `impl` ('loop' | 'grouped_mm'); the weight
-    gradient's operands go to `merger` (expert_wgrad.ExpertGradMerger) when there is one, the
+    gradient's operands are copied into `segments` (expert_wgrad.Segments, at the merger's
+    slot) when given, the
     gradient into `fp32_grad` (w_EOI's fp32 sum; grouped_mm only) by the grouped GEMM itself
     (kernels/grouped_wgrad.py) when given, to `store` while it defers, else to autograd as
     usual. `fp8`: the forward and input-gradient GEMMs in FP8 (x and dY in 1x128 tiles, each
     expert's W in 128x128 blocks, the grouped FP8 GEMM); the weight gradient as without."""
-    return _ExpertsLinear.apply(x_NI, w_EOI, impl, groups, store, merger, fp32_grad, fp8)
+    stash = (None,) * 4
+    if segments is not None:
+        if x_NI.shape[0] > segments.x.shape[1]:
+            raise ValueError(
+                f"ExpertGradMerger: a micro-batch brought {x_NI.shape[0]} expert rows, its "
+                f"buffers hold {segments.x.shape[1]} (rows = tokens per micro-batch x top-k); "
+                "make the merger with the micro-batch's row count")
+        stash = (segments.grad_y, segments.x, segments.ends, segments.slot)
+    return _ExpertsLinear.apply(x_NI, w_EOI, impl, groups, store, fp32_grad, fp8, *stash)
 
 
 def mark_expert_parallel(param: torch.nn.Parameter) -> None:
@@ -223,7 +238,8 @@ class RoutedExperts(torch.nn.Module):
     [expert_offset, expert_offset + num_local_experts)."""
 
     weight_grad_store: Optional[WeightGradStore] = None  # set by attach_weight_grad_store
-    weight_grad_merger = None  # set by expert_wgrad.attach_expert_grad_merger
+    weight_grad_merger = None  # set by expert_wgrad.ExpertGradMerger.attach, with
+    fc1_segments = fc2_segments = None  # the buffers of fc1's and fc2's operands
     # True: each backward adds the weight gradients into fc1/fc2.main_grad (fp32) inside the
     # grouped GEMM instead of handing them to autograd (set by sum_expert_grads_in_gemm)
     grads_into_main_grad = False
@@ -256,7 +272,9 @@ class RoutedExperts(torch.nn.Module):
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                 impl: Optional[str] = None) -> torch.Tensor:
         if self.weight_grad_merger is not None and torch.is_grad_enabled():
-            return self._merged_weight_grads(x_ND, tokens_per_expert_E, impl)
+            # the same GEMMs; the weight gradients' operands copied for the step's merged GEMM
+            return self._through_experts_linear(x_ND, tokens_per_expert_E, impl,
+                                                merged=True)
         if self.weight_grad_store is not None:  # the same GEMMs, weight gradients deferrable
             return self._through_experts_linear(x_ND, tokens_per_expert_E, impl,
                                                 store=self.weight_grad_store)
@@ -274,13 +292,6 @@ class RoutedExperts(torch.nn.Module):
             x_ND, fc1, fc2 = x_ND.to(dtype), fc1.to(dtype), fc2.to(dtype)
         return run(x_ND, fc1, fc2, tokens_per_expert_E)
 
-    @torch.compiler.disable  # its backward keeps operands in a Python object: runs eager
-    def _merged_weight_grads(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
-                             impl: Optional[str]) -> torch.Tensor:
-        """The same GEMMs; the weight gradients' operands go to the merger (expert_wgrad.py)."""
-        return self._through_experts_linear(x_ND, tokens_per_expert_E, impl,
-                                            merger=self.weight_grad_merger)
-
     @torch.compiler.disable  # the FP8 quantizers and grouped GEMM are Triton kernels: eager
     def _in_fp8(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                 impl: Optional[str]) -> torch.Tensor:
@@ -288,9 +299,11 @@ class RoutedExperts(torch.nn.Module):
 
     def _through_experts_linear(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                                 impl: Optional[str], store: Optional[WeightGradStore] = None,
-                                merger=None, into_main_grad: bool = False) -> torch.Tensor:
+                                merged: bool = False, into_main_grad: bool = False
+                                ) -> torch.Tensor:
         """fc1, SwiGLU, fc2 as two `experts_linear` calls, whose weight gradients go to `store`
-        or `merger`, or into the weights' fp32 `main_grad` (grouped_mm)."""
+        or (`merged`) into the merger's segments, or into the weights' fp32 `main_grad`
+        (grouped_mm)."""
         name = resolve_experts_impl(impl or self.impl, x_ND.device)
         groups = expert_groups(tokens_per_expert_E, name)
         sums = (None, None)
@@ -301,8 +314,9 @@ class RoutedExperts(torch.nn.Module):
                     "RoutedExperts.grads_into_main_grad needs the grouped_mm experts and an fp32 "
                     f"`main_grad` on fc1 and fc2 (experts_impl={name!r}); give the weights one "
                     "(train/master_weights.MasterWeights does) or turn it off")
-        h_NF2 = experts_linear(x_ND, self.fc1, name, groups, store, merger, sums[0], self.fp8)
-        return experts_linear(swiglu(h_NF2), self.fc2, name, groups, store, merger, sums[1],
+        seg1, seg2 = (self.fc1_segments, self.fc2_segments) if merged else (None, None)
+        h_NF2 = experts_linear(x_ND, self.fc1, name, groups, store, seg1, sums[0], self.fp8)
+        return experts_linear(swiglu(h_NF2), self.fc2, name, groups, store, seg2, sums[1],
                               self.fp8)
 
 

@@ -187,6 +187,10 @@ def validate_args(args: argparse.Namespace, cfg: ModelConfig, world_size: int) -
     need(args.expert_wgrad != "step" or args.pipeline_parallel_size == 1, "--expert-wgrad",
          args.expert_wgrad, "step is not supported with --pipeline-parallel-size > 1 (the "
          "schedules run the weight gradients themselves): pass micro-batch")
+    need(args.expert_wgrad != "step" or args.expert_parallel_size == 1, "--expert-wgrad",
+         args.expert_wgrad, "step is not supported with --expert-parallel-size > 1 (its "
+         "buffers hold a fixed row count per micro-batch; with expert parallelism the rows a "
+         "rank receives vary): pass micro-batch")
     need(args.expert_wgrad != "in-gemm" or (args.device != "cpu"
                                             and args.params_dtype != "float32"
                                             and args.pipeline_parallel_size == 1),

@@ -163,16 +163,20 @@ def sum_expert_grads_in_gemm_if_asked(model: torch.nn.Module, args, masters,
     return True
 
 
-def expert_grad_merger(model: torch.nn.Module, args, masters=None):
-    """--expert-wgrad step: an ExpertGradMerger attached to the model's routed experts, storing
-    into the masters' fp32 sums where they hold nothing of the step yet; otherwise None."""
-    from ..moe.expert_wgrad import ExpertGradMerger, attach_expert_grad_merger
+def expert_grad_merger(model: torch.nn.Module, args, cfg, masters=None):
+    """--expert-wgrad step: an ExpertGradMerger attached to the model's routed experts (buffers
+    for --grad-accum micro-batches of micro-batch x seq-len x top-k rows, in the GEMMs' dtype),
+    storing into the masters' fp32 sums where they hold nothing of the step yet; otherwise
+    None."""
+    from ..moe.expert_wgrad import ExpertGradMerger
 
     if args.expert_wgrad != "step":
         return None
-    merger = ExpertGradMerger(stores_first=None if masters is None else masters.claims_sum,
-                              micro_batches=args.grad_accum)
-    attach_expert_grad_merger(model, merger)
+    bf16 = masters is not None or uses_bf16_autocast(args, next(model.parameters()).device)
+    merger = ExpertGradMerger(args.grad_accum, args.micro_batch_size * args.seq_len
+                              * cfg.moe.top_k, dtype=torch.bfloat16 if bf16 else torch.float32,
+                              stores_first=None if masters is None else masters.claims_sum)
+    merger.attach(model)
     return merger
 
 

@@ -84,7 +84,7 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
     masters = (MasterWeights(model, dtype, store_first=store_first)
                if dtype != torch.float32 else None)
     compile_for_device(model, args, device)
-    expert_grads = expert_grad_merger(model, args, masters)
+    expert_grads = expert_grad_merger(model, args, cfg, masters)
     sum_expert_grads_in_gemm_if_asked(model, args, masters, device)
     pipeline = None
     if args.pipeline_parallel_size > 1:

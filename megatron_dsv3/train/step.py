@@ -184,6 +184,8 @@ def train_step(run: Run, stop_signal: Optional[Callable[[], int]] = None) -> Ste
     else:
         sums = 0
         for micro in range(args.grad_accum):
+            if run.expert_grads is not None:  # its backward stashes into the next segment
+                run.expert_grads.begin_micro_batch()
             loss, lm, mtp, depth_ce = forward_losses(run, *train_batch(micro), mtp_lambda)
             (loss / args.grad_accum).backward()
             balance = sum((m.last_aux_loss for m in layers if m.last_aux_loss is not None),

@@ -1,9 +1,10 @@
 """The DeepSeek-V3 model: Megatron-Core's GPTModel built from our specs.
 
 `DeepSeekV3Model` is Megatron's `GPTModel` (embedding, TransformerBlock, MTP block, output
-layer, vocab-parallel cross-entropy) with one change: with labels it returns the main and the
+layer, vocab-parallel cross-entropy) with two changes: with labels it returns the main and the
 per-depth MTP cross-entropies separately (`LMOutput`) instead of folding MTP into the backward
-with a constant weight, so the training step applies the lambda schedule and reports both.
+with a constant weight, so the training step applies the lambda schedule and reports both; and
+with the vocabulary on one rank on a GPU its cross-entropy is ours (kernels/cross_entropy.py).
 Without labels it returns the main logits [b, s, V] (vocab-parallel unless gathered).
 
 `build_model(cfg, ...)` builds one pipeline stage; `model_provider` is the same thing with the
@@ -19,6 +20,7 @@ import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from .config import FP8_LAYERS, ModelConfig, resolved_linear_backend, to_megatron_config
+from .kernels import cross_entropy as fused_ce
 from .megatron_compat import GPTPostprocessHook
 from .mtp import mtp_targets
 from .specs import decoder_block_spec, mtp_block_spec
@@ -77,6 +79,16 @@ class DeepSeekV3Model(GPTPostprocessHook):
             losses.append(self.compute_language_model_loss(targets, logits_of(chunks[k])))
             valids.append(valid)
         return LMOutput(lm_loss, torch.stack(losses), torch.stack(valids))
+
+    def compute_language_model_loss(self, labels: torch.Tensor,
+                                    logits: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy [b, s] of logits [s, b, V]: with the whole vocabulary on this
+        rank (no tensor parallelism) on a GPU, our two-pass kernels (kernels/cross_entropy.py:
+        the same fp32 loss with a fifth of the memory traffic and no fp32 softmax kept);
+        otherwise Megatron's."""
+        if self.pg_collection.tp.size() == 1 and fused_ce.uses_kernel(logits):
+            return fused_ce.cross_entropy(logits, labels.t()).t().contiguous()
+        return super().compute_language_model_loss(labels, logits)
 
 
 def build_model(cfg: ModelConfig, *, pg_collection: Optional[ProcessGroupCollection] = None,

@@ -240,3 +240,29 @@ def test_fp8_paired_quantize_kernel_is_bit_identical_to_both_references_in_bf16(
         assert got.tiling == want.tiling
         assert torch.equal(got.scales, want.scales), want.tiling
         assert torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8)), want.tiling
+
+
+def test_cross_entropy_kernels_match_torchs_fp32_cross_entropy_on_bf16_logits():
+    """The model's cross-entropy on a GPU (kernels/cross_entropy.py) on the proxy preset's
+    logits, 4,096 x 32,768 bf16: the loss as torch's fp32 cross-entropy of the same logits (what
+    Megatron's computes), the gradient its bf16 rounding."""
+    import torch.nn.functional as F
+
+    from megatron_dsv3.kernels.cross_entropy import cross_entropy, uses_kernel
+
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    torch.manual_seed(seed)
+    logits = (torch.randn(4096, 32768, device="cuda") * 3).to(torch.bfloat16)
+    target = torch.randint(0, 32768, (4096,), device="cuda")
+    grad_loss = torch.rand(4096, device="cuda")
+    assert uses_kernel(logits)
+    leaf = logits.clone().requires_grad_()
+    loss = cross_entropy(leaf, target)
+    loss.backward(grad_loss)
+    ref_leaf = logits.float().requires_grad_()
+    F.cross_entropy(ref_leaf, target, reduction="none").backward(grad_loss)
+    ref = F.cross_entropy(logits.float(), target, reduction="none")
+    assert_close(loss, ref, FP32_REORDER, f"fp32 sums in another order (seed {seed})", "loss")
+    assert leaf.grad.dtype == torch.bfloat16
+    assert_close(leaf.grad.float(), ref_leaf.grad, 2.0**-8,
+                 f"one rounding of the fp32 gradient to bf16 (seed {seed})", "gradient")

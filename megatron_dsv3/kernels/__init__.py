@@ -6,6 +6,9 @@ where Triton or a GPU is missing.
                       gradient, in one pass
   grouped_wgrad.py    the routed experts' weight gradients added into fp32 sums inside the
                       grouped GEMM (a torch custom op)
+  cross_entropy.py    cross-entropy over the whole vocabulary in one read of the logits
+                      forward and one read and write backward (the model's on a GPU without
+                      tensor parallelism); the reference is Megatron's
   fp8_quantize.py     FP8 quantization in one pass per tile (1x128, 128x1 transposed,
                       128x128); the references are fp8/quantize.py
   fp8_grouped_gemm.py the routed experts' grouped FP8 GEMM (rows sorted by expert, per-expert

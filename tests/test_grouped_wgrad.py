@@ -4,8 +4,9 @@
   * the Triton kernel in Triton's interpreter (a fresh process) against an fp64 computation,
     one segment of rows and three (an optimizer step's micro-batches), adding into the sum and
     storing it: ragged experts, one without rows (its sum untouched when adding, zero when
-    storing), sizes that are not multiples of the tiles. The interpreter computes a bf16 dot wrongly (numpy has no bf16), so it runs fp16
-    operands through the same code; test_gpu.py checks bf16 on a GPU;
+    storing), sizes that are not multiples of the tiles. The interpreter computes a bf16 dot
+    wrongly (numpy has no bf16), so it runs fp16 operands through the same code; test_gpu.py
+    checks bf16 on a GPU;
   * RoutedExperts in bf16 with the sums on (the op's reference path on the CPU) over two
     micro-batches against autograd on fp32 copies of the weights: the sums, no bf16 gradient
     left for autograd, the input gradients.

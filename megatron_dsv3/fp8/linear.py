@@ -32,6 +32,7 @@ from ..kernels.fp8_quantize import (quantize_1x128_and_128x1_fused, quantize_1x1
 from ..weight_grad import WeightGradStore, autocast_dtype, weight_grad_now_or_later
 from .gemm import fp8_gemm, transposed_blocks
 from .quantize import INPUT_DTYPES, Fp8Tensor
+from .weight_cache import quantized_weight
 
 
 class _Fp8Linear(torch.autograd.Function):
@@ -39,7 +40,7 @@ class _Fp8Linear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 store: Optional[WeightGradStore]) -> torch.Tensor:
         x_MK = x.reshape(-1, x.shape[-1])
-        w = quantize_128x128_fused(weight)
+        w = quantized_weight(weight, quantize_128x128_fused)  # once per step (weight_cache.py)
         # x in 1x128 tiles for the forward GEMM and, when W needs a gradient, in 128x1 tiles
         # (x^T in 1x128 tiles along the tokens) for backward: both from one read of x
         if weight.requires_grad:

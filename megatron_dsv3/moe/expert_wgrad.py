@@ -14,14 +14,14 @@ the kernel's segments, read where they lie; no reordering of rows).
 
 Each expert projection's backward copies its dY and X (and the experts' row ends) into segment
 `slot` of buffers [micro-batches, rows, features] made when the merger is attached, with a
-custom op that declares the mutation (kernels/grouped_wgrad.stash_segment_): the copy needs no host sync and no
-Python state, so the experts' backward stays inside torch.compile's graph and its CUDA graph
-(the buffers have static addresses; `slot` is a device tensor the step sets before each
-micro-batch). The copy is also what CUDA graphs need: the next micro-batch's replay overwrites
-the memory the operands came in. The price is memory: the proxy preset, ~0.4 GB per MoE layer
-and micro-batch. `rows` is fixed: every token goes to top-k experts, so a micro-batch of T
-tokens has T * top_k rows without expert parallelism (with it, the rows a rank receives vary:
-not supported).
+custom op that declares the mutation (kernels/grouped_wgrad.stash_segment_): the copy needs no
+host sync and no Python state, so the experts' backward stays inside torch.compile's graph and
+its CUDA graph (the buffers have static addresses; `slot` is a device tensor the step sets
+before each micro-batch). The copy is also what CUDA graphs need: the next micro-batch's replay
+overwrites the memory the operands came in. The price is memory: the proxy preset, ~0.4 GB per
+MoE layer and micro-batch. `rows` is fixed: every token goes to top-k experts, so a micro-batch
+of T tokens has T * top_k rows without expert parallelism (with it, the rows a rank receives
+vary: not supported).
 
   merger = ExpertGradMerger(micro_batches=8, rows=4096 * 6)
   merger.attach(model)                       # every RoutedExperts of the model

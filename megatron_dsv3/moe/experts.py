@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..fp8.grouped_gemm import Fp8GroupedTensor, transposed_blocks_grouped
+from ..fp8.weight_cache import quantized_weight
 from ..kernels.fp8_grouped_gemm import fp8_grouped_gemm, quantize_128x128_grouped_fused
 from ..kernels.fp8_quantize import quantize_1x128_fused
 from ..kernels.grouped_wgrad import grouped_wgrad_add_, stash_segment_
@@ -137,7 +138,7 @@ class _ExpertsLinear(torch.autograd.Function):
             x_c, w_c = x_NI.to(dtype), w_EOI.to(dtype)
         w_q = None
         if fp8:  # forward and input gradient in FP8 (fp8/grouped_gemm.py); W kept in FP8
-            w_q = quantize_128x128_grouped_fused(w_c)
+            w_q = quantized_weight(w_EOI, quantize_128x128_grouped_fused, dtype)  # per step
             y_NO = fp8_grouped_gemm(quantize_1x128_fused(x_c), w_q, _group_ends(groups),
                                     out_dtype=x_c.dtype)
         elif impl == "grouped_mm":

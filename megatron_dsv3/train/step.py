@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 from ..config import ModelConfig
 from ..data import get_batch
+from ..fp8.weight_cache import weights_fixed
 from ..gradients import clip_gradients, reduce_gradients
 from ..moe.expert_wgrad import ExpertGradMerger
 from .args import TrainError, uses_bf16_autocast
@@ -159,6 +160,28 @@ class NonFiniteStep(TrainError):
         self.step = step
 
 
+def _micro_batches(run: Run, layers: list, mtp_lambda: float,
+                   train_batch: Callable[[int], tuple]) -> torch.Tensor:
+    """Step 1: forward and backward of the step's micro-batches (through the pipeline's
+    schedule with PP > 1); the `step_sums` of each, summed."""
+    args = run.args
+    if run.pipeline is not None:
+        return run.pipeline.run(run, args.grad_accum, mtp_lambda, train_batch)
+    sums = 0
+    for micro in range(args.grad_accum):
+        if run.expert_grads is not None:  # its backward stashes into the next segment
+            run.expert_grads.begin_micro_batch()
+        loss, lm, mtp, depth_ce = forward_losses(run, *train_batch(micro), mtp_lambda)
+        (loss / args.grad_accum).backward()
+        balance = sum((m.last_aux_loss for m in layers if m.last_aux_loss is not None),
+                      torch.zeros((), device=run.device))
+        sums = sums + step_sums(loss.detach() + balance, lm.detach(), mtp.detach(),
+                                depth_ce, balance)
+    if run.expert_grads is not None:  # the routed experts' weight gradients of the step
+        run.expert_grads.flush()
+    return sums
+
+
 def train_step(run: Run, stop_signal: Optional[Callable[[], int]] = None) -> StepOutcome:
     """One optimizer step (module docstring, steps 1-6). `stop_signal()`, asked in step 4 (after
     the backward, so that a signal received during the step counts): the number of the signal
@@ -178,22 +201,10 @@ def train_step(run: Run, stop_signal: Optional[Callable[[], int]] = None) -> Ste
                                       micro_batch=micro, rank=run.dp_rank)
         return to_device(input_ids, run.device), to_device(labels, run.device)
 
-    # Step 1: micro-batches.  sums: `step_sums` of each (per micro-batch means)
-    if run.pipeline is not None:
-        sums = run.pipeline.run(run, args.grad_accum, mtp_lambda, train_batch)
-    else:
-        sums = 0
-        for micro in range(args.grad_accum):
-            if run.expert_grads is not None:  # its backward stashes into the next segment
-                run.expert_grads.begin_micro_batch()
-            loss, lm, mtp, depth_ce = forward_losses(run, *train_batch(micro), mtp_lambda)
-            (loss / args.grad_accum).backward()
-            balance = sum((m.last_aux_loss for m in layers if m.last_aux_loss is not None),
-                          torch.zeros((), device=run.device))
-            sums = sums + step_sums(loss.detach() + balance, lm.detach(), mtp.detach(),
-                                    depth_ce, balance)
-        if run.expert_grads is not None:  # the routed experts' weight gradients of the step
-            run.expert_grads.flush()
+    # Step 1: micro-batches.  sums: `step_sums` of each (per micro-batch means); no weight
+    # changes before the optimizer step, so FP8 weights are quantized once (fp8/weight_cache.py)
+    with weights_fixed():
+        sums = _micro_batches(run, layers, mtp_lambda, train_batch)
     if run.masters is not None:
         run.masters.finish_accumulation()
     params = run.trained_params()

@@ -35,9 +35,11 @@ try:
 except ImportError:  # the reference path (CPU machines without Triton)
     triton = None
 
-# Tiles of the weight gradient [O, I] per program, rows per iteration. Sized for an H200 on the
-# proxy preset's experts (O, I = 2816, 2048 and 2048, 1408; ~400 rows per expert).
-BLOCK_O, BLOCK_I, BLOCK_K = 128, 128, 64
+# Tiles of the weight gradient [O, I] per program, rows per iteration, and the launch settings:
+# the fastest of benchmarks/bench_grad_accumulate.py's sweep on one H200 for the proxy preset's
+# experts (O, I = 2816, 2048 and 2048, 1408; 8 micro-batches of ~400 rows per expert): 2.14 ms
+# for fc2 where 128 x 128 x 64 with 8 warps and 3 stages took 3.04 (RESULTS.md 2026-12-03)
+BLOCK_O, BLOCK_I, BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 128, 32, 4, 4
 
 if triton is not None:
     @triton.jit
@@ -89,8 +91,8 @@ def uses_kernel(grad_y: torch.Tensor, x: torch.Tensor, sum_EOI: torch.Tensor) ->
 
 def launch_grouped_wgrad(grad_y_SNO, x_SNI, ends_SE, sum_EOI, *, accumulate: bool = True,
                          block_o: int = BLOCK_O, block_i: int = BLOCK_I,
-                         block_k: int = BLOCK_K, num_warps: int = 8,
-                         num_stages: int = 3) -> None:
+                         block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
+                         num_stages: int = NUM_STAGES) -> None:
     """The kernel itself (any device Triton runs on, its interpreter included) over segments
     stacked along dim 0; the tile and launch settings are arguments for
     benchmarks/bench_grad_accumulate.py's sweep."""

@@ -8,20 +8,20 @@
 # micro-batches of 4,096 tokens per step):
 #   default        the benchmark's forward + backward (the baseline) and the job with its GPU
 #                  defaults (CUDA graphs over its compiled modules, bf16 parameters with fp32
-#                  masters), in one run: the ratio the issue asks for; a kernel profile
+#                  masters, the experts' weight gradients summed inside the grouped GEMM), in
+#                  one run: the ratio the issue asks for; a kernel profile
 #   no_graphs      the job without CUDA graphs (--compile-mode default)
 #   merged         the job with the experts' weight gradients once per step (--expert-wgrad step)
 #   layers         baseline and job with whole TransformerLayers compiled (--compile layers, one
 #                  graph each since the graph-break fix) instead of our modules
-#   in_gemm        the job with the experts' weight gradients added into the fp32 sums inside
-#                  the grouped GEMM (--expert-wgrad in-gemm); profiled. For its ratio in one
-#                  run: JOB_ARGS="--expert-wgrad in-gemm" ... default
+#   micro_batch    the job with autograd's bf16 expert weight gradients added into the fp32
+#                  sums after each micro-batch (--expert-wgrad micro-batch); profiled
 # JOB_ARGS: more flags for every job run; BENCH_ARGS: for bench_train_step.py (a CPU rehearsal:
 # BENCH_ARGS="--device cpu --preset tiny --seq-len 64 --steps 1 --warmup 1 --grad-accum 2").
 # Results: $OUT/<part>.json and .log (./gpu_out/train_step without $OUT); prof_default.txt,
-# prof_merged.txt, prof_in_gemm.txt.
+# prof_merged.txt, prof_micro_batch.txt.
 set -uo pipefail
-PARTS=${*:-default in_gemm layers no_graphs merged}
+PARTS=${*:-default micro_batch layers no_graphs merged}
 cd "$(dirname "$0")/.."
 DIR=${OUT:-gpu_out/train_step}
 mkdir -p "$DIR"
@@ -50,8 +50,9 @@ for p in $PARTS; do
           --job-args "--expert-wgrad step ${JOB_ARGS:-}" ;;
     layers) part layers 240 --baseline-args "--compile layers" \
           --job-args "--compile layers ${JOB_ARGS:-}" ;;
-    in_gemm) part in_gemm 180 --skip-baseline --profile "$DIR/prof_in_gemm.txt" \
-          --job-args "--expert-wgrad in-gemm ${JOB_ARGS:-}" ;;
-    *) echo "unknown part $p: choose from default no_graphs merged layers in_gemm" >&2; exit 2 ;;
+    micro_batch) part micro_batch 180 --skip-baseline --profile "$DIR/prof_micro_batch.txt" \
+          --job-args "--expert-wgrad micro-batch ${JOB_ARGS:-}" ;;
+    *) echo "unknown part $p: choose from default no_graphs merged layers micro_batch" >&2
+       exit 2 ;;
   esac
 done

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
              "still computed in fp32; 4 bytes less memory per parameter and moment, a faster "
              "step); needs bf16 parameters with fp32 masters (--params-dtype). auto: bfloat16 "
              "where the parameters are bf16, float32 otherwise")
-    add("--expert-wgrad", default="micro-batch", choices=("micro-batch", "in-gemm", "step"),
+    add("--expert-wgrad", default="auto", choices=("auto", "micro-batch", "in-gemm", "step"),
         help="when and how the routed experts' weight gradients are computed. micro-batch: in "
              "each backward, as autograd does (a bf16 gradient, then added into the fp32 sum). "
              "in-gemm: in each backward, by a Triton grouped GEMM that adds them into the fp32 "
@@ -113,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
              "GPU). step: once per optimizer step, one grouped GEMM per projection over all "
              "its micro-batches' rows, the fp32 sum written once (moe/expert_wgrad.py), keeping "
              "a copy of each micro-batch's expert inputs and output gradients until then "
-             "(proxy: ~0.4 GB per MoE layer and micro-batch); the experts then run outside "
-             "torch.compile. Both opt-in until measured faster than micro-batch in the job "
-             "(benchmarks/RESULTS.md)")
+             "(proxy: ~0.4 GB per MoE layer and micro-batch). auto: in-gemm with bf16 "
+             "parameters on a GPU without a pipeline (on one H200, proxy, 8 x 4096 tokens: "
+             "513 ms per step against 530 for step and 567 for micro-batch, and the least "
+             "memory, benchmarks/RESULTS.md), micro-batch otherwise")
     add("--fp8", default="none", choices=("none", "deepseek"),
         help="FP8 training: deepseek runs the precision map's linears (MLA projections but the "
              "KV down- and output projections, dense FFNs, shared and routed experts) with E4M3 "

@@ -134,6 +134,17 @@ def uses_cuda_graphs(args, device: torch.device) -> bool:
             and "reduce-overhead" in compile_mode(args, device))
 
 
+def expert_wgrad_mode(args, dtype: torch.dtype, device: torch.device) -> str:
+    """--expert-wgrad, auto resolved: in-gemm (the sums added inside the grouped GEMM, the
+    fastest measured on one H200: RESULTS.md 2026-12-03) where the parameters are bf16 with
+    fp32 masters on cuda without a pipeline, micro-batch otherwise."""
+    if args.expert_wgrad != "auto":
+        return args.expert_wgrad
+    fast = (device.type == "cuda" and dtype != torch.float32
+            and args.pipeline_parallel_size == 1)
+    return "in-gemm" if fast else "micro-batch"
+
+
 def params_dtype(args, device: torch.device) -> torch.dtype:
     """--params-dtype, auto resolved: bfloat16 (fp32 masters) where bf16 autocast runs on cuda
     without a pipeline, float32 otherwise."""

@@ -29,7 +29,7 @@ from ..flops import training_flops_per_token
 from ..moe.balance import LOAD_WINDOW_STEPS
 from .args import TrainError, parse_args
 from .build import (build_initial_model, build_optimizer, compile_for_device,
-                    expert_grad_merger, load_data, params_dtype, pick_device,
+                    expert_grad_merger, expert_wgrad_mode, load_data, params_dtype, pick_device,
                     sum_expert_grads_in_gemm_if_asked)
 from .checkpoint import (checkpoint_payload, checkpoint_to_resume, load_checkpoint,
                          run_folder_of, save_checkpoint)
@@ -76,6 +76,7 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
     corpus = load_data(args, cfg)  # its problems named before the slow part
     model = build_initial_model(cfg, pg, args.seed, device)  # fp32
     dtype = params_dtype(args, device)
+    args.expert_wgrad = expert_wgrad_mode(args, dtype, device)  # auto resolved
     # bf16: the fp32 weights become the masters (exactly), the model gets their rounding
     # every gradient through the masters' hook or the step's merged expert gradients (no
     # deferred or in-GEMM weight gradients): the first of a step is stored, not added to a

@@ -23,8 +23,10 @@ rest of the package reaches them only through this module, so that a new release
         the built `helpers_cpp` extension but no Makefile, so `pretrain()` from the wheel
         always stopped there (pretrain.py installs this before calling it)
   megatron.training.training.save_checkpoint / load_checkpoint
-        `around_megatron_checkpointing(after_save, before_load)`: the names Megatron's loop
-        calls, wrapped (pretrain.py writes and checks a digest manifest of each checkpoint)
+        `around_megatron_checkpointing(after_save, before_load, after_load)`: the names
+        Megatron's loop calls, wrapped (pretrain.py writes and checks a digest manifest of each
+        checkpoint and a fingerprint of its optimizer state); `torch_optimizers_of`: the torch
+        optimizers inside Megatron's (ChainedOptimizer.chained_optimizers, `.optimizer`)
   megatron.training.training.evaluate
         `around_megatron_evaluate(context)`: evaluation inside a context (pretrain: eager
         while the training modules are CUDA graphs)
@@ -266,28 +268,46 @@ def _wrap_in_training_loop(name: str, wrap) -> None:
     setattr(training, name, wrapped)
 
 
-def around_megatron_checkpointing(after_save, before_load) -> None:
+def torch_optimizers_of(optimizer) -> list:
+    """The torch optimizers inside a Megatron optimizer (a ChainedOptimizer's
+    `chained_optimizers`, each wrapper's `optimizer`), in order; [] for None."""
+    if optimizer is None:
+        return []
+    chained = getattr(optimizer, "chained_optimizers", None)
+    if chained is not None:
+        return [inner for part in chained for inner in torch_optimizers_of(part)]
+    inner = getattr(optimizer, "optimizer", None)
+    return [inner] if isinstance(inner, torch.optim.Optimizer) else []
+
+
+def around_megatron_checkpointing(after_save, before_load, after_load=None) -> None:
     """Wrap the `save_checkpoint` / `load_checkpoint` that megatron.training.training calls
     (names it imports from megatron.training.checkpointing): `after_save(iteration,
-    non_persistent)` once Megatron's save has returned on this rank, `before_load(load_arg)`
-    before its load (load_arg: the argument naming the folder, 'load' unless given).
-    Idempotent: a second call replaces the hooks."""
+    non_persistent, optimizer)` once Megatron's save has returned on this rank,
+    `before_load(load_arg)` before its load and `after_load(load_arg, optimizer)` after it
+    (load_arg: the argument naming the folder, 'load' unless given; optimizer: the one Megatron
+    passed, None where it saves or loads none). Idempotent: a second call replaces the hooks."""
 
     def with_after_save(save):
         def save_checkpoint(iteration, *args, **kwargs):
             result = save(iteration, *args, **kwargs)
-            after_save(iteration, bool(kwargs.get("non_persistent_ckpt", False)))
+            optimizer = kwargs.get("optimizer", args[1] if len(args) > 1 else None)
+            after_save(iteration, bool(kwargs.get("non_persistent_ckpt", False)), optimizer)
             return result
         return save_checkpoint
 
-    def with_before_load(load):
+    def with_hooks_around_load(load):
         def load_checkpoint(*args, **kwargs):
-            before_load(kwargs.get("load_arg", args[3] if len(args) > 3 else "load"))
-            return load(*args, **kwargs)
+            load_arg = kwargs.get("load_arg", args[3] if len(args) > 3 else "load")
+            before_load(load_arg)
+            result = load(*args, **kwargs)
+            if after_load is not None:
+                after_load(load_arg, kwargs.get("optimizer", args[1] if len(args) > 1 else None))
+            return result
         return load_checkpoint
 
     _wrap_in_training_loop("save_checkpoint", with_after_save)
-    _wrap_in_training_loop("load_checkpoint", with_before_load)
+    _wrap_in_training_loop("load_checkpoint", with_hooks_around_load)
 
 
 def around_megatron_evaluate(context) -> None:
@@ -347,6 +367,7 @@ def megatron_has_fused_adam() -> bool:
 
 
 __all__ = ["TESTED_VERSION", "GPTPostprocessHook", "GemmCall", "OwnGemmHook",
-           "around_megatron_checkpointing", "around_megatron_evaluate", "layer_attention", "layer_post_mlp",
-           "layer_pre_mlp_norm", "megatron_has_fused_adam", "one_pipeline_stage",
-           "use_forward_backward_func", "use_megatron_adam", "use_prebuilt_dataset_helpers"]
+           "around_megatron_checkpointing", "around_megatron_evaluate", "layer_attention",
+           "layer_post_mlp", "layer_pre_mlp_norm", "megatron_has_fused_adam",
+           "one_pipeline_stage", "torch_optimizers_of", "use_forward_backward_func",
+           "use_megatron_adam", "use_prebuilt_dataset_helpers"]

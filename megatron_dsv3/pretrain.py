@@ -422,12 +422,20 @@ class CorruptCheckpoint(RuntimeError):
     are not finite: the run stops before training on them."""
 
 
-def manifest_after_save(args, iteration: int, non_persistent: bool) -> None:
-    """After Megatron's save of `iteration`: a digest manifest of its folder
+class ResumeMismatch(RuntimeError):
+    """The optimizer state Megatron's loader restored differs from the state it saved: the
+    resumed run would not continue the saved one."""
+
+
+def manifest_after_save(args, iteration: int, non_persistent: bool, optimizer=None) -> None:
+    """After Megatron's save of `iteration`: this rank's fingerprint of its optimizer state
+    (checkpoint.state_fingerprint, checked after a resume), then a digest manifest of the folder
     (checkpoint.digest), every rank hashing a share. Megatron's loader checks no checksum, and
     random bytes written into a saved tensor load as plausible weights. Not for non-persistent
     (local) checkpoints, nor with --async-save (the files are still being written here)."""
     from .checkpoint.digest import write_folder_manifest
+    from .checkpoint.state_fingerprint import write_fingerprint
+    from .megatron_compat import torch_optimizers_of
 
     if non_persistent or not args.save:
         return
@@ -439,7 +447,45 @@ def manifest_after_save(args, iteration: int, non_persistent: bool) -> None:
         return
     folder = Path(args.save) / f"iter_{iteration:07d}"
     if folder.is_dir():
+        if optimizer is not None:
+            write_fingerprint(folder, _rank(), torch_optimizers_of(optimizer))
+        if dist.is_initialized():
+            dist.barrier()  # every rank's fingerprint is in the folder the manifest covers
         write_folder_manifest(folder)
+
+
+def check_resumed_optimizer(args, load_arg: str, optimizer) -> None:
+    """After Megatron has resumed from --load with its optimizer state: that state equals the
+    fingerprint this rank wrote at the save (checkpoint.state_fingerprint); ResumeMismatch
+    naming what differs otherwise. Skipped without a fingerprint (a checkpoint saved before
+    them), with another number of ranks than at the save (the state was resharded), and where
+    no optimizer state is loaded (--no-load-optim, --finetune)."""
+    from .checkpoint.state_fingerprint import (FILE, fingerprint, fingerprint_differences,
+                                               read_fingerprint)
+    from .megatron_compat import torch_optimizers_of
+
+    if (load_arg != "load" or optimizer is None or not getattr(args, "iteration", 0)
+            or getattr(args, "no_load_optim", False) or getattr(args, "finetune", False)):
+        return
+    folder = megatron_checkpoint_folder(args.load, args)
+    saved = read_fingerprint(folder, _rank()) if folder is not None else None
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if saved is None or len(list(folder.glob(FILE.format(rank="*")))) != world:
+        return
+    problems = fingerprint_differences(saved, fingerprint(torch_optimizers_of(optimizer)))
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more"
+                                            if len(problems) > 6 else "")
+        raise ResumeMismatch(
+            f"--load {args.load}: the optimizer state restored from {folder.name} on rank "
+            f"{_rank()} differs from the state saved there: {shown}. The resumed run would not "
+            "continue the saved one; report it with the Megatron-Core version and the "
+            "optimizer flags, and resume with --no-load-optim only if a fresh optimizer state "
+            "is acceptable")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def verify_before_load(args, load_arg: str) -> None:
@@ -655,7 +701,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     cfg = megatron_config_container(args)
     use_prebuilt_dataset_helpers()  # the wheel's pretrain() would run `make` and exit
     around_megatron_checkpointing(partial(manifest_after_save, args),
-                                  partial(verify_before_load, args))
+                                  partial(verify_before_load, args),
+                                  partial(check_resumed_optimizer, args))
     around_megatron_evaluate(partial(eager_while_graphed, args))
     pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
              forward_step, model_provider=provide_model)

@@ -128,11 +128,15 @@ def test_the_hooks_run_around_the_save_and_load_megatrons_loop_calls(monkeypatch
     monkeypatch.setattr(training, "load_checkpoint",
                         lambda *a, **k: calls.append(("load", k.get("load_arg"))) or (5, 0.0))
     for _ in range(2):  # installed twice: each hook still runs once
-        around_megatron_checkpointing(lambda it, local: calls.append(("after", it, local)),
-                                      lambda load_arg: calls.append(("before", load_arg)))
-    assert training.save_checkpoint(20, "model", None, None, 0.0,
+        around_megatron_checkpointing(
+            lambda it, local, opt: calls.append(("after", it, local, opt)),
+            lambda load_arg: calls.append(("before", load_arg)),
+            lambda load_arg, opt: calls.append(("loaded", load_arg, opt)))
+    assert training.save_checkpoint(20, "model", "opt", None, 0.0,
                                     non_persistent_ckpt=True) == "saved"
-    assert training.load_checkpoint("model", None, None) == (5, 0.0)
+    assert training.load_checkpoint("model", "opt", None) == (5, 0.0)
     training.load_checkpoint("model", None, None, load_arg="pretrained_checkpoint")
-    assert calls == [("save", 20), ("after", 20, True), ("before", "load"), ("load", None),
-                     ("before", "pretrained_checkpoint"), ("load", "pretrained_checkpoint")]
+    assert calls == [("save", 20), ("after", 20, True, "opt"), ("before", "load"),
+                     ("load", None), ("loaded", "load", "opt"),
+                     ("before", "pretrained_checkpoint"), ("load", "pretrained_checkpoint"),
+                     ("loaded", "pretrained_checkpoint", None)]

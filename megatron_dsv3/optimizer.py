@@ -46,21 +46,37 @@ class KernelAdamW(torch.optim.AdamW):
         self.moments_dtype = moments_dtype
         self.grad_scale: Optional[torch.Tensor] = None
 
+    # The step count is a Python float inside the optimizer and a tensor in its state dict (as
+    # torch's AdamW keeps it). Megatron's distributed optimizer copies every *tensor* of a
+    # parameter's state from the checkpoint's per-parameter state, in which the step is not
+    # stored: a tensor step was overwritten by the fresh optimizer's 0 after every resume,
+    # after Megatron had set it from the saved param groups (found on the GPU: the resumed
+    # run's losses left the straight run's after the first step; reproduced on the CPU,
+    # tests/test_megatron_optimizer_resume.py).
+    def state_dict(self) -> dict:
+        packed = super().state_dict()
+        packed["state"] = {index: {**state, "step": torch.tensor(float(state["step"]))}
+                           if "step" in state else state
+                           for index, state in packed["state"].items()}
+        return packed
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loading (which casts the moments to the parameters' fp32), then the moments
-        in this optimizer's dtype."""
+        in this optimizer's dtype and the step a Python float."""
         super().load_state_dict(state_dict)
         for state in self.state.values():
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state and state[key].dtype != self.moments_dtype:
                     state[key] = state[key].to(self.moments_dtype)
+            if "step" in state:
+                state["step"] = float(state["step"])
 
     def _state_of(self, param: torch.Tensor) -> dict:
         """`param`'s state with what is missing made (step 0, zero moments): all of it for a
         new parameter, the step for moments made by Megatron's init_state_fn."""
         state = self.state[param]
         if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["step"] = 0.0
         for key in ("exp_avg", "exp_avg_sq"):
             if key not in state:
                 state[key] = torch.zeros_like(param, dtype=self.moments_dtype)
@@ -92,11 +108,10 @@ class KernelAdamW(torch.optim.AdamW):
                 for key in ("exp_avg", "exp_avg_sq"):  # fp32 ones made by someone else
                     if state[key].dtype != self.moments_dtype:
                         state[key] = state[key].to(self.moments_dtype)
-                # a new tensor, not `+= 1`: Megatron's distributed optimizer loads one step
-                # tensor shared by every parameter's state, which an in-place increment
-                # advanced once per parameter (found on the GPU: the resumed run's losses left
-                # the straight run's after the first step); .cpu() for a fused AdamW's step
-                state["step"] = state["step"].detach().cpu().float() + 1
+                # a new value, never `+= 1` on a tensor: Megatron's distributed optimizer may
+                # hand every parameter's state one shared step tensor, which an in-place
+                # increment advanced once per parameter
+                state["step"] = float(state["step"]) + 1
                 adamw_(param, param.grad, state["exp_avg"], state["exp_avg_sq"],
                        self._bf16_copy_of(param), step=int(state["step"]),
                        lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],

@@ -464,7 +464,8 @@ def check_resumed_optimizer(args, load_arg: str, optimizer) -> None:
                                                read_fingerprint)
     from .megatron_compat import torch_optimizers_of
 
-    if (load_arg != "load" or optimizer is None or not getattr(args, "iteration", 0)
+    # not args.iteration: Megatron's loop sets it from load_checkpoint's return, after this
+    if (load_arg != "load" or optimizer is None or not getattr(args, "load", None)
             or getattr(args, "no_load_optim", False) or getattr(args, "finetune", False)):
         return
     folder = megatron_checkpoint_folder(args.load, args)

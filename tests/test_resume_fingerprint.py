@@ -32,8 +32,10 @@ def _trained_optimizer(seed: int) -> MegatronAdamW:
 def _saved(tmp_path: Path, optimizer) -> SimpleNamespace:
     from megatron_dsv3.pretrain import manifest_after_save
 
+    # iteration 0: Megatron's loop sets args.iteration only when load_checkpoint has returned,
+    # after the check (a check that waited for it never ran on the GPU)
     args = SimpleNamespace(save=str(tmp_path), load=str(tmp_path), async_save=False,
-                           ckpt_step=None, iteration=20, no_load_optim=False, finetune=False)
+                           ckpt_step=None, iteration=0, no_load_optim=False, finetune=False)
     (tmp_path / "iter_0000020").mkdir()
     (tmp_path / "iter_0000020" / "weights.bin").write_bytes(b"...")
     manifest_after_save(args, 20, False, SimpleNamespace(optimizer=optimizer))
@@ -71,6 +73,14 @@ def test_the_restored_state_must_equal_the_saved_one(tmp_path):
     check_resumed_optimizer(SimpleNamespace(**{**vars(args), "no_load_optim": True}), "load",
                             megatron)
     check_resumed_optimizer(args, "pretrained_checkpoint", megatron)
+
+
+def test_a_fresh_start_is_not_checked(tmp_path):
+    from megatron_dsv3.pretrain import check_resumed_optimizer
+
+    args = SimpleNamespace(save=str(tmp_path), load=str(tmp_path / "none"), async_save=False,
+                           ckpt_step=None, iteration=0, no_load_optim=False, finetune=False)
+    check_resumed_optimizer(args, "load", SimpleNamespace(optimizer=_trained_optimizer(0)))
 
 
 def test_a_checkpoint_without_fingerprints_is_not_checked(tmp_path):

@@ -8,7 +8,7 @@ beside the checkpoint's files, and after a load compares the restored state with
 
   per torch optimizer inside Megatron's (a ChainedOptimizer holds several), per parameter in
   its param groups' order: the float64 sum and sum of absolute values of the parameter (the
-  fp32 main weights) and of each state tensor (exp_avg, exp_avg_sq, step)
+  fp32 main weights) and of each state tensor or number (exp_avg, exp_avg_sq, step)
 
 `fingerprint(optimizers)` computes it (one host sync), `write_fingerprint(folder, rank, ...)`
 stores it as state_fingerprint.rank<r>.json, `fingerprint_differences(saved, loaded)` names
@@ -34,8 +34,9 @@ def fingerprint(optimizers: list) -> dict[str, list]:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         for j, param in enumerate(params):
             state = optimizer.state.get(param, {})
-            items = [("param", param)] + sorted((k, v) for k, v in state.items()
-                                                if isinstance(v, torch.Tensor))
+            items = [("param", param)] + sorted(
+                (k, torch.tensor(float(v)) if isinstance(v, (int, float)) else v)
+                for k, v in state.items() if isinstance(v, (torch.Tensor, int, float)))
             for name, tensor in items:
                 values = tensor.detach().float()
                 names.append((f"optimizer {i} {name}", j))

@@ -475,8 +475,7 @@ def check_resumed_optimizer(args, load_arg: str, optimizer) -> None:
         return
     problems = fingerprint_differences(saved, fingerprint(torch_optimizers_of(optimizer)))
     if problems:
-        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more"
-                                            if len(problems) > 6 else "")
+        shown = _first_of(problems, 6)
         raise ResumeMismatch(
             f"--load {args.load}: the optimizer state restored from {folder.name} on rank "
             f"{_rank()} differs from the state saved there: {shown}. The resumed run would not "
@@ -487,6 +486,12 @@ def check_resumed_optimizer(args, load_arg: str, optimizer) -> None:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _first_of(problems: list[str], limit: int) -> str:
+    """The first `limit` problems joined, and how many more there are."""
+    more = len(problems) - limit
+    return "; ".join(problems[:limit]) + (f"; and {more} more" if more > 0 else "")
 
 
 def verify_before_load(args, load_arg: str) -> None:
@@ -504,8 +509,7 @@ def verify_before_load(args, load_arg: str) -> None:
     if problems is None:
         _print_rank0(f"WARNING: {folder} has no digest manifest: loading it unverified")
     elif problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
-                                            if len(problems) > 5 else "")
+        shown = _first_of(problems, 5)
         raise CorruptCheckpoint(
             f"--{load_arg.replace('_', '-')} {root}: {folder.name} does not match the digest "
             f"manifest written when it was saved: {shown}. Resume from an earlier checkpoint "

@@ -272,18 +272,17 @@ class RoutedExperts(torch.nn.Module):
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                 impl: Optional[str] = None) -> torch.Tensor:
-        if self.weight_grad_merger is not None and torch.is_grad_enabled():
-            # the same GEMMs; the weight gradients' operands copied for the step's merged GEMM
-            return self._through_experts_linear(x_ND, tokens_per_expert_E, impl,
-                                                merged=True)
-        if self.weight_grad_store is not None:  # the same GEMMs, weight gradients deferrable
-            return self._through_experts_linear(x_ND, tokens_per_expert_E, impl,
-                                                store=self.weight_grad_store)
-        if self.grads_into_main_grad and torch.is_grad_enabled():
-            return self._through_experts_linear(x_ND, tokens_per_expert_E, impl,
-                                                into_main_grad=True)
-        if self.fp8:
-            return self._in_fp8(x_ND, tokens_per_expert_E, impl)
+        # where the weight gradients go (one of): the step's merged GEMM, a schedule's store,
+        # the fp32 sums inside the GEMM; the same GEMMs for the input gradient
+        grad = torch.is_grad_enabled()
+        merged = self.weight_grad_merger is not None and grad
+        store = None if merged else self.weight_grad_store
+        into_main_grad = self.grads_into_main_grad and grad and not merged and store is None
+        if self.fp8:  # whichever of them, outside torch.compile
+            return self._in_fp8(x_ND, tokens_per_expert_E, impl, store, merged, into_main_grad)
+        if merged or store is not None or into_main_grad:
+            return self._through_experts_linear(x_ND, tokens_per_expert_E, impl, store, merged,
+                                                into_main_grad)
         run = pick_experts_impl(impl or self.impl, x_ND.device)
         fc1, fc2 = self.fc1, self.fc2
         device_type = x_ND.device.type
@@ -295,8 +294,10 @@ class RoutedExperts(torch.nn.Module):
 
     @torch.compiler.disable  # the FP8 quantizers and grouped GEMM are Triton kernels: eager
     def _in_fp8(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
-                impl: Optional[str]) -> torch.Tensor:
-        return self._through_experts_linear(x_ND, tokens_per_expert_E, impl)
+                impl: Optional[str], store: Optional[WeightGradStore], merged: bool,
+                into_main_grad: bool) -> torch.Tensor:
+        return self._through_experts_linear(x_ND, tokens_per_expert_E, impl, store, merged,
+                                            into_main_grad)
 
     def _through_experts_linear(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                                 impl: Optional[str], store: Optional[WeightGradStore] = None,

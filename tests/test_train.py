@@ -557,16 +557,20 @@ def test_only_expert_wgrad_step_attaches_a_merger():
 
 
 def test_expert_wgrad_auto_is_in_gemm_only_for_bf16_parameters_on_a_gpu_without_a_pipeline():
+    from megatron_dsv3.config import preset
     from megatron_dsv3.train.args import parse_args
     from megatron_dsv3.train.build import expert_wgrad_mode
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    cfg = preset("tiny")
     args = parse_args(["--preset", "tiny"])[0]
     assert args.expert_wgrad == "auto"
-    assert expert_wgrad_mode(args, torch.bfloat16, cuda) == "in-gemm"
-    assert expert_wgrad_mode(args, torch.float32, cuda) == "micro-batch"
-    assert expert_wgrad_mode(args, torch.bfloat16, cpu) == "micro-batch"
+    assert expert_wgrad_mode(args, cfg, torch.bfloat16, cuda) == "in-gemm"
+    assert expert_wgrad_mode(args, cfg, torch.float32, cuda) == "micro-batch"
+    assert expert_wgrad_mode(args, cfg, torch.bfloat16, cpu) == "micro-batch"
+    looped = cfg.replace(moe__experts_impl="loop")  # in-gemm needs the grouped GEMM
+    assert expert_wgrad_mode(args, looped, torch.bfloat16, cuda) == "micro-batch"
     args.pipeline_parallel_size = 2
-    assert expert_wgrad_mode(args, torch.bfloat16, cuda) == "micro-batch"
+    assert expert_wgrad_mode(args, cfg, torch.bfloat16, cuda) == "micro-batch"
     assert expert_wgrad_mode(parse_args(["--preset", "tiny", "--expert-wgrad", "step"])[0],
-                             torch.bfloat16, cuda) == "step"
+                             cfg, torch.bfloat16, cuda) == "step"

@@ -134,14 +134,19 @@ def uses_cuda_graphs(args, device: torch.device) -> bool:
             and "reduce-overhead" in compile_mode(args, device))
 
 
-def expert_wgrad_mode(args, dtype: torch.dtype, device: torch.device) -> str:
+def expert_wgrad_mode(args, cfg: ModelConfig, dtype: torch.dtype,
+                      device: torch.device) -> str:
     """--expert-wgrad, auto resolved: in-gemm (the sums added inside the grouped GEMM, the
     fastest measured on one H200: RESULTS.md 2026-12-03) where the parameters are bf16 with
-    fp32 masters on cuda without a pipeline, micro-batch otherwise."""
+    fp32 masters on cuda without a pipeline and the experts run as grouped GEMMs, micro-batch
+    otherwise."""
+    from ..moe.experts import resolve_experts_impl
+
     if args.expert_wgrad != "auto":
         return args.expert_wgrad
     fast = (device.type == "cuda" and dtype != torch.float32
-            and args.pipeline_parallel_size == 1)
+            and args.pipeline_parallel_size == 1
+            and resolve_experts_impl(cfg.moe.experts_impl, device) == "grouped_mm")
     return "in-gemm" if fast else "micro-batch"
 
 

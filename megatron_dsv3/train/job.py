@@ -76,7 +76,7 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
     corpus = load_data(args, cfg)  # its problems named before the slow part
     model = build_initial_model(cfg, pg, args.seed, device)  # fp32
     dtype = params_dtype(args, device)
-    args.expert_wgrad = expert_wgrad_mode(args, dtype, device)  # auto resolved
+    args.expert_wgrad = expert_wgrad_mode(args, cfg, dtype, device)  # auto resolved
     # bf16: the fp32 weights become the masters (exactly), the model gets their rounding
     # every gradient through the masters' hook or the step's merged expert gradients (no
     # deferred or in-GEMM weight gradients): the first of a step is stored, not added to a

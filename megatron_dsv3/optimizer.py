@@ -4,8 +4,8 @@ DeepSeek-V3 keeps AdamW's two moments in bf16 ("the BF16 data format instead of 
 the first and second moments"), the arithmetic and the master weights in fp32. torch's AdamW
 needs its moments in the parameters' dtype; Megatron's optimizer keeps them in bf16 only through
 Transformer Engine's FusedAdam (`--use-precision-aware-optimizer`). `KernelAdamW` is torch's
-AdamW (decoupled weight decay, torch's state layout: `step`, `exp_avg`, `exp_avg_sq` per
-parameter, so states load both ways) on fp32 parameters with `moments_dtype` moments: a Triton
+AdamW (decoupled weight decay, torch's state-dict layout: `step`, `exp_avg`, `exp_avg_sq`
+per parameter, so states load both ways; the step a Python float inside) on fp32 parameters with `moments_dtype` moments: a Triton
 kernel per tensor on a GPU, PyTorch operations elsewhere. Subclasses say what else the pass
 writes (`_bf16_copy_of`: the model's bf16 weight of a master) and whether it zeroes the
 gradient (`_zeroes_grads`).
@@ -133,7 +133,8 @@ class MegatronAdamW(KernelAdamW):
     asked for, not at construction: that optimizer swaps `param_groups` for its fp32 shards
     after constructing us and round-trips the state dict at once (a state made at construction
     was keyed by parameters no longer in any group: torch's state_dict failed, found on the
-    GPU)."""
+    GPU). Its step stays a Python float inside the optimizer (KernelAdamW.state_dict): a
+    tensor step was reset to 0 by every resume, tests/test_megatron_optimizer_resume.py."""
 
     default_moments_dtype = torch.bfloat16
 

@@ -448,7 +448,8 @@ def manifest_after_save(args, iteration: int, non_persistent: bool, optimizer=No
     folder = Path(args.save) / f"iter_{iteration:07d}"
     if folder.is_dir():
         if optimizer is not None:
-            write_fingerprint(folder, _rank(), torch_optimizers_of(optimizer))
+            write_fingerprint(folder, _rank(), torch_optimizers_of(optimizer),
+                              parallel_layout(args))
         if dist.is_initialized():
             dist.barrier()  # every rank's fingerprint is in the folder the manifest covers
         write_folder_manifest(folder)
@@ -458,9 +459,9 @@ def check_resumed_optimizer(args, load_arg: str, optimizer) -> None:
     """After Megatron has resumed from --load with its optimizer state: that state equals the
     fingerprint this rank wrote at the save (checkpoint.state_fingerprint); ResumeMismatch
     naming what differs otherwise. Skipped without a fingerprint (a checkpoint saved before
-    them), with another number of ranks than at the save (the state was resharded), and where
+    them), under another parallel layout than at the save (the state was resharded), and where
     no optimizer state is loaded (--no-load-optim, --finetune)."""
-    from .checkpoint.state_fingerprint import (FILE, fingerprint, fingerprint_differences,
+    from .checkpoint.state_fingerprint import (fingerprint, fingerprint_differences,
                                                read_fingerprint)
     from .megatron_compat import torch_optimizers_of
 
@@ -469,9 +470,9 @@ def check_resumed_optimizer(args, load_arg: str, optimizer) -> None:
             or getattr(args, "no_load_optim", False) or getattr(args, "finetune", False)):
         return
     folder = megatron_checkpoint_folder(args.load, args)
-    saved = read_fingerprint(folder, _rank()) if folder is not None else None
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if saved is None or len(list(folder.glob(FILE.format(rank="*")))) != world:
+    saved = (read_fingerprint(folder, _rank(), parallel_layout(args))
+             if folder is not None else None)
+    if saved is None:
         return
     problems = fingerprint_differences(saved, fingerprint(torch_optimizers_of(optimizer)))
     if problems:
@@ -482,6 +483,21 @@ def check_resumed_optimizer(args, load_arg: str, optimizer) -> None:
             "continue the saved one; report it with the Megatron-Core version and the "
             "optimizer flags, and resume with --no-load-optim only if a fresh optimizer state "
             "is acceptable")
+
+
+# Megatron's arguments that decide which parameters, and which shards of them, a rank's
+# optimizer holds
+_LAYOUT_ARGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                "expert_model_parallel_size", "expert_tensor_parallel_size",
+                "context_parallel_size", "virtual_pipeline_model_parallel_size",
+                "num_layers_per_virtual_pipeline_stage", "use_distributed_optimizer")
+
+
+def parallel_layout(args) -> dict:
+    """The world size and Megatron's layout arguments of this run (missing ones as None)."""
+    layout = {name: getattr(args, name, None) for name in _LAYOUT_ARGS}
+    layout["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
+    return layout
 
 
 def _rank() -> int:

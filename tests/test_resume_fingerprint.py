@@ -5,7 +5,7 @@ Our AdamW (the one Megatron's loop builds) after three steps; its fingerprint wr
 checkpoint folder: the same state passes; one moment element changed, the step counter moved,
 or a parameter's state missing each raise ResumeMismatch naming the state and the parameter;
 a checkpoint without fingerprints, --no-load-optim and a load of another argument are not
-checked. Fresh random values each run."""
+checked, nor one saved under another parallel layout. Fresh random values each run."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def _saved(tmp_path: Path, optimizer) -> SimpleNamespace:
     # iteration 0: Megatron's loop sets args.iteration only when load_checkpoint has returned,
     # after the check (a check that waited for it never ran on the GPU)
     args = SimpleNamespace(save=str(tmp_path), load=str(tmp_path), async_save=False,
-                           ckpt_step=None, iteration=0, no_load_optim=False, finetune=False)
+                           ckpt_step=None, iteration=0, no_load_optim=False, finetune=False,
+                           tensor_model_parallel_size=1)
     (tmp_path / "iter_0000020").mkdir()
     (tmp_path / "iter_0000020" / "weights.bin").write_bytes(b"...")
     manifest_after_save(args, 20, False, SimpleNamespace(optimizer=optimizer))
@@ -69,10 +70,12 @@ def test_the_restored_state_must_equal_the_saved_one(tmp_path):
     with pytest.raises(ResumeMismatch, match="optimizer 0 exp_avg: 2 parameters saved, 1 "
                                              "restored"):
         check_resumed_optimizer(args, "load", megatron)
-    # not checked: no optimizer state loaded, another argument's checkpoint
+    # not checked: no optimizer state loaded, another argument's checkpoint, another layout
     check_resumed_optimizer(SimpleNamespace(**{**vars(args), "no_load_optim": True}), "load",
                             megatron)
     check_resumed_optimizer(args, "pretrained_checkpoint", megatron)
+    check_resumed_optimizer(SimpleNamespace(**{**vars(args), "tensor_model_parallel_size": 2}),
+                            "load", megatron)
 
 
 def test_a_fresh_start_is_not_checked(tmp_path):

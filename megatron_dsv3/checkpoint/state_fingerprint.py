@@ -10,9 +10,11 @@ beside the checkpoint's files, and after a load compares the restored state with
   its param groups' order: the float64 sum and sum of absolute values of the parameter (the
   fp32 main weights) and of each state tensor or number (exp_avg, exp_avg_sq, step)
 
-`fingerprint(optimizers)` computes it (one host sync), `write_fingerprint(folder, rank, ...)`
-stores it as state_fingerprint.rank<r>.json, `fingerprint_differences(saved, loaded)` names
-what differs: which state, of how many parameters, and the first of them.
+`fingerprint(optimizers)` computes it, `write_fingerprint(folder, rank, optimizers, layout)`
+stores it as state_fingerprint.rank<r>.json with the parallel layout (world size, TP, PP, EP,
+...; a resume under another layout is resharded and not compared),
+`fingerprint_differences(saved, loaded)` names what differs: which state, of how many
+parameters, and the first of them.
 """
 
 from __future__ import annotations
@@ -51,14 +53,21 @@ def fingerprint(optimizers: list) -> dict[str, list]:
     return result
 
 
-def write_fingerprint(folder: Path, rank: int, optimizers: list) -> None:
-    (Path(folder) / FILE.format(rank=rank)).write_text(json.dumps(fingerprint(optimizers)))
+def write_fingerprint(folder: Path, rank: int, optimizers: list, layout: dict) -> None:
+    """`rank`'s fingerprint into `folder`, with the parallel `layout` it was taken under."""
+    (Path(folder) / FILE.format(rank=rank)).write_text(
+        json.dumps({"layout": layout, "state": fingerprint(optimizers)}))
 
 
-def read_fingerprint(folder: Path, rank: int) -> Optional[dict]:
-    """The fingerprint `rank` wrote at the save of `folder`, None where there is none."""
+def read_fingerprint(folder: Path, rank: int, layout: dict) -> Optional[dict]:
+    """The fingerprint `rank` wrote at the save of `folder` under the same parallel `layout`;
+    None where there is none, or where the layout differs (the loader resharded the state:
+    its per-rank sums are not comparable)."""
     path = Path(folder) / FILE.format(rank=rank)
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["state"] if saved.get("layout") == layout else None
 
 
 def fingerprint_differences(saved: dict, loaded: dict) -> list[str]:

@@ -31,6 +31,8 @@ rest of the package reaches them only through this module, so that a new release
         `around_megatron_evaluate(context)`: evaluation inside a context (pretrain: eager
         while the training modules are CUDA graphs)
   megatron.training.training.get_forward_backward_func
+        `around_forward_backward(context)`: each iteration's schedule call inside a context
+        (pretrain: FP8 weights quantized once per iteration, fp8/weight_cache.py);
         `use_forward_backward_func(factory)`: the schedule Megatron's loop runs (pretrain with
         --pipeline-schedule dualpipev: ours)
   megatron.core.optimizer.Adam / USING_PYTORCH_OPTIMIZER
@@ -331,6 +333,25 @@ def use_forward_backward_func(factory) -> None:
     training.get_forward_backward_func = lambda *args, **kwargs: factory()
 
 
+def around_forward_backward(context) -> None:
+    """Each call of the schedule Megatron's training and evaluation loops get from
+    `get_forward_backward_func` (its own, or one installed by use_forward_backward_func before
+    this) runs inside `context()`: all micro-batches of one iteration, before the optimizer
+    step. Idempotent: a second call replaces the context."""
+
+    def within_context(get_forward_backward_func):
+        def get(*args, **kwargs):
+            schedule = get_forward_backward_func(*args, **kwargs)
+
+            def forward_backward(*f_args, **f_kwargs):
+                with context():
+                    return schedule(*f_args, **f_kwargs)
+            return forward_backward
+        return get
+
+    _wrap_in_training_loop("get_forward_backward_func", within_context)
+
+
 # ----------------------------------------------------------------------------------------------
 # Megatron's Adam class
 # ----------------------------------------------------------------------------------------------
@@ -367,7 +388,8 @@ def megatron_has_fused_adam() -> bool:
 
 
 __all__ = ["TESTED_VERSION", "GPTPostprocessHook", "GemmCall", "OwnGemmHook",
-           "around_megatron_checkpointing", "around_megatron_evaluate", "layer_attention",
+           "around_forward_backward", "around_megatron_checkpointing",
+           "around_megatron_evaluate", "layer_attention",
            "layer_post_mlp", "layer_pre_mlp_norm", "megatron_has_fused_adam",
            "one_pipeline_stage", "torch_optimizers_of", "use_forward_backward_func",
            "use_megatron_adam", "use_prebuilt_dataset_helpers"]

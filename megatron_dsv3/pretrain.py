@@ -679,8 +679,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     import os
 
     from . import pretrain_dualpipe as dualpipe
-    from .megatron_compat import (around_megatron_checkpointing, around_megatron_evaluate,
-                                  use_prebuilt_dataset_helpers)
+    from .fp8.weight_cache import weights_fixed
+    from .megatron_compat import (around_forward_backward, around_megatron_checkpointing,
+                                  around_megatron_evaluate, use_prebuilt_dataset_helpers)
     from .model import compile_model, model_provider
     from .pretrain_log import PretrainLog
 
@@ -725,6 +726,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                                   partial(verify_before_load, args),
                                   partial(check_resumed_optimizer, args))
     around_megatron_evaluate(partial(eager_while_graphed, args))
+    around_forward_backward(weights_fixed)  # FP8 weights quantized once per iteration
     pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
              forward_step, model_provider=provide_model)
 

@@ -140,3 +140,30 @@ def test_the_hooks_run_around_the_save_and_load_megatrons_loop_calls(monkeypatch
                      ("load", None), ("loaded", "load", "opt"),
                      ("before", "pretrained_checkpoint"), ("load", "pretrained_checkpoint"),
                      ("loaded", "pretrained_checkpoint", None)]
+
+
+def test_each_iterations_schedule_runs_inside_the_context(monkeypatch):
+    """around_forward_backward (pretrain: FP8 weights quantized once per iteration): every
+    call of the schedule Megatron's loop gets runs inside the context, installed twice still
+    once, around whichever schedule was installed before it (DualPipeV's)."""
+    from contextlib import contextmanager
+
+    from megatron.training import training
+
+    from megatron_dsv3.megatron_compat import around_forward_backward
+
+    events = []
+    monkeypatch.setattr(training, "get_forward_backward_func",
+                        lambda *a, **k: lambda **kw: events.append(("schedule", kw["n"])) or 7)
+
+    @contextmanager
+    def context():
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    for _ in range(2):
+        around_forward_backward(context)
+    schedule = training.get_forward_backward_func()
+    assert schedule(n=1) == 7 and schedule(n=2) == 7
+    assert events == ["enter", ("schedule", 1), "exit", "enter", ("schedule", 2), "exit"]

@@ -290,11 +290,15 @@ def around_megatron_checkpointing(after_save, before_load, after_load=None) -> N
     (load_arg: the argument naming the folder, 'load' unless given; optimizer: the one Megatron
     passed, None where it saves or loads none). Idempotent: a second call replaces the hooks."""
 
+    def optimizer_of(args, kwargs):
+        # both take (model, optimizer, ...) after save's iteration
+        return kwargs.get("optimizer", args[1] if len(args) > 1 else None)
+
     def with_after_save(save):
         def save_checkpoint(iteration, *args, **kwargs):
             result = save(iteration, *args, **kwargs)
-            optimizer = kwargs.get("optimizer", args[1] if len(args) > 1 else None)
-            after_save(iteration, bool(kwargs.get("non_persistent_ckpt", False)), optimizer)
+            after_save(iteration, bool(kwargs.get("non_persistent_ckpt", False)),
+                       optimizer_of(args, kwargs))
             return result
         return save_checkpoint
 
@@ -304,7 +308,7 @@ def around_megatron_checkpointing(after_save, before_load, after_load=None) -> N
             before_load(load_arg)
             result = load(*args, **kwargs)
             if after_load is not None:
-                after_load(load_arg, kwargs.get("optimizer", args[1] if len(args) > 1 else None))
+                after_load(load_arg, optimizer_of(args, kwargs))
             return result
         return load_checkpoint
 

@@ -5,8 +5,9 @@ the first and second moments"), the arithmetic and the master weights in fp32. t
 needs its moments in the parameters' dtype; Megatron's optimizer keeps them in bf16 only through
 Transformer Engine's FusedAdam (`--use-precision-aware-optimizer`). `KernelAdamW` is torch's
 AdamW (decoupled weight decay, torch's state-dict layout: `step`, `exp_avg`, `exp_avg_sq`
-per parameter, so states load both ways; the step a Python float inside) on fp32 parameters with `moments_dtype` moments: a Triton
-kernel per tensor on a GPU, PyTorch operations elsewhere. Subclasses say what else the pass
+per parameter, so states load both ways; the step a Python float inside) on fp32 parameters
+with `moments_dtype` moments: a Triton kernel per tensor on a GPU, PyTorch operations
+elsewhere. Subclasses say what else the pass
 writes (`_bf16_copy_of`: the model's bf16 weight of a master) and whether it zeroes the
 gradient (`_zeroes_grads`).
 

@@ -43,9 +43,16 @@ def fingerprint(optimizers: list) -> dict[str, list]:
                 values = tensor.detach().float()
                 names.append((f"optimizer {i} {name}", j))
                 pairs.append(torch.stack([values.sum(dtype=torch.float64),
-                                          values.abs().sum(dtype=torch.float64)]).cpu())
+                                          values.abs().sum(dtype=torch.float64)]))
+    # one host sync per device (the main weights and moments on the GPU, the steps on the CPU)
+    by_device: dict[torch.device, list[int]] = {}
+    for k, pair in enumerate(pairs):
+        by_device.setdefault(pair.device, []).append(k)
+    flat: list = [None] * len(pairs)
+    for indices in by_device.values():
+        for k, pair in zip(indices, torch.stack([pairs[k] for k in indices]).tolist()):
+            flat[k] = pair
     result: dict[str, list] = {}
-    flat = torch.stack(pairs).tolist() if pairs else []
     for (name, index), pair in zip(names, flat):
         entries = result.setdefault(name, [])
         entries.extend([None] * (index - len(entries)))  # parameters without this state

@@ -73,8 +73,10 @@ CANDIDATES = {
     "1x128": [{"BLOCK_M": m, "num_warps": w} for m in (8, 16, 32, 64) for w in (2, 4, 8)],
     "128x1": [{"BLOCK_K": k, "num_warps": w} for k in (16, 32, 64, 128) for w in (2, 4, 8)],
     "128x128": [{"num_warps": w} for w in (2, 4, 8, 16)],
-    "paired": [{"ROWS": r, "CHUNK": c, "num_warps": w} for r in (16, 32, 128)
-               for c in (32, 64, 128) for w in (4, 8, 16)],
+    "paired": ([{"ROWS": r, "CHUNK": c, "ONE_LOAD": False, "num_warps": w}
+                for r in (32, 128) for c in (32, 64) for w in (4, 8, 16)]
+               + [{"ROWS": 128, "CHUNK": 128, "ONE_LOAD": True, "num_warps": w}
+                  for w in (4, 8, 16, 32)]),
 }
 
 

@@ -14,7 +14,7 @@
     The interpreter's own fp32 -> fp8 cast is wrong (it rounds the mantissa without carrying
     into the exponent: 31.6 becomes 16, not 32), so the interpreted script replaces it with
     torch's cast, round-to-nearest-even like the GPU's cvt.rn; everything else the kernels do
-    (amax, scale, clamp, division, masking, transposed stores) is the kernels' own.
+    (amax, scale, reciprocal, clamp, masking, transposed stores) is the kernels' own.
 Fresh random inputs each run; the seed is in every failure message.
 """
 
@@ -98,13 +98,32 @@ def test_reference_scales_equal_an_fp64_computation_of_the_definition(tiling, po
             assert torch.equal(got.scales, expected.float()), (seed, tiling, dtype, shape)
 
 
+@pytest.mark.parametrize("tiling", QUANTIZERS)
+def test_reference_data_is_x_times_the_correctly_rounded_reciprocal_scale(tiling):
+    """data = cast(clamp(x * (1 / scale))), computed here in fp64 from the fp64 scales: 1 / scale
+    and the product each rounded once to fp32 (fp64 holds the product of two fp32 exactly and
+    keeps enough bits that rounding its quotient to fp32 is correct rounding). Not x / scale:
+    on these inputs some fp32 product differs from the quotient (checked)."""
+    seed = _fresh_seed()
+    x = _spread(300, 260, dtype=torch.float32)
+    _, scale = _fp64_scales(x, tiling, pow2=False)
+    inverse = (1.0 / scale).float().double()
+    expected = (x.double() * inverse).float().clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    got = QUANTIZERS[tiling](x)
+    data = got.data.t() if tiling == "128x1" else got.data
+    assert torch.equal(data.view(torch.uint8),
+                       expected.to(torch.float8_e4m3fn).view(torch.uint8)), (seed, tiling)
+    divided = (x.double() / scale).float().clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    assert not torch.equal(expected, divided), (seed, tiling, "no element tells them apart")
+
+
 def _e4m3_error_bound(x64: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The most |x - data * scale| may be, element by element: max(2^-4 |x|, 2^-10 scale)
     + 2^-21 |x|. E4M3 keeps 3 mantissa bits, so a value of x / scale in its normal range
     (>= 2^-6) is rounded by at most half an ulp, 2^-4 of itself; below it the subnormal step
     is 2^-9, an absolute error of at most 2^-10 (times the scale). The last term covers the
-    two fp32 roundings around the cast (x / scale before it, data * scale in dequantize(),
-    2^-24 each)."""
+    three fp32 roundings around the cast (1 / scale and x times it before it, data * scale in
+    dequantize(), 2^-24 each)."""
     return torch.maximum(2**-4 * x64.abs(), 2**-10 * scale) + 2**-21 * x64.abs()
 
 
@@ -316,8 +335,8 @@ _INTERPRETED = textwrap.dedent("""
                     assert_bit_identical(kernel, reference, x, pow2,
                                          (seed, tiling, dtype, rows, cols, pow2))
     # the paired kernel's other launch configs (LAUNCH_CONFIG's default is tested above): the
-    # whole block at once, and both halves in 32-row / 32-column steps
-    for config in ({"ROWS": 128, "CHUNK": 128}, {"ROWS": 32, "CHUNK": 32}):
+    # block loaded once for both halves, and both halves in 32-row / 32-column steps
+    for config in ({"ONE_LOAD": True}, {"ROWS": 32, "CHUNK": 32}):
         for dtype in (torch.float32, torch.float16):
             x = inputs(130, 200, dtype)
             for pow2 in (False, True):
@@ -369,8 +388,8 @@ def test_a_launch_config_with_an_unknown_key_or_a_chunk_not_dividing_128_is_refu
     from megatron_dsv3.kernels.fp8_quantize import launch_config, launch_quantize_1x128_and_128x1
 
     assert launch_config("paired", {"CHUNK": 32})["CHUNK"] == 32
-    with pytest.raises(ValueError, match=r"unknown keys \['BLOCK_M'\].*\['CHUNK', 'ROWS', "
-                                         r"'num_warps'\]"):
+    with pytest.raises(ValueError, match=r"unknown keys \['BLOCK_M'\].*\['CHUNK', 'ONE_LOAD', "
+                                         r"'ROWS', 'num_warps'\]"):
         launch_config("paired", {"BLOCK_M": 32})
     with pytest.raises(ValueError, match="CHUNK=48 must divide 128"):
         launch_quantize_1x128_and_128x1(torch.zeros(128, 128), config={"CHUNK": 48})

@@ -15,8 +15,10 @@ temporaries; these kernels read it once and write one byte per element.
 
 Each runs its kernel on an NVIDIA GPU with FP8 conversions (sm_89 and newer) and the
 reference elsewhere. The kernels give bit-identical data and scales to the references: every
-step is an exactly rounded fp32 operation (division through div_rn, since Triton's `/` is an
-approximate division on NVIDIA GPUs; the cast rounds to nearest even, as torch's does).
+step is an exactly rounded fp32 operation (the two divisions per tile, amax / 448 and
+1 / scale, through div_rn, since Triton's `/` is an approximate division on NVIDIA GPUs; each
+element is then multiplied by the reciprocal, not divided, which keeps the kernels memory-bound;
+the cast rounds to nearest even, as torch's does).
 One difference by design: a tile holding inf or NaN gets a NaN scale (raising would need a
 host sync), so everything computed from it is NaN; the references raise ValueError instead.
 """
@@ -54,14 +56,14 @@ MIN_CUDA_CAPABILITY = (8, 9)
 #   128x128  one 128x128 block per program;
 #   paired   one 128x128 block per program, its 1x128 half ROWS rows and its 128x1 half CHUNK
 #            columns at a time (re-read from the cache: less live data than the whole block in
-#            fp32, 64 KiB; ptxas gives the whole block 179-234 registers a thread at 8 warps,
-#            one block per SM).
+#            fp32, 64 KiB; ptxas gave the whole block 179-234 registers a thread at 8 warps,
+#            one block per SM), or with ONE_LOAD the block loaded once for both halves.
 # A launch_* function takes `config` to override them (keys as here, num_warps included).
 LAUNCH_CONFIG = {
     "1x128": {"BLOCK_M": 32, "num_warps": 4},
     "128x1": {"BLOCK_K": 64, "num_warps": 4},
     "128x128": {"num_warps": 4},
-    "paired": {"ROWS": 128, "CHUNK": 64, "num_warps": 8},
+    "paired": {"ROWS": 128, "CHUNK": 64, "ONE_LOAD": False, "num_warps": 8},
 }
 
 
@@ -100,7 +102,9 @@ if triton is not None:
 
     @triton.jit
     def _to_fp8(x, scale):
-        scaled = tl.clamp(tl.math.div_rn(x, scale), -_FP8_MAX, _FP8_MAX)
+        """cast(clamp(x * (1 / scale))): one correctly rounded division per scale, then a
+        multiplication per element (fp8/quantize.py's convention)."""
+        scaled = tl.clamp(x * tl.math.div_rn(1.0, scale), -_FP8_MAX, _FP8_MAX)
         return scaled.to(tl.float8e4nv, fp_downcast_rounding="rtne")
 
     # The kernels take one tile-aligned block each and index in int64: a strided view's
@@ -184,21 +188,40 @@ if triton is not None:
                                          M, K,                           # sizes
                                          stride_xm, stride_xk,           # x's strides
                                          POW2_SCALES: tl.constexpr, TILE: tl.constexpr,
-                                         ROWS: tl.constexpr, CHUNK: tl.constexpr):
-        """One 128x128 block of x: its 1x128 half ROWS rows at a time, then its 128x1 half
+                                         ROWS: tl.constexpr, CHUNK: tl.constexpr,
+                                         ONE_LOAD: tl.constexpr):
+        """One 128x128 block of x. ONE_LOAD: the block loaded once, both halves computed from
+        the same registers. Otherwise its 1x128 half ROWS rows at a time, then its 128x1 half
         CHUNK columns at a time (the block re-read from the cache, as runtime loops: fewer
         live registers than the whole block in fp32, 64 KiB)."""
         tile_m, tile_k = tl.program_id(0), tl.program_id(1)
         rows = (tile_m * TILE + tl.arange(0, TILE)).to(tl.int64)
         cols = (tile_k * TILE + tl.arange(0, TILE)).to(tl.int64)
-        for r in tl.range(0, TILE, ROWS):
-            rows_r = (tile_m * TILE + r + tl.arange(0, ROWS)).to(tl.int64)
-            _quantize_rows(x_ptr, data_ptr, scales_ptr, rows_r, cols, tile_k, M, K, stride_xm,
-                           stride_xk, POW2_SCALES, TILE)
-        for c in tl.range(0, TILE, CHUNK):
-            cols_c = (tile_k * TILE + c + tl.arange(0, CHUNK)).to(tl.int64)
-            _quantize_columns(x_ptr, data_t_ptr, scales_t_ptr, rows, cols_c, tile_m, M, K,
-                              stride_xm, stride_xk, POW2_SCALES, TILE)
+        if ONE_LOAD:
+            in_x = (rows[:, None] < M) & (cols[None, :] < K)
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                        mask=in_x, other=0.0).to(tl.float32)                  # [TILE, TILE]
+            magnitude = tl.abs(x)
+            finite = (magnitude <= _FP32_MAX).to(tl.int32)
+            row_scale = _tile_scale(tl.max(magnitude, axis=1), tl.min(finite, axis=1) == 1,
+                                    POW2_SCALES)
+            tl.store(data_ptr + rows[:, None] * K + cols[None, :],
+                     _to_fp8(x, row_scale[:, None]), mask=in_x)
+            tl.store(scales_ptr + rows * tl.cdiv(K, TILE) + tile_k, row_scale, mask=rows < M)
+            col_scale = _tile_scale(tl.max(magnitude, axis=0), tl.min(finite, axis=0) == 1,
+                                    POW2_SCALES)
+            tl.store(data_t_ptr + cols[:, None] * M + rows[None, :],
+                     tl.trans(_to_fp8(x, col_scale[None, :])), mask=tl.trans(in_x))
+            tl.store(scales_t_ptr + cols * tl.cdiv(M, TILE) + tile_m, col_scale, mask=cols < K)
+        else:
+            for r in tl.range(0, TILE, ROWS):
+                rows_r = (tile_m * TILE + r + tl.arange(0, ROWS)).to(tl.int64)
+                _quantize_rows(x_ptr, data_ptr, scales_ptr, rows_r, cols, tile_k, M, K,
+                               stride_xm, stride_xk, POW2_SCALES, TILE)
+            for c in tl.range(0, TILE, CHUNK):
+                cols_c = (tile_k * TILE + c + tl.arange(0, CHUNK)).to(tl.int64)
+                _quantize_columns(x_ptr, data_t_ptr, scales_t_ptr, rows, cols_c, tile_m, M, K,
+                                  stride_xm, stride_xk, POW2_SCALES, TILE)
 
 
 def on_fp8_gpu(t: torch.Tensor) -> bool:

@@ -84,8 +84,9 @@ class _Fp8Linear(torch.autograd.Function):
                               out_dtype=ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             weight = ctx.weight
+            # the GEMM writes W's dtype from its FP32 accumulator: no FP32 pass over dW
             grad_w = weight_grad_now_or_later(ctx.store, weight, lambda: fp8_gemm(
-                dy_t, x_t, out_dtype=torch.float32).to(weight.dtype))
+                dy_t, x_t, out_dtype=weight.dtype))
         if ctx.bias is not None and ctx.needs_input_grad[2]:
             bias = ctx.bias
             grad_b = weight_grad_now_or_later(ctx.store, bias, lambda: dy_MN.float().sum(

@@ -13,7 +13,8 @@ kernel's time and bandwidth (2 bytes read, 1 written per element, plus the fp32 
 paired 1x128 + 128x1 kernel writes both: 2 read, 2 written, two sets of scales) against a bf16
 copy of the same tensor (2 read, 2 written), the memory ceiling; the target is 80% of it.
 Linear, for each (K, N) of the issue's table at `--tokens` rows: forward + backward of
-fp8_linear (three FP8 GEMMs, quantizers included) against torch.nn.functional.linear in bf16,
+fp8_linear (three FP8 GEMMs, quantizers included; and again with W's blocks computed once, as
+inside a training step's weights_fixed()) against torch.nn.functional.linear in bf16,
 and the forward GEMM alone (fp8_gemm on quantized operands) against the bf16 matmul. The
 speedups are the ratios of the two in the same run.
 """
@@ -32,6 +33,7 @@ from benchmarks.common import (emit_json, mean_seconds, resolve_device,  # noqa:
                                result_header)
 from megatron_dsv3.fp8.gemm import fp8_gemm, uses_scaled_mm  # noqa: E402
 from megatron_dsv3.fp8.linear import fp8_linear  # noqa: E402
+from megatron_dsv3.fp8.weight_cache import weights_fixed  # noqa: E402
 from megatron_dsv3.kernels.fp8_quantize import (  # noqa: E402
     LAUNCH_CONFIG, launch_quantize_1x128, launch_quantize_1x128_and_128x1,
     launch_quantize_128x1, launch_quantize_128x128, quantize_1x128_and_128x1_fused,
@@ -141,6 +143,9 @@ def linear_rows(tokens: int, shrink: int, repeat: int, device: torch.device) -> 
                "fp8_gemm_s": mean_seconds(lambda: fp8_gemm(xq, wq, out_dtype=torch.bfloat16),
                                      repeat, device)}
         row["fwd_bwd_speedup"] = round(row["bf16_fwd_bwd_s"] / row["fp8_fwd_bwd_s"], 3)
+        with weights_fixed():  # as in a training step: W's blocks quantized once, then reused
+            row["fp8_fwd_bwd_w_fixed_s"] = mean_seconds(lambda: step(fp8_linear), repeat, device)
+        row["w_fixed_speedup"] = round(row["bf16_fwd_bwd_s"] / row["fp8_fwd_bwd_w_fixed_s"], 3)
         if torchao is not None:
             row["torchao_fwd_bwd_s"] = mean_seconds(lambda: step(torchao), repeat, device)
             row["torchao_speedup"] = round(row["bf16_fwd_bwd_s"] / row["torchao_fwd_bwd_s"], 3)
@@ -148,7 +153,8 @@ def linear_rows(tokens: int, shrink: int, repeat: int, device: torch.device) -> 
         row["fp8_gemm_tflops"] = round(2 * tokens * k * n / row["fp8_gemm_s"] / 1e12, 1)
         rows.append(row)
         print(f"{k:6d} x {n:6d}: fwd+bwd bf16 {row['bf16_fwd_bwd_s'] * 1e3:7.3f} ms, fp8 "
-              f"{row['fp8_fwd_bwd_s'] * 1e3:7.3f} ms x{row['fwd_bwd_speedup']} | GEMM "
+              f"{row['fp8_fwd_bwd_s'] * 1e3:7.3f} ms x{row['fwd_bwd_speedup']} (W fixed "
+              f"x{row['w_fixed_speedup']}) | GEMM "
               f"x{row['gemm_speedup']} ({row['fp8_gemm_tflops']} TFLOP/s) | torchao "
               f"x{row.get('torchao_speedup', '-')}", file=sys.stderr, flush=True)
     return rows

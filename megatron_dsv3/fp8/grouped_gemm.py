@@ -25,10 +25,23 @@ view), which is how the emulation reuses fp8_gemm_emulated, one expert's rows at
 The emulation reads group_ends on the host (one sync) and checks it there; the Triton kernel
 (kernels/fp8_grouped_gemm.py) keeps it on the device and checks only its dtype and shape.
 
-Not here: the weight gradient dW_e [N, K] = dy_e^T x_e contracts over each expert's own rows,
-so its 128-element K blocks are blocks of tokens inside one expert: it needs 128x1 operands
-quantized per expert, i.e. expert row groups padded to multiples of 128 (DeepGEMM's
-"contiguous" layout) or a quantizer that restarts its 128-row tiles at every group start.
+The weight gradient dW_e [O, I] = dy_e^T x_e contracts over each expert's own rows, so its
+128-element blocks of the contraction are blocks of tokens inside one expert, and the 128x1
+tiles of dy [N, O] and x [N, I] must restart at every expert's first row ("segment-aligned"
+tiles; expert row counts are not multiples of 128):
+
+  quantize_128x1_segments(x_NI, group_ends)            data x^T [I, N], scales [I, T]
+  fp8_grouped_wgrad_emulated(dy_q, x_q, group_ends)    dW [E, O, I]
+
+Expert e's rows [s_e, t_e) make the tiles s_e + 128 j .. min(s_e + 128 (j + 1), t_e), numbered
+from tile_start_e = sum over e' < e of ceil(n_e' / 128): tile tile_start_e + j, its scale in
+column tile_start_e + j of `scales`. T = ceil(N / 128) + E bounds the number of tiles without
+reading group_ends on the host: the E experts and the rows past the last end, E + 1 segments
+of N rows in all, make at most ceil(N / 128) + E tiles. The rows past the last end belong to no
+expert: they are quantized as zeros (data 0), in tiles of their own after the experts' ones,
+and every scale column that no expert's tile uses holds 2^-126, an all-zero tile's scale. When
+every n_e is a multiple of 128 (and the last end is N) the tiles are quantize_128x1's: the same
+data, and its scales in the first ceil(N / 128) columns.
 """
 
 from __future__ import annotations
@@ -38,7 +51,15 @@ from dataclasses import dataclass
 import torch
 
 from .gemm import fp8_gemm_emulated
-from .quantize import FP8_DTYPE, TILE, Fp8Tensor, quantize_128x128
+from .quantize import (
+    FP8_DTYPE,
+    MIN_SCALE,
+    TILE,
+    Fp8Tensor,
+    _quantize_tiles,
+    check_quantize_input,
+    quantize_128x128,
+)
 
 
 @dataclass(frozen=True)
@@ -110,6 +131,16 @@ def transposed_blocks_grouped(b: Fp8GroupedTensor) -> Fp8GroupedTensor:
                             b.scales.transpose(1, 2).contiguous())
 
 
+def check_group_ends_tensor(group_ends: torch.Tensor, caller: str) -> None:
+    """Raise ValueError unless group_ends is a 1-D int32 tensor (its values are not read)."""
+    if not isinstance(group_ends, torch.Tensor) or group_ends.dtype != torch.int32 \
+            or group_ends.dim() != 1:
+        what = (f"{group_ends.dtype} of shape {tuple(group_ends.shape)}"
+                if isinstance(group_ends, torch.Tensor) else type(group_ends).__name__)
+        raise ValueError(f"{caller}: group_ends must be a 1-D int32 tensor of end rows "
+                         f"(tokens_per_expert.cumsum(0).to(torch.int32)), got {what}")
+
+
 def check_grouped_operands(a: Fp8Tensor, b: Fp8GroupedTensor, group_ends: torch.Tensor
                            ) -> None:
     """What can be checked without reading group_ends' values (no host sync): the operands'
@@ -125,12 +156,7 @@ def check_grouped_operands(a: Fp8Tensor, b: Fp8GroupedTensor, group_ends: torch.
         raise ValueError(f"fp8_grouped_gemm: a is [M, K] = {list(a.data.shape)} and b is "
                          f"[E, N, K] = {list(b.data.shape)}; their K (the contracted "
                          f"dimension) differ")
-    if not isinstance(group_ends, torch.Tensor) or group_ends.dtype != torch.int32 \
-            or group_ends.dim() != 1:
-        what = (f"{group_ends.dtype} of shape {tuple(group_ends.shape)}"
-                if isinstance(group_ends, torch.Tensor) else type(group_ends).__name__)
-        raise ValueError(f"fp8_grouped_gemm: group_ends must be a 1-D int32 tensor of end rows "
-                         f"(tokens_per_expert.cumsum(0).to(torch.int32)), got {what}")
+    check_group_ends_tensor(group_ends, "fp8_grouped_gemm")
     if group_ends.numel() != b.num_experts or b.num_experts == 0:
         raise ValueError(f"fp8_grouped_gemm: group_ends has {group_ends.numel()} entries and b "
                          f"has {b.num_experts} experts; give one end row per expert (at least "
@@ -140,14 +166,15 @@ def check_grouped_operands(a: Fp8Tensor, b: Fp8GroupedTensor, group_ends: torch.
                          f"group_ends ({group_ends.device}) must be on one device")
 
 
-def _host_group_bounds(group_ends: torch.Tensor, rows: int) -> list[tuple[int, int]]:
+def _host_group_bounds(group_ends: torch.Tensor, rows: int, caller: str = "fp8_grouped_gemm",
+                       rows_name: str = "M", operand: str = "a") -> list[tuple[int, int]]:
     """[(first row, end row)] per expert from group_ends (one host sync), checked:
-    non-negative, non-decreasing, the last at most `rows`."""
+    non-negative, non-decreasing, the last at most `rows` (`rows_name`, `operand`'s rows)."""
     ends = group_ends.tolist()
     starts = [0] + ends[:-1]
     if any(end < start for start, end in zip(starts, ends)) or ends[-1] > rows:
-        raise ValueError(f"fp8_grouped_gemm: group_ends={ends} must be non-decreasing, from 0 "
-                         f"up to at most M={rows} (a's rows); build it as "
+        raise ValueError(f"{caller}: group_ends={ends} must be non-decreasing, from 0 up to at "
+                         f"most {rows_name}={rows} ({operand}'s rows); build it as "
                          f"tokens_per_expert.cumsum(0) of non-negative counts")
     return list(zip(starts, ends))
 
@@ -165,3 +192,176 @@ def fp8_grouped_gemm_emulated(a: Fp8Tensor, b: Fp8GroupedTensor, group_ends: tor
             a_e = Fp8Tensor(a.data[start:end], a.scales[start:end], "1x128")
             out_MN[start:end] = fp8_gemm_emulated(a_e, b.expert(e), out_dtype)
     return out_MN
+
+
+# ----------------------------------------------------------------------------------------------
+# The weight gradient: segment-aligned 128x1 tiles (module docstring)
+# ----------------------------------------------------------------------------------------------
+def segment_tile_count(rows: int, experts: int) -> int:
+    """T = ceil(rows / 128) + experts: the scale columns of `rows` rows in segment-aligned
+    tiles, known without reading group_ends (module docstring)."""
+    return -(-rows // TILE) + experts
+
+
+@dataclass(frozen=True)
+class Fp8SegmentTiles:
+    """x [N, I] in E4M3 with one fp32 scale per segment-aligned 128x1 tile (module docstring),
+    stored transposed as quantize_128x1 stores it: x[r, i] ~= data[i, r] * scales[i, tile(r)].
+
+    data [I, N] float8_e4m3fn (x^T: the tokens, the weight gradient's contraction, contiguous);
+    scales [I, T] fp32, T = ceil(N/128) + E. Which tile a row is in depends on group_ends,
+    which is not held here: dequantize takes it."""
+
+    data: torch.Tensor    # float8_e4m3fn [I, N]
+    scales: torch.Tensor  # float32 [I, ceil(N/128) + E]
+
+    def __post_init__(self):
+        if self.data.dtype != FP8_DTYPE or self.data.dim() != 2:
+            raise ValueError(f"data: a 2-D [I, N] {FP8_DTYPE} tensor is needed, got "
+                             f"{self.data.dtype} of shape {tuple(self.data.shape)}")
+        features, rows = self.data.shape
+        least = segment_tile_count(rows, 1)
+        if (self.scales.dtype != torch.float32 or self.scales.dim() != 2
+                or self.scales.shape[0] != features or self.scales.shape[1] < least):
+            raise ValueError(f"scales: fp32 of shape ({features}, ceil(N/128) + E) = "
+                             f"({features}, {least - 1} + E), E >= 1 the experts, is needed for "
+                             f"data [I, N] = {list(self.data.shape)}, got {self.scales.dtype} "
+                             f"of shape {tuple(self.scales.shape)}")
+
+    @property
+    def num_experts(self) -> int:
+        return self.scales.shape[1] - segment_tile_count(self.data.shape[1], 0)
+
+    def dequantize(self, group_ends: torch.Tensor) -> torch.Tensor:
+        """data * scale in fp32, in the layout of the tensor that was quantized: [N, I]; rows
+        past the last end are 0. group_ends is checked on the host (one sync)."""
+        check_group_ends_tensor(group_ends, "Fp8SegmentTiles.dequantize")
+        if group_ends.numel() != self.num_experts:
+            raise ValueError(f"Fp8SegmentTiles.dequantize: group_ends has {group_ends.numel()} "
+                             f"entries for tiles of {self.num_experts} experts; pass the "
+                             f"group_ends these tiles were quantized with")
+        _host_group_bounds(group_ends, self.data.shape[1], "Fp8SegmentTiles.dequantize", "N",
+                           "data^T")
+        tiles_N = segment_tile_of_rows(group_ends.to(self.data.device), self.data.shape[1])
+        return (self.data.float() * self.scales[:, tiles_N]).t()
+
+
+def segment_tile_of_rows(group_ends: torch.Tensor, rows: int) -> torch.Tensor:
+    """The tile of each of `rows` rows in segment-aligned tiles (module docstring): int64 [rows]
+    on group_ends' device, computed there (no host sync). Rows past the last end count in
+    tiles of their own after the experts' ones."""
+    ends_E = group_ends.long()
+    starts_E = torch.cat([ends_E.new_zeros(1), ends_E[:-1]])
+    tiles_E = torch.div(ends_E - starts_E + TILE - 1, TILE, rounding_mode="floor")
+    first_tile_E = tiles_E.cumsum(0) - tiles_E
+    rows_N = torch.arange(rows, device=group_ends.device)
+    expert_N = torch.searchsorted(ends_E, rows_N, right=True)  # E past the last end
+    owner_N = expert_N.clamp(max=len(ends_E) - 1)
+    in_expert = first_tile_E[owner_N] + torch.div(rows_N - starts_E[owner_N], TILE,
+                                                  rounding_mode="floor")
+    past_the_end = tiles_E.sum() + torch.div(rows_N - ends_E[-1], TILE, rounding_mode="floor")
+    return torch.where(expert_N < len(ends_E), in_expert, past_the_end)
+
+
+def _raise_on_non_finite_rows(x_NI: torch.Tensor, bounds: list[tuple[int, int]]) -> None:
+    """ValueError naming the first non-finite element of the experts' rows of x (row-major
+    order), its expert and its segment-aligned tile (rows past the last end are not read)."""
+    bad = (~torch.isfinite(x_NI[:bounds[-1][1]])).nonzero()
+    if not bad.numel():
+        return
+    row, col = bad[0].tolist()
+    expert = next(e for e, (start, end) in enumerate(bounds) if start <= row < end)
+    start, end = bounds[expert]
+    first = start + (row - start) // TILE * TILE
+    raise ValueError(
+        f"x_NI[{row}, {col}] = {x_NI[row, col].item()}: non-finite input has no FP8 scale; it "
+        f"lies in expert {expert}'s 128x1 tile of rows {first}:{min(first + TILE, end)}, "
+        f"column {col} ({len(bad)} non-finite elements in all); find the operation that "
+        f"overflowed before quantizing")
+
+
+def check_segments_input(x_NI: torch.Tensor, group_ends: torch.Tensor) -> None:
+    """The segment-aligned quantizer's inputs, without reading group_ends' values: x_NI a 2-D
+    bf16/fp16/fp32 tensor, group_ends 1-D int32 with at least one entry, on x_NI's device."""
+    check_quantize_input(x_NI, "x_NI")
+    check_group_ends_tensor(group_ends, "quantize_128x1_segments")
+    if group_ends.numel() == 0 or group_ends.device != x_NI.device:
+        raise ValueError(f"quantize_128x1_segments: group_ends ({group_ends.numel()} entries, "
+                         f"{group_ends.device}) needs one end row per expert, at least one, "
+                         f"on x_NI's device ({x_NI.device})")
+
+
+@torch.no_grad()
+def quantize_128x1_segments(x_NI: torch.Tensor, group_ends: torch.Tensor, *,
+                            pow2_scales: bool = False) -> Fp8SegmentTiles:
+    """x [N, I] (rows sorted by expert, expert e's rows ending at group_ends[e]) in 128x1
+    tiles that restart at every expert's first row, stored transposed: data [I, N], scales
+    [I, ceil(N/128) + E] (module docstring). Each expert's rows are quantized as
+    quantize_128x1 quantizes a tensor (the same code: fp8/quantize.py's convention); reads
+    group_ends on the host (one sync) and raises on non-finite rows of an expert. The kernel
+    is kernels/fp8_grouped_wgrad.py's."""
+    check_segments_input(x_NI, group_ends)
+    rows, features = x_NI.shape
+    bounds = _host_group_bounds(group_ends, rows, "quantize_128x1_segments", "N", "x_NI")
+    _raise_on_non_finite_rows(x_NI, bounds)
+    data = torch.zeros(features, rows, dtype=FP8_DTYPE, device=x_NI.device)
+    scales = torch.full((features, segment_tile_count(rows, len(bounds))), MIN_SCALE,
+                        device=x_NI.device)
+    tile = 0
+    for start, end in bounds:
+        if end > start:
+            expert = _quantize_tiles(x_NI[start:end].t(), "128x1", pow2_scales)
+            tiles = expert.scales.shape[1]
+            data[:, start:end] = expert.data
+            scales[:, tile:tile + tiles] = expert.scales
+            tile += tiles
+    return Fp8SegmentTiles(data, scales)
+
+
+def check_wgrad_operands(dy_q: Fp8SegmentTiles, x_q: Fp8SegmentTiles,
+                         group_ends: torch.Tensor) -> None:
+    """What can be checked without reading group_ends' values (no host sync): the operands'
+    types, rows and tiles, and group_ends' dtype, shape and device."""
+    for name, operand, rows in (("dy_q", dy_q, "dy [N, O]"), ("x_q", x_q, "x [N, I]")):
+        if not isinstance(operand, Fp8SegmentTiles):
+            raise ValueError(f"fp8_grouped_wgrad: {name} must be an Fp8SegmentTiles "
+                             f"(quantize_128x1_segments of {rows}), got "
+                             f"{type(operand).__name__}")
+    if dy_q.data.shape[1] != x_q.data.shape[1] or dy_q.scales.shape[1] != x_q.scales.shape[1]:
+        raise ValueError(f"fp8_grouped_wgrad: dy_q holds {dy_q.data.shape[1]} rows in "
+                         f"{dy_q.scales.shape[1]} tile columns and x_q {x_q.data.shape[1]} in "
+                         f"{x_q.scales.shape[1]}; quantize dy and x of the same rows with the "
+                         f"same group_ends")
+    check_group_ends_tensor(group_ends, "fp8_grouped_wgrad")
+    if group_ends.numel() != dy_q.num_experts:
+        raise ValueError(f"fp8_grouped_wgrad: group_ends has {group_ends.numel()} entries and "
+                         f"the operands' tiles are those of {dy_q.num_experts} experts; pass "
+                         f"the group_ends they were quantized with")
+    if group_ends.device != dy_q.data.device or x_q.data.device != dy_q.data.device:
+        raise ValueError(f"fp8_grouped_wgrad: dy_q ({dy_q.data.device}), x_q "
+                         f"({x_q.data.device}) and group_ends ({group_ends.device}) must be on "
+                         f"one device")
+
+
+def fp8_grouped_wgrad_emulated(dy_q: Fp8SegmentTiles, x_q: Fp8SegmentTiles,
+                               group_ends: torch.Tensor, out_dtype: torch.dtype = torch.float32
+                               ) -> torch.Tensor:
+    """dW [E, O, I] in `out_dtype`: dW_e = dy_e^T x_e over expert e's rows, each of its
+    128-token tiles' product summed in FP32, scaled there by the two operands' scales of that
+    tile and accumulated in FP32 (fp8_gemm_emulated on expert e's columns of dy^T and x^T);
+    an expert without rows gets zeros. Reads group_ends on the host (one sync)."""
+    check_wgrad_operands(dy_q, x_q, group_ends)
+    (out_features, rows), in_features = dy_q.data.shape, x_q.data.shape[0]
+    dW_EOI = torch.zeros(group_ends.numel(), out_features, in_features, dtype=out_dtype,
+                         device=dy_q.data.device)
+    bounds = _host_group_bounds(group_ends, rows, "fp8_grouped_wgrad", "N", "dy_q and x_q")
+    tile = 0
+    for e, (start, end) in enumerate(bounds):
+        tiles = -(-(end - start) // TILE)
+        if tiles:
+            own = slice(tile, tile + tiles)
+            dy_e = Fp8Tensor(dy_q.data[:, start:end], dy_q.scales[:, own], "128x1")
+            x_e = Fp8Tensor(x_q.data[:, start:end], x_q.scales[:, own], "128x1")
+            dW_EOI[e] = fp8_gemm_emulated(dy_e, x_e, out_dtype)  # dy_e^T x_e
+        tile += tiles
+    return dW_EOI

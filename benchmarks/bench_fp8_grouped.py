@@ -11,14 +11,18 @@ Problems (E experts x T tokens each, x [E*T, K] -> y [E*T, N], W [E, N, K]):
   64 x 384, 2048 -> 1408     (DeepSeek-V3-Lite-like expert FFN: fc2's K, fc1's half N)
   32 x 1024, 7168 -> 2048    (DeepSeek-V3's expert fc1 half on 32 local experts)
 Tokens per expert are uneven (drawn around T, summing to E*T), so tiles straddle expert
-boundaries as they do in training. For each, two GEMMs:
+boundaries as they do in training. For each, three GEMMs:
   forward  y  = x_e W_e^T     bf16: _grouped_mm(x, W^T);  fp8: a = x in 1x128, b = W
   dgrad    dx = dy_e W_e      bf16: _grouped_mm(dy, W);   fp8: a = dy in 1x128,
                                                            b = transposed_blocks_grouped(W)
+  wgrad    dW_e = dy_e^T x_e  bf16: _grouped_mm(dy^T, x);  fp8: dy and x in segment-aligned
+                              128x1 tiles (kernels/fp8_grouped_wgrad.py), dW [E, N, K] in bf16
 and for FP8 two times: the GEMM alone on operands quantized beforehand, and with the
 quantizers included (forward: x in 1x128 and W in 128x128 per expert; dgrad: dy in 1x128 and
-W's blocks transposed, W quantized in the forward). Each row also gives the FP8 result's
-relative error against the bf16 one (E4M3's rounding: a few percent, not O(1)).
+W's blocks transposed, W quantized in the forward; wgrad: dy and x, each in segment-aligned
+128x1 tiles). Each row also gives the FP8 result's relative error against the bf16 one
+(E4M3's rounding: a few percent, not O(1)). For wgrad, "m", "k", "n" of a row are dW's rows
+(N), the contraction (the tokens) and dW's columns (K).
 On the CPU the emulation runs (no kernel): a check of the script's logic, not of speed.
 """
 
@@ -40,6 +44,12 @@ from megatron_dsv3.kernels.fp8_grouped_gemm import (
     launch_fp8_grouped_gemm,
     quantize_128x128_grouped_fused,
     uses_grouped_gemm_kernel,
+)
+from megatron_dsv3.kernels.fp8_grouped_wgrad import LAUNCH_CONFIG as WGRAD_LAUNCH_CONFIG
+from megatron_dsv3.kernels.fp8_grouped_wgrad import (
+    fp8_grouped_wgrad,
+    quantize_128x1_segments_fused,
+    uses_wgrad_kernel,
 )
 from megatron_dsv3.kernels.fp8_quantize import quantize_1x128_fused
 
@@ -76,34 +86,44 @@ def problem_rows(experts: int, tokens: int, k: int, n: int, repeat: int,
     dy = (torch.randn(m, n, generator=generator) * 1e-3).to(device, torch.bfloat16)
     wq = quantize_128x128_grouped_fused(w)
     rows = []
-    for gemm in ("forward", "dgrad"):
+    for gemm in ("forward", "dgrad", "wgrad"):
+        gemm_fp8, uses_kernel = fp8_grouped_gemm, uses_grouped_gemm_kernel
         if gemm == "forward":
             k_in, n_out = k, n
             def bf16():
                 return torch._grouped_mm(x, w.transpose(-2, -1), offs=ends)
             def quantize():
                 return quantize_1x128_fused(x), quantize_128x128_grouped_fused(w)
-        else:
+        elif gemm == "dgrad":
             k_in, n_out = n, k
             def bf16():
                 return torch._grouped_mm(dy, w, offs=ends)
             def quantize():
                 return quantize_1x128_fused(dy), transposed_blocks_grouped(wq)
+        else:  # dW [E, n, k]: rows n, contraction over the m tokens, columns k
+            k_in, n_out = m, k
+            gemm_fp8, uses_kernel = fp8_grouped_wgrad, uses_wgrad_kernel
+            def bf16():
+                return torch._grouped_mm(dy.t(), x, offs=ends)
+            def quantize():
+                return (quantize_128x1_segments_fused(dy, ends),
+                        quantize_128x1_segments_fused(x, ends))
         a, b = quantize()
 
         def fp8_gemm_only():
-            return fp8_grouped_gemm(a, b, ends, torch.bfloat16)
+            return gemm_fp8(a, b, ends, torch.bfloat16)
 
         def fp8_with_quantizers():
-            return fp8_grouped_gemm(*quantize(), ends, torch.bfloat16)
+            return gemm_fp8(*quantize(), ends, torch.bfloat16)
 
-        row = {"problem": f"{experts}x{tokens} {k}->{n}", "gemm": gemm, "m": m, "k": k_in,
-               "n": n_out, "kernel": uses_grouped_gemm_kernel(a, b),
+        row = {"problem": f"{experts}x{tokens} {k}->{n}", "gemm": gemm,
+               "m": n if gemm == "wgrad" else m, "k": k_in, "n": n_out,
+               "kernel": uses_kernel(a, b),
                "bf16_s": mean_seconds(bf16, repeat, device),
                "fp8_gemm_s": mean_seconds(fp8_gemm_only, repeat, device),
                "fp8_with_quantizers_s": mean_seconds(fp8_with_quantizers, repeat, device),
                "fp8_rel_err_vs_bf16": round(relative_error(fp8_gemm_only(), bf16()), 5)}
-        flops = 2 * m * k_in * n_out
+        flops = 2 * row["m"] * k_in * n_out
         for key in ("bf16", "fp8_gemm", "fp8_with_quantizers"):
             row[f"{key}_tflops"] = round(flops / row[f"{key}_s"] / 1e12, 1)
         row["gemm_speedup"] = round(row["bf16_s"] / row["fp8_gemm_s"], 3)
@@ -159,6 +179,7 @@ def main(argv=None) -> dict:
     device = torch.device(resolve_device(args.device))
     results = result_header(device)
     results["launch_config"] = LAUNCH_CONFIG
+    results["wgrad_launch_config"] = WGRAD_LAUNCH_CONFIG
     problems = [(e, t // args.shrink, k // args.shrink, n // args.shrink)
                 for e, t, k, n in PROBLEMS]
     if args.tune:

@@ -8,7 +8,15 @@ emulation (fp8/grouped_gemm.py) on the same FP8 operands (skipped without CUDA; 
     in about 14 bits before the FP32 promotion; the emulation sums them exactly), the padding
     rows exactly zero;
   * a bf16 output is the fp32 output rounded (the same accumulation, one cast);
-  * the stacked fused weight quantizer equals the per-expert reference bit for bit.
+  * the stacked fused weight quantizer equals the per-expert reference bit for bit;
+  * the weight gradient (kernels/fp8_grouped_wgrad.py) on the same problem: the
+    segment-aligned 128x1 quantizer kernel equals the reference bit for bit on bf16 dy and x
+    (exact and power-of-two scales; NaN in the rows past the last end, which neither reads);
+    the grouped wgrad GEMM against fp8_grouped_wgrad_emulated within
+    HOPPER_FP8_ACCUMULATION (each 128-token tile's products summed in the FP8 accumulator
+    before the FP32 promotion, as above), stored in fp32 (the empty expert's dW exactly zero)
+    and bf16 (the fp32 result rounded), and added into an fp32 sum (the empty expert's sum
+    left bit for bit as it was).
 """
 
 import pytest
@@ -71,3 +79,56 @@ def test_stacked_fused_weight_quantizer_equals_the_per_expert_reference_bit_for_
     fused, reference = quantize_128x128_grouped_fused(w), quantize_128x128_grouped(w)
     assert torch.equal(fused.scales, reference.scales)
     assert torch.equal(fused.data.view(torch.uint8), reference.data.view(torch.uint8))
+
+
+def _wgrad_operands(seed: int):
+    """The problem's dy and x in segment-aligned 128x1 tiles (the references), and group_ends;
+    NaN in the rows past the last end (no expert's: neither the quantizers nor the GEMM read
+    them)."""
+    from megatron_dsv3.fp8.grouped_gemm import quantize_128x1_segments
+
+    ends, x, _, dy = _problem(seed)
+    x[-PADDING:], dy[-PADDING:] = float("nan"), float("nan")
+    return ends, x, dy, quantize_128x1_segments(dy, ends), quantize_128x1_segments(x, ends)
+
+
+@pytest.mark.parametrize("pow2", [False, True], ids=["exact", "pow2"])
+def test_segment_128x1_quantizer_kernel_equals_the_reference_bit_for_bit_in_bf16(pow2):
+    from megatron_dsv3.fp8.grouped_gemm import quantize_128x1_segments
+    from megatron_dsv3.kernels.fp8_grouped_wgrad import quantize_128x1_segments_fused
+    from megatron_dsv3.kernels.fp8_quantize import uses_kernel
+
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    ends, x, dy, _, _ = _wgrad_operands(seed)
+    assert uses_kernel(x)
+    for name, t in (("x", x), ("dy", dy)):
+        fused = quantize_128x1_segments_fused(t, ends, pow2_scales=pow2)
+        reference = quantize_128x1_segments(t, ends, pow2_scales=pow2)
+        assert torch.equal(fused.scales, reference.scales), (seed, name)
+        assert torch.equal(fused.data.view(torch.uint8), reference.data.view(torch.uint8)), \
+            (seed, name)
+
+
+def test_fp8_grouped_wgrad_kernel_matches_the_emulation_within_hoppers_accumulator():
+    from megatron_dsv3.fp8.grouped_gemm import fp8_grouped_wgrad_emulated
+    from megatron_dsv3.kernels.fp8_grouped_wgrad import (
+        fp8_grouped_wgrad,
+        fp8_grouped_wgrad_add_,
+        uses_wgrad_kernel,
+    )
+
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    ends, _, _, dy_q, x_q = _wgrad_operands(seed)
+    assert uses_wgrad_kernel(dy_q, x_q)
+    got = fp8_grouped_wgrad(dy_q, x_q, ends)                                 # [E, N, K]
+    want = fp8_grouped_wgrad_emulated(dy_q, x_q, ends)
+    why = "the same FP8 products and scales, Hopper's FP8 accumulator within a tile"
+    assert_close(got, want, HOPPER_FP8_ACCUMULATION, why, name=f"wgrad, seed {seed}")
+    assert (got[7] == 0).all() and (want[6] != 0).any(), (seed, "the empty expert's dW is 0")
+    assert torch.equal(fp8_grouped_wgrad(dy_q, x_q, ends, torch.bfloat16), got.bfloat16()), seed
+    sum_EOI = torch.randn_like(got)
+    before = sum_EOI.clone()
+    fp8_grouped_wgrad_add_(dy_q, x_q, ends, sum_EOI)
+    assert_close(sum_EOI - before, want, HOPPER_FP8_ACCUMULATION, why,
+                 name=f"wgrad added, seed {seed}")
+    assert torch.equal(sum_EOI[7], before[7]), (seed, "the empty expert's sum is untouched")

@@ -349,12 +349,15 @@ _INTERPRETED = textwrap.dedent("""
 
     # The GEMM: store (fp32, fp16 output) and add modes against the emulation, within
     # tolerance.FP32_REORDER (the same FP8 products, fp32 sums reordered). O = 96, I = 40:
-    # with 64 x 32 blocks two of each, the second partial; rows past the last end
+    # with 64 x 32 blocks two of each, the second partial; rows past the last end. Experts
+    # whose first and end rows are multiples of 16 take the kernel's 16-byte-load path
+    # (experts 1 and 3 of the second case, expert 3 with a 16-row last tile), the others
+    # its byte-load path
     O = 96
     dy = torch.randn(rows, O) * 1e-3 * torch.rand(rows, 1)
     x = torch.randn(rows, I) * 4 * torch.rand(rows, 1)
-    for counts, config in ((COUNTS, None),
-                           ([0, 256, 0, 300], {"BLOCK_O": 64, "BLOCK_I": 32, "num_warps": 4})):
+    for counts, config in ((COUNTS, None), ([0, 256, 0, 144, 300],
+                                            {"BLOCK_O": 64, "BLOCK_I": 32, "num_warps": 4})):
         ends = ends_of(counts)
         dy_q, x_q = quantize_128x1_segments(dy, ends), quantize_128x1_segments(x, ends)
         want = fp8_grouped_wgrad_emulated(dy_q, x_q, ends)

@@ -12,7 +12,8 @@ emulation (fp8/grouped_gemm.py) on the same FP8 operands (skipped without CUDA; 
   * the weight gradient (kernels/fp8_grouped_wgrad.py) on the same problem: the
     segment-aligned 128x1 quantizer kernel equals the reference bit for bit on bf16 dy and x
     (exact and power-of-two scales; NaN in the rows past the last end, which neither reads);
-    the grouped wgrad GEMM against fp8_grouped_wgrad_emulated within
+    the grouped wgrad GEMM (experts of 16-aligned rows and others: both of its load paths)
+    against fp8_grouped_wgrad_emulated within
     HOPPER_FP8_ACCUMULATION (each 128-token tile's products summed in the FP8 accumulator
     before the FP32 promotion, as above), stored in fp32 (the empty expert's dW exactly zero)
     and bf16 (the fp32 result rounded), and added into an fp32 sum (the empty expert's sum
@@ -84,10 +85,12 @@ def test_stacked_fused_weight_quantizer_equals_the_per_expert_reference_bit_for_
 def _wgrad_operands(seed: int):
     """The problem's dy and x in segment-aligned 128x1 tiles (the references), and group_ends;
     NaN in the rows past the last end (no expert's: neither the quantizers nor the GEMM read
-    them)."""
+    them). The first half of the ends rounded down to multiples of 16: those experts take the
+    GEMM kernel's 16-byte-load path, the others its byte-load path."""
     from megatron_dsv3.fp8.grouped_gemm import quantize_128x1_segments
 
     ends, x, _, dy = _problem(seed)
+    ends[:EXPERTS // 2] = ends[:EXPERTS // 2] // 16 * 16
     x[-PADDING:], dy[-PADDING:] = float("nan"), float("nan")
     return ends, x, dy, quantize_128x1_segments(dy, ends), quantize_128x1_segments(x, ends)
 

@@ -124,6 +124,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="torch.compile mode for --compile: default, reduce-overhead (CUDA "
                             "graphs) or any mode torch.compile takes; auto: reduce-overhead on "
                             "cuda without tensor, expert or pipeline parallelism, else default")
+    group.add_argument("--expert-wgrad", default="auto", choices=("auto", "in-gemm", "micro-batch"),
+                       help="the routed experts' weight gradients: in-gemm adds them into "
+                            "Megatron's fp32 gradient buffer (main_grad) inside the grouped "
+                            "GEMM (kernels/grouped_wgrad.py), with no bf16 gradient for DDP's "
+                            "hook to add; micro-batch hands autograd a bf16 gradient as usual; "
+                            "auto: in-gemm where it holds (GPU, --bf16 with fp32 gradient "
+                            "accumulation, no --overlap-grad-reduce)")
     group.add_argument("--expert-load-image-interval", type=int, default=100,
                        help="log the expert-load heatmap to W&B every this many iterations "
                             "(0: never); the per-layer load and bias metrics follow "
@@ -289,6 +296,30 @@ def use_our_adamw(args) -> None:
         use_megatron_adam(MegatronAdamW)
     elif not megatron_has_fused_adam():
         use_megatron_adam(MegatronAdamWFP32)
+
+
+def expert_wgrad_in_gemm(args) -> bool:
+    """--expert-wgrad resolved: whether the routed experts add their weight gradients into
+    main_grad inside the grouped GEMM. That needs an fp32 main_grad (--bf16, whose gradients
+    Megatron accumulates in fp32) and no --overlap-grad-reduce (DDP's per-parameter hook, which
+    marks a bucket ready, never runs for a gradient autograd does not see: with the reduction
+    after the backward, as Megatron does by default, every bucket is reduced anyway), on a GPU.
+    auto: in-gemm where these hold; in-gemm where one fails: a ConfigError naming it."""
+    problems = []
+    if not torch.cuda.is_available():
+        problems.append("no GPU (the grouped GEMM's weight gradient runs on one)")
+    if not getattr(args, "bf16", False):
+        problems.append("no --bf16 (main_grad is then the parameters' own dtype)")
+    elif not getattr(args, "accumulate_allreduce_grads_in_fp32", True):
+        problems.append("gradients accumulated in bf16 (--accumulate-allreduce-grads-in-fp32 "
+                        "off)")
+    if getattr(args, "overlap_grad_reduce", False):
+        problems.append("--overlap-grad-reduce (its per-parameter hook would wait for a bf16 "
+                        "gradient that never comes)")
+    if args.expert_wgrad == "in-gemm" and problems:
+        raise ConfigError(f"--expert-wgrad in-gemm cannot run here: {'; '.join(problems)}. "
+                          "Pass --expert-wgrad micro-batch (or auto)")
+    return args.expert_wgrad != "micro-batch" and not problems
 
 
 def compile_settings(args) -> tuple[str, str]:
@@ -683,6 +714,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from .megatron_compat import (around_forward_backward, around_megatron_checkpointing,
                                   around_megatron_evaluate, use_prebuilt_dataset_helpers)
     from .model import compile_model, model_provider
+    from .moe.experts import sum_expert_grads_in_gemm
     from .pretrain_log import PretrainLog
 
     sys.argv = [sys.argv[0], *nan_stops_the_run(fp8_without_te(dualpipe.with_two_chunks_per_rank(
@@ -704,6 +736,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     use_our_adamw(args)
 
     fp8 = {"fp8": args.dsv3_fp8, "fp8_layers": fp8_layers_flag(args.dsv3_fp8_layers)}
+    in_gemm = expert_wgrad_in_gemm(args)
 
     def provide_model(pre_process=True, post_process=True, vp_stage=None, config=None,
                       pg_collection=None):
@@ -716,6 +749,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             model = model_provider(pre_process, post_process, vp_stage=vp_stage, config=config,
                                    pg_collection=pg_collection, **fp8)
         PretrainLog.install(model.config, args)
+        if in_gemm:  # before compiling: the flag is read when the modules are traced
+            sum_expert_grads_in_gemm(model)
         scope, mode = compile_settings(args)
         if scope != "none":
             compile_model(model, scope=scope, **({} if mode == "default" else {"mode": mode}))

@@ -3,10 +3,7 @@
 bf16 moments and step equal the saved ones, and so do their fingerprints
 (checkpoint/state_fingerprint.py, what pretrain checks after every resume).
 
-Megatron-Core 0.19.2 builds its DistributedDataParallel and DistributedOptimizer for CUDA only
-(tensors made with device="cuda", a check of `param.type()` for "torch.cuda.*", CUDA streams
-around the gradient reduction); the child process runs them on the CPU under a
-TorchFunctionMode that moves those tensors to the CPU and with the stream calls made no-ops.
+Megatron runs on the CPU in a child process (tests/helpers/megatron_on_cpu.py).
 
 Found on the GPU first: a resume from Megatron's checkpoint matched the straight run at its
 first iteration and left it after; here the restored step was 0 (Megatron copies each tensor
@@ -16,130 +13,86 @@ tensor step was overwritten by the fresh optimizer's zero). Fresh random weights
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
+from helpers.megatron_on_cpu import run_megatron_on_cpu
 
-_CHILD = textwrap.dedent('''
-    import contextlib, os, sys, tempfile
-    import torch
-    from torch.overrides import TorchFunctionMode
+_BODY = '''
+from megatron.core import dist_checkpointing
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron_dsv3.checkpoint.state_fingerprint import (fingerprint,
+                                                        fingerprint_differences)
+from megatron_dsv3.megatron_compat import torch_optimizers_of, use_megatron_adam
+from megatron_dsv3.optimizer import MegatronAdamW
 
-    class _NoStream:
-        def __getattr__(self, name):
-            return lambda *args, **kwargs: None
+use_megatron_adam(MegatronAdamW)
+config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1,
+                           bf16=True, params_dtype=torch.bfloat16,
+                           use_cpu_initialization=True)
 
-    class _OnCpu(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = dict(kwargs or {})
-            if "cuda" in str(kwargs.get("device", "")):
-                kwargs["device"] = "cpu"
-            if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-                return func(*args).replace("torch.", "torch.cuda.", 1)
-            if func is torch.Tensor.cuda:
-                return args[0]
-            return func(*args, **kwargs)
+class Model(MegatronModule):
+    def __init__(self):
+        super().__init__(config)
+        self.w = torch.nn.Parameter(torch.randn(16, 8, dtype=torch.bfloat16))
+        self.v = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
 
-    def main():
-        torch.cuda.current_device = lambda: "cpu"
-        torch.cuda.synchronize = lambda *args, **kwargs: None
-        torch.cuda.current_stream = lambda *args, **kwargs: _NoStream()
-        torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
-        _OnCpu().__enter__()
-        from megatron.core import dist_checkpointing
-        from megatron.core.distributed import DistributedDataParallel as DDP
-        from megatron.core.distributed import DistributedDataParallelConfig
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.transformer import TransformerConfig
-        from megatron.core.transformer.module import MegatronModule
-        from megatron_dsv3.checkpoint.state_fingerprint import (fingerprint,
-                                                                fingerprint_differences)
-        from megatron_dsv3.megatron_compat import torch_optimizers_of, use_megatron_adam
-        from megatron_dsv3.optimizer import MegatronAdamW
-        from megatron_dsv3.parallel import init_distributed
+    def forward(self, x):
+        return (x @ self.w.t()).pow(2).sum() + self.v.sum()
 
-        init_distributed(backend="gloo")
-        use_megatron_adam(MegatronAdamW)
-        config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1,
-                                   bf16=True, params_dtype=torch.bfloat16,
-                                   use_cpu_initialization=True)
+def build():
+    model = Model()
+    ddp = DDP(config, DistributedDataParallelConfig(use_distributed_optimizer=True,
+                                                    grad_reduce_in_fp32=True), model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-2, bf16=True,
+                        use_distributed_optimizer=True,
+                        params_dtype=torch.bfloat16), [ddp])
+    return model, ddp, optimizer
 
-        class Model(MegatronModule):
-            def __init__(self):
-                super().__init__(config)
-                self.w = torch.nn.Parameter(torch.randn(16, 8, dtype=torch.bfloat16))
-                self.v = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
+def states(optimizer):
+    return [(p.detach().clone(), {k: torch.as_tensor(v).clone()
+                                  for k, v in inner.state[p].items()})
+            for inner in torch_optimizers_of(optimizer)
+            for group in inner.param_groups for p in group["params"]]
 
-            def forward(self, x):
-                return (x @ self.w.t()).pow(2).sum() + self.v.sum()
+seed = int(torch.randint(0, 2**31 - 1, ()))
+torch.manual_seed(seed)
+model, ddp, optimizer = build()
+for _ in range(3):
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    model(torch.randn(3, 8, dtype=torch.bfloat16)).backward()
+    ddp.finish_grad_sync()
+    assert optimizer.step()[0]
+saved, saved_print = states(optimizer), fingerprint(torch_optimizers_of(optimizer))
+meta = {"distrib_optim_sharding_type": "dp_reshardable"}
+folder = tempfile.mkdtemp()
+model_sd = model.sharded_state_dict()
+dist_checkpointing.save({"model": model_sd, "optimizer": optimizer.sharded_state_dict(
+    model_sd, is_loading=False, metadata=meta)}, folder)
 
-        def build():
-            model = Model()
-            ddp = DDP(config, DistributedDataParallelConfig(use_distributed_optimizer=True,
-                                                            grad_reduce_in_fp32=True), model)
-            optimizer = get_megatron_optimizer(
-                OptimizerConfig(optimizer="adam", lr=1e-2, bf16=True,
-                                use_distributed_optimizer=True,
-                                params_dtype=torch.bfloat16), [ddp])
-            return model, ddp, optimizer
-
-        def states(optimizer):
-            return [(p.detach().clone(), {k: torch.as_tensor(v).clone()
-                                          for k, v in inner.state[p].items()})
-                    for inner in torch_optimizers_of(optimizer)
-                    for group in inner.param_groups for p in group["params"]]
-
-        seed = int(torch.randint(0, 2**31 - 1, ()))
-        torch.manual_seed(seed)
-        model, ddp, optimizer = build()
-        for _ in range(3):
-            ddp.zero_grad_buffer()
-            optimizer.zero_grad()
-            model(torch.randn(3, 8, dtype=torch.bfloat16)).backward()
-            ddp.finish_grad_sync()
-            assert optimizer.step()[0]
-        saved, saved_print = states(optimizer), fingerprint(torch_optimizers_of(optimizer))
-        meta = {"distrib_optim_sharding_type": "dp_reshardable"}
-        folder = tempfile.mkdtemp()
-        model_sd = model.sharded_state_dict()
-        dist_checkpointing.save({"model": model_sd, "optimizer": optimizer.sharded_state_dict(
-            model_sd, is_loading=False, metadata=meta)}, folder)
-
-        torch.manual_seed(seed + 1)  # a fresh run: other weights until the load
-        model2, _, optimizer2 = build()
-        model2_sd = model2.sharded_state_dict()
-        loaded = dist_checkpointing.load({"model": model2_sd,
-                                          "optimizer": optimizer2.sharded_state_dict(
-                                              model2_sd, is_loading=True, metadata=meta)},
-                                         folder)
-        model2.load_state_dict(loaded["model"], strict=False)
-        optimizer2.load_state_dict(loaded["optimizer"])
-        restored = states(optimizer2)
-        assert len(restored) == len(saved) == 2
-        for i, ((p1, s1), (p2, s2)) in enumerate(zip(saved, restored)):
-            assert torch.equal(p1, p2), (seed, i, "main weights")
-            assert sorted(s1) == sorted(s2) == ["exp_avg", "exp_avg_sq", "step"], (s1, s2)
-            for key in s1:
-                assert s1[key].dtype == s2[key].dtype and torch.equal(s1[key], s2[key]), (
-                    seed, i, key, s1[key], s2[key])
-            assert float(s2["step"]) == 3
-        problems = fingerprint_differences(saved_print,
-                                           fingerprint(torch_optimizers_of(optimizer2)))
-        assert not problems, problems
-        print("ok")
-
-    if __name__ == "__main__":
-        main()
-''')
+torch.manual_seed(seed + 1)  # a fresh run: other weights until the load
+model2, _, optimizer2 = build()
+model2_sd = model2.sharded_state_dict()
+loaded = dist_checkpointing.load({"model": model2_sd,
+                                  "optimizer": optimizer2.sharded_state_dict(
+                                      model2_sd, is_loading=True, metadata=meta)},
+                                 folder)
+model2.load_state_dict(loaded["model"], strict=False)
+optimizer2.load_state_dict(loaded["optimizer"])
+restored = states(optimizer2)
+assert len(restored) == len(saved) == 2
+for i, ((p1, s1), (p2, s2)) in enumerate(zip(saved, restored)):
+    assert torch.equal(p1, p2), (seed, i, "main weights")
+    assert sorted(s1) == sorted(s2) == ["exp_avg", "exp_avg_sq", "step"], (s1, s2)
+    for key in s1:
+        assert s1[key].dtype == s2[key].dtype and torch.equal(s1[key], s2[key]), (
+            seed, i, key, s1[key], s2[key])
+    assert float(s2["step"]) == 3
+problems = fingerprint_differences(saved_print,
+                                   fingerprint(torch_optimizers_of(optimizer2)))
+assert not problems, problems
+print("ok")
+'''
 
 
 def test_megatrons_distributed_optimizer_restores_our_adamws_whole_state(tmp_path):
-    script = tmp_path / "resume_child.py"
-    script.write_text(_CHILD)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0", "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    lines = done.stdout.strip().splitlines()
-    assert done.returncode == 0 and lines and lines[-1] == "ok", done.stdout + done.stderr[-4000:]
+    run_megatron_on_cpu(tmp_path, _BODY)

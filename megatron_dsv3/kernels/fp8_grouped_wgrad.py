@@ -100,6 +100,19 @@ if triton is not None:
         return tl.sum(tl.where(experts == e, values, 0))
 
     @triton.jit
+    def _store_columns(data_t_ptr, data_t, cols, in_i, first_row, store_end, N,
+                       TILE: tl.constexpr, ALIGNED: tl.constexpr):
+        """data_t [cols, TILE] into x^T [I, N] at columns first_row.. (rows of x), those below
+        store_end. ALIGNED: first_row and store_end are multiples of 16 that the compiler can
+        see (x // 16 * 16), which lets it store 16 bytes at a time."""
+        rows = first_row.to(tl.int64) + tl.arange(0, TILE)
+        in_rows = rows < store_end
+        if ALIGNED:  # this op's own hint: 16 rows in or out together
+            in_rows = tl.max_constancy(in_rows, 16)
+        tl.store(data_t_ptr + cols[:, None] * N + rows[None, :], data_t,
+                 mask=in_i[:, None] & in_rows[None, :])
+
+    @triton.jit
     def _quantize_128x1_segments_kernel(
             x_ptr, data_t_ptr, scales_ptr, ends_ptr,    # pointers
             N, I, E, T,                                 # sizes
@@ -129,8 +142,13 @@ if triton is not None:
         scale = _tile_scale(tl.max(tl.abs(x), axis=0), tl.min(finite, axis=0) == 1,
                             POW2_SCALES)                                     # [BLOCK_I]
         data_t = tl.trans(_to_fp8(x, scale[None, :]))                        # [BLOCK_I, TILE]
-        tl.store(data_t_ptr + cols[:, None] * N + rows[None, :], data_t,
-                 mask=in_i[:, None] & (rows < store_end)[None, :])
+        if (first_row % 16 == 0) & (store_end % 16 == 0):  # 16-byte stores
+            # the same rows as new values that the compiler sees are multiples of 16 (hints
+            # such as tl.multiple_of would mark the values of both branches)
+            _store_columns(data_t_ptr, data_t, cols, in_i, first_row // 16 * 16,
+                           store_end // 16 * 16, N, TILE, True)
+        else:  # byte stores
+            _store_columns(data_t_ptr, data_t, cols, in_i, first_row, store_end, N, TILE, False)
         tl.store(scales_ptr + cols * T + slot, scale, mask=in_i)
 
     @triton.jit
@@ -139,15 +157,15 @@ if triton is not None:
                        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, TILE: tl.constexpr,
                        ALIGNED: tl.constexpr):
         """sum over the expert's tiles j of the FP32 product of its FP8 blocks times the outer
-        product of their scales (module docstring). ALIGNED: start and end are multiples of
-        16, which lets the compiler load 16 bytes at a time and pipeline the loads."""
+        product of their scales (module docstring). ALIGNED: start and end are multiples of 16
+        that the compiler can see (x // 16 * 16), which lets it load 16 bytes at a time and
+        pipeline the loads."""
         tokens = tl.arange(0, TILE)
         acc = tl.zeros((BLOCK_O, BLOCK_I), tl.float32)
         for j in range(tl.cdiv(end - start, TILE)):
             first = start.to(tl.int64) + j * TILE
             in_tile = (first + tokens) < end  # the last tile's rows past the expert: 0
-            if ALIGNED:
-                first = tl.multiple_of(first, 16)
+            if ALIGNED:  # this op's own hint: 16 rows in or out together
                 in_tile = tl.max_constancy(in_tile, 16)
             dy = tl.load(dy_rows + first * stride_dyn, mask=in_o[:, None] & in_tile[None, :],
                          other=0.0)                                          # [BLOCK_O, TILE]
@@ -183,10 +201,12 @@ if triton is not None:
         dy_scale_rows = dy_scales_ptr + outs * stride_dyso
         x_scale_rows = x_scales_ptr + ins * stride_xsi
         if (start % 16 == 0) & (end % 16 == 0):  # 16-byte loads, pipelined
+            # start and end as new values that the compiler sees are multiples of 16 (hints
+            # such as tl.multiple_of would mark the values of both branches)
             acc = _tiles_product(dy_rows, x_rows, dy_scale_rows, x_scale_rows, in_o, in_i,
-                                 tl.multiple_of(start, 16), tl.multiple_of(end, 16),
-                                 first_tile, stride_dyn, stride_xn, stride_dyst, stride_xst,
-                                 BLOCK_O, BLOCK_I, TILE, True)
+                                 start // 16 * 16, end // 16 * 16, first_tile, stride_dyn,
+                                 stride_xn, stride_dyst, stride_xst, BLOCK_O, BLOCK_I, TILE,
+                                 True)
         else:  # byte loads
             acc = _tiles_product(dy_rows, x_rows, dy_scale_rows, x_scale_rows, in_o, in_i,
                                  start, end, first_tile, stride_dyn, stride_xn, stride_dyst,

@@ -11,7 +11,9 @@ for the weight gradient, per 128x128 block of weights.
   wire.py       rows packed with their scales for the FP8 dispatch all-to-all
   grouped_gemm.py  the routed experts' grouped GEMM: every expert's 128x128-block weights
                 (Fp8GroupedTensor) times its rows, the emulation; the kernel is
-                kernels/fp8_grouped_gemm.py
+                kernels/fp8_grouped_gemm.py. Their weight gradient: dy and x in 128x1 tiles
+                that restart at every expert's first row (Fp8SegmentTiles), the emulated
+                grouped GEMM; the kernels are kernels/fp8_grouped_wgrad.py
 """
 
 from megatron_dsv3.fp8.quantize import (

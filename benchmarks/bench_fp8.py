@@ -9,9 +9,8 @@ linear (fp8/linear.py) forward + backward against a bf16 nn.Linear and, where to
   (the --tune logic on a CPU: TRITON_INTERPRET=1 ... --device cpu --tokens 128 --shrink 56)
 
 Quantizers, on a [tokens, 7168] bf16 activation and a [7168, 2048] bf16 weight: each fused
-kernel's time and bandwidth (2 bytes read, 1 written per element, plus the fp32 scales; the
-paired 1x128 + 128x1 kernel writes both: 2 read, 2 written, two sets of scales) against a bf16
-copy of the same tensor (2 read, 2 written), the memory ceiling; the target is 80% of it.
+kernel's time and bandwidth (2 bytes read, 1 written per element, plus the fp32 scales) against
+a bf16 copy of the same tensor (2 read, 2 written), the memory ceiling; the target is 80% of it.
 Linear, for each (K, N) of the issue's table at `--tokens` rows: forward + backward of
 fp8_linear (three FP8 GEMMs, quantizers included; and again with W's blocks computed once, as
 inside a training step's weights_fixed()) against torch.nn.functional.linear in bf16,
@@ -35,8 +34,7 @@ from megatron_dsv3.fp8.gemm import fp8_gemm, uses_scaled_mm  # noqa: E402
 from megatron_dsv3.fp8.linear import fp8_linear  # noqa: E402
 from megatron_dsv3.fp8.weight_cache import weights_fixed  # noqa: E402
 from megatron_dsv3.kernels.fp8_quantize import (  # noqa: E402
-    LAUNCH_CONFIG, launch_quantize_1x128, launch_quantize_1x128_and_128x1,
-    launch_quantize_128x1, launch_quantize_128x128, quantize_1x128_and_128x1_fused,
+    LAUNCH_CONFIG, launch_quantize_1x128, launch_quantize_128x1, launch_quantize_128x128,
     quantize_1x128_fused, quantize_128x1_fused, quantize_128x128_fused, uses_kernel)
 
 # (K, N) of DeepSeek-V3's linears (the issue's table): y [M, N] = x [M, K] W^T
@@ -51,7 +49,6 @@ def quantizer_rows(tokens: int, shrink: int, repeat: int, device: torch.device) 
     for name, fn, t, bytes_per_element, scales_per_element in (
             ("activation 1x128", quantize_1x128_fused, x, 3, 1 / 128),
             ("activation 128x1 (transposed)", quantize_128x1_fused, x, 3, 1 / 128),
-            ("activation 1x128 + 128x1 paired", quantize_1x128_and_128x1_fused, x, 4, 2 / 128),
             ("weight 128x128", quantize_128x128_fused, w, 3, 1 / (128 * 128))):
         copy = torch.empty_like(t)
         n = t.numel()
@@ -75,10 +72,6 @@ CANDIDATES = {
     "1x128": [{"BLOCK_M": m, "num_warps": w} for m in (8, 16, 32, 64) for w in (2, 4, 8)],
     "128x1": [{"BLOCK_K": k, "num_warps": w} for k in (16, 32, 64, 128) for w in (2, 4, 8)],
     "128x128": [{"num_warps": w} for w in (2, 4, 8, 16)],
-    "paired": ([{"ROWS": r, "CHUNK": c, "ONE_LOAD": False, "num_warps": w}
-                for r in (32, 128) for c in (32, 64) for w in (4, 8, 16)]
-               + [{"ROWS": 128, "CHUNK": 128, "ONE_LOAD": True, "num_warps": w}
-                  for w in (4, 8, 16, 32)]),
 }
 
 
@@ -89,8 +82,7 @@ def tune_rows(tokens: int, shrink: int, repeat: int, device: torch.device) -> li
     x = torch.randn(tokens, 7168 // shrink, device=device).to(dtype)
     w = torch.randn(7168 // shrink, 2048 // shrink, device=device).to(dtype)
     launchers = {"1x128": (launch_quantize_1x128, x), "128x1": (launch_quantize_128x1, x),
-                 "128x128": (launch_quantize_128x128, w),
-                 "paired": (launch_quantize_1x128_and_128x1, x)}
+                 "128x128": (launch_quantize_128x128, w)}
     rows = []
     for kernel, (launch, t) in launchers.items():
         copy = torch.empty_like(t)

@@ -9,8 +9,7 @@
   * the Triton kernels in Triton's interpreter (a fresh process) against the references, bit
     for bit, data and scales, on partial tiles, strided input, fp16 and fp32 (the interpreter
     has no bf16: numpy lacks it; test_gpu.py is where bf16 belongs), and a non-finite tile
-    giving a NaN scale while its neighbours stay as they were; the paired kernel's two
-    results (1x128 and 128x1 from one read) against both references on the same inputs.
+    giving a NaN scale while its neighbours stay as they were.
     The interpreter's own fp32 -> fp8 cast is wrong (it rounds the mantissa without carrying
     into the exponent: 31.6 becomes 16, not 32), so the interpreted script replaces it with
     torch's cast, round-to-nearest-even like the GPU's cvt.rn; everything else the kernels do
@@ -35,8 +34,7 @@ from megatron_dsv3.fp8 import (
     quantize_128x1,
     quantize_128x128,
 )
-from megatron_dsv3.kernels.fp8_quantize import (quantize_1x128_and_128x1_fused,
-                                                quantize_1x128_fused)
+from megatron_dsv3.kernels.fp8_quantize import quantize_1x128_fused
 
 QUANTIZERS = {"1x128": quantize_1x128, "128x1": quantize_128x1, "128x128": quantize_128x128}
 INPUT_TILE = {"1x128": (1, 128), "128x1": (128, 1), "128x128": (128, 128)}
@@ -234,19 +232,6 @@ def test_the_fused_entry_points_use_the_reference_on_the_cpu():
         quantize_1x128_fused(x)
 
 
-def test_the_paired_entry_point_gives_both_references_on_the_cpu():
-    x = torch.randn(130, 200, dtype=torch.bfloat16)
-    rowwise, colwise = quantize_1x128_and_128x1_fused(x, pow2_scales=True)
-    for got, reference in ((rowwise, quantize_1x128), (colwise, quantize_128x1)):
-        want = reference(x, pow2_scales=True)
-        assert got.tiling == want.tiling
-        assert torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8))
-        assert torch.equal(got.scales, want.scales)
-    x[3, 4] = float("nan")
-    with pytest.raises(ValueError, match="non-finite"):
-        quantize_1x128_and_128x1_fused(x)
-
-
 @pytest.mark.parametrize("tiling", QUANTIZERS)
 def test_bad_inputs_raise_naming_the_argument_and_the_fix(tiling):
     name = "w" if tiling == "128x128" else "x"
@@ -293,18 +278,12 @@ _INTERPRETED = textwrap.dedent("""
 
     from megatron_dsv3.fp8 import MIN_SCALE, quantize_1x128, quantize_128x1, quantize_128x128
     from megatron_dsv3.kernels.fp8_quantize import (
-        launch_quantize_1x128, launch_quantize_1x128_and_128x1, launch_quantize_128x1,
+        launch_quantize_1x128, launch_quantize_128x1,
         launch_quantize_128x128)
-
-    def paired(which, config=None):  # one of the paired kernel's two results
-        return lambda x, pow2_scales=False: launch_quantize_1x128_and_128x1(
-            x, pow2_scales=pow2_scales, config=config)[which]
 
     PAIRS = {"1x128": (launch_quantize_1x128, quantize_1x128),
              "128x1": (launch_quantize_128x1, quantize_128x1),
-             "128x128": (launch_quantize_128x128, quantize_128x128),
-             "paired 1x128": (paired(0), quantize_1x128),
-             "paired 128x1": (paired(1), quantize_128x1)}
+             "128x128": (launch_quantize_128x128, quantize_128x128)}
     seed = int(torch.randint(0, 2**31 - 1, ()))
     torch.manual_seed(seed)
 
@@ -334,18 +313,6 @@ _INTERPRETED = textwrap.dedent("""
                 for pow2 in (False, True):
                     assert_bit_identical(kernel, reference, x, pow2,
                                          (seed, tiling, dtype, rows, cols, pow2))
-    # the paired kernel's other launch configs (LAUNCH_CONFIG's default is tested above): the
-    # block loaded once for both halves, and both halves in 32-row / 32-column steps
-    for config in ({"ONE_LOAD": True}, {"ROWS": 32, "CHUNK": 32}):
-        for dtype in (torch.float32, torch.float16):
-            x = inputs(130, 200, dtype)
-            for pow2 in (False, True):
-                got = launch_quantize_1x128_and_128x1(x, pow2_scales=pow2, config=config)
-                for half, reference in zip(got, (quantize_1x128, quantize_128x1)):
-                    want = reference(x, pow2_scales=pow2)
-                    case = (seed, config, half.tiling, dtype, pow2)
-                    assert torch.equal(bits(half), bits(want)), case
-                    assert torch.equal(half.scales, want.scales), case
     strided = inputs(200, 130, torch.float32).t()  # a column-major view: the strides are used
     for tiling, (kernel, reference) in PAIRS.items():
         assert_bit_identical(kernel, reference, strided, False, (seed, tiling, "strided"))
@@ -372,10 +339,6 @@ _INTERPRETED = textwrap.dedent("""
     for tiling, (kernel, reference) in PAIRS.items():  # zero rows: nothing launched
         got, want = kernel(torch.zeros(0, 200)), reference(torch.zeros(0, 200))
         assert got.data.shape == want.data.shape and got.scales.shape == want.scales.shape
-    got = launch_quantize_1x128_and_128x1(torch.zeros(0, 200))  # the pair: both results
-    want = (quantize_1x128(torch.zeros(0, 200)), quantize_128x1(torch.zeros(0, 200)))
-    assert [(g.data.shape, g.scales.shape, g.tiling) for g in got] == [
-        (w.data.shape, w.scales.shape, w.tiling) for w in want]
     print("ok")
 """)
 
@@ -384,12 +347,10 @@ def test_kernels_in_triton_interpreter_match_the_reference_bit_for_bit():
     assert_ok_in_triton_interpreter(_INTERPRETED)
 
 
-def test_a_launch_config_with_an_unknown_key_or_a_chunk_not_dividing_128_is_refused():
-    from megatron_dsv3.kernels.fp8_quantize import launch_config, launch_quantize_1x128_and_128x1
+def test_a_launch_config_with_an_unknown_key_is_refused():
+    from megatron_dsv3.kernels.fp8_quantize import launch_config
 
-    assert launch_config("paired", {"CHUNK": 32})["CHUNK"] == 32
-    with pytest.raises(ValueError, match=r"unknown keys \['BLOCK_M'\].*\['CHUNK', 'ONE_LOAD', "
-                                         r"'ROWS', 'num_warps'\]"):
-        launch_config("paired", {"BLOCK_M": 32})
-    with pytest.raises(ValueError, match="CHUNK=48 must divide 128"):
-        launch_quantize_1x128_and_128x1(torch.zeros(128, 128), config={"CHUNK": 48})
+    assert launch_config("128x1", {"BLOCK_K": 32})["BLOCK_K"] == 32
+    with pytest.raises(ValueError, match=r"unknown keys \['BLOCK_M'\].*\['BLOCK_K', "
+                                         r"'num_warps'\]"):
+        launch_config("128x1", {"BLOCK_M": 32})

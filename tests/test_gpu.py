@@ -223,25 +223,6 @@ def test_fp8_gemm_on_cublas_matches_the_emulation(gemm):
                  "the same FP8 products and scales, Hopper's FP8 accumulator within a block")
 
 
-def test_fp8_paired_quantize_kernel_is_bit_identical_to_both_references_in_bf16():
-    """quantize_1x128_and_128x1_fused (one read of x, both tilings) on a bf16 activation with
-    partial tiles along both dimensions: each result's data and scales bit for bit as the
-    references quantize_1x128 and quantize_128x1."""
-    from megatron_dsv3.fp8.quantize import quantize_1x128, quantize_128x1
-    from megatron_dsv3.kernels import fp8_quantize
-
-    torch.manual_seed(0)
-    x = (torch.randn(4096 + 64, 2048 + 72, device="cuda") * 3).to(torch.bfloat16)
-    x[:128, :128] = 0  # all-zero tiles: the smallest normal scale
-    assert fp8_quantize.uses_kernel(x)
-    fused = fp8_quantize.quantize_1x128_and_128x1_fused(x)
-    for got, reference in zip(fused, (quantize_1x128, quantize_128x1)):
-        want = reference(x)
-        assert got.tiling == want.tiling
-        assert torch.equal(got.scales, want.scales), want.tiling
-        assert torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8)), want.tiling
-
-
 def test_cross_entropy_kernels_match_torchs_fp32_cross_entropy_on_bf16_logits():
     """The model's cross-entropy on a GPU (kernels/cross_entropy.py) on the proxy preset's
     logits, 4,096 x 32,768 bf16: the loss as torch's fp32 cross-entropy of the same logits (what

@@ -9,9 +9,9 @@
                 dW = fp8_gemm, accumulated in FP32, returned in W's dtype
 
 What backward needs is kept in FP8: x as its 128x1 quantization (the weight gradient's
-operand, quantized in the forward, where x is at hand, in the same pass over x as its 1x128
-quantization) and W as its 128x128 blocks, with
-their FP32 scales: one byte per element instead of two for a bf16 x.
+operand, quantized in the forward, where x is at hand) and W as its 128x128 blocks, with their
+FP32 scales: one byte per element instead of two for a bf16 x. (One kernel writing both of x's
+tilings from one read was slower on an H200 than the two kernels: benchmarks/RESULTS.md.)
 
 The weight gradient (and the bias's) goes through weight_grad.weight_grad_now_or_later: with a
 `store` that defers (the DualPipe schedules' B step) it is queued for the W step, with dY
@@ -27,8 +27,8 @@ from typing import Optional
 
 import torch
 
-from ..kernels.fp8_quantize import (quantize_1x128_and_128x1_fused, quantize_1x128_fused,
-                                    quantize_128x1_fused, quantize_128x128_fused)
+from ..kernels.fp8_quantize import (quantize_1x128_fused, quantize_128x1_fused,
+                                    quantize_128x128_fused)
 from ..weight_grad import WeightGradStore, autocast_dtype, weight_grad_now_or_later
 from .gemm import fp8_gemm, transposed_blocks
 from .quantize import INPUT_DTYPES, Fp8Tensor
@@ -42,11 +42,9 @@ class _Fp8Linear(torch.autograd.Function):
         x_MK = x.reshape(-1, x.shape[-1])
         w = quantized_weight(weight, quantize_128x128_fused)  # once per step (weight_cache.py)
         # x in 1x128 tiles for the forward GEMM and, when W needs a gradient, in 128x1 tiles
-        # (x^T in 1x128 tiles along the tokens) for backward: both from one read of x
-        if weight.requires_grad:
-            x_q, x_t = quantize_1x128_and_128x1_fused(x_MK)
-        else:
-            x_q, x_t = quantize_1x128_fused(x_MK), None
+        # (x^T in 1x128 tiles along the tokens) for backward, quantized here where x is at hand
+        x_q = quantize_1x128_fused(x_MK)
+        x_t = quantize_128x1_fused(x_MK) if weight.requires_grad else None
         out_dtype = autocast_dtype(x.device.type) or x.dtype
         if bias is None:  # the GEMM writes the output dtype itself: no fp32 pass over y
             y = fp8_gemm(x_q, w, out_dtype=out_dtype)
@@ -70,20 +68,13 @@ class _Fp8Linear(torch.autograd.Function):
         if dy_MN.dtype not in INPUT_DTYPES:  # what the quantizers take
             dy_MN = dy_MN.float()
         grad_x = grad_w = grad_b = None
-        # dy in 1x128 tiles for the input gradient, in 128x1 tiles (dy^T) for the weight's:
-        # both from one read of dy when both are needed; now, even when the weight gradient is
-        # deferred (the queue then holds FP8)
-        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
-            dy_q, dy_t = quantize_1x128_and_128x1_fused(dy_MN)
-        elif ctx.needs_input_grad[0]:
-            dy_q, dy_t = quantize_1x128_fused(dy_MN), None
-        elif ctx.needs_input_grad[1]:
-            dy_q, dy_t = None, quantize_128x1_fused(dy_MN)
+        # dy in 1x128 tiles for the input gradient, in 128x1 tiles (dy^T) for the weight's,
+        # now, even when the weight gradient is deferred (the queue then holds FP8)
         if ctx.needs_input_grad[0]:
-            grad_x = fp8_gemm(dy_q, transposed_blocks(w),
+            grad_x = fp8_gemm(quantize_1x128_fused(dy_MN), transposed_blocks(w),
                               out_dtype=ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            weight = ctx.weight
+            weight, dy_t = ctx.weight, quantize_128x1_fused(dy_MN)
             # the GEMM writes W's dtype from its FP32 accumulator: no FP32 pass over dW
             grad_w = weight_grad_now_or_later(ctx.store, weight, lambda: fp8_gemm(
                 dy_t, x_t, out_dtype=weight.dtype))

@@ -7,11 +7,6 @@ temporaries; these kernels read it once and write one byte per element.
   quantize_1x128_fused(x_MK)     data [M, K], scales [M, ceil(K/128)]
   quantize_128x1_fused(x_MK)     data x^T [K, M], scales [K, ceil(M/128)]
   quantize_128x128_fused(w_NK)   data [N, K], scales [ceil(N/128), ceil(K/128)]
-  quantize_1x128_and_128x1_fused(x_MK)   both of the first two from one read of x: a
-                                 program loads a 128x128 tile, takes the amax of each row
-                                 (1x128) and of each column (128x1) from the same registers
-                                 and stores both; the FP8 linear's forward, which needs x in
-                                 both tilings, reads x once instead of twice
 
 Each runs its kernel on an NVIDIA GPU with FP8 conversions (sm_89 and newer) and the
 reference elsewhere. The kernels give bit-identical data and scales to the references: every
@@ -54,16 +49,11 @@ MIN_CUDA_CAPABILITY = (8, 9)
 #   128x1    BLOCK_K columns of x per program (one 128-row band, a scale per column; each
 #            column is stored as a 128-byte row of x^T);
 #   128x128  one 128x128 block per program;
-#   paired   one 128x128 block per program, its 1x128 half ROWS rows and its 128x1 half CHUNK
-#            columns at a time (re-read from the cache: less live data than the whole block in
-#            fp32, 64 KiB; ptxas gave the whole block 179-234 registers a thread at 8 warps,
-#            one block per SM), or with ONE_LOAD the block loaded once for both halves.
 # A launch_* function takes `config` to override them (keys as here, num_warps included).
 LAUNCH_CONFIG = {
     "1x128": {"BLOCK_M": 32, "num_warps": 4},
     "128x1": {"BLOCK_K": 64, "num_warps": 4},
     "128x128": {"num_warps": 4},
-    "paired": {"ROWS": 128, "CHUNK": 64, "ONE_LOAD": False, "num_warps": 8},
 }
 
 
@@ -181,49 +171,6 @@ if triton is not None:
         tl.store(scales_ptr + tile_n * tl.cdiv(K, TILE) + tile_k, scale)
 
 
-    @triton.jit
-    def _quantize_1x128_and_128x1_kernel(x_ptr,                          # pointers
-                                         data_ptr, scales_ptr,           # 1x128
-                                         data_t_ptr, scales_t_ptr,       # 128x1 (transposed)
-                                         M, K,                           # sizes
-                                         stride_xm, stride_xk,           # x's strides
-                                         POW2_SCALES: tl.constexpr, TILE: tl.constexpr,
-                                         ROWS: tl.constexpr, CHUNK: tl.constexpr,
-                                         ONE_LOAD: tl.constexpr):
-        """One 128x128 block of x. ONE_LOAD: the block loaded once, both halves computed from
-        the same registers. Otherwise its 1x128 half ROWS rows at a time, then its 128x1 half
-        CHUNK columns at a time (the block re-read from the cache, as runtime loops: fewer
-        live registers than the whole block in fp32, 64 KiB)."""
-        tile_m, tile_k = tl.program_id(0), tl.program_id(1)
-        rows = (tile_m * TILE + tl.arange(0, TILE)).to(tl.int64)
-        cols = (tile_k * TILE + tl.arange(0, TILE)).to(tl.int64)
-        if ONE_LOAD:
-            in_x = (rows[:, None] < M) & (cols[None, :] < K)
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                        mask=in_x, other=0.0).to(tl.float32)                  # [TILE, TILE]
-            magnitude = tl.abs(x)
-            finite = (magnitude <= _FP32_MAX).to(tl.int32)
-            row_scale = _tile_scale(tl.max(magnitude, axis=1), tl.min(finite, axis=1) == 1,
-                                    POW2_SCALES)
-            tl.store(data_ptr + rows[:, None] * K + cols[None, :],
-                     _to_fp8(x, row_scale[:, None]), mask=in_x)
-            tl.store(scales_ptr + rows * tl.cdiv(K, TILE) + tile_k, row_scale, mask=rows < M)
-            col_scale = _tile_scale(tl.max(magnitude, axis=0), tl.min(finite, axis=0) == 1,
-                                    POW2_SCALES)
-            tl.store(data_t_ptr + cols[:, None] * M + rows[None, :],
-                     tl.trans(_to_fp8(x, col_scale[None, :])), mask=tl.trans(in_x))
-            tl.store(scales_t_ptr + cols * tl.cdiv(M, TILE) + tile_m, col_scale, mask=cols < K)
-        else:
-            for r in tl.range(0, TILE, ROWS):
-                rows_r = (tile_m * TILE + r + tl.arange(0, ROWS)).to(tl.int64)
-                _quantize_rows(x_ptr, data_ptr, scales_ptr, rows_r, cols, tile_k, M, K,
-                               stride_xm, stride_xk, POW2_SCALES, TILE)
-            for c in tl.range(0, TILE, CHUNK):
-                cols_c = (tile_k * TILE + c + tl.arange(0, CHUNK)).to(tl.int64)
-                _quantize_columns(x_ptr, data_t_ptr, scales_t_ptr, rows, cols_c, tile_m, M, K,
-                                  stride_xm, stride_xk, POW2_SCALES, TILE)
-
-
 def on_fp8_gpu(t: torch.Tensor) -> bool:
     """Whether Triton's FP8 kernels can run on t's device: Triton present, an NVIDIA GPU that
     converts to E4M3 (compute capability 8.9 or newer)."""
@@ -292,27 +239,6 @@ def launch_quantize_128x128(w: torch.Tensor, *, pow2_scales: bool = False,
     return out
 
 
-def launch_quantize_1x128_and_128x1(x: torch.Tensor, *, pow2_scales: bool = False,
-                                    config: dict | None = None
-                                    ) -> tuple[Fp8Tensor, Fp8Tensor]:
-    """The paired kernel itself (1x128, and 128x1 with transposed data, from one read of x),
-    on any device Triton runs on; `config` overrides LAUNCH_CONFIG["paired"]."""
-    check_quantize_input(x, "x")
-    M, K = x.shape
-    rowwise, colwise = _empty_result(x, "1x128"), _empty_result(x, "128x1")
-    launch = launch_config("paired", config)
-    for key in ("ROWS", "CHUNK"):
-        if TILE % launch[key]:
-            raise ValueError(f"launch config of the paired FP8 quantizer: {key}="
-                             f"{launch[key]} must divide {TILE}")
-    if M and K:
-        grid = (triton.cdiv(M, TILE), triton.cdiv(K, TILE))
-        _quantize_1x128_and_128x1_kernel[grid](
-            x, rowwise.data, rowwise.scales, colwise.data, colwise.scales, M, K,
-            x.stride(0), x.stride(1), POW2_SCALES=pow2_scales, TILE=TILE, **launch)
-    return rowwise, colwise
-
-
 def quantize_1x128_fused(x: torch.Tensor, *, pow2_scales: bool = False) -> Fp8Tensor:
     """x [M, K] in 1x128 tiles (fp8/quantize.py's quantize_1x128): the kernel on a GPU, the
     reference elsewhere."""
@@ -335,13 +261,3 @@ def quantize_128x128_fused(w: torch.Tensor, *, pow2_scales: bool = False) -> Fp8
     if uses_kernel(w):
         return launch_quantize_128x128(w, pow2_scales=pow2_scales)
     return quantize_128x128(w, pow2_scales=pow2_scales)
-
-
-def quantize_1x128_and_128x1_fused(x: torch.Tensor, *, pow2_scales: bool = False
-                                   ) -> tuple[Fp8Tensor, Fp8Tensor]:
-    """x [M, K] in 1x128 tiles and in 128x1 tiles (data stored as x^T [K, M]) from one read
-    of x: (quantize_1x128(x), quantize_128x1(x)) of fp8/quantize.py. The kernel on a GPU, the
-    two references elsewhere."""
-    if uses_kernel(x):
-        return launch_quantize_1x128_and_128x1(x, pow2_scales=pow2_scales)
-    return quantize_1x128(x, pow2_scales=pow2_scales), quantize_128x1(x, pow2_scales=pow2_scales)

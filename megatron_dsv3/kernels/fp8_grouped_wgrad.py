@@ -34,7 +34,13 @@ scaled there, as the emulation does; on Hopper the tensor cores sum one tile's 1
 their FP8 accumulator (about 14 bits, tests/helpers/tolerance.py HOPPER_FP8_ACCUMULATION). The
 epilogue stores acc in the output's dtype (an expert without rows: zeros) or adds it into an
 fp32 sum (an expert without rows leaves its sum as it was), as kernels/grouped_wgrad.py does.
-An expert's first row is anywhere, so the tiles' token loads are not 16-byte aligned.
+
+Alignment: an expert's first row can be any row, and the compiler moves 16 bytes at a time
+(and pipelines the GEMM's loads through asynchronous copies) only where it can see that the
+tokens of a tile start and end at multiples of 16. Both kernels branch at run time: a tile
+whose first and end rows are multiples of 16 (every tile of an expert whose first and end rows
+are: groups of multiples of 16 rows give only such experts) takes that path, the others load
+and store byte by byte.
 """
 
 from __future__ import annotations

@@ -51,3 +51,40 @@ def test_fp8_linear_quantizes_its_weight_once_per_step(monkeypatch):
     assert len(seen) == 3
     for got, want in zip(cached, uncached):
         assert_equal(got, want, "the same FP8 blocks")
+
+
+def test_backward_transposes_the_weight_blocks_once_per_step_from_any_thread(monkeypatch):
+    """The input gradient's W^T blocks are derived once per step, also when backward runs on
+    another thread (autograd's device threads on a GPU do not see the block's context
+    variable; a new threading.Thread does not either), with the same gradients as uncached."""
+    import threading
+
+    from megatron_dsv3.fp8 import linear
+
+    transposes = []
+    real = linear.transposed_blocks
+    monkeypatch.setattr(linear, "transposed_blocks", lambda w: transposes.append(1) or real(w))
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    weight = torch.randn(256, 128, requires_grad=True)
+    xs = [torch.randn(3, 128, requires_grad=True) for _ in range(2)]
+
+    def grads():
+        for x in xs:
+            x.grad = None
+        weight.grad = None
+        with weights_fixed():
+            for x in xs:
+                y = linear.fp8_linear(x, weight)
+                worker = threading.Thread(target=lambda: y.sum().backward())
+                worker.start()
+                worker.join()
+        return [x.grad.clone() for x in xs] + [weight.grad.clone()]
+
+    cached = grads()
+    assert len(transposes) == 1, transposes
+    with monkeypatch.context() as patch:  # the same without the step's cache
+        patch.setattr(linear, "current_step", lambda: None)
+        uncached = grads()
+    assert len(transposes) == 3
+    for got, want in zip(cached, uncached):
+        assert_equal(got, want, "the same W^T blocks")

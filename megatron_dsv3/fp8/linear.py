@@ -32,7 +32,7 @@ from ..kernels.fp8_quantize import (quantize_1x128_fused, quantize_128x1_fused,
 from ..weight_grad import WeightGradStore, autocast_dtype, weight_grad_now_or_later
 from .gemm import fp8_gemm, transposed_blocks
 from .quantize import INPUT_DTYPES, Fp8Tensor
-from .weight_cache import quantized_weight
+from .weight_cache import current_step, for_step, quantized_weight
 
 
 class _Fp8Linear(torch.autograd.Function):
@@ -57,6 +57,7 @@ class _Fp8Linear(torch.autograd.Function):
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         # the parameters themselves: a deferred gradient is accumulated into them
         ctx.weight, ctx.bias, ctx.store = weight, bias, store
+        ctx.step = current_step()  # backward's thread does not see weights_fixed's block
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -71,7 +72,9 @@ class _Fp8Linear(torch.autograd.Function):
         # dy in 1x128 tiles for the input gradient, in 128x1 tiles (dy^T) for the weight's,
         # now, even when the weight gradient is deferred (the queue then holds FP8)
         if ctx.needs_input_grad[0]:
-            grad_x = fp8_gemm(quantize_1x128_fused(dy_MN), transposed_blocks(w),
+            w_T = for_step(ctx.step, ctx.weight, transposed_blocks,  # once per step
+                           lambda: transposed_blocks(w))
+            grad_x = fp8_gemm(quantize_1x128_fused(dy_MN), w_T,
                               out_dtype=ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             weight, dy_t = ctx.weight, quantize_128x1_fused(dy_MN)

@@ -16,6 +16,12 @@ on old weights without a word.
       ... micro-batches ...
   blocks = quantized_weight(weight, quantize_128x128_fused)              # fp8/linear.py
   blocks = quantized_weight(w, quantize_128x128_grouped_fused, dtype)    # moe/experts.py
+  step = current_step()                                                  # a forward, then
+  blocks_T = for_step(step, weight, transposed_blocks, lambda: ...)      # its backward
+
+Backward runs on autograd's own threads on a GPU, where the block's context variable is not
+set: what a backward derives per step (the weight's blocks transposed for the input gradient)
+goes through the step its forward saw (`current_step()`, kept on the autograd context).
 
 The price is the FP8 copies' memory during the step, about one byte per weight element.
 """
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Callable, Iterator, Optional, TypeVar
+from typing import Callable, Hashable, Iterator, Optional, TypeVar
 
 import torch
 
@@ -44,16 +50,28 @@ def weights_fixed() -> Iterator[None]:
         _step_cache.reset(token)
 
 
+def current_step() -> Optional[dict]:
+    """The cache of the `weights_fixed()` block this code runs in, None outside one."""
+    return _step_cache.get()
+
+
+def for_step(step: Optional[dict], weight: torch.Tensor, key: Hashable,
+             compute: Callable[[], Quantized]) -> Quantized:
+    """compute(), a value derived from `weight` alone, computed once per `key` within `step`
+    (a `current_step()`; None: every call computes)."""
+    full_key = (id(weight), key)
+    if step is not None and full_key in step:
+        return step[full_key][1]
+    with torch.no_grad():
+        value = compute()
+    if step is not None:
+        step[full_key] = (weight, value)  # the weight kept alive: its id stays its own
+    return value
+
+
 def quantized_weight(weight: torch.Tensor, quantize: Callable[[torch.Tensor], Quantized],
                      dtype: Optional[torch.dtype] = None) -> Quantized:
     """quantize(weight, cast to `dtype` when given); inside `weights_fixed()` computed once
     per weight, `quantize` and `dtype`."""
-    cache = _step_cache.get()
-    key = (id(weight), quantize, dtype)
-    if cache is not None and key in cache:
-        return cache[key][1]
-    with torch.no_grad():
-        value = quantize(weight if dtype is None else weight.to(dtype))
-    if cache is not None:
-        cache[key] = (weight, value)  # the weight kept alive: its id stays its own
-    return value
+    return for_step(current_step(), weight, (quantize, dtype),
+                    lambda: quantize(weight if dtype is None else weight.to(dtype)))

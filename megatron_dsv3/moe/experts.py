@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..fp8.grouped_gemm import Fp8GroupedTensor, transposed_blocks_grouped
-from ..fp8.weight_cache import quantized_weight
+from ..fp8.weight_cache import current_step, for_step, quantized_weight
 from ..kernels.fp8_grouped_gemm import fp8_grouped_gemm, quantize_128x128_grouped_fused
 from ..kernels.fp8_quantize import quantize_1x128_fused
 from ..kernels.grouped_wgrad import grouped_wgrad_add_, stash_segment_
@@ -151,6 +151,7 @@ class _ExpertsLinear(torch.autograd.Function):
         ctx.save_for_backward(x_c, *((w_q.data, w_q.scales) if fp8 else (w_c,)))
         ctx.weight, ctx.impl, ctx.groups, ctx.store = w_EOI, impl, groups, store
         ctx.fp32_grad, ctx.fp8 = fp32_grad, fp8
+        ctx.step = current_step()  # backward's thread does not see weights_fixed's block
         ctx.stash = None if slot is None else (stash_grad_y, stash_x, stash_ends, slot)
         return y_NO
 
@@ -162,7 +163,8 @@ class _ExpertsLinear(torch.autograd.Function):
         bounds = None if grouped else row_bounds(groups)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0] and ctx.fp8:  # dX_e = dY_e W_e, in FP8
-            w_T = transposed_blocks_grouped(Fp8GroupedTensor(*w_saved))
+            w_T = for_step(ctx.step, ctx.weight, transposed_blocks_grouped,  # once per step
+                           lambda: transposed_blocks_grouped(Fp8GroupedTensor(*w_saved)))
             grad_x = fp8_grouped_gemm(quantize_1x128_fused(grad_y_NO.contiguous()), w_T,
                                       _group_ends(groups), out_dtype=x_NI.dtype)
         elif ctx.needs_input_grad[0]:  # dX_e = dY_e W_e

@@ -349,17 +349,22 @@ _INTERPRETED = textwrap.dedent("""
 
     # The GEMM: store (fp32, fp16 output) and add modes against the emulation, within
     # tolerance.FP32_REORDER (the same FP8 products, fp32 sums reordered). O = 96, I = 40:
-    # with 64 x 32 blocks two of each, the second partial; rows past the last end. Experts
-    # whose first and end rows are multiples of 16 take the kernel's 16-byte-load path
-    # (experts 1 and 3 of the second case, expert 3 with a 16-row last tile), the others
-    # its byte-load path
+    # with 64 x 32 blocks two of each, the second partial; rows past the last end (first
+    # case). The kernel's three ways to load tokens: whole tiles, for experts whose first and
+    # end rows are multiples of 16 (expert 1 of both cases); windows from a multiple of 16,
+    # for the others when x^T's rows are padded to 16 bytes (the quantizer kernel's operands,
+    # N = 825: the second case, expert 3 ending and expert 4 starting inside a window, its
+    # last window over the padding); bytes otherwise (the reference's contiguous operands)
     O = 96
     dy = torch.randn(rows, O) * 1e-3 * torch.rand(rows, 1)
     x = torch.randn(rows, I) * 4 * torch.rand(rows, 1)
-    for counts, config in ((COUNTS, None), ([0, 256, 0, 144, 300],
-                                            {"BLOCK_O": 64, "BLOCK_I": 32, "num_warps": 4})):
+    for counts, quantize, config in (
+            (COUNTS, quantize_128x1_segments, None),
+            ([0, 256, 0, 137, 432], launch_quantize_128x1_segments,
+             {"BLOCK_O": 64, "BLOCK_I": 32, "num_warps": 4})):
         ends = ends_of(counts)
-        dy_q, x_q = quantize_128x1_segments(dy, ends), quantize_128x1_segments(x, ends)
+        dy_q, x_q = quantize(dy, ends), quantize(x, ends)
+        assert (x_q.data.stride(0) % 16 == 0) == (quantize is not quantize_128x1_segments)
         want = fp8_grouped_wgrad_emulated(dy_q, x_q, ends)
         case = f"seed {seed}, {counts}, {config}"
         got = launch_fp8_grouped_wgrad(dy_q, x_q, ends, config=config)

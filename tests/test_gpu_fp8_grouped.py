@@ -12,8 +12,8 @@ emulation (fp8/grouped_gemm.py) on the same FP8 operands (skipped without CUDA; 
   * the weight gradient (kernels/fp8_grouped_wgrad.py) on the same problem: the
     segment-aligned 128x1 quantizer kernel equals the reference bit for bit on bf16 dy and x
     (exact and power-of-two scales; NaN in the rows past the last end, which neither reads);
-    the grouped wgrad GEMM (experts of 16-aligned rows and others: both of its load paths)
-    against fp8_grouped_wgrad_emulated within
+    the grouped wgrad GEMM (experts of 16-aligned rows and others, N a multiple of 16 and
+    not: its three ways of loading tokens) against fp8_grouped_wgrad_emulated within
     HOPPER_FP8_ACCUMULATION (each 128-token tile's products summed in the FP8 accumulator
     before the FP32 promotion, as above), stored in fp32 (the empty expert's dW exactly zero)
     and bf16 (the fp32 result rounded), and added into an fp32 sum (the empty expert's sum
@@ -135,3 +135,10 @@ def test_fp8_grouped_wgrad_kernel_matches_the_emulation_within_hoppers_accumulat
     assert_close(sum_EOI - before, want, HOPPER_FP8_ACCUMULATION, why,
                  name=f"wgrad added, seed {seed}")
     assert torch.equal(sum_EOI[7], before[7]), (seed, "the empty expert's sum is untouched")
+    # N = 24576 - 1 tokens in contiguous rows: the unaligned experts' tiles loaded byte by byte
+    from megatron_dsv3.fp8.grouped_gemm import quantize_128x1_segments
+
+    ends, x, dy, _, _ = _wgrad_operands(seed)
+    dy_q, x_q = quantize_128x1_segments(dy[:-1], ends), quantize_128x1_segments(x[:-1], ends)
+    assert_close(fp8_grouped_wgrad(dy_q, x_q, ends), fp8_grouped_wgrad_emulated(dy_q, x_q, ends),
+                 HOPPER_FP8_ACCUMULATION, why, name=f"wgrad, bytewise loads, seed {seed}")

@@ -37,10 +37,16 @@ fp32 sum (an expert without rows leaves its sum as it was), as kernels/grouped_w
 
 Alignment: an expert's first row can be any row, and the compiler moves 16 bytes at a time
 (and pipelines the GEMM's loads through asynchronous copies) only where it can see that the
-tokens of a tile start and end at multiples of 16. Both kernels branch at run time: a tile
-whose first and end rows are multiples of 16 (every tile of an expert whose first and end rows
-are: groups of multiples of 16 rows give only such experts) takes that path, the others load
-and store byte by byte.
+tokens it loads start at multiples of 16. The quantizer kernel pads each row of x^T to a
+multiple of 16 bytes with zeros (data is an [I, N] view of [I, 16 ceil(N/16)]) and stores a
+tile 16 bytes at a time where its first and end rows are multiples of 16, else byte by byte.
+The GEMM loads an expert's tiles
+  whole      where the expert's first and end rows are multiples of 16;
+  windowed   else, where x^T's and dy^T's rows are padded so (the quantizer kernel's): each
+             tile's 128 tokens from the multiple of 16 at or below its first row, and the 32
+             after them, the tokens not the tile's zeroed in dy's block (zeros in one operand
+             are enough); a second, 32-deep dot for the tail: 25% more tensor-core work;
+  bytewise   else (contiguous rows of N tokens, N not a multiple of 16: the references').
 """
 
 from __future__ import annotations
@@ -71,7 +77,7 @@ except ImportError:  # the references (CPU machines without Triton)
 # A launch_* function takes `config` to override them (keys as here).
 LAUNCH_CONFIG = {
     "quantize": {"BLOCK_I": 64, "num_warps": 4},
-    "wgrad": {"BLOCK_O": 128, "BLOCK_I": 128, "num_warps": 8, "num_stages": 3},
+    "wgrad": {"BLOCK_O": 64, "BLOCK_I": 128, "num_warps": 8, "num_stages": 3},
 }
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -106,7 +112,7 @@ if triton is not None:
         return tl.sum(tl.where(experts == e, values, 0))
 
     @triton.jit
-    def _store_columns(data_t_ptr, data_t, cols, in_i, first_row, store_end, N,
+    def _store_columns(data_t_ptr, data_t, cols, in_i, first_row, store_end, row_stride,
                        TILE: tl.constexpr, ALIGNED: tl.constexpr):
         """data_t [cols, TILE] into x^T [I, N] at columns first_row.. (rows of x), those below
         store_end. ALIGNED: first_row and store_end are multiples of 16 that the compiler can
@@ -115,13 +121,13 @@ if triton is not None:
         in_rows = rows < store_end
         if ALIGNED:  # this op's own hint: 16 rows in or out together
             in_rows = tl.max_constancy(in_rows, 16)
-        tl.store(data_t_ptr + cols[:, None] * N + rows[None, :], data_t,
+        tl.store(data_t_ptr + cols[:, None] * row_stride + rows[None, :], data_t,
                  mask=in_i[:, None] & in_rows[None, :])
 
     @triton.jit
     def _quantize_128x1_segments_kernel(
             x_ptr, data_t_ptr, scales_ptr, ends_ptr,    # pointers
-            N, I, E, T,                                 # sizes
+            N_PADDED, I, E, T,                          # sizes (N_PADDED: data's row stride)
             stride_xn, stride_xi,                       # x's strides (outputs contiguous)
             POW2_SCALES: tl.constexpr, BLOCK_I: tl.constexpr, TILE: tl.constexpr,
             E_POW2: tl.constexpr):
@@ -134,10 +140,10 @@ if triton is not None:
                          + (slot - _pick(first_tiles, experts, e)) * TILE)
             load_end = tl.minimum(first_row + TILE, _pick(ends, experts, e))
             store_end = load_end
-        else:  # rows past the last end: zeros stored, nothing loaded
+        else:  # rows past the last end, and the padding up to N_PADDED: zeros, nothing loaded
             first_row = tl.load(ends_ptr + E - 1) + (slot - used) * TILE
             load_end = first_row
-            store_end = tl.minimum(first_row + TILE, N)
+            store_end = tl.minimum(first_row + TILE, N_PADDED)
         rows = (first_row + tl.arange(0, TILE)).to(tl.int64)
         cols = (block_i * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)
         in_i = cols < I
@@ -152,48 +158,75 @@ if triton is not None:
             # the same rows as new values that the compiler sees are multiples of 16 (hints
             # such as tl.multiple_of would mark the values of both branches)
             _store_columns(data_t_ptr, data_t, cols, in_i, first_row // 16 * 16,
-                           store_end // 16 * 16, N, TILE, True)
+                           store_end // 16 * 16, N_PADDED, TILE, True)
         else:  # byte stores
-            _store_columns(data_t_ptr, data_t, cols, in_i, first_row, store_end, N, TILE, False)
+            _store_columns(data_t_ptr, data_t, cols, in_i, first_row, store_end, N_PADDED,
+                           TILE, False)
         tl.store(scales_ptr + cols * T + slot, scale, mask=in_i)
+
+    # _tiles_product's ways to load a tile's tokens (module docstring, "Alignment")
+    _WHOLE, _WINDOW, _BYTES = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
     @triton.jit
     def _tiles_product(dy_rows, x_rows, dy_scale_rows, x_scale_rows, in_o, in_i, start, end,
-                       first_tile, stride_dyn, stride_xn, stride_dyst, stride_xst,
+                       first_tile, tokens_padded, stride_dyst, stride_xst,
                        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, TILE: tl.constexpr,
-                       ALIGNED: tl.constexpr):
+                       LOADS: tl.constexpr):
         """sum over the expert's tiles j of the FP32 product of its FP8 blocks times the outer
-        product of their scales (module docstring). ALIGNED: start and end are multiples of 16
-        that the compiler can see (x // 16 * 16), which lets it load 16 bytes at a time and
-        pipeline the loads."""
-        tokens = tl.arange(0, TILE)
+        product of their scales (module docstring); dy_rows, x_rows: [BLOCK, 1] pointers to
+        the first token of the tile's rows of dy^T and x^T. LOADS: _WHOLE, start and end are
+        multiples of 16 that the compiler can see (x // 16 * 16); _WINDOW, the tile's tokens
+        from the multiple of 16 at or below its first (and a 32-token tail), the tokens not
+        the tile's zeroed in dy's block; _BYTES, the tile's own tokens, a byte at a time."""
         acc = tl.zeros((BLOCK_O, BLOCK_I), tl.float32)
+        base = start // 16 * 16
         for j in range(tl.cdiv(end - start, TILE)):
             first = start.to(tl.int64) + j * TILE
-            in_tile = (first + tokens) < end  # the last tile's rows past the expert: 0
-            if ALIGNED:  # this op's own hint: 16 rows in or out together
-                in_tile = tl.max_constancy(in_tile, 16)
-            dy = tl.load(dy_rows + first * stride_dyn, mask=in_o[:, None] & in_tile[None, :],
-                         other=0.0)                                          # [BLOCK_O, TILE]
-            x = tl.load(x_rows + first * stride_xn, mask=in_i[:, None] & in_tile[None, :],
-                        other=0.0)                                           # [BLOCK_I, TILE]
+            last = tl.minimum(first + TILE, end)
+            if LOADS == _WINDOW:
+                tokens = base.to(tl.int64) + j * TILE + tl.arange(0, TILE)
+                in_rows = tl.max_constancy(tokens < tokens_padded, 16)  # this op's own hint
+                dy = tl.load(dy_rows + tokens[None, :], mask=in_o[:, None] & in_rows[None, :],
+                             other=0.0)                                      # [BLOCK_O, TILE]
+                x = tl.load(x_rows + tokens[None, :], mask=in_i[:, None] & in_rows[None, :],
+                            other=0.0)                                       # [BLOCK_I, TILE]
+                mine = (tokens >= first) & (tokens < last)
+                partial = tl.dot(tl.where(mine[None, :], dy, tl.zeros_like(dy)), tl.trans(x))
+                tail = base.to(tl.int64) + j * TILE + TILE + tl.arange(0, 32)
+                in_rows = tl.max_constancy(tail < tokens_padded, 16)
+                dy = tl.load(dy_rows + tail[None, :], mask=in_o[:, None] & in_rows[None, :],
+                             other=0.0)                                      # [BLOCK_O, 32]
+                x = tl.load(x_rows + tail[None, :], mask=in_i[:, None] & in_rows[None, :],
+                            other=0.0)                                       # [BLOCK_I, 32]
+                partial = tl.dot(tl.where((tail < last)[None, :], dy, tl.zeros_like(dy)),
+                                 tl.trans(x), partial)
+            else:
+                tokens = first + tl.arange(0, TILE)
+                in_tile = tokens < last  # the last tile's rows past the expert: 0
+                if LOADS == _WHOLE:  # this op's own hint: 16 rows in or out together
+                    in_tile = tl.max_constancy(in_tile, 16)
+                dy = tl.load(dy_rows + tokens[None, :], mask=in_o[:, None] & in_tile[None, :],
+                             other=0.0)                                      # [BLOCK_O, TILE]
+                x = tl.load(x_rows + tokens[None, :], mask=in_i[:, None] & in_tile[None, :],
+                            other=0.0)                                       # [BLOCK_I, TILE]
+                partial = tl.dot(dy, tl.trans(x))
             dy_scale = tl.load(dy_scale_rows + (first_tile + j) * stride_dyst, mask=in_o,
                                other=0.0)
             x_scale = tl.load(x_scale_rows + (first_tile + j) * stride_xst, mask=in_i,
                               other=0.0)
             # the promotion: this tile's FP32 sum, scaled in FP32
-            acc += tl.dot(dy, tl.trans(x)) * dy_scale[:, None] * x_scale[None, :]
+            acc += partial * dy_scale[:, None] * x_scale[None, :]
         return acc
 
     @triton.jit
     def _fp8_grouped_wgrad_kernel(
             dy_ptr, dy_scales_ptr, x_ptr, x_scales_ptr, ends_ptr, out_ptr,   # pointers
-            O, I, E,                                                         # sizes
-            stride_dyo, stride_dyn, stride_dyso, stride_dyst,    # dy^T [O, N], scales [O, T]
-            stride_xi, stride_xn, stride_xsi, stride_xst,        # x^T [I, N], scales [I, T]
-            stride_oe, stride_oo, stride_oi,                     # out [E, O, I]
-            ACCUMULATE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
-            TILE: tl.constexpr, E_POW2: tl.constexpr):
+            O, I, E, N,                                                      # sizes
+            stride_dyo, stride_dyso, stride_dyst,    # dy^T [O, N] (tokens contiguous), [O, T]
+            stride_xi, stride_xsi, stride_xst,       # x^T [I, N] (tokens contiguous), [I, T]
+            stride_oe, stride_oo, stride_oi,         # out [E, O, I]
+            ACCUMULATE: tl.constexpr, WINDOWS: tl.constexpr, BLOCK_O: tl.constexpr,
+            BLOCK_I: tl.constexpr, TILE: tl.constexpr, E_POW2: tl.constexpr):
         tile_o, tile_i, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         experts, starts, ends, first_tiles, _ = _expert_tiles(ends_ptr, E, E_POW2, TILE)
         start, end = _pick(starts, experts, e), _pick(ends, experts, e)
@@ -201,22 +234,25 @@ if triton is not None:
         outs = (tile_o * BLOCK_O + tl.arange(0, BLOCK_O)).to(tl.int64)
         ins = (tile_i * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)
         in_o, in_i = outs < O, ins < I
-        tokens = tl.arange(0, TILE)
-        dy_rows = dy_ptr + outs[:, None] * stride_dyo + tokens[None, :] * stride_dyn
-        x_rows = x_ptr + ins[:, None] * stride_xi + tokens[None, :] * stride_xn
+        dy_rows = dy_ptr + outs[:, None] * stride_dyo                        # [BLOCK_O, 1]
+        x_rows = x_ptr + ins[:, None] * stride_xi                            # [BLOCK_I, 1]
         dy_scale_rows = dy_scales_ptr + outs * stride_dyso
         x_scale_rows = x_scales_ptr + ins * stride_xsi
-        if (start % 16 == 0) & (end % 16 == 0):  # 16-byte loads, pipelined
+        padded = (N + 15) // 16 * 16
+        if (start % 16 == 0) & (end % 16 == 0):
             # start and end as new values that the compiler sees are multiples of 16 (hints
-            # such as tl.multiple_of would mark the values of both branches)
+            # such as tl.multiple_of would mark the values of every branch)
             acc = _tiles_product(dy_rows, x_rows, dy_scale_rows, x_scale_rows, in_o, in_i,
-                                 start // 16 * 16, end // 16 * 16, first_tile, stride_dyn,
-                                 stride_xn, stride_dyst, stride_xst, BLOCK_O, BLOCK_I, TILE,
-                                 True)
-        else:  # byte loads
+                                 start // 16 * 16, end // 16 * 16, first_tile, padded,
+                                 stride_dyst, stride_xst, BLOCK_O, BLOCK_I, TILE, _WHOLE)
+        elif WINDOWS:
             acc = _tiles_product(dy_rows, x_rows, dy_scale_rows, x_scale_rows, in_o, in_i,
-                                 start, end, first_tile, stride_dyn, stride_xn, stride_dyst,
-                                 stride_xst, BLOCK_O, BLOCK_I, TILE, False)
+                                 start, end, first_tile, padded, stride_dyst, stride_xst,
+                                 BLOCK_O, BLOCK_I, TILE, _WINDOW)
+        else:
+            acc = _tiles_product(dy_rows, x_rows, dy_scale_rows, x_scale_rows, in_o, in_i,
+                                 start, end, first_tile, padded, stride_dyst, stride_xst,
+                                 BLOCK_O, BLOCK_I, TILE, _BYTES)
 
         out_tile = (out_ptr + tl.cast(e, tl.int64) * stride_oe + outs[:, None] * stride_oo
                     + ins[None, :] * stride_oi)
@@ -239,16 +275,17 @@ def launch_quantize_128x1_segments(x_NI: torch.Tensor, group_ends: torch.Tensor,
     rows, features = x_NI.shape
     experts = group_ends.numel()
     slots = segment_tile_count(rows, experts)
-    data = torch.empty(features, rows, dtype=FP8_DTYPE, device=x_NI.device)
+    padded = -(-rows // 16) * 16  # the rows of x^T padded to 16 bytes: zeros past N
+    storage = torch.empty(features, padded, dtype=FP8_DTYPE, device=x_NI.device)
     scales = torch.empty(features, slots, dtype=torch.float32, device=x_NI.device)
     launch = launch_config("quantize", config)
     if features:
         grid = (slots, triton.cdiv(features, launch["BLOCK_I"]))
         _quantize_128x1_segments_kernel[grid](
-            x_NI, data, scales, group_ends, rows, features, experts, slots, *x_NI.stride(),
-            POW2_SCALES=pow2_scales, TILE=TILE, E_POW2=triton.next_power_of_2(experts),
-            **launch)
-    return Fp8SegmentTiles(data, scales)
+            x_NI, storage, scales, group_ends, padded, features, experts, slots,
+            *x_NI.stride(), POW2_SCALES=pow2_scales, TILE=TILE,
+            E_POW2=triton.next_power_of_2(experts), **launch)
+    return Fp8SegmentTiles(storage[:, :rows], scales)
 
 
 def quantize_128x1_segments_fused(x_NI: torch.Tensor, group_ends: torch.Tensor, *,
@@ -265,17 +302,27 @@ def quantize_128x1_segments_fused(x_NI: torch.Tensor, group_ends: torch.Tensor, 
 def _launch_wgrad(dy_q: Fp8SegmentTiles, x_q: Fp8SegmentTiles, group_ends: torch.Tensor,
                   out_EOI: torch.Tensor, accumulate: bool, config: dict | None) -> None:
     experts, out_features, in_features = out_EOI.shape
+    rows = dy_q.data.shape[1]
+    for name, data in (("dy_q", dy_q.data), ("x_q", x_q.data)):
+        if data.stride(1) != 1 and rows > 1:
+            raise ValueError(f"fp8_grouped_wgrad: {name}.data has stride {data.stride()}; the "
+                             f"kernel needs the tokens contiguous (x^T as the quantizers store "
+                             f"it): pass {name}.data.contiguous()")
     launch = launch_config("wgrad", config)
     block_o, block_i = launch.pop("BLOCK_O"), launch.pop("BLOCK_I")
     if not (out_features and in_features):
         return
+    # window loads reach up to 15 tokens past N: the rows must hold them (module docstring)
+    padded = -(-rows // 16) * 16
+    windows = all(data.stride(0) % 16 == 0 and data.stride(0) >= padded
+                  for data in (dy_q.data, x_q.data))
     grid = (triton.cdiv(out_features, block_o), triton.cdiv(in_features, block_i), experts)
     _fp8_grouped_wgrad_kernel[grid](
         dy_q.data, dy_q.scales, x_q.data, x_q.scales, group_ends, out_EOI,
-        out_features, in_features, experts,
-        *dy_q.data.stride(), *dy_q.scales.stride(), *x_q.data.stride(), *x_q.scales.stride(),
+        out_features, in_features, experts, rows,
+        dy_q.data.stride(0), *dy_q.scales.stride(), x_q.data.stride(0), *x_q.scales.stride(),
         *out_EOI.stride(),
-        ACCUMULATE=accumulate, BLOCK_O=block_o, BLOCK_I=block_i, TILE=TILE,
+        ACCUMULATE=accumulate, WINDOWS=windows, BLOCK_O=block_o, BLOCK_I=block_i, TILE=TILE,
         E_POW2=triton.next_power_of_2(experts), **launch)
 
 

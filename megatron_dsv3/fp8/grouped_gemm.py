@@ -210,7 +210,10 @@ class Fp8SegmentTiles:
 
     data [I, N] float8_e4m3fn (x^T: the tokens, the weight gradient's contraction, contiguous);
     scales [I, T] fp32, T = ceil(N/128) + E. Which tile a row is in depends on group_ends,
-    which is not held here: dequantize takes it."""
+    which is not held here: dequantize takes it. data may be a view whose rows are padded
+    (the quantizer kernel's: rows of 16 ceil(N/16) bytes, zeros past N); the GEMM kernel
+    reads up to 15 tokens past N where the row stride is a multiple of 16 holding them, so
+    such padding must hold finite values."""
 
     data: torch.Tensor    # float8_e4m3fn [I, N]
     scales: torch.Tensor  # float32 [I, ceil(N/128) + E]

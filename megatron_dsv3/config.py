@@ -235,8 +235,13 @@ class MTPConfig:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# The parts of DeepSeek-V3's FP8 precision map that ModelConfig.fp8_layers can select
-FP8_LAYERS = ("attention", "dense_ffn", "shared_experts", "routed_experts", "dispatch")
+# The parts of DeepSeek-V3's FP8 precision map that ModelConfig.fp8_layers can select:
+# "routed_experts" the experts' forward and input-gradient GEMMs, "routed_experts_wgrad" their
+# weight gradients too (opt-in, not in DEFAULT_FP8_LAYERS: its grouped FP8 kernel measured far
+# slower than BF16 on an H200, benchmarks/RESULTS.md 2026-12-03)
+FP8_LAYERS = ("attention", "dense_ffn", "shared_experts", "routed_experts", "dispatch",
+              "routed_experts_wgrad")
+DEFAULT_FP8_LAYERS = tuple(part for part in FP8_LAYERS if part != "routed_experts_wgrad")
 
 
 @dataclass(frozen=True)
@@ -265,7 +270,7 @@ class ModelConfig:
     # The precision map's parts in FP8 with fp8="deepseek" (FP8_LAYERS: the MLA projections,
     # the dense FFNs, the shared and the routed experts, the dispatch all-to-all); a part left
     # out stays BF16
-    fp8_layers: tuple[str, ...] = FP8_LAYERS
+    fp8_layers: tuple[str, ...] = DEFAULT_FP8_LAYERS
 
     def __post_init__(self):
         _positive(self, "vocab_size", "hidden_size", "num_layers", "max_seq_len")
@@ -282,6 +287,11 @@ class ModelConfig:
         unknown = sorted(set(self.fp8_layers) - set(FP8_LAYERS))
         _check(not unknown, "ModelConfig.fp8_layers", self.fp8_layers,
                f"{unknown} are no parts of the precision map: choose among {list(FP8_LAYERS)}")
+        _check("routed_experts_wgrad" not in self.fp8_layers
+               or "routed_experts" in self.fp8_layers, "ModelConfig.fp8_layers",
+               self.fp8_layers, "has 'routed_experts_wgrad' without 'routed_experts': the "
+               "experts' weight gradient in FP8 comes with their GEMMs in FP8; add "
+               "'routed_experts' or drop 'routed_experts_wgrad'")
         if self.fp8 == "deepseek":
             for name, width, role, part in self.fp8_linear_widths():
                 _check(width % 128 == 0, name, width,

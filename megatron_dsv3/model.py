@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from .config import FP8_LAYERS, ModelConfig, resolved_linear_backend, to_megatron_config
+from .config import DEFAULT_FP8_LAYERS, ModelConfig, resolved_linear_backend, to_megatron_config
 from .kernels import cross_entropy as fused_ce
 from .megatron_compat import GPTPostprocessHook
 from .mtp import mtp_targets
@@ -176,11 +176,12 @@ def _megatron_args():
 
 
 def mark_fp8_linears(model: torch.nn.Module, linears: bool = True,
-                     parts: Sequence[str] = FP8_LAYERS) -> int:
+                     parts: Sequence[str] = DEFAULT_FP8_LAYERS) -> int:
     """Put the `parts` (ModelConfig.fp8_layers) of DeepSeek-V3's FP8 precision map in FP8:
     "attention" the MLA projections but the KV down- and output projections, "dense_ffn" and
     "shared_experts" their linears (ModelConfig.fp8_linear_widths lists the widths),
-    "routed_experts" the experts' forward and input-gradient grouped GEMMs, "dispatch"
+    "routed_experts" the experts' forward and input-gradient grouped GEMMs
+    ("routed_experts_wgrad" their weight-gradient GEMMs as well), "dispatch"
     the dispatch all-to-all of every expert-parallel MoE layer (its rows sent in FP8 with their
     scales, moe/dispatcher.py); returns how many linears. `linears=False` (the TE backend,
     whose linears run TE's blockwise recipe under Megatron's FP8 context,
@@ -200,6 +201,7 @@ def mark_fp8_linears(model: torch.nn.Module, linears: bool = True,
             for weight in (module.fc1, module.fc2):  # this rank's [E, rows, cols] shards
                 check_fp8_shard(weight[0], "RoutedExperts")
             module.fp8 = True
+            module.fp8_wgrad = "routed_experts_wgrad" in parts
         if isinstance(module, MultiLatentAttention) and "attention" in parts:
             chosen += [getattr(module, name, None) for name in
                        ("linear_q_down", "linear_q_up", "linear_q", "linear_kv_up")]

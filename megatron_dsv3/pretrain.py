@@ -47,7 +47,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from .config import FP8_LAYERS, PRESETS, ConfigError, fp8_layers_flag, preset
+from .config import DEFAULT_FP8_LAYERS, FP8_LAYERS, PRESETS, ConfigError, fp8_layers_flag, preset
 from .megatron_cli import megatron_flags, take_flag
 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -112,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "precision map's linears with E4M3 GEMMs, 1x128 / 128x128 scales "
                             "and FP32 promotion. Without Transformer Engine, Megatron's "
                             "--fp8-format e4m3 --fp8-recipe blockwise means this")
-    group.add_argument("--dsv3-fp8-layers", default=",".join(FP8_LAYERS),
+    group.add_argument("--dsv3-fp8-layers", default=",".join(DEFAULT_FP8_LAYERS),
                        help="with --dsv3-fp8 deepseek: the parts of the precision map in FP8, "
                             f"comma-separated, among {','.join(FP8_LAYERS)} "
                             "(ModelConfig.fp8_layers); the others stay BF16")

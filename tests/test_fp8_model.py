@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_dsv3.config import FP8_LAYERS, ConfigError, tiny
+from megatron_dsv3.config import DEFAULT_FP8_LAYERS, ConfigError, tiny
 from megatron_dsv3.fp8.linear import fp8_linear
 
 # every FP8 width a multiple of 128: hidden 128, q_lora 128, 2 heads x (48 + 16) = 128 for the
@@ -135,6 +135,14 @@ def test_the_precision_maps_parts_are_chosen_by_fp8_layers_and_a_part_left_out_n
     assert mark_fp8_linears(model, parts=("attention",)) == 9  # 3 MLA layers x 3 projections
     marked = {name for name, m in model.named_modules() if getattr(m, "fp8", False)}
     assert marked and all(".self_attention." in name for name in marked)
+    # the experts' weight gradient in FP8 only where asked
+    from megatron_dsv3.moe.experts import RoutedExperts
+
+    experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    mark_fp8_linears(model, parts=("routed_experts",))
+    assert experts and all(m.fp8 and not m.fp8_wgrad for m in experts)
+    mark_fp8_linears(model, parts=("routed_experts", "routed_experts_wgrad"))
+    assert all(m.fp8 and m.fp8_wgrad for m in experts)
 
 
 def test_the_local_backend_runs_our_fp8_not_megatrons_te_recipe():
@@ -268,6 +276,55 @@ def test_routed_experts_in_fp8_run_the_grouped_fp8_gemm_forward_and_back_and_bf1
     assert not torch.equal(grads[True][0], grads[False][0]), "FP8 must have rounded something"
 
 
+def test_routed_experts_weight_gradient_in_fp8_is_the_grouped_fp8_wgrad_of_segment_tiles():
+    """experts_linear(fp8=True, fp8_wgrad=True) ("routed_experts_wgrad"): y and dX as with the
+    BF16 weight gradient, bit for bit; dW bit for bit the emulated grouped FP8 weight gradient
+    of x and dY in 128-token tiles of each expert's rows, and within E4M3's rounding of the
+    BF16 path's dW (a few percent relative: 3 mantissa bits in each operand); into an fp32 sum
+    it adds the same. Refused with the step merger's BF16 buffers. Uneven groups, an empty
+    expert."""
+    from megatron_dsv3.fp8.grouped_gemm import (fp8_grouped_wgrad_emulated,
+                                                quantize_128x1_segments)
+    from megatron_dsv3.moe.expert_wgrad import Segments
+    from megatron_dsv3.moe.experts import experts_linear
+
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    g = torch.Generator().manual_seed(seed)
+    counts = [70, 0, 200, 30]
+    ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(sum(counts), 128, generator=g)
+    w = torch.randn(4, 256, 128, generator=g) * 0.05
+    dy = torch.randn(sum(counts), 256, generator=g)
+    grads = {}
+    for fp8_wgrad in (True, False):
+        x_in, w_in = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = experts_linear(x_in, w_in, "loop", counts, fp8=True, fp8_wgrad=fp8_wgrad)
+        y.backward(dy)
+        grads[fp8_wgrad] = (y.detach(), x_in.grad, w_in.grad)
+    assert torch.equal(grads[True][0], grads[False][0]), seed
+    assert torch.equal(grads[True][1], grads[False][1]), seed
+    want = fp8_grouped_wgrad_emulated(quantize_128x1_segments(dy, ends),
+                                      quantize_128x1_segments(x, ends), ends)
+    assert torch.equal(grads[True][2], want), f"FP8 weight gradient (seed {seed})"
+    error = (grads[True][2] - grads[False][2]).norm() / grads[False][2].norm()
+    assert 2**-10 < error < 2**-4, (seed, error.item(), "E4M3 rounding of both operands")
+    start = torch.randn(w.shape, generator=g)
+    total = start.clone()
+    experts_linear(x.clone().requires_grad_(), w.clone().requires_grad_(), "loop", counts,
+                   fp32_grad=total, fp8=True, fp8_wgrad=True).backward(dy)
+    assert torch.allclose(total - start, want, rtol=0, atol=1e-5), seed
+    segments = Segments(w, 1, 400, torch.zeros((), dtype=torch.int64), torch.float32)
+    with pytest.raises(ValueError, match="routed_experts_wgrad.*--expert-wgrad step.*in-gemm"):
+        experts_linear(x.clone().requires_grad_(), w.clone().requires_grad_(), "loop", counts,
+                       segments=segments, fp8=True, fp8_wgrad=True)
+
+
+def test_the_experts_fp8_weight_gradient_needs_their_fp8_gemms():
+    with pytest.raises(ConfigError, match=r"'routed_experts_wgrad' without 'routed_experts'"):
+        tiny().replace(fp8_layers=("attention", "routed_experts_wgrad"))
+    assert "routed_experts_wgrad" not in tiny().fp8_layers  # opt-in
+
+
 def _fp8_ep2_worker(rank, world, full_state, input_ids, labels):
     """FP8_SMALL in FP8 at EP=2 (DP=2), each rank its half of the batch: the mean loss and the
     gradient norm, without and with the dispatch in FP8."""
@@ -301,8 +358,8 @@ def _fp8_ep2_worker(rank, world, full_state, input_ids, labels):
     return out
 
 
-FP8_ALL = FP8_LAYERS
-FP8_NO_DISPATCH = tuple(part for part in FP8_LAYERS if part != "dispatch")
+FP8_ALL = DEFAULT_FP8_LAYERS
+FP8_NO_DISPATCH = tuple(part for part in DEFAULT_FP8_LAYERS if part != "dispatch")
 
 
 @pytest.mark.multiprocess

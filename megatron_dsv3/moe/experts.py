@@ -31,9 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from ..fp8.grouped_gemm import Fp8GroupedTensor, transposed_blocks_grouped
+from ..fp8.grouped_gemm import Fp8GroupedTensor, Fp8SegmentTiles, transposed_blocks_grouped
 from ..fp8.weight_cache import current_step, for_step, quantized_weight
 from ..kernels.fp8_grouped_gemm import fp8_grouped_gemm, quantize_128x128_grouped_fused
+from ..kernels.fp8_grouped_wgrad import (fp8_grouped_wgrad, fp8_grouped_wgrad_add_,
+                                         quantize_128x1_segments_fused)
 from ..kernels.fp8_quantize import quantize_1x128_fused
 from ..kernels.grouped_wgrad import grouped_wgrad_add_, stash_segment_
 from ..layers import mark_tensor_parallel, normal_init, tp_size
@@ -129,7 +131,7 @@ class _ExpertsLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups,
                 store: Optional[WeightGradStore], fp32_grad: Optional[torch.Tensor],
-                fp8: bool, stash_grad_y: Optional[torch.Tensor],
+                fp8: bool, fp8_wgrad: bool, stash_grad_y: Optional[torch.Tensor],
                 stash_x: Optional[torch.Tensor], stash_ends: Optional[torch.Tensor],
                 slot: Optional[torch.Tensor]) -> torch.Tensor:
         x_c, w_c = x_NI, w_EOI
@@ -146,9 +148,21 @@ class _ExpertsLinear(torch.autograd.Function):
         else:
             y_NO = torch.cat([F.linear(x_c[a:b], w_c[e]) for e, (a, b) in
                               enumerate(row_bounds(groups))], dim=0)
-        # FP8: x for the weight gradient (BF16 until a grouped FP8 weight-gradient GEMM) and W's
-        # FP8 blocks for the input gradient
-        ctx.save_for_backward(x_c, *((w_q.data, w_q.scales) if fp8 else (w_c,)))
+        # x for the weight gradient: in FP8, each expert's rows in 128-token tiles along the
+        # tokens, with the weight gradient in FP8 (fp8_wgrad), else as it is; W's FP8 blocks
+        # for the input gradient
+        x_saved = (x_c,)
+        if fp8_wgrad:
+            if slot is not None:
+                raise ValueError(
+                    "the routed experts' weight gradient in FP8 ('routed_experts_wgrad' in "
+                    "ModelConfig.fp8_layers) cannot go through --expert-wgrad step, whose "
+                    "buffers hold BF16 operands: use --expert-wgrad in-gemm or micro-batch, "
+                    "or leave 'routed_experts_wgrad' out of --fp8-layers")
+            x_q = quantize_128x1_segments_fused(x_c, _group_ends(groups))
+            x_saved = (x_q.data, x_q.scales)
+        ctx.save_for_backward(*x_saved, *((w_q.data, w_q.scales) if fp8 else (w_c,)))
+        ctx.fp8_wgrad, ctx.x_dtype = fp8_wgrad, x_c.dtype
         ctx.weight, ctx.impl, ctx.groups, ctx.store = w_EOI, impl, groups, store
         ctx.fp32_grad, ctx.fp8 = fp32_grad, fp8
         ctx.step = current_step()  # backward's thread does not see weights_fixed's block
@@ -157,7 +171,10 @@ class _ExpertsLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y_NO: torch.Tensor):
-        x_NI, *w_saved = ctx.saved_tensors
+        saved = list(ctx.saved_tensors)
+        x_t = Fp8SegmentTiles(saved.pop(0), saved.pop(0)) if ctx.fp8_wgrad else None
+        x_NI = None if ctx.fp8_wgrad else saved.pop(0)
+        w_saved = saved
         groups = ctx.groups
         grouped = ctx.impl == "grouped_mm"
         bounds = None if grouped else row_bounds(groups)
@@ -166,11 +183,22 @@ class _ExpertsLinear(torch.autograd.Function):
             w_T = for_step(ctx.step, ctx.weight, transposed_blocks_grouped,  # once per step
                            lambda: transposed_blocks_grouped(Fp8GroupedTensor(*w_saved)))
             grad_x = fp8_grouped_gemm(quantize_1x128_fused(grad_y_NO.contiguous()), w_T,
-                                      _group_ends(groups), out_dtype=x_NI.dtype)
+                                      _group_ends(groups), out_dtype=ctx.x_dtype)
         elif ctx.needs_input_grad[0]:  # dX_e = dY_e W_e
             (w_EOI,) = w_saved
             grad_x = (torch._grouped_mm(grad_y_NO, w_EOI, offs=groups) if grouped else
                       torch.cat([grad_y_NO[a:b] @ w_EOI[e] for e, (a, b) in enumerate(bounds)]))
+
+        if ctx.needs_input_grad[1] and ctx.fp8_wgrad:  # dW_e = dY_e^T X_e in FP8
+            ends = _group_ends(groups)
+            dy_t = quantize_128x1_segments_fused(grad_y_NO.contiguous(), ends)
+            if ctx.fp32_grad is not None:  # into the fp32 sum, inside the GEMM
+                fp8_grouped_wgrad_add_(dy_t, x_t, ends, ctx.fp32_grad)
+            else:
+                weight = ctx.weight
+                grad_w = weight_grad_now_or_later(ctx.store, weight, lambda: fp8_grouped_wgrad(
+                    dy_t, x_t, ends, out_dtype=weight.dtype))
+            return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None
 
         def weight_grad_EOI() -> torch.Tensor:  # dW_e = dY_e^T X_e
             if grouped:
@@ -186,7 +214,7 @@ class _ExpertsLinear(torch.autograd.Function):
             grouped_wgrad_add_(grad_y_NO, x_NI, groups, ctx.fp32_grad)  # inside the GEMM
         elif ctx.needs_input_grad[1]:
             grad_w = weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad_EOI)
-        return grad_x, grad_w, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None
 
 
 Groups = Union[torch.Tensor, list[int]]
@@ -210,14 +238,17 @@ def expert_groups(tokens_per_expert_E: torch.Tensor, impl: str) -> Groups:
 
 def experts_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups: Groups,
                    store: Optional[WeightGradStore] = None, segments=None,
-                   fp32_grad: Optional[torch.Tensor] = None, fp8: bool = False) -> torch.Tensor:
+                   fp32_grad: Optional[torch.Tensor] = None, fp8: bool = False,
+                   fp8_wgrad: bool = False) -> torch.Tensor:
     """x_NI W_e^T on each expert e's rows, by `impl` ('loop' | 'grouped_mm'); the weight
     gradient's operands are copied into `segments` (expert_wgrad.Segments, at the merger's
     slot) when given, the
     gradient into `fp32_grad` (w_EOI's fp32 sum; grouped_mm only) by the grouped GEMM itself
     (kernels/grouped_wgrad.py) when given, to `store` while it defers, else to autograd as
     usual. `fp8`: the forward and input-gradient GEMMs in FP8 (x and dY in 1x128 tiles, each
-    expert's W in 128x128 blocks, the grouped FP8 GEMM); the weight gradient as without."""
+    expert's W in 128x128 blocks, the grouped FP8 GEMM); `fp8_wgrad`: the weight gradient in
+    FP8 too (x and dY in 128-token tiles of each expert's rows, x kept in FP8 for backward,
+    kernels/fp8_grouped_wgrad.py), into `fp32_grad` or to `store` / autograd as above."""
     stash = (None,) * 4
     if segments is not None:
         if x_NI.shape[0] > segments.x.shape[1]:
@@ -226,7 +257,8 @@ def experts_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups: G
                 f"buffers hold {segments.x.shape[1]} (rows = tokens per micro-batch x top-k); "
                 "make the merger with the micro-batch's row count")
         stash = (segments.grad_y, segments.x, segments.ends, segments.slot)
-    return _ExpertsLinear.apply(x_NI, w_EOI, impl, groups, store, fp32_grad, fp8, *stash)
+    return _ExpertsLinear.apply(x_NI, w_EOI, impl, groups, store, fp32_grad, fp8,
+                                fp8 and fp8_wgrad, *stash)
 
 
 def mark_expert_parallel(param: torch.nn.Parameter) -> None:
@@ -247,8 +279,9 @@ class RoutedExperts(torch.nn.Module):
     # grouped GEMM instead of handing them to autograd (set by sum_expert_grads_in_gemm)
     grads_into_main_grad = False
     # True: the forward and input-gradient GEMMs in FP8 (model.mark_fp8_linears, part
-    # "routed_experts"); the weight gradients as in BF16
+    # "routed_experts"); fp8_wgrad (part "routed_experts_wgrad"): the weight gradients too
     fp8 = False
+    fp8_wgrad = False
 
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_size: int, *, tp_group,
                  dtype: torch.dtype, device=None, init_std: float = 0.006, impl: str = "auto",
@@ -319,9 +352,10 @@ class RoutedExperts(torch.nn.Module):
                     f"`main_grad` on fc1 and fc2 (experts_impl={name!r}); give the weights one "
                     "(train/master_weights.MasterWeights does) or turn it off")
         seg1, seg2 = (self.fc1_segments, self.fc2_segments) if merged else (None, None)
-        h_NF2 = experts_linear(x_ND, self.fc1, name, groups, store, seg1, sums[0], self.fp8)
+        h_NF2 = experts_linear(x_ND, self.fc1, name, groups, store, seg1, sums[0], self.fp8,
+                               self.fp8_wgrad)
         return experts_linear(swiglu(h_NF2), self.fc2, name, groups, store, seg2, sums[1],
-                              self.fp8)
+                              self.fp8, self.fp8_wgrad)
 
 
 def sum_expert_grads_in_gemm(module: torch.nn.Module, on: bool = True) -> int:

@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from ..config import FP8_LAYERS, PRESETS, ConfigError, ModelConfig, fp8_layers_flag, preset
+from ..config import (DEFAULT_FP8_LAYERS, FP8_LAYERS, PRESETS, ConfigError, ModelConfig,
+                      fp8_layers_flag, preset)
 from ..data import DEFAULT_DATA_DIR
 
 # How long a collective waits for its peers (--dist-timeout-s): 10 minutes, torch's NCCL default
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
              "GEMMs, "
              "1x128 / 128x128 scales and FP32 promotion (ModelConfig.fp8); their widths must "
              "be multiples of 128")
-    add("--fp8-layers", default=",".join(FP8_LAYERS),
+    add("--fp8-layers", default=",".join(DEFAULT_FP8_LAYERS),
         help="with --fp8 deepseek: the parts of the precision map in FP8, comma-separated, "
              f"among {','.join(FP8_LAYERS)} (ModelConfig.fp8_layers); the others stay BF16 "
              "(e.g. proxy's 10944-wide dense FFN: --fp8-layers attention,shared_experts,"

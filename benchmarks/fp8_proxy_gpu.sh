@@ -3,12 +3,17 @@
 # with torchao's wheel in `.whl/extra/`, and the peers' folder `.peers/` carried: anchor_hf.py,
 # anchor_torchtitan.py and torchtitan's wheels):
 #
-#   bash benchmarks/fp8_proxy_gpu.sh
+#   bash benchmarks/fp8_proxy_gpu.sh                 # bench, then convergence
+#   bash benchmarks/fp8_proxy_gpu.sh convergence     # some of them
 #
 # bench_proxy.py on the proxy preset (bf16 parameters, compiled modules with CUDA graphs, 4,096
 # tokens): ours in BF16 with torchtitan compiled in BF16 and with torchao's rowwise float8
 # (TT_FP8=rowwise), then ours in FP8 (--fp8 deepseek; proxy's 10944-wide dense FFN in BF16).
 # Results: $OUT/bf16.json, $OUT/fp8.json and their logs (./gpu_out/fp8_proxy without $OUT).
+# convergence: benchmarks/fp8_convergence.py, the main job on proxy in BF16 and in FP8 for
+# CONVERGENCE_STEPS (300) steps of 2 x 4,096 tokens from the same seed: both loss curves in
+# $OUT/convergence/fp8_convergence.png, the last 50 steps' relative distance and each run's
+# tokens/s in fp8_convergence.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DIR=${OUT:-gpu_out/fp8_proxy}
@@ -20,11 +25,25 @@ if [ -f .peers/anchor_torchtitan.py ]; then  # the peers' own site: torchtitan a
   install_wheels .peers/.site .peers/*.whl .whl/extra/torchao-*.whl
   PEERS=(--peers-dir .peers --peers torchtitan --peer-fp8 rowwise)
 fi
-start=$SECONDS
-timeout 420 python3 benchmarks/bench_proxy.py --steps 10 --warmup 4 "${PEERS[@]}" \
-  --json-out "$DIR/bf16.json" > "$DIR/bf16.log" 2>&1
-echo "== bf16 (+ peers): rc=$? in $((SECONDS - start)) s"; grep -E "^ours|^torchtitan" "$DIR/bf16.log"
-start=$SECONDS
-timeout 240 python3 benchmarks/bench_proxy.py --steps 10 --warmup 4 --fp8 deepseek \
-  --json-out "$DIR/fp8.json" > "$DIR/fp8.log" 2>&1
-echo "== fp8: rc=$? in $((SECONDS - start)) s"; grep -E "^ours|Error" "$DIR/fp8.log" | tail -n 3
+for part in ${*:-bench convergence}; do
+  case $part in
+    bench)
+      start=$SECONDS
+      timeout 420 python3 benchmarks/bench_proxy.py --steps 10 --warmup 4 "${PEERS[@]}" \
+        --json-out "$DIR/bf16.json" > "$DIR/bf16.log" 2>&1
+      echo "== bf16 (+ peers): rc=$? in $((SECONDS - start)) s"; grep -E "^ours|^torchtitan" "$DIR/bf16.log"
+      start=$SECONDS
+      timeout 240 python3 benchmarks/bench_proxy.py --steps 10 --warmup 4 --fp8 deepseek \
+        --json-out "$DIR/fp8.json" > "$DIR/fp8.log" 2>&1
+      echo "== fp8: rc=$? in $((SECONDS - start)) s"; grep -E "^ours|Error" "$DIR/fp8.log" | tail -n 3
+      ;;
+    convergence)
+      start=$SECONDS
+      timeout "${CONVERGENCE_TIMEOUT:-540}" python3 benchmarks/fp8_convergence.py --preset proxy \
+        --steps "${CONVERGENCE_STEPS:-300}" --extra=--seq-len=4096 --extra=--micro-batch-size=1 \
+        --extra=--grad-accum=2 --out-dir "$DIR/convergence" --runs-dir /tmp/fp8_convergence \
+        > "$DIR/convergence.log" 2>&1
+      echo "== convergence: rc=$? in $((SECONDS - start)) s"; tail -n 3 "$DIR/convergence.log" ;;
+    *) echo "unknown part $part: choose from bench convergence" >&2; exit 2 ;;
+  esac
+done

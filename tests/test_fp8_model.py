@@ -393,3 +393,38 @@ def test_expert_parallel_fp8_gives_the_single_process_fp8_loss(dist_single):
         assert abs(plain["grad_norm"] / norm - 1) < 0.02, (rank, plain["grad_norm"], norm)
         assert_close(with_dispatch["loss"], plain["loss"], FP32_REORDER,
                      "FP8 experts re-quantize the dispatched FP8 rows to the same values", "loss")
+
+
+def test_fp8_layers_trace_without_a_graph_break_and_compiled_equals_eager(dist_single,
+                                                                          monkeypatch):
+    """Under torch.compile fp8_linear is traced from custom operators (fp8/ops.py): the FP8
+    attention and dense MLP modules trace as one graph each (dynamo's explain), and a
+    compiled fp8_linear with a bias gives the eager results bit for bit, forward and backward
+    (aot_eager: the operators' bodies run as in eager; on the CPU, the emulation)."""
+    from megatron_dsv3.attention.mla import MultiLatentAttention
+    from megatron_dsv3.moe.layer import DenseMLP
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")  # the suite turns dynamo off
+    model = _model(dist_single, fp8=True)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    x = torch.randn(16, 1, 128, generator=g, requires_grad=True)
+    for kind, args in ((MultiLatentAttention, (x, None)), (DenseMLP, (x,))):
+        module = next(m for m in model.modules() if isinstance(m, kind))
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(module.forward)(*args)
+        reasons = [b.reason.splitlines()[0] for b in explained.break_reasons]
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, (kind, reasons)
+
+    w = torch.randn(256, 128, generator=g, requires_grad=True)
+    b = torch.randn(256, generator=g, requires_grad=True)
+    dy = torch.randn(16, 1, 256, generator=g)
+    results = []
+    for run in (lambda *a: fp8_linear(*a),
+                torch.compile(lambda *a: fp8_linear(*a), backend="aot_eager", fullgraph=True)):
+        x.grad = w.grad = b.grad = None
+        y = run(x, w, b)
+        y.backward(dy)
+        results.append((y.detach(), x.grad, w.grad, b.grad))
+    torch._dynamo.reset()
+    for name, eager, compiled in zip(("y", "dx", "dW", "db"), *results):
+        assert torch.equal(eager, compiled), name

@@ -30,6 +30,7 @@ import torch
 from ..kernels.fp8_quantize import (quantize_1x128_fused, quantize_128x1_fused,
                                     quantize_128x128_fused)
 from ..weight_grad import WeightGradStore, autocast_dtype, weight_grad_now_or_later
+from . import ops  # noqa: F401  registers the custom operators torch.ops.megatron_dsv3.*
 from .gemm import fp8_gemm, transposed_blocks
 from .quantize import INPUT_DTYPES, Fp8Tensor
 from .weight_cache import current_step, for_step, quantized_weight
@@ -88,15 +89,70 @@ class _Fp8Linear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-# Eager inside a compiled module (a graph break around it): the quantizers' host-side checks and
-# Fp8Tensor's validation are not traced; what tracing them would give is unmeasured
-@torch.compiler.disable
+class _Fp8LinearTraced(torch.autograd.Function):
+    """_Fp8Linear's arithmetic as torch.compile traces it: every piece a custom operator
+    (fp8/ops.py), tensors only on ctx, the weight gradient to autograd. W's blocks are
+    quantized at each call: the per-step cache (weight_cache.py) is Python state that a
+    compiled graph, and a CUDA graph recorded from it, would not revisit."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+        op = torch.ops.megatron_dsv3
+        x_MK = x.reshape(-1, x.shape[-1])
+        w_data, w_scales = op.fp8_quantize(weight, "128x128")
+        x_data, x_scales = op.fp8_quantize(x_MK, "1x128")
+        out_dtype = autocast_dtype(x.device.type) or x.dtype
+        if bias is None:
+            y = op.fp8_gemm(x_data, x_scales, "1x128", w_data, w_scales, "128x128", out_dtype)
+        else:
+            y = (op.fp8_gemm(x_data, x_scales, "1x128", w_data, w_scales, "128x128",
+                              torch.float32) + bias.float()).to(out_dtype)
+        x_t = op.fp8_quantize(x_MK, "128x1") if weight.requires_grad else ()
+        ctx.save_for_backward(w_data, w_scales, *x_t)
+        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
+        ctx.has_bias = bias is not None
+        ctx.b_dtype = bias.dtype if bias is not None else None
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        op = torch.ops.megatron_dsv3
+        w_data, w_scales, *x_t = ctx.saved_tensors
+        dy_MN = grad_y.reshape(-1, grad_y.shape[-1])
+        if dy_MN.dtype not in INPUT_DTYPES:
+            dy_MN = dy_MN.float()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            wt_data, wt_scales = op.fp8_transposed_blocks(w_data, w_scales)
+            dy_data, dy_scales = op.fp8_quantize(dy_MN, "1x128")
+            grad_x = op.fp8_gemm(dy_data, dy_scales, "1x128", wt_data, wt_scales, "128x128",
+                                  ctx.x_dtype).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            dyt_data, dyt_scales = op.fp8_quantize(dy_MN, "128x1")
+            grad_w = op.fp8_gemm(dyt_data, dyt_scales, "128x1", x_t[0], x_t[1], "128x1",
+                                  ctx.w_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = dy_MN.float().sum(dim=0).to(ctx.b_dtype)
+        return grad_x, grad_w, grad_b
+
+
+@torch.compiler.disable  # the eager path's per-step cache and deferral are Python state
+def _fp8_linear_eager(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      store: Optional[WeightGradStore]) -> torch.Tensor:
+    return _Fp8Linear.apply(x, weight, bias, store)
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                store: Optional[WeightGradStore] = None) -> torch.Tensor:
     """y = x W^T (+ b) with the forward, input-gradient and weight-gradient GEMMs in FP8
     (module docstring); x [..., K], weight [N, K], y [..., N]; the weight gradient deferred
-    while `store` defers."""
+    while `store` defers. Under torch.compile without a store it is traced (the same
+    arithmetic from custom operators, no graph break; W quantized at each call); eager, and
+    with a store, it runs as written (W's blocks once per step)."""
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"fp8_linear: x [..., K] = {list(x.shape)} and weight [N, K] = "
                          f"{list(weight.shape)} do not match: K must be x's last dimension")
-    return _Fp8Linear.apply(x, weight, bias, store)
+    if torch.compiler.is_compiling() and store is None:
+        return _Fp8LinearTraced.apply(x, weight, bias)
+    return _fp8_linear_eager(x, weight, bias, store)

@@ -1,0 +1,78 @@
+"""The FP8 pieces as PyTorch custom operators, so that torch.compile traces through an FP8 layer
+instead of breaking its graph there (each piece of a broken graph is its own CUDA graph, with
+Python and eager launches between them).
+
+  torch.ops.megatron_dsv3.fp8_quantize(x, tiling)            (data, scales): the fused
+        quantizers of kernels/fp8_quantize.py ("1x128", "128x1" stored transposed, "128x128")
+  torch.ops.megatron_dsv3.fp8_gemm(a_data, a_scales, a_tiling, b_data, b_scales, b_tiling,
+                                   out_dtype)                A B^T (fp8/gemm.py's fp8_gemm)
+  torch.ops.megatron_dsv3.fp8_transposed_blocks(data, scales)
+        a 128x128-quantized W [N, K] as W^T [K, N] (fp8/gemm.py's transposed_blocks)
+
+Each is opaque to the compiler (its body runs as written: a Triton kernel or cuBLASLt on a
+GPU, the reference elsewhere) and has a fake implementation giving the output shapes, which
+is all tracing needs. They take and return plain tensors: an Fp8Tensor is (data, scales) and
+its tiling, passed as a string.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels.fp8_quantize import (quantize_1x128_fused, quantize_128x1_fused,
+                                    quantize_128x128_fused)
+from .gemm import fp8_gemm
+from .quantize import FP8_DTYPE, TILE, Fp8Tensor
+
+_QUANTIZERS = {"1x128": quantize_1x128_fused, "128x1": quantize_128x1_fused,
+               "128x128": quantize_128x128_fused}
+
+
+def _check_tiling(tiling: str) -> None:
+    if tiling not in _QUANTIZERS:
+        raise ValueError(f"fp8_quantize: tiling={tiling!r}; use one of {sorted(_QUANTIZERS)}")
+
+
+@torch.library.custom_op("megatron_dsv3::fp8_quantize", mutates_args=())
+def fp8_quantize(x: torch.Tensor, tiling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_tiling(tiling)
+    quantized = _QUANTIZERS[tiling](x)
+    return quantized.data, quantized.scales
+
+
+@fp8_quantize.register_fake
+def _(x: torch.Tensor, tiling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_tiling(tiling)
+    rows, cols = (x.shape[1], x.shape[0]) if tiling == "128x1" else tuple(x.shape)
+    tile_rows = TILE if tiling == "128x128" else 1
+    return (x.new_empty(rows, cols, dtype=FP8_DTYPE),
+            x.new_empty(-(-rows // tile_rows), -(-cols // TILE), dtype=torch.float32))
+
+
+@torch.library.custom_op("megatron_dsv3::fp8_gemm", mutates_args=())
+def fp8_gemm_op(a_data: torch.Tensor, a_scales: torch.Tensor, a_tiling: str,
+                b_data: torch.Tensor, b_scales: torch.Tensor, b_tiling: str,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    return fp8_gemm(Fp8Tensor(a_data, a_scales, a_tiling), Fp8Tensor(b_data, b_scales, b_tiling),
+                    out_dtype=out_dtype)
+
+
+@fp8_gemm_op.register_fake
+def _(a_data, a_scales, a_tiling, b_data, b_scales, b_tiling, out_dtype) -> torch.Tensor:
+    return a_data.new_empty(a_data.shape[0], b_data.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("megatron_dsv3::fp8_transposed_blocks", mutates_args=())
+def fp8_transposed_blocks(data: torch.Tensor, scales: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    Fp8Tensor(data, scales, "128x128")  # the checks
+    # copies (a custom operator's outputs may not alias its inputs, and .t() of a one-row
+    # tensor would already be contiguous): a 128x128 block of W is one of W^T
+    return (data.t().clone(memory_format=torch.contiguous_format),
+            scales.t().clone(memory_format=torch.contiguous_format))
+
+
+@fp8_transposed_blocks.register_fake
+def _(data: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return data.new_empty(data.shape[1], data.shape[0]), scales.new_empty(scales.shape[1],
+                                                                           scales.shape[0])

@@ -13,7 +13,8 @@
 # grouped  benchmarks/bench_fp8_grouped.py: the grouped FP8 expert GEMM against bf16
 #        torch._grouped_mm (64 experts x 384 tokens 2048 -> 1408, 32 x 1024 7168 -> 2048)
 # BENCH_ARGS: more flags for bench_fp8.py (--tune, --repeat N); BENCH_TIMEOUT (300 s).
-# Results: $OUT/<part>.log and bench_fp8.json (./gpu_out/fp8 without $OUT).
+# Results: bench_fp8.json, bench_fp8_grouped.json and the parts' logs packed into logs.tgz, in
+# $OUT (./gpu_out/fp8 without $OUT).
 set -uo pipefail
 PARTS=${*:-tests bench grouped}
 cd "$(dirname "$0")/.."
@@ -42,3 +43,4 @@ for p in $PARTS; do
   echo "== $p: rc=$? in $((SECONDS - start)) s"
   tail -n 14 "$DIR/$p.log"
 done
+pack_logs "$DIR"

@@ -8,8 +8,10 @@
 #
 # bench_proxy.py on the proxy preset (bf16 parameters, compiled modules with CUDA graphs, 4,096
 # tokens): ours in BF16 with torchtitan compiled in BF16 and with torchao's rowwise float8
-# (TT_FP8=rowwise), then ours in FP8 (--fp8 deepseek; proxy's 10944-wide dense FFN in BF16).
-# Results: $OUT/bf16.json, $OUT/fp8.json and their logs (./gpu_out/fp8_proxy without $OUT).
+# (TT_FP8=rowwise), then ours in FP8 (--fp8 deepseek; proxy's 10944-wide dense FFN in BF16),
+# and once more with the routed experts in BF16 (--fp8-layers attention,shared_experts,dispatch).
+# Results: $OUT/bf16.json, fp8.json, fp8_dense.json, their logs packed into logs.tgz
+# (./gpu_out/fp8_proxy without $OUT).
 # convergence: benchmarks/fp8_convergence.py, the main job on proxy in BF16 and in FP8 for
 # CONVERGENCE_STEPS (300) steps of 2 x 4,096 tokens from the same seed: both loss curves in
 # $OUT/convergence/fp8_convergence.png, the last 50 steps' relative distance and each run's
@@ -36,6 +38,12 @@ for part in ${*:-bench convergence}; do
       timeout 240 python3 benchmarks/bench_proxy.py --steps 10 --warmup 4 --fp8 deepseek \
         --json-out "$DIR/fp8.json" > "$DIR/fp8.log" 2>&1
       echo "== fp8: rc=$? in $((SECONDS - start)) s"; grep -E "^ours|Error" "$DIR/fp8.log" | tail -n 3
+      start=$SECONDS  # the routed experts in BF16 (our grouped FP8 GEMM is slower than BF16's)
+      timeout 240 python3 benchmarks/bench_proxy.py --steps 10 --warmup 4 --fp8 deepseek \
+        --fp8-layers attention,shared_experts,dispatch --json-out "$DIR/fp8_dense.json" \
+        > "$DIR/fp8_dense.log" 2>&1
+      echo "== fp8, routed experts bf16: rc=$? in $((SECONDS - start)) s"
+      grep -E "^ours|Error" "$DIR/fp8_dense.log" | tail -n 3
       ;;
     convergence)
       start=$SECONDS
@@ -47,3 +55,4 @@ for part in ${*:-bench convergence}; do
     *) echo "unknown part $part: choose from bench convergence" >&2; exit 2 ;;
   esac
 done
+pack_logs "$DIR"

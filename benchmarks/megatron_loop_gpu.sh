@@ -5,7 +5,8 @@
 #   bash benchmarks/megatron_loop_gpu.sh               # every part
 #   bash benchmarks/megatron_loop_gpu.sh tiny resume   # some of them
 #
-# Parts (each under its own `timeout`; logs in $OUT, ./gpu_out/megatron_loop without $OUT):
+# Parts (each under its own `timeout`; their logs packed into $OUT/logs.tgz at the end,
+# ./gpu_out/megatron_loop without $OUT):
 #   tiny     the tiny preset, 20 of 30 iterations (--exit-interval 20) with Megatron's
 #            distributed optimizer, a distributed checkpoint saved at iteration 10 and 20
 #   resume   (after tiny) the same command again with --train-iters 30: resumes at 20
@@ -173,3 +174,4 @@ PY
        exit 2 ;;
   esac
 done
+pack_logs "$DIR"

@@ -56,9 +56,11 @@ from megatron_dsv3.kernels.fp8_quantize import quantize_1x128_fused
 # (experts, tokens per expert, K, N)
 PROBLEMS = ((64, 384, 2048, 1408), (32, 1024, 7168, 2048))
 
-CANDIDATES = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-              for m, n in ((128, 128), (64, 128), (128, 64), (128, 256))
-              for w in (4, 8) for s in (3, 4)]
+CANDIDATES = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "SCHEDULE": order}
+              for (m, n), orders in (((128, 128), ("rows", "experts")),
+                                     ((64, 128), ("rows", "experts")),
+                                     ((128, 64), ("rows",)), ((128, 256), ("rows",)))
+              for order in orders for w in (4, 8) for s in (3, 4)]
 
 
 def uneven_group_ends(experts: int, tokens: int, device: torch.device,

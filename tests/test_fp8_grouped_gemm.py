@@ -10,7 +10,8 @@ Triton kernel (kernels/fp8_grouped_gemm.py) in Triton's interpreter.
     others' scales as they were, with N not a multiple of 128);
   * the kernel in Triton's interpreter (a fresh process) against the emulation on the same
     operands: forward and input gradient, the default launch config (tiles of 128 rows that
-    straddle expert boundaries) and 32 x 128 tiles (an expert over several tiles, a tile over
+    straddle expert boundaries), the forward with tiles over each expert's rows
+    (SCHEDULE="experts"), and 32 x 128 tiles (an expert over several tiles, a tile over
     several experts, an empty expert inside a tile), padding rows, one expert, fp16 output;
     the output buffer is poisoned with NaN first, so an element the kernel does not write
     fails. The interpreter runs the FP8 tl.dot itself: it converts the E4M3 operands to fp16
@@ -18,7 +19,8 @@ Triton kernel (kernels/fp8_grouped_gemm.py) in Triton's interpreter.
     mask and scale logic is what is compared; within FP32_REORDER (a different summation
     order). Hopper's narrower FP8 accumulator is tests/test_gpu_fp8_grouped.py's business;
   * the kernel compiles for Hopper (sm_90) on this GPU-less machine, as the JIT would for the
-    benchmark's operands (pointers and row strides 16-byte aligned): FP8 wgmma and a K loop
+    benchmark's operands (pointers and row strides 16-byte aligned), with either schedule of
+    M tiles (over all rows; over each expert's rows): FP8 wgmma and a K loop
     software-pipelined with asynchronous copies (3 stages, 96 KiB of shared memory);
   * the CPU dispatch (fp8_grouped_gemm) is the emulation; bad inputs raise naming the argument.
 Fresh random inputs each run; the seed is in every failure message.
@@ -165,11 +167,13 @@ _INTERPRETED = textwrap.dedent("""
         dy = torch.randn(rows, 128) * 1e-3
         wq = quantize_128x128_grouped(torch.randn(len(counts), N, K) * 0.05)
         wq_dgrad = quantize_128x128_grouped(torch.randn(len(counts), 128, N) * 0.05)
-        for gemm, a, b in (("forward", quantize_1x128(x), wq),
-                           ("input grad", quantize_1x128(dy),
-                            transposed_blocks_grouped(wq_dgrad))):
-            name = f"seed {seed}, {case}, {gemm}"
-            got = launch_fp8_grouped_gemm(a, b, ends, config=config)
+        for gemm, a, b, schedule in (
+                ("forward", quantize_1x128(x), wq, "rows"),
+                ("input grad", quantize_1x128(dy), transposed_blocks_grouped(wq_dgrad), "rows"),
+                ("forward", quantize_1x128(x), wq, "experts")):
+            name = f"seed {seed}, {case}, {gemm}, tiles over the {schedule}"
+            got = launch_fp8_grouped_gemm(a, b, ends,
+                                          config={**(config or {}), "SCHEDULE": schedule})
             want = fp8_grouped_gemm_emulated(a, b, ends)
             assert not got.isnan().any(), name + ": every output element written"
             # tolerance.FP32_REORDER: the same FP8 products, sums reordered
@@ -186,7 +190,8 @@ def test_kernel_in_triton_interpreter_matches_the_emulation():
     assert_ok_in_triton_interpreter(_INTERPRETED)
 
 
-def test_kernel_compiles_for_hopper_to_pipelined_fp8_wgmma():
+@pytest.mark.parametrize("schedule", ["rows", "experts"])
+def test_kernel_compiles_for_hopper_to_pipelined_fp8_wgmma(schedule):
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -201,7 +206,8 @@ def test_kernel_compiles_for_hopper_to_pipelined_fp8_wgmma():
     # what the JIT specialises for contiguous torch operands with K, N multiples of 16
     unit_strides = ("stride_ak", "stride_ask", "stride_bk", "stride_bsk", "stride_on")
     constexprs = {"BLOCK_M": LAUNCH_CONFIG["BLOCK_M"], "BLOCK_N": LAUNCH_CONFIG["BLOCK_N"],
-                  "TILE": 128, "E_POW2": 64, **dict.fromkeys(unit_strides, 1)}
+                  "TILE": 128, "E_POW2": 64, "PER_EXPERT": schedule == "experts",
+                  **dict.fromkeys(unit_strides, 1)}
     pointers = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scales_ptr": "*fp32",
                 "b_scales_ptr": "*fp32", "ends_ptr": "*i32", "out_ptr": "*bf16"}
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
@@ -251,3 +257,8 @@ def test_bad_inputs_raise_naming_the_argument_and_the_fix():
         quantize_128x128_grouped(w[0])
     with pytest.raises(ValueError, match=r"scales: fp32 of shape \(5, 2, 2\)"):
         Fp8GroupedTensor(b.data, b.scales[:, :1])
+
+    a128 = quantize_1x128(torch.randn(ends[-1].item(), 128))
+    b128 = quantize_128x128_grouped(torch.randn(len(ends), 32, 128))
+    with pytest.raises(ValueError, match=r"SCHEDULE='tiles'; use one of \('rows', 'experts'\)"):
+        launch_fp8_grouped_gemm(a128, b128, ends, config={"SCHEDULE": "tiles"})

@@ -20,6 +20,13 @@ tile across a boundary runs it once per expert it touches (its other rows masked
 core work, at most one extra tile per boundary). Empty experts are skipped. Rows past the
 last end are stored as zeros.
 
+SCHEDULE="experts" (a launch option) tiles each expert's rows on their own instead: program
+slot t is tile j of the expert whose tiles hold it (each expert ceil(n_e / BLOCK_M) tiles from
+its first row, found on the device from the ends' running tile counts), so no tile spans two
+experts and none runs the K loop twice; the slots after the experts' tiles store the zero rows
+past the last end. Rows start where an expert starts, which keeps the loads aligned: a row of
+a is K bytes, K a multiple of 128.
+
 The K loop is the promotion: for each 128-wide K block kb
     acc += tl.dot(a[rows, kb], b_e[cols, kb]^T)  (FP8 inputs, FP32 result)
            * a_scale[rows, kb][:, None] * b_scale[e, cols // 128, kb][None, :]
@@ -56,9 +63,12 @@ except ImportError:  # the emulation (CPU machines without Triton)
     triton = None
 
 # Launch parameters: BLOCK_M rows x BLOCK_N output columns per program (K is walked 128 at a
-# time: the promotion's block); num_warps / num_stages as Triton takes them. `config` of
+# time: the promotion's block); num_warps / num_stages as Triton takes them; SCHEDULE how M
+# tiles are laid (module docstring; "experts" unmeasured on a GPU yet). `config` of
 # launch_fp8_grouped_gemm overrides them (keys as here).
-LAUNCH_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+LAUNCH_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3,
+                 "SCHEDULE": "rows"}
+SCHEDULES = ("rows", "experts")  # M tiles over all rows / over each expert's rows
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -71,6 +81,32 @@ def launch_config(config: dict | None) -> dict:
 if triton is not None:
 
     @triton.jit
+    def _expert_rows_times_weight(
+            a_ptr, a_scales_ptr, b_ptr, b_scales_ptr, out_tile, e, in_e, rows, cols, in_n, K,
+            stride_am, stride_ak, stride_asm, stride_ask, stride_be, stride_bn, stride_bk,
+            stride_bse, stride_bsn, stride_bsk,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr):
+        """The rows `in_e` of this tile (expert e's) times W_e^T, the K loop promoting each
+        128-wide block, stored into out_tile."""
+        ks = tl.arange(0, TILE)
+        a_rows = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
+        b_cols = (b_ptr + tl.cast(e, tl.int64) * stride_be + cols[:, None] * stride_bn
+                  + ks[None, :] * stride_bk)
+        a_scale_rows = a_scales_ptr + rows * stride_asm
+        b_scale_cols = (b_scales_ptr + tl.cast(e, tl.int64) * stride_bse
+                        + (cols // TILE) * stride_bsn)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for kb in range(tl.cdiv(K, TILE)):
+            a = tl.load(a_rows + kb * TILE * stride_ak, mask=in_e[:, None], other=0.0)
+            b = tl.load(b_cols + kb * TILE * stride_bk, mask=in_n[:, None], other=0.0)
+            a_scale = tl.load(a_scale_rows + kb * stride_ask, mask=in_e, other=0.0)
+            b_scale = tl.load(b_scale_cols + kb * stride_bsk, mask=in_n, other=0.0)
+            # the promotion: this block's FP32 sum, scaled in FP32
+            acc += tl.dot(a, tl.trans(b)) * a_scale[:, None] * b_scale[None, :]
+        tl.store(out_tile, acc.to(out_tile.dtype.element_ty),
+                 mask=in_e[:, None] & in_n[None, :])
+
+    @triton.jit
     def _fp8_grouped_gemm_kernel(
             a_ptr, a_scales_ptr, b_ptr, b_scales_ptr, ends_ptr, out_ptr,   # pointers
             M, N, K, E,                                                    # sizes
@@ -79,54 +115,65 @@ if triton is not None:
             stride_bse, stride_bsn, stride_bsk,                            # [E, N/128, K/128]
             stride_om, stride_on,                                          # out [M, N]
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr,
-            E_POW2: tl.constexpr):
+            E_POW2: tl.constexpr, PER_EXPERT: tl.constexpr):
         pid = tl.program_id(0)
         n_tiles = tl.cdiv(N, BLOCK_N)
-        tile_m, tile_n = pid // n_tiles, pid % n_tiles  # N fastest: one expert's tiles together
-        first_row = tile_m * BLOCK_M
-        last_row = tl.minimum(first_row + BLOCK_M, M) - 1
-        rows = (first_row + tl.arange(0, BLOCK_M)).to(tl.int64)
+        slot, tile_n = pid // n_tiles, pid % n_tiles  # N fastest: one expert's tiles together
         cols = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         in_n = cols < N
-
-        # The experts of this tile: expert e owns the rows r with ends[e-1] <= r < ends[e], so
-        # the expert of row r is the number of ends at or before r (E: past the last end).
         experts = tl.arange(0, E_POW2)
-        ends = tl.load(ends_ptr + experts, mask=experts < E, other=0)
         counted = experts < E
-        first_expert = tl.sum(((ends <= first_row) & counted).to(tl.int32))
-        last_expert = tl.minimum(tl.sum(((ends <= last_row) & counted).to(tl.int32)), E - 1)
-
-        out_tile = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+        ends = tl.load(ends_ptr + experts, mask=counted, other=0)
         total = tl.load(ends_ptr + E - 1)
-        unowned = (rows >= total) & (rows < M)  # padding rows past the last end: zeros
-        tl.store(out_tile, tl.zeros((BLOCK_M, BLOCK_N), tl.float32).to(out_ptr.dtype.element_ty),
-                 mask=unowned[:, None] & in_n[None, :])
-
-        k_blocks = tl.cdiv(K, TILE)
-        ks = tl.arange(0, TILE)
-        for e in range(first_expert, last_expert + 1):
-            start = tl.load(ends_ptr + tl.maximum(e - 1, 0))
-            start = tl.where(e > 0, start, 0)
-            end = tl.load(ends_ptr + e)
-            if end > start:  # an empty expert owns no row
-                in_e = (rows >= start) & (rows < end) & (rows < M)
-                a_rows = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
-                b_cols = (b_ptr + tl.cast(e, tl.int64) * stride_be + cols[:, None] * stride_bn
-                          + ks[None, :] * stride_bk)
-                a_scale_rows = a_scales_ptr + rows * stride_asm
-                b_scale_cols = (b_scales_ptr + tl.cast(e, tl.int64) * stride_bse
-                                + (cols // TILE) * stride_bsn)
-                acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-                for kb in range(k_blocks):
-                    a = tl.load(a_rows + kb * TILE * stride_ak, mask=in_e[:, None], other=0.0)
-                    b = tl.load(b_cols + kb * TILE * stride_bk, mask=in_n[:, None], other=0.0)
-                    a_scale = tl.load(a_scale_rows + kb * stride_ask, mask=in_e, other=0.0)
-                    b_scale = tl.load(b_scale_cols + kb * stride_bsk, mask=in_n, other=0.0)
-                    # the promotion: this block's FP32 sum, scaled in FP32
-                    acc += tl.dot(a, tl.trans(b)) * a_scale[:, None] * b_scale[None, :]
-                tl.store(out_tile, acc.to(out_ptr.dtype.element_ty),
-                         mask=in_e[:, None] & in_n[None, :])
+        if PER_EXPERT:
+            # expert e's tiles: ceil(n_e / BLOCK_M) from its first row; slot t is tile
+            # t - first_tile[e] of the expert whose tiles hold it
+            starts = tl.load(ends_ptr + experts - 1, mask=counted & (experts > 0), other=0)
+            tiles = tl.cdiv(ends - starts, BLOCK_M)
+            tile_ends = tl.cumsum(tiles, 0)
+            e = tl.sum(((tile_ends <= slot) & counted).to(tl.int32))
+            if e < E:
+                start = tl.sum(tl.where(experts == e, starts, 0))
+                end = tl.sum(tl.where(experts == e, ends, 0))
+                first_tile = tl.sum(tl.where(experts == e, tile_ends - tiles, 0))
+                rows = (start + (slot - first_tile) * BLOCK_M
+                        + tl.arange(0, BLOCK_M)).to(tl.int64)
+                _expert_rows_times_weight(
+                    a_ptr, a_scales_ptr, b_ptr, b_scales_ptr,
+                    out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, e,
+                    rows < end, rows, cols, in_n, K, stride_am, stride_ak, stride_asm,
+                    stride_ask, stride_be, stride_bn, stride_bk, stride_bse, stride_bsn,
+                    stride_bsk, BLOCK_M, BLOCK_N, TILE)
+            else:  # the slots after the experts' tiles: the rows past the last end, zeros
+                rows = (total + (slot - tl.sum(tl.where(counted, tiles, 0))) * BLOCK_M
+                        + tl.arange(0, BLOCK_M)).to(tl.int64)
+                tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+                         tl.zeros((BLOCK_M, BLOCK_N), tl.float32).to(
+                             out_ptr.dtype.element_ty),
+                         mask=(rows < M)[:, None] & in_n[None, :])
+        else:
+            first_row = slot * BLOCK_M
+            last_row = tl.minimum(first_row + BLOCK_M, M) - 1
+            rows = (first_row + tl.arange(0, BLOCK_M)).to(tl.int64)
+            # The experts of this tile: expert e owns the rows r with ends[e-1] <= r < ends[e],
+            # so the expert of row r is the number of ends at or before r (E: past the last).
+            first_expert = tl.sum(((ends <= first_row) & counted).to(tl.int32))
+            last_expert = tl.minimum(tl.sum(((ends <= last_row) & counted).to(tl.int32)),
+                                     E - 1)
+            out_tile = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+            unowned = (rows >= total) & (rows < M)  # padding rows past the last end: zeros
+            tl.store(out_tile, tl.zeros((BLOCK_M, BLOCK_N), tl.float32).to(
+                out_ptr.dtype.element_ty), mask=unowned[:, None] & in_n[None, :])
+            for e in range(first_expert, last_expert + 1):
+                start = tl.load(ends_ptr + tl.maximum(e - 1, 0))
+                start = tl.where(e > 0, start, 0)
+                end = tl.load(ends_ptr + e)
+                if end > start:  # an empty expert owns no row
+                    _expert_rows_times_weight(
+                        a_ptr, a_scales_ptr, b_ptr, b_scales_ptr, out_tile, e,
+                        (rows >= start) & (rows < end) & (rows < M), rows, cols, in_n, K,
+                        stride_am, stride_ak, stride_asm, stride_ask, stride_be, stride_bn,
+                        stride_bk, stride_bse, stride_bsn, stride_bsk, BLOCK_M, BLOCK_N, TILE)
 
 
 def launch_fp8_grouped_gemm(a: Fp8Tensor, b: Fp8GroupedTensor, group_ends: torch.Tensor,
@@ -147,16 +194,23 @@ def launch_fp8_grouped_gemm(a: Fp8Tensor, b: Fp8GroupedTensor, group_ends: torch
                          f"{', '.join(map(str, OUT_DTYPES))}")
     launch = launch_config(config)
     out_MN = torch.empty(M, N, dtype=out_dtype, device=a.data.device)
+    schedule = launch.pop("SCHEDULE")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"launch config of the grouped FP8 GEMM: SCHEDULE={schedule!r}; use "
+                         f"one of {SCHEDULES}")
     if M and N:
         block_m, block_n = launch.pop("BLOCK_M"), launch.pop("BLOCK_N")
-        grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+        # "experts": at most ceil(M / BLOCK_M) + E tiles of the experts' rows and of the rows
+        # past the last end together (each expert's last tile may be partial)
+        m_slots = triton.cdiv(M, block_m) + (E if schedule == "experts" else 0)
+        grid = (m_slots * triton.cdiv(N, block_n),)
         _fp8_grouped_gemm_kernel[grid](
             a.data, a.scales, b.data, b.scales, group_ends, out_MN,
             M, N, K, E,
             *a.data.stride(), *a.scales.stride(), *b.data.stride(), *b.scales.stride(),
             *out_MN.stride(),
             BLOCK_M=block_m, BLOCK_N=block_n, TILE=TILE, E_POW2=triton.next_power_of_2(E),
-            **launch)
+            PER_EXPERT=schedule == "experts", **launch)
     return out_MN
 
 

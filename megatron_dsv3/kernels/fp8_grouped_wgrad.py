@@ -19,7 +19,7 @@ tile of each expert (`_expert_tiles`).
 The quantizer: programs over (T tile slots, I blocks), T = ceil(N/128) + E. Slot t below the
 experts' tile count is tile j = t - tile_start_e of the expert e whose tiles hold it: rows
 s_e + 128 j .. min(s_e + 128 (j + 1), t_e). A program loads [those rows] x [BLOCK_I columns],
-takes each column's amax, scale and reciprocal (kernels/fp8_quantize.py's `_tile_scale` and
+takes each column's amax, scale and reciprocal (kernels/fp8_quantize.py's `_amax_scale` and
 `_to_fp8`: the convention, bit for bit), and stores the data transposed, x^T [I, N], and the
 scales [I, T]. The slots after the experts' tiles cover the rows past the last end, 128 at a
 time: nothing is loaded, so their data are stored as 0 and their scale is 2^-126 (an all-zero
@@ -90,9 +90,7 @@ def launch_config(kernel: str, config: dict | None) -> dict:
 
 
 if triton is not None:
-    from megatron_dsv3.kernels.fp8_quantize import _tile_scale, _to_fp8
-
-    _FP32_MAX = tl.constexpr(torch.finfo(torch.float32).max)
+    from megatron_dsv3.kernels.fp8_quantize import _amax_scale, _to_fp8
 
     @triton.jit
     def _expert_tiles(ends_ptr, E, E_POW2: tl.constexpr, TILE: tl.constexpr):
@@ -150,9 +148,7 @@ if triton is not None:
         x = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :] * stride_xi,
                     mask=(rows < load_end)[:, None] & in_i[None, :],
                     other=0.0).to(tl.float32)                                # [TILE, BLOCK_I]
-        finite = (tl.abs(x) <= _FP32_MAX).to(tl.int32)                       # NaN compares false
-        scale = _tile_scale(tl.max(tl.abs(x), axis=0), tl.min(finite, axis=0) == 1,
-                            POW2_SCALES)                                     # [BLOCK_I]
+        scale = _amax_scale(x, 0, POW2_SCALES)                               # [BLOCK_I]
         data_t = tl.trans(_to_fp8(x, scale[None, :]))                        # [BLOCK_I, TILE]
         if (first_row % 16 == 0) & (store_end % 16 == 0):  # 16-byte stores
             # the same rows as new values that the compiler sees are multiples of 16 (hints

@@ -74,7 +74,6 @@ def launch_config(kernel: str, config: dict | None) -> dict:
 
 if triton is not None:
     _FP8_MAX = tl.constexpr(FP8_E4M3_MAX)
-    _FP32_MAX = tl.constexpr(torch.finfo(torch.float32).max)
     _MIN_SCALE = tl.constexpr(MIN_SCALE)
     _FP32_MANTISSA_MASK = tl.constexpr((1 << 23) - 1)
 
@@ -91,10 +90,21 @@ if triton is not None:
         return tl.where(all_finite, scale, float("nan"))
 
     @triton.jit
+    def _amax_scale(x, axis, POW2_SCALES: tl.constexpr):
+        """The scale of the tile(s) of x along `axis` (None: the whole block): _tile_scale of
+        max |x|, NaN for a tile holding inf or NaN. Finiteness as a sum of x * 0, which is 0
+        for finite x and NaN for inf or NaN (a fused multiply-add per element, where a
+        comparison per element and a min over them took three instructions)."""
+        amax = tl.max(tl.abs(x), axis)
+        return _tile_scale(amax, tl.sum(x * 0.0, axis) == 0.0, POW2_SCALES)
+
+    @triton.jit
     def _to_fp8(x, scale):
-        """cast(clamp(x * (1 / scale))): one correctly rounded division per scale, then a
-        multiplication per element (fp8/quantize.py's convention)."""
-        scaled = tl.clamp(x * tl.math.div_rn(1.0, scale), -_FP8_MAX, _FP8_MAX)
+        """cast(x * (1 / scale)): one correctly rounded division per scale, then a
+        multiplication per element (fp8/quantize.py's convention). The reference's clamp to
+        +-448 is left to the cast, which saturates (cvt.rn.satfinite): the same bits, since
+        x * (1 / scale) exceeds 448 by rounding only, and one instruction less per element."""
+        scaled = x * tl.math.div_rn(1.0, scale)
         return scaled.to(tl.float8e4nv, fp_downcast_rounding="rtne")
 
     # The kernels take one tile-aligned block each and index in int64: a strided view's
@@ -107,9 +117,7 @@ if triton is not None:
         in_x = (rows[:, None] < M) & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=in_x,
                     other=0.0).to(tl.float32)                                # [rows, TILE]
-        finite = (tl.abs(x) <= _FP32_MAX).to(tl.int32)                       # NaN compares false
-        scale = _tile_scale(tl.max(tl.abs(x), axis=1), tl.min(finite, axis=1) == 1,
-                            POW2_SCALES)                                     # [rows]
+        scale = _amax_scale(x, 1, POW2_SCALES)                               # [rows]
         tl.store(data_ptr + rows[:, None] * K + cols[None, :], _to_fp8(x, scale[:, None]),
                  mask=in_x)
         tl.store(scales_ptr + rows * tl.cdiv(K, TILE) + tile_k, scale, mask=rows < M)
@@ -123,9 +131,7 @@ if triton is not None:
         in_x = (rows[:, None] < M) & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=in_x,
                     other=0.0).to(tl.float32)                                # [TILE, cols]
-        finite = (tl.abs(x) <= _FP32_MAX).to(tl.int32)
-        scale = _tile_scale(tl.max(tl.abs(x), axis=0), tl.min(finite, axis=0) == 1,
-                            POW2_SCALES)                                     # [cols]
+        scale = _amax_scale(x, 0, POW2_SCALES)                               # [cols]
         data_t = tl.trans(_to_fp8(x, scale[None, :]))                        # [cols, TILE]
         tl.store(data_t_ptr + cols[:, None] * M + rows[None, :], data_t, mask=tl.trans(in_x))
         tl.store(scales_ptr + cols * tl.cdiv(M, TILE) + tile_m, scale, mask=cols < K)
@@ -165,8 +171,7 @@ if triton is not None:
         in_w = (rows[:, None] < N) & (cols[None, :] < K)
         w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=in_w,
                     other=0.0).to(tl.float32)                                # [TILE, TILE]
-        finite = (tl.abs(w) <= _FP32_MAX).to(tl.int32)
-        scale = _tile_scale(tl.max(tl.abs(w)), tl.min(finite) == 1, POW2_SCALES)  # scalar
+        scale = _amax_scale(w, None, POW2_SCALES)                            # scalar
         tl.store(data_ptr + rows[:, None] * K + cols[None, :], _to_fp8(w, scale), mask=in_w)
         tl.store(scales_ptr + tile_n * tl.cdiv(K, TILE) + tile_k, scale)
 

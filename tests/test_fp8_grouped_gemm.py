@@ -11,7 +11,7 @@ Triton kernel (kernels/fp8_grouped_gemm.py) in Triton's interpreter.
   * the kernel in Triton's interpreter (a fresh process) against the emulation on the same
     operands: forward and input gradient, the default launch config (tiles of 128 rows that
     straddle expert boundaries), the forward with tiles over each expert's rows
-    (SCHEDULE="experts"), and 32 x 128 tiles (an expert over several tiles, a tile over
+    (SCHEDULE="experts"), 32 x 256 tiles (a weight block's scale per column), and 32 x 128 tiles (an expert over several tiles, a tile over
     several experts, an empty expert inside a tile), padding rows, one expert, fp16 output;
     the output buffer is poisoned with NaN first, so an element the kernel does not write
     fails. The interpreter runs the FP8 tl.dot itself: it converts the E4M3 operands to fp16
@@ -159,6 +159,8 @@ _INTERPRETED = textwrap.dedent("""
             [50, 3, 0, 9, 40], 5, {"BLOCK_M": 32, "num_warps": 4}, 128, 96),
         "one expert, no padding, 64-column tiles": (
             [45], 0, {"BLOCK_M": 32, "BLOCK_N": 64}, 128, 96),
+        "256-column tiles over two weight blocks (a scale per column)": (
+            [20, 0, 13], 3, {"BLOCK_M": 32, "BLOCK_N": 256}, 128, 160),
     }
     for case, (counts, padding, config, K, N) in CASES.items():
         rows = sum(counts) + padding

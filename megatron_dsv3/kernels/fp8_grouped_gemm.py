@@ -87,7 +87,10 @@ if triton is not None:
             stride_bse, stride_bsn, stride_bsk,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr):
         """The rows `in_e` of this tile (expert e's) times W_e^T, the K loop promoting each
-        128-wide block, stored into out_tile."""
+        128-wide block, stored into out_tile. Where BLOCK_N divides 128 the tile's columns lie
+        in one 128-row block of W_e, whose scale is one number per K block: the promotion is
+        then one fused multiply-add per element (acc += partial * (a_scale * b_scale)), which
+        matters because it waits for each block's tensor-core result."""
         ks = tl.arange(0, TILE)
         a_rows = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
         b_cols = (b_ptr + tl.cast(e, tl.int64) * stride_be + cols[:, None] * stride_bn
@@ -95,14 +98,21 @@ if triton is not None:
         a_scale_rows = a_scales_ptr + rows * stride_asm
         b_scale_cols = (b_scales_ptr + tl.cast(e, tl.int64) * stride_bse
                         + (cols // TILE) * stride_bsn)
+        b_scale_block = (b_scales_ptr + tl.cast(e, tl.int64) * stride_bse
+                         + (tl.min(cols, 0) // TILE) * stride_bsn)  # the tile's first column's
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for kb in range(tl.cdiv(K, TILE)):
             a = tl.load(a_rows + kb * TILE * stride_ak, mask=in_e[:, None], other=0.0)
             b = tl.load(b_cols + kb * TILE * stride_bk, mask=in_n[:, None], other=0.0)
             a_scale = tl.load(a_scale_rows + kb * stride_ask, mask=in_e, other=0.0)
-            b_scale = tl.load(b_scale_cols + kb * stride_bsk, mask=in_n, other=0.0)
-            # the promotion: this block's FP32 sum, scaled in FP32
-            acc += tl.dot(a, tl.trans(b)) * a_scale[:, None] * b_scale[None, :]
+            # the promotion: this block's FP32 sum, scaled in FP32 (the emulation's order:
+            # the two scales' product first)
+            if TILE % BLOCK_N == 0:  # one block of W across the tile: one scale
+                b_scale = tl.load(b_scale_block + kb * stride_bsk)
+                acc += tl.dot(a, tl.trans(b)) * (a_scale * b_scale)[:, None]
+            else:
+                b_scale = tl.load(b_scale_cols + kb * stride_bsk, mask=in_n, other=0.0)
+                acc += tl.dot(a, tl.trans(b)) * (a_scale[:, None] * b_scale[None, :])
         tl.store(out_tile, acc.to(out_tile.dtype.element_ty),
                  mask=in_e[:, None] & in_n[None, :])
 

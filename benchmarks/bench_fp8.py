@@ -12,8 +12,9 @@ Quantizers, on a [tokens, 7168] bf16 activation and a [7168, 2048] bf16 weight: 
 kernel's time and bandwidth (2 bytes read, 1 written per element, plus the fp32 scales) against
 a bf16 copy of the same tensor (2 read, 2 written), the memory ceiling; the target is 80% of it.
 Linear, for each (K, N) of the issue's table at `--tokens` rows: forward + backward of
-fp8_linear (three FP8 GEMMs, quantizers included; and again with W's blocks computed once, as
-inside a training step's weights_fixed()) against torch.nn.functional.linear in bf16,
+fp8_linear (three FP8 GEMMs, quantizers included; again with W's blocks computed once, as
+inside a training step's weights_fixed(); and on a GPU compiled with CUDA graphs, as a compiled
+module runs it) against torch.nn.functional.linear in bf16,
 and the forward GEMM alone (fp8_gemm on quantized operands) against the bf16 matmul. The
 speedups are the ratios of the two in the same run.
 """
@@ -138,6 +139,16 @@ def linear_rows(tokens: int, shrink: int, repeat: int, device: torch.device) -> 
         with weights_fixed():  # as in a training step: W's blocks quantized once, then reused
             row["fp8_fwd_bwd_w_fixed_s"] = mean_seconds(lambda: step(fp8_linear), repeat, device)
         row["w_fixed_speedup"] = round(row["bf16_fwd_bwd_s"] / row["fp8_fwd_bwd_w_fixed_s"], 3)
+        if device.type == "cuda":  # traced from the custom operators, replayed as CUDA graphs
+            compiled = torch.compile(lambda x_, w_: fp8_linear(x_, w_), mode="reduce-overhead",
+                                     dynamic=False)
+            try:
+                row["fp8_compiled_fwd_bwd_s"] = mean_seconds(lambda: step(compiled), repeat,
+                                                             device)
+                row["compiled_speedup"] = round(
+                    row["bf16_fwd_bwd_s"] / row["fp8_compiled_fwd_bwd_s"], 3)
+            except Exception as err:  # noqa: BLE001  recorded, the other rows still measured
+                row["fp8_compiled_error"] = f"{type(err).__name__}: {err}"[:400]
         if torchao is not None:
             row["torchao_fwd_bwd_s"] = mean_seconds(lambda: step(torchao), repeat, device)
             row["torchao_speedup"] = round(row["bf16_fwd_bwd_s"] / row["torchao_fwd_bwd_s"], 3)
@@ -146,7 +157,7 @@ def linear_rows(tokens: int, shrink: int, repeat: int, device: torch.device) -> 
         rows.append(row)
         print(f"{k:6d} x {n:6d}: fwd+bwd bf16 {row['bf16_fwd_bwd_s'] * 1e3:7.3f} ms, fp8 "
               f"{row['fp8_fwd_bwd_s'] * 1e3:7.3f} ms x{row['fwd_bwd_speedup']} (W fixed "
-              f"x{row['w_fixed_speedup']}) | GEMM "
+              f"x{row['w_fixed_speedup']}, compiled x{row.get('compiled_speedup', '-')}) | GEMM "
               f"x{row['gemm_speedup']} ({row['fp8_gemm_tflops']} TFLOP/s) | torchao "
               f"x{row.get('torchao_speedup', '-')}", file=sys.stderr, flush=True)
     return rows

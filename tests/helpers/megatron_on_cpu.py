@@ -1,30 +1,30 @@
-"""Megatron-Core's DistributedDataParallel and DistributedOptimizer on the CPU, in a child
-process (one rank, gloo).
+"""Megatron-Core's DistributedDataParallel and DistributedOptimizer on the CPU, in a process of
+its own (one rank, gloo: run_gloo's, forked from a server that has imported torch and Megatron).
 
 Megatron-Core 0.19.2 builds them for CUDA only (tensors made with device="cuda", a check of
-`param.type()` for "torch.cuda.*", CUDA streams around the gradient reduction); the child runs
+`param.type()` for "torch.cuda.*", CUDA streams around the gradient reduction); the rank runs
 them on the CPU under a TorchFunctionMode that moves those tensors to the CPU and with the
-stream calls made no-ops. A test gives the body of the child's `main()` (after the prelude:
-torch and the distributed group are ready, Megatron's DDP / optimizer classes imported); the
-child prints "ok" when every assertion held.
+stream calls made no-ops. A test gives a body of code, run after that set-up with torch, the
+distributed group and Megatron's DDP classes at hand (DDP, DistributedDataParallelConfig,
+TransformerConfig, MegatronModule); an assertion failing in it fails the test with the rank's
+traceback.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import contextlib
 import textwrap
-from pathlib import Path
 
-_PRELUDE = '''
-import contextlib, os, sys, tempfile
 import torch
 from torch.overrides import TorchFunctionMode
+
+from helpers.gloo import run_gloo
+
 
 class _NoStream:
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
+
 
 class _OnCpu(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -37,7 +37,8 @@ class _OnCpu(TorchFunctionMode):
             return args[0]
         return func(*args, **kwargs)
 
-def main():
+
+def _rank(rank: int, world_size: int, body: str) -> str:
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.current_stream = lambda *args, **kwargs: _NoStream()
@@ -47,24 +48,18 @@ def main():
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.module import MegatronModule
+
     from megatron_dsv3.parallel import init_distributed
 
     init_distributed(backend="gloo")
-'''
+    scope = {"torch": torch, "DDP": DDP, "DistributedDataParallelConfig":
+             DistributedDataParallelConfig, "TransformerConfig": TransformerConfig,
+             "MegatronModule": MegatronModule}
+    exec(compile(textwrap.dedent(body), "<megatron_on_cpu body>", "exec"), scope)
+    return "done"
 
 
-def run_megatron_on_cpu(tmp_path: Path, body: str, timeout: int = 300) -> None:
-    """Run `body` (the rest of the child's main(), any indentation) after the prelude in a
-    fresh process of one rank; fail with its output unless it printed "ok" last."""
-    script = tmp_path / "megatron_child.py"
-    script.write_text(_PRELUDE + textwrap.indent(textwrap.dedent(body), "    ")
-                      + '\n\nif __name__ == "__main__":\n    main()\n')
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0", "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-           # the tests' helpers importable as in the tests (tests/ on the path)
-           "PYTHONPATH": os.pathsep.join(filter(None, (str(Path(__file__).parents[1]),
-                                                       os.environ.get("PYTHONPATH"))))}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    lines = done.stdout.strip().splitlines()
-    assert done.returncode == 0 and lines and lines[-1] == "ok", done.stdout + done.stderr[-4000:]
+def run_megatron_on_cpu(body: str, timeout_s: float = 300.0) -> None:
+    """Run `body` (code, any indentation) on one rank with Megatron's DDP usable on the CPU;
+    its failures fail the caller."""
+    assert run_gloo(_rank, 1, body, timeout_s=timeout_s) == ["done"]

@@ -17,7 +17,8 @@
 #   corrupt  (after resume) 4 KiB of random bytes written into the newest checkpoint's largest
 #            file, then a resume: it must stop with an error, not train on
 #   proxy    the proxy preset with MTP, 8 micro-batches of 4,096 tokens per iteration (our job's
-#            step), Megatron's per-iteration time
+#            step), Megatron's per-iteration time (pretrain's GPU defaults: compiled modules,
+#            the experts' weight gradients summed inside the GEMM, --expert-wgrad auto)
 #   job      our main job on the same preset and step (its GPU defaults): the ratio's baseline
 #   fp8      the tiny preset with every FP8 width a multiple of 128, 30 iterations with
 #            Megatron's --fp8-format e4m3 --fp8-recipe blockwise (our DeepSeek FP8 without TE),

@@ -38,8 +38,8 @@ def test_fp8_linear_quantizes_its_weight_once_per_step(monkeypatch):
     from megatron_dsv3.fp8 import linear
 
     seen = []
-    real = linear.quantize_128x128_fused
-    monkeypatch.setattr(linear, "quantize_128x128_fused",
+    real = linear.weight_blocks
+    monkeypatch.setattr(linear, "weight_blocks",
                         lambda w: seen.append(1) or real(w))
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     weight = torch.randn(256, 128, requires_grad=True)
@@ -62,8 +62,9 @@ def test_backward_transposes_the_weight_blocks_once_per_step_from_any_thread(mon
     from megatron_dsv3.fp8 import linear
 
     transposes = []
-    real = linear.transposed_blocks
-    monkeypatch.setattr(linear, "transposed_blocks", lambda w: transposes.append(1) or real(w))
+    real = linear.transposed_weight_blocks
+    monkeypatch.setattr(linear, "transposed_weight_blocks",
+                        lambda w: transposes.append(1) or real(w))
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     weight = torch.randn(256, 128, requires_grad=True)
     xs = [torch.randn(3, 128, requires_grad=True) for _ in range(2)]

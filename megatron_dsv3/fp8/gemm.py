@@ -36,11 +36,14 @@ _K_MAJOR_B = ("1x128", "128x1", "128x128")
 
 def transposed_blocks(w: Fp8Tensor) -> Fp8Tensor:
     """W [N, K] quantized in 128x128 blocks -> W^T [K, N] with the same blocks and scales
-    (a 128x128 block of W is one of W^T): the input-gradient GEMM's `b`."""
+    (a 128x128 block of W is one of W^T): the input-gradient GEMM's `b`. Always copies
+    (.t() of a one-row tensor would already be contiguous): fp8/ops.py's custom operator
+    returns these, and an operator's outputs may not alias its inputs."""
     if w.tiling != "128x128":
         raise ValueError(f"transposed_blocks: w.tiling={w.tiling!r}; only 128x128 blocks stay "
                          "blocks when transposed (quantize the transpose for other tilings)")
-    return Fp8Tensor(w.data.t().contiguous(), w.scales.t().contiguous(), "128x128")
+    return Fp8Tensor(w.data.t().clone(memory_format=torch.contiguous_format),
+                     w.scales.t().clone(memory_format=torch.contiguous_format), "128x128")
 
 
 def _row_scales(t: Fp8Tensor) -> torch.Tensor:

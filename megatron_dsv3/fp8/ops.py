@@ -21,7 +21,7 @@ import torch
 
 from ..kernels.fp8_quantize import (quantize_1x128_fused, quantize_128x1_fused,
                                     quantize_128x128_fused)
-from .gemm import fp8_gemm
+from .gemm import fp8_gemm, transposed_blocks
 from .quantize import FP8_DTYPE, TILE, Fp8Tensor
 
 _QUANTIZERS = {"1x128": quantize_1x128_fused, "128x1": quantize_128x1_fused,
@@ -65,11 +65,8 @@ def _(a_data, a_scales, a_tiling, b_data, b_scales, b_tiling, out_dtype) -> torc
 @torch.library.custom_op("megatron_dsv3::fp8_transposed_blocks", mutates_args=())
 def fp8_transposed_blocks(data: torch.Tensor, scales: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    Fp8Tensor(data, scales, "128x128")  # the checks
-    # copies (a custom operator's outputs may not alias its inputs, and .t() of a one-row
-    # tensor would already be contiguous): a 128x128 block of W is one of W^T
-    return (data.t().clone(memory_format=torch.contiguous_format),
-            scales.t().clone(memory_format=torch.contiguous_format))
+    w_T = transposed_blocks(Fp8Tensor(data, scales, "128x128"))
+    return w_T.data, w_T.scales
 
 
 @fp8_transposed_blocks.register_fake

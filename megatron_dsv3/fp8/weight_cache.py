@@ -14,10 +14,10 @@ on old weights without a word.
 
   with weights_fixed():                                                 # train/step.py
       ... micro-batches ...
-  blocks = quantized_weight(weight, quantize_128x128_fused)              # fp8/linear.py
+  blocks = quantized_weight(weight, weight_blocks)                       # fp8/linear.py
   blocks = quantized_weight(w, quantize_128x128_grouped_fused, dtype)    # moe/experts.py
   step = current_step()                                                  # a forward, then
-  blocks_T = for_step(step, weight, transposed_blocks, lambda: ...)      # its backward
+  blocks_T = for_step(step, weight, transposed_weight_blocks, lambda: ...)   # its backward
 
 Backward runs on autograd's own threads on a GPU, where the block's context variable is not
 set: what a backward derives per step (the weight's blocks transposed for the input gradient)
@@ -59,14 +59,14 @@ def for_step(step: Optional[dict], weight: torch.Tensor, key: Hashable,
              compute: Callable[[], Quantized]) -> Quantized:
     """compute(), a value derived from `weight` alone, computed once per `key` within `step`
     (a `current_step()`; None: every call computes)."""
+    if step is None:
+        with torch.no_grad():
+            return compute()
     full_key = (id(weight), key)
-    if step is not None and full_key in step:
-        return step[full_key][1]
-    with torch.no_grad():
-        value = compute()
-    if step is not None:
-        step[full_key] = (weight, value)  # the weight kept alive: its id stays its own
-    return value
+    if full_key not in step:
+        with torch.no_grad():
+            step[full_key] = (weight, compute())  # the weight kept alive: its id stays its own
+    return step[full_key][1]
 
 
 def quantized_weight(weight: torch.Tensor, quantize: Callable[[torch.Tensor], Quantized],

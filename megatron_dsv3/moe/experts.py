@@ -189,18 +189,13 @@ class _ExpertsLinear(torch.autograd.Function):
             grad_x = (torch._grouped_mm(grad_y_NO, w_EOI, offs=groups) if grouped else
                       torch.cat([grad_y_NO[a:b] @ w_EOI[e] for e, (a, b) in enumerate(bounds)]))
 
-        if ctx.needs_input_grad[1] and ctx.fp8_wgrad:  # dW_e = dY_e^T X_e in FP8
+        if ctx.needs_input_grad[1] and ctx.fp8_wgrad:  # dY in the tiles of x's
             ends = _group_ends(groups)
             dy_t = quantize_128x1_segments_fused(grad_y_NO.contiguous(), ends)
-            if ctx.fp32_grad is not None:  # into the fp32 sum, inside the GEMM
-                fp8_grouped_wgrad_add_(dy_t, x_t, ends, ctx.fp32_grad)
-            else:
-                weight = ctx.weight
-                grad_w = weight_grad_now_or_later(ctx.store, weight, lambda: fp8_grouped_wgrad(
-                    dy_t, x_t, ends, out_dtype=weight.dtype))
-            return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None
 
         def weight_grad_EOI() -> torch.Tensor:  # dW_e = dY_e^T X_e
+            if ctx.fp8_wgrad:
+                return fp8_grouped_wgrad(dy_t, x_t, ends, out_dtype=ctx.weight.dtype)
             if grouped:
                 return torch._grouped_mm(grad_y_NO.t(), x_NI, offs=groups)
             return torch.stack([grad_y_NO[a:b].t() @ x_NI[a:b] for a, b in bounds])
@@ -210,8 +205,12 @@ class _ExpertsLinear(torch.autograd.Function):
             for buffer, rows in ((stash_grad_y, grad_y_NO), (stash_x, x_NI),
                                  (stash_ends, _group_ends(groups).to(slot.device))):
                 stash_segment_(buffer, slot, rows.to(buffer.dtype))
-        elif ctx.needs_input_grad[1] and ctx.fp32_grad is not None:  # into the fp32 sum,
-            grouped_wgrad_add_(grad_y_NO, x_NI, groups, ctx.fp32_grad)  # inside the GEMM
+        elif ctx.needs_input_grad[1] and ctx.fp32_grad is not None:
+            # into the fp32 sum, inside the GEMM
+            if ctx.fp8_wgrad:
+                fp8_grouped_wgrad_add_(dy_t, x_t, ends, ctx.fp32_grad)
+            else:
+                grouped_wgrad_add_(grad_y_NO, x_NI, groups, ctx.fp32_grad)
         elif ctx.needs_input_grad[1]:
             grad_w = weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad_EOI)
         return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None

@@ -32,6 +32,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers.fp8_cases import fresh_seed, group_ends
 from helpers.tolerance import FP32_REORDER, assert_close
 from helpers.triton_interpreter import assert_ok_in_triton_interpreter
 
@@ -53,16 +54,6 @@ COUNTS = [70, 100, 0, 30, 180]
 M, K, N = sum(COUNTS) + 9, 200, 136  # K and N not multiples of 128: partial blocks
 
 
-def _fresh_seed() -> int:
-    seed = int(torch.randint(0, 2**31 - 1, ()))
-    torch.manual_seed(seed)
-    return seed
-
-
-def _ends(counts) -> torch.Tensor:
-    return torch.tensor(counts).cumsum(0).to(torch.int32)
-
-
 def _operands():
     x = torch.randn(M, K) * torch.rand(M, 1) * 4  # rows of different magnitudes
     w = torch.randn(len(COUNTS), N, K) * 0.05 * torch.rand(len(COUNTS), 1, 1)
@@ -81,27 +72,27 @@ def _expected(a_MK: torch.Tensor, w_ENK: torch.Tensor, counts) -> torch.Tensor:
 
 
 def test_emulated_forward_is_each_experts_product_of_the_dequantized_operands():
-    seed = _fresh_seed()
+    seed = fresh_seed()
     x, w, _ = _operands()
     a, b = quantize_1x128(x), quantize_128x128_grouped(w)
-    got = fp8_grouped_gemm_emulated(a, b, _ends(COUNTS))
+    got = fp8_grouped_gemm_emulated(a, b, group_ends(COUNTS))
     want = _expected(a.dequantize(), b.dequantize(), COUNTS)
     assert_close(got, want, FP32_REORDER, "exact FP8 products, fp32 sums of 128-term blocks",
                  name=f"seed {seed}")
     assert (got[sum(COUNTS):] == 0).all() and (want[:sum(COUNTS)] != 0).all(), seed
     # the same as the dense FP8 GEMM of each expert's rows alone (gemm.py's promotion)
     assert torch.equal(got[70:170], fp8_grouped_gemm_emulated(
-        quantize_1x128(x[70:170]), quantize_128x128_grouped(w[1:2]), _ends([100]))), seed
+        quantize_1x128(x[70:170]), quantize_128x128_grouped(w[1:2]), group_ends([100]))), seed
 
 
 def test_emulated_input_gradient_is_dy_times_each_experts_dequantized_weight():
-    seed = _fresh_seed()
+    seed = fresh_seed()
     _, w, dy = _operands()
     wq = quantize_128x128_grouped(w)
     wq_t = transposed_blocks_grouped(wq)
     assert torch.equal(wq_t.dequantize(), wq.dequantize().transpose(1, 2)), seed
     a = quantize_1x128(dy)
-    got = fp8_grouped_gemm_emulated(a, wq_t, _ends(COUNTS))            # [M, K]
+    got = fp8_grouped_gemm_emulated(a, wq_t, group_ends(COUNTS))            # [M, K]
     want = _expected(a.dequantize(), wq.dequantize().transpose(1, 2), COUNTS)  # dy_e W_e
     assert_close(got, want, FP32_REORDER, "exact FP8 products, fp32 sums of 128-term blocks",
                  name=f"seed {seed}")
@@ -109,7 +100,7 @@ def test_emulated_input_gradient_is_dy_times_each_experts_dequantized_weight():
 
 
 def test_each_expert_has_its_own_blocks_even_when_n_is_not_a_multiple_of_128():
-    seed = _fresh_seed()
+    seed = fresh_seed()
     _, w, _ = _operands()
     before = quantize_128x128_grouped(w)
     w[1, 130, 5] = 1e3  # expert 1's second block row (rows 128..135)
@@ -123,11 +114,11 @@ def test_each_expert_has_its_own_blocks_even_when_n_is_not_a_multiple_of_128():
 
 
 def test_the_cpu_dispatch_is_the_emulation():
-    seed = _fresh_seed()
+    seed = fresh_seed()
     x, w, _ = _operands()
     a, b = quantize_1x128(x), quantize_128x128_grouped(w)
-    assert torch.equal(fp8_grouped_gemm(a, b, _ends(COUNTS), torch.bfloat16),
-                       fp8_grouped_gemm_emulated(a, b, _ends(COUNTS), torch.bfloat16)), seed
+    assert torch.equal(fp8_grouped_gemm(a, b, group_ends(COUNTS), torch.bfloat16),
+                       fp8_grouped_gemm_emulated(a, b, group_ends(COUNTS), torch.bfloat16)), seed
 
 
 _INTERPRETED = textwrap.dedent("""
@@ -230,7 +221,7 @@ def test_kernel_compiles_for_hopper_to_pipelined_fp8_wgmma(schedule):
 
 def test_bad_inputs_raise_naming_the_argument_and_the_fix():
     x, w, dy = _operands()
-    a, b, ends = quantize_1x128(x), quantize_128x128_grouped(w), _ends(COUNTS)
+    a, b, ends = quantize_1x128(x), quantize_128x128_grouped(w), group_ends(COUNTS)
     with pytest.raises(ValueError, match="a must be an Fp8Tensor .* in 1x128 tiles"):
         fp8_grouped_gemm_emulated(quantize_128x128(x), b, ends)
     with pytest.raises(ValueError, match="b must be an Fp8GroupedTensor"):
@@ -244,9 +235,9 @@ def test_bad_inputs_raise_naming_the_argument_and_the_fix():
     with pytest.raises(ValueError, match="group_ends has 4 entries and b has 5 experts"):
         fp8_grouped_gemm_emulated(a, b, ends[:4])
     with pytest.raises(ValueError, match="must be non-decreasing"):
-        fp8_grouped_gemm_emulated(a, b, _ends([70, 100, -1, 30, 180]))
+        fp8_grouped_gemm_emulated(a, b, group_ends([70, 100, -1, 30, 180]))
     with pytest.raises(ValueError, match=f"at most M={M}"):
-        fp8_grouped_gemm_emulated(a, b, _ends([70, 100, 0, 30, 190]))
+        fp8_grouped_gemm_emulated(a, b, group_ends([70, 100, 0, 30, 190]))
     # the kernel's own checks come before any launch, so they run on the CPU too
     with pytest.raises(ValueError, match="K=200 is not a multiple of 128"):
         launch_fp8_grouped_gemm(a, b, ends)

@@ -28,6 +28,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers.fp8_cases import E4M3_CAST_LIKE_THE_GPU, fresh_seed, group_ends
 from helpers.tolerance import FP32_REORDER, assert_close
 from helpers.triton_interpreter import assert_ok_in_triton_interpreter
 
@@ -55,16 +56,6 @@ COUNTS = [0, 1, 127, 128, 129, 300, 0]
 PADDING = 7
 N = sum(COUNTS) + PADDING
 O, I = 72, 136  # dy [N, O], x [N, I]: I over one 128-wide block
-
-
-def _fresh_seed() -> int:
-    seed = int(torch.randint(0, 2**31 - 1, ()))
-    torch.manual_seed(seed)
-    return seed
-
-
-def _ends(counts) -> torch.Tensor:
-    return torch.tensor(counts).cumsum(0).to(torch.int32)
 
 
 def _bounds(counts):
@@ -110,10 +101,10 @@ def test_reference_tiles_equal_an_fp64_computation_per_expert_segment(pow2):
     """Scales bit-equal to the fp64 definition; data bit-equal to cast(clamp(x * (1/scale)))
     with 1 / scale and the product each rounded once to fp32 (computed in fp64 from the fp64
     scales), and 0 for the rows past the last end."""
-    seed = _fresh_seed()
+    seed = fresh_seed()
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         x = _spread(N, I).clamp(-6e4, 6e4).to(dtype)
-        got = quantize_128x1_segments(x, _ends(COUNTS), pow2_scales=pow2)
+        got = quantize_128x1_segments(x, group_ends(COUNTS), pow2_scales=pow2)
         grid, scale = _fp64_segment_scales(x, COUNTS, pow2)
         assert torch.equal(got.scales, grid.float()), (seed, dtype)
         inverse = (1.0 / scale).float().double()
@@ -127,10 +118,10 @@ def test_reference_tiles_equal_an_fp64_computation_per_expert_segment(pow2):
 
 @pytest.mark.parametrize("pow2", [False, True], ids=["exact", "pow2"])
 def test_groups_of_whole_tiles_give_quantize_128x1s_data_and_scales(pow2):
-    seed = _fresh_seed()
+    seed = fresh_seed()
     counts = [128, 0, 256, 384, 0]
     x = _spread(sum(counts), I).to(torch.bfloat16)
-    got = quantize_128x1_segments(x, _ends(counts), pow2_scales=pow2)
+    got = quantize_128x1_segments(x, group_ends(counts), pow2_scales=pow2)
     want = quantize_128x1(x, pow2_scales=pow2)
     assert torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8)), seed
     assert torch.equal(got.scales[:, :6], want.scales), seed
@@ -140,9 +131,9 @@ def test_groups_of_whole_tiles_give_quantize_128x1s_data_and_scales(pow2):
 def test_an_outlier_changes_its_own_segment_tile_only():
     """Expert 5 owns rows 385..684, its tiles 385..512, 513..640 (tile 6 of all), 641..684:
     row 600 is in tile 6, whose rows no quantize_128x1 tile (512..639, 640..767) matches."""
-    seed = _fresh_seed()
+    seed = fresh_seed()
     x = torch.randn(N, I, dtype=torch.bfloat16)
-    ends = _ends(COUNTS)
+    ends = group_ends(COUNTS)
     before = quantize_128x1_segments(x, ends)
     col = int(torch.randint(0, I, ()))
     x[600, col] = 1e4
@@ -159,8 +150,8 @@ def test_empty_experts_take_no_tile_and_rows_past_the_last_end_are_zeros():
     """Tiles are numbered across the experts in order, an empty expert taking none; NaN in the
     rows past the last end is never read (their data 0, no error); no expert with rows: every
     scale 2^-126."""
-    seed = _fresh_seed()
-    ends = _ends(COUNTS)
+    seed = fresh_seed()
+    ends = group_ends(COUNTS)
     tile_of_row = segment_tile_of_rows(ends, N).tolist()
     expected, tile = [], 0
     for start, end in _bounds(COUNTS):
@@ -174,7 +165,7 @@ def test_empty_experts_take_no_tile_and_rows_past_the_last_end_are_zeros():
     q = quantize_128x1_segments(x, ends)
     assert (q.data[:, sum(COUNTS):].float() == 0).all(), seed
     assert (q.dequantize(ends)[sum(COUNTS):] == 0).all(), seed
-    nobody = quantize_128x1_segments(torch.randn(5, I), _ends([0, 0]))
+    nobody = quantize_128x1_segments(torch.randn(5, I), group_ends([0, 0]))
     assert (nobody.scales == MIN_SCALE).all() and (nobody.data.float() == 0).all()
     assert nobody.scales.shape == (I, 1 + 2)
 
@@ -184,13 +175,13 @@ def test_dequantize_is_within_e4m3s_rounding_of_x():
     half an E4M3 ulp of x / scale in its normal range (3 mantissa bits), the subnormal step's
     half below it, and three fp32 roundings (1 / scale, x times it, data * scale). Tight: some
     element uses more than half of the bound."""
-    seed = _fresh_seed()
+    seed = fresh_seed()
     x = _spread(N, I)
-    q = quantize_128x1_segments(x, _ends(COUNTS))
+    q = quantize_128x1_segments(x, group_ends(COUNTS))
     _, scale = _fp64_segment_scales(x, COUNTS, pow2=False)
     x64 = x.double()[:sum(COUNTS)]
     scale = scale[:sum(COUNTS)]
-    error = (q.dequantize(_ends(COUNTS)).double()[:sum(COUNTS)] - x64).abs()
+    error = (q.dequantize(group_ends(COUNTS)).double()[:sum(COUNTS)] - x64).abs()
     bound = torch.maximum(2**-4 * x64.abs(), 2**-10 * scale) + 2**-21 * x64.abs()
     worst = (error / bound).max().item()
     assert 0.5 < worst <= 1.0, (seed, worst)
@@ -199,7 +190,7 @@ def test_dequantize_is_within_e4m3s_rounding_of_x():
 def _wgrad_problem():
     dy = torch.randn(N, O) * 1e-3 * torch.rand(N, 1)  # rows of different magnitudes
     x = torch.randn(N, I) * 4 * torch.rand(N, 1)
-    ends = _ends(COUNTS)
+    ends = group_ends(COUNTS)
     return dy, x, ends, quantize_128x1_segments(dy, ends), quantize_128x1_segments(x, ends)
 
 
@@ -207,7 +198,7 @@ def test_each_experts_dw_is_the_dense_fp8_gemm_of_its_rows_alone_bit_for_bit():
     """Expert e's tiles are quantize_128x1 of its rows alone, and its dW the dense emulated
     FP8 GEMM of them (gemm.py: each 128-token block's product scaled in FP32); empty experts'
     dW zero; a bf16 result is the fp32 one rounded."""
-    seed = _fresh_seed()
+    seed = fresh_seed()
     dy, x, ends, dy_q, x_q = _wgrad_problem()
     dW = fp8_grouped_wgrad_emulated(dy_q, x_q, ends)
     assert dW.shape == (len(COUNTS), O, I)
@@ -226,7 +217,7 @@ def test_emulated_wgrad_is_the_fp64_product_of_the_dequantized_operands():
     bits each), so only the fp32 sums of a tile's 128 products, the two scale multiplications
     and the accumulation over an expert's tiles round (2^-24 each, a few hundred of them at
     most, mostly cancelling)."""
-    seed = _fresh_seed()
+    seed = fresh_seed()
     _, _, ends, dy_q, x_q = _wgrad_problem()
     dy64, x64 = dy_q.dequantize(ends).double(), x_q.dequantize(ends).double()
     want = torch.stack([dy64[start:end].t() @ x64[start:end] for start, end in _bounds(COUNTS)])
@@ -240,7 +231,7 @@ def test_emulated_wgrad_is_within_e4m3s_rounding_of_the_exact_product():
     bound of test_dequantize_is_within_e4m3s_rounding_of_x (about 2^-4 of each element), plus
     FP32_REORDER of |dy|^T |x| for the fp32 sums. Relative to max |dW| the error is a few
     percent (random rounding errors partly cancel): between 2^-10 and 2^-3."""
-    seed = _fresh_seed()
+    seed = fresh_seed()
     dy, x, ends, dy_q, x_q = _wgrad_problem()
     _, scale_dy = _fp64_segment_scales(dy, COUNTS, pow2=False)
     _, scale_x = _fp64_segment_scales(x, COUNTS, pow2=False)
@@ -261,7 +252,7 @@ def test_emulated_wgrad_is_within_e4m3s_rounding_of_the_exact_product():
 
 
 def test_the_cpu_dispatch_is_the_reference_and_the_emulation():
-    seed = _fresh_seed()
+    seed = fresh_seed()
     dy, x, ends, dy_q, x_q = _wgrad_problem()
     fused = quantize_128x1_segments_fused(x, ends, pow2_scales=True)
     reference = quantize_128x1_segments(x, ends, pow2_scales=True)
@@ -275,23 +266,8 @@ def test_the_cpu_dispatch_is_the_reference_and_the_emulation():
     assert torch.equal(sum_EOI, before + want), seed
 
 
-_INTERPRETED = textwrap.dedent("""
+_INTERPRETED = E4M3_CAST_LIKE_THE_GPU + textwrap.dedent("""
     import math
-    import numpy as np
-    import torch
-    import triton.language as tl
-    import triton.runtime.interpreter as interpreter
-
-    _interpreter_convert = interpreter._convert_float
-
-    def _cast_like_the_gpu(values, from_dtype, to_dtype, rounding):
-        # the interpreter's fp32 -> E4M3 rounding does not carry into the exponent (31.6 -> 16)
-        if from_dtype == tl.float32 and to_dtype == tl.float8e4nv:
-            return torch.from_numpy(np.ascontiguousarray(values)).to(
-                torch.float8_e4m3fn).view(torch.uint8).numpy()
-        return _interpreter_convert(values, from_dtype, to_dtype, rounding)
-
-    interpreter._convert_float = _cast_like_the_gpu
     _empty = torch.empty
 
     def _poisoned_empty(*args, **kwargs):  # an output element a kernel misses stays NaN
@@ -404,9 +380,9 @@ def test_bad_inputs_raise_naming_the_argument_and_the_fix():
     with pytest.raises(ValueError, match="at least one, on x_NI's device"):
         quantize_128x1_segments(x, torch.zeros(3, dtype=torch.int32, device="meta"))
     with pytest.raises(ValueError, match="must be non-decreasing"):
-        quantize_128x1_segments(x, _ends([5, -1, 3]))
+        quantize_128x1_segments(x, group_ends([5, -1, 3]))
     with pytest.raises(ValueError, match=f"at most N={N}"):
-        quantize_128x1_segments(x, _ends([N, 1]))
+        quantize_128x1_segments(x, group_ends([N, 1]))
     x_bad = x.clone()
     x_bad[600, 9] = float("inf")
     with pytest.raises(ValueError, match=r"x_NI\[600, 9\] = inf.*expert 5's 128x1 tile of rows "

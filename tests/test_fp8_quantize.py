@@ -25,6 +25,7 @@ import textwrap
 import pytest
 import torch
 
+from helpers.fp8_cases import E4M3_CAST_LIKE_THE_GPU, fresh_seed
 from helpers.triton_interpreter import assert_ok_in_triton_interpreter
 from megatron_dsv3.fp8 import (
     FP8_E4M3_MAX,
@@ -38,12 +39,6 @@ from megatron_dsv3.kernels.fp8_quantize import quantize_1x128_fused
 
 QUANTIZERS = {"1x128": quantize_1x128, "128x1": quantize_128x1, "128x128": quantize_128x128}
 INPUT_TILE = {"1x128": (1, 128), "128x1": (128, 1), "128x128": (128, 128)}
-
-
-def _fresh_seed() -> int:
-    seed = int(torch.randint(0, 2**31 - 1, ()))
-    torch.manual_seed(seed)
-    return seed
 
 
 def _spread(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -87,7 +82,7 @@ SHAPES = [(130, 200), (1, 1), (257, 128), (128, 385)]
 @pytest.mark.parametrize("tiling", QUANTIZERS)
 @pytest.mark.parametrize("pow2", [False, True], ids=["exact", "pow2"])
 def test_reference_scales_equal_an_fp64_computation_of_the_definition(tiling, pow2):
-    seed = _fresh_seed()
+    seed = fresh_seed()
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for shape in SHAPES:
             x = _spread(*shape, dtype=torch.float32).clamp(-6e4, 6e4).to(dtype)
@@ -102,7 +97,7 @@ def test_reference_data_is_x_times_the_correctly_rounded_reciprocal_scale(tiling
     and the product each rounded once to fp32 (fp64 holds the product of two fp32 exactly and
     keeps enough bits that rounding its quotient to fp32 is correct rounding). Not x / scale:
     on these inputs some fp32 product differs from the quotient (checked)."""
-    seed = _fresh_seed()
+    seed = fresh_seed()
     x = _spread(300, 260, dtype=torch.float32)
     _, scale = _fp64_scales(x, tiling, pow2=False)
     inverse = (1.0 / scale).float().double()
@@ -130,7 +125,7 @@ def _e4m3_error_bound(x64: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def test_round_trip_error_within_the_e4m3_rounding_bound(tiling, pow2):
     """_e4m3_error_bound holds for every element, and is tight: some element uses more than
     half of it."""
-    seed = _fresh_seed()
+    seed = fresh_seed()
     for shape in ((130, 200), (300, 129)):
         x = _spread(*shape, dtype=torch.float32)
         quantized = QUANTIZERS[tiling](x, pow2_scales=pow2)
@@ -145,7 +140,7 @@ def test_round_trip_error_within_the_e4m3_rounding_bound(tiling, pow2):
 
 @pytest.mark.parametrize("tiling", QUANTIZERS)
 def test_an_outlier_changes_its_own_tile_only(tiling):
-    seed = _fresh_seed()
+    seed = fresh_seed()
     x = torch.randn(130, 200, dtype=torch.bfloat16)
     before = QUANTIZERS[tiling](x)
     row, col = int(torch.randint(0, 130, ())), int(torch.randint(0, 200, ()))
@@ -168,7 +163,7 @@ def test_an_outlier_changes_its_own_tile_only(tiling):
 
 @pytest.mark.parametrize("tiling", QUANTIZERS)
 def test_pow2_scales_are_the_smallest_power_of_two_at_or_above_amax_over_448(tiling):
-    seed = _fresh_seed()
+    seed = fresh_seed()
     x = _spread(130, 200, torch.float32)
     x[:128, :128] = 0
     x[0, 0] = FP8_E4M3_MAX * 2**-3  # the first tile's amax / 448 is a power of two already
@@ -259,23 +254,7 @@ def test_fp8_tensor_rejects_scales_that_do_not_fit_its_data():
         Fp8Tensor(data.float(), torch.ones(130, 2), "1x128")
 
 
-_INTERPRETED = textwrap.dedent("""
-    import numpy as np
-    import torch
-    import triton.language as tl
-    import triton.runtime.interpreter as interpreter
-
-    _interpreter_convert = interpreter._convert_float
-
-    def _cast_like_the_gpu(values, from_dtype, to_dtype, rounding):
-        # the interpreter's fp32 -> E4M3 rounding does not carry into the exponent (31.6 -> 16)
-        if from_dtype == tl.float32 and to_dtype == tl.float8e4nv:
-            return torch.from_numpy(np.ascontiguousarray(values)).to(
-                torch.float8_e4m3fn).view(torch.uint8).numpy()
-        return _interpreter_convert(values, from_dtype, to_dtype, rounding)
-
-    interpreter._convert_float = _cast_like_the_gpu
-
+_INTERPRETED = E4M3_CAST_LIKE_THE_GPU + textwrap.dedent("""
     from megatron_dsv3.fp8 import MIN_SCALE, quantize_1x128, quantize_128x1, quantize_128x128
     from megatron_dsv3.kernels.fp8_quantize import (
         launch_quantize_1x128, launch_quantize_128x1,

@@ -93,13 +93,15 @@ def test_reference_scales_equal_an_fp64_computation_of_the_definition(tiling, po
 
 @pytest.mark.parametrize("tiling", QUANTIZERS)
 def test_reference_data_is_x_times_the_correctly_rounded_reciprocal_scale(tiling):
-    """data = cast(clamp(x * (1 / scale))), computed here in fp64 from the fp64 scales: 1 / scale
-    and the product each rounded once to fp32 (fp64 holds the product of two fp32 exactly and
-    keeps enough bits that rounding its quotient to fp32 is correct rounding). Not x / scale:
-    on these inputs some fp32 product differs from the quotient (checked)."""
+    """data = cast(clamp(x * (1 / scale))), computed here in fp64 from the scales as stored
+    (the fp64 definition rounded to fp32): 1 / scale and the product each rounded once to fp32
+    (fp64 holds the product of two fp32 exactly and keeps enough bits that rounding its
+    quotient to fp32 is correct rounding). Not x / scale: on these inputs some fp32 product
+    differs from the quotient (checked)."""
     seed = fresh_seed()
     x = _spread(300, 260, dtype=torch.float32)
     _, scale = _fp64_scales(x, tiling, pow2=False)
+    scale = scale.float().double()  # as the quantizer stores it
     inverse = (1.0 / scale).float().double()
     expected = (x.double() * inverse).float().clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
     got = QUANTIZERS[tiling](x)

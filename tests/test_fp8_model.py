@@ -243,6 +243,28 @@ def test_a_small_model_trains_in_fp8_like_in_fp32(dist_single):
     assert apart > 0, "the FP8 run must differ: its GEMMs round to E4M3"
 
 
+def _experts_operands(counts):
+    """Fresh operands of one expert projection over uneven groups of `counts` rows: (seed, its
+    generator, the groups' int32 ends, x [N, 128], w [4, 256, 128], dy [N, 256])."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    g = torch.Generator().manual_seed(seed)
+    ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(sum(counts), 128, generator=g)
+    w = torch.randn(4, 256, 128, generator=g) * 0.05
+    dy = torch.randn(sum(counts), 256, generator=g)
+    return seed, g, ends, x, w, dy
+
+
+def _experts_linear_grads(x, w, dy, counts, **fp8_flags):
+    """(y, dX, dW) of experts_linear (the loop implementation) on copies of x and w."""
+    from megatron_dsv3.moe.experts import experts_linear
+
+    x_in, w_in = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = experts_linear(x_in, w_in, "loop", counts, **fp8_flags)
+    y.backward(dy)
+    return y.detach(), x_in.grad, w_in.grad
+
+
 def test_routed_experts_in_fp8_run_the_grouped_fp8_gemm_forward_and_back_and_bf16_weight_grads():
     """experts_linear(fp8=True), as RoutedExperts runs it once marked: y and dX are the grouped
     FP8 GEMM of the 1x128-quantized rows (dY for dX) and each expert's 128x128 blocks (W^T's for
@@ -252,21 +274,10 @@ def test_routed_experts_in_fp8_run_the_grouped_fp8_gemm_forward_and_back_and_bf1
     from megatron_dsv3.fp8.grouped_gemm import (fp8_grouped_gemm_emulated,
                                                 quantize_128x128_grouped,
                                                 transposed_blocks_grouped)
-    from megatron_dsv3.moe.experts import experts_linear
 
-    seed = int(torch.randint(0, 2**31 - 1, ()))
-    g = torch.Generator().manual_seed(seed)
     counts = [70, 0, 100, 30]
-    ends = torch.tensor(counts).cumsum(0).to(torch.int32)
-    x = torch.randn(sum(counts), 128, generator=g)
-    w = torch.randn(4, 256, 128, generator=g) * 0.05
-    dy = torch.randn(sum(counts), 256, generator=g)
-    grads = {}
-    for fp8 in (True, False):
-        x_in, w_in = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = experts_linear(x_in, w_in, "loop", counts, fp8=fp8)
-        y.backward(dy)
-        grads[fp8] = (y.detach(), x_in.grad, w_in.grad)
+    seed, g, ends, x, w, dy = _experts_operands(counts)
+    grads = {fp8: _experts_linear_grads(x, w, dy, counts, fp8=fp8) for fp8 in (True, False)}
     w_q = quantize_128x128_grouped(w)
     y_fp8 = fp8_grouped_gemm_emulated(quantize_1x128(x), w_q, ends)
     assert torch.equal(grads[True][0], y_fp8), seed
@@ -288,19 +299,10 @@ def test_routed_experts_weight_gradient_in_fp8_is_the_grouped_fp8_wgrad_of_segme
     from megatron_dsv3.moe.expert_wgrad import Segments
     from megatron_dsv3.moe.experts import experts_linear
 
-    seed = int(torch.randint(0, 2**31 - 1, ()))
-    g = torch.Generator().manual_seed(seed)
     counts = [70, 0, 200, 30]
-    ends = torch.tensor(counts).cumsum(0).to(torch.int32)
-    x = torch.randn(sum(counts), 128, generator=g)
-    w = torch.randn(4, 256, 128, generator=g) * 0.05
-    dy = torch.randn(sum(counts), 256, generator=g)
-    grads = {}
-    for fp8_wgrad in (True, False):
-        x_in, w_in = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = experts_linear(x_in, w_in, "loop", counts, fp8=True, fp8_wgrad=fp8_wgrad)
-        y.backward(dy)
-        grads[fp8_wgrad] = (y.detach(), x_in.grad, w_in.grad)
+    seed, g, ends, x, w, dy = _experts_operands(counts)
+    grads = {fp8_wgrad: _experts_linear_grads(x, w, dy, counts, fp8=True, fp8_wgrad=fp8_wgrad)
+             for fp8_wgrad in (True, False)}
     assert torch.equal(grads[True][0], grads[False][0]), seed
     assert torch.equal(grads[True][1], grads[False][1]), seed
     want = fp8_grouped_wgrad_emulated(quantize_128x1_segments(dy, ends),

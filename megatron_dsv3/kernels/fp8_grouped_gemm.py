@@ -81,6 +81,24 @@ def launch_config(config: dict | None) -> dict:
 if triton is not None:
 
     @triton.jit
+    def _expert_tiles(ends_ptr, E, E_POW2: tl.constexpr, TILE: tl.constexpr):
+        """Per expert (vectors over E_POW2, zero past E), with each expert's rows cut into
+        tiles of TILE rows from its first row: first row, end row, first tile, and the tiles'
+        running sum (each expert's end tile)."""
+        experts = tl.arange(0, E_POW2)
+        valid = experts < E
+        ends = tl.load(ends_ptr + experts, mask=valid, other=0)
+        starts = tl.load(ends_ptr + experts - 1, mask=valid & (experts > 0), other=0)
+        tiles = tl.cdiv(ends - starts, TILE)
+        tile_ends = tl.cumsum(tiles, 0)
+        return experts, starts, ends, tile_ends - tiles, tile_ends
+
+    @triton.jit
+    def _pick(values, experts, e):
+        """values[e] of a vector over the experts."""
+        return tl.sum(tl.where(experts == e, values, 0))
+
+    @triton.jit
     def _expert_rows_times_weight(
             a_ptr, a_scales_ptr, b_ptr, b_scales_ptr, out_tile, e, in_e, rows, cols, in_n, K,
             stride_am, stride_ak, stride_asm, stride_ask, stride_be, stride_bn, stride_bk,
@@ -138,16 +156,12 @@ if triton is not None:
         if PER_EXPERT:
             # expert e's tiles: ceil(n_e / BLOCK_M) from its first row; slot t is tile
             # t - first_tile[e] of the expert whose tiles hold it
-            starts = tl.load(ends_ptr + experts - 1, mask=counted & (experts > 0), other=0)
-            tiles = tl.cdiv(ends - starts, BLOCK_M)
-            tile_ends = tl.cumsum(tiles, 0)
+            _, starts, _, first_tiles, tile_ends = _expert_tiles(ends_ptr, E, E_POW2, BLOCK_M)
             e = tl.sum(((tile_ends <= slot) & counted).to(tl.int32))
             if e < E:
-                start = tl.sum(tl.where(experts == e, starts, 0))
-                end = tl.sum(tl.where(experts == e, ends, 0))
-                first_tile = tl.sum(tl.where(experts == e, tile_ends - tiles, 0))
-                rows = (start + (slot - first_tile) * BLOCK_M
-                        + tl.arange(0, BLOCK_M)).to(tl.int64)
+                end = _pick(ends, experts, e)
+                rows = (_pick(starts, experts, e) + (slot - _pick(first_tiles, experts, e))
+                        * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
                 _expert_rows_times_weight(
                     a_ptr, a_scales_ptr, b_ptr, b_scales_ptr,
                     out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, e,
@@ -155,7 +169,7 @@ if triton is not None:
                     stride_ask, stride_be, stride_bn, stride_bk, stride_bse, stride_bsn,
                     stride_bsk, BLOCK_M, BLOCK_N, TILE)
             else:  # the slots after the experts' tiles: the rows past the last end, zeros
-                rows = (total + (slot - tl.sum(tl.where(counted, tiles, 0))) * BLOCK_M
+                rows = (total + (slot - tl.max(tile_ends)) * BLOCK_M
                         + tl.arange(0, BLOCK_M)).to(tl.int64)
                 tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
                          tl.zeros((BLOCK_M, BLOCK_N), tl.float32).to(

@@ -14,7 +14,8 @@ fp8_grouped_wgrad_emulated.
 
 Both kernels find the experts' rows and tiles on the device (no host sync): each program loads
 the E ends, takes the tiles of each expert, ceil(n_e / 128), and their running sum, the first
-tile of each expert (`_expert_tiles`).
+tile of each expert (kernels/fp8_grouped_gemm.py's `_expert_tiles`, which its experts
+schedule uses too).
 
 The quantizer: programs over (T tile slots, I blocks), T = ceil(N/128) + E. Slot t below the
 experts' tile count is tile j = t - tile_start_e of the expert e whose tiles hold it: rows
@@ -90,24 +91,8 @@ def launch_config(kernel: str, config: dict | None) -> dict:
 
 
 if triton is not None:
+    from megatron_dsv3.kernels.fp8_grouped_gemm import _expert_tiles, _pick
     from megatron_dsv3.kernels.fp8_quantize import _amax_scale, _to_fp8
-
-    @triton.jit
-    def _expert_tiles(ends_ptr, E, E_POW2: tl.constexpr, TILE: tl.constexpr):
-        """Per expert (vectors over E_POW2, zero past E): first row, end row, first tile, and
-        the tiles' running sum (each expert's end tile)."""
-        experts = tl.arange(0, E_POW2)
-        valid = experts < E
-        ends = tl.load(ends_ptr + experts, mask=valid, other=0)
-        starts = tl.load(ends_ptr + experts - 1, mask=valid & (experts > 0), other=0)
-        tiles = tl.cdiv(ends - starts, TILE)
-        tile_ends = tl.cumsum(tiles, 0)
-        return experts, starts, ends, tile_ends - tiles, tile_ends
-
-    @triton.jit
-    def _pick(values, experts, e):
-        """values[e] of a vector over the experts."""
-        return tl.sum(tl.where(experts == e, values, 0))
 
     @triton.jit
     def _store_columns(data_t_ptr, data_t, cols, in_i, first_row, store_end, row_stride,

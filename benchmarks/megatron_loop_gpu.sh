@@ -87,9 +87,15 @@ def losses(path):
             found[int(m.group(1))] = float(m.group(2))
     return found
 resumed, straight = losses(sys.argv[1]), losses(sys.argv[2])
+# Megatron's training_log prints a run's first iteration without resetting its sums
+# (should_reset = not is_first_iteration), so with --log-interval 1 the next report is the mean
+# of both: the resumed run's second report is compared with the straight run's mean of the two
+first = min(resumed)
 for it in sorted(set(resumed) & set(straight)):
-    print(f"iteration {it}: resumed {resumed[it]:.6E} straight {straight[it]:.6E} "
-          f"diff {resumed[it] - straight[it]:+.2E}")
+    expected = (straight[it] + straight[it - 1]) / 2 if it == first + 1 else straight[it]
+    note = f" (Megatron reports the mean of {it - 1} and {it} here)" if it == first + 1 else ""
+    print(f"iteration {it}: resumed {resumed[it]:.6E} straight {expected:.6E} "
+          f"diff {resumed[it] - expected:+.2E}{note}")
 PY
           ;;
     nan) megatron nan 120 tiny --seq-length 128 --micro-batch-size 4 --global-batch-size 8 \

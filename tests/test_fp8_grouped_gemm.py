@@ -216,7 +216,9 @@ def test_kernel_compiles_for_hopper_to_pipelined_fp8_wgmma(schedule):
     assert "warp_group_dot " in ttgir and "e4m3" in ptx, "FP8 wgmma on Hopper"
     assert ttgir.count("async_copy_global_to_local") == 2 * LAUNCH_CONFIG["num_stages"], \
         "a and b tiles loaded asynchronously, num_stages deep"
-    assert compiled.metadata.shared == LAUNCH_CONFIG["num_stages"] * 2 * 128 * 128
+    # each stage holds a BLOCK_M x 128 tile of a and a BLOCK_N x 128 tile of b, one byte each
+    assert compiled.metadata.shared == (LAUNCH_CONFIG["num_stages"] * 128
+                                        * (LAUNCH_CONFIG["BLOCK_M"] + LAUNCH_CONFIG["BLOCK_N"]))
 
 
 def test_bad_inputs_raise_naming_the_argument_and_the_fix():

@@ -64,10 +64,12 @@ except ImportError:  # the emulation (CPU machines without Triton)
 
 # Launch parameters: BLOCK_M rows x BLOCK_N output columns per program (K is walked 128 at a
 # time: the promotion's block); num_warps / num_stages as Triton takes them; SCHEDULE how M
-# tiles are laid (module docstring; "experts" unmeasured on a GPU yet). `config` of
-# launch_fp8_grouped_gemm overrides them (keys as here).
-LAUNCH_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3,
-                 "SCHEDULE": "rows"}
+# tiles are laid (module docstring). The fastest of bench_fp8_grouped.py's sweep on an H200 on
+# both problems (64 x 384, 2048 -> 1408: 0.236 ms against 0.283 for 128 x 128, 8 warps, rows;
+# 32 x 1024, 7168 -> 2048: 1.207 against 1.272; benchmarks/RESULTS.md 2026-12-03, sixth
+# lease). `config` of launch_fp8_grouped_gemm overrides them (keys as here).
+LAUNCH_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3,
+                 "SCHEDULE": "experts"}
 SCHEDULES = ("rows", "experts")  # M tiles over all rows / over each expert's rows
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -14,7 +14,8 @@ Tokens per expert are uneven (drawn around T, summing to E*T), so tiles straddle
 boundaries as they do in training. For each, three GEMMs:
   forward  y  = x_e W_e^T     bf16: _grouped_mm(x, W^T);  fp8: a = x in 1x128, b = W
   dgrad    dx = dy_e W_e      bf16: _grouped_mm(dy, W);   fp8: a = dy in 1x128,
-                                                           b = transposed_blocks_grouped(W)
+                                                           b = W's blocks transposed
+                                                           (kernels/fp8_transpose.py)
   wgrad    dW_e = dy_e^T x_e  bf16: _grouped_mm(dy^T, x);  fp8: dy and x in segment-aligned
                               128x1 tiles (kernels/fp8_grouped_wgrad.py), dW [E, N, K] in bf16
 and for FP8 two times: the GEMM alone on operands quantized beforehand, and with the
@@ -37,7 +38,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.common import emit_json, mean_seconds, resolve_device, result_header
-from megatron_dsv3.fp8.grouped_gemm import transposed_blocks_grouped
 from megatron_dsv3.kernels.fp8_grouped_gemm import (
     LAUNCH_CONFIG,
     fp8_grouped_gemm,
@@ -52,6 +52,7 @@ from megatron_dsv3.kernels.fp8_grouped_wgrad import (
     uses_wgrad_kernel,
 )
 from megatron_dsv3.kernels.fp8_quantize import quantize_1x128_fused
+from megatron_dsv3.kernels.fp8_transpose import transposed_blocks_grouped_fused
 
 # (experts, tokens per expert, K, N)
 PROBLEMS = ((64, 384, 2048, 1408), (32, 1024, 7168, 2048))
@@ -101,7 +102,7 @@ def problem_rows(experts: int, tokens: int, k: int, n: int, repeat: int,
             def bf16():
                 return torch._grouped_mm(dy, w, offs=ends)
             def quantize():
-                return quantize_1x128_fused(dy), transposed_blocks_grouped(wq)
+                return quantize_1x128_fused(dy), transposed_blocks_grouped_fused(wq)
         else:  # dW [E, n, k]: rows n, contraction over the m tokens, columns k
             k_in, n_out = m, k
             gemm_fp8, uses_kernel = fp8_grouped_wgrad, uses_wgrad_kernel

@@ -32,7 +32,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from megatron_dsv3.kernels import fp8_grouped_gemm, fp8_quantize  # noqa: E402
+from megatron_dsv3.kernels import fp8_grouped_gemm, fp8_quantize, fp8_transpose  # noqa: E402
 
 _TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -60,6 +60,8 @@ def _kernels() -> dict:
                           "b_scales_ptr": "*fp32", "ends_ptr": "*i32", "out_ptr": "*bf16"},
                          ("N", "K", "stride_am", "stride_be", "stride_bn", "stride_om"),
                          ("stride_ak", "stride_ask", "stride_bk", "stride_bsk", "stride_on")),
+        "transpose": (fp8_transpose._transpose_bytes_kernel, fp8_transpose.LAUNCH_CONFIG, {},
+                      {"src_ptr": "*u8", "dst_ptr": "*u8"}, ("R", "C"), ()),
     }
 
 

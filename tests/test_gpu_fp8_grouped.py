@@ -8,7 +8,8 @@ emulation (fp8/grouped_gemm.py) on the same FP8 operands (skipped without CUDA; 
     in about 14 bits before the FP32 promotion; the emulation sums them exactly), the padding
     rows exactly zero;
   * a bf16 output is the fp32 output rounded (the same accumulation, one cast);
-  * the stacked fused weight quantizer equals the per-expert reference bit for bit;
+  * the stacked fused weight quantizer equals the per-expert reference bit for bit, and so do
+    the transposition kernel's W^T blocks (kernels/fp8_transpose.py), grouped and of one;
   * the weight gradient (kernels/fp8_grouped_wgrad.py) on the same problem: the
     segment-aligned 128x1 quantizer kernel equals the reference bit for bit on bf16 dy and x
     (exact and power-of-two scales; NaN in the rows past the last end, which neither reads);
@@ -80,6 +81,25 @@ def test_stacked_fused_weight_quantizer_equals_the_per_expert_reference_bit_for_
     fused, reference = quantize_128x128_grouped_fused(w), quantize_128x128_grouped(w)
     assert torch.equal(fused.scales, reference.scales)
     assert torch.equal(fused.data.view(torch.uint8), reference.data.view(torch.uint8))
+
+
+def test_fused_transpositions_of_the_weight_blocks_equal_the_references_bit_for_bit():
+    from megatron_dsv3.fp8.gemm import transposed_blocks
+    from megatron_dsv3.fp8.grouped_gemm import quantize_128x128_grouped, transposed_blocks_grouped
+    from megatron_dsv3.kernels.fp8_transpose import (
+        transposed_blocks_fused,
+        transposed_blocks_grouped_fused,
+    )
+
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    _, _, w, _ = _problem(seed)
+    wq = quantize_128x128_grouped(w)
+    for fused, reference in ((transposed_blocks_grouped_fused(wq), transposed_blocks_grouped(wq)),
+                             (transposed_blocks_fused(wq.expert(3)),
+                              transposed_blocks(wq.expert(3)))):
+        assert fused.data.is_cuda and fused.data.shape == reference.data.shape, seed
+        assert torch.equal(fused.scales, reference.scales), seed
+        assert torch.equal(fused.data.view(torch.uint8), reference.data.view(torch.uint8)), seed
 
 
 def _wgrad_operands(seed: int):

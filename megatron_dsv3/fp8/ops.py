@@ -7,7 +7,8 @@ Python and eager launches between them).
   torch.ops.megatron_dsv3.fp8_gemm(a_data, a_scales, a_tiling, b_data, b_scales, b_tiling,
                                    out_dtype)                A B^T (fp8/gemm.py's fp8_gemm)
   torch.ops.megatron_dsv3.fp8_transposed_blocks(data, scales)
-        a 128x128-quantized W [N, K] as W^T [K, N] (fp8/gemm.py's transposed_blocks)
+        a 128x128-quantized W [N, K] as W^T [K, N] (fp8/gemm.py's transposed_blocks; the
+        transposition kernel of kernels/fp8_transpose.py on a GPU)
 
 Each is opaque to the compiler (its body runs as written: a Triton kernel or cuBLASLt on a
 GPU, the reference elsewhere) and has a fake implementation giving the output shapes, which
@@ -21,7 +22,8 @@ import torch
 
 from ..kernels.fp8_quantize import (quantize_1x128_fused, quantize_128x1_fused,
                                     quantize_128x128_fused)
-from .gemm import fp8_gemm, transposed_blocks
+from ..kernels.fp8_transpose import transposed_blocks_fused
+from .gemm import fp8_gemm
 from .quantize import FP8_DTYPE, TILE, Fp8Tensor
 
 _QUANTIZERS = {"1x128": quantize_1x128_fused, "128x1": quantize_128x1_fused,
@@ -65,7 +67,7 @@ def _(a_data, a_scales, a_tiling, b_data, b_scales, b_tiling, out_dtype) -> torc
 @torch.library.custom_op("megatron_dsv3::fp8_transposed_blocks", mutates_args=())
 def fp8_transposed_blocks(data: torch.Tensor, scales: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    w_T = transposed_blocks(Fp8Tensor(data, scales, "128x128"))
+    w_T = transposed_blocks_fused(Fp8Tensor(data, scales, "128x128"))
     return w_T.data, w_T.scales
 
 

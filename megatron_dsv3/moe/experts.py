@@ -31,12 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from ..fp8.grouped_gemm import Fp8GroupedTensor, Fp8SegmentTiles, transposed_blocks_grouped
+from ..fp8.grouped_gemm import Fp8GroupedTensor, Fp8SegmentTiles
 from ..fp8.weight_cache import current_step, for_step, quantized_weight
 from ..kernels.fp8_grouped_gemm import fp8_grouped_gemm, quantize_128x128_grouped_fused
 from ..kernels.fp8_grouped_wgrad import (fp8_grouped_wgrad, fp8_grouped_wgrad_add_,
                                          quantize_128x1_segments_fused)
 from ..kernels.fp8_quantize import quantize_1x128_fused
+from ..kernels.fp8_transpose import transposed_blocks_grouped_fused
 from ..kernels.grouped_wgrad import grouped_wgrad_add_, stash_segment_
 from ..layers import mark_tensor_parallel, normal_init, tp_size
 from ..sharded_checkpoint import sharded_state_dict_of
@@ -180,8 +181,8 @@ class _ExpertsLinear(torch.autograd.Function):
         bounds = None if grouped else row_bounds(groups)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0] and ctx.fp8:  # dX_e = dY_e W_e, in FP8
-            w_T = for_step(ctx.step, ctx.weight, transposed_blocks_grouped,  # once per step
-                           lambda: transposed_blocks_grouped(Fp8GroupedTensor(*w_saved)))
+            w_T = for_step(ctx.step, ctx.weight, transposed_blocks_grouped_fused,  # per step
+                           lambda: transposed_blocks_grouped_fused(Fp8GroupedTensor(*w_saved)))
             grad_x = fp8_grouped_gemm(quantize_1x128_fused(grad_y_NO.contiguous()), w_T,
                                       _group_ends(groups), out_dtype=ctx.x_dtype)
         elif ctx.needs_input_grad[0]:  # dX_e = dY_e W_e

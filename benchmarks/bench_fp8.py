@@ -163,6 +163,44 @@ def linear_rows(tokens: int, shrink: int, repeat: int, device: torch.device) -> 
     return rows
 
 
+def profile_linear(k: int, n: int, tokens: int, device: torch.device, calls: int = 5) -> dict:
+    """torch.profiler over `calls` eager fp8_linear forward + backward at K x N: the kernels by
+    device time (printed), and the device's busy time per call against the wall time per call
+    (busy well below wall: the host is the limit, not the kernels)."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(tokens, k, device=device).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(n, k, device=device) * 0.02).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(tokens, n, device=device).to(torch.bfloat16)
+
+    def step():
+        x.grad = w.grad = None
+        fp8_linear(x, w).backward(dy)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize(device)
+        wall = (time.perf_counter() - start) / calls
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_device_time_total", row_limit=15), file=sys.stderr)
+    busy = sum(e.self_device_time_total for e in averages) / 1e6 / calls
+    result = {"k": k, "n": n, "tokens": tokens, "wall_s_per_call": round(wall, 6),
+              "device_busy_s_per_call": round(busy, 6),
+              "kernels": {e.key[:80]: round(e.self_device_time_total / 1e6 / calls, 6)
+                          for e in sorted(averages, key=lambda e: -e.self_device_time_total)
+                          if e.self_device_time_total > 0}}
+    print(f"profile {k} x {n}: wall {wall * 1e3:.3f} ms per call, device busy "
+          f"{busy * 1e3:.3f} ms", file=sys.stderr, flush=True)
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,9 +212,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--tune", action="store_true",
                         help="first time every kernel under each candidate launch config")
+    parser.add_argument("--profile", default=None, metavar="KxN",
+                        help="only profile fp8_linear at this shape (GPU), e.g. 2048x7168")
     args = parser.parse_args(argv)
     device = torch.device(resolve_device(args.device))
     results = result_header(device)
+    if args.profile:
+        if device.type != "cuda":
+            parser.error("--profile needs a GPU (--device cuda)")
+        try:
+            k, n = (int(v) for v in args.profile.lower().split("x"))
+        except ValueError:
+            parser.error(f"--profile={args.profile!r}: give K x N as e.g. 2048x7168")
+        results["profile"] = profile_linear(k, n, args.tokens, device)
+        emit_json(results, args.json_out)
+        return results
     if args.tune:
         results["tune"] = tune_rows(args.tokens, args.shrink, args.repeat, device)
     results["quantizers"] = quantizer_rows(args.tokens, args.shrink, args.repeat, device)

@@ -12,6 +12,8 @@
 #        bf16 copy, our FP8 linear against bf16 nn.Linear and torchao's blockwise FP8 linear
 # grouped  benchmarks/bench_fp8_grouped.py: the grouped FP8 expert GEMM against bf16
 #        torch._grouped_mm (64 experts x 384 tokens 2048 -> 1408, 32 x 1024 7168 -> 2048)
+# profile  bench_fp8.py --profile: torch.profiler over the eager FP8 linear at PROFILE_SHAPE
+#        (2048x7168): its kernels by device time, the device's busy time against the wall time
 # BENCH_ARGS: more flags for bench_fp8.py (--tune, --repeat N); BENCH_TIMEOUT (300 s).
 # Results: bench_fp8.json, bench_fp8_grouped.json and the parts' logs packed into logs.tgz, in
 # $OUT (./gpu_out/fp8 without $OUT).
@@ -36,6 +38,8 @@ for p in $PARTS; do
     bench) PYTHONPATH=${PYTHONPATH:-}:${AO_PATH:-} timeout "${BENCH_TIMEOUT:-300}" \
              python3 benchmarks/bench_fp8.py --json-out "$DIR/bench_fp8.json" ${BENCH_ARGS:-} \
              > "$DIR/bench.log" 2>&1 ;;
+    profile) timeout 120 python3 benchmarks/bench_fp8.py --profile "${PROFILE_SHAPE:-2048x7168}" \
+               --json-out "$DIR/profile.json" > "$DIR/profile.log" 2>&1 ;;
     grouped) timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_fp8_grouped.py \
                --json-out "$DIR/bench_fp8_grouped.json" ${BENCH_ARGS:-} > "$DIR/grouped.log" 2>&1 ;;
     *) echo "unknown part $p"; continue ;;

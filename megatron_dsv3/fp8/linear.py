@@ -19,7 +19,8 @@ already quantized (FP8 is what the queue holds), else computed in backward as us
 
 Every piece is one of fp8/ops.py's custom operators (the quantizers of kernels/fp8_quantize.py,
 one fused pass on a GPU and the references elsewhere; fp8/gemm.py's GEMMs), so that
-torch.compile traces the layer instead of breaking its graph. Eager, W's blocks and their
+torch.compile traces the layer instead of breaking its graph (eager code calls their bodies,
+skipping the dispatcher's host time). Eager, W's blocks and their
 transpose are computed once per optimizer step (weight_cache.py); traced, at each call: the
 cache is Python state that a compiled graph, and a CUDA graph recorded from it, would not
 revisit.
@@ -32,7 +33,7 @@ from typing import Optional
 import torch
 
 from ..weight_grad import WeightGradStore, autocast_dtype, weight_grad_now_or_later
-from . import ops  # noqa: F401  registers the custom operators torch.ops.megatron_dsv3.*
+from . import ops  # the custom operators torch.ops.megatron_dsv3.* (traced) and their bodies
 from .quantize import INPUT_DTYPES
 from .weight_cache import current_step, for_step, quantized_weight
 
@@ -40,13 +41,17 @@ Quantized = tuple[torch.Tensor, torch.Tensor]  # (data, scales)
 
 
 def _quantize(t: torch.Tensor, tiling: str) -> Quantized:
-    return torch.ops.megatron_dsv3.fp8_quantize(t, tiling)
+    if torch.compiler.is_compiling():
+        return torch.ops.megatron_dsv3.fp8_quantize(t, tiling)
+    return ops.quantize(t, tiling)
 
 
 def _gemm(a: Quantized, a_tiling: str, b: Quantized, b_tiling: str,
           out_dtype: torch.dtype) -> torch.Tensor:
     """A B^T, K-major operands (fp8/gemm.py's fp8_gemm)."""
-    return torch.ops.megatron_dsv3.fp8_gemm(*a, a_tiling, *b, b_tiling, out_dtype)
+    if torch.compiler.is_compiling():
+        return torch.ops.megatron_dsv3.fp8_gemm(*a, a_tiling, *b, b_tiling, out_dtype)
+    return ops.gemm(*a, a_tiling, *b, b_tiling, out_dtype)
 
 
 def weight_blocks(weight: torch.Tensor) -> Quantized:
@@ -56,7 +61,9 @@ def weight_blocks(weight: torch.Tensor) -> Quantized:
 
 def transposed_weight_blocks(w: Quantized) -> Quantized:
     """W's blocks as W^T's (the input gradient's operand)."""
-    return torch.ops.megatron_dsv3.fp8_transposed_blocks(*w)
+    if torch.compiler.is_compiling():
+        return torch.ops.megatron_dsv3.fp8_transposed_blocks(*w)
+    return ops.transposed(*w)
 
 
 class _Fp8Linear(torch.autograd.Function):

@@ -13,7 +13,9 @@ Python and eager launches between them).
 Each is opaque to the compiler (its body runs as written: a Triton kernel or cuBLASLt on a
 GPU, the reference elsewhere) and has a fake implementation giving the output shapes, which
 is all tracing needs. They take and return plain tensors: an Fp8Tensor is (data, scales) and
-its tiling, passed as a string.
+its tiling, passed as a string. Eager code calls their bodies (`quantize`, `gemm`,
+`transposed`) directly: the dispatcher's round trip costs host time per call that a
+small FP8 GEMM does not hide.
 """
 
 from __future__ import annotations
@@ -35,11 +37,29 @@ def _check_tiling(tiling: str) -> None:
         raise ValueError(f"fp8_quantize: tiling={tiling!r}; use one of {sorted(_QUANTIZERS)}")
 
 
-@torch.library.custom_op("megatron_dsv3::fp8_quantize", mutates_args=())
-def fp8_quantize(x: torch.Tensor, tiling: str) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, tiling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_quantize's body, callable without the dispatcher (eager)."""
     _check_tiling(tiling)
     quantized = _QUANTIZERS[tiling](x)
     return quantized.data, quantized.scales
+
+
+def gemm(a_data: torch.Tensor, a_scales: torch.Tensor, a_tiling: str, b_data: torch.Tensor,
+         b_scales: torch.Tensor, b_tiling: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """fp8_gemm's body, callable without the dispatcher (eager)."""
+    return fp8_gemm(Fp8Tensor(a_data, a_scales, a_tiling), Fp8Tensor(b_data, b_scales, b_tiling),
+                    out_dtype=out_dtype)
+
+
+def transposed(data: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_transposed_blocks's body, callable without the dispatcher (eager)."""
+    w_T = transposed_blocks_fused(Fp8Tensor(data, scales, "128x128"))
+    return w_T.data, w_T.scales
+
+
+@torch.library.custom_op("megatron_dsv3::fp8_quantize", mutates_args=())
+def fp8_quantize(x: torch.Tensor, tiling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize(x, tiling)
 
 
 @fp8_quantize.register_fake
@@ -55,8 +75,7 @@ def _(x: torch.Tensor, tiling: str) -> tuple[torch.Tensor, torch.Tensor]:
 def fp8_gemm_op(a_data: torch.Tensor, a_scales: torch.Tensor, a_tiling: str,
                 b_data: torch.Tensor, b_scales: torch.Tensor, b_tiling: str,
                 out_dtype: torch.dtype) -> torch.Tensor:
-    return fp8_gemm(Fp8Tensor(a_data, a_scales, a_tiling), Fp8Tensor(b_data, b_scales, b_tiling),
-                    out_dtype=out_dtype)
+    return gemm(a_data, a_scales, a_tiling, b_data, b_scales, b_tiling, out_dtype)
 
 
 @fp8_gemm_op.register_fake
@@ -67,8 +86,7 @@ def _(a_data, a_scales, a_tiling, b_data, b_scales, b_tiling, out_dtype) -> torc
 @torch.library.custom_op("megatron_dsv3::fp8_transposed_blocks", mutates_args=())
 def fp8_transposed_blocks(data: torch.Tensor, scales: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    w_T = transposed_blocks_fused(Fp8Tensor(data, scales, "128x128"))
-    return w_T.data, w_T.scales
+    return transposed(data, scales)
 
 
 @fp8_transposed_blocks.register_fake

@@ -11,9 +11,7 @@
 Same shapes as the peers' `proxy` (anchor_hf.py and anchor_torchtitan.py in --peers-dir; the
 torchtitan peer with its per-block compile, TT_COMPILE=1): micro-batch 1 x 4096 tokens, random ids
 and labels, parameters in bf16 (no fp32 master copy, as the peers build theirs), no MTP unless
-`--mtp`. `--micro-batches N` times steps of N micro-batches inside one `weights_fixed()` (as
-the training job runs a step: FP8 weights quantized once per step, not per micro-batch) and
-reports per micro-batch. Model FLOPs per token from `megatron_dsv3.flops` (the peers' formula: 6 x active
+`--mtp`. Model FLOPs per token from `megatron_dsv3.flops` (the peers' formula: 6 x active
 matmul parameters + causal attention). Prints a table and one JSON line; `--json-out` saves it.
 """
 
@@ -56,7 +54,7 @@ def build(args, device):
     torch.manual_seed(0)
     megatron_cfg = to_megatron_config(cfg, use_cpu_initialization=device.type != "cuda")
     model = build_model(cfg, pg_collection=pg, megatron_config=megatron_cfg).to(device)
-    set_balance_loss_scale(model, 1.0 / args.micro_batches)  # as the job scales it
+    set_balance_loss_scale(model, 1.0)  # one micro-batch per step
     if args.compile != "none":
         from megatron_dsv3.model import compile_model
 
@@ -67,7 +65,6 @@ def build(args, device):
 
 def run_ours(args, device) -> dict:
     from megatron_dsv3.flops import active_matmul_params, training_flops_per_token
-    from megatron_dsv3.fp8.weight_cache import weights_fixed
     from megatron_dsv3.mtp import mtp_loss
 
     cfg, model = build(args, device)
@@ -85,21 +82,16 @@ def run_ours(args, device) -> dict:
         loss.backward()
         return loss
 
-    def micro_batches():  # a step's micro-batches, FP8 weights quantized once (train/step.py)
-        with weights_fixed():
-            for _ in range(args.micro_batches):
-                forward_backward()
-
     def fwd_bwd_step():
         model.zero_grad(set_to_none=True)
-        micro_batches()
+        forward_backward()
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5,
                                   fused=device.type == "cuda")
 
     def full_step():
         optimizer.zero_grad(set_to_none=True)
-        micro_batches()
+        forward_backward()
         optimizer.step()
 
     if args.profile and device.type == "cuda":
@@ -112,15 +104,14 @@ def run_ours(args, device) -> dict:
                             reset_peak_after_warmup=True)
     step_peak = peak_gib(device)
     flops_tok = training_flops_per_token(cfg, seq, include_mtp=args.mtp)
-    # per micro-batch: a step's time over its micro-batches
-    fb = statistics.median(fb_times) / args.micro_batches
-    st = statistics.median(step_times) / args.micro_batches
+    fb = statistics.median(fb_times)
+    st = statistics.median(step_times)
     return {
         "impl": "megatron_dsv3", "preset": cfg.name, "mtp": cfg.mtp.num_layers,
         "fp8": cfg.fp8, "fp8_layers": list(cfg.fp8_layers) if cfg.fp8 != "none" else [],
         "params": sum(p.numel() for p in model.parameters()),
         "active_matmul_params": active_matmul_params(cfg, include_mtp=args.mtp),
-        "tokens": tokens, "micro_batches": args.micro_batches, "flops_per_token": flops_tok,
+        "tokens": tokens, "flops_per_token": flops_tok,
         "fwd_bwd_s": round(fb, 6), "tok_per_s": round(tokens / fb, 1),
         "tflops": round(flops_tok * tokens / fb / 1e12, 1), "peak_gib": round(fb_peak, 2),
         "step_s": round(st, 6), "step_tok_per_s": round(tokens / st, 1),
@@ -174,10 +165,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--micro-batches", type=int, default=1,
-                        help="micro-batches per timed step, inside one weights_fixed() as the "
-                             "training step runs them (FP8 weights quantized once per step); "
-                             "times are reported per micro-batch")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation)")
     parser.add_argument("--mtp", action="store_true", help="include the preset's MTP modules")
     parser.add_argument("--attention", default=None, choices=[None, "sdpa", "reference"])
@@ -200,8 +187,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--peer-fp8", default="none", choices=["none", "rowwise", "tensorwise"],
                         help="the torchtitan peer also with torchao's float8 (TT_FP8)")
     args = parser.parse_args(argv)
-    if args.micro_batches < 1:
-        parser.error(f"--micro-batches={args.micro_batches}: use 1 or more")
     args.device = resolve_device(args.device)
     device = torch.device(args.device)
     if args.compile == "auto":

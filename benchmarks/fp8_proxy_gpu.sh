@@ -3,8 +3,8 @@
 # with torchao's wheel in `.whl/extra/`, and the peers' folder `.peers/` carried: anchor_hf.py,
 # anchor_torchtitan.py and torchtitan's wheels):
 #
-#   bash benchmarks/fp8_proxy_gpu.sh                 # bench, then convergence
-#   bash benchmarks/fp8_proxy_gpu.sh convergence     # some of them
+#   bash benchmarks/fp8_proxy_gpu.sh                 # bench, steps, then convergence
+#   bash benchmarks/fp8_proxy_gpu.sh steps convergence   # some of them
 #
 # bench_proxy.py on the proxy preset (bf16 parameters, compiled modules with CUDA graphs, 4,096
 # tokens): ours in BF16 with torchtitan compiled in BF16 and with torchao's rowwise float8
@@ -12,6 +12,11 @@
 # and once more with the routed experts in BF16 (--fp8-layers attention,shared_experts,dispatch).
 # Results: $OUT/bf16.json, fp8.json, fp8_dense.json, their logs packed into logs.tgz
 # (./gpu_out/fp8_proxy without $OUT).
+# steps: the training job itself (benchmarks/bench_train_step.py, proxy with MTP, 8 micro-batches
+# of 4,096 tokens per step, FP8 weights quantized once per step) in BF16 and in FP8 (--fp8-layers
+# FP8_LAYERS, proxy's dense FFN in BF16); results $OUT/steps_bf16.json, steps_fp8.json.
+# STEPS_ARGS: more flags for bench_train_step.py (a CPU rehearsal: STEPS_ARGS="--device cpu
+# --preset tiny --seq-len 64 --steps 1 --warmup 1 --grad-accum 2" FP8_LAYERS=routed_experts).
 # convergence: benchmarks/fp8_convergence.py, the main job on proxy in BF16 and in FP8 for
 # CONVERGENCE_STEPS (300) steps of 2 x 4,096 tokens from the same seed: both loss curves in
 # $OUT/convergence/fp8_convergence.png, the last 50 steps' relative distance and each run's
@@ -27,7 +32,8 @@ if [ -f .peers/anchor_torchtitan.py ]; then  # the peers' own site: torchtitan a
   install_wheels .peers/.site .peers/*.whl .whl/extra/torchao-*.whl
   PEERS=(--peers-dir .peers --peers torchtitan --peer-fp8 rowwise)
 fi
-for part in ${*:-bench convergence}; do
+FP8_LAYERS=${FP8_LAYERS:-attention,shared_experts,routed_experts,dispatch}
+for part in ${*:-bench steps convergence}; do
   case $part in
     bench)
       start=$SECONDS
@@ -45,6 +51,15 @@ for part in ${*:-bench convergence}; do
       echo "== fp8, routed experts bf16: rc=$? in $((SECONDS - start)) s"
       grep -E "^ours|Error" "$DIR/fp8_dense.log" | tail -n 3
       ;;
+    steps)  # the training job's step: 8 micro-batches, FP8 weights quantized once per step
+      for precision in bf16 fp8; do
+        start=$SECONDS
+        flags=""; [ $precision = fp8 ] && flags="--fp8 deepseek --fp8-layers $FP8_LAYERS"
+        timeout 240 python3 benchmarks/bench_train_step.py --skip-baseline --job-args "$flags" \
+          ${STEPS_ARGS:-} --json-out "$DIR/steps_$precision.json" > "$DIR/steps_$precision.log" 2>&1
+        echo "== job, $precision: rc=$? in $((SECONDS - start)) s"
+        grep -E "^job:|Error" "$DIR/steps_$precision.log" | tail -n 3
+      done ;;
     convergence)
       start=$SECONDS
       timeout "${CONVERGENCE_TIMEOUT:-540}" python3 benchmarks/fp8_convergence.py --preset proxy \
@@ -52,7 +67,7 @@ for part in ${*:-bench convergence}; do
         --extra=--grad-accum=2 --out-dir "$DIR/convergence" --runs-dir /tmp/fp8_convergence \
         > "$DIR/convergence.log" 2>&1
       echo "== convergence: rc=$? in $((SECONDS - start)) s"; tail -n 3 "$DIR/convergence.log" ;;
-    *) echo "unknown part $part: choose from bench convergence" >&2; exit 2 ;;
+    *) echo "unknown part $part: choose from bench steps convergence" >&2; exit 2 ;;
   esac
 done
 pack_logs "$DIR"

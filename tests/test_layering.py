@@ -20,6 +20,7 @@ TIERS = [  # the tiers of docs/architecture.md's package map
     ("attention", "moe", "mtp"),
     ("specs",),
     ("model",),
+    ("inference",),
     ("pipeline",),
     ("profiling",),
     ("train", "checkpoint", "pretrain", "pretrain_dualpipe", "pretrain_log"),

@@ -95,9 +95,9 @@ class MultiLatentAttention(ShardedCheckpointable, torch.nn.Module):
         (DeepSeek pre-training attends causally over the whole sequence)."""
         if inference_context is not None:
             raise NotImplementedError(
-                "MultiLatentAttention: decoding with a KV cache is not implemented (the "
-                "latent-cache inference path is planned, docs/architecture.md 3.1); call the "
-                "model without inference_context")
+                "MultiLatentAttention: the training module takes no inference_context; "
+                "decode with the latent KV cache through megatron_dsv3.inference (generate, "
+                "or prefill and decode_step), or call the model without inference_context")
         if packed_seq_params is not None:
             raise NotImplementedError(
                 "MultiLatentAttention: packed sequences (THD) are not supported; pass "

@@ -32,7 +32,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from megatron_dsv3.kernels import fp8_grouped_gemm, fp8_quantize, fp8_transpose  # noqa: E402
+from megatron_dsv3.kernels import (fp8_grouped_gemm, fp8_grouped_wgrad, fp8_quantize,  # noqa: E402
+                                   fp8_transpose)
 
 _TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -60,6 +61,14 @@ def _kernels() -> dict:
                           "b_scales_ptr": "*fp32", "ends_ptr": "*i32", "out_ptr": "*bf16"},
                          ("N", "K", "stride_am", "stride_be", "stride_bn", "stride_om"),
                          ("stride_ak", "stride_ask", "stride_bk", "stride_bsk", "stride_on")),
+        "grouped_wgrad": (fp8_grouped_wgrad._fp8_grouped_wgrad_kernel,
+                          fp8_grouped_wgrad.LAUNCH_CONFIG["wgrad"],
+                          {"TILE": 128, "ACCUMULATE": True},
+                          {"dy_ptr": "*fp8e4nv", "x_ptr": "*fp8e4nv", "dy_scales_ptr": "*fp32",
+                           "x_scales_ptr": "*fp32", "ends_ptr": "*i32", "out_ptr": "*fp32"},
+                          ("O", "I", "stride_dyo", "stride_xi", "stride_dyso", "stride_xsi",
+                           "stride_oe", "stride_oo"),
+                          ("stride_dyst", "stride_xst", "stride_oi")),
         "transpose": (fp8_transpose._transpose_bytes_kernel, fp8_transpose.LAUNCH_CONFIG, {},
                       {"src_ptr": "*u8", "dst_ptr": "*u8"}, ("R", "C"), ()),
     }

@@ -110,7 +110,7 @@ def test_reference_tiles_equal_an_fp64_computation_per_expert_segment(pow2):
         inverse = (1.0 / scale).float().double()
         expected = (x.double() * inverse).float().clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
         expected[sum(COUNTS):] = 0
-        assert torch.equal(got.data.view(torch.uint8),
+        assert torch.equal(got.data_by_row(group_ends(COUNTS)).view(torch.uint8),
                            expected.t().to(torch.float8_e4m3fn).view(torch.uint8)), (seed, dtype)
         tiles = sum(math.ceil(c / 128) for c in COUNTS)
         assert (got.scales[:, tiles:] == MIN_SCALE).all(), (seed, "unused columns: 2^-126")
@@ -123,7 +123,9 @@ def test_groups_of_whole_tiles_give_quantize_128x1s_data_and_scales(pow2):
     x = _spread(sum(counts), I).to(torch.bfloat16)
     got = quantize_128x1_segments(x, group_ends(counts), pow2_scales=pow2)
     want = quantize_128x1(x, pow2_scales=pow2)
-    assert torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8)), seed
+    # whole tiles from column 0: quantize_128x1's data, then the five experts' unused tiles
+    assert torch.equal(got.data[:, :768].view(torch.uint8), want.data.view(torch.uint8)), seed
+    assert (got.data[:, 768:].float() == 0).all() and got.data.shape == (I, 128 * 11), seed
     assert torch.equal(got.scales[:, :6], want.scales), seed
     assert (got.scales[:, 6:] == MIN_SCALE).all() and got.scales.shape == (I, 6 + 5), seed
 
@@ -142,7 +144,7 @@ def test_an_outlier_changes_its_own_segment_tile_only():
     assert after.scales[col, 6].item() == pytest.approx(1e4 / FP8_E4M3_MAX, rel=2**-8)
     changed = (before.data.view(torch.uint8) != after.data.view(torch.uint8)).nonzero()
     assert changed[:, 0].eq(col).all(), (seed, "the outlier's column only")
-    assert changed[:, 1].min() >= 513 and changed[:, 1].max() < 641, (seed, "its tile only")
+    assert changed[:, 1].min() >= 6 * 128 and changed[:, 1].max() < 7 * 128, (seed, "tile 6")
     assert len(changed) > 64, (seed, "the tile is rescaled")
 
 
@@ -163,7 +165,8 @@ def test_empty_experts_take_no_tile_and_rows_past_the_last_end_are_zeros():
     x = torch.randn(N, I)
     x[sum(COUNTS):] = float("nan")
     q = quantize_128x1_segments(x, ends)
-    assert (q.data[:, sum(COUNTS):].float() == 0).all(), seed
+    assert (q.data_by_row(ends)[:, sum(COUNTS):].float() == 0).all(), seed
+    assert (q.data[:, 8 * 128:].float() == 0).all(), (seed, "past the experts' 8 tiles")
     assert (q.dequantize(ends)[sum(COUNTS):] == 0).all(), seed
     nobody = quantize_128x1_segments(torch.randn(5, I), group_ends([0, 0]))
     assert (nobody.scales == MIN_SCALE).all() and (nobody.data.float() == 0).all()
@@ -320,27 +323,24 @@ _INTERPRETED = E4M3_CAST_LIKE_THE_GPU + textwrap.dedent("""
     got, want = launch_quantize_128x1_segments(broken, ends), quantize_128x1_segments(x, ends)
     assert got.scales.isnan().nonzero().tolist() == [[9, 6]], seed
     keep = torch.ones_like(bits(got), dtype=torch.bool)
-    keep[9, 513:641] = False
+    keep[9, 6 * 128:7 * 128] = False
     assert torch.equal(bits(got)[keep], bits(want)[keep]), seed
 
     # The GEMM: store (fp32, fp16 output) and add modes against the emulation, within
     # tolerance.FP32_REORDER (the same FP8 products, fp32 sums reordered). O = 96, I = 40:
     # with 64 x 32 blocks two of each, the second partial; rows past the last end (first
-    # case). The kernel's three ways to load tokens: whole tiles, for experts whose first and
-    # end rows are multiples of 16 (expert 1 of both cases); windows from a multiple of 16,
-    # for the others when x^T's rows are padded to 16 bytes (the quantizer kernel's operands,
-    # N = 825: the second case, expert 3 ending and expert 4 starting inside a window, its
-    # last window over the padding); bytes otherwise (the reference's contiguous operands)
+    # case); the reference's operands and the kernel's; 136 experts in the third case (the
+    # kernel counts the experts before one 128 at a time: two rounds)
     O = 96
     dy = torch.randn(rows, O) * 1e-3 * torch.rand(rows, 1)
     x = torch.randn(rows, I) * 4 * torch.rand(rows, 1)
     for counts, quantize, config in (
             (COUNTS, quantize_128x1_segments, None),
             ([0, 256, 0, 137, 432], launch_quantize_128x1_segments,
-             {"BLOCK_O": 64, "BLOCK_I": 32, "num_warps": 4})):
+             {"BLOCK_O": 64, "BLOCK_I": 32, "num_warps": 4}),
+            ([0, 3] * 67 + [5, 9], launch_quantize_128x1_segments, None)):
         ends = ends_of(counts)
         dy_q, x_q = quantize(dy, ends), quantize(x, ends)
-        assert (x_q.data.stride(0) % 16 == 0) == (quantize is not quantize_128x1_segments)
         want = fp8_grouped_wgrad_emulated(dy_q, x_q, ends)
         case = f"seed {seed}, {counts}, {config}"
         got = launch_fp8_grouped_wgrad(dy_q, x_q, ends, config=config)
@@ -388,10 +388,14 @@ def test_bad_inputs_raise_naming_the_argument_and_the_fix():
     with pytest.raises(ValueError, match=r"x_NI\[600, 9\] = inf.*expert 5's 128x1 tile of rows "
                                          r"513:641, column 9 \(1 non-finite"):
         quantize_128x1_segments(x_bad, ends)
-    with pytest.raises(ValueError, match=r"scales: fp32 of shape \(136, ceil\(N/128\) \+ E\)"):
-        Fp8SegmentTiles(x_q.data, x_q.scales[:, :6])
+    with pytest.raises(ValueError, match=r"scales: fp32 of shape \(I, T\) = \(136, ceil\(N/128\) \+ E\)"):
+        Fp8SegmentTiles(x_q.data, x_q.scales[:, :6], x_q.rows)
+    with pytest.raises(ValueError, match=r"scales: fp32 .* with data \[I, 128 T\]"):
+        Fp8SegmentTiles(x_q.data[:, :-1], x_q.scales, x_q.rows)
+    with pytest.raises(ValueError, match="rows=-1: the number of rows N"):
+        Fp8SegmentTiles(x_q.data, x_q.scales, -1)
     with pytest.raises(ValueError, match="data: a 2-D"):
-        Fp8SegmentTiles(x_q.data.float(), x_q.scales)
+        Fp8SegmentTiles(x_q.data.float(), x_q.scales, x_q.rows)
     with pytest.raises(ValueError, match="dequantize: group_ends has 6 entries for tiles of 7"):
         x_q.dequantize(ends[:6])
     with pytest.raises(ValueError, match="dy_q must be an Fp8SegmentTiles"):

@@ -13,9 +13,8 @@ emulation (fp8/grouped_gemm.py) on the same FP8 operands (skipped without CUDA; 
   * the weight gradient (kernels/fp8_grouped_wgrad.py) on the same problem: the
     segment-aligned 128x1 quantizer kernel equals the reference bit for bit on bf16 dy and x
     (exact and power-of-two scales; NaN in the rows past the last end, which neither reads);
-    the grouped wgrad GEMM (experts of 16-aligned rows and others, N a multiple of 16 and
-    not: its three ways of loading tokens) against fp8_grouped_wgrad_emulated within
-    HOPPER_FP8_ACCUMULATION (each 128-token tile's products summed in the FP8 accumulator
+    the grouped wgrad GEMM (experts of 16-aligned rows and others) against
+    fp8_grouped_wgrad_emulated within HOPPER_FP8_ACCUMULATION (each 128-token tile's products summed in the FP8 accumulator
     before the FP32 promotion, as above), stored in fp32 (the empty expert's dW exactly zero)
     and bf16 (the fp32 result rounded), and added into an fp32 sum (the empty expert's sum
     left bit for bit as it was).
@@ -105,8 +104,8 @@ def test_fused_transpositions_of_the_weight_blocks_equal_the_references_bit_for_
 def _wgrad_operands(seed: int):
     """The problem's dy and x in segment-aligned 128x1 tiles (the references), and group_ends;
     NaN in the rows past the last end (no expert's: neither the quantizers nor the GEMM read
-    them). The first half of the ends rounded down to multiples of 16: those experts take the
-    GEMM kernel's 16-byte-load path, the others its byte-load path."""
+    them). The first half of the ends rounded down to multiples of 16, the others anywhere
+    (the tiles start on 128-byte boundaries either way: fp8/grouped_gemm.py)."""
     from megatron_dsv3.fp8.grouped_gemm import quantize_128x1_segments
 
     ends, x, _, dy = _problem(seed)

@@ -56,11 +56,30 @@ def _randomise(model, seed: int = 0) -> None:
                 buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.05)
 
 
-@pytest.fixture(scope="module", params=["qlora-yarn", "noqlora-rope"])
-def model(request, dist_single):
-    model = build_model(_cfg(request.param), pg_collection=dist_single).eval()
-    _randomise(model)
-    return model
+@pytest.fixture(scope="module")
+def models(dist_single):
+    """The variants' models, each built once for the module when first asked for."""
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = build_model(_cfg(name), pg_collection=dist_single).eval()
+            _randomise(built[name])
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(params=["qlora-yarn", "noqlora-rope"])
+def model(request, models):
+    """Both variants: for the tests where the rope and the query path matter."""
+    return models(request.param)
+
+
+@pytest.fixture
+def yarn_model(models):
+    """One variant: for batching, sampling and argument checks, which do not depend on it."""
+    return models("qlora-yarn")
 
 
 @pytest.fixture(scope="module")
@@ -128,19 +147,19 @@ def test_absorbed_and_plain_agree_and_only_plain_expands_kv(model, tokens):
     assert all(len(t) == 10 for t in greedy["absorbed"])
 
 
-def test_batched_requests_generate_what_each_generates_alone(model, tokens):
+def test_batched_requests_generate_what_each_generates_alone(yarn_model, tokens):
     """(c) Greedy tokens of prompts of 12, 5 and 9 tokens in one batch equal each request's
     own, also when a stop token ends one request early while the others go on."""
     prompts = [tokens[b, :n].tolist() for b, n in enumerate(PROMPT_LENGTHS)]
-    alone = [generate(model, [p], max_new_tokens=8)[0] for p in prompts]
-    assert generate(model, prompts, max_new_tokens=8) == alone
+    alone = [generate(yarn_model, [p], max_new_tokens=8)[0] for p in prompts]
+    assert generate(yarn_model, prompts, max_new_tokens=8) == alone
     # stop at request 1's third token (which request 0 and 2 do not emit before their end)
     stop = alone[1][2]
     expected = []
     for ids in alone:
         expected.append(ids[:ids.index(stop) + 1] if stop in ids else ids)
     assert len(expected[1]) <= 3 and any(len(ids) == 8 for ids in expected), expected
-    assert generate(model, prompts, max_new_tokens=8, stop_tokens=[stop]) == expected
+    assert generate(yarn_model, prompts, max_new_tokens=8, stop_tokens=[stop]) == expected
 
 
 def test_cache_holds_only_the_latent_and_the_rope_key(model, tokens):
@@ -181,26 +200,26 @@ def test_cache_holds_only_the_latent_and_the_rope_key(model, tokens):
     (dict(prompts=[[1, 64]]), ["prompts[0] holds token 64", "vocabulary [0, 64)"]),
     (dict(prompts=[]), ["prompts must be a non-empty list"]),
 ])
-def test_bad_arguments_name_the_argument_and_the_fix(model, kwargs, words):
+def test_bad_arguments_name_the_argument_and_the_fix(yarn_model, kwargs, words):
     """(e)"""
     arguments = dict(prompts=[[1, 2, 3]], max_new_tokens=2) | kwargs
     with pytest.raises(ValueError) as info:
-        generate(model, arguments.pop("prompts"), **arguments)
+        generate(yarn_model, arguments.pop("prompts"), **arguments)
     for word in words:
         assert word in str(info.value), (word, str(info.value))
 
 
-def test_sampling_is_reproducible_and_top_p_keeps_the_nucleus(model, tokens):
+def test_sampling_is_reproducible_and_top_p_keeps_the_nucleus(yarn_model, tokens):
     prompts = [tokens[b, :n] for b, n in enumerate(PROMPT_LENGTHS)]
 
     def sampled(seed, **kwargs):
-        return generate(model, prompts, max_new_tokens=6, temperature=1.0,
+        return generate(yarn_model, prompts, max_new_tokens=6, temperature=1.0,
                         generator=torch.Generator().manual_seed(seed), **kwargs)
 
     assert sampled(3, top_p=0.9) == sampled(3, top_p=0.9)
     assert sampled(3) != sampled(4)  # 18 draws from 64 tokens: not by chance equal
     # a nucleus of one token is the greedy choice
-    assert sampled(3, top_p=1e-6) == generate(model, prompts, max_new_tokens=6)
+    assert sampled(3, top_p=1e-6) == generate(yarn_model, prompts, max_new_tokens=6)
 
     # probabilities 0.4, 0.3, 0.2, 0.1: top_p=0.5 keeps the first two (0.4 < 0.5 <= 0.7)
     logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log().expand(4000, 4)

@@ -30,7 +30,7 @@ The weight gradient dW_e [O, I] = dy_e^T x_e contracts over each expert's own ro
 tiles of dy [N, O] and x [N, I] must restart at every expert's first row ("segment-aligned"
 tiles; expert row counts are not multiples of 128):
 
-  quantize_128x1_segments(x_NI, group_ends)            data x^T [I, N], scales [I, T]
+  quantize_128x1_segments(x_NI, group_ends)            data [I, 128 T], scales [I, T]
   fp8_grouped_wgrad_emulated(dy_q, x_q, group_ends)    dW [E, O, I]
 
 Expert e's rows [s_e, t_e) make the tiles s_e + 128 j .. min(s_e + 128 (j + 1), t_e), numbered
@@ -42,6 +42,13 @@ expert: they are quantized as zeros (data 0), in tiles of their own after the ex
 and every scale column that no expert's tile uses holds 2^-126, an all-zero tile's scale. When
 every n_e is a multiple of 128 (and the last end is N) the tiles are quantize_128x1's: the same
 data, and its scales in the first ceil(N / 128) columns.
+
+The data are stored by tile, transposed: tile t's 128 tokens are columns 128 t .. 128 t + 127
+of data [I, 128 T] (x^T, the tokens contiguous), a tile's columns past its expert's last row
+zeros. So every tile starts on a 128-byte boundary whatever the experts' row counts, and the
+weight-gradient kernel loads whole aligned tiles, no masks, no partial loads
+(kernels/fp8_grouped_wgrad.py); the price is up to 127 zero columns per expert (at DeepSeek-V3's
+~400 rows per expert and micro-batch, ~15% more bytes and tensor-core work in the wgrad GEMM).
 """
 
 from __future__ import annotations
@@ -206,53 +213,70 @@ def segment_tile_count(rows: int, experts: int) -> int:
 @dataclass(frozen=True)
 class Fp8SegmentTiles:
     """x [N, I] in E4M3 with one fp32 scale per segment-aligned 128x1 tile (module docstring),
-    stored transposed as quantize_128x1 stores it: x[r, i] ~= data[i, r] * scales[i, tile(r)].
+    stored transposed by tile: x[r, i] ~= data[i, 128 tile(r) + offset(r)] * scales[i, tile(r)],
+    offset(r) the row's place in its tile.
 
-    data [I, N] float8_e4m3fn (x^T: the tokens, the weight gradient's contraction, contiguous);
-    scales [I, T] fp32, T = ceil(N/128) + E. Which tile a row is in depends on group_ends,
-    which is not held here: dequantize takes it. data may be a view whose rows are padded
-    (the quantizer kernel's: rows of 16 ceil(N/16) bytes, zeros past N); the GEMM kernel
-    reads up to 15 tokens past N where the row stride is a multiple of 16 holding them, so
-    such padding must hold finite values."""
+    data [I, 128 T] float8_e4m3fn (x^T by tile: tile t's tokens, the weight gradient's
+    contraction, contiguous in columns 128 t ..; zeros past a tile's last row); scales [I, T]
+    fp32, T = ceil(N/128) + E; rows N, the rows of x. Which tile a row is in depends on
+    group_ends, which is not held here: dequantize takes it."""
 
-    data: torch.Tensor    # float8_e4m3fn [I, N]
-    scales: torch.Tensor  # float32 [I, ceil(N/128) + E]
+    data: torch.Tensor    # float8_e4m3fn [I, 128 T]
+    scales: torch.Tensor  # float32 [I, T], T = ceil(N/128) + E
+    rows: int             # N
 
     def __post_init__(self):
         if self.data.dtype != FP8_DTYPE or self.data.dim() != 2:
-            raise ValueError(f"data: a 2-D [I, N] {FP8_DTYPE} tensor is needed, got "
+            raise ValueError(f"data: a 2-D [I, 128 T] {FP8_DTYPE} tensor is needed, got "
                              f"{self.data.dtype} of shape {tuple(self.data.shape)}")
-        features, rows = self.data.shape
-        least = segment_tile_count(rows, 1)
+        if not isinstance(self.rows, int) or self.rows < 0:
+            raise ValueError(f"rows={self.rows!r}: the number of rows N of the quantized x "
+                             f"[N, I], a non-negative int, is needed")
+        features, columns = self.data.shape
+        least = segment_tile_count(self.rows, 1)
         if (self.scales.dtype != torch.float32 or self.scales.dim() != 2
-                or self.scales.shape[0] != features or self.scales.shape[1] < least):
-            raise ValueError(f"scales: fp32 of shape ({features}, ceil(N/128) + E) = "
-                             f"({features}, {least - 1} + E), E >= 1 the experts, is needed for "
-                             f"data [I, N] = {list(self.data.shape)}, got {self.scales.dtype} "
-                             f"of shape {tuple(self.scales.shape)}")
+                or self.scales.shape[0] != features or self.scales.shape[1] < least
+                or columns != TILE * self.scales.shape[1]):
+            raise ValueError(f"scales: fp32 of shape (I, T) = ({features}, ceil(N/128) + E) = "
+                             f"({features}, {least - 1} + E), E >= 1 the experts, with data "
+                             f"[I, 128 T], is needed for N = {self.rows} rows; got data "
+                             f"{list(self.data.shape)} and scales {self.scales.dtype} of shape "
+                             f"{tuple(self.scales.shape)}")
 
     @property
     def num_experts(self) -> int:
-        return self.scales.shape[1] - segment_tile_count(self.data.shape[1], 0)
+        return self.scales.shape[1] - segment_tile_count(self.rows, 0)
+
+    def _tiles_and_columns(self, group_ends: torch.Tensor, caller: str):
+        """Each row's tile and its column in data (tile * 128 + its place in the tile), after
+        checking group_ends on the host (one sync)."""
+        check_group_ends_tensor(group_ends, caller)
+        if group_ends.numel() != self.num_experts:
+            raise ValueError(f"{caller}: group_ends has {group_ends.numel()} entries for tiles "
+                             f"of {self.num_experts} experts; pass the group_ends these tiles "
+                             f"were quantized with")
+        _host_group_bounds(group_ends, self.rows, caller, "N", "x")
+        tiles_N, offsets_N = segment_tile_of_rows(group_ends.to(self.data.device), self.rows,
+                                                  with_offsets=True)
+        return tiles_N, tiles_N * TILE + offsets_N
+
+    def data_by_row(self, group_ends: torch.Tensor) -> torch.Tensor:
+        """The FP8 data in row order, x^T's layout [I, N] (as quantize_128x1 stores it)."""
+        _, columns_N = self._tiles_and_columns(group_ends, "Fp8SegmentTiles.data_by_row")
+        return self.data[:, columns_N]
 
     def dequantize(self, group_ends: torch.Tensor) -> torch.Tensor:
         """data * scale in fp32, in the layout of the tensor that was quantized: [N, I]; rows
         past the last end are 0. group_ends is checked on the host (one sync)."""
-        check_group_ends_tensor(group_ends, "Fp8SegmentTiles.dequantize")
-        if group_ends.numel() != self.num_experts:
-            raise ValueError(f"Fp8SegmentTiles.dequantize: group_ends has {group_ends.numel()} "
-                             f"entries for tiles of {self.num_experts} experts; pass the "
-                             f"group_ends these tiles were quantized with")
-        _host_group_bounds(group_ends, self.data.shape[1], "Fp8SegmentTiles.dequantize", "N",
-                           "data^T")
-        tiles_N = segment_tile_of_rows(group_ends.to(self.data.device), self.data.shape[1])
-        return (self.data.float() * self.scales[:, tiles_N]).t()
+        tiles_N, columns_N = self._tiles_and_columns(group_ends, "Fp8SegmentTiles.dequantize")
+        return (self.data[:, columns_N].float() * self.scales[:, tiles_N]).t()
 
 
-def segment_tile_of_rows(group_ends: torch.Tensor, rows: int) -> torch.Tensor:
+def segment_tile_of_rows(group_ends: torch.Tensor, rows: int, with_offsets: bool = False):
     """The tile of each of `rows` rows in segment-aligned tiles (module docstring): int64 [rows]
     on group_ends' device, computed there (no host sync). Rows past the last end count in
-    tiles of their own after the experts' ones."""
+    tiles of their own after the experts' ones. `with_offsets`: also each row's place in its
+    tile (0..127), as a second int64 [rows]."""
     ends_E = group_ends.long()
     starts_E = torch.cat([ends_E.new_zeros(1), ends_E[:-1]])
     tiles_E = torch.div(ends_E - starts_E + TILE - 1, TILE, rounding_mode="floor")
@@ -263,7 +287,12 @@ def segment_tile_of_rows(group_ends: torch.Tensor, rows: int) -> torch.Tensor:
     in_expert = first_tile_E[owner_N] + torch.div(rows_N - starts_E[owner_N], TILE,
                                                   rounding_mode="floor")
     past_the_end = tiles_E.sum() + torch.div(rows_N - ends_E[-1], TILE, rounding_mode="floor")
-    return torch.where(expert_N < len(ends_E), in_expert, past_the_end)
+    mine = expert_N < len(ends_E)
+    tiles = torch.where(mine, in_expert, past_the_end)
+    if not with_offsets:
+        return tiles
+    offsets = torch.where(mine, rows_N - starts_E[owner_N], rows_N - ends_E[-1]) % TILE
+    return tiles, offsets
 
 
 def _raise_on_non_finite_rows(x_NI: torch.Tensor, bounds: list[tuple[int, int]]) -> None:
@@ -307,18 +336,18 @@ def quantize_128x1_segments(x_NI: torch.Tensor, group_ends: torch.Tensor, *,
     rows, features = x_NI.shape
     bounds = _host_group_bounds(group_ends, rows, "quantize_128x1_segments", "N", "x_NI")
     _raise_on_non_finite_rows(x_NI, bounds)
-    data = torch.zeros(features, rows, dtype=FP8_DTYPE, device=x_NI.device)
-    scales = torch.full((features, segment_tile_count(rows, len(bounds))), MIN_SCALE,
-                        device=x_NI.device)
+    slots = segment_tile_count(rows, len(bounds))
+    data = torch.zeros(features, slots * TILE, dtype=FP8_DTYPE, device=x_NI.device)
+    scales = torch.full((features, slots), MIN_SCALE, device=x_NI.device)
     tile = 0
     for start, end in bounds:
         if end > start:
             expert = _quantize_tiles(x_NI[start:end].t(), "128x1", pow2_scales)
             tiles = expert.scales.shape[1]
-            data[:, start:end] = expert.data
+            data[:, tile * TILE:tile * TILE + end - start] = expert.data  # its tiles' columns
             scales[:, tile:tile + tiles] = expert.scales
             tile += tiles
-    return Fp8SegmentTiles(data, scales)
+    return Fp8SegmentTiles(data, scales, rows)
 
 
 def check_wgrad_operands(dy_q: Fp8SegmentTiles, x_q: Fp8SegmentTiles,
@@ -330,9 +359,9 @@ def check_wgrad_operands(dy_q: Fp8SegmentTiles, x_q: Fp8SegmentTiles,
             raise ValueError(f"fp8_grouped_wgrad: {name} must be an Fp8SegmentTiles "
                              f"(quantize_128x1_segments of {rows}), got "
                              f"{type(operand).__name__}")
-    if dy_q.data.shape[1] != x_q.data.shape[1] or dy_q.scales.shape[1] != x_q.scales.shape[1]:
-        raise ValueError(f"fp8_grouped_wgrad: dy_q holds {dy_q.data.shape[1]} rows in "
-                         f"{dy_q.scales.shape[1]} tile columns and x_q {x_q.data.shape[1]} in "
+    if dy_q.rows != x_q.rows or dy_q.scales.shape[1] != x_q.scales.shape[1]:
+        raise ValueError(f"fp8_grouped_wgrad: dy_q holds {dy_q.rows} rows in "
+                         f"{dy_q.scales.shape[1]} tile columns and x_q {x_q.rows} in "
                          f"{x_q.scales.shape[1]}; quantize dy and x of the same rows with the "
                          f"same group_ends")
     check_group_ends_tensor(group_ends, "fp8_grouped_wgrad")
@@ -354,17 +383,18 @@ def fp8_grouped_wgrad_emulated(dy_q: Fp8SegmentTiles, x_q: Fp8SegmentTiles,
     tile and accumulated in FP32 (fp8_gemm_emulated on expert e's columns of dy^T and x^T);
     an expert without rows gets zeros. Reads group_ends on the host (one sync)."""
     check_wgrad_operands(dy_q, x_q, group_ends)
-    (out_features, rows), in_features = dy_q.data.shape, x_q.data.shape[0]
+    out_features, in_features = dy_q.data.shape[0], x_q.data.shape[0]
     dW_EOI = torch.zeros(group_ends.numel(), out_features, in_features, dtype=out_dtype,
                          device=dy_q.data.device)
-    bounds = _host_group_bounds(group_ends, rows, "fp8_grouped_wgrad", "N", "dy_q and x_q")
+    bounds = _host_group_bounds(group_ends, dy_q.rows, "fp8_grouped_wgrad", "N",
+                                "dy_q and x_q")
     tile = 0
     for e, (start, end) in enumerate(bounds):
         tiles = -(-(end - start) // TILE)
-        if tiles:
-            own = slice(tile, tile + tiles)
-            dy_e = Fp8Tensor(dy_q.data[:, start:end], dy_q.scales[:, own], "128x1")
-            x_e = Fp8Tensor(x_q.data[:, start:end], x_q.scales[:, own], "128x1")
+        if tiles:  # its tiles' columns: its rows, then zeros to the last tile's end
+            own, columns = slice(tile, tile + tiles), slice(tile * TILE, (tile + tiles) * TILE)
+            dy_e = Fp8Tensor(dy_q.data[:, columns], dy_q.scales[:, own], "128x1")
+            x_e = Fp8Tensor(x_q.data[:, columns], x_q.scales[:, own], "128x1")
             dW_EOI[e] = fp8_gemm_emulated(dy_e, x_e, out_dtype)  # dy_e^T x_e
         tile += tiles
     return dW_EOI

@@ -21,33 +21,31 @@ The quantizer: programs over (T tile slots, I blocks), T = ceil(N/128) + E. Slot
 experts' tile count is tile j = t - tile_start_e of the expert e whose tiles hold it: rows
 s_e + 128 j .. min(s_e + 128 (j + 1), t_e). A program loads [those rows] x [BLOCK_I columns],
 takes each column's amax, scale and reciprocal (kernels/fp8_quantize.py's `_amax_scale` and
-`_to_fp8`: the convention, bit for bit), and stores the data transposed, x^T [I, N], and the
-scales [I, T]. The slots after the experts' tiles cover the rows past the last end, 128 at a
-time: nothing is loaded, so their data are stored as 0 and their scale is 2^-126 (an all-zero
-tile's); slots past those store only that scale. Every element of data and scales is written.
+`_to_fp8`: the convention, bit for bit), and stores the data transposed into the tile's own
+128 columns, data [I, 128 T] (fp8/grouped_gemm.py: tile t at columns 128 t ..; the rows
+past the expert's end load as 0 and store as 0), and the scales [I, T]. The slots after the
+experts' tiles (the rows past the last end, and the slots no tile uses) store zeros and the
+scale 2^-126 (an all-zero tile's). Every element of data and scales is written, 128 bytes
+per row at a time.
 
 The GEMM: one program per (O tile, I tile, expert), O fastest (the programs running together
-share an expert's rows of x), looping over the expert's tiles j:
+share an expert's rows of x), looping over the expert's tiles j, each a whole 128-token block
+on a 128-byte boundary (no mask along the tokens: a tile's columns past its expert's rows
+hold zeros in both operands):
     acc += tl.dot(dy^T[o, tile j], x^T[i, tile j]^T)   (FP8 inputs, [BLOCK_O, 128] x
            * s_dy[o, tile][:, None] * s_x[i, tile][None, :]   [128, BLOCK_I], FP32 result)
-the tile's rows past the expert's end masked to 0. So each tile's sum is promoted to FP32 and
-scaled there, as the emulation does; on Hopper the tensor cores sum one tile's 128 products in
-their FP8 accumulator (about 14 bits, tests/helpers/tolerance.py HOPPER_FP8_ACCUMULATION). The
-epilogue stores acc in the output's dtype (an expert without rows: zeros) or adds it into an
-fp32 sum (an expert without rows leaves its sum as it was), as kernels/grouped_wgrad.py does.
+So each tile's sum is promoted to FP32 and scaled there, as the emulation does; on Hopper the
+tensor cores sum one tile's 128 products in their FP8 accumulator (about 14 bits,
+tests/helpers/tolerance.py HOPPER_FP8_ACCUMULATION). The epilogue stores acc in the output's
+dtype (an expert without rows: zeros) or adds it into an fp32 sum (an expert without rows
+leaves its sum as it was), as kernels/grouped_wgrad.py does.
 
-Alignment: an expert's first row can be any row, and the compiler moves 16 bytes at a time
-(and pipelines the GEMM's loads through asynchronous copies) only where it can see that the
-tokens it loads start at multiples of 16. The quantizer kernel pads each row of x^T to a
-multiple of 16 bytes with zeros (data is an [I, N] view of [I, 16 ceil(N/16)]) and stores a
-tile 16 bytes at a time where its first and end rows are multiples of 16, else byte by byte.
-The GEMM loads an expert's tiles
-  whole      where the expert's first and end rows are multiples of 16;
-  windowed   else, where x^T's and dy^T's rows are padded so (the quantizer kernel's): each
-             tile's 128 tokens from the multiple of 16 at or below its first row, and the 32
-             after them, the tokens not the tile's zeroed in dy's block (zeros in one operand
-             are enough); a second, 32-deep dot for the tail: 25% more tensor-core work;
-  bytewise   else (contiguous rows of N tokens, N not a multiple of 16: the references').
+Why tiles on 128-byte boundaries: an expert's first row can be any row, and the compiler moves
+16 bytes at a time (and pipelines the GEMM's loads through asynchronous copies) only where it
+can see that the tokens it loads start at multiples of 16. The first version stored x^T by
+row (an expert's tile starting anywhere) and loaded unaligned tiles through a window and a
+second, 32-deep dot or byte by byte: 81-107 TFLOP/s on an H200, 0.16-0.19x bf16's grouped
+GEMM (benchmarks/RESULTS.md 2026-12-03), three load paths in one kernel at 254 registers.
 """
 
 from __future__ import annotations
@@ -95,38 +93,23 @@ if triton is not None:
     from megatron_dsv3.kernels.fp8_quantize import _amax_scale, _to_fp8
 
     @triton.jit
-    def _store_columns(data_t_ptr, data_t, cols, in_i, first_row, store_end, row_stride,
-                       TILE: tl.constexpr, ALIGNED: tl.constexpr):
-        """data_t [cols, TILE] into x^T [I, N] at columns first_row.. (rows of x), those below
-        store_end. ALIGNED: first_row and store_end are multiples of 16 that the compiler can
-        see (x // 16 * 16), which lets it store 16 bytes at a time."""
-        rows = first_row.to(tl.int64) + tl.arange(0, TILE)
-        in_rows = rows < store_end
-        if ALIGNED:  # this op's own hint: 16 rows in or out together
-            in_rows = tl.max_constancy(in_rows, 16)
-        tl.store(data_t_ptr + cols[:, None] * row_stride + rows[None, :], data_t,
-                 mask=in_i[:, None] & in_rows[None, :])
-
-    @triton.jit
     def _quantize_128x1_segments_kernel(
             x_ptr, data_t_ptr, scales_ptr, ends_ptr,    # pointers
-            N_PADDED, I, E, T,                          # sizes (N_PADDED: data's row stride)
+            I, E, T,                                    # sizes (data [I, 128 T], scales [I, T])
             stride_xn, stride_xi,                       # x's strides (outputs contiguous)
             POW2_SCALES: tl.constexpr, BLOCK_I: tl.constexpr, TILE: tl.constexpr,
             E_POW2: tl.constexpr):
         slot, block_i = tl.program_id(0), tl.program_id(1)
         experts, starts, ends, first_tiles, tile_ends = _expert_tiles(ends_ptr, E, E_POW2, TILE)
         used = tl.max(tile_ends)  # the experts' tiles
-        if slot < used:  # tile j of expert e: rows loaded and stored
+        if slot < used:  # tile j of expert e: its rows loaded
             e = tl.sum((tile_ends <= slot).to(tl.int32))
             first_row = (_pick(starts, experts, e)
                          + (slot - _pick(first_tiles, experts, e)) * TILE)
             load_end = tl.minimum(first_row + TILE, _pick(ends, experts, e))
-            store_end = load_end
-        else:  # rows past the last end, and the padding up to N_PADDED: zeros, nothing loaded
-            first_row = tl.load(ends_ptr + E - 1) + (slot - used) * TILE
-            load_end = first_row
-            store_end = tl.minimum(first_row + TILE, N_PADDED)
+        else:  # no expert's tile: zeros, nothing loaded
+            first_row = 0
+            load_end = 0
         rows = (first_row + tl.arange(0, TILE)).to(tl.int64)
         cols = (block_i * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)
         in_i = cols < I
@@ -135,62 +118,24 @@ if triton is not None:
                     other=0.0).to(tl.float32)                                # [TILE, BLOCK_I]
         scale = _amax_scale(x, 0, POW2_SCALES)                               # [BLOCK_I]
         data_t = tl.trans(_to_fp8(x, scale[None, :]))                        # [BLOCK_I, TILE]
-        if (first_row % 16 == 0) & (store_end % 16 == 0):  # 16-byte stores
-            # the same rows as new values that the compiler sees are multiples of 16 (hints
-            # such as tl.multiple_of would mark the values of both branches)
-            _store_columns(data_t_ptr, data_t, cols, in_i, first_row // 16 * 16,
-                           store_end // 16 * 16, N_PADDED, TILE, True)
-        else:  # byte stores
-            _store_columns(data_t_ptr, data_t, cols, in_i, first_row, store_end, N_PADDED,
-                           TILE, False)
+        tokens = slot.to(tl.int64) * TILE + tl.arange(0, TILE)  # the tile's own 128 columns
+        tl.store(data_t_ptr + cols[:, None] * (T * TILE) + tokens[None, :], data_t,
+                 mask=in_i[:, None])
         tl.store(scales_ptr + cols * T + slot, scale, mask=in_i)
 
-    # _tiles_product's ways to load a tile's tokens (module docstring, "Alignment")
-    _WHOLE, _WINDOW, _BYTES = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-
     @triton.jit
-    def _tiles_product(dy_rows, x_rows, dy_scale_rows, x_scale_rows, in_o, in_i, start, end,
-                       first_tile, tokens_padded, stride_dyst, stride_xst,
-                       BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, TILE: tl.constexpr,
-                       LOADS: tl.constexpr):
-        """sum over the expert's tiles j of the FP32 product of its FP8 blocks times the outer
-        product of their scales (module docstring); dy_rows, x_rows: [BLOCK, 1] pointers to
-        the first token of the tile's rows of dy^T and x^T. LOADS: _WHOLE, start and end are
-        multiples of 16 that the compiler can see (x // 16 * 16); _WINDOW, the tile's tokens
-        from the multiple of 16 at or below its first (and a 32-token tail), the tokens not
-        the tile's zeroed in dy's block; _BYTES, the tile's own tokens, a byte at a time."""
+    def _tiles_product(dy_rows, x_rows, dy_scale_rows, x_scale_rows, in_o, in_i, first_tile,
+                       tiles, stride_dyst, stride_xst, BLOCK_O: tl.constexpr,
+                       BLOCK_I: tl.constexpr, TILE: tl.constexpr):
+        """sum over the expert's `tiles` tiles from `first_tile` of the FP32 product of their
+        FP8 blocks times the outer product of their scales (module docstring); dy_rows,
+        x_rows: [BLOCK, 1] pointers to the rows of dy^T and x^T (tile t at column 128 t)."""
         acc = tl.zeros((BLOCK_O, BLOCK_I), tl.float32)
-        base = start // 16 * 16
-        for j in range(tl.cdiv(end - start, TILE)):
-            first = start.to(tl.int64) + j * TILE
-            last = tl.minimum(first + TILE, end)
-            if LOADS == _WINDOW:
-                tokens = base.to(tl.int64) + j * TILE + tl.arange(0, TILE)
-                in_rows = tl.max_constancy(tokens < tokens_padded, 16)  # this op's own hint
-                dy = tl.load(dy_rows + tokens[None, :], mask=in_o[:, None] & in_rows[None, :],
-                             other=0.0)                                      # [BLOCK_O, TILE]
-                x = tl.load(x_rows + tokens[None, :], mask=in_i[:, None] & in_rows[None, :],
-                            other=0.0)                                       # [BLOCK_I, TILE]
-                mine = (tokens >= first) & (tokens < last)
-                partial = tl.dot(tl.where(mine[None, :], dy, tl.zeros_like(dy)), tl.trans(x))
-                tail = base.to(tl.int64) + j * TILE + TILE + tl.arange(0, 32)
-                in_rows = tl.max_constancy(tail < tokens_padded, 16)
-                dy = tl.load(dy_rows + tail[None, :], mask=in_o[:, None] & in_rows[None, :],
-                             other=0.0)                                      # [BLOCK_O, 32]
-                x = tl.load(x_rows + tail[None, :], mask=in_i[:, None] & in_rows[None, :],
-                            other=0.0)                                       # [BLOCK_I, 32]
-                partial = tl.dot(tl.where((tail < last)[None, :], dy, tl.zeros_like(dy)),
-                                 tl.trans(x), partial)
-            else:
-                tokens = first + tl.arange(0, TILE)
-                in_tile = tokens < last  # the last tile's rows past the expert: 0
-                if LOADS == _WHOLE:  # this op's own hint: 16 rows in or out together
-                    in_tile = tl.max_constancy(in_tile, 16)
-                dy = tl.load(dy_rows + tokens[None, :], mask=in_o[:, None] & in_tile[None, :],
-                             other=0.0)                                      # [BLOCK_O, TILE]
-                x = tl.load(x_rows + tokens[None, :], mask=in_i[:, None] & in_tile[None, :],
-                            other=0.0)                                       # [BLOCK_I, TILE]
-                partial = tl.dot(dy, tl.trans(x))
+        for j in range(tiles):
+            tokens = (first_tile + j).to(tl.int64) * TILE + tl.arange(0, TILE)
+            dy = tl.load(dy_rows + tokens[None, :], mask=in_o[:, None], other=0.0)
+            x = tl.load(x_rows + tokens[None, :], mask=in_i[:, None], other=0.0)
+            partial = tl.dot(dy, tl.trans(x))                   # [BLOCK_O, BLOCK_I], FP32
             dy_scale = tl.load(dy_scale_rows + (first_tile + j) * stride_dyst, mask=in_o,
                                other=0.0)
             x_scale = tl.load(x_scale_rows + (first_tile + j) * stride_xst, mask=in_i,
@@ -202,38 +147,32 @@ if triton is not None:
     @triton.jit
     def _fp8_grouped_wgrad_kernel(
             dy_ptr, dy_scales_ptr, x_ptr, x_scales_ptr, ends_ptr, out_ptr,   # pointers
-            O, I, E, N,                                                      # sizes
-            stride_dyo, stride_dyso, stride_dyst,    # dy^T [O, N] (tokens contiguous), [O, T]
-            stride_xi, stride_xsi, stride_xst,       # x^T [I, N] (tokens contiguous), [I, T]
+            O, I, E,                                                         # sizes
+            stride_dyo, stride_dyso, stride_dyst,    # dy^T [O, 128 T] by tile, scales [O, T]
+            stride_xi, stride_xsi, stride_xst,       # x^T [I, 128 T] by tile, scales [I, T]
             stride_oe, stride_oo, stride_oi,         # out [E, O, I]
-            ACCUMULATE: tl.constexpr, WINDOWS: tl.constexpr, BLOCK_O: tl.constexpr,
-            BLOCK_I: tl.constexpr, TILE: tl.constexpr, E_POW2: tl.constexpr):
+            ACCUMULATE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+            TILE: tl.constexpr):
         tile_o, tile_i, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        experts, starts, ends, first_tiles, _ = _expert_tiles(ends_ptr, E, E_POW2, TILE)
-        start, end = _pick(starts, experts, e), _pick(ends, experts, e)
-        first_tile = _pick(first_tiles, experts, e)
+        start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
+        end = tl.load(ends_ptr + e)
+        # the expert's first tile: the tiles of the experts before it (their ends' differences
+        # rounded up to whole tiles), summed
+        before = tl.arange(0, TILE)  # experts counted TILE at a time
+        first_tile = 0
+        for block in range(0, e, TILE):
+            prior = block + before
+            prior_ends = tl.load(ends_ptr + prior, mask=prior < e, other=0)
+            prior_starts = tl.load(ends_ptr + prior - 1, mask=(prior > 0) & (prior < e),
+                                   other=0)
+            first_tile += tl.sum(tl.cdiv(prior_ends - prior_starts, TILE))
         outs = (tile_o * BLOCK_O + tl.arange(0, BLOCK_O)).to(tl.int64)
         ins = (tile_i * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)
         in_o, in_i = outs < O, ins < I
-        dy_rows = dy_ptr + outs[:, None] * stride_dyo                        # [BLOCK_O, 1]
-        x_rows = x_ptr + ins[:, None] * stride_xi                            # [BLOCK_I, 1]
-        dy_scale_rows = dy_scales_ptr + outs * stride_dyso
-        x_scale_rows = x_scales_ptr + ins * stride_xsi
-        padded = (N + 15) // 16 * 16
-        if (start % 16 == 0) & (end % 16 == 0):
-            # start and end as new values that the compiler sees are multiples of 16 (hints
-            # such as tl.multiple_of would mark the values of every branch)
-            acc = _tiles_product(dy_rows, x_rows, dy_scale_rows, x_scale_rows, in_o, in_i,
-                                 start // 16 * 16, end // 16 * 16, first_tile, padded,
-                                 stride_dyst, stride_xst, BLOCK_O, BLOCK_I, TILE, _WHOLE)
-        elif WINDOWS:
-            acc = _tiles_product(dy_rows, x_rows, dy_scale_rows, x_scale_rows, in_o, in_i,
-                                 start, end, first_tile, padded, stride_dyst, stride_xst,
-                                 BLOCK_O, BLOCK_I, TILE, _WINDOW)
-        else:
-            acc = _tiles_product(dy_rows, x_rows, dy_scale_rows, x_scale_rows, in_o, in_i,
-                                 start, end, first_tile, padded, stride_dyst, stride_xst,
-                                 BLOCK_O, BLOCK_I, TILE, _BYTES)
+        acc = _tiles_product(dy_ptr + outs[:, None] * stride_dyo, x_ptr + ins[:, None] * stride_xi,
+                             dy_scales_ptr + outs * stride_dyso, x_scales_ptr + ins * stride_xsi,
+                             in_o, in_i, first_tile, tl.cdiv(end - start, TILE), stride_dyst,
+                             stride_xst, BLOCK_O, BLOCK_I, TILE)
 
         out_tile = (out_ptr + tl.cast(e, tl.int64) * stride_oe + outs[:, None] * stride_oo
                     + ins[None, :] * stride_oi)
@@ -256,23 +195,21 @@ def launch_quantize_128x1_segments(x_NI: torch.Tensor, group_ends: torch.Tensor,
     rows, features = x_NI.shape
     experts = group_ends.numel()
     slots = segment_tile_count(rows, experts)
-    padded = -(-rows // 16) * 16  # the rows of x^T padded to 16 bytes: zeros past N
-    storage = torch.empty(features, padded, dtype=FP8_DTYPE, device=x_NI.device)
+    data = torch.empty(features, slots * TILE, dtype=FP8_DTYPE, device=x_NI.device)
     scales = torch.empty(features, slots, dtype=torch.float32, device=x_NI.device)
     launch = launch_config("quantize", config)
     if features:
         grid = (slots, triton.cdiv(features, launch["BLOCK_I"]))
         _quantize_128x1_segments_kernel[grid](
-            x_NI, storage, scales, group_ends, padded, features, experts, slots,
-            *x_NI.stride(), POW2_SCALES=pow2_scales, TILE=TILE,
-            E_POW2=triton.next_power_of_2(experts), **launch)
-    return Fp8SegmentTiles(storage[:, :rows], scales)
+            x_NI, data, scales, group_ends, features, experts, slots, *x_NI.stride(),
+            POW2_SCALES=pow2_scales, TILE=TILE, E_POW2=triton.next_power_of_2(experts), **launch)
+    return Fp8SegmentTiles(data, scales, rows)
 
 
 def quantize_128x1_segments_fused(x_NI: torch.Tensor, group_ends: torch.Tensor, *,
                                   pow2_scales: bool = False) -> Fp8SegmentTiles:
-    """x [N, I] in segment-aligned 128x1 tiles, stored transposed: data [I, N], scales
-    [I, ceil(N/128) + E] (fp8/grouped_gemm.py's quantize_128x1_segments). The kernel on a GPU
+    """x [N, I] in segment-aligned 128x1 tiles, stored transposed by tile: data [I, 128 T],
+    scales [I, T], T = ceil(N/128) + E (fp8/grouped_gemm.py's quantize_128x1_segments). The kernel on a GPU
     (no host sync), the reference elsewhere."""
     if uses_kernel(x_NI) and isinstance(group_ends, torch.Tensor) \
             and group_ends.device == x_NI.device:
@@ -283,28 +220,22 @@ def quantize_128x1_segments_fused(x_NI: torch.Tensor, group_ends: torch.Tensor, 
 def _launch_wgrad(dy_q: Fp8SegmentTiles, x_q: Fp8SegmentTiles, group_ends: torch.Tensor,
                   out_EOI: torch.Tensor, accumulate: bool, config: dict | None) -> None:
     experts, out_features, in_features = out_EOI.shape
-    rows = dy_q.data.shape[1]
     for name, data in (("dy_q", dy_q.data), ("x_q", x_q.data)):
-        if data.stride(1) != 1 and rows > 1:
+        if data.stride(1) != 1 or data.stride(0) % 16:
             raise ValueError(f"fp8_grouped_wgrad: {name}.data has stride {data.stride()}; the "
-                             f"kernel needs the tokens contiguous (x^T as the quantizers store "
-                             f"it): pass {name}.data.contiguous()")
+                             f"kernel needs the tokens contiguous and rows of whole 16-byte "
+                             f"units (as the quantizers store it): pass {name}.data.contiguous()")
     launch = launch_config("wgrad", config)
     block_o, block_i = launch.pop("BLOCK_O"), launch.pop("BLOCK_I")
     if not (out_features and in_features):
         return
-    # window loads reach up to 15 tokens past N: the rows must hold them (module docstring)
-    padded = -(-rows // 16) * 16
-    windows = all(data.stride(0) % 16 == 0 and data.stride(0) >= padded
-                  for data in (dy_q.data, x_q.data))
     grid = (triton.cdiv(out_features, block_o), triton.cdiv(in_features, block_i), experts)
     _fp8_grouped_wgrad_kernel[grid](
         dy_q.data, dy_q.scales, x_q.data, x_q.scales, group_ends, out_EOI,
-        out_features, in_features, experts, rows,
+        out_features, in_features, experts,
         dy_q.data.stride(0), *dy_q.scales.stride(), x_q.data.stride(0), *x_q.scales.stride(),
         *out_EOI.stride(),
-        ACCUMULATE=accumulate, WINDOWS=windows, BLOCK_O=block_o, BLOCK_I=block_i, TILE=TILE,
-        E_POW2=triton.next_power_of_2(experts), **launch)
+        ACCUMULATE=accumulate, BLOCK_O=block_o, BLOCK_I=block_i, TILE=TILE, **launch)
 
 
 def launch_fp8_grouped_wgrad(dy_q: Fp8SegmentTiles, x_q: Fp8SegmentTiles,

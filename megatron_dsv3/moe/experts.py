@@ -163,7 +163,7 @@ class _ExpertsLinear(torch.autograd.Function):
             x_q = quantize_128x1_segments_fused(x_c, _group_ends(groups))
             x_saved = (x_q.data, x_q.scales)
         ctx.save_for_backward(*x_saved, *((w_q.data, w_q.scales) if fp8 else (w_c,)))
-        ctx.fp8_wgrad, ctx.x_dtype = fp8_wgrad, x_c.dtype
+        ctx.fp8_wgrad, ctx.x_dtype, ctx.rows = fp8_wgrad, x_c.dtype, x_c.shape[0]
         ctx.weight, ctx.impl, ctx.groups, ctx.store = w_EOI, impl, groups, store
         ctx.fp32_grad, ctx.fp8 = fp32_grad, fp8
         ctx.step = current_step()  # backward's thread does not see weights_fixed's block
@@ -173,7 +173,8 @@ class _ExpertsLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y_NO: torch.Tensor):
         saved = list(ctx.saved_tensors)
-        x_t = Fp8SegmentTiles(saved.pop(0), saved.pop(0)) if ctx.fp8_wgrad else None
+        x_t = (Fp8SegmentTiles(saved.pop(0), saved.pop(0), ctx.rows) if ctx.fp8_wgrad
+               else None)
         x_NI = None if ctx.fp8_wgrad else saved.pop(0)
         w_saved = saved
         groups = ctx.groups

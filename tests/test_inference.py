@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_dsv3.attention.rope import apply_rope
 from megatron_dsv3.config import YarnConfig, preset, v3_671b
 from megatron_dsv3.inference import (
     LatentKVCache,
@@ -24,7 +25,7 @@ from megatron_dsv3.inference import (
     sample_next,
 )
 from megatron_dsv3.model import build_model
-from helpers.tolerance import FP32_REORDER, assert_close
+from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
 
 MAX_SEQ = 24
 FP32_WHY = ("fp32, same math in another order: the absorbed form multiplies q by W^UK before "
@@ -181,11 +182,13 @@ def test_cache_holds_only_the_latent_and_the_rope_key(model, tokens):
         kv_down, _ = attn.linear_kv_down(x)
         c_kv, k_rope = kv_down[:, 0].split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
         cos, sin = attn.rotary.cos_sin(12, x.device)
-        from megatron_dsv3.attention.rope import apply_rope
         expected_c_kv, expected_k_rope = attn.kv_norm(c_kv), apply_rope(k_rope, cos, sin)
     cached_c_kv, cached_k_rope = cache.read(0, 12)
-    assert_close(cached_c_kv[0], expected_c_kv, FP32_REORDER, "same ops", "cached c_kv")
-    assert_close(cached_k_rope[0], expected_k_rope, FP32_REORDER, "same ops", "cached k_r")
+    # the same modules and rope on the same rows: bit for bit
+    assert_equal(cached_c_kv[0], expected_c_kv, "cached c_kv")
+    assert_equal(cached_k_rope[0], expected_k_rope, "cached k_r")
+    with pytest.raises(ValueError, match=r"position 12 is beyond capacity=12.*max_new_tokens"):
+        decode_step(model, cache, tokens[:1, 12])
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -199,6 +202,8 @@ def test_cache_holds_only_the_latent_and_the_rope_key(model, tokens):
     (dict(temperature=-1.0), ["temperature=-1.0", ">= 0", "greedy"]),
     (dict(prompts=[[1, 64]]), ["prompts[0] holds token 64", "vocabulary [0, 64)"]),
     (dict(prompts=[]), ["prompts must be a non-empty list"]),
+    (dict(attention="flash"), ["attention='flash'", "'absorbed'", "'plain'"]),
+    (dict(stop_tokens=[99]), ["stop_tokens holds 99", "vocabulary"]),
 ])
 def test_bad_arguments_name_the_argument_and_the_fix(yarn_model, kwargs, words):
     """(e)"""

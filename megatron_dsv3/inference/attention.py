@@ -73,11 +73,12 @@ def _check_module(attn: MultiLatentAttention) -> None:
 
 
 def mla_attention(attn: MultiLatentAttention, x_SBD: torch.Tensor, cache: LatentKVCache,
-                  layer: int, positions_BS: torch.Tensor, mode: str = "absorbed"
-                  ) -> torch.Tensor:
+                  layer: int, positions_BS: torch.Tensor, length: int,
+                  mode: str = "absorbed") -> torch.Tensor:
     """One MLA layer on new tokens: x [s, b, d] (after the layer's input norm) at positions
-    [b, s] -> the attention output [s, b, d] (after linear_proj); their latents are written
-    into `cache` at `layer` first."""
+    [b, s] (on x's device) -> the attention output [s, b, d] (after linear_proj); their
+    latents are written into `cache` at `layer` first. `length` = max(positions) + 1, passed
+    in so that a decode step syncs with the host once, not once per layer."""
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention={mode!r} is invalid: choose one of {ATTENTION_MODES}")
     _check_module(attn)
@@ -96,10 +97,8 @@ def mla_attention(attn: MultiLatentAttention, x_SBD: torch.Tensor, cache: Latent
     cache.write(layer, positions_BS, attn.kv_norm(c_kv_SBC),
                 rope_at_positions(attn.rotary, k_rope_SBR, positions_BS))
 
-    length = int(positions_BS.max()) + 1
     c_kv_BTC, k_rope_BTR = cache.read(layer, length)
-    visible_BST = (torch.arange(length, device=x_SBD.device)
-                   <= positions_BS.to(x_SBD.device).unsqueeze(-1))
+    visible_BST = torch.arange(length, device=x_SBD.device) <= positions_BS.unsqueeze(-1)
     attend = _absorbed if mode == "absorbed" else _plain
     context_SBHV = attend(attn, q_SBHN, q_rope_SBHR, c_kv_BTC, k_rope_BTR, visible_BST)
     out, _ = attn.linear_proj(context_SBHV.reshape(s, b, h * mla.v_head_dim).to(x_SBD.dtype))

@@ -61,15 +61,18 @@ class LatentKVCache:
         """(kv_lora_rank + qk_rope_head_dim) * element size: what one token adds to one layer."""
         return self.latent_LBTC.shape[-1] * self.latent_LBTC.element_size()
 
+    def check_capacity(self, last_position: int) -> None:
+        """ValueError unless position `last_position` fits in every request's row."""
+        if last_position >= self.capacity:
+            raise ValueError(
+                f"LatentKVCache: position {last_position} is beyond capacity={self.capacity}; "
+                "allocate the cache with capacity >= the longest prompt + max_new_tokens")
+
     def write(self, layer: int, positions_BS: torch.Tensor, c_kv_SBC: torch.Tensor,
               k_rope_SBR: torch.Tensor) -> None:
         """Store the new tokens' normalised latents [s, b, c] and roped keys [s, b, r] of
-        `layer` at positions_BS [b, s] of each request's row."""
-        if int(positions_BS.max()) >= self.capacity:
-            raise ValueError(
-                f"LatentKVCache: position {int(positions_BS.max())} is beyond capacity="
-                f"{self.capacity}; allocate the cache with capacity >= the longest prompt + "
-                "max_new_tokens")
+        `layer` at positions_BS [b, s] of each request's row (below capacity:
+        `check_capacity`)."""
         rows_BS = torch.arange(self.batch_size, device=positions_BS.device).unsqueeze(1)
         latent_BSC = torch.cat([c_kv_SBC, k_rope_SBR], dim=-1).transpose(0, 1)
         self.latent_LBTC[layer][rows_BS, positions_BS] = latent_BSC.to(self.latent_LBTC.dtype)

@@ -57,19 +57,22 @@ def forward_cached(model: DeepSeekV3Model, cache: LatentKVCache, tokens_BS: torc
     """New tokens [b, s] at positions [b, s] -> logits [b, s, V] (in the output layer's
     dtype). Writes the tokens' latents into `cache` at their positions and leaves
     cache.lengths_B to the caller (`prefill`, `decode_step`)."""
+    length = int(positions_BS.max()) + 1
+    cache.check_capacity(length - 1)
+    positions_BS = positions_BS.to(cache.latent_LBTC.device)
     h_SBD = model.embedding(input_ids=tokens_BS, position_ids=None)  # [s, b, d]
     for index, layer in enumerate(model.decoder.layers):
-        h_SBD = _layer_step(layer, h_SBD, cache, index, positions_BS, attention)
+        h_SBD = _layer_step(layer, h_SBD, cache, index, positions_BS, length, attention)
     h_SBD = model.decoder.final_layernorm(h_SBD)
     logits_SBV, _ = model.output_layer(h_SBD)
     return logits_SBV.transpose(0, 1)
 
 
-def _layer_step(layer, h_SBD, cache, index, positions_BS, attention) -> torch.Tensor:
+def _layer_step(layer, h_SBD, cache, index, positions_BS, length, attention) -> torch.Tensor:
     """One TransformerLayer on the new tokens, its attention against the cache."""
     residual = h_SBD.float() if layer.config.fp32_residual_connection else h_SBD
     attn_out = mla_attention(layer.self_attention, layer.input_layernorm(h_SBD), cache, index,
-                             positions_BS, attention)
+                             positions_BS, length, attention)
     h_SBD = layer.self_attn_bda(False, layer.config.bias_dropout_fusion)(
         (attn_out, None), residual, layer.hidden_dropout)
     mlp_out, _ = layer.mlp(layer_pre_mlp_norm(layer, h_SBD))
@@ -95,7 +98,7 @@ def prefill(model: DeepSeekV3Model, cache: LatentKVCache, prompts: list[torch.Te
                            device=device)
     for row, prompt in enumerate(prompts):
         tokens_BS[row, :len(prompt)] = prompt.to(device)
-    positions_BS = torch.arange(tokens_BS.shape[1], device=device).expand_as(tokens_BS)
+    positions_BS = torch.arange(tokens_BS.shape[1]).expand(tokens_BS.shape)
     logits_BSV = forward_cached(model, cache, tokens_BS, positions_BS, attention)
     cache.lengths_B = torch.tensor(lengths, dtype=torch.long)
     return logits_BSV
@@ -106,7 +109,7 @@ def decode_step(model: DeepSeekV3Model, cache: LatentKVCache, tokens_B: torch.Te
                 attention: str = "absorbed") -> torch.Tensor:
     """One new token per request [B], each at its request's next position (its cached
     length) -> next-token logits [B, V]; each length grows by one."""
-    positions_BS = cache.lengths_B.to(cache.latent_LBTC.device).unsqueeze(1)
+    positions_BS = cache.lengths_B.unsqueeze(1)  # on the host: forward_cached moves it
     logits_BSV = forward_cached(model, cache, tokens_B.view(-1, 1), positions_BS, attention)
     cache.lengths_B = cache.lengths_B + 1
     return logits_BSV[:, 0]

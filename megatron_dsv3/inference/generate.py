@@ -22,6 +22,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ..model import DeepSeekV3Model
+from .attention import ATTENTION_MODES
 from .forward import check_model, decode_step, new_cache, prefill
 
 
@@ -43,9 +44,13 @@ def sample_next(logits_BV: torch.Tensor, *, temperature: float = 0.0, top_p: flo
 
 
 def _check_arguments(model: DeepSeekV3Model, prompts, max_new_tokens, temperature, top_p,
-                     stop_tokens) -> list[torch.Tensor]:
+                     stop_tokens, attention) -> list[torch.Tensor]:
     """The prompts as 1-d long tensors; ValueError naming the argument and the fix."""
     cfg = model.config.dsv3
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention={attention!r} is invalid: choose 'absorbed' (attention "
+                         "in the latent space, the decode path) or 'plain' (K/V expanded "
+                         "from the cache, the training computation)")
     if isinstance(prompts, torch.Tensor) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty list of requests, each a list or 1-d "
                          "tensor of token ids (one request: [ids])")
@@ -102,7 +107,8 @@ def generate(model: DeepSeekV3Model, prompts: Sequence[Sequence[int] | torch.Ten
     cache); the prompt plus max_new_tokens must fit in the model's max_seq_len."""
     stop_tokens = tuple(int(t) for t in stop_tokens)
     check_model(model)
-    ids = _check_arguments(model, prompts, max_new_tokens, temperature, top_p, stop_tokens)
+    ids = _check_arguments(model, prompts, max_new_tokens, temperature, top_p, stop_tokens,
+                           attention)
     lengths = [len(p) for p in ids]
     cache = new_cache(model, len(ids), max(lengths) + max_new_tokens)
     logits_BSV = prefill(model, cache, ids, attention, pad_id)

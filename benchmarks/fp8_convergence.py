@@ -12,7 +12,9 @@ compile and record CUDA graphs).
 
 Each run is `python -m megatron_dsv3.train` in a fresh process with `--no-wandb`, its folder
 under --runs-dir (bf16/, fp8/; default --out-dir/runs); the summary goes to
---out-dir/fp8_convergence.json and the plot to fp8_convergence.png. A failed run stops the script with its last output lines.
+--out-dir/fp8_convergence.json and the plot to fp8_convergence.png. `--noise-seed S` adds a
+third run, BF16 with --seed S: how far two BF16 runs land apart (the yardstick: on a small
+model on the CPU, two BF16 runs on different batches ended 0.9% apart). A failed run stops the script with its last output lines.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_job(name: str, args, fp8: bool) -> list[dict]:
-    """One training run; its metrics.jsonl records."""
+def run_job(name: str, args, fp8: bool, seed: int | None = None) -> list[dict]:
+    """One training run (`seed`: args.seed unless given); its metrics.jsonl records."""
     out_dir = args.runs_dir / name
+    seed = args.seed if seed is None else seed
     command = [sys.executable, "-m", "megatron_dsv3.train", "--preset", args.preset,
-               "--steps", str(args.steps), "--seed", str(args.seed), "--device", args.device,
+               "--steps", str(args.steps), "--seed", str(seed), "--device", args.device,
                "--no-wandb", "--out-dir", str(out_dir), "--eval-interval", "0",
                "--save-interval", "0", *args.extra]
     if fp8:
@@ -68,20 +71,34 @@ def summarize(bf16: list[dict], fp8: list[dict], window: int) -> dict:
     return result
 
 
-def plot(bf16: list[dict], fp8: list[dict], summary: dict, path: Path) -> None:
+def add_noise_run(summary: dict, other: list[dict], seed: int, window: int) -> dict:
+    """summary with the BF16 run of another seed against the first: how far two BF16 runs
+    land apart, the yardstick for FP8's distance."""
+    loss = statistics.fmean(r["loss"] for r in other[-window:])
+    return {**summary, "noise_seed": seed, "bf16_other_seed_loss": loss,
+            "bf16_other_seed_relative": (loss - summary["bf16_loss"]) / summary["bf16_loss"]}
+
+
+def plot(bf16: list[dict], fp8: list[dict], summary: dict, path: Path,
+         other: list[dict] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(8, 4.5))
-    for records, label in ((bf16, "BF16"), (fp8, "FP8 (DeepSeek recipe)")):
+    runs = [(bf16, "BF16"), (fp8, "FP8 (DeepSeek recipe)")]
+    if other is not None:
+        runs.append((other, f"BF16, seed {summary['noise_seed']}"))
+    for records, label in runs:
         axis.plot([r["step"] for r in records], [r["loss"] for r in records], label=label,
                   linewidth=1)
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("train loss")
-    axis.set_title(f"last {summary['window']} steps: FP8 {summary['fp8_relative_to_bf16']:+.3%}"
-                   " against BF16")
+    title = f"last {summary['window']} steps: FP8 {summary['fp8_relative_to_bf16']:+.3%}"
+    if other is not None:
+        title += f", BF16 seed {summary['noise_seed']} {summary['bf16_other_seed_relative']:+.3%}"
+    axis.set_title(title + " against BF16")
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -102,6 +119,9 @@ def main(argv=None) -> dict:
                              "dense FFN in BF16)")
     parser.add_argument("--extra", action="append", default=[],
                         help="one more flag for both runs, e.g. --extra=--grad-accum=2")
+    parser.add_argument("--noise-seed", type=int, default=None,
+                        help="also a BF16 run with this --seed: how far two BF16 runs land "
+                             "apart, next to FP8's distance")
     parser.add_argument("--out-dir", type=Path, default=REPO / "gpu_out" / "fp8_convergence")
     parser.add_argument("--runs-dir", type=Path, default=None,
                         help="the two runs' folders (default: --out-dir/runs)")
@@ -112,7 +132,11 @@ def main(argv=None) -> dict:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     bf16, fp8 = run_job("bf16", args, fp8=False), run_job("fp8", args, fp8=True)
     summary = summarize(bf16, fp8, args.window)
-    plot(bf16, fp8, summary, args.out_dir / "fp8_convergence.png")
+    other = None
+    if args.noise_seed is not None:
+        other = run_job(f"bf16_seed{args.noise_seed}", args, fp8=False, seed=args.noise_seed)
+        summary = add_noise_run(summary, other, args.noise_seed, args.window)
+    plot(bf16, fp8, summary, args.out_dir / "fp8_convergence.png", other)
     (args.out_dir / "fp8_convergence.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
     return summary

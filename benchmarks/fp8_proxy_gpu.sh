@@ -16,8 +16,9 @@
 # of 4,096 tokens per step, FP8 weights quantized once per step) in BF16 and in FP8 (--fp8-layers
 # FP8_LAYERS, proxy's dense FFN in BF16); results $OUT/steps_bf16.json, steps_fp8.json.
 # STEPS_ARGS: more flags for bench_train_step.py (a CPU rehearsal: STEPS_ARGS="--device cpu
-# --preset tiny --seq-len 64 --steps 1 --warmup 1 --grad-accum 2" FP8_LAYERS=routed_experts).
-# convergence: benchmarks/fp8_convergence.py, the main job on proxy in BF16 and in FP8 for
+# --preset tiny --seq-len 64 --steps 1 --warmup 1 --grad-accum 2" FP8_LAYERS=dispatch).
+# convergence: benchmarks/fp8_convergence.py, the main job on proxy in BF16 and in FP8 (and BF16
+# with --seed 1, the run-to-run yardstick) for
 # CONVERGENCE_STEPS (300) steps of 2 x 4,096 tokens from the same seed: both loss curves in
 # $OUT/convergence/fp8_convergence.png, the last 50 steps' relative distance and each run's
 # tokens/s in fp8_convergence.json.
@@ -64,7 +65,8 @@ for part in ${*:-bench steps convergence}; do
       start=$SECONDS
       timeout "${CONVERGENCE_TIMEOUT:-540}" python3 benchmarks/fp8_convergence.py --preset proxy \
         --steps "${CONVERGENCE_STEPS:-300}" --extra=--seq-len=4096 --extra=--micro-batch-size=1 \
-        --extra=--grad-accum=2 --out-dir "$DIR/convergence" --runs-dir /tmp/fp8_convergence \
+        --extra=--grad-accum=2 --noise-seed 1 --out-dir "$DIR/convergence" \
+        --runs-dir /tmp/fp8_convergence \
         > "$DIR/convergence.log" 2>&1
       echo "== convergence: rc=$? in $((SECONDS - start)) s"; tail -n 3 "$DIR/convergence.log" ;;
     *) echo "unknown part $part: choose from bench steps convergence" >&2; exit 2 ;;

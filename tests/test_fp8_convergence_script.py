@@ -39,3 +39,14 @@ def test_the_summary_compares_the_last_window_and_times_steady_steps():
     assert not far["within_0_25_percent"] and far["fp8_relative_to_bf16"] > 0.01
     with pytest.raises(ValueError, match="3 FP8 steps; both need the same number"):
         module.summarize(bf16, fp8[:3], window=2)
+
+
+def test_the_noise_run_is_reported_against_the_first_bf16_run():
+    module = _module()
+    bf16 = _records([9.0, 5.0, 4.0, 4.0], [1.0, 1.0, 1.0, 1.0])
+    summary = module.summarize(bf16, bf16, window=2)
+    noisy = module.add_noise_run(summary, _records([9.0, 5.0, 4.1, 4.1], [1.0] * 4), 7, 2)
+    assert noisy["noise_seed"] == 7 and noisy["bf16_other_seed_loss"] == pytest.approx(4.1)
+    assert noisy["bf16_other_seed_relative"] == pytest.approx(0.025)
+    assert noisy["fp8_relative_to_bf16"] == summary["fp8_relative_to_bf16"] == 0.0
+

@@ -204,6 +204,7 @@ def test_cache_holds_only_the_latent_and_the_rope_key(model, tokens):
     (dict(prompts=[]), ["prompts must be a non-empty list"]),
     (dict(attention="flash"), ["attention='flash'", "'absorbed'", "'plain'"]),
     (dict(stop_tokens=[99]), ["stop_tokens holds 99", "vocabulary"]),
+    (dict(pad_id=-1), ["pad_id=-1", "[0, 64)"]),
 ])
 def test_bad_arguments_name_the_argument_and_the_fix(yarn_model, kwargs, words):
     """(e)"""

@@ -31,6 +31,10 @@ prefill, everything so far in decode, and never a right-pad position of a shorte
 (inference/cache.py). The scores, softmax and weighted sums run in fp32 as
 attention/core.py's reference does, and the result is cast back to the activations' dtype.
 
+With ModelConfig.fp8 = "deepseek" the projections called here run in FP8 as in training,
+but the absorbed form reads linear_kv_up's weight as stored (bf16/fp32), so it matches the
+FP8 model's plain path only to FP8's precision.
+
 Tensor parallelism is not supported here (TP = 1): heads would split W^UKV's rows while the
 latent stays replicated, which works the same but is not written or tested.
 """

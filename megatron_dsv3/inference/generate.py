@@ -28,7 +28,8 @@ from .forward import check_model, decode_step, new_cache, prefill
 
 def sample_next(logits_BV: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Next token ids [B] from logits [B, V] (module docstring: greedy, temperature, top-p)."""
+    """Next token ids [B] from logits [B, V] (module docstring: greedy, temperature, top-p);
+    the draw runs on the generator's device (a CPU generator works with GPU logits)."""
     logits_BV = logits_BV.float()
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
@@ -40,11 +41,15 @@ def sample_next(logits_BV: torch.Tensor, *, temperature: float = 0.0, top_p: flo
         before_BV = sorted_BV.cumsum(dim=-1) - sorted_BV
         sorted_BV = sorted_BV.masked_fill(before_BV >= top_p, 0.0)
         probs_BV = torch.zeros_like(probs_BV).scatter_(1, order_BV, sorted_BV)
+    if generator is not None and generator.device != probs_BV.device:
+        # a CPU generator with logits on a GPU: draw where the generator lives
+        return torch.multinomial(probs_BV.to(generator.device), 1,
+                                 generator=generator).squeeze(1).to(logits_BV.device)
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(1)
 
 
 def _check_arguments(model: DeepSeekV3Model, prompts, max_new_tokens, temperature, top_p,
-                     stop_tokens, attention) -> list[torch.Tensor]:
+                     stop_tokens, attention, pad_id) -> list[torch.Tensor]:
     """The prompts as 1-d long tensors; ValueError naming the argument and the fix."""
     cfg = model.config.dsv3
     if attention not in ATTENTION_MODES:
@@ -63,6 +68,10 @@ def _check_arguments(model: DeepSeekV3Model, prompts, max_new_tokens, temperatur
         raise ValueError(f"top_p={top_p!r} is invalid: it must lie in (0, 1] (1 keeps every "
                          "token; 0.9 samples from the smallest set holding 90% of the "
                          "probability)")
+    if not (isinstance(pad_id, int) and 0 <= pad_id < cfg.vocab_size):
+        raise ValueError(f"pad_id={pad_id!r} is invalid: it must be a token id in [0, "
+                         f"{cfg.vocab_size}) (any id works: pad positions are never attended "
+                         "to)")
     for token in stop_tokens:
         if not 0 <= token < cfg.vocab_size:
             raise ValueError(f"stop_tokens holds {token}, outside the vocabulary [0, "
@@ -108,7 +117,7 @@ def generate(model: DeepSeekV3Model, prompts: Sequence[Sequence[int] | torch.Ten
     stop_tokens = tuple(int(t) for t in stop_tokens)
     check_model(model)
     ids = _check_arguments(model, prompts, max_new_tokens, temperature, top_p, stop_tokens,
-                           attention)
+                           attention, pad_id)
     lengths = [len(p) for p in ids]
     cache = new_cache(model, len(ids), max(lengths) + max_new_tokens)
     logits_BSV = prefill(model, cache, ids, attention, pad_id)

@@ -4,7 +4,8 @@ torch._grouped_mm (what moe/experts.py runs) on the same problem, one GPU.
 
   python benchmarks/bench_fp8_grouped.py                                   # H200
   python benchmarks/bench_fp8_grouped.py --device cpu --shrink 16 --repeat 1   # logic check
-  python benchmarks/bench_fp8_grouped.py --tune ...    # first the kernel under each candidate
+  python benchmarks/bench_fp8_grouped.py --tune ...    # first the forward and the weight-
+                                                       # gradient kernels under each candidate
                                                        # launch config
 
 Problems (E experts x T tokens each, x [E*T, K] -> y [E*T, N], W [E, N, K]):
@@ -140,6 +141,44 @@ def problem_rows(experts: int, tokens: int, k: int, n: int, repeat: int,
     return rows
 
 
+WGRAD_CANDIDATES = [{"BLOCK_O": o, "BLOCK_I": i, "num_warps": w, "num_stages": s}
+                    for o, i in ((64, 128), (128, 128), (64, 64), (128, 64))
+                    for w in (4, 8) for s in (2, 3, 4)]
+
+
+def wgrad_tune_rows(experts: int, tokens: int, k: int, n: int, repeat: int,
+                    device: torch.device) -> list[dict]:
+    """The weight-gradient GEMM (stored in bf16) under each candidate launch config, the
+    kernel alone on operands quantized beforehand."""
+    from megatron_dsv3.kernels.fp8_grouped_wgrad import launch_fp8_grouped_wgrad
+
+    generator = torch.Generator().manual_seed(0)
+    ends = uneven_group_ends(experts, tokens, device, generator)
+    x = torch.randn(experts * tokens, k, generator=generator).to(device, torch.bfloat16)
+    dy = (torch.randn(experts * tokens, n, generator=generator) * 1e-3).to(device,
+                                                                          torch.bfloat16)
+    dy_q, x_q = quantize_128x1_segments_fused(dy, ends), quantize_128x1_segments_fused(x, ends)
+    rows = []
+    for config in WGRAD_CANDIDATES:
+        try:
+            seconds = mean_seconds(lambda: launch_fp8_grouped_wgrad(
+                dy_q, x_q, ends, torch.bfloat16, config=config), repeat, device)
+        except Exception as error:  # a config the compiler refuses (shared memory): reported
+            rows.append({"gemm": "wgrad", "config": config, "error": repr(error)[:200]})
+            continue
+        rows.append({"problem": f"{experts}x{tokens} {k}->{n}", "gemm": "wgrad",
+                     "config": config, "seconds": seconds,
+                     "default": config == WGRAD_LAUNCH_CONFIG["wgrad"],
+                     "tflops": round(2 * experts * tokens * k * n / seconds / 1e12, 1)})
+    timed = [r for r in rows if "seconds" in r]
+    if timed:
+        best = min(timed, key=lambda r: r["seconds"])
+        print(f"tune wgrad {experts}x{tokens} {k}->{n}: best {best['config']} "
+              f"{best['seconds'] * 1e3:.3f} ms ({best['tflops']} TF/s)", file=sys.stderr,
+              flush=True)
+    return rows
+
+
 def tune_rows(experts: int, tokens: int, k: int, n: int, repeat: int,
               device: torch.device) -> list[dict]:
     """The forward GEMM under each candidate launch config (the kernel alone)."""
@@ -186,7 +225,8 @@ def main(argv=None) -> dict:
     problems = [(e, t // args.shrink, k // args.shrink, n // args.shrink)
                 for e, t, k, n in PROBLEMS]
     if args.tune:
-        results["tune"] = [r for p in problems for r in tune_rows(*p, args.repeat, device)]
+        results["tune"] = [r for p in problems for tune in (tune_rows, wgrad_tune_rows)
+                           for r in tune(*p, args.repeat, device)]
     results["gemms"] = [r for p in problems for r in problem_rows(*p, args.repeat, device)]
     emit_json(results, args.json_out)
     return results

@@ -72,7 +72,7 @@ def quantizer_rows(tokens: int, shrink: int, repeat: int, device: torch.device) 
 CANDIDATES = {
     "1x128": [{"BLOCK_M": m, "num_warps": w} for m in (8, 16, 32, 64) for w in (2, 4, 8)],
     "128x1": [{"BLOCK_K": k, "num_warps": w} for k in (16, 32, 64, 128) for w in (2, 4, 8)],
-    "128x128": [{"num_warps": w} for w in (2, 4, 8, 16)],
+    "128x128": [{"CHUNK": c, "num_warps": w} for c in (16, 32, 64, 128) for w in (4, 8)],
 }
 
 

@@ -317,6 +317,16 @@ _INTERPRETED = E4M3_CAST_LIKE_THE_GPU + textwrap.dedent("""
             ok = rows_ok.repeat_interleave(tile_cols, 1)[:, : got.data.shape[1]]
             assert torch.equal(bits(got)[ok], bits(want)[ok]), (seed, tiling, bad)
 
+    # a block's largest element in every 8th row of a block (the 128x128 kernel reads a block
+    # in row slices): column block b's outlier in row 8 b + 7 of the first row block and in
+    # row 8 b of the second
+    x = torch.randn(256, 16 * 128)
+    for block in range(16):
+        x[8 * block + 7, 128 * block + 3] = 1e3
+        x[128 + 8 * block, 128 * block + 100] = -1e3
+    got, want = launch_quantize_128x128(x), quantize_128x128(x)
+    assert torch.equal(bits(got), bits(want)) and torch.equal(got.scales, want.scales), seed
+
     for tiling, (kernel, reference) in PAIRS.items():  # zero rows: nothing launched
         got, want = kernel(torch.zeros(0, 200)), reference(torch.zeros(0, 200))
         assert got.data.shape == want.data.shape and got.scales.shape == want.scales.shape

@@ -48,12 +48,16 @@ MIN_CUDA_CAPABILITY = (8, 9)
 #   1x128    BLOCK_M rows of x per program (one tile column, a scale per row);
 #   128x1    BLOCK_K columns of x per program (one 128-row band, a scale per column; each
 #            column is stored as a 128-byte row of x^T);
-#   128x128  one 128x128 block per program;
+#   128x128  one 128x128 block per program, read twice in CHUNK-row slices (the block's amax
+#            over the slices, then each slice scaled and stored: the second read mostly from
+#            L2): a slice's registers instead of the whole block's, so that more programs run
+#            at once (the one-slice version held the block at 168 registers a thread and ran at
+#            0.17-0.28 of the copy bandwidth on an H200, benchmarks/RESULTS.md 2026-12-03);
 # A launch_* function takes `config` to override them (keys as here, num_warps included).
 LAUNCH_CONFIG = {
     "1x128": {"BLOCK_M": 32, "num_warps": 4},
     "128x1": {"BLOCK_K": 64, "num_warps": 4},
-    "128x128": {"num_warps": 4},
+    "128x128": {"CHUNK": 32, "num_warps": 4},
 }
 
 
@@ -164,15 +168,30 @@ if triton is not None:
     def _quantize_128x128_kernel(w_ptr, data_ptr, scales_ptr,   # pointers
                                  N, K,                          # sizes
                                  stride_wn, stride_wk,          # w's strides (outputs contiguous)
-                                 POW2_SCALES: tl.constexpr, TILE: tl.constexpr):
+                                 POW2_SCALES: tl.constexpr, TILE: tl.constexpr,
+                                 CHUNK: tl.constexpr):
         tile_n, tile_k = tl.program_id(0), tl.program_id(1)
-        rows = (tile_n * TILE + tl.arange(0, TILE)).to(tl.int64)
         cols = (tile_k * TILE + tl.arange(0, TILE)).to(tl.int64)
-        in_w = (rows[:, None] < N) & (cols[None, :] < K)
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=in_w,
-                    other=0.0).to(tl.float32)                                # [TILE, TILE]
-        scale = _amax_scale(w, None, POW2_SCALES)                            # scalar
-        tl.store(data_ptr + rows[:, None] * K + cols[None, :], _to_fp8(w, scale), mask=in_w)
+        # pass 1: the block's amax and finiteness (max |w| and sum(w * 0), _amax_scale's
+        # quantities) over CHUNK-row slices: the same values as over the whole block
+        amax = tl.zeros((), tl.float32)
+        zero_sum = tl.zeros((), tl.float32)
+        for chunk in tl.static_range(0, TILE, CHUNK):
+            rows = (tile_n * TILE + chunk + tl.arange(0, CHUNK)).to(tl.int64)
+            in_w = (rows[:, None] < N) & (cols[None, :] < K)
+            w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
+                        mask=in_w, other=0.0).to(tl.float32)                # [CHUNK, TILE]
+            amax = tl.maximum(amax, tl.max(tl.abs(w)))
+            zero_sum += tl.sum(w * 0.0)
+        scale = _tile_scale(amax, zero_sum == 0.0, POW2_SCALES)            # scalar
+        # pass 2: each slice again (from L2, mostly), scaled, cast and stored
+        for chunk in tl.static_range(0, TILE, CHUNK):
+            rows = (tile_n * TILE + chunk + tl.arange(0, CHUNK)).to(tl.int64)
+            in_w = (rows[:, None] < N) & (cols[None, :] < K)
+            w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
+                        mask=in_w, other=0.0).to(tl.float32)
+            tl.store(data_ptr + rows[:, None] * K + cols[None, :], _to_fp8(w, scale),
+                     mask=in_w)
         tl.store(scales_ptr + tile_n * tl.cdiv(K, TILE) + tile_k, scale)
 
 

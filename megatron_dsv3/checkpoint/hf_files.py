@@ -161,8 +161,8 @@ def model_config_from_hf_config(hf: Mapping[str, Any], *, name: str = "hf") -> M
     _require(hf, "scoring_func", ("sigmoid",), "DeepSeek-V3 routes by sigmoid scores",
              default="sigmoid")
     _require(hf, "topk_method", ("noaux_tc",),
-             "DeepSeek-V3's aux-loss-free top-k with group limit is the only routing we "
-             "compute", default="noaux_tc")
+             "DeepSeek-V3's aux-loss-free top-k with group limit (topk_method 'noaux_tc') is "
+             "the only routing we compute", default="noaux_tc")
     _require(hf, "moe_layer_freq", (1,), "every layer from first_k_dense_replace on is MoE",
              default=1)
     heads = hf["num_attention_heads"]

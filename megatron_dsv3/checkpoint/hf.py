@@ -275,8 +275,9 @@ def _hint(key: str, cfg: ModelConfig, missing: bool) -> str:
     """What probably explains a missing (or unexpected) HF key, and what to change."""
     L, D = cfg.num_layers, cfg.mtp.num_layers
     if key.endswith("weight_scale_inv"):
-        return ("an FP8 block-quantized checkpoint: dequantize it to bf16/fp32 first "
-                "(DeepSeek's inference/fp8_cast_bf16.py)")
+        return ("an FP8 block-quantized checkpoint: read its folder with "
+                "hf_files.load_hf_checkpoint, which dequantizes the weights, or dequantize "
+                "the state dict to bf16/fp32 first (hf_files.dequantize_fp8_blocks)")
     if key.endswith("rotary_emb.inv_freq"):
         return "a rope buffer from an old checkpoint, recomputed from the config: drop it"
     match = _LAYER_INDEX.match(key)

@@ -317,6 +317,15 @@ def _quantized_as_deepseek(source: Path, target: Path) -> dict:
                     128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
         save_file(tensors, str(target / shard), metadata={"format": "pt"})
     (target / INDEX_FILE).write_text(json.dumps(index))
+    # one scale in another shard than its weight: the weight waits for it
+    moved = "lm_head.weight_scale_inv"
+    other = next(s for s in sorted(set(index["weight_map"].values()))
+                 if s != index["weight_map"][moved])
+    scale = {}
+    _rewrite_shard_of(target, moved, lambda t: scale.update({moved: t.pop(moved)}))
+    _rewrite_shard_of(target, next(k for k, s in index["weight_map"].items() if s == other),
+                      lambda t: t.update(scale))
+    assert _index(target)["weight_map"][moved] == other
     return exact
 
 
@@ -428,6 +437,17 @@ def test_cli_round_trip_and_refusals(hf_folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:  # the folder is not empty any more
         convert.main(["dsv3-to-hf", "--checkpoint", str(weights), "--out", str(out)])
     assert info.value.code == 2 and "already holds a checkpoint" in capsys.readouterr().err
+
+    # a training-job checkpoint (its step folder, verified, `_extra_state` entries ignored)
+    from megatron_dsv3.train.checkpoint import save_checkpoint
+
+    job = {"format": 1, "step": 5, "tokens_seen": 0, "optimizer": {}, "world_size": 1,
+           "model": {**state_dict, "decoder.layers.0.self_attention._extra_state": None},
+           "model_config": payload["model_config"], "train_args": {"tensor_parallel_size": 1}}
+    step_dir = save_checkpoint(tmp_path / "checkpoints", 5, job)
+    convert.main(["dsv3-to-hf", "--checkpoint", str(step_dir), "--out", str(tmp_path / "job"),
+                  "--no-progress"])
+    _assert_same(_read_folder(tmp_path / "job"), _read_folder(folder), "from a job checkpoint")
 
     sliced = tmp_path / "rank_00000.pt"
     torch.save({**payload, "train_args": {"tensor_parallel_size": 2}}, sliced)

@@ -15,7 +15,7 @@ HF layer num_layers + k) are the in-memory converter's, and its errors (missing 
 key with the config field to change, shape with its meaning in config fields) come out here
 too, prefixed with the folder.
 
-Why streamed: DeepSeek-V3 is 163 shards and 689 GB in FP8. Everything that can be checked from
+Why streamed: DeepSeek-V3 is some 160 shards and ~690 GB in FP8. Everything that can be checked from
 the names and the safetensors headers (the index against the shards present, truncated shards,
 missing / unexpected tensors, every shape, every FP8 weight's scale) is checked before one
 tensor is read, so a wrong folder or config fails in seconds. The tensors are then read shard

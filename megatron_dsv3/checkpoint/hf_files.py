@@ -15,8 +15,8 @@ HF layer num_layers + k) are the in-memory converter's, and its errors (missing 
 key with the config field to change, shape with its meaning in config fields) come out here
 too, prefixed with the folder.
 
-Why streamed: DeepSeek-V3 is some 160 shards and ~690 GB in FP8. Everything that can be checked from
-the names and the safetensors headers (the index against the shards present, truncated shards,
+Why streamed: DeepSeek-V3 is some 160 shards and ~690 GB in FP8. Everything that can be checked
+from the names and the safetensors headers (the index against the shards present, truncated shards,
 missing / unexpected tensors, every shape, every FP8 weight's scale) is checked before one
 tensor is read, so a wrong folder or config fails in seconds. The tensors are then read shard
 by shard (tqdm bar over shards) and each is placed into its output as it arrives: a renamed
@@ -747,8 +747,9 @@ def save_hf_checkpoint(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig,
                 "the config the model was built from")
     stale = sorted(p.name for p in out_dir.glob("*.safetensors")) if out_dir.is_dir() else []
     if stale or (out_dir / INDEX_FILE).exists():
-        raise ConversionError(f"{out_dir} already holds a checkpoint ({', '.join(stale[:3]) or INDEX_FILE}"
-                              "): write to a new folder, or empty this one first")
+        held = ", ".join(stale[:3]) or INDEX_FILE
+        raise ConversionError(f"{out_dir} already holds a checkpoint ({held}): write to a new "
+                              "folder, or empty this one first")
     limit = parse_size(max_shard_size)
     default_dtype = dtype or ours["embedding.word_embeddings.weight"].dtype
 

@@ -141,7 +141,8 @@ def problem_rows(experts: int, tokens: int, k: int, n: int, repeat: int,
     return rows
 
 
-WGRAD_CANDIDATES = [{"BLOCK_O": o, "BLOCK_I": i, "num_warps": w, "num_stages": s}
+WGRAD_CANDIDATES = [{"BLOCK_O": o, "BLOCK_I": i, "BLOCK_E": 128, "num_warps": w,
+                     "num_stages": s}
                     for o, i in ((64, 128), (128, 128), (64, 64), (128, 64))
                     for w in (4, 8) for s in (2, 3, 4)]
 

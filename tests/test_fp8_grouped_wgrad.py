@@ -329,8 +329,8 @@ _INTERPRETED = E4M3_CAST_LIKE_THE_GPU + textwrap.dedent("""
     # The GEMM: store (fp32, fp16 output) and add modes against the emulation, within
     # tolerance.FP32_REORDER (the same FP8 products, fp32 sums reordered). O = 96, I = 40:
     # with 64 x 32 blocks two of each, the second partial; rows past the last end (first
-    # case); the reference's operands and the kernel's; 136 experts in the third case (the
-    # kernel counts the experts before one 128 at a time: two rounds)
+    # case); the reference's operands and the kernel's; in the third, the experts before one
+    # counted 4 at a time (BLOCK_E; 128 by default): up to three rounds
     O = 96
     dy = torch.randn(rows, O) * 1e-3 * torch.rand(rows, 1)
     x = torch.randn(rows, I) * 4 * torch.rand(rows, 1)
@@ -338,7 +338,8 @@ _INTERPRETED = E4M3_CAST_LIKE_THE_GPU + textwrap.dedent("""
             (COUNTS, quantize_128x1_segments, None),
             ([0, 256, 0, 137, 432], launch_quantize_128x1_segments,
              {"BLOCK_O": 64, "BLOCK_I": 32, "num_warps": 4}),
-            ([0, 3] * 67 + [5, 9], launch_quantize_128x1_segments, None)):
+            ([0, 3, 0, 3, 0, 3, 0, 3, 5, 9], launch_quantize_128x1_segments,
+             {"BLOCK_E": 4})):
         ends = ends_of(counts)
         dy_q, x_q = quantize(dy, ends), quantize(x, ends)
         want = fp8_grouped_wgrad_emulated(dy_q, x_q, ends)

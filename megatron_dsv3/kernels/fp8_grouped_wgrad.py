@@ -72,11 +72,12 @@ except ImportError:  # the references (CPU machines without Triton)
 # Launch parameters per kernel:
 #   quantize  BLOCK_I columns of x per program (one segment tile of rows, a scale per column);
 #   wgrad     BLOCK_O x BLOCK_I of dW per program (the tokens walked 128 at a time: the
-#             promotion's tile); num_warps / num_stages as Triton takes them.
+#             promotion's tile), the experts before a program's counted BLOCK_E at a time;
+#             num_warps / num_stages as Triton takes them.
 # A launch_* function takes `config` to override them (keys as here).
 LAUNCH_CONFIG = {
     "quantize": {"BLOCK_I": 64, "num_warps": 4},
-    "wgrad": {"BLOCK_O": 64, "BLOCK_I": 128, "num_warps": 8, "num_stages": 3},
+    "wgrad": {"BLOCK_O": 64, "BLOCK_I": 128, "BLOCK_E": 128, "num_warps": 8, "num_stages": 3},
 }
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -152,15 +153,15 @@ if triton is not None:
             stride_xi, stride_xsi, stride_xst,       # x^T [I, 128 T] by tile, scales [I, T]
             stride_oe, stride_oo, stride_oi,         # out [E, O, I]
             ACCUMULATE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
-            TILE: tl.constexpr):
+            TILE: tl.constexpr, BLOCK_E: tl.constexpr):
         tile_o, tile_i, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
         end = tl.load(ends_ptr + e)
         # the expert's first tile: the tiles of the experts before it (their ends' differences
-        # rounded up to whole tiles), summed
-        before = tl.arange(0, TILE)  # experts counted TILE at a time
+        # rounded up to whole tiles), summed, BLOCK_E experts at a time
+        before = tl.arange(0, BLOCK_E)
         first_tile = 0
-        for block in range(0, e, TILE):
+        for block in range(0, e, BLOCK_E):
             prior = block + before
             prior_ends = tl.load(ends_ptr + prior, mask=prior < e, other=0)
             prior_starts = tl.load(ends_ptr + prior - 1, mask=(prior > 0) & (prior < e),

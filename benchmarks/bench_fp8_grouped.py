@@ -147,65 +147,48 @@ WGRAD_CANDIDATES = [{"BLOCK_O": o, "BLOCK_I": i, "BLOCK_E": 128, "num_warps": w,
                     for w in (4, 8) for s in (2, 3, 4)]
 
 
-def wgrad_tune_rows(experts: int, tokens: int, k: int, n: int, repeat: int,
-                    device: torch.device) -> list[dict]:
-    """The weight-gradient GEMM (stored in bf16) under each candidate launch config, the
-    kernel alone on operands quantized beforehand."""
-    from megatron_dsv3.kernels.fp8_grouped_wgrad import launch_fp8_grouped_wgrad
-
-    generator = torch.Generator().manual_seed(0)
-    ends = uneven_group_ends(experts, tokens, device, generator)
-    x = torch.randn(experts * tokens, k, generator=generator).to(device, torch.bfloat16)
-    dy = (torch.randn(experts * tokens, n, generator=generator) * 1e-3).to(device,
-                                                                          torch.bfloat16)
-    dy_q, x_q = quantize_128x1_segments_fused(dy, ends), quantize_128x1_segments_fused(x, ends)
+def sweep(name: str, problem: str, flops: int, candidates: list[dict], default: dict,
+          launch, repeat: int, device: torch.device) -> list[dict]:
+    """launch(config) timed under each candidate launch config; the fastest printed."""
     rows = []
-    for config in WGRAD_CANDIDATES:
+    for config in candidates:
         try:
-            seconds = mean_seconds(lambda: launch_fp8_grouped_wgrad(
-                dy_q, x_q, ends, torch.bfloat16, config=config), repeat, device)
+            seconds = mean_seconds(lambda: launch(config), repeat, device)
         except Exception as error:  # a config the compiler refuses (shared memory): reported
-            rows.append({"gemm": "wgrad", "config": config, "error": repr(error)[:200]})
+            rows.append({"gemm": name, "config": config, "error": repr(error)[:200]})
             continue
-        rows.append({"problem": f"{experts}x{tokens} {k}->{n}", "gemm": "wgrad",
-                     "config": config, "seconds": seconds,
-                     "default": config == WGRAD_LAUNCH_CONFIG["wgrad"],
-                     "tflops": round(2 * experts * tokens * k * n / seconds / 1e12, 1)})
+        rows.append({"problem": problem, "gemm": name, "config": config, "seconds": seconds,
+                     "default": config == default,
+                     "tflops": round(flops / seconds / 1e12, 1)})
     timed = [r for r in rows if "seconds" in r]
     if timed:
         best = min(timed, key=lambda r: r["seconds"])
-        print(f"tune wgrad {experts}x{tokens} {k}->{n}: best {best['config']} "
-              f"{best['seconds'] * 1e3:.3f} ms ({best['tflops']} TF/s)", file=sys.stderr,
-              flush=True)
+        print(f"tune {name} {problem}: best {best['config']} {best['seconds'] * 1e3:.3f} ms "
+              f"({best['tflops']} TF/s)", file=sys.stderr, flush=True)
     return rows
 
 
 def tune_rows(experts: int, tokens: int, k: int, n: int, repeat: int,
               device: torch.device) -> list[dict]:
-    """The forward GEMM under each candidate launch config (the kernel alone)."""
+    """The forward GEMM and the weight-gradient GEMM (stored in bf16) under each candidate
+    launch config, each kernel alone on operands quantized beforehand."""
+    from megatron_dsv3.kernels.fp8_grouped_wgrad import launch_fp8_grouped_wgrad
+
     generator = torch.Generator().manual_seed(0)
     ends = uneven_group_ends(experts, tokens, device, generator)
     x = torch.randn(experts * tokens, k, generator=generator).to(device, torch.bfloat16)
     w = (torch.randn(experts, n, k, generator=generator) * 0.02).to(device, torch.bfloat16)
+    dy = (torch.randn(experts * tokens, n, generator=generator) * 1e-3).to(device,
+                                                                          torch.bfloat16)
     a, b = quantize_1x128_fused(x), quantize_128x128_grouped_fused(w)
-    rows = []
-    for config in CANDIDATES:
-        try:
-            seconds = mean_seconds(lambda: launch_fp8_grouped_gemm(
-                a, b, ends, torch.bfloat16, config=config), repeat, device)
-        except Exception as error:  # a config the compiler refuses (shared memory): reported
-            rows.append({"config": config, "error": repr(error)[:200]})
-            continue
-        rows.append({"problem": f"{experts}x{tokens} {k}->{n}", "config": config,
-                     "seconds": seconds, "default": config == LAUNCH_CONFIG,
-                     "tflops": round(2 * experts * tokens * k * n / seconds / 1e12, 1)})
-    timed = [r for r in rows if "seconds" in r]
-    if timed:
-        best = min(timed, key=lambda r: r["seconds"])
-        print(f"tune {experts}x{tokens} {k}->{n}: best {best['config']} "
-              f"{best['seconds'] * 1e3:.3f} ms ({best['tflops']} TF/s)", file=sys.stderr,
-              flush=True)
-    return rows
+    dy_q, x_q = quantize_128x1_segments_fused(dy, ends), quantize_128x1_segments_fused(x, ends)
+    problem, flops = f"{experts}x{tokens} {k}->{n}", 2 * experts * tokens * k * n
+    return (sweep("forward", problem, flops, CANDIDATES, LAUNCH_CONFIG,
+                  lambda config: launch_fp8_grouped_gemm(a, b, ends, torch.bfloat16,
+                                                         config=config), repeat, device)
+            + sweep("wgrad", problem, flops, WGRAD_CANDIDATES, WGRAD_LAUNCH_CONFIG["wgrad"],
+                    lambda config: launch_fp8_grouped_wgrad(dy_q, x_q, ends, torch.bfloat16,
+                                                            config=config), repeat, device))
 
 
 def main(argv=None) -> dict:
@@ -226,8 +209,7 @@ def main(argv=None) -> dict:
     problems = [(e, t // args.shrink, k // args.shrink, n // args.shrink)
                 for e, t, k, n in PROBLEMS]
     if args.tune:
-        results["tune"] = [r for p in problems for tune in (tune_rows, wgrad_tune_rows)
-                           for r in tune(*p, args.repeat, device)]
+        results["tune"] = [r for p in problems for r in tune_rows(*p, args.repeat, device)]
     results["gemms"] = [r for p in problems for r in problem_rows(*p, args.repeat, device)]
     emit_json(results, args.json_out)
     return results

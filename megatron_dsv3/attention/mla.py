@@ -110,8 +110,10 @@ class MultiLatentAttention(ShardedCheckpointable, torch.nn.Module):
         context = context.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, h*v]
         return self.linear_proj(context)
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [s, b, d] -> q, k [b, h, s, n + r] and v [b, h, s, v], rope applied."""
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [s, b, d] -> the query's no-rope and rope parts [s, b, h, n] and [s, b, h, r], the
+        KV latent before its norm [s, b, c] and the shared rope key [s, b, r], no rope applied
+        (what training and the latent-cache decode, inference/attention.py, both start from)."""
         mla, h = self.cfg, self.num_local_heads
         s, b = x.shape[:2]
         if mla.q_lora_rank > 0:
@@ -121,9 +123,15 @@ class MultiLatentAttention(ShardedCheckpointable, torch.nn.Module):
             q, _ = self.linear_q(x)
         q = q.view(s, b, h, mla.qk_head_dim)
         q_nope, q_rope = q.split([mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
-
         kv_down, _ = self.linear_kv_down(x)  # [s, b, c + r]
         kv_latent, k_rope = kv_down.split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
+        return q_nope, q_rope, kv_latent, k_rope
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [s, b, d] -> q, k [b, h, s, n + r] and v [b, h, s, v], rope applied."""
+        mla, h = self.cfg, self.num_local_heads
+        s, b = x.shape[:2]
+        q_nope, q_rope, kv_latent, k_rope = self.project(x)
         kv, _ = self.linear_kv_up(self.kv_norm(kv_latent))
         kv = kv.view(s, b, h, mla.qk_nope_head_dim + mla.v_head_dim)
         k_nope, value = kv.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=-1)

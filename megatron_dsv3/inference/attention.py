@@ -88,15 +88,7 @@ def mla_attention(attn: MultiLatentAttention, x_SBD: torch.Tensor, cache: Latent
     _check_module(attn)
     mla, h = attn.cfg, attn.num_local_heads
     s, b = x_SBD.shape[:2]
-    if mla.q_lora_rank > 0:
-        q_latent, _ = attn.linear_q_down(x_SBD)
-        q, _ = attn.linear_q_up(attn.q_norm(q_latent))
-    else:
-        q, _ = attn.linear_q(x_SBD)
-    q_SBHN, q_rope_SBHR = q.view(s, b, h, mla.qk_head_dim).split(
-        [mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
-    kv_down, _ = attn.linear_kv_down(x_SBD)
-    c_kv_SBC, k_rope_SBR = kv_down.split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
+    q_SBHN, q_rope_SBHR, c_kv_SBC, k_rope_SBR = attn.project(x_SBD)
     q_rope_SBHR = rope_at_positions(attn.rotary, q_rope_SBHR, positions_BS)
     cache.write(layer, positions_BS, attn.kv_norm(c_kv_SBC),
                 rope_at_positions(attn.rotary, k_rope_SBR, positions_BS))

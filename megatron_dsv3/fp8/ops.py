@@ -66,9 +66,11 @@ def fp8_quantize(x: torch.Tensor, tiling: str) -> tuple[torch.Tensor, torch.Tens
 def _(x: torch.Tensor, tiling: str) -> tuple[torch.Tensor, torch.Tensor]:
     _check_tiling(tiling)
     rows, cols = (x.shape[1], x.shape[0]) if tiling == "128x1" else tuple(x.shape)
-    tile_rows = TILE if tiling == "128x128" else 1
-    return (x.new_empty(rows, cols, dtype=FP8_DTYPE),
-            x.new_empty(-(-rows // tile_rows), -(-cols // TILE), dtype=torch.float32))
+    data = x.new_empty(rows, cols, dtype=FP8_DTYPE)
+    if tiling == "128x128":
+        return data, x.new_empty(-(-rows // TILE), -(-cols // TILE), dtype=torch.float32)
+    # the quantizers' layout: one scale per row and block, outer-dimension-major
+    return data, x.new_empty(-(-cols // TILE), rows, dtype=torch.float32).t()
 
 
 @torch.library.custom_op("megatron_dsv3::fp8_gemm", mutates_args=())

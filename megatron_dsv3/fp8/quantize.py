@@ -69,7 +69,10 @@ class Fp8Tensor:
 
     `tiling` names the tiles of the tensor that was quantized ("1x128", "128x1" or "128x128").
     For "128x1", `data` holds that tensor transposed ([K, M] for an [M, K] input) and
-    `scales` is [K, ceil(M/128)]; for the others `data` has the input's shape."""
+    `scales` is [K, ceil(M/128)]; for the others `data` has the input's shape. The quantizers
+    store the scales of "1x128" and "128x1" outer-dimension-major (strides (1, rows): each
+    128-wide block's scales contiguous over the rows), the layout cuBLASLt's blockwise GEMM
+    reads, so that no GEMM relayouts them; any layout of the same values is valid here."""
 
     data: torch.Tensor    # float8_e4m3fn, 2-D
     scales: torch.Tensor  # float32, [ceil(rows / tile rows), ceil(cols / tile cols)] of data
@@ -158,6 +161,8 @@ def _quantize_tiles(x_RC: torch.Tensor, tiling: str, pow2_scales: bool) -> Fp8Te
     inverse = torch.ones_like(scales) / scales  # a tensor division: correctly rounded
     scaled = (tiles * inverse[:, None, :, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
     data = scaled.to(FP8_DTYPE).view(padded.shape)[:rows, :cols].contiguous()
+    if tile_rows == 1:  # one scale per row and block: outer-dimension-major (Fp8Tensor)
+        scales = scales.t().contiguous().t()
     return Fp8Tensor(data, scales, tiling)
 
 

@@ -29,7 +29,8 @@ def pack_rows(x_ND: torch.Tensor) -> torch.Tensor:
     """x_ND quantized in 1x128 tiles, each row's E4M3 data and fp32 scales in one uint8 row
     (module docstring)."""
     q = quantize_1x128_fused(x_ND)
-    return torch.cat([q.data.view(torch.uint8), q.scales.view(torch.uint8)], dim=1)
+    return torch.cat([q.data.view(torch.uint8), q.scales.contiguous().view(torch.uint8)],
+                     dim=1)
 
 
 def unpack_rows(packed: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:

@@ -124,7 +124,7 @@ if triton is not None:
         scale = _amax_scale(x, 1, POW2_SCALES)                               # [rows]
         tl.store(data_ptr + rows[:, None] * K + cols[None, :], _to_fp8(x, scale[:, None]),
                  mask=in_x)
-        tl.store(scales_ptr + rows * tl.cdiv(K, TILE) + tile_k, scale, mask=rows < M)
+        tl.store(scales_ptr + tile_k * M + rows, scale, mask=rows < M)  # outer-dim-major
 
     @triton.jit
     def _quantize_columns(x_ptr, data_t_ptr, scales_ptr, rows, cols, tile_m, M, K,
@@ -138,7 +138,7 @@ if triton is not None:
         scale = _amax_scale(x, 0, POW2_SCALES)                               # [cols]
         data_t = tl.trans(_to_fp8(x, scale[None, :]))                        # [cols, TILE]
         tl.store(data_t_ptr + cols[:, None] * M + rows[None, :], data_t, mask=tl.trans(in_x))
-        tl.store(scales_ptr + cols * tl.cdiv(M, TILE) + tile_m, scale, mask=cols < K)
+        tl.store(scales_ptr + tile_m * K + cols, scale, mask=cols < K)  # outer-dim-major
 
     @triton.jit
     def _quantize_1x128_kernel(x_ptr, data_ptr, scales_ptr,     # pointers
@@ -212,10 +212,13 @@ def _empty_result(x: torch.Tensor, tiling: str) -> Fp8Tensor:
     """The uninitialised result of quantizing x [M, K] in `tiling`'s tiles (for "128x1" the
     data stored transposed, [K, M])."""
     rows, cols = x.shape[::-1] if tiling == "128x1" else x.shape
-    tile_rows = TILE if tiling == "128x128" else 1
-    return Fp8Tensor(torch.empty(rows, cols, dtype=FP8_DTYPE, device=x.device),
-                     torch.empty(triton.cdiv(rows, tile_rows), triton.cdiv(cols, TILE),
-                                 dtype=torch.float32, device=x.device), tiling)
+    data = torch.empty(rows, cols, dtype=FP8_DTYPE, device=x.device)
+    if tiling == "128x128":
+        return Fp8Tensor(data, torch.empty(triton.cdiv(rows, TILE), triton.cdiv(cols, TILE),
+                                           dtype=torch.float32, device=x.device), tiling)
+    # one scale per row and block, outer-dimension-major (fp8/quantize.py's Fp8Tensor)
+    return Fp8Tensor(data, torch.empty(triton.cdiv(cols, TILE), rows, dtype=torch.float32,
+                                       device=x.device).t(), tiling)
 
 
 def launch_quantize_1x128(x: torch.Tensor, *, pow2_scales: bool = False,

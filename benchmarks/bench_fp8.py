@@ -112,7 +112,8 @@ def torchao_linear(device: torch.device):
     return lambda x, w: fp8_blockwise_mm.apply(x, w, 128, torch.bfloat16, False)
 
 
-def linear_rows(tokens: int, shrink: int, repeat: int, device: torch.device) -> list[dict]:
+def linear_rows(tokens: int, shrink: int, repeat: int, device: torch.device,
+                compiled_rows: bool = True) -> list[dict]:
     from megatron_dsv3.fp8.quantize import quantize_1x128, quantize_128x128
 
     torchao = torchao_linear(device)
@@ -139,7 +140,8 @@ def linear_rows(tokens: int, shrink: int, repeat: int, device: torch.device) -> 
         with weights_fixed():  # as in a training step: W's blocks quantized once, then reused
             row["fp8_fwd_bwd_w_fixed_s"] = mean_seconds(lambda: step(fp8_linear), repeat, device)
         row["w_fixed_speedup"] = round(row["bf16_fwd_bwd_s"] / row["fp8_fwd_bwd_w_fixed_s"], 3)
-        if device.type == "cuda":  # traced from the custom operators, replayed as CUDA graphs
+        if device.type == "cuda" and compiled_rows:  # traced from the custom operators,
+            # replayed as CUDA graphs
             compiled = torch.compile(lambda x_, w_: fp8_linear(x_, w_), mode="reduce-overhead",
                                      dynamic=False)
             try:
@@ -212,6 +214,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--tune", action="store_true",
                         help="first time every kernel under each candidate launch config")
+    parser.add_argument("--skip-compiled", action="store_true",
+                        help="no compiled (CUDA-graph) rows: their compilation is most of the "
+                             "script's time on a GPU")
     parser.add_argument("--profile", default=None, metavar="KxN",
                         help="only profile fp8_linear at this shape (GPU), e.g. 2048x7168")
     args = parser.parse_args(argv)
@@ -230,7 +235,8 @@ def main(argv=None) -> dict:
     if args.tune:
         results["tune"] = tune_rows(args.tokens, args.shrink, args.repeat, device)
     results["quantizers"] = quantizer_rows(args.tokens, args.shrink, args.repeat, device)
-    results["linears"] = linear_rows(args.tokens, args.shrink, args.repeat, device)
+    results["linears"] = linear_rows(args.tokens, args.shrink, args.repeat, device,
+                                     compiled_rows=not args.skip_compiled)
     emit_json(results, args.json_out)
     return results
 

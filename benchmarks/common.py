@@ -115,10 +115,14 @@ def time_steps(step_fn: Callable[[], object], steps: int, warmup: int, device: t
     return times
 
 
-def mean_seconds(fn: Callable[[], object], repeat: int, device: torch.device) -> float:
-    """Mean wall time of `repeat` back-to-back calls of `fn` after one untimed call, the device
-    synchronised only before and after them (what a kernel costs in a stream of launches)."""
-    fn()
+def mean_seconds(fn: Callable[[], object], repeat: int, device: torch.device,
+                 warmup: int = 1) -> float:
+    """Mean wall time of `repeat` back-to-back calls of `fn` after `warmup` untimed calls, the
+    device synchronised only before and after them (what a kernel costs in a stream of
+    launches). A compiled function with CUDA graphs wants warmup >= 3: its first calls compile,
+    run eager and record the graphs, each far slower than a replay."""
+    for _ in range(warmup):
+        fn()
     sync(device)
     start = time.perf_counter()
     for _ in range(repeat):

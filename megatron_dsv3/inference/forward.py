@@ -7,7 +7,8 @@ dispatcher and experts, or the dense SwiGLU) -> mlp_bda. Then the decoder's fina
 output layer. Only the attention is ours; everything else is the trained module called on the
 new tokens [s, b]. The model must be in eval mode (the router counts expert loads for the bias
 update only in training), one process, TP = 1, and the whole model (no pipeline stage).
-MTP layers are not run: they draft tokens for speculative decoding, which is not built yet.
+MTP layers are not run here: inference/speculative.py runs the first one (with a latent cache
+of its own, through `layer_step`) to draft tokens from `forward_hidden`'s last hidden state.
 """
 
 from __future__ import annotations
@@ -52,24 +53,35 @@ def new_cache(model: DeepSeekV3Model, batch_size: int, capacity: int) -> LatentK
 
 
 @torch.no_grad()
-def forward_cached(model: DeepSeekV3Model, cache: LatentKVCache, tokens_BS: torch.Tensor,
+def forward_hidden(model: DeepSeekV3Model, cache: LatentKVCache, tokens_BS: torch.Tensor,
                    positions_BS: torch.Tensor, attention: str = "absorbed") -> torch.Tensor:
-    """New tokens [b, s] at positions [b, s] -> logits [b, s, V] (in the output layer's
-    dtype). Writes the tokens' latents into `cache` at their positions and leaves
-    cache.lengths_B to the caller (`prefill`, `decode_step`)."""
+    """New tokens [b, s] at positions [b, s] -> the decoder's output after its final norm
+    [s, b, d] (what the output layer and the first MTP layer read). Writes the tokens'
+    latents into `cache` at their positions and leaves cache.lengths_B to the caller."""
     length = int(positions_BS.max()) + 1
     cache.check_capacity(length - 1)
     positions_BS = positions_BS.to(cache.latent_LBTC.device)
     h_SBD = model.embedding(input_ids=tokens_BS, position_ids=None)  # [s, b, d]
     for index, layer in enumerate(model.decoder.layers):
-        h_SBD = _layer_step(layer, h_SBD, cache, index, positions_BS, length, attention)
-    h_SBD = model.decoder.final_layernorm(h_SBD)
-    logits_SBV, _ = model.output_layer(h_SBD)
+        h_SBD = layer_step(layer, h_SBD, cache, index, positions_BS, length, attention)
+    return model.decoder.final_layernorm(h_SBD)
+
+
+@torch.no_grad()
+def forward_cached(model: DeepSeekV3Model, cache: LatentKVCache, tokens_BS: torch.Tensor,
+                   positions_BS: torch.Tensor, attention: str = "absorbed") -> torch.Tensor:
+    """New tokens [b, s] at positions [b, s] -> logits [b, s, V] (in the output layer's
+    dtype). Writes the tokens' latents into `cache` at their positions and leaves
+    cache.lengths_B to the caller (`prefill`, `decode_step`)."""
+    logits_SBV, _ = model.output_layer(
+        forward_hidden(model, cache, tokens_BS, positions_BS, attention))
     return logits_SBV.transpose(0, 1)
 
 
-def _layer_step(layer, h_SBD, cache, index, positions_BS, length, attention) -> torch.Tensor:
-    """One TransformerLayer on the new tokens, its attention against the cache."""
+def layer_step(layer, h_SBD: torch.Tensor, cache: LatentKVCache, index: int,
+               positions_BS: torch.Tensor, length: int, attention: str) -> torch.Tensor:
+    """One TransformerLayer on the new tokens [s, b, d], its attention against layer `index`
+    of `cache` (positions_BS [b, s] on the cache's device, length = max(positions) + 1)."""
     residual = h_SBD.float() if layer.config.fp32_residual_connection else h_SBD
     attn_out = mla_attention(layer.self_attention, layer.input_layernorm(h_SBD), cache, index,
                              positions_BS, length, attention)

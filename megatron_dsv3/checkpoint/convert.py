@@ -8,12 +8,12 @@
                                      folder or its rank_00000.pt, written without tensor,
                                      expert or pipeline parallelism) -> a Hugging Face folder
 
-The training job (`python -m megatron_dsv3.train`) has no option to start from given weights:
-its `--resume` continues one of its own runs (optimizer, RNG and data position included) and
-its model comes from `--preset`. The file written here is therefore a plain state dict with
-its config: load it with `hf.load_dsv3_state_dict(build_model(model_config_from_dict(
-payload["model_config"])), payload["model"])`. Its keys are those of the job's checkpoints
-("model", "model_config"), so `dsv3-to-hf` reads both.
+The file written here is a plain state dict with its config (`state_file.py` writes and reads
+it): the training job starts from it with `python -m megatron_dsv3.train --init-from F` (the
+model built from its config, fresh AdamW, step 0), and elsewhere it loads with
+`hf.load_dsv3_state_dict(build_model(model_config_from_dict(payload["model_config"])),
+payload["model"])`. Its keys are those of the job's checkpoints ("model", "model_config"), so
+`dsv3-to-hf` and `--init-from` read both (`read_dsv3_checkpoint`).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ import torch
 
 from ..config import ConfigError
 from .hf import ConversionError
-from .hf_files import (load_hf_checkpoint, model_config_dict, model_config_from_dict,
-                       save_hf_checkpoint)
+from .hf_files import load_hf_checkpoint, model_config_from_dict, save_hf_checkpoint
+from .state_file import RANK0_FILE as _RANK0
+from .state_file import STATE_DICT_FORMAT  # noqa: F401 -- the file's format, re-exported
+from .state_file import read_state_file, write_state_file
 
-STATE_DICT_FORMAT = "megatron_dsv3.state_dict/1"
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
-_RANK0 = "rank_00000.pt"
 
 
 def hf_to_dsv3(hf_dir: Path, out: Path, *, dtype=None, mtp_layers=None,
@@ -40,49 +40,24 @@ def hf_to_dsv3(hf_dir: Path, out: Path, *, dtype=None, mtp_layers=None,
     """Convert the folder and write the torch file; returns the payload written."""
     cfg, state_dict = load_hf_checkpoint(hf_dir, dtype=dtype, mtp_layers=mtp_layers,
                                          progress=progress)
-    payload = {"format": STATE_DICT_FORMAT, "model": state_dict,
-               "model_config": model_config_dict(cfg), "source": str(hf_dir)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    torch.save(payload, partial)
-    partial.replace(out)  # never a half-written file under the final name
-    return payload
+    return write_state_file(state_dict, cfg, out, str(hf_dir))
 
 
-def read_dsv3_checkpoint(path: Path) -> tuple[dict, dict]:
+def read_dsv3_checkpoint(path: Path, *, flag: str = "--checkpoint", mmap: bool = False
+                         ) -> tuple[dict, dict]:
     """(our state dict, its model_config dict) from a file of `hf-to-dsv3` or a training-job
-    checkpoint (step folder or rank file), refusing what holds only a slice of the model."""
-    if path.is_dir():
-        if not (path / _RANK0).is_file():
-            raise ConversionError(f"--checkpoint {path}: a folder must be a training-job step "
-                                  f"folder (checkpoints/step_<N>/ with {_RANK0})")
+    checkpoint (step folder or rank file), refusing what holds only a slice of the model; a
+    step folder's digests are verified first. `flag`: the option `path` came from, named in
+    every error; `mmap`: state_file.read_state_file's."""
+    path = Path(path)
+    if path.is_dir() and (path / _RANK0).is_file():
         from ..train.checkpoint import verify_checkpoint
 
         problems = verify_checkpoint(path, rank=0)
         if problems:
-            raise ConversionError(f"--checkpoint {path} is damaged: " + "; ".join(problems)
-                                  + "; convert another step folder")
-        path = path / _RANK0
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError as err:
-        raise ConversionError(f"--checkpoint {path} does not exist") from err
-    except Exception as err:  # noqa: BLE001 -- a damaged file fails in many ways
-        raise ConversionError(f"--checkpoint {path} cannot be loaded ({type(err).__name__}: "
-                              f"{err})") from err
-    if not isinstance(payload, dict) or "model" not in payload or "model_config" not in payload:
-        raise ConversionError(f"--checkpoint {path}: neither a file of hf-to-dsv3 nor a "
-                              "training-job rank file (no 'model' and 'model_config')")
-    train_args = payload.get("train_args") or {}
-    sliced = {flag: train_args.get(flag, 1) for flag in
-              ("tensor_parallel_size", "expert_parallel_size", "pipeline_parallel_size")}
-    if any(size != 1 for size in sliced.values()):
-        raise ConversionError(
-            f"--checkpoint {path} holds one rank's slice of the model ("
-            + ", ".join(f"{k}={v}" for k, v in sliced.items())
-            + "): only checkpoints of runs without tensor, expert or pipeline parallelism "
-            "convert; gather a full state dict first (parallel.gather_state_dict)")
-    return payload["model"], payload["model_config"]
+            raise ConversionError(f"{flag} {path} is damaged: " + "; ".join(problems)
+                                  + "; use another step folder")
+    return read_state_file(path, flag=flag, mmap=mmap)
 
 
 def dsv3_to_hf(checkpoint: Path, out: Path, *, max_shard_size: str = "5GB", dtype=None,

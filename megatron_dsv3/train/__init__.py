@@ -1,9 +1,11 @@
 """The main job: train a preset end to end on the bundled corpus (`python -m megatron_dsv3.train`,
 or the `dsv3-train` script; `main(argv)` from Python).
 
-  args.py         the command line: flags, their checks, the model config; TrainError
+  args.py         the command line: flags, their checks, the model config (a preset's, an
+                  --init-from file's or the resumed run's); TrainError
   build.py        the device, the data (checked before the model is built), the initial model
-                  (the same weights at any TP/EP size), the parameters' dtype, AdamW
+                  (the same weights at any TP/EP size: drawn from the seed, or --init-from's
+                  checked and sliced), the parameters' dtype, AdamW
   master_weights.py  bf16 parameters trained through fp32 masters and fp32 gradient sums
   step.py         one optimizer step (what it does, in six steps; a non-finite one is refused
                   before it is applied), evaluation, the metrics

@@ -1,13 +1,23 @@
 """The command line of the training job: the flags, their checks, the model config to train.
 
 `parse_args` reports every problem at once, each naming the flag and what to change, and exits
-through argparse (status 2). `TrainError` is the job's error for what the run was asked to do
-(a checkpoint, the data): `main` prints it without a traceback.
+through argparse (status 2).
+
+Which model. `--preset` (default tiny) names one; `--init-from FILE` builds the model of FILE's
+model_config instead (a file of `convert hf-to-dsv3`, or a step folder / rank file of this job
+without TP, EP or PP: `checkpoint.state_file`), `--preset` then left out or naming exactly that
+architecture; `--resume` with `--preset` left out takes the model config (and the --preset)
+of the checkpoint's run, so that a run started with `--init-from` resumes without it.
+
+`TrainError` is the job's error for what the run was asked to do (a checkpoint, the data):
+`main` prints it without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -45,12 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
                "to resume from.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--preset", default="tiny", choices=sorted(PRESETS), help="model preset")
+    add("--preset", default=None, choices=sorted(PRESETS),
+        help="model preset (default: tiny). With --init-from leave it out (or name the file's "
+             "architecture exactly); with --resume leave it out to take the checkpoint's")
+    add("--init-from", type=Path, default=None,
+        help="start from these weights: a torch file of `python -m "
+             "megatron_dsv3.checkpoint.convert hf-to-dsv3`, or a step folder / rank file of "
+             "a run of this job without TP, EP or PP. The model is built from the file's "
+             "model_config (its architecture; the training flags are this command's), its "
+             "weights are loaded (each TP/EP rank taking its slice) before the first step; "
+             "AdamW starts fresh at step 0. Checkpoints of the run record the config: continue "
+             "it with --resume, without --init-from")
     add("--steps", type=int, default=300, help="optimizer steps in total")
     add("--micro-batch-size", type=int, default=16, help="sequences per micro-batch per DP rank")
     add("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
-    add("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's "
-                                                  "max_seq_len)")
+    add("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's "
+                                                  "max_seq_len; on a resume the checkpoint's)")
     add("--lr", type=float, default=3e-3, help="peak learning rate")
     add("--min-lr", type=float, default=3e-4, help="learning rate at the end of the cosine")
     add("--warmup-steps", type=int, default=30, help="linear warm-up steps (then cosine decay)")
@@ -144,6 +164,14 @@ def _arg_error(flag: str, value, fix: str) -> str:
     return f"{flag} {value} is invalid: {fix}"
 
 
+def model_words(args, cfg: ModelConfig) -> tuple[str, str]:
+    """Where the model config came from, for messages: ("preset 'tiny'", "the preset's"), or
+    ("the model of --init-from FILE", "the --init-from model's")."""
+    if getattr(args, "init_from", None) is not None:
+        return f"the model of --init-from {args.init_from}", "the --init-from model's"
+    return f"preset '{cfg.name}'", "the preset's"
+
+
 def validate_args(args: argparse.Namespace, cfg: ModelConfig, world_size: int) -> list[str]:
     """Every problem with the arguments, each naming the flag and what to change."""
     problems = []
@@ -159,8 +187,9 @@ def validate_args(args: argparse.Namespace, cfg: ModelConfig, world_size: int) -
     for flag in ("save_interval", "eval_interval", "warmup_steps"):
         value = getattr(args, flag)
         need(value >= 0, "--" + flag.replace("_", "-"), value, "must be >= 0")
+    model, models = model_words(args, cfg)
     need(args.seq_len <= cfg.max_seq_len, "--seq-len", args.seq_len,
-         f"preset '{cfg.name}' has max_seq_len={cfg.max_seq_len}: pass --seq-len "
+         f"{model} has max_seq_len={cfg.max_seq_len}: pass --seq-len "
          f"{cfg.max_seq_len} or less")
     need(args.seq_len > cfg.mtp.num_layers + 1, "--seq-len", args.seq_len,
          f"must exceed MTP depth + 1 = {cfg.mtp.num_layers + 1} so every depth has a target")
@@ -212,7 +241,7 @@ def validate_args(args: argparse.Namespace, cfg: ModelConfig, world_size: int) -
                              ("moe.dense_ffn_size", cfg.moe.dense_ffn_size),
                              ("vocab_size", cfg.vocab_size)):
             need(width % tp == 0, "--tensor-parallel-size", tp,
-                 f"must divide the preset's {field}={width}; pick a divisor of it")
+                 f"must divide {models} {field}={width}; pick a divisor of it")
     ep = args.expert_parallel_size
     if ep > 0 and tp > 0 and pp > 0 and world_size % (tp * pp) == 0:
         dp = world_size // (tp * pp)
@@ -226,7 +255,7 @@ def validate_args(args: argparse.Namespace, cfg: ModelConfig, world_size: int) -
              + ("EP" if pp == 1 else "PP * EP"))
     if ep > 0:
         need(cfg.moe.num_experts % ep == 0, "--expert-parallel-size", ep,
-             f"must divide the preset's moe.num_experts={cfg.moe.num_experts} (each EP rank "
+             f"must divide {models} moe.num_experts={cfg.moe.num_experts} (each EP rank "
              "holds whole experts); pick a divisor of it")
     problems += _pipeline_problems(args, cfg, world_size)
     return problems
@@ -287,18 +316,19 @@ def uses_bf16_autocast(args, device: torch.device) -> bool:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, ModelConfig]:
-    """Parsed and validated arguments and the model config to train (fp32 parameters).
+    """Parsed and validated arguments and the model config to train (fp32 parameters): the
+    preset's, the --init-from file's or the resumed run's (the module's "Which model").
 
     Invalid arguments exit through argparse (status 2) with every problem listed."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        cfg = preset(args.preset).replace(params_dtype="float32")  # AdamW on fp32 masters
-        if args.num_layers is not None:
-            cfg = cfg.replace(num_layers=args.num_layers)
+        cfg = _model_config(args)
+        cfg = cfg.replace(params_dtype="float32",  # AdamW on fp32 masters
+                          fp8="none", fp8_layers=DEFAULT_FP8_LAYERS)  # how: this run's flags
         if args.fp8 != "none":
             cfg = cfg.replace(fp8=args.fp8, fp8_layers=fp8_layers_flag(args.fp8_layers))
-    except ConfigError as err:
+    except (ConfigError, TrainError) as err:
         parser.error(str(err))
     if args.seq_len is None:
         args.seq_len = cfg.max_seq_len
@@ -306,3 +336,134 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, Mo
     if problems:
         parser.error("\n  " + "\n  ".join(problems))
     return args, cfg
+
+
+def _model_config(args) -> ModelConfig:
+    """The architecture to train: --init-from's, a resumed run's (--preset left out), or
+    --preset's (tiny when left out); --num-layers applied where it may be. Sets args.preset
+    (None for a model of --init-from without --preset)."""
+    if args.init_from is not None:
+        if args.resume not in (None, "auto"):
+            raise TrainError(
+                f"--init-from {args.init_from} and --resume {args.resume} exclude each other: "
+                "--init-from starts a new run from the file's weights (fresh AdamW, step 0), "
+                "--resume continues a run of this job from its checkpoint. Drop --init-from to "
+                "continue the run (its checkpoints hold the model config), or --resume to "
+                "start from the file")
+        return _init_from_config(args)
+    saved = _saved_run_meta(args) if args.preset is None and args.resume is not None else None
+    if saved is None:
+        args.preset = args.preset or "tiny"
+        cfg = preset(args.preset)
+    else:
+        try:
+            from ..checkpoint.hf_files import model_config_from_dict
+
+            cfg = model_config_from_dict(saved["model_config"])
+        except (ConfigError, TypeError, KeyError, ValueError) as err:
+            raise TrainError(f"--resume {args.resume}: the checkpoint's model_config cannot be "
+                             f"read ({type(err).__name__}: {err}); pass the run's --preset "
+                             "(and --num-layers)") from err
+        args.preset = saved["train_args"].get("preset")
+        if args.seq_len is None:  # a resume must keep it: the run's by default
+            args.seq_len = saved["train_args"].get("seq_len")
+    if args.num_layers is not None:
+        cfg = cfg.replace(num_layers=args.num_layers)
+    return cfg
+
+
+# A checkpoint's step folder holds the run's model config and flags in this file
+# (train/checkpoint.py's META; that module imports this one, hence the name repeated here).
+_META = "meta.json"
+
+
+def _saved_run_meta(args) -> Optional[dict]:
+    """meta.json of a checkpoint of the run --resume names (an explicit step folder, else the
+    newest step folder that has a readable one), or None where there is none: a fresh start of
+    --resume auto, or a --resume path the resume itself then reports. Any checkpoint of a run
+    gives its model config (a resume refuses another); which one to resume from is decided,
+    verified, at set-up."""
+    if args.resume == "auto":
+        if args.out_dir is None:
+            return None
+        path = args.out_dir / "checkpoints"
+    else:
+        path = Path(args.resume)
+    folders = [path]
+    for root in (path, path / "checkpoints"):
+        if root.is_dir():
+            steps = [p for p in root.iterdir()
+                     if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+            folders += sorted(steps, key=lambda p: int(p.name[5:]), reverse=True)
+    for folder in folders:
+        try:
+            meta = json.loads((folder / _META).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and "model_config" in meta and "train_args" in meta:
+            return meta
+    return None
+
+
+# How the model is computed or stored, not what it is: free to differ between a preset and an
+# --init-from file (as between a checkpoint and its resume, train/checkpoint.py)
+_NOT_ARCHITECTURE = ("name", "params_dtype", "linear_backend", "fp8", "fp8_layers")
+
+
+def architecture_differences(expected: ModelConfig, actual: ModelConfig) -> list[str]:
+    """The fields in which two configs describe different models ("moe.top_k: 2 and 3"),
+    leaving out the name, the parameters' dtype and the implementation choices."""
+    def flat(obj, prefix=""):
+        out = {}
+        for key, value in (dataclasses.asdict(obj) if dataclasses.is_dataclass(obj)
+                           else obj).items():
+            if key in _NOT_ARCHITECTURE or key.endswith("_impl"):
+                continue
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = value
+        return out
+
+    a, b = flat(expected), flat(actual)
+    return [f"{key}: {a.get(key)!r} and {b.get(key)!r}" for key in sorted(set(a) | set(b))
+            if json.dumps(a.get(key), default=str) != json.dumps(b.get(key), default=str)]
+
+
+def _init_from_config(args) -> ModelConfig:
+    """The model config of the --init-from file (read through its index only: mmap), after
+    refusing a --preset or --num-layers that describe another model."""
+    from ..checkpoint.hf import ConversionError
+    from ..checkpoint.hf_files import model_config_from_dict
+    from ..checkpoint.state_file import read_state_file
+
+    path = args.init_from
+    try:
+        _, saved = read_state_file(path, flag="--init-from", mmap=True)
+    except ConversionError as err:
+        raise TrainError(f"{err}. --init-from takes the torch file written by `python -m "
+                         "megatron_dsv3.checkpoint.convert hf-to-dsv3 --out FILE`, or a step "
+                         "folder / rank file of a run of this job without TP, EP or PP") from err
+    try:
+        cfg = model_config_from_dict(saved)
+    except ConfigError as err:
+        raise TrainError(f"--init-from {path}: its model_config is invalid: {err}") from err
+    except (TypeError, KeyError, ValueError, AttributeError) as err:
+        raise TrainError(f"--init-from {path}: its model_config is not a ModelConfig "
+                         f"({type(err).__name__}: {err}); write the file again with `python -m "
+                         "megatron_dsv3.checkpoint.convert hf-to-dsv3`") from err
+    if args.num_layers is not None and args.num_layers != cfg.num_layers:
+        raise TrainError(f"--num-layers {args.num_layers} differs from --init-from {path}, "
+                         f"whose model has num_layers={cfg.num_layers} (its weights are those "
+                         "of its layers): leave --num-layers out")
+    if args.preset is not None:
+        named = preset(args.preset)
+        if args.num_layers is not None:
+            named = named.replace(num_layers=args.num_layers)
+        differences = architecture_differences(named, cfg)
+        if differences:
+            raise TrainError(
+                f"--preset {args.preset} is not the model of --init-from {path} (preset and "
+                "file): " + "; ".join(differences) + ". Leave --preset out: with --init-from "
+                "the model is built from the file's model_config")
+    return cfg

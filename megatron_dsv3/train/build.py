@@ -1,7 +1,9 @@
 """What the job builds before its first step: the device, the data, the initial model, AdamW.
 
 The initial weights are the same at any TP and EP size for a given seed: they are drawn on the
-CPU as the full TP=1, EP=1 model and each TP/EP rank keeps its slice of every tensor. With a
+CPU as the full TP=1, EP=1 model and each TP/EP rank keeps its slice of every tensor. With
+--init-from they are the file's full state dict instead, checked against the model (every
+tensor there, none extra, each of the full model's shape) and sliced the same way. With a
 pipeline every rank builds the whole model (its TP/EP shard); `pipeline.Pipeline` then keeps
 this rank's stages.
 """
@@ -9,6 +11,7 @@ this rank's stages.
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -34,9 +37,11 @@ def load_data(args, cfg: ModelConfig):
     except (DataError, FileNotFoundError) as err:
         raise TrainError(f"--data-dir {args.data_dir}: {err}") from err
     if tokenizer.vocab_size > cfg.vocab_size:
+        model = ("preset" if getattr(args, "init_from", None) is None
+                 else f"the model of --init-from {args.init_from},")
         raise TrainError(f"--data-dir {args.data_dir}: its tokenizer has {tokenizer.vocab_size} "
-                         f"tokens, more than preset '{cfg.name}' vocab_size={cfg.vocab_size}; "
-                         "use a preset with a larger vocabulary or a smaller tokenizer")
+                         f"tokens, more than {model} '{cfg.name}' vocab_size={cfg.vocab_size}; "
+                         "use a model with a larger vocabulary or a smaller tokenizer")
     window = args.seq_len + 1  # a sequence and the label of its last token
     num_train, num_val = corpus.train.numel(), corpus.val.numel()
     total = num_train + num_val
@@ -67,12 +72,15 @@ def _fraction_for(tokens: int, total: int) -> str:
     return f"{fraction:g}"
 
 
-def build_initial_model(cfg: ModelConfig, pg, seed: int, device: torch.device):
-    """The model with the same initial weights at every TP and EP size for a given seed.
+def build_initial_model(cfg: ModelConfig, pg, seed: int, device: torch.device,
+                        init_state: Optional[dict] = None, init_source: str = ""):
+    """The model with the same initial weights at every TP and EP size for a given seed, or
+    with the weights of `init_state` (a full TP=1, EP=1 state dict; `init_source` names where it
+    came from in errors, e.g. "--init-from FILE").
 
     Weights are drawn on the CPU (the same draw on any machine): with TP > 1 or EP > 1 each
     rank draws the full TP=1, EP=1 model (on groups of itself) and keeps its slice of every
-    tensor."""
+    tensor. `init_state` is checked against the model first (`check_full_state_fits`)."""
     from ..model import build_model
     from ..parallel import load_full_state_dict, whole_model_groups
 
@@ -83,11 +91,57 @@ def build_initial_model(cfg: ModelConfig, pg, seed: int, device: torch.device):
     with whole_model_groups(pg) as groups:
         model = build_model(cfg, pg_collection=groups, megatron_config=to_megatron_config(
             cfg, tensor_parallel_size=tp, expert_parallel_size=ep, use_cpu_initialization=True,
-            perform_initialization=tp == 1))
-        full = _full_model_state(cfg, groups, seed) if tp > 1 or ep > 1 else None
+            perform_initialization=tp == 1 and init_state is None))
+        full = (_full_model_state(cfg, groups, seed) if (tp > 1 or ep > 1)
+                and init_state is None else None)
+    if init_state is not None:
+        full = check_full_state_fits(model, init_state, tp, ep, init_source)
     if full is not None:
         load_full_state_dict(model, full, pg.tp, pg.ep)
     return model.to(device)
+
+
+_LISTED = 8  # tensor names listed per kind of problem
+
+
+def check_full_state_fits(model: torch.nn.Module, state: dict, tp: int, ep: int,
+                          source: str) -> dict:
+    """The tensors of the full (TP=1, EP=1) state dict `state`, once every one the model (this
+    rank's TP/EP shard of it) holds is there with the full model's shape and none is extra;
+    otherwise a TrainError naming the tensors and `source`. (Megatron's `_extra_state` entries
+    hold no weights and are left out on both sides.)"""
+    from ..parallel import EXPERT_DIM, is_expert_parallel
+
+    params = dict(model.named_parameters())
+    expected = {}
+    for name, value in model.state_dict().items():
+        if name.endswith("_extra_state") or not isinstance(value, torch.Tensor):
+            continue
+        shape = list(value.shape)
+        param = params.get(name)
+        if param is not None and getattr(param, "tensor_model_parallel", False):
+            shape[param.partition_dim] *= tp
+        if param is not None and is_expert_parallel(param):
+            shape[EXPERT_DIM] *= ep
+        expected[name] = tuple(shape)
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(k for k in state if k not in expected and not k.endswith("_extra_state"))
+    shapes = [f"{k} is {tuple(tensors[k].shape)} in the file, {expected[k]} in the model"
+              for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    problems = []
+    for what, names in (("missing tensors", missing), ("tensors the model does not have",
+                                                       extra), ("shapes differ", shapes)):
+        if names:
+            more = f" (and {len(names) - _LISTED} more)" if len(names) > _LISTED else ""
+            problems.append(f"{what}: {', '.join(names[:_LISTED])}{more}")
+    if problems:
+        raise TrainError(f"{source} does not fit the model of its model_config: "
+                         + "; ".join(problems) + ". Its weights and model_config must describe "
+                         "one model: write the file again with `python -m "
+                         "megatron_dsv3.checkpoint.convert hf-to-dsv3` (or pass the run's own "
+                         "checkpoint)")
+    return {k: tensors[k] for k in expected}
 
 
 def _full_model_state(cfg: ModelConfig, pg, seed: int) -> dict:

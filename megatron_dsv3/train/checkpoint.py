@@ -27,8 +27,10 @@ they load (their payload format is unchanged, CHECKPOINT_FORMAT 1) with a warnin
 cannot be verified.
 
 A resume refuses a checkpoint of another model config, number of processes or data stream
-(`RESUME_INVARIANT_ARGS`), saying what differs, from `meta.json` before anything is built; and a
-run never starts in a folder holding another run (`check_out_dir`).
+(`RESUME_INVARIANT_ARGS`), saying what differs, from `meta.json` before anything is built (with
+--preset left out the model config is the checkpoint's own, args.py: how a run started with
+--init-from resumes); and a run never starts in a folder holding another run (`check_out_dir`);
+--init-from with --resume auto over a run is refused, naming both flags.
 """
 
 from __future__ import annotations
@@ -493,7 +495,8 @@ def check_resumable(saved: dict, cfg, args, step_dir: Path) -> None:
     if problems:
         raise TrainError(f"cannot resume from {step_dir}: it was written by a different run.\n  "
                          + "\n  ".join(problems)
-                         + "\nPass the checkpoint's values, or start a new --out-dir without "
+                         + "\nPass the checkpoint's values (leave --preset out to take the "
+                           "checkpoint's model config), or start a new --out-dir without "
                            "--resume.")
 
 
@@ -554,6 +557,12 @@ def checkpoint_to_resume(args, cfg, out_dir: Path) -> Optional[Path]:
     --out-dir holding another run and a checkpoint of another config: all of it before the
     corpus is read or the model built, and the same decision on every rank."""
     step_dir = find_checkpoint(args.resume, out_dir)
+    if step_dir is not None and getattr(args, "init_from", None) is not None:
+        raise TrainError(f"--init-from {args.init_from} and --resume {args.resume}: --out-dir "
+                         f"{out_dir} holds a run to resume ({step_dir}), and --init-from starts "
+                         "a new one from the file. Drop --init-from to continue that run (its "
+                         "checkpoints hold the model config), or pass a new --out-dir to start "
+                         "from the file")
     _decided_on_rank0(check_out_dir, out_dir, args.resume, step_dir)
     if step_dir is not None:
         check_resumable(_decided_on_rank0(read_meta, step_dir), cfg, args, step_dir)

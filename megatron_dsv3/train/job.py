@@ -2,7 +2,8 @@
 
 `setup` initialises the process groups (TP, EP, PP, DP), picks the device, resolves the run
 folder and the checkpoint to resume from (before the slow part, so a wrong --resume fails
-early), loads the corpus, builds the model (its pipeline stages with PP > 1) and AdamW, and
+early), loads the corpus, builds the model (its pipeline stages with PP > 1; with --init-from
+the file's weights, each rank taking its TP/EP slice before the stages are cut) and AdamW, and
 loads the checkpoint. `train` runs the optimizer steps, logs each (rank 0), validates every
 --eval-interval steps and checkpoints every --save-interval steps (both also at the end), and
 writes the plots at the end; on SIGTERM / SIGINT every rank finishes its step, saves it and
@@ -40,8 +41,9 @@ from .preemption import StopSignals, exit_status, signal_name
 from .step import NonFiniteStep, Run, evaluate, train_step
 
 
-def resolve_out_dir(args) -> Path:
-    """--out-dir, the run folder of a --resume path, or runs/<preset>-<time> (rank 0's time)."""
+def resolve_out_dir(args, cfg=None) -> Path:
+    """--out-dir, the run folder of a --resume path, or runs/<preset or model name>-<time>
+    (rank 0's time)."""
     if args.out_dir is not None:
         return args.out_dir
     if args.resume not in (None, "auto"):
@@ -49,7 +51,8 @@ def resolve_out_dir(args) -> Path:
     stamp = [time.strftime("%Y%m%d-%H%M%S")]
     if dist.is_initialized():
         dist.broadcast_object_list(stamp, src=0)
-    return Path("runs") / f"{args.preset}-{stamp[0]}"
+    name = args.preset or (cfg.name if cfg is not None else "run")
+    return Path("runs") / f"{name}-{stamp[0]}"
 
 
 def setup(args, cfg) -> tuple[Run, Optional[Path]]:
@@ -70,11 +73,14 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
     if device.type == "cpu" and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1)
                                   // int(os.environ["LOCAL_WORLD_SIZE"])))
-    out_dir = resolve_out_dir(args)
+    out_dir = resolve_out_dir(args, cfg)
     # Verified, never a folder of another run, the config compared: before the slow part
     step_dir = checkpoint_to_resume(args, cfg, out_dir)
     corpus = load_data(args, cfg)  # its problems named before the slow part
-    model = build_initial_model(cfg, pg, args.seed, device)  # fp32
+    init_state = init_weights(args) if step_dir is None else None
+    model = build_initial_model(cfg, pg, args.seed, device, init_state,  # fp32
+                                f"--init-from {args.init_from}")
+    del init_state  # the model holds its own copy: drop the file's mapping
     dtype = params_dtype(args, device)
     args.expert_wgrad = expert_wgrad_mode(args, cfg, dtype, device)  # auto resolved
     # bf16: the fp32 weights become the masters (exactly), the model gets their rounding
@@ -102,6 +108,27 @@ def setup(args, cfg) -> tuple[Run, Optional[Path]]:
         print(f"--resume auto: no checkpoint in {run.out_dir / 'checkpoints'}, starting fresh",
               file=sys.stderr)
     return run, step_dir
+
+
+def init_weights(args) -> Optional[dict]:
+    """The full state dict of --init-from (None without it), read through the converter's
+    reader (a step folder's digests verified first; the tensors memory-mapped from the file),
+    refused if it holds a NaN or Inf; `build_initial_model` checks that it fits the model."""
+    from ..checkpoint.convert import read_dsv3_checkpoint
+    from ..checkpoint.hf import ConversionError
+    from .checkpoint import first_non_finite
+
+    if args.init_from is None:
+        return None
+    try:
+        state, _ = read_dsv3_checkpoint(args.init_from, flag="--init-from", mmap=True)
+    except ConversionError as err:
+        raise TrainError(str(err)) from err
+    bad = first_non_finite({"model": state})
+    if bad is not None:
+        raise TrainError(f"--init-from {args.init_from}: {bad} holds NaN or Inf; start from "
+                         "finite weights (another checkpoint, or convert the source again)")
+    return state
 
 
 def train(run: Run, step_dir: Optional[Path]) -> dict:

@@ -15,6 +15,8 @@ with another seed than the job's, stored in bf16 as a converted Hugging Face che
   sharded under TP=2                          the TP=2 run's step-1 loss is the single
                                               process's within FP32_REORDER (TP splits the
                                               GEMM reductions and the vocab-parallel LSE)
+  --preset of the file's architecture         accepted, its training settings used; V3's
+                                              release against v3-671b: no difference
   errors                                      missing file; --preset or --num-layers of another
                                               model (naming the fields); with --resume; TP not
                                               dividing the file's widths; missing, extra and
@@ -161,6 +163,28 @@ def test_bad_init_from_arguments_name_the_flags_and_the_fix(flags, world, expect
     err = capsys.readouterr().err
     for part in expected:
         assert part.format(**names) in err, err
+
+
+def test_a_preset_of_the_files_architecture_gives_its_training_settings(init_file,
+                                                                         monkeypatch):
+    """--preset naming the file's architecture is accepted and brings the training settings a
+    converted config.json lacks: V3's release converts to v3-671b's architecture with
+    ModelConfig's defaults there (test_hf_files), which must not count as a difference."""
+    from megatron_dsv3.config import preset
+    from megatron_dsv3.train.args import architecture_differences, parse_args
+
+    v3 = preset("v3-671b")
+    released = v3.replace(name="hf", params_dtype="bfloat16", init_std=0.02,
+                          moe__seq_aux_loss_coeff=0.0, moe__bias_update_rate=1e-3,
+                          moe__bias_update_stop_tokens=None)
+    assert architecture_differences(v3, released) == []
+    assert architecture_differences(v3, released.replace(moe__top_k=6)) == ["moe.top_k: 8 and 6"]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args, cfg = parse_args(["--init-from", str(init_file), "--preset", "tiny", "--num-layers",
+                            "2"])
+    assert cfg == preset("tiny").replace(num_layers=2) and args.preset == "tiny"
+    args, cfg = parse_args(["--init-from", str(init_file)])
+    assert cfg.name == "tiny-2-layers" and args.preset is None
 
 
 def test_init_from_a_file_of_another_model_names_the_tensors(init_file, dist_single, tmp_path,

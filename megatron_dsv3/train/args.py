@@ -6,7 +6,8 @@ through argparse (status 2).
 Which model. `--preset` (default tiny) names one; `--init-from FILE` builds the model of FILE's
 model_config instead (a file of `convert hf-to-dsv3`, or a step folder / rank file of this job
 without TP, EP or PP: `checkpoint.state_file`), `--preset` then left out or naming exactly that
-architecture; `--resume` with `--preset` left out takes the model config (and the --preset)
+architecture (whose training settings, which a converted Hugging Face config.json lacks, are then
+the preset's); `--resume` with `--preset` left out takes the model config (and the --preset)
 of the checkpoint's run, so that a run started with `--init-from` resumes without it.
 
 `TrainError` is the job's error for what the run was asked to do (a checkpoint, the data):
@@ -62,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from these weights: a torch file of `python -m "
              "megatron_dsv3.checkpoint.convert hf-to-dsv3`, or a step folder / rank file of "
              "a run of this job without TP, EP or PP. The model is built from the file's "
-             "model_config (its architecture; the training flags are this command's), its "
+             "model_config (its architecture; the training flags are this command's; with a "
+             "--preset of the same architecture, that preset's balance-loss, bias-update and "
+             "MTP-weight settings, which a converted Hugging Face file lacks), its "
              "weights are loaded (each TP/EP rank taking its slice) before the first step; "
              "AdamW starts fresh at step 0. Checkpoints of the run record the config: continue "
              "it with --resume, without --init-from")
@@ -405,14 +408,20 @@ def _saved_run_meta(args) -> Optional[dict]:
     return None
 
 
-# How the model is computed or stored, not what it is: free to differ between a preset and an
-# --init-from file (as between a checkpoint and its resume, train/checkpoint.py)
-_NOT_ARCHITECTURE = ("name", "params_dtype", "linear_backend", "fp8", "fp8_layers")
+# Not the architecture, free to differ between a preset and an --init-from file: how the model
+# is computed or stored (as between a checkpoint and its resume, train/checkpoint.py), and the
+# training settings a Hugging Face config.json does not carry (a converted file has
+# ModelConfig's defaults there; the preset's are used, test_hf_files: V3's release)
+_NOT_ARCHITECTURE = ("name", "params_dtype", "linear_backend", "fp8", "fp8_layers", "init_std",
+                     "seq_aux_loss_coeff", "bias_update_rate", "bias_update_stop_tokens",
+                     "loss_weight_schedule")
 
 
 def architecture_differences(expected: ModelConfig, actual: ModelConfig) -> list[str]:
     """The fields in which two configs describe different models ("moe.top_k: 2 and 3"),
-    leaving out the name, the parameters' dtype and the implementation choices."""
+    leaving out the name, the parameters' dtype, the implementation choices and the training
+    settings (init_std, the balance-loss coefficient, the bias update's rate and stop, the MTP
+    loss weights)."""
     def flat(obj, prefix=""):
         out = {}
         for key, value in (dataclasses.asdict(obj) if dataclasses.is_dataclass(obj)
@@ -432,7 +441,9 @@ def architecture_differences(expected: ModelConfig, actual: ModelConfig) -> list
 
 def _init_from_config(args) -> ModelConfig:
     """The model config of the --init-from file (read through its index only: mmap), after
-    refusing a --preset or --num-layers that describe another model."""
+    refusing a --preset or --num-layers that describe another model; with --preset, the
+    preset's config (the same architecture, the preset's training settings: a converted Hugging
+    Face file has ModelConfig's defaults for those, e.g. no balance loss)."""
     from ..checkpoint.hf import ConversionError
     from ..checkpoint.hf_files import model_config_from_dict
     from ..checkpoint.state_file import read_state_file
@@ -466,4 +477,5 @@ def _init_from_config(args) -> ModelConfig:
                 f"--preset {args.preset} is not the model of --init-from {path} (preset and "
                 "file): " + "; ".join(differences) + ". Leave --preset out: with --init-from "
                 "the model is built from the file's model_config")
+        return named
     return cfg

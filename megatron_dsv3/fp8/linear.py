@@ -41,17 +41,13 @@ Quantized = tuple[torch.Tensor, torch.Tensor]  # (data, scales)
 
 
 def _quantize(t: torch.Tensor, tiling: str) -> Quantized:
-    if torch.compiler.is_compiling():
-        return torch.ops.megatron_dsv3.fp8_quantize(t, tiling)
-    return ops.quantize(t, tiling)
+    return ops.call("fp8_quantize", t, tiling)
 
 
 def _gemm(a: Quantized, a_tiling: str, b: Quantized, b_tiling: str,
           out_dtype: torch.dtype) -> torch.Tensor:
     """A B^T, K-major operands (fp8/gemm.py's fp8_gemm)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.megatron_dsv3.fp8_gemm(*a, a_tiling, *b, b_tiling, out_dtype)
-    return ops.gemm(*a, a_tiling, *b, b_tiling, out_dtype)
+    return ops.call("fp8_gemm", *a, a_tiling, *b, b_tiling, out_dtype)
 
 
 def weight_blocks(weight: torch.Tensor) -> Quantized:
@@ -61,9 +57,7 @@ def weight_blocks(weight: torch.Tensor) -> Quantized:
 
 def transposed_weight_blocks(w: Quantized) -> Quantized:
     """W's blocks as W^T's (the input gradient's operand)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.megatron_dsv3.fp8_transposed_blocks(*w)
-    return ops.transposed(*w)
+    return ops.call("fp8_transposed_blocks", *w)
 
 
 class _Fp8Linear(torch.autograd.Function):

@@ -15,7 +15,7 @@ GPU, the reference elsewhere) and has a fake implementation giving the output sh
 is all tracing needs. They take and return plain tensors: an Fp8Tensor is (data, scales) and
 its tiling, passed as a string. Eager code calls their bodies (`quantize`, `gemm`,
 `transposed`) directly: the dispatcher's round trip costs host time per call that a
-small FP8 GEMM does not hide.
+small FP8 GEMM does not hide. `call(name, *args)` makes that choice for a caller.
 """
 
 from __future__ import annotations
@@ -95,3 +95,14 @@ def fp8_transposed_blocks(data: torch.Tensor, scales: torch.Tensor
 def _(data: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return data.new_empty(data.shape[1], data.shape[0]), scales.new_empty(scales.shape[1],
                                                                            scales.shape[0])
+
+
+_BODIES = {"fp8_quantize": quantize, "fp8_gemm": gemm, "fp8_transposed_blocks": transposed}
+
+
+def call(name: str, *args):
+    """torch.ops.megatron_dsv3.<name>(*args) while torch.compile traces, its body otherwise
+    (eager: no dispatcher round trip)."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.megatron_dsv3, name)(*args)
+    return _BODIES[name](*args)

@@ -158,7 +158,8 @@ if triton is not None:
         start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
         end = tl.load(ends_ptr + e)
         # the expert's first tile: the tiles of the experts before it (their ends' differences
-        # rounded up to whole tiles), summed, BLOCK_E experts at a time
+        # rounded up to whole tiles), summed, BLOCK_E experts at a time (the quantizer's
+        # _expert_tiles vectors over all experts compiled to 188 registers here, against 168)
         before = tl.arange(0, BLOCK_E)
         first_tile = 0
         for block in range(0, e, BLOCK_E):

@@ -91,6 +91,16 @@ def layer_step(layer, h_SBD: torch.Tensor, cache: LatentKVCache, index: int,
     return layer_post_mlp(layer, mlp_out, h_SBD)
 
 
+def right_padded(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts (1-d id tensors) right-padded with `pad_id` to the longest, on the host: the
+    tokens [B, s_max] and their positions 0.. [B, s_max], what a prefill feeds."""
+    tokens_BS = torch.full((len(prompts), max(len(p) for p in prompts)), pad_id,
+                           dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        tokens_BS[row, :len(prompt)] = prompt
+    return tokens_BS, torch.arange(tokens_BS.shape[1]).expand(tokens_BS.shape)
+
+
 @torch.no_grad()
 def prefill(model: DeepSeekV3Model, cache: LatentKVCache, prompts: list[torch.Tensor],
             attention: str = "absorbed", pad_id: int = 0) -> torch.Tensor:
@@ -104,15 +114,10 @@ def prefill(model: DeepSeekV3Model, cache: LatentKVCache, prompts: list[torch.Te
     if int(cache.lengths_B.max()) > 0:
         raise ValueError("prefill: the cache already holds tokens; prefill fills a fresh "
                          "cache (new_cache), decode_step extends it")
-    device = cache.latent_LBTC.device
-    lengths = [len(p) for p in prompts]
-    tokens_BS = torch.full((len(prompts), max(lengths)), pad_id, dtype=torch.long,
-                           device=device)
-    for row, prompt in enumerate(prompts):
-        tokens_BS[row, :len(prompt)] = prompt.to(device)
-    positions_BS = torch.arange(tokens_BS.shape[1]).expand(tokens_BS.shape)
-    logits_BSV = forward_cached(model, cache, tokens_BS, positions_BS, attention)
-    cache.lengths_B = torch.tensor(lengths, dtype=torch.long)
+    tokens_BS, positions_BS = right_padded(prompts, pad_id)
+    logits_BSV = forward_cached(model, cache, tokens_BS.to(cache.latent_LBTC.device),
+                                positions_BS, attention)
+    cache.lengths_B = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     return logits_BSV
 
 

@@ -53,7 +53,7 @@ import torch
 
 from ..model import DeepSeekV3Model
 from .cache import LatentKVCache
-from .forward import check_model, forward_hidden, layer_step, new_cache
+from .forward import check_model, forward_hidden, layer_step, new_cache, right_padded
 from .generate import _check_arguments
 
 
@@ -186,10 +186,7 @@ def generate_speculative(model: DeepSeekV3Model,
     # prefill: the prompts right-padded, the main model, then the MTP layer on the prompt
     # shifted left by one with the first generated token after each prompt's last position
     device = cache.latent_LBTC.device
-    tokens_BS = torch.full((batch, max(lengths)), pad_id, dtype=torch.long)
-    for row, prompt in enumerate(ids):
-        tokens_BS[row, :len(prompt)] = prompt
-    positions_BS = torch.arange(tokens_BS.shape[1]).expand(tokens_BS.shape)
+    tokens_BS, positions_BS = right_padded(ids, pad_id)
     h_SBD = forward_hidden(model, cache, tokens_BS.to(device), positions_BS, attention)
     logits_SBV, _ = model.output_layer(h_SBD)
     last_B = torch.tensor(lengths) - 1

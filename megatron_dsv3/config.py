@@ -232,7 +232,9 @@ class MTPConfig:
 # ----------------------------------------------------------------------------------------------
 # Whole model
 # ----------------------------------------------------------------------------------------------
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# ModelConfig.params_dtype names -> torch dtypes (checkpoint/hf_files.py reads config.json's
+# torch_dtype with it too)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # The parts of DeepSeek-V3's FP8 precision map that ModelConfig.fp8_layers can select:
@@ -278,8 +280,8 @@ class ModelConfig:
                self.moe.first_k_dense, f"cannot exceed num_layers={self.num_layers}")
         _check(self.norm_eps > 0, "ModelConfig.norm_eps", self.norm_eps, "must be > 0")
         _check(self.init_std > 0, "ModelConfig.init_std", self.init_std, "must be > 0")
-        _check(self.params_dtype in _DTYPES, "ModelConfig.params_dtype", self.params_dtype,
-               f"choose one of {sorted(_DTYPES)}")
+        _check(self.params_dtype in DTYPES, "ModelConfig.params_dtype", self.params_dtype,
+               f"choose one of {sorted(DTYPES)}")
         _check(self.linear_backend in ("auto", "local", "te"), "ModelConfig.linear_backend",
                self.linear_backend, "choose 'auto', 'local' or 'te'")
         _check(self.fp8 in ("none", "deepseek"), "ModelConfig.fp8", self.fp8,
@@ -308,7 +310,7 @@ class ModelConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.params_dtype]
+        return DTYPES[self.params_dtype]
 
     def fp8_linear_widths(self) -> list[tuple[str, int, str, str]]:
         """(field, width, what it is, part of fp8_layers) of every input and output width of

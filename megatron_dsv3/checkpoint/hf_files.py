@@ -61,7 +61,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from ..config import ConfigError, MLAConfig, ModelConfig, MoEConfig, MTPConfig, YarnConfig
+from ..config import DTYPES, ConfigError, MLAConfig, ModelConfig, MoEConfig, MTPConfig, YarnConfig
 from .hf import (
     EXTRA_STATE_SUFFIX,
     ConversionError,
@@ -89,7 +89,6 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16
               "F16": torch.float16, "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64,
               "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
-_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +180,7 @@ def model_config_from_hf_config(hf: Mapping[str, Any], *, name: str = "hf") -> M
             num_layers=hf["num_hidden_layers"], max_seq_len=hf["max_position_embeddings"],
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             init_std=float(hf.get("initializer_range", 0.02)),
-            params_dtype=dtype if dtype in _DTYPE_NAMES else "float32",
+            params_dtype=dtype if dtype in DTYPES else "float32",
             mla=MLAConfig(num_heads=heads, q_lora_rank=hf.get("q_lora_rank") or 0,
                           kv_lora_rank=hf["kv_lora_rank"],
                           qk_nope_head_dim=hf["qk_nope_head_dim"],
@@ -627,7 +626,7 @@ def load_hf_checkpoint(hf_dir: PathLike, *, dtype: Optional[torch.dtype] = None,
         cfg = cfg.replace(mtp__num_layers=mtp_layers)
         drop_from = cfg.num_layers + mtp_layers
     stored = hf_config.get("dtype", hf_config.get("torch_dtype"))
-    fp8_dtype = _DTYPE_NAMES.get(stored, torch.bfloat16)
+    fp8_dtype = DTYPES.get(stored, torch.bfloat16)
     block = _fp8_block(hf_config)
     shard_keys, headers = _shards(hf_dir)
     plan = _plan(cfg, headers, dtype, fp8_dtype, block, str(hf_dir), drop_from)
@@ -787,8 +786,8 @@ def save_hf_checkpoint(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig,
              "weight_map": dict(sorted(weight_map.items()))}
     if count > 1:
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    dtype_name = next(k for k, v in _DTYPE_NAMES.items() if v == default_dtype) \
-        if default_dtype in _DTYPE_NAMES.values() else "float32"
+    dtype_name = next(k for k, v in DTYPES.items() if v == default_dtype) \
+        if default_dtype in DTYPES.values() else "float32"
     hf_config_from_model_config(cfg, architectures=[HF_ARCHITECTURE],
                                 dtype=dtype_name).save_pretrained(out_dir)
     return index

@@ -408,13 +408,23 @@ def _saved_run_meta(args) -> Optional[dict]:
     return None
 
 
-# Not the architecture, free to differ between a preset and an --init-from file: how the model
-# is computed or stored (as between a checkpoint and its resume, train/checkpoint.py), and the
-# training settings a Hugging Face config.json does not carry (a converted file has
-# ModelConfig's defaults there; the preset's are used, test_hf_files: V3's release)
-_NOT_ARCHITECTURE = ("name", "params_dtype", "linear_backend", "fp8", "fp8_layers", "init_std",
-                     "seq_aux_loss_coeff", "bias_update_rate", "bias_update_stop_tokens",
-                     "loss_weight_schedule")
+# How a model is computed (every *_impl field too): the same weights in other GEMMs, free to
+# differ between a checkpoint and its resume (train/checkpoint.py)
+IMPLEMENTATION_CHOICES = ("linear_backend", "fp8", "fp8_layers")
+# Not the architecture, free to differ between a preset and an --init-from file: the
+# implementation choices, how the model is stored, and the training settings a Hugging Face
+# config.json does not carry (a converted file has ModelConfig's defaults there; the preset's
+# are used, test_hf_files: V3's release)
+_NOT_ARCHITECTURE = IMPLEMENTATION_CHOICES + (
+    "name", "params_dtype", "init_std", "seq_aux_loss_coeff", "bias_update_rate",
+    "bias_update_stop_tokens", "loss_weight_schedule")
+
+
+def config_without(config: dict, skip: tuple[str, ...]) -> dict:
+    """A model config as dataclasses.asdict gives it, without the fields named in `skip` and
+    every *_impl, at any depth."""
+    return {key: config_without(value, skip) if isinstance(value, dict) else value
+            for key, value in config.items() if key not in skip and not key.endswith("_impl")}
 
 
 def architecture_differences(expected: ModelConfig, actual: ModelConfig) -> list[str]:
@@ -422,19 +432,17 @@ def architecture_differences(expected: ModelConfig, actual: ModelConfig) -> list
     leaving out the name, the parameters' dtype, the implementation choices and the training
     settings (init_std, the balance-loss coefficient, the bias update's rate and stop, the MTP
     loss weights)."""
-    def flat(obj, prefix=""):
+    def flat(config: dict, prefix: str = "") -> dict:
         out = {}
-        for key, value in (dataclasses.asdict(obj) if dataclasses.is_dataclass(obj)
-                           else obj).items():
-            if key in _NOT_ARCHITECTURE or key.endswith("_impl"):
-                continue
+        for key, value in config.items():
             if isinstance(value, dict):
                 out.update(flat(value, f"{prefix}{key}."))
             else:
                 out[prefix + key] = value
         return out
 
-    a, b = flat(expected), flat(actual)
+    a, b = (flat(config_without(dataclasses.asdict(cfg), _NOT_ARCHITECTURE))
+            for cfg in (expected, actual))
     return [f"{key}: {a.get(key)!r} and {b.get(key)!r}" for key in sorted(set(a) | set(b))
             if json.dumps(a.get(key), default=str) != json.dumps(b.get(key), default=str)]
 

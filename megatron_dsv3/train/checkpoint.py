@@ -51,7 +51,7 @@ import torch.distributed as dist
 
 from ..checkpoint.digest import (DIGEST_DESCRIPTION, MANIFEST, all_gather_from_ranks,
                                  file_digest, file_entry)
-from .args import TrainError, build_parser
+from .args import IMPLEMENTATION_CHOICES, TrainError, build_parser, config_without
 from .step import Run
 
 CHECKPOINT_FORMAT = 1  # of the rank files' payload
@@ -474,8 +474,10 @@ def check_resumable(saved: dict, cfg, args, step_dir: Path) -> None:
     `saved` is the checkpoint's payload or its meta.json (what setup reads before building the
     model); `cfg` and `args` are the run's."""
     problems = []
-    current_cfg = _without_implementation_choices(dataclasses.asdict(cfg))
-    saved_cfg = _without_implementation_choices(saved["model_config"])
+    # the model minus how it is computed, which may differ between machines or phases
+    # resuming the same run (the same weights in other GEMMs)
+    current_cfg = config_without(dataclasses.asdict(cfg), IMPLEMENTATION_CHOICES)
+    saved_cfg = config_without(saved["model_config"], IMPLEMENTATION_CHOICES)
     for key in sorted(set(current_cfg) | set(saved_cfg)):
         if json.dumps(current_cfg.get(key), default=str) != json.dumps(saved_cfg.get(key),
                                                                         default=str):
@@ -498,18 +500,6 @@ def check_resumable(saved: dict, cfg, args, step_dir: Path) -> None:
                          + "\nPass the checkpoint's values (leave --preset out to take the "
                            "checkpoint's model config), or start a new --out-dir without "
                            "--resume.")
-
-
-def _without_implementation_choices(cfg_dict: dict) -> dict:
-    """The model config minus how it is computed (experts_impl, attention_impl,
-    linear_backend, fp8: the same weights in other GEMMs), which may differ between machines
-    or phases resuming the same run."""
-    out = {}
-    for key, value in cfg_dict.items():
-        if key.endswith("_impl") or key in ("linear_backend", "fp8", "fp8_layers"):
-            continue
-        out[key] = _without_implementation_choices(value) if isinstance(value, dict) else value
-    return out
 
 
 def _run_files(out_dir: Path) -> list[str]:

@@ -23,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -94,8 +95,8 @@ def run_ours(args, device) -> dict:
         forward_backward()
         optimizer.step()
 
-    if args.profile and device.type == "cuda":
-        profile(fwd_bwd_step, args.profile)
+    kernels = (profile(fwd_bwd_step, args.profile)
+               if args.profile and device.type == "cuda" else None)
 
     fb_times = time_steps(fwd_bwd_step, args.steps, args.warmup, device,
                           reset_peak_after_warmup=True)
@@ -119,21 +120,32 @@ def run_ours(args, device) -> dict:
         "fwd_bwd_times": [round(t, 5) for t in fb_times],
         "attention": cfg.mla.attention_impl, "experts": cfg.moe.experts_impl,
         "compile": args.compile, "compile_mode": args.compile_mode,
+        **({"kernel_breakdown": kernels} if kernels else {}),
     }
 
 
-def profile(step_fn, path: str) -> None:
+def profile(step_fn, path: str) -> dict:
+    """One step under torch.profiler (after two untimed ones): the per-kernel table and the
+    per-category breakdown (benchmarks/kernel_breakdown.py) written to `path`, the breakdown
+    printed and returned (the JSON's "kernel_breakdown")."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from benchmarks.kernel_breakdown import breakdown, format_breakdown, kernels_of
 
     for _ in range(2):
         step_fn()
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
         step_fn()
         torch.cuda.synchronize()
+        wall_s = time.perf_counter() - start
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=60)
-    Path(path).write_text(table)
+    categories = breakdown(kernels_of(prof), wall_s)
+    Path(path).write_text(table + "\n\n" + format_breakdown(categories) + "\n")
     print(table[:6000], file=sys.stderr)
+    print(format_breakdown(categories), file=sys.stderr)
+    return categories
 
 
 def run_peer(name: str, peers_dir: Path, steps: int, fp8: str = "none") -> dict:

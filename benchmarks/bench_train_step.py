@@ -63,17 +63,19 @@ def run_job(args) -> dict:
     def step() -> None:
         metrics.append(train_step(run)[0])
 
+    kernels = None
     if args.profile and device.type == "cuda":
         from benchmarks.bench_proxy import profile
 
-        profile(step, args.profile)
+        kernels = profile(step, args.profile)
     times = time_steps(step, args.steps, args.warmup, device, reset_peak_after_warmup=True)
     median = statistics.median(times)
     return {"argv": argv, "tokens_per_step": run.tokens_per_step, "step_s": round(median, 6),
             "tok_per_s": round(run.tokens_per_step / median, 1), "peak_gib": round(peak_gib(
                 device), 2), "step_times": [round(t, 5) for t in times],
             "losses": [round(m["loss"], 4) for m in metrics],
-            "params_dtype": str(next(run.model.parameters()).dtype)}
+            "params_dtype": str(next(run.model.parameters()).dtype),
+            **({"kernel_breakdown": kernels} if kernels else {})}
 
 
 def main(argv=None) -> dict:

@@ -10,8 +10,9 @@
 # tokens): ours in BF16 with torchtitan compiled in BF16 and with torchao's rowwise float8
 # (TT_FP8=rowwise), then ours in FP8 (--fp8 deepseek; proxy's 10944-wide dense FFN in BF16),
 # and once more with the routed experts in BF16 (--fp8-layers attention,shared_experts,dispatch).
-# Results: $OUT/bf16.json, fp8.json, fp8_dense.json, their logs packed into logs.tgz
-# (./gpu_out/fp8_proxy without $OUT).
+# Results: $OUT/bf16.json, fp8.json, fp8_dense.json (bf16 and fp8 with "kernel_breakdown": one
+# profiled forward + backward's GPU time by kernel category), their logs and the profiler tables
+# (prof_*.log) packed into logs.tgz (./gpu_out/fp8_proxy without $OUT).
 # steps: the training job itself (benchmarks/bench_train_step.py, proxy with MTP, 8 micro-batches
 # of 4,096 tokens per step, FP8 weights quantized once per step) in BF16 and in FP8 (--fp8-layers
 # FP8_LAYERS, proxy's dense FFN in BF16); results $OUT/steps_bf16.json, steps_fp8.json.
@@ -39,11 +40,11 @@ for part in ${*:-bench steps convergence}; do
     bench)
       start=$SECONDS
       timeout 420 python3 benchmarks/bench_proxy.py --steps 10 --warmup 4 "${PEERS[@]}" \
-        --json-out "$DIR/bf16.json" > "$DIR/bf16.log" 2>&1
+        --profile "$DIR/prof_bf16.log" --json-out "$DIR/bf16.json" > "$DIR/bf16.log" 2>&1
       echo "== bf16 (+ peers): rc=$? in $((SECONDS - start)) s"; grep -E "^ours|^torchtitan" "$DIR/bf16.log"
       start=$SECONDS
       timeout 240 python3 benchmarks/bench_proxy.py --steps 10 --warmup 4 --fp8 deepseek \
-        --json-out "$DIR/fp8.json" > "$DIR/fp8.log" 2>&1
+        --profile "$DIR/prof_fp8.log" --json-out "$DIR/fp8.json" > "$DIR/fp8.log" 2>&1
       echo "== fp8: rc=$? in $((SECONDS - start)) s"; grep -E "^ours|Error" "$DIR/fp8.log" | tail -n 3
       start=$SECONDS  # the routed experts in BF16 (our grouped FP8 GEMM is slower than BF16's)
       timeout 240 python3 benchmarks/bench_proxy.py --steps 10 --warmup 4 --fp8 deepseek \

@@ -22,7 +22,7 @@ find_python() {
 if [ -x .venv/bin/python ] && .venv/bin/python -c '
 import importlib.util, sys
 sys.exit(any(importlib.util.find_spec(name) is None
-             for name in ("megatron_dsv3", "megatron.core", "transformers", "wandb")))
+             for name in ("megatron_dsv3", "megatron.core", "transformers", "wandb", "trl")))
 ' 2>/dev/null; then
   exit 0
 fi

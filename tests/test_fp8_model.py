@@ -429,3 +429,67 @@ def test_fp8_layers_trace_without_a_graph_break_and_compiled_equals_eager(dist_s
     torch._dynamo.reset()
     for name, eager, compiled in zip(("y", "dx", "dW", "db"), *results):
         assert torch.equal(eager, compiled), name
+
+
+def test_fp8_routed_experts_trace_without_a_graph_break_and_compiled_equals_eager(
+        dist_single, monkeypatch):
+    """The routed experts' FP8 path (grouped weight blocks, grouped FP8 GEMM, segment tiles, the
+    FP8 weight gradient into an fp32 sum or returned) is fp8/ops.py's custom operators: the FP8
+    MoE module traces as one graph (before, it left torch.compile: each MoE layer split into
+    CUDA graphs with eager FP8 kernels between them), and compiled experts_linear gives the
+    eager results bit for bit, forward and backward, both weight-gradient modes (aot_eager: the
+    operators' bodies run as in eager; the emulation on the CPU). The operators' fake
+    implementations agree with their bodies (torch.library.opcheck's fake-tensor test)."""
+    from megatron_dsv3.fp8 import ops
+    from megatron_dsv3.moe import experts
+    from megatron_dsv3.moe.experts import experts_linear
+    from megatron_dsv3.moe.layer import DeepSeekMoE
+
+    # the GPU's grouped experts (the CPU's loop reads the counts on the host)
+    monkeypatch.setattr(experts, "resolve_experts_impl", lambda impl, device: "grouped_mm")
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")  # the suite turns dynamo off
+    model = _model(dist_single, fp8=True)
+    # in bf16, as the GPU runs it (the BF16 weight gradient's grouped GEMM traces only there)
+    module = next(m for m in model.modules() if isinstance(m, DeepSeekMoE)).to(torch.bfloat16)
+    assert module.experts.fp8
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(module.forward)(torch.randn(16, 1, 128,
+                                                                  dtype=torch.bfloat16))
+    reasons = [b.reason.splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, reasons
+
+    counts = [70, 0, 200, 30]
+    seed, g, ends, x, w, dy = _experts_operands(counts)
+    for into_sum in (False, True):
+        results = []
+        for compiled in (False, True):
+            x_in, w_in = x.clone().requires_grad_(), w.clone().requires_grad_()
+            total = torch.zeros(w.shape) if into_sum else None
+
+            def run(x_in, w_in):
+                return experts_linear(x_in, w_in, "grouped_mm", ends, fp32_grad=total,
+                                      fp8=True, fp8_wgrad=True)
+
+            y = (torch.compile(run, backend="aot_eager", fullgraph=True) if compiled
+                 else run)(x_in, w_in)
+            y.backward(dy)
+            results.append((y.detach(), x_in.grad, total if into_sum else w_in.grad))
+        torch._dynamo.reset()
+        for name, eager, traced in zip(("y", "dx", "dW"), *results):
+            assert torch.equal(eager, traced), (name, into_sum, seed)
+
+    x_q = ops.quantize(x, "1x128")
+    w_q = ops.grouped_weight(w)
+    segments = ops.quantize_segments(x, ends), ops.quantize_segments(dy, ends)
+    for op, args in (
+            (ops.fp8_grouped_weight, (w,)),
+            (ops.fp8_grouped_gemm_op, (*x_q, *w_q, ends, torch.float32)),
+            (ops.fp8_grouped_transposed, w_q),
+            (ops.fp8_quantize_segments, (x, ends)),
+            (ops.fp8_grouped_wgrad_op, (*segments[1], *segments[0], x.shape[0], ends,
+                                        torch.float32)),
+            (ops.fp8_grouped_wgrad_add_op, (*segments[1], *segments[0], x.shape[0], ends,
+                                            torch.zeros(w.shape)))):
+        # the fake implementation's outputs against the body's (torch's schema check cannot
+        # compare FP8 tensors on the CPU)
+        torch.library.opcheck(op, args, test_utils="test_faketensor")

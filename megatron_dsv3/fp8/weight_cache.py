@@ -15,7 +15,7 @@ on old weights without a word.
   with weights_fixed():                                                 # train/step.py
       ... micro-batches ...
   blocks = quantized_weight(weight, weight_blocks)                       # fp8/linear.py
-  blocks = quantized_weight(w, quantize_128x128_grouped_fused, dtype)    # moe/experts.py
+  blocks = quantized_weight(w, fp8_ops.grouped_weight, dtype)            # moe/experts.py
   step = current_step()                                                  # a forward, then
   blocks_T = for_step(step, weight, transposed_weight_blocks, lambda: ...)   # its backward
 
@@ -24,6 +24,9 @@ set: what a backward derives per step (the weight's blocks transposed for the in
 goes through the step its forward saw (`current_step()`, kept on the autograd context).
 
 The price is the FP8 copies' memory during the step, about one byte per weight element.
+Code traced by torch.compile does not use the cache (a compiled graph, and a CUDA graph
+recorded from it, would not revisit Python state): fp8/linear.py and moe/experts.py quantize
+there at each call.
 """
 
 from __future__ import annotations

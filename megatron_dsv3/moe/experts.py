@@ -31,13 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from ..fp8.grouped_gemm import Fp8GroupedTensor, Fp8SegmentTiles
+from ..fp8 import ops as fp8_ops  # the FP8 pieces: custom operators (traced), bodies (eager)
 from ..fp8.weight_cache import current_step, for_step, quantized_weight
-from ..kernels.fp8_grouped_gemm import fp8_grouped_gemm, quantize_128x128_grouped_fused
-from ..kernels.fp8_grouped_wgrad import (fp8_grouped_wgrad, fp8_grouped_wgrad_add_,
-                                         quantize_128x1_segments_fused)
-from ..kernels.fp8_quantize import quantize_1x128_fused
-from ..kernels.fp8_transpose import transposed_blocks_grouped_fused
 from ..kernels.grouped_wgrad import grouped_wgrad_add_, stash_segment_
 from ..layers import mark_tensor_parallel, normal_init, tp_size
 from ..sharded_checkpoint import sharded_state_dict_of
@@ -132,7 +127,7 @@ class _ExpertsLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups,
                 store: Optional[WeightGradStore], fp32_grad: Optional[torch.Tensor],
-                fp8: bool, fp8_wgrad: bool, stash_grad_y: Optional[torch.Tensor],
+                fp8: bool, fp8_wgrad: bool, cached: bool, stash_grad_y: Optional[torch.Tensor],
                 stash_x: Optional[torch.Tensor], stash_ends: Optional[torch.Tensor],
                 slot: Optional[torch.Tensor]) -> torch.Tensor:
         x_c, w_c = x_NI, w_EOI
@@ -140,10 +135,12 @@ class _ExpertsLinear(torch.autograd.Function):
         if dtype is not None:
             x_c, w_c = x_NI.to(dtype), w_EOI.to(dtype)
         w_q = None
-        if fp8:  # forward and input gradient in FP8 (fp8/grouped_gemm.py); W kept in FP8
-            w_q = quantized_weight(w_EOI, quantize_128x128_grouped_fused, dtype)  # per step
-            y_NO = fp8_grouped_gemm(quantize_1x128_fused(x_c), w_q, _group_ends(groups),
-                                    out_dtype=x_c.dtype)
+        if fp8:  # forward and input gradient in FP8 (fp8/grouped_gemm.py); W kept in FP8,
+            # its blocks once per step where `cached` (eager: weight_cache.py), else here
+            w_q = (quantized_weight(w_EOI, fp8_ops.grouped_weight, dtype) if cached else
+                   fp8_ops.call("fp8_grouped_weight", w_c))
+            y_NO = fp8_ops.call("fp8_grouped_gemm", *fp8_ops.call("fp8_quantize", x_c, "1x128"),
+                                *w_q, _group_ends(groups), x_c.dtype)
         elif impl == "grouped_mm":
             y_NO = torch._grouped_mm(x_c, w_c.transpose(-2, -1), offs=groups)
         else:
@@ -160,21 +157,20 @@ class _ExpertsLinear(torch.autograd.Function):
                     "ModelConfig.fp8_layers) cannot go through --expert-wgrad step, whose "
                     "buffers hold BF16 operands: use --expert-wgrad in-gemm or micro-batch, "
                     "or leave 'routed_experts_wgrad' out of --fp8-layers")
-            x_q = quantize_128x1_segments_fused(x_c, _group_ends(groups))
-            x_saved = (x_q.data, x_q.scales)
-        ctx.save_for_backward(*x_saved, *((w_q.data, w_q.scales) if fp8 else (w_c,)))
+            x_saved = fp8_ops.call("fp8_quantize_segments", x_c, _group_ends(groups))
+        ctx.save_for_backward(*x_saved, *(w_q if fp8 else (w_c,)))
         ctx.fp8_wgrad, ctx.x_dtype, ctx.rows = fp8_wgrad, x_c.dtype, x_c.shape[0]
         ctx.weight, ctx.impl, ctx.groups, ctx.store = w_EOI, impl, groups, store
         ctx.fp32_grad, ctx.fp8 = fp32_grad, fp8
-        ctx.step = current_step()  # backward's thread does not see weights_fixed's block
+        # the step's cache, for W^T: backward's thread does not see weights_fixed's block
+        ctx.step = current_step() if cached else None
         ctx.stash = None if slot is None else (stash_grad_y, stash_x, stash_ends, slot)
         return y_NO
 
     @staticmethod
     def backward(ctx, grad_y_NO: torch.Tensor):
         saved = list(ctx.saved_tensors)
-        x_t = (Fp8SegmentTiles(saved.pop(0), saved.pop(0), ctx.rows) if ctx.fp8_wgrad
-               else None)
+        x_t = (saved.pop(0), saved.pop(0)) if ctx.fp8_wgrad else None  # x's segment tiles
         x_NI = None if ctx.fp8_wgrad else saved.pop(0)
         w_saved = saved
         groups = ctx.groups
@@ -182,10 +178,11 @@ class _ExpertsLinear(torch.autograd.Function):
         bounds = None if grouped else row_bounds(groups)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0] and ctx.fp8:  # dX_e = dY_e W_e, in FP8
-            w_T = for_step(ctx.step, ctx.weight, transposed_blocks_grouped_fused,  # per step
-                           lambda: transposed_blocks_grouped_fused(Fp8GroupedTensor(*w_saved)))
-            grad_x = fp8_grouped_gemm(quantize_1x128_fused(grad_y_NO.contiguous()), w_T,
-                                      _group_ends(groups), out_dtype=ctx.x_dtype)
+            w_T = for_step(ctx.step, ctx.weight, fp8_ops.grouped_transposed,  # once per step
+                           lambda: fp8_ops.call("fp8_grouped_transposed", *w_saved))
+            grad_x = fp8_ops.call("fp8_grouped_gemm", *fp8_ops.call(
+                "fp8_quantize", grad_y_NO.contiguous(), "1x128"), *w_T, _group_ends(groups),
+                ctx.x_dtype)
         elif ctx.needs_input_grad[0]:  # dX_e = dY_e W_e
             (w_EOI,) = w_saved
             grad_x = (torch._grouped_mm(grad_y_NO, w_EOI, offs=groups) if grouped else
@@ -193,11 +190,12 @@ class _ExpertsLinear(torch.autograd.Function):
 
         if ctx.needs_input_grad[1] and ctx.fp8_wgrad:  # dY in the tiles of x's
             ends = _group_ends(groups)
-            dy_t = quantize_128x1_segments_fused(grad_y_NO.contiguous(), ends)
+            dy_t = fp8_ops.call("fp8_quantize_segments", grad_y_NO.contiguous(), ends)
 
         def weight_grad_EOI() -> torch.Tensor:  # dW_e = dY_e^T X_e
             if ctx.fp8_wgrad:
-                return fp8_grouped_wgrad(dy_t, x_t, ends, out_dtype=ctx.weight.dtype)
+                return fp8_ops.call("fp8_grouped_wgrad", *dy_t, *x_t, ctx.rows, ends,
+                                    ctx.weight.dtype)
             if grouped:
                 return torch._grouped_mm(grad_y_NO.t(), x_NI, offs=groups)
             return torch.stack([grad_y_NO[a:b].t() @ x_NI[a:b] for a, b in bounds])
@@ -210,12 +208,13 @@ class _ExpertsLinear(torch.autograd.Function):
         elif ctx.needs_input_grad[1] and ctx.fp32_grad is not None:
             # into the fp32 sum, inside the GEMM
             if ctx.fp8_wgrad:
-                fp8_grouped_wgrad_add_(dy_t, x_t, ends, ctx.fp32_grad)
+                fp8_ops.call("fp8_grouped_wgrad_add_", *dy_t, *x_t, ctx.rows, ends,
+                             ctx.fp32_grad)
             else:
                 grouped_wgrad_add_(grad_y_NO, x_NI, groups, ctx.fp32_grad)
         elif ctx.needs_input_grad[1]:
             grad_w = weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad_EOI)
-        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None, None
 
 
 Groups = Union[torch.Tensor, list[int]]
@@ -249,7 +248,9 @@ def experts_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups: G
     usual. `fp8`: the forward and input-gradient GEMMs in FP8 (x and dY in 1x128 tiles, each
     expert's W in 128x128 blocks, the grouped FP8 GEMM); `fp8_wgrad`: the weight gradient in
     FP8 too (x and dY in 128-token tiles of each expert's rows, x kept in FP8 for backward,
-    kernels/fp8_grouped_wgrad.py), into `fp32_grad` or to `store` / autograd as above."""
+    kernels/fp8_grouped_wgrad.py), into `fp32_grad` or to `store` / autograd as above. FP8
+    pieces are fp8/ops.py's custom operators: traced by torch.compile (W quantized at each
+    call), eager with W's blocks once per step (weight_cache.py)."""
     stash = (None,) * 4
     if segments is not None:
         if x_NI.shape[0] > segments.x.shape[1]:
@@ -258,8 +259,9 @@ def experts_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups: G
                 f"buffers hold {segments.x.shape[1]} (rows = tokens per micro-batch x top-k); "
                 "make the merger with the micro-batch's row count")
         stash = (segments.grad_y, segments.x, segments.ends, segments.slot)
+    cached = not torch.compiler.is_compiling()  # a compiled graph would not revisit the cache
     return _ExpertsLinear.apply(x_NI, w_EOI, impl, groups, store, fp32_grad, fp8,
-                                fp8 and fp8_wgrad, *stash)
+                                fp8 and fp8_wgrad, cached, *stash)
 
 
 def mark_expert_parallel(param: torch.nn.Parameter) -> None:
@@ -314,8 +316,11 @@ class RoutedExperts(torch.nn.Module):
         merged = self.weight_grad_merger is not None and grad
         store = None if merged else self.weight_grad_store
         into_main_grad = self.grads_into_main_grad and grad and not merged and store is None
-        if self.fp8:  # whichever of them, outside torch.compile
+        if self.fp8 and (store is not None or merged):  # Python state: outside torch.compile
             return self._in_fp8(x_ND, tokens_per_expert_E, impl, store, merged, into_main_grad)
+        if self.fp8:  # traced under torch.compile (fp8/ops.py's custom operators)
+            return self._through_experts_linear(x_ND, tokens_per_expert_E, impl, store, merged,
+                                                into_main_grad)
         if merged or store is not None or into_main_grad:
             return self._through_experts_linear(x_ND, tokens_per_expert_E, impl, store, merged,
                                                 into_main_grad)
@@ -328,7 +333,7 @@ class RoutedExperts(torch.nn.Module):
             x_ND, fc1, fc2 = x_ND.to(dtype), fc1.to(dtype), fc2.to(dtype)
         return run(x_ND, fc1, fc2, tokens_per_expert_E)
 
-    @torch.compiler.disable  # the FP8 quantizers and grouped GEMM are Triton kernels: eager
+    @torch.compiler.disable  # a schedule's store or the step's merger: Python state, eager
     def _in_fp8(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                 impl: Optional[str], store: Optional[WeightGradStore], merged: bool,
                 into_main_grad: bool) -> torch.Tensor:

@@ -40,6 +40,11 @@ rest of the package reaches them only through this module, so that a new release
         `--optimizer adam` (TE's or apex's FusedAdam when they import, else torch's AdamW),
         replaced by ours (optimizer.MegatronAdamW: bf16 moments without TE);
         `megatron_has_fused_adam()`: whether Megatron found TE's or apex's FusedAdam
+  megatron.core.dist_checkpointing's torch_dist layout (serialization.save)
+        `COMMON_STATE_KEY`, `sharded_object_entry(key, obj)`, `write_torch_dist_config`: how
+        Megatron stores the common state and an unsharded object (e.g. a linear's
+        _extra_state) in DCP's files and marks the folder as torch_dist
+        (checkpoint/megatron_files.py writes such a folder without a process group)
 
 At import the module checks that the installed megatron-core is the release it was written
 against (`TESTED_VERSION`) and that each private method above still takes the arguments used
@@ -374,6 +379,40 @@ def use_megatron_adam(cls) -> None:
     optimizer.USING_PYTORCH_OPTIMIZER = False  # the FusedAdam keywords (adam_w_mode)
 
 
+# ----------------------------------------------------------------------------------------------
+# Megatron's torch_dist checkpoint layout
+# ----------------------------------------------------------------------------------------------
+TORCH_DIST_BACKEND = "torch_dist"
+# dist_checkpointing.save puts everything that is not a ShardedTensor / ShardedObject (the
+# arguments, the iteration, ...) into one ShardedObject under this key; load_common_state_dict
+# reads it back
+COMMON_STATE_KEY = "common_state"
+
+
+def sharded_object_entry(key: str, obj) -> tuple[str, "io.BytesIO"]:
+    """(DCP key, bytes) under which Megatron's torch_dist save writes a ShardedObject `key`
+    holding `obj` that is not sharded (global shape (1,), one replica): DCP's key is the
+    object's unique_key, its bytes torch.save of the list of the rank's shards, [obj]."""
+    import io
+
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    buffer = io.BytesIO()
+    torch.save([obj], buffer)
+    buffer.seek(0)
+    return ShardedObject(key, None, (1,), (0,)).unique_key, buffer
+
+
+def write_torch_dist_config(folder) -> None:
+    """metadata.json in `folder`, what Megatron's save writes last and its loader looks for to
+    take the folder as a torch_dist checkpoint (backend and format version)."""
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    strategy = TorchDistSaveShardedStrategy()
+    save_config(CheckpointingConfig(strategy.backend, strategy.version), str(folder))
+
+
 def transformer_engine_available() -> bool:
     """Whether Megatron's Transformer Engine extension found TE (its HAVE_TE): the one switch
     between TE's modules and recipes and our own."""
@@ -391,9 +430,10 @@ def megatron_has_fused_adam() -> bool:
     return not optimizer.USING_PYTORCH_OPTIMIZER and optimizer.Adam is not torch.optim.AdamW
 
 
-__all__ = ["TESTED_VERSION", "GPTPostprocessHook", "GemmCall", "OwnGemmHook",
-           "around_forward_backward", "around_megatron_checkpointing",
+__all__ = ["TESTED_VERSION", "COMMON_STATE_KEY", "TORCH_DIST_BACKEND", "GPTPostprocessHook",
+           "GemmCall", "OwnGemmHook", "around_forward_backward", "around_megatron_checkpointing",
            "around_megatron_evaluate", "layer_attention",
            "layer_post_mlp", "layer_pre_mlp_norm", "megatron_has_fused_adam",
-           "one_pipeline_stage", "torch_optimizers_of", "use_forward_backward_func",
-           "use_megatron_adam", "use_prebuilt_dataset_helpers"]
+           "one_pipeline_stage", "sharded_object_entry", "torch_optimizers_of",
+           "use_forward_backward_func", "use_megatron_adam", "use_prebuilt_dataset_helpers",
+           "write_torch_dist_config"]

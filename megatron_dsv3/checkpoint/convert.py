@@ -7,6 +7,15 @@
   dsv3-to-hf --checkpoint F --out D  such a file, or a training-job checkpoint (a step_<N>
                                      folder or its rank_00000.pt, written without tensor,
                                      expert or pipeline parallelism) -> a Hugging Face folder
+  hf-to-megatron --hf-dir D --out M  a Hugging Face folder -> a Megatron distributed checkpoint
+                                     (torch_dist, a `release` folder) that Megatron's loop
+                                     (`python -m megatron_dsv3.pretrain --load M`) loads at any
+                                     tensor / expert / pipeline parallel layout
+  megatron-to-hf --load M --out D    a checkpoint Megatron's loop saved (--save M), at any
+                                     layout, -> a Hugging Face folder; the model config from
+                                     its saved arguments, or --preset (checked against them)
+
+(megatron_files.py does the last two, streaming: one tensor in memory at a time.)
 
 The file written here is a plain state dict with its config (`state_file.py` writes and reads
 it): the training job starts from it with `python -m megatron_dsv3.train --init-from F` (the
@@ -28,6 +37,7 @@ import torch
 from ..config import ConfigError
 from .hf import ConversionError
 from .hf_files import load_hf_checkpoint, model_config_from_dict, save_hf_checkpoint
+from .megatron_files import hf_to_megatron, megatron_to_hf
 from .state_file import RANK0_FILE as _RANK0
 from .state_file import STATE_DICT_FORMAT  # noqa: F401 -- the file's format, re-exported
 from .state_file import read_state_file, write_state_file
@@ -71,7 +81,8 @@ def dsv3_to_hf(checkpoint: Path, out: Path, *, max_shard_size: str = "5GB", dtyp
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_dsv3.checkpoint.convert",
-        description="Hugging Face DeepSeek-V3 checkpoints <-> megatron_dsv3 weights.",
+        description="Hugging Face DeepSeek-V3 checkpoints <-> megatron_dsv3 weights and "
+                    "Megatron distributed checkpoints.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     to_ours = commands.add_parser(
@@ -102,12 +113,45 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--dtype", default="auto", choices=sorted(_DTYPES),
                        help="auto: as the checkpoint holds them (the job's: fp32)")
     to_hf.add_argument("--no-progress", action="store_true", help="no progress bar")
+    to_megatron = commands.add_parser(
+        "hf-to-megatron", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="a Hugging Face folder -> a Megatron torch_dist checkpoint (release) for --load")
+    to_megatron.add_argument("--hf-dir", type=Path, required=True,
+                             help="folder with config.json and safetensors shards (BF16, FP32, "
+                                  "or DeepSeek's FP8 release with *_scale_inv)")
+    to_megatron.add_argument("--out", type=Path, required=True,
+                             help="new folder: Megatron's --load folder (tracker + release/)")
+    to_megatron.add_argument("--dtype", default="auto", choices=sorted(_DTYPES),
+                             help="auto: each tensor as stored, FP8 weights dequantized to "
+                                  "config.json's dtype")
+    to_megatron.add_argument("--mtp-layers", type=int, default=None,
+                             help="convert only the first N MTP layers; default: config.json's "
+                                  "num_nextn_predict_layers")
+    to_megatron.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from_megatron = commands.add_parser(
+        "megatron-to-hf", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="a Megatron torch_dist checkpoint (any TP/EP/PP) -> a Hugging Face folder")
+    from_megatron.add_argument("--load", type=Path, required=True,
+                               help="the folder Megatron's loop saved into (--save), or one of "
+                                    "its iter_NNNNNNN folders")
+    from_megatron.add_argument("--iteration", type=int, default=None,
+                               help="the iteration to read; default: the tracker file's")
+    from_megatron.add_argument("--preset", default=None,
+                               help="the model config to convert with (checked against the "
+                                    "checkpoint's saved arguments); default: those arguments")
+    from_megatron.add_argument("--out", type=Path, required=True, help="new folder to write")
+    from_megatron.add_argument("--max-shard-size", default="5GB",
+                               help="largest shard, e.g. 5GB or 4GiB")
+    from_megatron.add_argument("--dtype", default="auto", choices=sorted(_DTYPES),
+                               help="auto: as the checkpoint holds them (--bf16 runs: bf16)")
+    from_megatron.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     """Run the command; conversion problems exit with status 2 and the message, no
-    traceback. Returns the payload (hf-to-dsv3) or the index (dsv3-to-hf)."""
+    traceback. Returns the payload (hf-to-dsv3), the index (dsv3-to-hf), the common state
+    written (hf-to-megatron) or megatron_files.megatron_to_hf's result (megatron-to-hf)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     progress = not args.no_progress
@@ -119,6 +163,23 @@ def main(argv: Optional[list[str]] = None) -> dict:
             print(f"{args.hf_dir} -> {args.out}: {len(payload['model'])} tensors, "
                   f"{count:,} parameters (config {payload['model_config']['name']!r})")
             return payload
+        if args.command == "hf-to-megatron":
+            common = hf_to_megatron(args.hf_dir, args.out, dtype=_DTYPES[args.dtype],
+                                    mtp_layers=args.mtp_layers, progress=progress)
+            config = common["dsv3_model_config"]
+            print(f"{args.hf_dir} -> {args.out}: a Megatron release checkpoint of "
+                  f"{config['num_layers']} layers (+{config['mtp']['num_layers']} MTP); load it "
+                  f"with --load {args.out} (padded vocabulary {config['vocab_size']})")
+            return common
+        if args.command == "megatron-to-hf":
+            result = megatron_to_hf(args.load, args.out, iteration=args.iteration,
+                                    preset=args.preset, max_shard_size=args.max_shard_size,
+                                    dtype=_DTYPES[args.dtype], progress=progress)
+            index = result["index"]
+            print(f"{result['folder']} -> {args.out}: {len(index['weight_map'])} tensors, "
+                  f"{index['metadata']['total_size']:,} bytes (model config from "
+                  f"{result['config_source']})")
+            return result
         index = dsv3_to_hf(args.checkpoint, args.out, max_shard_size=args.max_shard_size,
                            dtype=_DTYPES[args.dtype], progress=progress)
         shards = len(set(index["weight_map"].values()))

@@ -211,14 +211,15 @@ def resolve_model_config(common: Mapping, preset: Optional[str], where: str
 
     saved, source = None, None
     if common.get(MODEL_CONFIG_KEY):
-        saved, source = model_config_from_dict(common[MODEL_CONFIG_KEY]), "its model config"
+        saved, source = (model_config_from_dict(common[MODEL_CONFIG_KEY]),
+                         "the model config hf-to-megatron saved")
     elif common.get("args") is not None:
-        saved, source = model_config_from_args(common["args"]), "its saved arguments"
+        saved, source = model_config_from_args(common["args"]), "Megatron's saved arguments"
     if preset is None:
         if saved is None:
             raise ConversionError(f"{where} records neither Megatron's arguments nor a model "
                                   "config: pass --preset NAME (the model it was trained as)")
-        return saved, f"{source} ({where})"
+        return saved, f"{source} in {where}"
     try:
         chosen = preset_config(preset)
     except ConfigError as err:
@@ -227,8 +228,8 @@ def resolve_model_config(common: Mapping, preset: Optional[str], where: str
         differences = architecture_differences(chosen, saved)
         if differences:
             raise ConversionError(
-                f"--preset {preset} describes another model than {where} ({source}): "
-                + "; ".join(f"{d} (preset and checkpoint)" for d in differences[:6])
+                f"--preset {preset} describes another model than {where} ({source}); preset "
+                "and checkpoint differ in " + "; ".join(differences[:6])
                 + ("; ..." if len(differences) > 6 else "")
                 + ". Drop --preset to convert with the checkpoint's own, or pass the preset it "
                   "was trained with")

@@ -1,0 +1,225 @@
+"""Hugging Face folders <-> Megatron's distributed checkpoint (checkpoint/megatron_files.py).
+
+The round trip: a Hugging Face folder of a small seeded model (random router biases, one MTP
+depth) -> `convert hf-to-megatron` -> loaded by our model on gloo ranks at TP=2 x EP=2 (4
+ranks) and at PP=2 (2 ranks; TP2 x EP2 x PP2 with -m extended) -> saved again at that layout
+with `dist_checkpointing.save`, as Megatron's loop saves -> `convert megatron-to-hf` -> every
+tensor of the new folder bit-identical to the original's. The TP2 x EP2 model gives the logits
+and MTP losses of the model built from the same folder in memory (hf.py) at TP=1; the PP=2
+stages hold, under Megatron's local layer numbers, the weights of the global layers they run.
+Megatron's own `load_checkpoint`, with the arguments `python -m megatron_dsv3.pretrain --load`
+parses, starts from the converted folder at iteration 0 with the loss of the in-memory model.
+Each bad checkpoint gives its ConversionError, and nothing half-written is left behind.
+
+PP runs without MTP: with PP, Megatron's GPTModel copies the embedding to the MTP stage
+through CUDA (tests/test_pretrain_log.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers.gloo import run_gloo
+from helpers.small_model import small_config
+from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
+from megatron_dsv3.checkpoint.convert import main as convert
+from megatron_dsv3.checkpoint.hf import ConversionError
+
+BATCH, SEQ = 2, 8
+SAVED_ITERATION = 7
+
+
+def _hf_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+def _seeded_model(cfg, pg, seed: int):
+    from megatron_dsv3.config import to_megatron_config
+    from megatron_dsv3.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(cfg, pg_collection=pg, megatron_config=to_megatron_config(
+        cfg, use_cpu_initialization=True))
+    with torch.no_grad():  # biases that differ per layer and expert (the init leaves zeros)
+        for module in model.modules():
+            if hasattr(module, "expert_bias"):
+                module.expert_bias.copy_(torch.randn(module.expert_bias.shape) * 0.1)
+    return model
+
+
+def _hf_folder(tmp_path_factory, pg, name: str, cfg) -> Path:
+    """A Hugging Face folder of a seeded model, in shards of ~60 kB (the model is 0.5 MB)."""
+    from megatron_dsv3.checkpoint.hf_files import save_hf_checkpoint
+
+    folder = tmp_path_factory.mktemp(name) / "hf"
+    save_hf_checkpoint(_seeded_model(cfg, pg, seed=11).state_dict(), cfg, folder,
+                       max_shard_size="60KB", progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_mtp(tmp_path_factory, dist_single) -> Path:
+    return _hf_folder(tmp_path_factory, dist_single, "hf_mtp", small_config())
+
+
+@pytest.fixture(scope="module")
+def hf_pp(tmp_path_factory, dist_single) -> Path:
+    return _hf_folder(tmp_path_factory, dist_single, "hf_pp",
+                      small_config(num_layers=4, mtp__num_layers=0))
+
+
+@pytest.fixture(scope="module")
+def converted(hf_mtp, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("converted") / "megatron"
+    convert(["hf-to-megatron", "--hf-dir", str(hf_mtp), "--out", str(out), "--no-progress"])
+    return out
+
+
+def _tokens(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    full = torch.randint(0, vocab, (BATCH, SEQ + 1), generator=g)
+    return full[:, :SEQ], full[:, 1:]
+
+
+# ----------------------------------------------------------------------------------------------
+# On the ranks: load the converted checkpoint, run it, save it again as Megatron's loop does
+# ----------------------------------------------------------------------------------------------
+def _load_run_save(rank: int, world_size: int, load_dir: str, save_dir: str, layout, cfg,
+                   tokens, labels):
+    from megatron.core import dist_checkpointing
+
+    from megatron_dsv3.config import to_megatron_config
+    from megatron_dsv3.model import build_model
+    from megatron_dsv3.parallel import init_distributed
+
+    if not torch.cuda.is_available():  # Megatron's torch_dist writer assumes CUDA: it syncs
+        # after its copies and agrees on failures through a tensor on the current CUDA device
+        torch.cuda.synchronize = lambda *args, **kwargs: None  # (this process only)
+        torch.cuda.current_device = lambda: "cpu"
+    tp, ep, pp = layout
+    pg = init_distributed(tp, ep, pipeline_parallel_size=pp, backend="gloo")
+    stage, stages = pg.pp.rank(), pg.pp.size()
+    torch.manual_seed(100 + rank)  # other weights than the checkpoint's
+    model = build_model(cfg, pg_collection=pg, megatron_config=to_megatron_config(
+        cfg, tensor_parallel_size=tp, expert_parallel_size=ep, pipeline_parallel_size=pp,
+        use_cpu_initialization=True), pre_process=stage == 0, post_process=stage == stages - 1)
+    folder = Path(load_dir) / "release"
+    common = dist_checkpointing.load_common_state_dict(str(folder))
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder))
+    model.load_state_dict(loaded["model"])
+
+    result = {"stage": stage, "stage_state": {k: v.clone() for k, v in model.state_dict().items()
+                                              if not k.endswith("_extra_state")}}
+    if pp == 1:
+        model.eval()
+        with torch.no_grad():
+            positions = torch.arange(SEQ).expand(BATCH, SEQ)
+            logits = model(tokens, positions, None)  # [b, s, V / tp], vocab-parallel
+            parts = [torch.empty_like(logits) for _ in range(tp)]
+            torch.distributed.all_gather(parts, logits.contiguous(), group=pg.tp)
+            out = model(tokens, positions, None, labels=labels)
+        result.update(logits=torch.cat(parts, dim=-1), lm_loss=out.lm_loss,
+                      mtp_losses=out.mtp_losses)
+
+    # Megatron's save_checkpoint: the common state (its arguments, version, iteration) beside
+    # the model's sharded state dict, one folder per iteration and the tracker naming it
+    iteration = Path(save_dir) / f"iter_{SAVED_ITERATION:07d}"
+    if rank == 0:
+        iteration.mkdir(parents=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save({"args": common["args"], "checkpoint_version": 3.0,
+                             "iteration": SAVED_ITERATION, "model": model.sharded_state_dict()},
+                            str(iteration))
+    if rank == 0:
+        (Path(save_dir) / "latest_checkpointed_iteration.txt").write_text(str(SAVED_ITERATION))
+    return result
+
+
+def _reference(hf_dir: Path, pg, tokens, labels) -> dict:
+    """The model built from the folder's state dict in memory (hf_files + hf.py), TP=1."""
+    from megatron_dsv3.checkpoint.hf import load_dsv3_state_dict
+    from megatron_dsv3.checkpoint.hf_files import load_hf_checkpoint
+
+    cfg, state_dict = load_hf_checkpoint(hf_dir, progress=False)
+    model = _seeded_model(cfg, pg, seed=3)
+    load_dsv3_state_dict(model, state_dict)
+    model.eval()
+    positions = torch.arange(SEQ).expand(BATCH, SEQ)
+    with torch.no_grad():
+        out = model(tokens, positions, None, labels=labels)
+        return {"logits": model(tokens, positions, None), "lm_loss": out.lm_loss,
+                "mtp_losses": out.mtp_losses, "state": state_dict}
+
+
+def _round_trip(hf_dir: Path, tmp_path: Path, layout, cfg) -> list:
+    load_dir, save_dir = tmp_path / "converted", tmp_path / "saved"
+    convert(["hf-to-megatron", "--hf-dir", str(hf_dir), "--out", str(load_dir),
+             "--no-progress"])
+    tokens, labels = _tokens(cfg.vocab_size)
+    tp, ep, pp = layout
+    # world = TP x PP x DP, the experts' EP x TP spread over TP x DP ranks: DP = EP here
+    results = run_gloo(_load_run_save, tp * ep * pp, str(load_dir), str(save_dir), layout, cfg,
+                       tokens, labels)
+    convert(["megatron-to-hf", "--load", str(save_dir), "--out", str(tmp_path / "back"),
+             "--no-progress"])
+    original, back = _hf_tensors(hf_dir), _hf_tensors(tmp_path / "back")
+    assert set(back) == set(original)
+    for key in original:
+        assert_equal(back[key], original[key], key)
+    assert any("e_score_correction_bias" in k for k in original)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# The round trips
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.multiprocess
+def test_tp2_ep2_loads_the_converted_checkpoint_computes_the_same_and_converts_back_exactly(
+        hf_mtp, tmp_path, dist_single):
+    cfg = small_config()
+    results = _round_trip(hf_mtp, tmp_path, (2, 2, 1), cfg)
+    tokens, labels = _tokens(cfg.vocab_size)
+    expected = _reference(hf_mtp, dist_single, tokens, labels)
+    why = "TP=2 splits the heads' and the FFN's sums over two ranks (an all-reduce)"
+    for rank, result in enumerate(results):
+        for name in ("logits", "lm_loss", "mtp_losses"):
+            assert_close(result[name], expected[name], FP32_REORDER, why, f"rank {rank} {name}")
+
+
+def _stage_weights_are_the_global_layers(results, hf_dir: Path, layers_per_stage: int) -> None:
+    """Stage s's decoder.layers.{j} (Megatron's local number) holds global layer
+    s * layers_per_stage + j of the folder."""
+    from megatron_dsv3.checkpoint.hf_files import load_hf_checkpoint
+
+    _, full = load_hf_checkpoint(hf_dir, progress=False)
+    for rank, result in enumerate(results):
+        stage = result["stage"]
+        for name, tensor in result["stage_state"].items():
+            parts = name.split(".")
+            if name.startswith("decoder.layers."):
+                parts[2] = str(int(parts[2]) + stage * layers_per_stage)
+            expected = full[".".join(parts)]
+            if tensor.shape == expected.shape:
+                assert_equal(tensor, expected, f"rank {rank} {name}")
+
+
+@pytest.mark.multiprocess
+def test_pp2_stages_load_their_global_layers_and_convert_back_exactly(hf_pp, tmp_path):
+    cfg = small_config(num_layers=4, mtp__num_layers=0)
+    results = _round_trip(hf_pp, tmp_path, (1, 1, 2), cfg)
+    _stage_weights_are_the_global_layers(results, hf_pp, layers_per_stage=2)
+
+
+@pytest.mark.extended
+@pytest.mark.multiprocess
+def test_tp2_ep2_pp2_round_trip_is_exact(hf_pp, tmp_path):
+    _round_trip(hf_pp, tmp_path, (2, 2, 2), small_config(num_layers=4, mtp__num_layers=0))

@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--max-operand", type=int, default=9)
     parser.add_argument("--pretrain-steps", type=int, default=40)
     parser.add_argument("--grpo-steps", type=int, default=30)
+    parser.add_argument("--grpo-lr", type=float, default=5e-4)
+    parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--eval-problems", type=int, default=64)
     parser.add_argument("--wandb", action="store_true", help="log both runs to W&B")
     args = parser.parse_args()
@@ -126,7 +128,7 @@ def main() -> None:
     grpo_s = python_m(
         "megatron_dsv3.rl", "--init-from", start_ckpt, "--out-dir", post,
         "--steps", args.grpo_steps, "--prompts-per-step", 16, "--group-size", 8,
-        "--max-new-tokens", 4, "--lr", 2e-4, "--beta", 0.02, "--num-iterations", 2,
+        "--max-new-tokens", 4, "--lr", args.grpo_lr, "--beta", args.beta, "--num-iterations", 2,
         "--max-operand", args.max_operand, "--save-interval", args.grpo_steps, *wandb)
     after = measure(post / "checkpoints" / f"step_{args.grpo_steps}", tokenizer, **eval_kw)
     print("after GRPO:", json.dumps(after), flush=True)

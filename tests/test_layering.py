@@ -25,6 +25,7 @@ TIERS = [  # the tiers of docs/architecture.md's package map
     ("profiling",),
     ("train", "checkpoint", "pretrain", "pretrain_dualpipe", "pretrain_log",
      "inference.cli", "inference.__main__"),  # the generate/chat command reads checkpoints
+    ("rl",),  # GRPO: starts from the job's checkpoints, reuses its saving and logging
 ]
 
 

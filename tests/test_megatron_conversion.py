@@ -105,6 +105,7 @@ def _load_run_save(rank: int, world_size: int, load_dir: str, save_dir: str, lay
         # after its copies and agrees on failures through a tensor on the current CUDA device
         torch.cuda.synchronize = lambda *args, **kwargs: None  # (this process only)
         torch.cuda.current_device = lambda: "cpu"
+    _results_queue_by_fork()
     tp, ep, pp = layout
     pg = init_distributed(tp, ep, pipeline_parallel_size=pp, backend="gloo")
     stage, stages = pg.pp.rank(), pg.pp.size()
@@ -142,6 +143,21 @@ def _load_run_save(rank: int, world_size: int, load_dir: str, save_dir: str, lay
     if rank == 0:
         (Path(save_dir) / "latest_checkpointed_iteration.txt").write_text(str(SAVED_ITERATION))
     return result
+
+
+def _results_queue_by_fork() -> None:
+    """Megatron's torch_dist writer collects its results through a multiprocessing Manager it
+    starts with the 'spawn' method at a process's first save: a fresh interpreter that imports
+    the parent's main module, ~5 s of CPU per rank here (10 s of the 4-rank test's 15). The
+    queue is made here by a forked Manager instead (the same queue type, 50 ms); the save is
+    otherwise Megatron's own. Megatron keeps the queue in a module global, which a release
+    without it leaves to its own spawn."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
 
 
 def _reference(hf_dir: Path, pg, tokens, labels) -> dict:

@@ -239,3 +239,77 @@ def test_pp2_stages_load_their_global_layers_and_convert_back_exactly(hf_pp, tmp
 @pytest.mark.multiprocess
 def test_tp2_ep2_pp2_round_trip_is_exact(hf_pp, tmp_path):
     _round_trip(hf_pp, tmp_path, (2, 2, 2), small_config(num_layers=4, mtp__num_layers=0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Megatron's own loader, as `python -m megatron_dsv3.pretrain --load` runs it
+# ----------------------------------------------------------------------------------------------
+def _pretrain_args(monkeypatch, flags: list[str]):
+    """pretrain.main's arguments and model provider for `flags`, Megatron's pretrain() replaced
+    by a recorder; what main installs in Megatron is restored after the test."""
+    import sys
+
+    import megatron.training
+    from megatron.core import optimizer
+    from megatron.core.datasets import utils
+    from megatron.training import training
+
+    from megatron_dsv3 import pretrain
+
+    seen = {}
+    monkeypatch.setattr(megatron.training, "pretrain", lambda cfg, *a, model_provider, **k:
+                        seen.update(cfg=cfg, provider=model_provider))
+    for module, name in ((training, "save_checkpoint"), (training, "load_checkpoint"),
+                         (training, "evaluate"), (optimizer, "Adam"),
+                         (optimizer, "USING_PYTORCH_OPTIMIZER"), (utils, "compile_helpers")):
+        monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    pretrain.main(flags)
+    return seen
+
+
+def test_megatrons_loader_starts_from_the_converted_checkpoint_with_the_in_memory_loss(
+        converted, hf_mtp, dist_single, monkeypatch):
+    """`--load` of the converted folder: pretrain's resume check passes (the saved arguments
+    describe the run's model), Megatron's load_checkpoint (through pretrain's digest check)
+    returns iteration 0, and the first micro-batch's loss, as Megatron's loop gets it
+    (pretrain.loss_func, lambda of step 0), is bit-identical to the loss of the model built
+    from the Hugging Face state dict in memory: the same operations in the same order."""
+    from megatron.training import get_args, global_vars, training
+
+    from helpers.megatron_on_cpu import _OnCpu
+    from megatron_dsv3.megatron_cli import megatron_flags
+    from megatron_dsv3.pretrain import loss_func, mtp_weight
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    cfg = small_config()
+    flags = [*megatron_flags(cfg), "--seq-length", str(SEQ), "--micro-batch-size", str(BATCH),
+             "--global-batch-size", str(BATCH), "--train-iters", "1",
+             # NullTokenizer's vocabulary is --vocab-size + 1 (its end-of-document token)
+             "--tokenizer-type", "NullTokenizer", "--vocab-size", str(cfg.vocab_size - 1),
+             "--make-vocab-size-divisible-by", str(cfg.vocab_size),
+             "--transformer-impl", "local", "--use-cpu-initialization", "--load", str(converted)]
+    try:
+        seen = _pretrain_args(monkeypatch, flags)
+        args = get_args()
+        assert args.padded_vocab_size == cfg.vocab_size
+        torch.manual_seed(7)  # weights the checkpoint must replace
+        model = seen["provider"](pre_process=True, post_process=True, config=None,
+                                 pg_collection=dist_single)
+        with _OnCpu():  # Megatron's loader agrees on the iteration through a CUDA tensor
+            iteration, _ = training.load_checkpoint([model], None, None)
+        assert iteration == 0 and args.consumed_train_samples == 0
+        tokens, labels = _tokens(cfg.vocab_size)
+        mask = torch.ones(BATCH, SEQ)
+        positions = torch.arange(SEQ).expand(BATCH, SEQ)
+        with torch.no_grad():
+            loss, count, _ = loss_func(mask, mtp_weight(args), model(
+                tokens, positions, None, labels=labels, loss_mask=mask))
+    finally:
+        global_vars.unset_global_variables()
+    reference = _reference(hf_mtp, dist_single, tokens, labels)
+    expected = (reference["lm_loss"].mean()
+                + 0.3 * reference["mtp_losses"][0][:, :-1].mean())  # lambda 0.3 at step 0
+    assert_equal(loss / count, expected, "first loss")

@@ -313,3 +313,140 @@ def test_megatrons_loader_starts_from_the_converted_checkpoint_with_the_in_memor
     expected = (reference["lm_loss"].mean()
                 + 0.3 * reference["mtp_losses"][0][:, :-1].mean())  # lambda 0.3 at step 0
     assert_equal(loss / count, expected, "first loss")
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad checkpoints: each its ConversionError, nothing half-written
+# ----------------------------------------------------------------------------------------------
+def test_a_used_output_folder_is_refused_and_a_failed_conversion_leaves_nothing(hf_mtp,
+                                                                                tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from megatron_dsv3.checkpoint.megatron_files import hf_to_megatron
+
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    with pytest.raises(ConversionError, match=r"--out .*used already exists and is not empty"):
+        hf_to_megatron(hf_mtp, used, progress=False)
+    assert [p.name for p in used.iterdir()] == ["notes.txt"]
+
+    # the MTP layer's copy of the embedding differs from it: found while the tensors are written
+    bad = tmp_path / "bad_hf"
+    shutil.copytree(hf_mtp, bad)
+    copy = "model.layers.3.embed_tokens.weight"
+    shard = json.loads((bad / "model.safetensors.index.json").read_text())["weight_map"][copy]
+    tensors = load_file(bad / shard)
+    tensors[copy] = tensors[copy] + 1
+    save_file(tensors, bad / shard, metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match=f"{copy} differs from model.embed_tokens.weight"):
+        hf_to_megatron(bad, out, progress=False)
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_folder_that_is_not_a_megatron_checkpoint_is_named_with_the_fix(hf_mtp, converted,
+                                                                          tmp_path, capsys):
+    from megatron_dsv3.checkpoint.megatron_files import megatron_to_hf
+
+    with pytest.raises(SystemExit) as stop:  # the command: status 2 and the message
+        convert(["megatron-to-hf", "--load", str(hf_mtp), "--out", str(tmp_path / "a")])
+    assert stop.value.code == 2
+    assert "is not a Megatron checkpoint folder: it has no latest_checkpointed_iteration.txt" \
+        in capsys.readouterr().err
+    legacy = tmp_path / "legacy"
+    (legacy / "iter_0000003" / "mp_rank_00").mkdir(parents=True)
+    (legacy / "latest_checkpointed_iteration.txt").write_text("3")
+    with pytest.raises(ConversionError, match=r"iter_0000003 is not a torch_dist checkpoint .*"
+                                              r"mp_rank_\* folders, Megatron's legacy "
+                                              r"--ckpt-format torch"):
+        megatron_to_hf(legacy, tmp_path / "b", progress=False)
+    with pytest.raises(ConversionError, match=r"--iteration 5: .*iter_0000005 does not exist"):
+        megatron_to_hf(converted, tmp_path / "c", iteration=5, progress=False)
+    with pytest.raises(ConversionError, match=r"--preset tiny describes another model than .*"
+                                              r"hidden_size: 128 and 32"):
+        megatron_to_hf(converted, tmp_path / "d", preset="tiny", progress=False)
+    assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def test_a_partial_shard_set_is_named_before_anything_is_read(converted, tmp_path):
+    from megatron_dsv3.checkpoint.megatron_files import megatron_to_hf
+
+    copy = tmp_path / "copy"
+    shutil.copytree(converted, copy)
+    data = copy / "release" / "__0_0.distcp"
+    size = data.stat().st_size
+    with open(data, "r+b") as handle:  # an interrupted copy
+        handle.truncate(size // 2)
+    with pytest.raises(ConversionError, match=rf"a partial shard set: __0_0.distcp has "
+                                              rf"{size // 2} bytes, \d+ are indexed"):
+        megatron_to_hf(copy, tmp_path / "out", progress=False)
+    data.unlink()
+    with pytest.raises(ConversionError, match=r"__0_0.distcp is missing \(1 files in all\)"):
+        megatron_to_hf(copy, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def save_here(dist_single, monkeypatch):
+    """dist_checkpointing.save in this process (a world of one), as Megatron's loop saves."""
+    from megatron.core import dist_checkpointing
+
+    if not torch.cuda.is_available():  # Megatron's torch_dist writer assumes CUDA
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    _results_queue_by_fork()
+
+    def save(state_dict: dict, root: Path) -> Path:
+        (root / "iter_0000001").mkdir(parents=True)
+        dist_checkpointing.save(state_dict, str(root / "iter_0000001"))
+        (root / "latest_checkpointed_iteration.txt").write_text("1")
+        return root
+    return save
+
+
+def test_missing_tensors_other_shapes_and_other_models_are_named(save_here, dist_single,
+                                                                 tmp_path):
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from megatron_dsv3.checkpoint.megatron_files import megatron_args, megatron_to_hf
+
+    cfg = small_config()
+    common = {"args": megatron_args(cfg), "checkpoint_version": 3.0, "iteration": 1}
+    model = _seeded_model(cfg, dist_single, seed=4)
+
+    def weights(**changes):
+        sharded = model.sharded_state_dict()
+        for key, value in changes.items():
+            key = key.replace("__", ".")
+            if value is None:
+                del sharded[key]
+            else:
+                sharded[key] = ShardedTensor.from_rank_offsets(key, value, replica_id=0)
+        return sharded
+
+    missing = save_here({**common, "model": weights(mtp__layers__0__eh_proj__weight=None)},
+                        tmp_path / "missing")
+    with pytest.raises(ConversionError, match=r"1 tensor\(s\) of the model missing: "
+                                              r"mtp.layers.0.eh_proj.weight\. it holds another "
+                                              r"model than the one of Megatron's saved arg"):
+        megatron_to_hf(missing, tmp_path / "out", progress=False)
+    wider = save_here({**common, "model": weights(output_layer__weight=torch.zeros(128, 32))},
+                      tmp_path / "wider")
+    with pytest.raises(ConversionError, match=r"output_layer.weight has the global shape "
+                                              r"\(128, 32\), .* gives \(64, 32\) = "
+                                              r"\[vocab_size, hidden_size\]"):
+        megatron_to_hf(wider, tmp_path / "out", progress=False)
+    stacked = {"decoder.layers.self_attention.linear_qkv.weight": ShardedTensor.from_rank_offsets(
+        "decoder.layers.self_attention.linear_qkv.weight", torch.zeros(3, 96, 32), replica_id=0)}
+    other = save_here({**common, "model": stacked}, tmp_path / "other")
+    with pytest.raises(ConversionError, match=r"other tensor\(s\): decoder.layers.self_attention"
+                                              r".linear_qkv.weight\. its layers are stacked"):
+        megatron_to_hf(other, tmp_path / "out", progress=False)
+    no_args = save_here({"iteration": 1, "model": weights()}, tmp_path / "no_args")
+    with pytest.raises(ConversionError, match="records neither Megatron's arguments nor a model "
+                                              "config: pass --preset NAME"):
+        megatron_to_hf(no_args, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

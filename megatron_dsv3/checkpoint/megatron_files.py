@@ -251,6 +251,12 @@ class _Chunk:
     build: Callable[[], torch.Tensor]
 
 
+def _causes(err) -> list[BaseException]:
+    """The exceptions inside DCP's CheckpointException ({rank: (exception, its stack)})."""
+    return [failure[0] if isinstance(failure, tuple) else failure
+            for failure in err.failures.values()]
+
+
 def _streaming_planner(chunks: list[_Chunk], objects: Mapping[str, io.BytesIO]):
     """A DCP SavePlanner that plans from `chunks`' shapes and builds each chunk's data only
     when the writer asks for it (the module docstring's streaming)."""
@@ -309,8 +315,14 @@ def write_torch_dist(folder: Path, chunks: list[_Chunk], common: dict,
     folder.mkdir(parents=True)
     # one file, one writer thread (the items are built in the writer's loop, one at a time)
     writer = dcp.FileSystemWriter(str(folder), single_file_per_rank=True, thread_count=1)
-    dcp.save({}, storage_writer=writer, planner=_streaming_planner(chunks, objects),
-             no_dist=True)
+    try:
+        dcp.save({}, storage_writer=writer, planner=_streaming_planner(chunks, objects),
+                 no_dist=True)
+    except dcp.CheckpointException as err:  # DCP wraps what a chunk's build raised
+        for cause in _causes(err):
+            if isinstance(cause, ConversionError):
+                raise cause from None
+        raise
     write_torch_dist_config(folder)
 
 
@@ -563,8 +575,14 @@ class _DistCheckpoint:
         md = self.metadata.state_dict_metadata[key]
         self._last = (None, None)  # drop the previous one before allocating
         tensor = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-        dcp.load({key: tensor}, storage_reader=self._reader,
-                 planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+        try:
+            dcp.load({key: tensor}, storage_reader=self._reader,
+                     planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+        except dcp.CheckpointException as err:
+            causes = "; ".join(f"{type(c).__name__}: {c}" for c in _causes(err))
+            raise ConversionError(f"{self.folder}: {key} cannot be read ({causes}): its .distcp "
+                                  "files are damaged; copy the folder again or use another "
+                                  "iteration") from None
         self._last = (key, tensor)
         return tensor
 

@@ -56,6 +56,7 @@ raises ImportError naming the method: update the function of this module that wr
 from __future__ import annotations
 
 import inspect
+import io
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -389,12 +390,10 @@ TORCH_DIST_BACKEND = "torch_dist"
 COMMON_STATE_KEY = "common_state"
 
 
-def sharded_object_entry(key: str, obj) -> tuple[str, "io.BytesIO"]:
+def sharded_object_entry(key: str, obj) -> tuple[str, io.BytesIO]:
     """(DCP key, bytes) under which Megatron's torch_dist save writes a ShardedObject `key`
     holding `obj` that is not sharded (global shape (1,), one replica): DCP's key is the
     object's unique_key, its bytes torch.save of the list of the rank's shards, [obj]."""
-    import io
-
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     buffer = io.BytesIO()

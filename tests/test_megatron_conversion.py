@@ -480,3 +480,77 @@ def test_the_writer_holds_one_chunk_at_a_time_and_writes_every_chunk_exactly(tmp
     dcp.load(back, storage_reader=dcp.FileSystemReader(str(tmp_path / "ckpt")), no_dist=True)
     assert_equal(back["experts"], experts, "experts")
     assert_equal(back["dense"], dense, "dense")
+
+
+# ----------------------------------------------------------------------------------------------
+# The folder flavours: what hf-to-megatron writes is what hf_files reads, tensor for tensor
+# ----------------------------------------------------------------------------------------------
+def _as_fp8_release(source: Path, target: Path) -> None:
+    """`source` rewritten as DeepSeek's FP8 release: every 2-D weight of the layers (the
+    per-expert ones included; not the router, not the MTP copies of the embedding and head)
+    in E4M3 with its fp32 128x128 block scales, beside it in the same shard."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from megatron_dsv3.fp8.quantize import quantize_128x128
+
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(quantization_config={"quant_method": "fp8", "fmt": "e4m3",
+                                       "weight_block_size": [128, 128]}, torch_dtype="bfloat16")
+    config.pop("dtype", None)
+    (target / "config.json").write_text(json.dumps(config))
+    index = json.loads((target / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(target / shard)
+        for key in list(tensors):
+            if (key.startswith("model.layers.") and tensors[key].dim() == 2
+                    and not key.endswith(("mlp.gate.weight", "embed_tokens.weight",
+                                          "shared_head.head.weight"))):
+                q = quantize_128x128(tensors[key])
+                tensors[key], tensors[key + "_scale_inv"] = q.data, q.scales
+                index["weight_map"][key + "_scale_inv"] = shard
+        save_file(tensors, str(target / shard), metadata={"format": "pt"})
+    (target / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _as_fused_experts(source: Path, target: Path) -> None:
+    """`source` as transformers 5 stores it: each layer's routed experts in two fused tensors
+    (`mlp.experts.gate_up_proj` [E, 2F, D], `down_proj` [E, D, F]), one safetensors file."""
+    from safetensors.torch import save_file
+
+    from megatron_dsv3.checkpoint.hf import dsv3_to_hf
+    from megatron_dsv3.checkpoint.hf_files import load_hf_checkpoint
+
+    cfg, state_dict = load_hf_checkpoint(source, progress=False)
+    target.mkdir()
+    shutil.copy(source / "config.json", target / "config.json")
+    tensors = {k: v.contiguous() for k, v in dsv3_to_hf(state_dict, cfg).items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in tensors)
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("flavour", [_as_fp8_release, _as_fused_experts],
+                         ids=["deepseek-fp8-release", "fused-experts"])
+def test_hf_to_megatron_writes_what_hf_files_reads(hf_mtp, tmp_path, flavour):
+    """Each tensor of the converted checkpoint (read back with DCP alone, no process group)
+    equals hf_files.load_hf_checkpoint's reading of the same folder bit for bit: FP8 weights
+    dequantized with its one rounding, experts read one at a time from per-expert FP8 tensors
+    or from slices of fused ones."""
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_dsv3.checkpoint.hf_files import load_hf_checkpoint
+
+    folder = tmp_path / "hf"
+    flavour(hf_mtp, folder)
+    convert(["hf-to-megatron", "--hf-dir", str(folder), "--out", str(tmp_path / "m"),
+             "--no-progress"])
+    _, expected = load_hf_checkpoint(folder, progress=False)
+    written = {k: torch.full_like(v, float("nan")) for k, v in expected.items()}
+    dcp.load(written, storage_reader=dcp.FileSystemReader(str(tmp_path / "m" / "release")),
+             no_dist=True)
+    for key, tensor in expected.items():
+        assert_equal(written[key], tensor, key)
+    assert any(t.dtype == torch.bfloat16 for t in expected.values()) is (
+        flavour is _as_fp8_release)

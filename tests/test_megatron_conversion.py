@@ -269,28 +269,33 @@ def _pretrain_args(monkeypatch, flags: list[str]):
 
 
 def test_megatrons_loader_starts_from_the_converted_checkpoint_with_the_in_memory_loss(
-        converted, hf_mtp, dist_single, monkeypatch):
+        converted, hf_mtp, dist_single, monkeypatch, tmp_path):
     """`--load` of the converted folder: pretrain's resume check passes (the saved arguments
     describe the run's model), Megatron's load_checkpoint (through pretrain's digest check)
     returns iteration 0, and the first micro-batch's loss, as Megatron's loop gets it
     (pretrain.loss_func, lambda of step 0), is bit-identical to the loss of the model built
-    from the Hugging Face state dict in memory: the same operations in the same order."""
+    from the Hugging Face state dict in memory: the same operations in the same order.
+    Megatron's own save_checkpoint (--save) then writes what megatron-to-hf turns back into
+    the original folder, the model config taken from the run's saved arguments."""
     from megatron.training import get_args, global_vars, training
 
     from helpers.megatron_on_cpu import _OnCpu
     from megatron_dsv3.megatron_cli import megatron_flags
     from megatron_dsv3.pretrain import loss_func, mtp_weight
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available():  # Megatron's checkpointing assumes CUDA
         monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state())
+    _results_queue_by_fork()
     cfg = small_config()
     flags = [*megatron_flags(cfg), "--seq-length", str(SEQ), "--micro-batch-size", str(BATCH),
              "--global-batch-size", str(BATCH), "--train-iters", "1",
              # NullTokenizer's vocabulary is --vocab-size + 1 (its end-of-document token)
              "--tokenizer-type", "NullTokenizer", "--vocab-size", str(cfg.vocab_size - 1),
              "--make-vocab-size-divisible-by", str(cfg.vocab_size),
-             "--transformer-impl", "local", "--use-cpu-initialization", "--load", str(converted)]
+             "--transformer-impl", "local", "--use-cpu-initialization", "--load", str(converted),
+             "--save", str(tmp_path / "saved"), "--save-interval", "1"]
     try:
         seen = _pretrain_args(monkeypatch, flags)
         args = get_args()
@@ -307,12 +312,23 @@ def test_megatrons_loader_starts_from_the_converted_checkpoint_with_the_in_memor
         with torch.no_grad():
             loss, count, _ = loss_func(mask, mtp_weight(args), model(
                 tokens, positions, None, labels=labels, loss_mask=mask))
+        with _OnCpu():
+            training.save_checkpoint(SAVED_ITERATION, [model], None, None, 0)
     finally:
         global_vars.unset_global_variables()
     reference = _reference(hf_mtp, dist_single, tokens, labels)
     expected = (reference["lm_loss"].mean()
                 + 0.3 * reference["mtp_losses"][0][:, :-1].mean())  # lambda 0.3 at step 0
     assert_equal(loss / count, expected, "first loss")
+
+    result = convert(["megatron-to-hf", "--load", str(tmp_path / "saved"), "--out",
+                      str(tmp_path / "back"), "--no-progress"])
+    assert result["config_source"].startswith("Megatron's saved arguments")
+    assert result["folder"].endswith(f"iter_{SAVED_ITERATION:07d}")
+    original, back = _hf_tensors(hf_mtp), _hf_tensors(tmp_path / "back")
+    assert set(back) == set(original)
+    for key in original:
+        assert_equal(back[key], original[key], key)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,18 +41,20 @@ def grpo_config(args) -> GRPOConfig:
 
 
 def default_tokenizer(init_from: Path) -> Optional[Path]:
-    """The tokenizer.json of the --data-dir the --init-from checkpoint was trained on (a
-    training-job step folder records it), or None (examples/data's)."""
+    """The tokenizer the --init-from checkpoint was trained with: a GRPO run's --tokenizer, a
+    training-job run's --data-dir/tokenizer.json; None (examples/data's) when the file
+    records neither (a converted file)."""
+    path = Path(init_from)
     try:
-        payload_args = torch.load(Path(init_from) / "rank_00000.pt" if Path(init_from).is_dir()
-                                  else init_from, map_location="cpu", weights_only=False,
-                                  mmap=True).get("train_args") or {}
+        recorded = torch.load(path / "rank_00000.pt" if path.is_dir() else path,
+                              map_location="cpu", weights_only=False,
+                              mmap=True).get("train_args") or {}
     except Exception:  # noqa: BLE001 -- init_weights reports an unreadable file properly
         return None
-    data_dir = payload_args.get("data_dir")
-    if data_dir and (Path(data_dir) / "tokenizer.json").is_file():
-        return Path(data_dir) / "tokenizer.json"
-    return None
+    candidates = [recorded.get("tokenizer")]
+    if recorded.get("data_dir"):
+        candidates.append(Path(recorded["data_dir"]) / "tokenizer.json")
+    return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
 
 
 def stop_tokens(tokenizer, stop_text: str) -> list[int]:

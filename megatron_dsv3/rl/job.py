@@ -122,8 +122,8 @@ def setup(args) -> Job:
     if pg.tp.size() > 1:
         replica = RolloutReplica(lambda groups: _whole_model(cfg, groups, device), pg)
 
-    tokenizer = load_tokenizer(args.tokenizer or default_tokenizer(args.init_from),
-                               cfg.vocab_size)
+    args.tokenizer = args.tokenizer or default_tokenizer(args.init_from)  # recorded
+    tokenizer = load_tokenizer(args.tokenizer, cfg.vocab_size)
     task = ArithmeticTask(max_operand=args.max_operand, operators=args.operators,
                           seed=args.seed)
     trainer = GRPOTrainer(policy, reference, optimizer, pg, cfg_grpo, task,

@@ -8,8 +8,11 @@ tensor of the new folder bit-identical to the original's. The TP2 x EP2 model gi
 and MTP losses of the model built from the same folder in memory (hf.py) at TP=1; the PP=2
 stages hold, under Megatron's local layer numbers, the weights of the global layers they run.
 Megatron's own `load_checkpoint`, with the arguments `python -m megatron_dsv3.pretrain --load`
-parses, starts from the converted folder at iteration 0 with the loss of the in-memory model.
-Each bad checkpoint gives its ConversionError, and nothing half-written is left behind.
+parses, starts from the converted folder at iteration 0 with the loss of the in-memory model,
+and what Megatron's `save_checkpoint` then writes converts back to the original folder (the
+config from the run's saved arguments). hf-to-megatron writes what hf_files reads from
+DeepSeek's FP8 release and from transformers' fused experts, and its writer holds one chunk at
+a time. Each bad checkpoint gives its ConversionError, and nothing half-written is left behind.
 
 PP runs without MTP: with PP, Megatron's GPTModel copies the embedding to the MTP stage
 through CUDA (tests/test_pretrain_log.py).
@@ -173,7 +176,7 @@ def _reference(hf_dir: Path, pg, tokens, labels) -> dict:
     with torch.no_grad():
         out = model(tokens, positions, None, labels=labels)
         return {"logits": model(tokens, positions, None), "lm_loss": out.lm_loss,
-                "mtp_losses": out.mtp_losses, "state": state_dict}
+                "mtp_losses": out.mtp_losses}
 
 
 def _round_trip(hf_dir: Path, tmp_path: Path, layout, cfg) -> list:
@@ -213,19 +216,20 @@ def test_tp2_ep2_loads_the_converted_checkpoint_computes_the_same_and_converts_b
 
 def _stage_weights_are_the_global_layers(results, hf_dir: Path, layers_per_stage: int) -> None:
     """Stage s's decoder.layers.{j} (Megatron's local number) holds global layer
-    s * layers_per_stage + j of the folder."""
+    s * layers_per_stage + j of the folder, and the stages together hold every tensor once
+    (TP=1: whole tensors)."""
     from megatron_dsv3.checkpoint.hf_files import load_hf_checkpoint
 
     _, full = load_hf_checkpoint(hf_dir, progress=False)
+    held = []
     for rank, result in enumerate(results):
-        stage = result["stage"]
         for name, tensor in result["stage_state"].items():
             parts = name.split(".")
             if name.startswith("decoder.layers."):
-                parts[2] = str(int(parts[2]) + stage * layers_per_stage)
-            expected = full[".".join(parts)]
-            if tensor.shape == expected.shape:
-                assert_equal(tensor, expected, f"rank {rank} {name}")
+                parts[2] = str(int(parts[2]) + result["stage"] * layers_per_stage)
+            held.append(".".join(parts))
+            assert_equal(tensor, full[held[-1]], f"rank {rank} {name} as {held[-1]}")
+    assert sorted(held) == sorted(full)
 
 
 @pytest.mark.multiprocess

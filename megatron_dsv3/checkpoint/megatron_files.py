@@ -31,9 +31,9 @@ owns the two details that are Megatron's: the common state's key and how an obje
 A release checkpoint is what Megatron's loader expects of converted weights: it starts at
 iteration 0 with a fresh optimizer, learning-rate schedule and RNG (no --finetune needed), and
 still checks the saved arguments against the run's (num_layers, hidden_size, heads;
-pretrain.check_resume_matches all of MODEL_ARGS, padded_vocab_size included: Megatron pads
-the tokenizer's vocabulary to a multiple of --make-vocab-size-divisible-by x TP, which must
-give the folder's vocab_size; DeepSeek-V3's 129280 at TP=8 needs a divisor of 16).
+pretrain.check_resume_matches all of MODEL_ARGS, padded_vocab_size included: the tokenizer's
+size rounded up to a multiple of --make-vocab-size-divisible-by x TP must be the folder's
+vocab_size).
 
 Memory: one of our tensors at a time, not the model.
   * hf-to-megatron streams. DCP's FileSystemWriter asks the planner for each item's data just

@@ -7,7 +7,7 @@ completion i, its stop token's text included when it emitted one ("\\n" or "<|en
 the arithmetic task: a completion without one ran out of --max-new-tokens), `problems[i]` the
 problem it answers (the G completions of one problem are consecutive). Two rule-based
 verifiers ship here:
-  exact_answer   1 when the completion's leading integer equals the problem's answer
+  exact_answer   1 when the completion (up to its stop) is the problem's answer
   answer_format  1 when the completion is one integer and then a stop ("  42\\n"), nothing else
 and `weighted_sum` adds them (the CLI's default: exact + 0.1 x format, so that a policy that
 cannot yet add is still pulled towards answering in the right shape).
@@ -96,16 +96,19 @@ class ArithmeticTask:
         return lines
 
 
-_LEADING_INTEGER = re.compile(r"\s*(-?\d+)")
+_INTEGER = re.compile(r"\s*(-?\d+)\s*")
 _ONE_INTEGER = re.compile(r"\s*-?\d+\s*(" + "|".join(re.escape(t) for t in STOP_TEXTS) + ")")
 
 
 def exact_answer(completions: list[str], problems: list[Problem]) -> list[float]:
-    """1.0 where the completion starts with an integer equal to the problem's answer."""
+    """1.0 where the completion, up to its stop, is one integer equal to the problem's answer
+    (nothing after it: "7+1" earns nothing for 7, so trailing text cannot ride along)."""
     _check_lengths(completions, problems)
     out = []
     for text, problem in zip(completions, problems):
-        match = _LEADING_INTEGER.match(text)
+        for stop in STOP_TEXTS:
+            text = text.removesuffix(stop)
+        match = _INTEGER.fullmatch(text)
         out.append(1.0 if match and int(match[1]) == int(problem.answer) else 0.0)
     return out
 

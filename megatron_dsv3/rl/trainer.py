@@ -85,6 +85,12 @@ class GRPOConfig:
         return self.prompts_per_step // dp_size
 
 
+def rollout_seed(seed: int, step: int, dp_rank: int) -> int:
+    """The rollout generator's seed: a pure function of (seed, step, DP rank), the same on the
+    TP ranks of a replica and on a resumed run."""
+    return ((seed * 1_000_003 + step) * 65_537 + dp_rank) % 2**63
+
+
 class RolloutReplica:
     """A TP = 1 copy of the policy for the cached generator when the policy is split over TP
     ranks: `build_model_fn(groups)` builds the whole model on one-rank groups, `refresh`
@@ -173,7 +179,7 @@ class GRPOTrainer:
     def collect(self, step: int) -> tuple[Rollouts, list[Problem]]:
         problems = self.problems(step)
         generator = torch.Generator().manual_seed(
-            hash((self.cfg.seed, step, self.pg.dp.rank())) % 2**62)
+            rollout_seed(self.cfg.seed, step, self.pg.dp.rank()))
         sampler = (self.policy if self.replica is None
                    else self.replica.refresh(self.policy, self.pg))
         rollouts = sample_rollouts(
@@ -209,15 +215,16 @@ class GRPOTrainer:
         normalizer = self._dp_sum(batch_normalizer(rollouts.mask_BS, cfg.loss.loss_type))
         sums = torch.zeros(5, dtype=torch.float64)  # tokens, kl, clipped low, high, ratio
         params = [p for p in self.policy.parameters() if p.requires_grad]
+        device = next(self.policy.parameters()).device
         for _ in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             for start in range(0, rollouts.batch_size, mb):
                 piece = rollouts.rows(start, start + mb)
-                device = next(self.policy.parameters()).device
                 logp_BS = token_logps(self.policy, piece.input_ids_BS, piece.labels_BS, mb)
-                old = logp_BS.detach() if piece.old_logp_BS is None else piece.old_logp_BS
-                terms = grpo_loss(logp_BS, old.to(device),
-                                  None if piece.ref_logp_BS is None else piece.ref_logp_BS.to(device),
+                old_BS = logp_BS.detach() if piece.old_logp_BS is None else piece.old_logp_BS
+                ref_BS = piece.ref_logp_BS
+                terms = grpo_loss(logp_BS, old_BS.to(device),
+                                  None if ref_BS is None else ref_BS.to(device),
                                   piece.advantages_B.to(device), piece.mask_BS.to(device),
                                   cfg.loss, normalizer.to(device))
                 # reduce_gradients averages over DP: scale so that the ranks' shares add up

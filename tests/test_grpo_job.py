@@ -128,3 +128,24 @@ def test_nan_policy_is_not_saved(tmp_path):
     message = run_gloo(_save_nan, 1, tmp_path)[0]
     assert message is not None and "model.w" in message and "NaN" in message
     assert not (tmp_path / "checkpoints" / "latest").exists()
+
+
+def _models_after_setup(rank, world, argv):
+    """How many DeepSeekV3Models exist after the job's set-up, and its reference."""
+    import gc
+
+    from megatron_dsv3.model import DeepSeekV3Model
+    from megatron_dsv3.rl.cli import build_parser
+    from megatron_dsv3.rl.job import setup
+
+    job = setup(build_parser().parse_args([str(a) for a in argv]))
+    gc.collect()
+    alive = sum(isinstance(o, DeepSeekV3Model) for o in gc.get_objects())
+    return alive, job.trainer.reference is None
+
+
+@pytest.mark.parametrize("beta,models", [(0.0, 1), (0.04, 2)])
+def test_beta_zero_builds_no_reference_model(start, tmp_path, beta, models):
+    alive, no_reference = run_gloo(_models_after_setup, 1,
+                                   _argv(start, tmp_path, 1, "--beta", beta))[0]
+    assert (alive, no_reference) == (models, beta == 0)

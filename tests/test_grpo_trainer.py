@@ -4,8 +4,6 @@ reference model."""
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 from helpers.gloo import run_gloo
@@ -107,21 +105,20 @@ def test_rewards_and_advantages_of_a_collected_step(dist_single):
     assert torch.all(group.sum(1).abs() < 1e-5)  # centred per group
 
 
-def test_beta_zero_keeps_no_reference_model(dist_single):
-    from megatron_dsv3.model import DeepSeekV3Model
-
-    gc.collect()
-    before = sum(isinstance(o, DeepSeekV3Model) for o in gc.get_objects())
-    cfg = GRPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=2,
+def test_beta_zero_trains_without_a_reference(dist_single):
+    """beta = 0: the trainer takes no reference (and refuses one), its KL is exactly 0. That
+    the job then builds only the policy: tests/test_grpo_job.py."""
+    cfg = GRPOConfig(prompts_per_step=2, group_size=4, max_new_tokens=2,
                      loss=GRPOLossConfig(beta=0.0))
-    trainer = _trainer(dist_single, cfg)
-    gc.collect()
-    after = sum(isinstance(o, DeepSeekV3Model) for o in gc.get_objects())
-    assert trainer.reference is None and after - before == 1  # the policy alone
+    trainer = _trainer(dist_single, cfg, reward=distinct_characters)
+    assert trainer.reference is None
     metrics = trainer.step(0)
-    assert metrics.kl == 0.0
+    assert metrics.kl == 0.0 and metrics.grad_norm > 0
     with pytest.raises(ValueError, match="beta=0.0 with reference a model"):
         _trainer(dist_single, cfg, reference=_model())
+    with pytest.raises(ValueError, match="beta=0.05 with reference None"):
+        GRPOTrainer(_model(), None, trainer.optimizer, dist_single, CONFIG,
+                    ArithmeticTask(), arithmetic_reward(), CharTokenizer())
 
 
 def _optimize_rank(rank, world, rollouts, cfg):

@@ -226,14 +226,13 @@ def token_reward_trl(prompts, completions, **unused):
 def _trl_tokenizer(vocab_size: int):
     """A fast tokenizer whose tokens are the ids as words ('12 7 40'), eos = 0: prompts of
     random ids encode to exactly those ids, as for our trainer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {str(i): i for i in range(vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    from tokenizers import decoders
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # ids joined by spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="0", pad_token="0")
     fast.padding_side = "left"
     return fast

@@ -72,6 +72,9 @@ def stop_tokens(tokenizer, stop_text: str) -> list[int]:
 
 @dataclasses.dataclass
 class Job:
+    """What `run` needs: the arguments, the model config, the groups, the trainer, and the
+    counters a checkpoint carries (completed steps, completion tokens trained on, W&B id)."""
+
     args: object
     cfg: object
     pg: object

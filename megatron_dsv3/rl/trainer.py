@@ -107,7 +107,14 @@ class RolloutReplica:
         self.model = build_model_fn(solo).eval().requires_grad_(False)
 
     def refresh(self, policy: torch.nn.Module, pg) -> torch.nn.Module:
-        self.model.load_state_dict(full_state_dict(policy, pg), strict=True)
+        """The replica holding the policy's current weights."""
+        missing, unexpected = self.model.load_state_dict(full_state_dict(policy, pg),
+                                                         strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]  # TE's, no weights
+        if missing or unexpected:
+            raise ValueError(f"the rollout replica is not the policy's model: missing "
+                             f"{missing}, unexpected {unexpected}; build it with the "
+                             "policy's config")
         return self.model
 
 

@@ -90,9 +90,9 @@ def test_rollout_logps_are_the_generators_distribution(dist_single):
         for token in completion.tolist():
             expected.append(torch.log_softmax(logits.float(), -1)[token])
             logits = decode_step(model, cache, torch.tensor([token]))[0]
-        assert_close(logp_BS[row][mask], torch.stack(expected), 1e-4,
+        assert_close(logp_BS[row][mask], torch.stack(expected), FP32_REORDER,
                      "absorbed cached attention vs the training forward: fp32, other GEMM "
-                     "order and the absorbed W^UK / W^UV products")
+                     "order and the absorbed W^UK / W^UV products (1.1e-7 measured)")
 
 
 def test_rewards_and_advantages_of_a_collected_step(dist_single):

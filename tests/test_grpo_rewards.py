@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from megatron_dsv3.rl.rewards import (ArithmeticTask, Problem, answer_format,
@@ -43,6 +45,17 @@ def test_task_is_a_pure_function_of_seed_step_and_index():
         a, op, b = int(p.prompt[0]), p.prompt[1], int(p.prompt[2:-1])
         assert p.prompt.endswith("=") and int(p.answer) == (a + b if op == "+" else a - b)
         assert int(p.answer) >= 0
+
+
+def test_word_problems_tell_the_same_arithmetic():
+    words = ArithmeticTask(max_operand=9, seed=5, style="word").problems(2, 0, 50)
+    equations = ArithmeticTask(max_operand=9, seed=5).problems(2, 0, 50)
+    for word, equation in zip(words, equations):
+        a, b = (int(n) for n in re.findall(r"\d+", word.prompt))
+        op = "+" if "more" in word.prompt else "-"
+        assert equation.prompt == f"{a}{op}{b}=" and word.answer == equation.answer
+    with pytest.raises(ValueError, match="style"):
+        ArithmeticTask(style="story")
 
 
 def test_corpus_lines_are_every_problem_with_its_answer():

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
              "reward(completions, problems) -> list[float] callable")
     add("--max-operand", type=int, default=9, help="arithmetic problems' largest operand")
     add("--operators", default="+-", help="arithmetic problems' operators: +, - or +-")
+    add("--problem-style", default="equation", choices=("equation", "word"),
+        help="equation: '7+5='; word: 'Ann has 7 coins and gets 5 more. How many coins now? '")
     add("--tokenizer", type=Path, default=None,
         help="tokenizer.json (default: the --init-from run's --data-dir, else examples/data)")
     add("--tensor-parallel-size", type=int, default=1,

@@ -128,7 +128,7 @@ def setup(args) -> Job:
     args.tokenizer = args.tokenizer or default_tokenizer(args.init_from)  # recorded
     tokenizer = load_tokenizer(args.tokenizer, cfg.vocab_size)
     task = ArithmeticTask(max_operand=args.max_operand, operators=args.operators,
-                          seed=args.seed)
+                          seed=args.seed, style=args.problem_style)
     trainer = GRPOTrainer(policy, reference, optimizer, pg, cfg_grpo, task,
                           load_reward(args.reward), tokenizer,
                           stop_tokens(tokenizer, args.stop_text), rollout_replica=replica)

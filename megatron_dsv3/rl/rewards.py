@@ -55,21 +55,35 @@ class Problem:
 RewardFn = Callable[[list[str], list[Problem]], list[float]]
 
 
+# Word problems: (operator, template) -- the story around the same two operands
+_NAMES = ("Ann", "Bob", "Cy", "Dee", "Eli", "Fay")
+_THINGS = ("apples", "cards", "coins", "pens", "shells", "stamps")
+_STORIES = {"+": "{name} has {a} {things} and gets {b} more. How many {things} now? ",
+            "-": "{name} has {a} {things} and gives away {b}. How many {things} now? "}
+STYLES = ("equation", "word")
+
+
 @dataclasses.dataclass(frozen=True)
 class ArithmeticTask:
-    """Additions and subtractions of non-negative integers up to `max_operand`, written as
-    `"{a}+{b}="` / `"{a}-{b}="` (a >= b for subtraction: the answers are never negative);
-    the answer is the integer's decimal digits."""
+    """Additions and subtractions of non-negative integers up to `max_operand` (a >= b for
+    subtraction: the answers are never negative); the answer is the integer's decimal
+    digits. style "equation": `"{a}+{b}="` / `"{a}-{b}="` (short: what the example learns in
+    minutes); "word": a one-sentence story ("Ann has 7 coins and gets 5 more. How many coins
+    now? "), the name and the object drawn with the operands."""
 
     max_operand: int = 9
     operators: str = "+-"
     seed: int = 0
+    style: str = "equation"
 
     def __post_init__(self):
         if not self.max_operand >= 1:
             raise ValueError(f"max_operand={self.max_operand!r} is invalid: it must be >= 1")
         if not self.operators or set(self.operators) - set("+-"):
             raise ValueError(f"operators={self.operators!r} is invalid: use '+', '-' or '+-'")
+        if self.style not in STYLES:
+            raise ValueError(f"style={self.style!r} is invalid: choose 'equation' (a+b=) or "
+                             "'word' (a one-sentence story)")
 
     def problem(self, step: int, index: int) -> Problem:
         """Problem `index` of step `step` (a pure function of seed, step and index)."""
@@ -78,21 +92,34 @@ class ArithmeticTask:
         op = rng.choice(self.operators)
         if op == "-":
             a, b = max(a, b), min(a, b)
-        return Problem(f"{a}{op}{b}=", str(a + b if op == "+" else a - b))
+        answer = str(a + b if op == "+" else a - b)
+        if self.style == "word":
+            return Problem(_STORIES[op].format(name=rng.choice(_NAMES), a=a, b=b,
+                                               things=rng.choice(_THINGS)), answer)
+        return Problem(f"{a}{op}{b}=", answer)
 
     def problems(self, step: int, start: int, count: int) -> list[Problem]:
         return [self.problem(step, index) for index in range(start, start + count)]
 
     def corpus_lines(self) -> list[str]:
-        """Every problem with its answer, one `a+b=c` line each (what a model pre-trained by
-        the main job reads to learn the format; examples/grpo_arithmetic.py)."""
+        """Every problem with its answer, one line each (`a+b=c`, or the story then the
+        answer): what a model pre-trained by the main job reads to learn the format
+        (examples/grpo_arithmetic.py); the word style's names and objects cycle."""
         lines = []
         for a in range(self.max_operand + 1):
             for b in range(self.max_operand + 1):
-                if "+" in self.operators:
-                    lines.append(f"{a}+{b}={a + b}")
-                if "-" in self.operators and a >= b:
-                    lines.append(f"{a}-{b}={a - b}")
+                for op in self.operators:
+                    if op == "-" and a < b:
+                        continue
+                    answer = a + b if op == "+" else a - b
+                    if self.style == "word":
+                        k = len(lines)
+                        story = _STORIES[op].format(name=_NAMES[k % len(_NAMES)], a=a, b=b,
+                                                    things=_THINGS[k // len(_NAMES)
+                                                                   % len(_THINGS)])
+                        lines.append(f"{story}{answer}")
+                    else:
+                        lines.append(f"{a}{op}{b}={answer}")
         return lines
 
 

@@ -34,7 +34,7 @@ PARALLEL_FLAGS = ("tensor_parallel_size",)
 # What a resumed run must share with its checkpoint: the model it started from, the data
 # stream (problems are drawn from seed and step), the world's layout.
 RESUME_INVARIANT_ARGS = ("init_from", "seed", "prompts_per_step", "group_size",
-                         "max_operand", "operators")
+                         "max_operand", "operators", "problem_style")
 
 
 def _plain(value):

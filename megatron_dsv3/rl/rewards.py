@@ -132,7 +132,7 @@ def exact_answer(completions: list[str], problems: list[Problem]) -> list[float]
     (nothing after it: "7+1" earns nothing for 7, so trailing text cannot ride along)."""
     _check_lengths(completions, problems)
     out = []
-    for text, problem in zip(completions, problems):
+    for text, problem in zip(completions, problems, strict=True):
         for stop in STOP_TEXTS:
             text = text.removesuffix(stop)
         match = _INTEGER.fullmatch(text)

@@ -74,10 +74,10 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     if any(len(c) == 0 for c in completions):
         raise ValueError("a completion is empty: generate returns at least one token per "
                          "request (max_new_tokens >= 1)")
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
     input_ids_BS = torch.full((len(prompts), max(lengths)), pad_id, dtype=torch.long)
     mask_BS = torch.zeros(input_ids_BS.shape, dtype=torch.float32)
-    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         input_ids_BS[row, :lengths[row]] = torch.tensor(list(prompt) + list(completion))
         # label s is token s + 1: the completion's tokens are labels len(prompt)-1 ...
         mask_BS[row, len(prompt) - 1:lengths[row] - 1] = 1.0

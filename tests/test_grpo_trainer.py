@@ -121,6 +121,20 @@ def test_beta_zero_trains_without_a_reference(dist_single):
                     ArithmeticTask(), arithmetic_reward(), CharTokenizer())
 
 
+def test_non_finite_update_is_refused_before_it_is_applied(dist_single):
+    from megatron_dsv3.rl.trainer import NonFiniteUpdate
+
+    trainer = _trainer(dist_single, CONFIG, reward=distinct_characters)
+    rollouts, _ = trainer.collect(step=0)
+    rollouts.advantages_B[0] = float("nan")  # e.g. a reward model returning garbage
+    before = {k: v.detach().clone() for k, v in trainer.policy.named_parameters()}
+    with pytest.raises(NonFiniteUpdate, match="not applied"):
+        trainer.optimize(rollouts)
+    for name, value in trainer.policy.named_parameters():
+        assert_equal(value.detach(), before[name], name)
+    assert not trainer.optimizer.state  # AdamW never stepped
+
+
 def _optimize_rank(rank, world, rollouts, cfg):
     """Rank `rank` of `world` DP ranks optimizes its contiguous share of the rollouts."""
     from megatron_dsv3.parallel import init_distributed

@@ -88,6 +88,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     from ..data import DataError
     from ..parallel import shutdown_distributed
     from .job import run, setup
+    from .trainer import NonFiniteUpdate
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -98,7 +99,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                              "continue it, or a new --out-dir")
         return run(setup(args))
     except (TrainError, ConversionError, ConfigError, DataError, FileNotFoundError,
-            ValueError) as err:
+            ValueError, NonFiniteUpdate) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
     finally:

@@ -85,6 +85,10 @@ class GRPOConfig:
         return self.prompts_per_step // dp_size
 
 
+class NonFiniteUpdate(RuntimeError):
+    """A GRPO update whose gradient norm is NaN or Inf: refused before AdamW applies it."""
+
+
 def rollout_seed(seed: int, step: int, dp_rank: int) -> int:
     """The rollout generator's seed: a pure function of (seed, step, DP rank), the same on the
     TP ranks of a replica and on a resumed run."""
@@ -240,6 +244,12 @@ class GRPOTrainer:
             trained = [p for p in params if p.grad is not None]
             reduce_gradients(trained, self.pg)
             grad_norm = clip_gradients(trained, cfg.clip_grad, self.pg, optimizer=self.optimizer)
+            if not bool(torch.isfinite(grad_norm)):  # the global norm: every rank alike
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteUpdate(
+                    f"the GRPO update's gradient norm is {float(grad_norm)} (a NaN or Inf in "
+                    "the log-probs, rewards or weights): the update was not applied; resume "
+                    "from the last checkpoint, e.g. with a lower --lr or --clip-grad")
             self.optimizer.step()
         sums = self._dp_sum(sums)
         return {"tokens": sums[0].item(), "kl_sum": sums[1].item(),

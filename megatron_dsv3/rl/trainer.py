@@ -281,7 +281,11 @@ class GRPOTrainer:
             tokens_per_s=new_tokens / elapsed, step_s=elapsed)
 
     def _dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over the DP group of a small host tensor, on the host (it travels through
+        the parameters' device: NCCL reduces only GPU tensors)."""
         if self.pg.dp.size() > 1:
-            tensor = tensor.clone()
+            device = next(self.policy.parameters()).device
+            tensor = tensor.to(device, copy=True)
             dist.all_reduce(tensor, group=self.pg.dp)
+            tensor = tensor.cpu()
         return tensor

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers.dist_save import results_queue_by_fork
 from helpers.gloo import run_gloo
 from megatron_dsv3.checkpoint.digest import (MANIFEST, verify_folder_manifest,
                                              write_folder_manifest)
@@ -78,6 +79,7 @@ def _save_corrupt_and_load(rank: int, world_size: int, root: str):
     torch.cuda.synchronize = lambda *args, **kwargs: None  # Megatron's torch_dist writer
     torch.cuda.current_device = lambda: "cpu"  # assumes CUDA (this process only)
     pg = init_distributed(tensor_parallel_size=2, backend="gloo")
+    results_queue_by_fork()
     cfg = small_config()
     torch.manual_seed(0)
     model = build_model(cfg, pg_collection=pg, megatron_config=to_megatron_config(

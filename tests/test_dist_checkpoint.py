@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers.dist_save import results_queue_by_fork
 from helpers.gloo import run_gloo
 from helpers.small_model import small_config
 
@@ -46,6 +47,7 @@ def _save_and_load(rank: int, world_size: int, folder: str, save_layout, load_la
         torch.cuda.current_device = lambda: "cpu"
     pg = init_distributed(tensor_parallel_size=save_layout[0], expert_parallel_size=save_layout[1],
                           backend="gloo")
+    results_queue_by_fork()
     saved = _model(pg, seed=1)
     with torch.no_grad():  # biases that differ per layer and expert
         for i, (name, module) in enumerate(saved.named_modules()):

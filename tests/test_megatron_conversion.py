@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from helpers.gloo import run_gloo
+from helpers.dist_save import results_queue_by_fork
 from helpers.small_model import small_config
 from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
 from megatron_dsv3.checkpoint.convert import main as convert
@@ -108,7 +109,7 @@ def _load_run_save(rank: int, world_size: int, load_dir: str, save_dir: str, lay
         # after its copies and agrees on failures through a tensor on the current CUDA device
         torch.cuda.synchronize = lambda *args, **kwargs: None  # (this process only)
         torch.cuda.current_device = lambda: "cpu"
-    _results_queue_by_fork()
+    results_queue_by_fork()
     tp, ep, pp = layout
     pg = init_distributed(tp, ep, pipeline_parallel_size=pp, backend="gloo")
     stage, stages = pg.pp.rank(), pg.pp.size()
@@ -146,21 +147,6 @@ def _load_run_save(rank: int, world_size: int, load_dir: str, save_dir: str, lay
     if rank == 0:
         (Path(save_dir) / "latest_checkpointed_iteration.txt").write_text(str(SAVED_ITERATION))
     return result
-
-
-def _results_queue_by_fork() -> None:
-    """Megatron's torch_dist writer collects its results through a multiprocessing Manager it
-    starts with the 'spawn' method at a process's first save: a fresh interpreter that imports
-    the parent's main module, ~5 s of CPU per rank here (10 s of the 4-rank test's 15). The
-    queue is made here by a forked Manager instead (the same queue type, 50 ms); the save is
-    otherwise Megatron's own. Megatron keeps the queue in a module global, which a release
-    without it leaves to its own spawn."""
-    import multiprocessing
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if getattr(filesystem_async, "_results_queue", "absent") is None:
-        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
 
 
 def _reference(hf_dir: Path, pg, tokens, labels) -> dict:
@@ -291,7 +277,7 @@ def test_megatrons_loader_starts_from_the_converted_checkpoint_with_the_in_memor
         monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
         monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state())
-    _results_queue_by_fork()
+    results_queue_by_fork()
     cfg = small_config()
     flags = [*megatron_flags(cfg), "--seq-length", str(SEQ), "--micro-batch-size", str(BATCH),
              "--global-batch-size", str(BATCH), "--train-iters", "1",
@@ -417,7 +403,7 @@ def save_here(dist_single, monkeypatch):
     if not torch.cuda.is_available():  # Megatron's torch_dist writer assumes CUDA
         monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
-    _results_queue_by_fork()
+    results_queue_by_fork()
 
     def save(state_dict: dict, root: Path) -> Path:
         (root / "iter_0000001").mkdir(parents=True)

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers.dist_save import results_queue_by_fork
 from helpers.small_model import small_config
 from helpers.tolerance import FP32_REORDER, assert_close
 from megatron_dsv3.config import ConfigError
@@ -346,6 +347,7 @@ def test_a_resume_with_another_model_is_refused_naming_the_flags(dist_single, tm
     if not torch.cuda.is_available():  # Megatron's torch_dist writer assumes CUDA here
         monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    results_queue_by_fork()
     saved = argparse.Namespace(num_layers=3, hidden_size=128, num_experts=8, mtp_num_layers=1,
                                moe_layer_freq=[0, 1, 1], data_path=["a"])
     folder = tmp_path / "ckpt" / "iter_0000020"

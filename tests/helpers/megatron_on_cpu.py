@@ -18,6 +18,7 @@ import textwrap
 import torch
 from torch.overrides import TorchFunctionMode
 
+from helpers.dist_save import results_queue_by_fork
 from helpers.gloo import run_gloo
 
 
@@ -52,6 +53,7 @@ def _rank(rank: int, world_size: int, body: str) -> str:
     from megatron_dsv3.parallel import init_distributed
 
     init_distributed(backend="gloo")
+    results_queue_by_fork()  # Megatron's torch_dist writer, without its 5 s spawn
     scope = {"torch": torch, "DDP": DDP, "DistributedDataParallelConfig":
              DistributedDataParallelConfig, "TransformerConfig": TransformerConfig,
              "MegatronModule": MegatronModule}

@@ -101,12 +101,15 @@ LAYOUTS = {
         2, PIPELINE + ("dualpipe",), "plain", exact=("tokens_seen", "moe/"),
         close=((1, "lm_loss"), (1, "mtp_loss"), (1, "mtp_ce"), (1, "loss"), (1, "balance_loss"),
                (1, "grad_norm"), (2, "loss"), (2, "val_loss")),
-        why=WHY_PP + "; the two directions' losses summed apart", mirrors=((0, 1),)),
+        why=WHY_PP + "; the two directions' losses summed apart", mirrors=((0, 1),),
+        extended=True),  # DualPipe's order: test_dualpipe; the job's pipeline: pp2-dualpipev
     # bf16 parameters with fp32 masters (--params-dtype auto's choice on cuda), with the
     # experts' weight gradients once per step; on the CPU without autocast the whole forward
     # runs in bf16
+    # (extended: the masters in the checkpoint are test_bf16_parameters_..._fp32_masters's, the
+    # bit-for-bit resume plain's and pp2-ep2's)
     "bf16": Layout(1, ("--params-dtype", "bfloat16", "--expert-wgrad", "step", "--steps", "3",
-                       "--save-interval", "2"), resume_at=2),
+                       "--save-interval", "2"), resume_at=2, extended=True),
     # the routed experts' weight gradients of a step in one GEMM per projection; the forward
     # and the step-1 losses are untouched
     "wgrad-step": Layout(1, ("--expert-wgrad", "step"), "plain",

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from helpers.gloo import run_gloo
+from helpers.pretrain_main import pretrain_main_recorded
 from helpers.dist_save import results_queue_by_fork
 from helpers.small_model import small_config
 from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
@@ -237,25 +238,7 @@ def test_tp2_ep2_pp2_round_trip_is_exact(hf_pp, tmp_path):
 def _pretrain_args(monkeypatch, flags: list[str]):
     """pretrain.main's arguments and model provider for `flags`, Megatron's pretrain() replaced
     by a recorder; what main installs in Megatron is restored after the test."""
-    import sys
-
-    import megatron.training
-    from megatron.core import optimizer
-    from megatron.core.datasets import utils
-    from megatron.training import training
-
-    from megatron_dsv3 import pretrain
-
-    seen = {}
-    monkeypatch.setattr(megatron.training, "pretrain", lambda cfg, *a, model_provider, **k:
-                        seen.update(cfg=cfg, provider=model_provider))
-    for module, name in ((training, "save_checkpoint"), (training, "load_checkpoint"),
-                         (training, "evaluate"), (optimizer, "Adam"),
-                         (optimizer, "USING_PYTORCH_OPTIMIZER"), (utils, "compile_helpers")):
-        monkeypatch.setattr(module, name, getattr(module, name))
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-    pretrain.main(flags)
-    return seen
+    return pretrain_main_recorded(monkeypatch, flags)
 
 
 def test_megatrons_loader_starts_from_the_converted_checkpoint_with_the_in_memory_loss(

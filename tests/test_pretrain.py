@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from helpers.dist_save import results_queue_by_fork
+from helpers.pretrain_main import pretrain_main_recorded
 from helpers.small_model import small_config
 from helpers.tolerance import FP32_REORDER, assert_close
 from megatron_dsv3.config import ConfigError
@@ -458,28 +459,11 @@ def _main_with(monkeypatch, flags):
     """pretrain.main on the tiny preset (+ `flags`) with Megatron's pretrain() replaced by a
     recorder of what main hands it; everything main installs in Megatron is restored after the
     test."""
-    import sys
-
-    import megatron.training
-    from megatron.core import optimizer
-    from megatron.core.datasets import utils
-    from megatron.training import training
-
-    from megatron_dsv3 import pretrain
-
-    seen = {}
-    monkeypatch.setattr(megatron.training, "pretrain", lambda cfg, *a, model_provider, **k:
-                        seen.update(cfg=cfg, provider=model_provider))
-    for module, name in ((training, "save_checkpoint"), (training, "load_checkpoint"),
-                         (training, "evaluate"), (optimizer, "Adam"),
-                         (optimizer, "USING_PYTORCH_OPTIMIZER"), (utils, "compile_helpers")):
-        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-    pretrain.main(["--preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2",
-                   "--global-batch-size", "2", "--train-iters", "1", "--tokenizer-type",
-                   "NullTokenizer", "--vocab-size", "255", "--transformer-impl", "local",
-                   "--use-cpu-initialization", *flags])
-    return seen
+    return pretrain_main_recorded(monkeypatch, [
+        "--preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2",
+        "--global-batch-size", "2", "--train-iters", "1", "--tokenizer-type", "NullTokenizer",
+        "--vocab-size", "255", "--transformer-impl", "local", "--use-cpu-initialization",
+        *flags])
 
 
 def test_fp8_in_megatrons_loop_builds_the_fp8_model_or_names_the_width(dist_single,

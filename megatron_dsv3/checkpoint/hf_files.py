@@ -602,6 +602,30 @@ class _Assembler:
                                   "while they were read?")
 
 
+def read_plan(hf_dir: Path, dtype: Optional[torch.dtype], mtp_layers: Optional[int],
+              option: str = "mtp_layers"):
+    """What reading a folder takes, from its config.json and shard headers alone (no tensor
+    read): (our ModelConfig, the plan of every tensor, the FP8 block size, the dtype FP8
+    weights dequantize to, {shard: its keys}). mtp_layers: as load_hf_checkpoint's, refused
+    outside 0..num_nextn_predict_layers naming `option` (the caller's name for it)."""
+    hf_config = read_hf_config(hf_dir)
+    cfg = model_config_from_hf_config(hf_config, name=f"hf:{hf_dir.resolve().name}")
+    drop_from = None
+    if mtp_layers is not None:
+        if not 0 <= mtp_layers <= cfg.mtp.num_layers:
+            raise ConversionError(f"{option}={mtp_layers}: {hf_dir / CONFIG_FILE} has "
+                                  f"num_nextn_predict_layers={cfg.mtp.num_layers}; pass 0.."
+                                  f"{cfg.mtp.num_layers}")
+        cfg = cfg.replace(mtp__num_layers=mtp_layers)
+        drop_from = cfg.num_layers + mtp_layers
+    stored = hf_config.get("dtype", hf_config.get("torch_dtype"))
+    fp8_dtype = DTYPES.get(stored, torch.bfloat16)
+    block = _fp8_block(hf_config)
+    shard_keys, headers = _shards(hf_dir)
+    plan = _plan(cfg, headers, dtype, fp8_dtype, block, str(hf_dir), drop_from)
+    return cfg, plan, block, fp8_dtype, shard_keys
+
+
 def load_hf_checkpoint(hf_dir: PathLike, *, dtype: Optional[torch.dtype] = None,
                        mtp_layers: Optional[int] = None, progress: bool = True
                        ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -615,21 +639,7 @@ def load_hf_checkpoint(hf_dir: PathLike, *, dtype: Optional[torch.dtype] = None,
     with `hf.load_dsv3_state_dict(build_model(cfg), sd)`.
     """
     hf_dir = Path(hf_dir)
-    hf_config = read_hf_config(hf_dir)
-    cfg = model_config_from_hf_config(hf_config, name=f"hf:{hf_dir.resolve().name}")
-    drop_from = None
-    if mtp_layers is not None:
-        if not 0 <= mtp_layers <= cfg.mtp.num_layers:
-            raise ConversionError(f"mtp_layers={mtp_layers}: {hf_dir / CONFIG_FILE} has "
-                                  f"num_nextn_predict_layers={cfg.mtp.num_layers}; pass 0.."
-                                  f"{cfg.mtp.num_layers}")
-        cfg = cfg.replace(mtp__num_layers=mtp_layers)
-        drop_from = cfg.num_layers + mtp_layers
-    stored = hf_config.get("dtype", hf_config.get("torch_dtype"))
-    fp8_dtype = DTYPES.get(stored, torch.bfloat16)
-    block = _fp8_block(hf_config)
-    shard_keys, headers = _shards(hf_dir)
-    plan = _plan(cfg, headers, dtype, fp8_dtype, block, str(hf_dir), drop_from)
+    cfg, plan, block, fp8_dtype, shard_keys = read_plan(hf_dir, dtype, mtp_layers)
     assembler = _Assembler(plan, block, fp8_dtype, dtype)
 
     from safetensors import safe_open

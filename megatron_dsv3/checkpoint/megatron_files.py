@@ -83,15 +83,10 @@ from ..config import DTYPES, ConfigError, ModelConfig
 from ..config import preset as preset_config
 from .hf import ConversionError, _rules
 from .hf_files import (
-    CONFIG_FILE as HF_CONFIG_FILE,
     SCALE_SUFFIX,
-    _fp8_block,
-    _plan,
-    _shards,
     dequantize_fp8_blocks,
+    read_plan,
     model_config_from_dict,
-    model_config_from_hf_config,
-    read_hf_config,
     save_hf_checkpoint,
 )
 
@@ -486,21 +481,8 @@ def hf_to_megatron(hf_dir: PathLike, out: PathLike, *, dtype: Optional[torch.dty
     from .digest import write_folder_manifest
 
     hf_dir, out = Path(hf_dir), Path(out)
-    hf_config = read_hf_config(hf_dir)
-    cfg = model_config_from_hf_config(hf_config, name=f"hf:{hf_dir.resolve().name}")
-    drop_from = None
-    if mtp_layers is not None:
-        if not 0 <= mtp_layers <= cfg.mtp.num_layers:
-            raise ConversionError(f"--mtp-layers {mtp_layers}: {hf_dir / HF_CONFIG_FILE} has "
-                                  f"num_nextn_predict_layers={cfg.mtp.num_layers}; pass 0.."
-                                  f"{cfg.mtp.num_layers}")
-        cfg = cfg.replace(mtp__num_layers=mtp_layers)
-        drop_from = cfg.num_layers + mtp_layers
-    stored = hf_config.get("dtype", hf_config.get("torch_dtype"))
-    fp8_dtype = DTYPES.get(stored, torch.bfloat16)
-    block = _fp8_block(hf_config)
-    shard_keys, headers = _shards(hf_dir)
-    plan = _plan(cfg, headers, dtype, fp8_dtype, block, str(hf_dir), drop_from)
+    cfg, plan, block, fp8_dtype, shard_keys = read_plan(hf_dir, dtype, mtp_layers,
+                                                        "--mtp-layers")
     if dtype is not None:
         cfg = cfg.replace(params_dtype=next(k for k, v in DTYPES.items() if v == dtype))
     shard_of = {key: shard for shard, keys in shard_keys.items() for key in keys}

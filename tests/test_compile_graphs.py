@@ -47,7 +47,10 @@ def _module_of(model, kind):
     return next(m for m in model.modules() if isinstance(m, kinds[kind]))
 
 
-@pytest.mark.parametrize("kind", ["attention", "moe", "moe-sums-in-gemm", "moe-merged", "dense",
+# "moe" and "dense" alone are inside "moe-layer" and "dense-layer" (extended)
+@pytest.mark.parametrize("kind", ["attention", pytest.param("moe", marks=pytest.mark.extended),
+                                  "moe-sums-in-gemm", "moe-merged",
+                                  pytest.param("dense", marks=pytest.mark.extended),
                                   "dense-layer", "moe-layer"])
 def test_each_compiled_module_is_one_graph(tiny_bf16, kind, monkeypatch):
     from megatron_dsv3.moe import experts

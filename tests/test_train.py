@@ -87,8 +87,11 @@ class Layout:
 LAYOUTS = {
     "plain": Layout(1, ("--steps", str(PLAIN_STEPS), "--save-interval", str(PLAIN_SAVE_AT)),
                     resume_at=PLAIN_SAVE_AT, wandb=True),
+    # (extended: TP=2's numerics are test_tensor_parallel's, the job at TP=2
+    # test_train_init_from's)
     "tp2": Layout(2, ("--tensor-parallel-size", "2"), "plain",
-                  close=((1, "loss"), (1, "grad_norm"), (2, "loss")), why=WHY_TP),
+                  close=((1, "loss"), (1, "grad_norm"), (2, "loss")), why=WHY_TP,
+                  extended=True),
     "pp2-dualpipev": Layout(
         2, PIPELINE + ("dualpipev",), "plain",
         exact=("lm_loss", "mtp_loss", "mtp_ce", "tokens_seen", "moe/"),
@@ -116,7 +119,8 @@ LAYOUTS = {
                          exact=("loss", "lm_loss", "mtp_loss", "mtp_ce", "balance_loss", "moe/"),
                          close=((1, "grad_norm"), (2, "loss"), (2, "val_loss")),
                          why="an expert's weight gradient summed over all the step's rows at "
-                             "once instead of per micro-batch"),
+                             "once instead of per micro-batch",
+                         extended=True),  # the merged GEMM's sums: test_expert_wgrad
     "dp2": Layout(2, dp_groups=((0, 1),)),
     "ep2": Layout(2, ("--expert-parallel-size", "2"), "dp2",
                   close=((1, "loss"), (1, "grad_norm"), (2, "loss"), (2, "grad_norm")),

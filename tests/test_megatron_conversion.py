@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.dist_save import results_queue_by_fork
 from helpers.gloo import run_gloo
 from helpers.pretrain_main import pretrain_main_recorded
-from helpers.dist_save import results_queue_by_fork
 from helpers.small_model import small_config
 from helpers.tolerance import FP32_REORDER, assert_close, assert_equal
 from megatron_dsv3.checkpoint.convert import main as convert

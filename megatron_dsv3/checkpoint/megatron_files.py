@@ -75,7 +75,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Union
+from typing import Callable, Iterator, Mapping, Optional, Union
 
 import torch
 
@@ -453,21 +453,25 @@ def _extra_state_keys(cfg: ModelConfig) -> list[str]:
             if rule.ours.endswith(".weight") and not skip.search(rule.ours)]
 
 
-def _new_output(out: Path) -> Path:
-    """`<out>.partial`, emptied, after refusing an `out` that holds something."""
+@contextlib.contextmanager
+def _output_folder(out: Path) -> Iterator[Path]:
+    """`<out>.partial` (emptied) to write into, renamed to `out` when the block succeeds and
+    removed when it fails, after refusing an `out` that holds something: nothing half written
+    is left under either name."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConversionError(f"--out {out} already exists and is not empty: write to a new "
                               "folder, or remove this one first")
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)  # what an earlier, interrupted conversion left
-    return partial
-
-
-def _publish(partial: Path, out: Path) -> None:
-    if out.exists():
-        out.rmdir()  # empty (checked by _new_output)
-    os.replace(partial, out)
+    try:
+        yield partial
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def hf_to_megatron(hf_dir: PathLike, out: PathLike, *, dtype: Optional[torch.dtype] = None,
@@ -502,16 +506,12 @@ def hf_to_megatron(hf_dir: PathLike, out: PathLike, *, dtype: Optional[torch.dty
               "iteration": 0, MODEL_CONFIG_KEY: dataclasses.asdict(cfg),
               "dsv3_source": f"{hf_dir.resolve()} (megatron_dsv3 hf-to-megatron, "
                              f"megatron-core {INSTALLED_VERSION})"}
-    partial = _new_output(out)
     try:
-        write_torch_dist(partial / RELEASE, [counted(c) for c in chunks], common,
-                         _extra_state_keys(cfg))
-        write_folder_manifest(partial / RELEASE)
-        (partial / TRACKER_FILE).write_text(RELEASE)
-        _publish(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        with _output_folder(out) as partial:
+            write_torch_dist(partial / RELEASE, [counted(c) for c in chunks], common,
+                             _extra_state_keys(cfg))
+            write_folder_manifest(partial / RELEASE)
+            (partial / TRACKER_FILE).write_text(RELEASE)
     finally:
         reader.close()
         bar.close()
@@ -660,14 +660,9 @@ def megatron_to_hf(load: PathLike, out: PathLike, *, iteration: Optional[int] = 
     _check_layout(tensors, cfg, str(folder), source)
     lazy = {rule.ours: _LazyTensor(checkpoint, rule.ours, tensors[rule.ours].size,
                                    tensors[rule.ours].properties.dtype) for rule in _rules(cfg)}
-    partial = _new_output(out)
-    try:
+    with _output_folder(out) as partial:
         index = save_hf_checkpoint(lazy, cfg, partial, max_shard_size=max_shard_size,
                                    dtype=dtype, progress=progress)
-        _publish(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return {"index": index, "config_source": source, "folder": str(folder)}
 
 

@@ -78,6 +78,30 @@ def dsv3_to_hf(checkpoint: Path, out: Path, *, max_shard_size: str = "5GB", dtyp
                               max_shard_size=max_shard_size, dtype=dtype, progress=progress)
 
 
+def _reading_hf(command, out_help: str) -> None:
+    """The options of a command that reads a Hugging Face folder."""
+    command.add_argument("--hf-dir", type=Path, required=True,
+                         help="folder with config.json and safetensors shards (BF16, FP32, or "
+                              "DeepSeek's FP8 release with *_scale_inv)")
+    command.add_argument("--out", type=Path, required=True, help=out_help)
+    command.add_argument("--dtype", default="auto", choices=sorted(_DTYPES),
+                         help="auto: each tensor as stored, FP8 weights dequantized to "
+                              "config.json's dtype (bf16 for DeepSeek's release)")
+    command.add_argument("--mtp-layers", type=int, default=None,
+                         help="convert only the first N MTP layers (0 for a folder written by "
+                              "transformers' save_pretrained, which saves none); default: "
+                              "config.json's num_nextn_predict_layers")
+
+
+def _writing_hf(command, dtype_help: str) -> None:
+    """The options of a command that writes a Hugging Face folder."""
+    command.add_argument("--out", type=Path, required=True, help="new folder to write")
+    command.add_argument("--max-shard-size", default="5GB",
+                         help="largest shard, e.g. 5GB (10^9 bytes, as Hugging Face counts) "
+                              "or 4GiB")
+    command.add_argument("--dtype", default="auto", choices=sorted(_DTYPES), help=dtype_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_dsv3.checkpoint.convert",
@@ -85,52 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "Megatron distributed checkpoints.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    to_ours = commands.add_parser(
-        "hf-to-dsv3", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="a Hugging Face folder -> one torch file of our state dict and ModelConfig")
-    to_ours.add_argument("--hf-dir", type=Path, required=True,
-                         help="folder with config.json and safetensors shards (BF16, FP32, or "
-                              "DeepSeek's FP8 release with *_scale_inv)")
-    to_ours.add_argument("--out", type=Path, required=True, help="torch file to write")
-    to_ours.add_argument("--dtype", default="auto", choices=sorted(_DTYPES),
-                         help="auto: each tensor as stored, FP8 weights dequantized to "
-                              "config.json's dtype (bf16 for DeepSeek's release)")
-    to_ours.add_argument("--mtp-layers", type=int, default=None,
-                         help="convert only the first N MTP layers (0 for a folder written by "
-                              "transformers' save_pretrained, which saves none); default: "
-                              "config.json's num_nextn_predict_layers")
-    to_ours.add_argument("--no-progress", action="store_true", help="no progress bar")
-    to_hf = commands.add_parser(
-        "dsv3-to-hf", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="our weights -> a Hugging Face folder (config.json, shards, index)")
+
+    def command(name: str, summary: str):
+        return commands.add_parser(name, help=summary,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    _reading_hf(command("hf-to-dsv3", "a Hugging Face folder -> one torch file of our state "
+                                      "dict and ModelConfig"), "torch file to write")
+    to_hf = command("dsv3-to-hf", "our weights -> a Hugging Face folder (config.json, shards, "
+                                  "index)")
     to_hf.add_argument("--checkpoint", type=Path, required=True,
                        help="a file of hf-to-dsv3, or a training-job step folder / rank file "
                             "(run without TP, EP or PP)")
-    to_hf.add_argument("--out", type=Path, required=True, help="new folder to write")
-    to_hf.add_argument("--max-shard-size", default="5GB",
-                       help="largest shard, e.g. 5GB (10^9 bytes, as Hugging Face counts) "
-                            "or 4GiB")
-    to_hf.add_argument("--dtype", default="auto", choices=sorted(_DTYPES),
-                       help="auto: as the checkpoint holds them (the job's: fp32)")
-    to_hf.add_argument("--no-progress", action="store_true", help="no progress bar")
-    to_megatron = commands.add_parser(
-        "hf-to-megatron", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="a Hugging Face folder -> a Megatron torch_dist checkpoint (release) for --load")
-    to_megatron.add_argument("--hf-dir", type=Path, required=True,
-                             help="folder with config.json and safetensors shards (BF16, FP32, "
-                                  "or DeepSeek's FP8 release with *_scale_inv)")
-    to_megatron.add_argument("--out", type=Path, required=True,
-                             help="new folder: Megatron's --load folder (tracker + release/)")
-    to_megatron.add_argument("--dtype", default="auto", choices=sorted(_DTYPES),
-                             help="auto: each tensor as stored, FP8 weights dequantized to "
-                                  "config.json's dtype")
-    to_megatron.add_argument("--mtp-layers", type=int, default=None,
-                             help="convert only the first N MTP layers; default: config.json's "
-                                  "num_nextn_predict_layers")
-    to_megatron.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from_megatron = commands.add_parser(
-        "megatron-to-hf", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="a Megatron torch_dist checkpoint (any TP/EP/PP) -> a Hugging Face folder")
+    _writing_hf(to_hf, "auto: as the checkpoint holds them (the job's: fp32)")
+    _reading_hf(command("hf-to-megatron", "a Hugging Face folder -> a Megatron torch_dist "
+                                          "checkpoint (release) for --load"),
+                "new folder: Megatron's --load folder (tracker + release/)")
+    from_megatron = command("megatron-to-hf", "a Megatron torch_dist checkpoint (any TP/EP/PP) "
+                                              "-> a Hugging Face folder")
     from_megatron.add_argument("--load", type=Path, required=True,
                                help="the folder Megatron's loop saved into (--save), or one of "
                                     "its iter_NNNNNNN folders")
@@ -139,12 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     from_megatron.add_argument("--preset", default=None,
                                help="the model config to convert with (checked against the "
                                     "checkpoint's saved arguments); default: those arguments")
-    from_megatron.add_argument("--out", type=Path, required=True, help="new folder to write")
-    from_megatron.add_argument("--max-shard-size", default="5GB",
-                               help="largest shard, e.g. 5GB or 4GiB")
-    from_megatron.add_argument("--dtype", default="auto", choices=sorted(_DTYPES),
-                               help="auto: as the checkpoint holds them (--bf16 runs: bf16)")
-    from_megatron.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _writing_hf(from_megatron, "auto: as the checkpoint holds them (--bf16 runs: bf16)")
+    for sub in commands.choices.values():
+        sub.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 

@@ -118,9 +118,11 @@ def fp8_transposed_blocks(data: torch.Tensor, scales: torch.Tensor
 
 
 @fp8_transposed_blocks.register_fake
-def _(data: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return data.new_empty(data.shape[1], data.shape[0]), scales.new_empty(scales.shape[1],
-                                                                           scales.shape[0])
+def _transposed_fake(data: torch.Tensor, scales: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both transpositions' outputs (one W or a stack of experts' W): data and scales with
+    their last two dimensions swapped, contiguous."""
+    return tuple(t.new_empty(*t.shape[:-2], t.shape[-1], t.shape[-2]) for t in (data, scales))
 
 
 def grouped_weight(w_ENK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,11 +203,7 @@ def fp8_grouped_transposed(data: torch.Tensor, scales: torch.Tensor
     return _unaliased(grouped_transposed(data, scales), data, scales)
 
 
-@fp8_grouped_transposed.register_fake
-def _(data: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    experts, n, k = data.shape
-    return (data.new_empty(experts, k, n),
-            scales.new_empty(experts, scales.shape[2], scales.shape[1]))
+fp8_grouped_transposed.register_fake(_transposed_fake)
 
 
 @torch.library.custom_op("megatron_dsv3::fp8_quantize_segments", mutates_args=())

@@ -317,11 +317,10 @@ class RoutedExperts(torch.nn.Module):
         store = None if merged else self.weight_grad_store
         into_main_grad = self.grads_into_main_grad and grad and not merged and store is None
         if self.fp8 and (store is not None or merged):  # Python state: outside torch.compile
-            return self._in_fp8(x_ND, tokens_per_expert_E, impl, store, merged, into_main_grad)
-        if self.fp8:  # traced under torch.compile (fp8/ops.py's custom operators)
-            return self._through_experts_linear(x_ND, tokens_per_expert_E, impl, store, merged,
-                                                into_main_grad)
-        if merged or store is not None or into_main_grad:
+            return self._fp8_eager(x_ND, tokens_per_expert_E, impl, store, merged, into_main_grad)
+        # FP8 (traced under torch.compile: fp8/ops.py's custom operators) or the weight
+        # gradients going elsewhere than autograd
+        if self.fp8 or merged or store is not None or into_main_grad:
             return self._through_experts_linear(x_ND, tokens_per_expert_E, impl, store, merged,
                                                 into_main_grad)
         run = pick_experts_impl(impl or self.impl, x_ND.device)
@@ -334,9 +333,9 @@ class RoutedExperts(torch.nn.Module):
         return run(x_ND, fc1, fc2, tokens_per_expert_E)
 
     @torch.compiler.disable  # a schedule's store or the step's merger: Python state, eager
-    def _in_fp8(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
-                impl: Optional[str], store: Optional[WeightGradStore], merged: bool,
-                into_main_grad: bool) -> torch.Tensor:
+    def _fp8_eager(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+                   impl: Optional[str], store: Optional[WeightGradStore], merged: bool,
+                   into_main_grad: bool) -> torch.Tensor:
         return self._through_experts_linear(x_ND, tokens_per_expert_E, impl, store, merged,
                                             into_main_grad)
 

@@ -19,7 +19,9 @@ kernels by their function names, NCCL); tests/test_benchmark_scripts.py holds th
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from typing import Iterable
+
+from megatron_dsv3.pipeline.trace import interval_union
 
 # (category, pattern) in order: the first pattern found in the kernel name decides
 CATEGORIES: tuple[tuple[str, str], ...] = (
@@ -50,17 +52,6 @@ def category_of(name: str) -> str:
     return OTHER
 
 
-def _busy_us(intervals: Sequence[tuple[float, float]]) -> float:
-    """The length of the union of [start, end) intervals."""
-    busy, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end <= reach:
-            continue
-        busy += end - max(start, reach)
-        reach = end
-    return busy
-
-
 def breakdown(kernels: Iterable[tuple[str, float, float]], wall_s: float) -> dict:
     """Per category {"ms", "count", "share"} (share of the summed kernel time), "gpu_busy_ms"
     (the union of the intervals), "kernel_ms" (their sum: above busy when streams overlap),
@@ -76,7 +67,7 @@ def breakdown(kernels: Iterable[tuple[str, float, float]], wall_s: float) -> dic
     for entry in per.values():
         entry["share"] = round(entry["ms"] / total_ms, 4) if total_ms else 0.0
         entry["ms"] = round(entry["ms"], 3)
-    busy_ms = _busy_us([(s, e) for _, s, e in kernels]) / 1e3
+    busy_ms = interval_union((s, e) for _, s, e in kernels) / 1e3
     wall_ms = wall_s * 1e3
     ordered = dict(sorted(per.items(), key=lambda item: -item[1]["ms"]))
     return {"categories": ordered, "kernel_ms": round(total_ms, 3),

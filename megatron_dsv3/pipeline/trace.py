@@ -32,7 +32,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, Sequence
+from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -140,14 +140,19 @@ class Tracer:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
 
-def busy_time(events: Sequence[TraceEvent]) -> float:
-    """Length of the union of the events' [start, end] intervals."""
+def interval_union(intervals: Iterable[tuple[float, float]]) -> float:
+    """Length of the union of [start, end] intervals (overlaps counted once)."""
     total, covered_until = 0.0, float("-inf")
-    for start, end in sorted((e.start, e.end) for e in events):
+    for start, end in sorted(intervals):
         if end > covered_until:
             total += end - max(start, covered_until)
             covered_until = end
     return total
+
+
+def busy_time(events: Sequence[TraceEvent]) -> float:
+    """Length of the union of the events' [start, end] intervals."""
+    return interval_union((e.start, e.end) for e in events)
 
 
 def bubble_fraction(events: Sequence[TraceEvent], start: float, end: float) -> float:

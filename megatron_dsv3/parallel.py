@@ -5,6 +5,7 @@
   whole_model_groups(pg)      context: the groups to build the whole model with on a pipeline
                               rank (DualPipe / DualPipeV cut their stages from it)
   duplicate_group(group)      the same ranks on a new communicator (e.g. for MoE counts)
+  from_rank0(value)           rank 0's value on every rank (a picklable object; as is alone)
   shard_state_dict(full, model, tp_group, ep_group)
                               the slice of a full (TP=1, EP=1) state dict this rank's model holds
   load_full_state_dict(model, full, tp_group, ep_group)
@@ -171,6 +172,15 @@ def duplicate_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
         if ranks == mine:
             copy_of_mine = created
     return copy_of_mine
+
+
+def from_rank0(value):
+    """Rank 0's `value` on every rank of the default group (a run name's time stamp, a W&B id):
+    the value itself where torch.distributed is not initialised."""
+    box = [value]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shutdown_distributed() -> None:

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..parallel import from_rank0
 from ..train.args import TrainError
 from . import state
 from .objective import GRPOLossConfig
@@ -167,7 +168,7 @@ def run(job: Job) -> dict:
                                wandb_id=job.wandb_id)
         wandb_run = start_wandb(view, out_dir)
         job.wandb_id = view.wandb_id
-    job.wandb_id = _broadcast(job.wandb_id)
+    job.wandb_id = from_rank0(job.wandb_id)
     summary = {"out_dir": str(out_dir), "records": []}
     while job.step < args.steps:
         metrics = job.trainer.step(job.step)
@@ -196,9 +197,3 @@ def run(job: Job) -> dict:
         wandb_run.finish()
     return summary
 
-
-def _broadcast(value):
-    box = [value]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    return box[0]

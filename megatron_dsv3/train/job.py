@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from ..flops import training_flops_per_token
 from ..moe.balance import LOAD_WINDOW_STEPS
+from ..parallel import from_rank0
 from .args import TrainError, parse_args
 from .build import (build_initial_model, build_optimizer, compile_for_device,
                     expert_grad_merger, expert_wgrad_mode, load_data, params_dtype, pick_device,
@@ -48,11 +49,9 @@ def resolve_out_dir(args, cfg=None) -> Path:
         return args.out_dir
     if args.resume not in (None, "auto"):
         return run_folder_of(args.resume)
-    stamp = [time.strftime("%Y%m%d-%H%M%S")]
-    if dist.is_initialized():
-        dist.broadcast_object_list(stamp, src=0)
+    stamp = from_rank0(time.strftime("%Y%m%d-%H%M%S"))
     name = args.preset or (cfg.name if cfg is not None else "run")
-    return Path("runs") / f"{name}-{stamp[0]}"
+    return Path("runs") / f"{name}-{stamp}"
 
 
 def setup(args, cfg) -> tuple[Run, Optional[Path]]:

@@ -46,6 +46,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 
 from .config import ConfigError, resolved_linear_backend
 from .fp8.linear import fp8_linear
+from .fp8.weight_cache import static_blocks
 from .megatron_compat import GemmCall, OwnGemmHook, transformer_engine_available
 from .weight_grad import WeightGradStore, linear_deferred_wgrad
 
@@ -113,7 +114,8 @@ class ReplicatedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor):
         if self.fp8:
-            return fp8_linear(x, self.weight, store=self.weight_grad_store), None
+            return fp8_linear(x, self.weight, store=self.weight_grad_store,
+                              blocks=static_blocks(self, "fp8_blocks")), None
         if self.weight_grad_store is None:
             return F.linear(x, self.weight), None
         return linear_deferred_wgrad(x, self.weight, None, self.weight_grad_store), None
@@ -145,7 +147,10 @@ class _DeferrableWgrad(OwnGemmHook):
         if self.fp8:
             if call.dgrad_group is not None:  # the column-parallel dX all-reduce
                 input = copy_to_tensor_model_parallel_region(input, group=call.dgrad_group)
-            return fp8_linear(input, weight, call.bias, store=self.weight_grad_store)
+            # the step's static FP8 blocks of self.weight (model.mark_fp8_linears keeps them)
+            blocks = static_blocks(self, "fp8_blocks") if weight is self.weight else None
+            return fp8_linear(input, weight, call.bias, store=self.weight_grad_store,
+                              blocks=blocks)
         return linear_deferred_wgrad(input, weight, call.bias, self.weight_grad_store,
                                      dgrad_group=call.dgrad_group)
 

@@ -188,6 +188,9 @@ def mark_fp8_linears(model: torch.nn.Module, linears: bool = True,
     config.to_megatron_config): the routed experts and the dispatch only (ours either way)."""
     from .attention.mla import MultiLatentAttention
     from .config import ConfigError
+    from .fp8 import ops as fp8_ops
+    from .fp8.linear import weight_blocks
+    from .fp8.weight_cache import keep_static_blocks
     from .moe.dispatcher import AllToAllDispatcher
     from .moe.experts import RoutedExperts, SwiGLUMLP
 
@@ -202,6 +205,9 @@ def mark_fp8_linears(model: torch.nn.Module, linears: bool = True,
                 check_fp8_shard(weight[0], "RoutedExperts")
             module.fp8 = True
             module.fp8_wgrad = "routed_experts_wgrad" in parts
+            for name in ("fc1", "fc2"):  # as the linears' below
+                keep_static_blocks(module, name, f"{name}_blocks", fp8_ops.grouped_weight,
+                                   fp8_ops.grouped_transposed)
         if isinstance(module, MultiLatentAttention) and "attention" in parts:
             chosen += [getattr(module, name, None) for name in
                        ("linear_q_down", "linear_q_up", "linear_q", "linear_kv_up")]
@@ -215,6 +221,8 @@ def mark_fp8_linears(model: torch.nn.Module, linears: bool = True,
                               "local backend's linears have): use linear_backend='local'")
         check_fp8_shard(layer.weight, type(layer).__name__)
         layer.fp8 = True
+        # W's and W^T's FP8 blocks, refreshed once per training step (fp8/weight_cache.py)
+        keep_static_blocks(layer, "weight", "fp8_blocks", weight_blocks, fp8_ops.transposed)
     return len(chosen)
 
 

@@ -493,3 +493,58 @@ def test_fp8_routed_experts_trace_without_a_graph_break_and_compiled_equals_eage
         # the fake implementation's outputs against the body's (torch's schema check cannot
         # compare FP8 tensors on the CPU)
         torch.library.opcheck(op, args, test_utils="test_faketensor")
+
+
+def test_static_blocks_serve_compiled_layers_inside_a_step_and_are_refreshed_each_step(
+        dist_single, monkeypatch):
+    """The FP8 layers' static weight blocks (fp8/weight_cache.keep_static_blocks): inside a
+    training step's weights_fixed() the compiled layers (aot_eager) read them and quantize no
+    weight, and give the loss and gradients of the eager model quantizing per call bit for
+    bit; after the weights change, the next step's blocks are the new weights' (results equal
+    a fresh per-call run again); outside a step none is handed out."""
+    from megatron_dsv3.fp8 import ops
+    from megatron_dsv3.fp8.weight_cache import static_blocks, weights_fixed
+    from megatron_dsv3.model import compile_model
+    from megatron_dsv3.moe import experts
+    from megatron_dsv3.moe.experts import RoutedExperts
+    from megatron_dsv3.mtp import weighted_lm_loss
+
+    monkeypatch.setattr(experts, "resolve_experts_impl", lambda impl, device: "grouped_mm")
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")  # the suite turns dynamo off
+    model = _model(dist_single, fp8=True).to(torch.bfloat16)
+    moe = next(m for m in model.modules() if isinstance(m, RoutedExperts))
+    weight_quantizations = []
+    for table, key in ((ops._QUANTIZERS, "128x128"), (vars(ops), "quantize_128x128_grouped_fused")):
+        original = table[key]
+        monkeypatch.setitem(table, key, lambda w, _q=original: (weight_quantizations.append(
+            tuple(w.shape)), _q(w))[1])
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    ids = torch.randint(0, 256, (2, 33), generator=g)
+
+    def loss_and_grads(forward):
+        model.zero_grad(set_to_none=True)
+        loss = weighted_lm_loss(forward(ids[:, :-1], None, None, labels=ids[:, 1:]), 0.3)[0]
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    torch._dynamo.reset()
+    compile_model(model, "modules", backend="aot_eager")
+    try:
+        for step in range(2):
+            weight_quantizations.clear()
+            with torch.compiler.set_stance("force_eager"):  # eager outside a step: W
+                expected = loss_and_grads(model.forward)      # quantized per call
+            assert weight_quantizations and static_blocks(moe, "fc1_blocks") is None
+            with weights_fixed():
+                refreshed = len(weight_quantizations)
+                blocks = static_blocks(moe, "fc1_blocks")
+                assert blocks is not None and blocks[0].dtype == torch.float8_e4m3fn
+                got = loss_and_grads(model.forward)  # the compiled modules
+                assert len(weight_quantizations) == refreshed, "a weight quantized in the step"
+            for i, (e, c) in enumerate(zip(expected, got)):
+                assert torch.equal(e, c), (step, i)
+            with torch.no_grad():  # an optimizer step: the next step must see new weights
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 1e-2)
+    finally:
+        torch._dynamo.reset()

@@ -9,7 +9,8 @@ for the weight gradient, per 128x128 block of weights.
   linear.py     fp8_linear: y = x W^T with the forward, input- and weight-gradient GEMMs in
                 FP8, x and W kept in FP8 for backward; traced by torch.compile from
   ops.py        the quantizers and GEMMs as custom operators (no graph break)
-  weight_cache.py  a weight's blocks once per optimizer step (eager)
+  weight_cache.py  a weight's blocks once per optimizer step (eager cache; persistent
+                blocks refreshed per step for compiled layers and CUDA graphs)
   wire.py       rows packed with their scales for the FP8 dispatch all-to-all
   grouped_gemm.py  the routed experts' grouped GEMM: every expert's 128x128-block weights
                 (Fp8GroupedTensor) times its rows, the emulation; the kernel is

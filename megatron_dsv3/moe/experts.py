@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..fp8 import ops as fp8_ops  # the FP8 pieces: custom operators (traced), bodies (eager)
-from ..fp8.weight_cache import current_step, for_step, quantized_weight
+from ..fp8.weight_cache import Blocks, current_step, for_step, quantized_weight, static_blocks
 from ..kernels.grouped_wgrad import grouped_wgrad_add_, stash_segment_
 from ..layers import mark_tensor_parallel, normal_init, tp_size
 from ..sharded_checkpoint import sharded_state_dict_of
@@ -129,16 +129,21 @@ class _ExpertsLinear(torch.autograd.Function):
                 store: Optional[WeightGradStore], fp32_grad: Optional[torch.Tensor],
                 fp8: bool, fp8_wgrad: bool, cached: bool, stash_grad_y: Optional[torch.Tensor],
                 stash_x: Optional[torch.Tensor], stash_ends: Optional[torch.Tensor],
-                slot: Optional[torch.Tensor]) -> torch.Tensor:
+                slot: Optional[torch.Tensor], *blocks: Optional[torch.Tensor]) -> torch.Tensor:
         x_c, w_c = x_NI, w_EOI
         dtype = autocast_dtype(x_NI.device.type)  # as RoutedExperts casts for _grouped_mm
         if dtype is not None:
             x_c, w_c = x_NI.to(dtype), w_EOI.to(dtype)
         w_q = None
+        static = fp8 and blocks[0] is not None
         if fp8:  # forward and input gradient in FP8 (fp8/grouped_gemm.py); W kept in FP8,
-            # its blocks once per step where `cached` (eager: weight_cache.py), else here
-            w_q = (quantized_weight(w_EOI, fp8_ops.grouped_weight, dtype) if cached else
-                   fp8_ops.call("fp8_grouped_weight", w_c))
+            # its blocks: the step's static ones, else once per step where `cached` (eager:
+            # weight_cache.py), else here
+            if static:
+                w_q = blocks[:2]
+            else:
+                w_q = (quantized_weight(w_EOI, fp8_ops.grouped_weight, dtype) if cached else
+                       fp8_ops.call("fp8_grouped_weight", w_c))
             y_NO = fp8_ops.call("fp8_grouped_gemm", *fp8_ops.call("fp8_quantize", x_c, "1x128"),
                                 *w_q, _group_ends(groups), x_c.dtype)
         elif impl == "grouped_mm":
@@ -158,7 +163,9 @@ class _ExpertsLinear(torch.autograd.Function):
                     "buffers hold BF16 operands: use --expert-wgrad in-gemm or micro-batch, "
                     "or leave 'routed_experts_wgrad' out of --fp8-layers")
             x_saved = fp8_ops.call("fp8_quantize_segments", x_c, _group_ends(groups))
-        ctx.save_for_backward(*x_saved, *(w_q if fp8 else (w_c,)))
+        # W's FP8 blocks for the input gradient (W^T's where static), else W itself
+        ctx.save_for_backward(*x_saved, *(blocks[2:] if static else w_q if fp8 else (w_c,)))
+        ctx.static = static
         ctx.fp8_wgrad, ctx.x_dtype, ctx.rows = fp8_wgrad, x_c.dtype, x_c.shape[0]
         ctx.weight, ctx.impl, ctx.groups, ctx.store = w_EOI, impl, groups, store
         ctx.fp32_grad, ctx.fp8 = fp32_grad, fp8
@@ -178,8 +185,9 @@ class _ExpertsLinear(torch.autograd.Function):
         bounds = None if grouped else row_bounds(groups)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0] and ctx.fp8:  # dX_e = dY_e W_e, in FP8
-            w_T = for_step(ctx.step, ctx.weight, fp8_ops.grouped_transposed,  # once per step
-                           lambda: fp8_ops.call("fp8_grouped_transposed", *w_saved))
+            w_T = w_saved if ctx.static else for_step(  # once per step where cached
+                ctx.step, ctx.weight, fp8_ops.grouped_transposed,
+                lambda: fp8_ops.call("fp8_grouped_transposed", *w_saved))
             grad_x = fp8_ops.call("fp8_grouped_gemm", *fp8_ops.call(
                 "fp8_quantize", grad_y_NO.contiguous(), "1x128"), *w_T, _group_ends(groups),
                 ctx.x_dtype)
@@ -214,7 +222,7 @@ class _ExpertsLinear(torch.autograd.Function):
                 grouped_wgrad_add_(grad_y_NO, x_NI, groups, ctx.fp32_grad)
         elif ctx.needs_input_grad[1]:
             grad_w = weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad_EOI)
-        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None, None
+        return (grad_x, grad_w) + (None,) * 15
 
 
 Groups = Union[torch.Tensor, list[int]]
@@ -239,7 +247,7 @@ def expert_groups(tokens_per_expert_E: torch.Tensor, impl: str) -> Groups:
 def experts_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups: Groups,
                    store: Optional[WeightGradStore] = None, segments=None,
                    fp32_grad: Optional[torch.Tensor] = None, fp8: bool = False,
-                   fp8_wgrad: bool = False) -> torch.Tensor:
+                   fp8_wgrad: bool = False, blocks: Optional[Blocks] = None) -> torch.Tensor:
     """x_NI W_e^T on each expert e's rows, by `impl` ('loop' | 'grouped_mm'); the weight
     gradient's operands are copied into `segments` (expert_wgrad.Segments, at the merger's
     slot) when given, the
@@ -249,8 +257,9 @@ def experts_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups: G
     expert's W in 128x128 blocks, the grouped FP8 GEMM); `fp8_wgrad`: the weight gradient in
     FP8 too (x and dY in 128-token tiles of each expert's rows, x kept in FP8 for backward,
     kernels/fp8_grouped_wgrad.py), into `fp32_grad` or to `store` / autograd as above. FP8
-    pieces are fp8/ops.py's custom operators: traced by torch.compile (W quantized at each
-    call), eager with W's blocks once per step (weight_cache.py)."""
+    pieces are fp8/ops.py's custom operators, traced by torch.compile; W's blocks are `blocks`
+    where given (weight_cache.static_blocks: this step's W and W^T), else quantized once per
+    step eager (weight_cache.py), at each call traced."""
     stash = (None,) * 4
     if segments is not None:
         if x_NI.shape[0] > segments.x.shape[1]:
@@ -261,7 +270,8 @@ def experts_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups: G
         stash = (segments.grad_y, segments.x, segments.ends, segments.slot)
     cached = not torch.compiler.is_compiling()  # a compiled graph would not revisit the cache
     return _ExpertsLinear.apply(x_NI, w_EOI, impl, groups, store, fp32_grad, fp8,
-                                fp8 and fp8_wgrad, cached, *stash)
+                                fp8 and fp8_wgrad, cached, *stash,
+                                *((None,) * 4 if blocks is None else blocks))
 
 
 def mark_expert_parallel(param: torch.nn.Parameter) -> None:
@@ -358,9 +368,9 @@ class RoutedExperts(torch.nn.Module):
                     "(train/master_weights.MasterWeights does) or turn it off")
         seg1, seg2 = (self.fc1_segments, self.fc2_segments) if merged else (None, None)
         h_NF2 = experts_linear(x_ND, self.fc1, name, groups, store, seg1, sums[0], self.fp8,
-                               self.fp8_wgrad)
+                               self.fp8_wgrad, static_blocks(self, "fc1_blocks"))
         return experts_linear(swiglu(h_NF2), self.fc2, name, groups, store, seg2, sums[1],
-                              self.fp8, self.fp8_wgrad)
+                              self.fp8, self.fp8_wgrad, static_blocks(self, "fc2_blocks"))
 
 
 def sum_expert_grads_in_gemm(module: torch.nn.Module, on: bool = True) -> int:

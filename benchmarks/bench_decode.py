@@ -204,7 +204,8 @@ def run_ours_case(args, cfg, model, device, batch: int, context: int) -> list[di
 
 def run_speculative(args, cfg, model, device, context: int, absorbed_tok_s) -> dict:
     """generate_speculative on batch 1 (its own unchunked prefill), stamped after the prefill
-    by a wrapper on `choose_drafts`; tokens/s over the tokens after the first."""
+    by a wrapper on `choose_drafts` (which synchronises at its first call only); tokens/s
+    over the tokens after the first."""
     from megatron_dsv3.inference import speculative
 
     row = {"impl": "ours-speculative", "batch": 1, "context": context,
@@ -222,8 +223,10 @@ def run_speculative(args, cfg, model, device, context: int, absorbed_tok_s) -> d
     original = speculative.choose_drafts
 
     def stamped(logits_BV, positions_B):
-        drafts = original(logits_BV, positions_B)  # .cpu(): synchronised
-        stamps.append(time.perf_counter())
+        drafts = original(logits_BV, positions_B)
+        if not stamps:  # the prefill's draft: synchronised once (the rounds' own sync later)
+            sync(device)
+            stamps.append(time.perf_counter())
         return drafts
 
     prompt = prompts_for(cfg, 1, context, args.seed)[0]

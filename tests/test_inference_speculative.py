@@ -161,6 +161,52 @@ def test_accepted_drafts_are_kept_and_rejected_ones_rolled_back(model, prompts, 
     assert 0 < accepted < drafted
 
 
+def test_a_round_copies_to_the_host_once_and_the_last_runs_no_mtp_layer(
+        model, dist_single, prompts, monkeypatch):
+    """The round's decisions are taken where the model is: one copy to the host per round
+    (its tokens and acceptance together; on a GPU every other copy would be one more wait),
+    and the round in which every request has one token left runs no MTP layer. Counted on
+    the copying drafter (8 tokens: the prefill's 1, 3 rounds of 2, a last round of 1: 5
+    forwards), whose output is still greedy's."""
+    made = _mtp_made_to(model, dist_single, copy=True)
+    expected = generate(made, prompts, max_new_tokens=8)
+    copies, mtp_calls = [], []
+    real_cpu, real_mtp = torch.Tensor.cpu, speculative.mtp_logits
+
+    def counting_cpu(tensor, *args, **kwargs):
+        copies.append(tuple(tensor.shape))
+        return real_cpu(tensor, *args, **kwargs)
+
+    def counting_mtp(*args, **kwargs):
+        mtp_calls.append(1)
+        return real_mtp(*args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    monkeypatch.setattr(speculative, "mtp_logits", counting_mtp)
+    got, stats = generate_speculative(made, prompts, max_new_tokens=8)
+    monkeypatch.undo()
+    assert got == expected and stats.main_forwards == 5
+    rounds = stats.main_forwards - 1
+    # the argument check's of each prompt, then each round's one copy: g_0, g_1 and n for the
+    # 3 requests ([3, 3]); the prefill's first tokens travel by tolist (no Tensor.cpu call)
+    assert copies == [(len(p),) for p in prompts] + [(3, 3)] * rounds, copies
+    assert len(mtp_calls) == 1 + rounds - 1  # the prefill's, then every round but the last
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_device_copies_host_tensors_through_pinned_memory():
+    """forward.on_device: a host tensor (here an expanded, non-contiguous view, as positions
+    are) arrives intact on the GPU; a GPU tensor and a CPU target are left to `.to`."""
+    from megatron_dsv3.inference.forward import on_device
+
+    positions = torch.arange(5).expand(3, 5)
+    moved = on_device(positions, torch.device("cuda"))
+    assert moved.device.type == "cuda" and torch.equal(moved.cpu(), positions)
+    assert on_device(moved, torch.device("cuda")) is moved
+    assert on_device(positions, torch.device("cpu")) is positions
+
+
 def test_speculative_refuses_a_model_without_mtp(dist_single, prompts):
     plain = build_model(_cfg("qlora-yarn").replace(mtp__num_layers=0),
                         pg_collection=dist_single).eval()

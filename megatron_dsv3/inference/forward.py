@@ -44,6 +44,17 @@ def check_model(model: DeepSeekV3Model) -> None:
                              "MultiLatentAttention's weights (build with megatron_dsv3.specs)")
 
 
+def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor (positions, a mask: a few bytes a step) on `device` without waiting for
+    the GPU: a copy from pageable memory first waits for everything queued on the stream (one
+    host sync per copy, several per decode step otherwise), one from pinned memory is queued
+    behind it. On the CPU, or already there: `tensor.to(device)`."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type == "cuda":
+        return tensor.to(device)
+    return tensor.contiguous().pin_memory().to(device, non_blocking=True)
+
+
 def new_cache(model: DeepSeekV3Model, batch_size: int, capacity: int) -> LatentKVCache:
     """An empty latent cache for the model's decoder layers, in its parameters' dtype and
     device."""
@@ -60,7 +71,7 @@ def forward_hidden(model: DeepSeekV3Model, cache: LatentKVCache, tokens_BS: torc
     latents into `cache` at their positions and leaves cache.lengths_B to the caller."""
     length = int(positions_BS.max()) + 1
     cache.check_capacity(length - 1)
-    positions_BS = positions_BS.to(cache.latent_LBTC.device)
+    positions_BS = on_device(positions_BS, cache.latent_LBTC.device)
     h_SBD = model.embedding(input_ids=tokens_BS, position_ids=None)  # [s, b, d]
     for index, layer in enumerate(model.decoder.layers):
         h_SBD = layer_step(layer, h_SBD, cache, index, positions_BS, length, attention)

@@ -23,7 +23,7 @@ import torch
 
 from ..model import DeepSeekV3Model
 from .attention import ATTENTION_MODES
-from .forward import check_model, decode_step, new_cache, prefill
+from .forward import check_model, decode_step, new_cache, on_device, prefill
 
 
 def sample_next(logits_BV: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0,
@@ -129,13 +129,17 @@ def generate(model: DeepSeekV3Model, prompts: Sequence[Sequence[int] | torch.Ten
     new_tokens: list[list[int]] = [[] for _ in ids]
     done = torch.zeros(len(ids), dtype=torch.bool)
     for step in range(max_new_tokens):
-        next_B = sample_next(logits_BV, temperature=temperature, top_p=top_p,
-                             generator=generator).cpu()
+        # the tokens stay where the logits are for the next step; their host copy (the step's
+        # one sync) decides what is emitted and which requests are done
+        chosen_B = sample_next(logits_BV, temperature=temperature, top_p=top_p,
+                               generator=generator)
+        next_B = chosen_B.cpu()
         for row in (~done).nonzero().flatten().tolist():
             new_tokens[row].append(int(next_B[row]))
         done |= torch.isin(next_B, stop)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        next_B = next_B.masked_fill(done, pad_id)
-        logits_BV = decode_step(model, cache, next_B.to(logits_BV.device), attention)
+        if bool(done.any()):
+            chosen_B = chosen_B.masked_fill(on_device(done, chosen_B.device), pad_id)
+        logits_BV = decode_step(model, cache, chosen_B, attention)
     return new_tokens

@@ -32,6 +32,16 @@ h^0_j and t_{j+1}) holds 0..L-1 too, and d is the MTP's draft for position L + 1
 The prompt is prefilled the same way: the main model on the prompt, then the MTP layer on its
 hidden states with the prompt shifted left by one and the first generated token last.
 
+Cost of a round. At batch 1 a step of a 4.3B model is bound by the host's kernel launches
+(benchmarks/RESULTS.md: ~15 ms a greedy step on an H200, ~2 ms of it HBM reads), so what a
+round costs beyond a greedy step is the MTP layer's launches (one transformer layer, eh_proj,
+its norms and the output head) and every wait for the GPU. A round therefore decides
+everything on the device: g_0, g_1, the acceptance n, the next pending token and the next
+draft (indexed by n there), and copies g_0, g_1 and n to the host once, after the MTP layer
+is queued; the host then emits, counts and moves the lengths. Host-side positions and masks
+travel through pinned memory without a wait (forward.on_device). The round in which every
+request still generating has one token left runs no MTP layer (its draft would be unused).
+
 Output: the same tokens as `generate(..., temperature=0)` for every request, up to argmax
 ties within rounding: step 1 computes position L's logits in a forward of two tokens where
 plain decoding computes them alone; the same arithmetic, but matmuls of other shapes may round
@@ -53,7 +63,8 @@ import torch
 
 from ..model import DeepSeekV3Model
 from .cache import LatentKVCache
-from .forward import check_model, forward_hidden, layer_step, new_cache, right_padded
+from .forward import (check_model, forward_hidden, layer_step, new_cache, on_device,
+                      right_padded)
 from .generate import _check_arguments
 
 
@@ -134,7 +145,7 @@ def mtp_logits(model: DeepSeekV3Model, mtp_cache: LatentKVCache, h_SBD: torch.Te
     layer = mtp_layer_of(model)
     length = int(positions_BS.max()) + 1
     mtp_cache.check_capacity(length - 1)
-    positions_BS = positions_BS.to(mtp_cache.latent_LBTC.device)
+    positions_BS = on_device(positions_BS, mtp_cache.latent_LBTC.device)
     emb_SBD = model.embedding(input_ids=next_tokens_BS, position_ids=None)
     x_SBD, _ = layer.eh_proj(torch.cat([layer.enorm(emb_SBD), layer.hnorm(h_SBD)], dim=-1))
     x_SBD = layer_step(layer.transformer_layer, x_SBD, mtp_cache, 0, positions_BS, length,
@@ -144,13 +155,10 @@ def mtp_logits(model: DeepSeekV3Model, mtp_cache: LatentKVCache, h_SBD: torch.Te
 
 
 def choose_drafts(logits_BV: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
-    """The drafted tokens [B] (on the host) from the MTP's logits [B, V] for positions
-    positions_B: greedy. (A seam: the tests replace it to force acceptances and rejections.)"""
-    return logits_BV.float().argmax(dim=-1).cpu()
-
-
-def _greedy(logits_BSV: torch.Tensor) -> torch.Tensor:
-    return logits_BSV.float().argmax(dim=-1).cpu()
+    """The drafted tokens [B] from the MTP's logits [B, V] for positions positions_B [B] (both
+    on the model's device; the result stays there, or is moved there): greedy. (A seam: the
+    tests replace it to force acceptances and rejections.)"""
+    return logits_BV.float().argmax(dim=-1)
 
 
 @torch.no_grad()
@@ -162,7 +170,11 @@ def generate_speculative(model: DeepSeekV3Model,
     """Greedy decoding with MTP drafts (module docstring): the new token ids of each request,
     as `generate(model, prompts, max_new_tokens=..., temperature=0)` returns them, and the
     SpeculativeStats (acceptance rate, tokens per main-model forward). `model` in eval mode,
-    TP=1, with at least one MTP layer; the other arguments as in `generate`."""
+    TP=1, with at least one MTP layer; the other arguments as in `generate`.
+
+    One host sync per round (module docstring, "Cost of a round"): the round's tokens, its
+    acceptance and the next draft are decided on the device and copied to the host together;
+    the host then emits them and moves the lengths."""
     stop_tokens = tuple(int(t) for t in stop_tokens)
     check_model(model)
     mtp_layer_of(model)
@@ -172,7 +184,8 @@ def generate_speculative(model: DeepSeekV3Model,
     stats = SpeculativeStats(depths=model.config.mtp_num_layers)
     capacity = max(lengths) + max_new_tokens
     cache, mtp_cache = new_cache(model, batch, capacity), new_mtp_cache(model, batch, capacity)
-    rows_B = torch.arange(batch)
+    device = cache.latent_LBTC.device
+    rows_B = torch.arange(batch, device=device)
     new_tokens: list[list[int]] = [[] for _ in ids]
     done_B = torch.zeros(batch, dtype=torch.bool)
 
@@ -185,48 +198,58 @@ def generate_speculative(model: DeepSeekV3Model,
 
     # prefill: the prompts right-padded, the main model, then the MTP layer on the prompt
     # shifted left by one with the first generated token after each prompt's last position
-    device = cache.latent_LBTC.device
     tokens_BS, positions_BS = right_padded(ids, pad_id)
-    h_SBD = forward_hidden(model, cache, tokens_BS.to(device), positions_BS, attention)
+    tokens_BS = tokens_BS.to(device)
+    h_SBD = forward_hidden(model, cache, tokens_BS, positions_BS, attention)
     logits_SBV, _ = model.output_layer(h_SBD)
-    last_B = torch.tensor(lengths) - 1
-    next_B = _greedy(logits_SBV.transpose(0, 1))[rows_B, last_B]
-    stats.main_forwards, stats.request_forwards = 1, batch
-    for row in range(batch):
-        emit(row, [int(next_B[row])])
+    last_B = on_device(torch.tensor(lengths) - 1, device)
+    next_B = logits_SBV.transpose(0, 1)[rows_B, last_B].float().argmax(dim=-1)  # device
     following_BS = torch.cat([tokens_BS[:, 1:], tokens_BS[:, :1]], dim=1)
     following_BS[rows_B, last_B] = next_B
-    drafts_BV = mtp_logits(model, mtp_cache, h_SBD, following_BS.to(device), positions_BS,
-                           attention)[rows_B.to(device), last_B.to(device)]
-    draft_B = choose_drafts(drafts_BV, last_B + 2)
+    drafts_BV = mtp_logits(model, mtp_cache, h_SBD, following_BS, positions_BS,
+                           attention)[rows_B, last_B]
+    draft_B = choose_drafts(drafts_BV, last_B + 2).to(device)
+    stats.main_forwards, stats.request_forwards = 1, batch
+    for row, token in enumerate(next_B.tolist()):  # the prefill's sync
+        emit(row, [token])
     cache.lengths_B = torch.tensor(lengths, dtype=torch.long)
     mtp_cache.lengths_B = cache.lengths_B.clone()
 
     while not bool(done_B.all()):
         active_B = ~done_B
+        done_dev_B = on_device(done_B, device)
         positions_BS = cache.lengths_B.unsqueeze(1) + torch.arange(2)
-        fed_BS = torch.stack([next_B, draft_B], dim=1).masked_fill(done_B.unsqueeze(1), pad_id)
-        h_SBD = forward_hidden(model, cache, fed_BS.to(device), positions_BS, attention)
+        # 1. verify [x, d] -> greedy g_0, g_1; 2. accept (on the device: no sync yet)
+        fed_BS = torch.stack([next_B, draft_B], dim=1).masked_fill(done_dev_B.unsqueeze(1),
+                                                                   pad_id)
+        h_SBD = forward_hidden(model, cache, fed_BS, positions_BS, attention)
         logits_SBV, _ = model.output_layer(h_SBD)
-        greedy_BS = _greedy(logits_SBV.transpose(0, 1))
-        accepted_B = (draft_B == greedy_BS[:, 0]) & active_B
+        greedy_BS = logits_SBV.transpose(0, 1).float().argmax(dim=-1)
+        kept_B = ((draft_B == greedy_BS[:, 0]) & ~done_dev_B).long()  # 0 or 1
+        next_B = greedy_BS[rows_B, kept_B]
+        # 4. the next draft, unless every request still generating ends in this round (it
+        # emits at least one token: those with one left)
+        last_round = all(max_new_tokens - len(new_tokens[row]) == 1
+                         for row in active_B.nonzero().flatten().tolist())
+        if not last_round:
+            drafts_BV = mtp_logits(model, mtp_cache, h_SBD,
+                                   greedy_BS.masked_fill(done_dev_B.unsqueeze(1), pad_id),
+                                   positions_BS, attention)[rows_B, kept_B]
+            draft_B = choose_drafts(drafts_BV, on_device(positions_BS[:, 0], device) + 2
+                                    + kept_B).to(device)
+        # the round's one sync: g_0, g_1 and whether the draft was kept, for every request
+        greedy_BS_host, kept_host_B = torch.cat([greedy_BS, kept_B.unsqueeze(1)],
+                                                dim=1).cpu().split([2, 1], dim=1)
+        kept_host_B = kept_host_B.squeeze(1)
         stats.main_forwards += 1
         stats.request_forwards += int(active_B.sum())
         stats.drafted += int(active_B.sum())
-        stats.accepted += int(accepted_B.sum())
-        kept_B = accepted_B.long()  # verified positions kept beyond x: 0 or 1
+        stats.accepted += int(kept_host_B.sum())
         for row in active_B.nonzero().flatten().tolist():
-            emit(row, greedy_BS[row, :int(kept_B[row]) + 1].tolist())
-        # a request finished now or before keeps its lengths (its row is then fed pad_id at
-        # the same positions, within the capacity)
-        cache.lengths_B = cache.lengths_B + (1 + kept_B) * ~done_B
-        next_B = greedy_BS[rows_B, kept_B]
-        if bool(done_B.all()):
-            break
-        drafts_BV = mtp_logits(model, mtp_cache, h_SBD,
-                               greedy_BS.masked_fill(done_B.unsqueeze(1), pad_id).to(device),
-                               positions_BS, attention)[rows_B.to(device), kept_B.to(device)]
-        draft_B = choose_drafts(drafts_BV, cache.lengths_B + 1)
+            emit(row, greedy_BS_host[row, :int(kept_host_B[row]) + 1].tolist())
+        # 3. roll back by length: a request finished now or before keeps its lengths (its row
+        # is then fed pad_id at the same positions, within the capacity)
+        cache.lengths_B = cache.lengths_B + (1 + kept_host_B) * ~done_B
         mtp_cache.lengths_B = cache.lengths_B.clone()
     stats.new_tokens = sum(len(tokens) for tokens in new_tokens)
     return new_tokens, stats

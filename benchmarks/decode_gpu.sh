@@ -27,7 +27,7 @@
 #   trained  benchmarks/bench_decode_trained.py: issue 13's target on a model whose MTP head
 #            has learned: the training job trains proxy with its MTP layer on the bundled
 #            corpus in the script's own process (16,384 tokens a step, lr 6e-4; at most 140 s
-#            of steps, and none after 180 s of the process; no checkpoint), then on 8 held-out
+#            of steps, and none after 170 s of the process; no checkpoint), then on 8 held-out
 #            prompts of 256 tokens at batch 1, NEW_TOKENS (here 128) each: greedy absorbed
 #            `generate` and `generate_speculative` tokens/s, the acceptance, whether both emit
 #            the same tokens; TRAINED_ARGS: more flags for it          (timeout 270 s)

@@ -26,12 +26,16 @@ def _bench(rank, world, argv):
 def test_bench_grpo_runs_ours_trl_and_the_ppo_layout():
     results = run_gloo(_bench, 1, ["--device", "cpu", "--preset", "tiny", "--num-layers", "2",
                                    "--prompts", "2", "--group-size", "2",
-                                   "--max-new-tokens", "4", "--steps", "1", "--warmup", "1"],
+                                   "--max-new-tokens", "4", "--steps", "1", "--warmup", "1",
+                                   "--dtype", "float32"],
                        timeout_s=300)[0]
-    ours, trl = results["ours"], results["trl"]
-    assert ours["step_s"] > 0 and ours["rollout_tokens_per_s"] > 0
-    assert trl["trl_step_s"] > 0 and trl["trl_rollout_tokens_per_s"] > 0
-    # tiny at 2 layers: ~1.3M parameters; the critic adds its own copy (4 bytes each) and its
-    # AdamW state on top of the policy, its AdamW state and the reference
+    ours, trl, ppo = results["ours"], results["trl"], results["ppo"]
+    assert results["skipped"] == [] and results["complete"]
+    assert ours["step_s"] > 0 and ours["rollout_tokens_per_s"] > 0 and ours["update_s"] > 0
+    assert trl["step_s"] > 0 and trl["rollout_tokens_per_s"] > 0 and trl["update_s"] > 0
+    # both generate exactly --max-new-tokens per completion
+    assert all(row["new_tokens"] == 2 * 2 * 4 for row in ours["steps"] + trl["steps"])
+    # tiny at 2 layers: ~1.3M parameters; the critic adds its own copy (4 bytes each in
+    # float32) and its AdamW state on top of the policy, its AdamW state and the reference
     critic_bytes = 1.0e6 * 4
-    assert (ours["ppo_state_gib"] - ours["grpo_state_gib"]) * 2**30 > critic_bytes
+    assert (ppo["ppo_state_gib"] - ppo["grpo_state_gib"]) * 2**30 > critic_bytes

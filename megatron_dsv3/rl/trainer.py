@@ -189,7 +189,9 @@ class GRPOTrainer:
 
     def collect(self, step: int) -> tuple[Rollouts, list[Problem]]:
         problems = self.problems(step)
-        generator = torch.Generator().manual_seed(
+        # on the policy's device: sampling stays there (a CPU generator would copy each decode
+        # step's probabilities [B, V] to the host and draw there)
+        generator = torch.Generator(next(self.policy.parameters()).device).manual_seed(
             rollout_seed(self.cfg.seed, step, self.pg.dp.rank()))
         sampler = (self.policy if self.replica is None
                    else self.replica.refresh(self.policy, self.pg))

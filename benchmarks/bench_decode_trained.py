@@ -343,7 +343,7 @@ def main(argv=None) -> dict:
              "shortens training, not the measurement)")
     add("--lr", type=float, default=6e-4)
     add("--min-lr", type=float, default=6e-5)
-    add("--warmup-steps", type=int, default=20)
+    add("--warmup-steps", type=int, default=30)
     add("--micro-batch-size", type=int, default=1)
     add("--grad-accum", type=int, default=4)
     add("--seq-len", type=int, default=None, help="default: the preset's max_seq_len")

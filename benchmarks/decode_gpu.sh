@@ -72,7 +72,8 @@ part() {  # part NAME TIMEOUT_S SCRIPT BENCH_ARGS...
   # the table (from its header on), else the cases finished before a timeout, and errors
   if grep -q '^impl ' "$DIR/$name.log"; then
     sed -n '/^KV cache per token\|^trained model:/,/^{/p' "$DIR/$name.log" | grep -v '^{'
-  else
+  else  # (trained: also how far its training got)
+    grep -E '^train step' "$DIR/$name.log" | tail -n 1
     grep -E '^case:' "$DIR/$name.log" | cut -c1-400
   fi
   grep -E 'Error|error:' "$DIR/$name.log" | grep -v Warning | tail -n 4

@@ -65,6 +65,7 @@ def build(args, device):
     if args.compile != "none":
         from megatron_dsv3.model import compile_model
 
+        torch._dynamo.utils.counters.clear()  # compile_stats() reads this model's only
         compile_model(model, scope=args.compile,
                       **({"mode": args.compile_mode} if args.compile_mode else {}))
     return cfg, model
@@ -134,8 +135,23 @@ def run_ours(args, device) -> dict:
         "fwd_bwd_times": [round(t, 5) for t in fb_times],
         "attention": cfg.mla.attention_impl, "experts": cfg.moe.experts_impl,
         "compile": args.compile, "compile_mode": args.compile_mode,
+        **({"compiled": compile_stats()} if args.compile != "none" else {}),
         **({"kernel_breakdown": kernels} if kernels else {}),
     }
+
+
+def compile_stats() -> dict:
+    """What torch.compile made of the compiled modules, from dynamo's and inductor's counters
+    (after every step ran): the graphs compiled (one per kind of compiled module or layer when
+    nothing breaks, recompilations included), the graph breaks with their first reasons, and
+    the graphs that CUDA graphs skipped (reduce-overhead: those run without one)."""
+    from torch._dynamo.utils import counters
+
+    reasons = [reason.splitlines()[0] for reason in counters["graph_break"]]
+    return {"graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "break_reasons": reasons[:5],
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
 
 
 def profile(step_fn, path: str) -> dict:
@@ -241,6 +257,11 @@ def main(argv=None) -> dict:
           f"{ours['step_s'] * 1e3:.1f} ms  {ours['step_tok_per_s']:.0f} tok/s  peak "
           f"{ours['step_peak_gib']} GiB | FP8 blocks' refresh {ours['fp8_refresh_s'] * 1e3:.2f} ms "
           "per step", file=sys.stderr)
+    if "compiled" in ours:
+        c = ours["compiled"]
+        print(f"ours compiled ({args.compile}): {c['graphs']} graphs, {c['graph_breaks']} graph "
+              f"breaks {c['break_reasons']}, {c['cudagraph_skips']} skipped by CUDA graphs",
+              file=sys.stderr)
     for peer in ok_peers:
         print(f"{peer['impl']}: {peer['step_s'] * 1e3:.1f} ms  {peer['tok_per_s']:.0f} tok/s  "
               f"peak {peer['peak_gib']} GiB", file=sys.stderr)

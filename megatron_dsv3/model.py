@@ -257,8 +257,13 @@ def compile_model(model: torch.nn.Module, scope: str = "layers", **compile_kwarg
     """torch.compile, in place, each transformer layer (scope="layers", decoder and MTP) or
     each of our attention / FFN modules (scope="modules"). Fuses the elementwise work around
     the GEMMs and removes most per-op launch overhead; the GEMMs, attention and grouped GEMMs
-    stay library calls. For GPU runs: CPU tests and the CPU job run eager. Returns the number
-    of modules compiled."""
+    stay library calls. With "layers" each layer is one graph (one CUDA graph with
+    reduce-overhead) holding its norms and residual adds too: Megatron's TransformerLayer
+    traces without a break (tests/test_compile_graphs.py); the MTP layer's norms and
+    projection, the embedding, the final norm and the output layer stay eager. The F&B
+    overlap's pieces (moe/pieces.py) call a layer's parts, not its compiled forward: with it,
+    use "modules". For GPU runs: CPU tests and the CPU job run eager. Returns the number of
+    modules compiled."""
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     from .attention.mla import MultiLatentAttention

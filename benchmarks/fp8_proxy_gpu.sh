@@ -13,6 +13,9 @@
 # Results: $OUT/bf16.json, fp8.json, fp8_dense.json (bf16 and fp8 with "kernel_breakdown": one
 # profiled forward + backward's GPU time by kernel category), their logs and the profiler tables
 # (prof_*.log) packed into logs.tgz (./gpu_out/fp8_proxy without $OUT).
+# layers: bench_proxy.py with --compile layers (each decoder layer one graph: norms and residual
+# adds inside it) in BF16 and FP8; results $OUT/layers_bf16.json, layers_fp8.json (compare with
+# bench's bf16.json / fp8.json, compiled by modules, in the same call).
 # steps: the training job itself (benchmarks/bench_train_step.py, proxy with MTP, 8 micro-batches
 # of 4,096 tokens per step, FP8 weights quantized once per step) in BF16 and in FP8 (--fp8-layers
 # FP8_LAYERS, proxy's dense FFN in BF16); results $OUT/steps_bf16.json, steps_fp8.json.
@@ -53,6 +56,15 @@ for part in ${*:-bench steps convergence}; do
       echo "== fp8, routed experts bf16: rc=$? in $((SECONDS - start)) s"
       grep -E "^ours|Error" "$DIR/fp8_dense.log" | tail -n 3
       ;;
+    layers)  # each decoder layer one compiled graph (norms, residual adds inside), BF16 and FP8
+      for precision in bf16 fp8; do
+        start=$SECONDS
+        flags=(); [ $precision = fp8 ] && flags=(--fp8 deepseek)
+        timeout 240 python3 benchmarks/bench_proxy.py --steps 10 --warmup 4 --compile layers \
+          "${flags[@]}" --json-out "$DIR/layers_$precision.json" > "$DIR/layers_$precision.log" 2>&1
+        echo "== layers, $precision: rc=$? in $((SECONDS - start)) s"
+        grep -E "^ours|Error" "$DIR/layers_$precision.log" | tail -n 3
+      done ;;
     steps)  # the training job's step: 8 micro-batches, FP8 weights quantized once per step
       for precision in bf16 fp8; do
         start=$SECONDS
@@ -70,7 +82,7 @@ for part in ${*:-bench steps convergence}; do
         --runs-dir /tmp/fp8_convergence \
         > "$DIR/convergence.log" 2>&1
       echo "== convergence: rc=$? in $((SECONDS - start)) s"; tail -n 3 "$DIR/convergence.log" ;;
-    *) echo "unknown part $part: choose from bench steps convergence" >&2; exit 2 ;;
+    *) echo "unknown part $part: choose from bench layers steps convergence" >&2; exit 2 ;;
   esac
 done
 pack_logs "$DIR"

@@ -63,29 +63,12 @@ from benchmarks.common import (emit_json, free_memory, peak_gib,  # noqa: E402
                                prepare_rank_device, reset_peak, result_header,
                                seed_megatron_cuda_rng, sync, write_json)
 
-EOS = "<|endoftext|>"
 PARTS = ("ours", "ppo", "trl")
 
 
 # ----------------------------------------------------------------------------------------------
 # What both sides share: the tokenizer, the problems, the reward, the optimizer settings
 # ----------------------------------------------------------------------------------------------
-def write_tokenizer(folder: Path) -> Path:
-    """examples/grpo_arithmetic.py's character-level tokenizer.json (a byte-level BPE without
-    merges: the 256 byte symbols + end-of-text, one token per character)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=257, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(["0123456789+-=\n"], trainer=trainer)
-    path = folder / "tokenizer.json"
-    tokenizer.save(str(path))
-    return path
-
-
 def make_task(args):
     from megatron_dsv3.rl.rewards import ArithmeticTask
 
@@ -301,7 +284,10 @@ class TRLTimers:
 def trl_tokenizer(path: Path):
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS, pad_token=EOS)
+    from megatron_dsv3.data import EOS_TOKEN
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS_TOKEN,
+                                        pad_token=EOS_TOKEN)
     tokenizer.padding_side = "left"
     return tokenizer
 
@@ -472,8 +458,10 @@ def main(argv=None) -> dict:
         finally:
             save()
 
+    from megatron_dsv3.rl.rewards import write_character_tokenizer
+
     with tempfile.TemporaryDirectory() as folder:
-        tokenizer_path = write_tokenizer(Path(folder))
+        tokenizer_path = write_character_tokenizer(folder)
         results["prompt_len"] = len(Tokenizer.load(tokenizer_path).encode(
             make_task(args).problem(0, 0).prompt))
         if "ours" in parts:

@@ -32,15 +32,12 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-EOS = "<|endoftext|>"
 
 
 def write_data(folder: Path, max_operand: int, repeats: int, seed: int) -> None:
     """arithmetic.txt (every problem with its answer, shuffled, `repeats` times) and a
     character-level tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from megatron_dsv3.rl.rewards import ArithmeticTask
+    from megatron_dsv3.rl.rewards import ArithmeticTask, write_character_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     lines = ArithmeticTask(max_operand=max_operand).corpus_lines()
@@ -50,14 +47,7 @@ def write_data(folder: Path, max_operand: int, repeats: int, seed: int) -> None:
         rng.shuffle(lines)
         text += lines
     (folder / "arithmetic.txt").write_text("\n".join(text) + "\n")
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    # vocab_size = the 256 byte symbols + EOS: no merge, one token per character
-    trainer = trainers.BpeTrainer(vocab_size=257, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(["0123456789+-=\n"], trainer=trainer)
-    tokenizer.save(str(folder / "tokenizer.json"))
+    write_character_tokenizer(folder)
 
 
 def python_m(module: str, *args) -> float:

@@ -39,6 +39,7 @@ import dataclasses
 import importlib
 import random
 import re
+from pathlib import Path
 from typing import Callable, Sequence
 
 STOP_TEXTS = ("\n", "<|endoftext|>")
@@ -125,6 +126,26 @@ class ArithmeticTask:
 
 _INTEGER = re.compile(r"\s*(-?\d+)\s*")
 _ONE_INTEGER = re.compile(r"\s*-?\d+\s*(" + "|".join(re.escape(t) for t in STOP_TEXTS) + ")")
+
+
+def write_character_tokenizer(folder: str | Path) -> Path:
+    """`folder`/tokenizer.json for the arithmetic task trained from scratch: a byte-level BPE
+    without merges (the 256 byte symbols + data.EOS_TOKEN), one token per character, so that
+    every digit of an answer is its own token. Returns the file's path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from ..data import EOS_TOKEN
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=257, special_tokens=[EOS_TOKEN],
+                                  show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["0123456789+-=\n"], trainer=trainer)
+    path = Path(folder) / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
 
 
 def exact_answer(completions: list[str], problems: list[Problem]) -> list[float]:

@@ -19,9 +19,13 @@ CE (of the token after the next): that the MTP head learned something is read th
 
 The trained weights (`Run.model_state_dict`) are loaded into a model built for inference
 (`--dtype`, eval mode, not compiled: the training modules are compiled as CUDA graphs for
-training shapes), the run is dropped, and on `--prompts` held-out prompts (`--prompt-len`
-tokens each, evenly spaced over the job's validation split, the corpus' tail) each decodes
-`--new-tokens` tokens at batch 1, no stop token:
+training shapes; built on the device itself: on the CPU its throw-away initial draw of
+proxy's 4.9 B weights is serial, most likely what took the H200 runs of 12-03 past their
+timeout), the run is dropped with dynamo's caches and CUDA-graph trees
+(`torch._dynamo.reset`), and every decode runs under `torch.compiler.set_stance("force_eager")`
+(JSON `decode_stance`: greedy and speculative alike). On `--prompts` held-out prompts
+(`--prompt-len` tokens each, evenly spaced over the job's validation split, the corpus' tail)
+each decodes `--new-tokens` tokens at batch 1, no stop token:
   greedy       `generate(temperature=0, attention="absorbed")`
   speculative  `generate_speculative` (the MTP layer drafts, the main model verifies)
 each timed from its first token (a stamp where the prefill ends: greedy's first
@@ -31,11 +35,16 @@ the speculative tokens equal greedy's (bf16 on a GPU can flip a near-tie: the fi
 index is recorded). The summary sums over the prompts done (rewritten after each);
 `speedup` = speculative / greedy tokens/s. `ours-absorbed-loop` is bench_decode.py's bare
 decode loop (no host copy per step) on the first prompt, the rate the other parts of
-decode_gpu.sh report. The first prompt is decoded once untimed by each first (compilation of
-Megatron's fused functions, the allocator).
+decode_gpu.sh report. The first prompt is decoded once untimed by each first (the allocator,
+the libraries' first calls). A prompt that would end after `--decode-until-s` (250 s since the
+process began; decode_gpu.sh's timeout is 270 s) is not started, and listed under "skipped".
 
-Prints the table and one JSON line; `--json-out` is rewritten after training and after every
-case ("complete": false until the end), so a run cut short keeps what it finished.
+Prints the table and one JSON line; `--json-out` is rewritten after training, once the
+inference model is ready (`inference_setup`: build, load and free seconds) and after every
+case ("complete": false until the end), so a run cut short keeps what it finished. Time
+stamps on stderr ("[  s] ...", seconds since the process began) mark the phases after
+training: model built, weights loaded, run freed, each warm-up, each prompt's greedy and
+speculative start and end.
 """
 
 from __future__ import annotations
@@ -132,19 +141,55 @@ def train(args, results: dict, save) -> object:
     return run
 
 
-def inference_model(run, dtype: str):
+def phase(message: str) -> None:
+    """A time stamp on stderr (seconds since the process began): a run cut short shows where
+    its time went."""
+    print(f"[{time.perf_counter() - STARTED:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def inference_model(run, dtype: str, results: dict):
     """The run's trained weights (its fp32 masters, or fp32 parameters) in a model built for
-    decoding: `dtype` parameters, eval mode, not compiled."""
+    decoding: `dtype` parameters, eval mode, not compiled. Built on the run's device: our
+    modules draw their initial weights whatever `perform_initialization` says, and on the CPU
+    that draw is serial (80-160 M values/s measured: 30-60 s or more for proxy's 4.9 B, in
+    silence after Megatron's "GPTModel IS DEPRECATED", where both H200 runs of 12-03 stopped
+    printing); on a GPU it takes milliseconds, and the weights are overwritten anyway."""
     from megatron_dsv3.checkpoint.hf import load_dsv3_state_dict
     from megatron_dsv3.config import to_megatron_config
     from megatron_dsv3.model import build_model
 
     cfg = run.cfg.replace(params_dtype=dtype)
+    start = time.perf_counter()
+    phase("inference model: building")
     model = build_model(cfg, pg_collection=run.pg, megatron_config=to_megatron_config(
-        cfg, use_cpu_initialization=True, perform_initialization=False)).to(run.device)
+        cfg, use_cpu_initialization=run.device.type != "cuda",
+        perform_initialization=False)).to(run.device)
+    sync(run.device)
+    built = time.perf_counter()
+    phase(f"inference model: built in {built - start:.1f} s")
     state = {k: v for k, v in run.model_state_dict().items() if isinstance(v, torch.Tensor)}
     load_dsv3_state_dict(model, state)
+    sync(run.device)
+    loaded = time.perf_counter()
+    phase(f"inference model: trained weights loaded in {loaded - built:.1f} s")
+    results["inference_setup"] = {"build_s": round(built - start, 2),
+                                  "load_s": round(loaded - built, 2)}
     return cfg, model.eval()
+
+
+def free_training(device: torch.device, results: dict) -> None:
+    """After the Run's last reference is dropped: its optimizer state, masters and model go,
+    and with dynamo's caches its compiled modules and CUDA-graph trees (as in a fresh
+    process)."""
+    start = time.perf_counter()
+    gc.collect()
+    torch._dynamo.reset()
+    gc.collect()
+    empty_cache(device)
+    held = (f", {torch.cuda.memory_allocated(device) / 2**30:.2f} GiB still allocated"
+            if device.type == "cuda" else "")
+    results["inference_setup"]["free_s"] = round(time.perf_counter() - start, 2)
+    phase(f"training run freed in {time.perf_counter() - start:.1f} s{held}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,15 +286,27 @@ def first_difference(a: list[int], b: list[int]):
 
 
 def decode_prompts(args, cfg, model, prompts, device, results: dict, log) -> None:
-    """The per-prompt rows and the summary (module docstring)."""
-    greedy_s = spec_s = 0.0
+    """The per-prompt rows and the summary (module docstring). A prompt that would end past
+    `--decode-until-s` (judged by the longest so far) is not started: the run ends with its
+    table and a complete JSON instead of a timeout."""
+    greedy_s = spec_s = longest = 0.0
     greedy_n = spec_n = drafted = accepted = forwards = identical = 0
     for index, (start, prompt) in enumerate(prompts):
+        if time.perf_counter() + longest > STARTED + args.decode_until_s:
+            results["skipped"].append(f"prompts {index}-{len(prompts) - 1}: not started, "
+                                      f"--decode-until-s {args.decode_until_s:g} reached")
+            phase(results["skipped"][-1])
+            break
         row = {"impl": "greedy+speculative", "prompt": index, "start": start,
                "prompt_len": len(prompt), "new_tokens": args.new_tokens}
+        prompt_start = time.perf_counter()
         try:
+            phase(f"prompt {index}: greedy")
             greedy, g_s = timed_greedy(model, prompt, args.new_tokens, device)
+            phase(f"prompt {index}: speculative")
             spec, stats, s_s = timed_speculative(model, prompt, args.new_tokens, device)
+            phase(f"prompt {index}: done")
+            longest = max(longest, time.perf_counter() - prompt_start)
         except Exception as e:  # noqa: BLE001 - recorded, the other prompts still run
             traceback.print_exc()
             row["skipped"] = f"error: {type(e).__name__}: {e}"[:500]
@@ -341,6 +398,9 @@ def main(argv=None) -> dict:
     add("--train-until-s", type=float, default=170.0,
         help="seconds since the process began after which training stops (a slow set-up "
              "shortens training, not the measurement)")
+    add("--decode-until-s", type=float, default=250.0,
+        help="seconds since the process began by which the last prompt must end (one not "
+             "started is listed under skipped; decode_gpu.sh's timeout is 270 s)")
     add("--lr", type=float, default=6e-4)
     add("--min-lr", type=float, default=6e-5)
     add("--warmup-steps", type=int, default=30)
@@ -377,7 +437,8 @@ def main(argv=None) -> dict:
         save()
 
     run = train(args, results, save)
-    cfg, model = inference_model(run, dtype)
+    phase("training done")
+    cfg, model = inference_model(run, dtype, results)
     if args.prompt_len + args.new_tokens > cfg.max_seq_len:
         raise SystemExit(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} "
                          f"exceed the preset's max_seq_len={cfg.max_seq_len}; lower them")
@@ -389,21 +450,29 @@ def main(argv=None) -> dict:
     except Exception:  # noqa: BLE001 - the sample text is a nicety
         args.tokenizer = None
     run = None  # the optimizer state, the masters and the compiled training modules
-    gc.collect()
-    empty_cache(device)
+    free_training(device, results)
     results.update(params=sum(p.numel() for p in model.parameters()),
-                   max_seq_len=cfg.max_seq_len)
+                   max_seq_len=cfg.max_seq_len, decode_stance="force_eager")
+    save()
 
-    warm = prompts[0][1]  # compilation of Megatron's fused functions, the allocator
-    timed_greedy(model, warm, min(8, args.new_tokens), device)
-    timed_speculative(model, warm, min(8, args.new_tokens), device)
-    try:
-        log({**timed_loop(model, warm, args.new_tokens, device), "prompt": 0})
-    except Exception as e:  # noqa: BLE001 - recorded, the prompts still run
-        traceback.print_exc()
-        log({"impl": "ours-absorbed-loop", "prompt": 0,
-             "skipped": f"error: {type(e).__name__}: {e}"[:500]})
-    decode_prompts(args, cfg, model, prompts, device, results, log)
+    # Every decode (warm-up, loop, greedy, speculative) eager: nothing on the decode path is
+    # compiled (a CPU run with dynamo on compiles no frame there), and none can recompile for
+    # a new sequence length or pick up the training's compiled state
+    with torch.compiler.set_stance("force_eager"):
+        warm = prompts[0][1]  # the allocator, the libraries' first calls
+        phase("warm-up: greedy")
+        timed_greedy(model, warm, min(8, args.new_tokens), device)
+        phase("warm-up: speculative")
+        timed_speculative(model, warm, min(8, args.new_tokens), device)
+        phase("warm-up: decode loop")
+        try:
+            log({**timed_loop(model, warm, args.new_tokens, device), "prompt": 0})
+        except Exception as e:  # noqa: BLE001 - recorded, the prompts still run
+            traceback.print_exc()
+            log({"impl": "ours-absorbed-loop", "prompt": 0,
+                 "skipped": f"error: {type(e).__name__}: {e}"[:500]})
+        decode_prompts(args, cfg, model, prompts, device, results, log)
+    phase("decoding done")
     results["peak_gib"] = round(peak_gib(device), 2)
     results["complete"] = True
     print_table(results)

@@ -30,7 +30,9 @@
 #            of steps, and none after 170 s of the process; no checkpoint), then on 8 held-out
 #            prompts of 256 tokens at batch 1, NEW_TOKENS (here 128) each: greedy absorbed
 #            `generate` and `generate_speculative` tokens/s, the acceptance, whether both emit
-#            the same tokens; TRAINED_ARGS: more flags for it          (timeout 270 s)
+#            the same tokens (no prompt started that would end after 250 s; time stamps
+#            "[  s] ..." on its log mark each phase); TRAINED_ARGS: more flags for it
+#                                                                        (timeout 270 s)
 # DECODE_ARGS: more flags for every part (e.g. --tf32 for our fp32 attention einsums on TF32,
 # if long32's prefill runs out of time). A CPU rehearsal (~2 minutes on 2 cores):
 #   SHORT_CONTEXT=64 LONG_CONTEXT=96 BIG_BATCH=2 NEW_TOKENS=4 \
@@ -72,8 +74,9 @@ part() {  # part NAME TIMEOUT_S SCRIPT BENCH_ARGS...
   # the table (from its header on), else the cases finished before a timeout, and errors
   if grep -q '^impl ' "$DIR/$name.log"; then
     sed -n '/^KV cache per token\|^trained model:/,/^{/p' "$DIR/$name.log" | grep -v '^{'
-  else  # (trained: also how far its training got)
+  else  # (trained: also how far its training got, and its last phase)
     grep -E '^train step' "$DIR/$name.log" | tail -n 1
+    grep -E '^\[ *[0-9.]+ s\] ' "$DIR/$name.log" | tail -n 1
     grep -E '^case:' "$DIR/$name.log" | cut -c1-400
   fi
   grep -E 'Error|error:' "$DIR/$name.log" | grep -v Warning | tail -n 4

@@ -3,7 +3,7 @@ GPU's): the training job's command line it builds (no checkpoint, no periodic ev
 flags it is given), the held-out prompts (evenly spaced over the validation split, the first
 and last windows included), the first differing token; and, under `-m extended`, the script
 end to end on the tiny preset (a few steps, two prompts: ~40 s on 2 cores), whose speculative
-tokens must equal greedy's (fp32 on the CPU)."""
+tokens must equal greedy's (fp32 on the CPU), decoded eager with its phases stamped."""
 
 from __future__ import annotations
 
@@ -85,3 +85,10 @@ def test_the_script_trains_then_decodes_greedy_and_speculative_alike(tmp_path):
     summary = result["summary"]
     assert summary["identical_prompts"] == 2 and summary["drafted"] >= summary["accepted"]
     assert "target (>= 80% accepted, >= 1.5x)" in done.stderr
+    # decoded eager, the phases after training stamped on stderr
+    assert result["decode_stance"] == "force_eager" and not result["skipped"]
+    assert set(result["inference_setup"]) == {"build_s", "load_s", "free_s"}
+    for stamp in ("inference model: built", "inference model: trained weights loaded",
+                  "training run freed", "warm-up: greedy", "prompt 1: speculative",
+                  "prompt 1: done", "decoding done"):
+        assert f" s] {stamp}" in done.stderr, stamp

@@ -210,7 +210,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation)")
     parser.add_argument("--mtp", action="store_true", help="include the preset's MTP modules")
     parser.add_argument("--attention", default=None, choices=[None, "sdpa", "reference"])
-    parser.add_argument("--experts", default=None, choices=[None, "grouped_mm", "loop"])
+    parser.add_argument("--experts", default=None, choices=[None, "grouped_mm", "loop", "triton"],
+                        help="MoEConfig.experts_impl (default: the preset's, auto); triton: the "
+                        "forward and input-gradient GEMMs by kernels/grouped_gemm.py")
     parser.add_argument("--compile", default="auto", choices=["auto", "none", "layers", "modules"],
                         help="torch.compile each transformer layer or each of our modules "
                              "(auto: modules on GPU, none on CPU)")

@@ -4,6 +4,8 @@ local memory (spills), shared memory, SASS instruction count and mix, and for th
 many tensor-core results each K step waits for (`warp_group_dot_wait ... pendings`: 0 means
 the promotion's FP32 math runs only after the step's wgmma finished).
 
+The bf16 grouped GEMM too (kernels/grouped_gemm.py: bf16_grouped_gemm, bf16_grouped_dgrad).
+
   python benchmarks/kernel_sass.py                  # every kernel at its default launch config
   python benchmarks/kernel_sass.py --kernel 128x1 --config '{"BLOCK_K": 32, "num_warps": 4}'
 
@@ -33,7 +35,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from megatron_dsv3.kernels import (fp8_grouped_gemm, fp8_grouped_wgrad, fp8_quantize,  # noqa: E402
-                                   fp8_transpose)
+                                   fp8_transpose, grouped_gemm)
 
 _TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -46,6 +48,8 @@ def _kernels() -> dict:
     types, 16-divisible integer arguments, unit-stride arguments)."""
     q, g = fp8_quantize, fp8_grouped_gemm
     quantize = ("M", "K", "stride_xm")
+    bf16_grouped = {"E_POW2": 64, "EVEN_K": True, "EVEN_N": True}
+    bf16_pointers = {"a_ptr": "*bf16", "b_ptr": "*bf16", "ends_ptr": "*i32", "out_ptr": "*bf16"}
     return {
         "1x128": (q._quantize_1x128_kernel, q.LAUNCH_CONFIG["1x128"],
                   {"POW2_SCALES": False, "TILE": 128}, _ACTIVATION, quantize, ("stride_xk",)),
@@ -69,6 +73,16 @@ def _kernels() -> dict:
                           ("O", "I", "stride_dyo", "stride_xi", "stride_dyso", "stride_xsi",
                            "stride_oe", "stride_oo"),
                           ("stride_dyst", "stride_xst", "stride_oi")),
+        # the bf16 grouped GEMM (kernels/grouped_gemm.py): forward (W [E, N, K] read as
+        # W^T: unit stride along K) and input gradient (W as stored: unit stride along N)
+        "bf16_grouped_gemm": (grouped_gemm._grouped_gemm_kernel, grouped_gemm.LAUNCH_CONFIG,
+                              bf16_grouped, bf16_pointers,
+                              ("N", "K", "stride_am", "stride_be", "stride_bn", "stride_om"),
+                              ("stride_ak", "stride_bk", "stride_on")),
+        "bf16_grouped_dgrad": (grouped_gemm._grouped_gemm_kernel, grouped_gemm.LAUNCH_CONFIG,
+                               bf16_grouped, bf16_pointers,
+                               ("N", "K", "stride_am", "stride_be", "stride_bk", "stride_om"),
+                               ("stride_ak", "stride_bn", "stride_on")),
         "transpose": (fp8_transpose._transpose_bytes_kernel, fp8_transpose.LAUNCH_CONFIG, {},
                       {"src_ptr": "*u8", "dst_ptr": "*u8"}, ("R", "C"), ()),
     }

@@ -153,8 +153,9 @@ class MoEConfig:
     seq_aux_loss_coeff: float = 0.0
     bias_update_rate: float = 1e-3
     bias_update_stop_tokens: Optional[int] = None  # None: never stop
-    # "auto": torch._grouped_mm on GPU, the per-expert loop on CPU.
-    experts_impl: Literal["auto", "grouped_mm", "loop"] = "auto"
+    # "auto": torch._grouped_mm on GPU, the per-expert loop on CPU. "triton" (opt-in): the
+    # forward and input-gradient GEMMs by kernels/grouped_gemm.py, dW by torch._grouped_mm.
+    experts_impl: Literal["auto", "grouped_mm", "loop", "triton"] = "auto"
 
     def __post_init__(self):
         _positive(self, "num_experts", "top_k", "expert_ffn_size", "num_groups", "topk_groups")
@@ -185,8 +186,9 @@ class MoEConfig:
         _check(self.bias_update_stop_tokens is None or self.bias_update_stop_tokens >= 0,
                "MoEConfig.bias_update_stop_tokens", self.bias_update_stop_tokens,
                "must be None (never stop) or a token count >= 0")
-        _check(self.experts_impl in ("auto", "grouped_mm", "loop"), "MoEConfig.experts_impl",
-               self.experts_impl, "choose 'auto', 'grouped_mm' or 'loop'")
+        _check(self.experts_impl in ("auto", "grouped_mm", "loop", "triton"),
+               "MoEConfig.experts_impl", self.experts_impl,
+               "choose 'auto', 'grouped_mm', 'loop' or 'triton'")
 
     @property
     def shared_ffn_size(self) -> int:

@@ -6,6 +6,9 @@ where Triton or a GPU is missing.
                       gradient, in one pass
   grouped_wgrad.py    the routed experts' weight gradients added into fp32 sums inside the
                       grouped GEMM (a torch custom op)
+  grouped_gemm.py     the routed experts' bf16 grouped GEMM for the forward and input
+                      gradient (experts_impl='triton'; a torch custom op with autograd); the
+                      reference is torch matmuls per expert
   cross_entropy.py    cross-entropy over the whole vocabulary in one read of the logits
                       forward and one read and write backward (the model's on a GPU without
                       tensor parallelism); the reference is Megatron's

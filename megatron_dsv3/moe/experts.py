@@ -12,8 +12,11 @@ over the EP group, read by `parallel.shard_state_dict` / `gather_state_dict`) an
              of gate and of up, i.e. stride 2), fc2_EDF = weight [E, D, F].
   y_ND = (silu(x W_gate^T) * (x W_up^T)) W_2^T, per expert on its contiguous rows.
 
-Two implementations with one result: `grouped_mm` (one `torch._grouped_mm` per projection,
-the GPU path, no host sync) and `loop` (a Python loop over experts, the reference).
+Implementations with one result: `grouped_mm` (one `torch._grouped_mm` per projection,
+the GPU path, no host sync), `loop` (a Python loop over experts, the reference) and `triton`
+(opt-in: the forward and input-gradient GEMMs by our Triton grouped GEMM,
+kernels/grouped_gemm.py, a custom operator torch.compile traces; the weight gradient as
+grouped_mm's).
 
 Weight-gradient deferral (weight_grad.py): while a schedule's store is attached
 (`RoutedExperts.weight_grad_store`), each projection runs as one autograd function,
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from ..config import ConfigError
 from ..fp8 import ops as fp8_ops  # the FP8 pieces: custom operators (traced), bodies (eager)
 from ..fp8.weight_cache import Blocks, current_step, for_step, quantized_weight, static_blocks
+from ..kernels.grouped_gemm import call_grouped_gemm, grouped_linear
 from ..kernels.grouped_wgrad import grouped_wgrad_add_, stash_segment_
 from ..layers import mark_tensor_parallel, normal_init, tp_size
 from ..sharded_checkpoint import sharded_state_dict_of
@@ -90,11 +94,22 @@ def experts_grouped_mm(x_ND: torch.Tensor, fc1_EFD2: torch.Tensor, fc2_EDF: torc
     return torch._grouped_mm(swiglu(h_NF2), fc2_EDF.transpose(-2, -1), offs=offsets_E)
 
 
-EXPERT_IMPLS = {"loop": experts_loop, "grouped_mm": experts_grouped_mm}
+def experts_triton(x_ND: torch.Tensor, fc1_EFD2: torch.Tensor, fc2_EDF: torch.Tensor,
+                   tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """grouped_mm's experts with the forward and input-gradient GEMMs by the Triton grouped
+    GEMM (kernels/grouped_gemm.py; its reference on the CPU), dW by torch._grouped_mm."""
+    offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
+    h_NF2 = grouped_linear(x_ND, fc1_EFD2, offsets_E)
+    return grouped_linear(swiglu(h_NF2), fc2_EDF, offsets_E)
+
+
+EXPERT_IMPLS = {"loop": experts_loop, "grouped_mm": experts_grouped_mm,
+                "triton": experts_triton}
+GROUPED_IMPLS = ("grouped_mm", "triton")  # rows found by int32 end offsets, no host sync
 
 
 def resolve_experts_impl(impl: str, device: torch.device) -> str:
-    """'loop' or 'grouped_mm' for `MoEConfig.experts_impl` on this device."""
+    """'loop', 'grouped_mm' or 'triton' for `MoEConfig.experts_impl` on this device."""
     if impl == "auto":
         impl = "grouped_mm" if device.type == "cuda" else "loop"
     if impl == "grouped_mm" and device.type == "cpu" and torch.is_grad_enabled():
@@ -148,6 +163,8 @@ class _ExpertsLinear(torch.autograd.Function):
                                 *w_q, _group_ends(groups), x_c.dtype)
         elif impl == "grouped_mm":
             y_NO = torch._grouped_mm(x_c, w_c.transpose(-2, -1), offs=groups)
+        elif impl == "triton":
+            y_NO = call_grouped_gemm(x_c, w_c, groups, True)
         else:
             y_NO = torch.cat([F.linear(x_c[a:b], w_c[e]) for e, (a, b) in
                               enumerate(row_bounds(groups))], dim=0)
@@ -181,7 +198,7 @@ class _ExpertsLinear(torch.autograd.Function):
         x_NI = None if ctx.fp8_wgrad else saved.pop(0)
         w_saved = saved
         groups = ctx.groups
-        grouped = ctx.impl == "grouped_mm"
+        grouped = ctx.impl in GROUPED_IMPLS
         bounds = None if grouped else row_bounds(groups)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0] and ctx.fp8:  # dX_e = dY_e W_e, in FP8
@@ -193,8 +210,12 @@ class _ExpertsLinear(torch.autograd.Function):
                 ctx.x_dtype)
         elif ctx.needs_input_grad[0]:  # dX_e = dY_e W_e
             (w_EOI,) = w_saved
-            grad_x = (torch._grouped_mm(grad_y_NO, w_EOI, offs=groups) if grouped else
-                      torch.cat([grad_y_NO[a:b] @ w_EOI[e] for e, (a, b) in enumerate(bounds)]))
+            if ctx.impl == "triton":
+                grad_x = call_grouped_gemm(grad_y_NO, w_EOI, groups, False)
+            else:
+                grad_x = (torch._grouped_mm(grad_y_NO, w_EOI, offs=groups) if grouped else
+                          torch.cat([grad_y_NO[a:b] @ w_EOI[e] for e, (a, b) in
+                                     enumerate(bounds)]))
 
         if ctx.needs_input_grad[1] and ctx.fp8_wgrad:  # dY in the tiles of x's
             ends = _group_ends(groups)
@@ -238,8 +259,8 @@ def _group_ends(groups: Groups) -> torch.Tensor:
 
 def expert_groups(tokens_per_expert_E: torch.Tensor, impl: str) -> Groups:
     """What `experts_linear` needs to find each expert's rows: int32 end offsets (grouped_mm,
-    no host sync) or the counts as a list (loop, one host sync)."""
-    if impl == "grouped_mm":
+    triton: no host sync) or the counts as a list (loop, one host sync)."""
+    if impl in GROUPED_IMPLS:
         return tokens_per_expert_E.cumsum(0).to(torch.int32)
     return tokens_per_expert_E.tolist()
 
@@ -248,7 +269,7 @@ def experts_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, impl: str, groups: G
                    store: Optional[WeightGradStore] = None, segments=None,
                    fp32_grad: Optional[torch.Tensor] = None, fp8: bool = False,
                    fp8_wgrad: bool = False, blocks: Optional[Blocks] = None) -> torch.Tensor:
-    """x_NI W_e^T on each expert e's rows, by `impl` ('loop' | 'grouped_mm'); the weight
+    """x_NI W_e^T on each expert e's rows, by `impl` ('loop' | 'grouped_mm' | 'triton'); the weight
     gradient's operands are copied into `segments` (expert_wgrad.Segments, at the merger's
     slot) when given, the
     gradient into `fp32_grad` (w_EOI's fp32 sum; grouped_mm only) by the grouped GEMM itself
@@ -361,9 +382,11 @@ class RoutedExperts(torch.nn.Module):
         sums = (None, None)
         if into_main_grad:
             sums = tuple(getattr(w, "main_grad", None) for w in (self.fc1, self.fc2))
-            if name != "grouped_mm" or any(s is None or s.dtype != torch.float32 for s in sums):
+            if name not in GROUPED_IMPLS or any(s is None or s.dtype != torch.float32
+                                                for s in sums):
                 raise ValueError(
-                    "RoutedExperts.grads_into_main_grad needs the grouped_mm experts and an fp32 "
+                    "RoutedExperts.grads_into_main_grad needs the grouped_mm or triton experts "
+                    "and an fp32 "
                     f"`main_grad` on fc1 and fc2 (experts_impl={name!r}); give the weights one "
                     "(train/master_weights.MasterWeights does) or turn it off")
         seg1, seg2 = (self.fc1_segments, self.fc2_segments) if merged else (None, None)

@@ -194,13 +194,13 @@ def expert_wgrad_mode(args, cfg: ModelConfig, dtype: torch.dtype,
     fastest measured on one H200: RESULTS.md 2026-12-03) where the parameters are bf16 with
     fp32 masters on cuda without a pipeline and the experts run as grouped GEMMs, micro-batch
     otherwise."""
-    from ..moe.experts import resolve_experts_impl
+    from ..moe.experts import GROUPED_IMPLS, resolve_experts_impl
 
     if args.expert_wgrad != "auto":
         return args.expert_wgrad
     fast = (device.type == "cuda" and dtype != torch.float32
             and args.pipeline_parallel_size == 1
-            and resolve_experts_impl(cfg.moe.experts_impl, device) == "grouped_mm")
+            and resolve_experts_impl(cfg.moe.experts_impl, device) in GROUPED_IMPLS)
     return "in-gemm" if fast else "micro-batch"
 
 

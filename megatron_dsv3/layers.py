@@ -20,7 +20,8 @@ None unless a schedule attaches its store (`attach_weight_grad_store`). With Non
 Megatron's (or F.linear's) code unchanged, at the cost of one attribute test; with a store they
 run one autograd function (`linear_deferred_wgrad`) that computes the same GEMMs, dX in the
 backward (plus the column-parallel dX all-reduce where Megatron does it) and dW there or,
-while the store defers, in W.
+while the store defers, in W. Under torch.compile a layer with a store runs eager, outside the
+graph (`_forward_eager`: the deferral is decided in the backward, which tracing would fix).
 
 Every linear returns `(output, bias)` like Megatron's; bias is always None here (DeepSeek
 has no linear biases). The TP helpers at the bottom are device-agnostic: Megatron's own
@@ -113,12 +114,18 @@ class ReplicatedLinear(torch.nn.Module):
             self.weight.copy_(master)
 
     def forward(self, x: torch.Tensor):
+        if self.weight_grad_store is not None and torch.compiler.is_compiling():
+            return self._forward_eager(x)  # see _DeferrableWgrad.forward
         if self.fp8:
             return fp8_linear(x, self.weight, store=self.weight_grad_store,
                               blocks=static_blocks(self, "fp8_blocks")), None
         if self.weight_grad_store is None:
             return F.linear(x, self.weight), None
         return linear_deferred_wgrad(x, self.weight, None, self.weight_grad_store), None
+
+    @torch.compiler.disable  # a schedule's store: Python state that the backward reads
+    def _forward_eager(self, x: torch.Tensor):
+        return self.forward(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,6 +138,22 @@ class _DeferrableWgrad(OwnGemmHook):
 
     weight_grad_store: Optional[WeightGradStore] = None
     fp8: bool = False  # the GEMMs in FP8 (mark_fp8_linears)
+
+    def forward(self, *args, **kwargs):
+        """Megatron's forward; under torch.compile with a store attached, eager outside the
+        graph. Whether the weight gradient is deferred is decided in the backward
+        (`store.deferring_now`): traced, dynamo reads it once, at trace time (False), and
+        compiles the weight gradient into the backward graph, so a schedule's B would compute
+        what its W should. Leaving at the layer (rather than at its GEMM) is one graph break,
+        with no frames below it that dynamo would compile, and recompile, per weight shape.
+        Without a store (normal training) nothing changes: traced, no break."""
+        if self.weight_grad_store is not None and torch.compiler.is_compiling():
+            return self._forward_eager(*args, **kwargs)
+        return super().forward(*args, **kwargs)
+
+    @torch.compiler.disable  # a schedule's store: Python state that the backward reads
+    def _forward_eager(self, *args, **kwargs):
+        return super().forward(*args, **kwargs)
 
     def own_gemm_enabled(self, weight: torch.Tensor) -> bool:
         return self.fp8 or (self.weight_grad_store is not None and weight.requires_grad)

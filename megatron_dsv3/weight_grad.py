@@ -39,6 +39,12 @@ Design notes
   * Only the GEMMs of these layers are deferred; every other parameter (norms, the router, the
     embedding, Megatron's own output layer) gets its gradient during B. That is correct, only
     less of the weight work moves into W.
+  * Not traced by torch.compile while a store is attached: whether to defer is read in the
+    backward (`deferring_now`), and a traced layer would have the value of trace time (not
+    deferring) compiled into its backward graph, so B would compute W's gradients. The layers
+    with a store leave the graph (`torch.compiler.disable`: layers.py's linears at the layer,
+    `RoutedExperts._eager`, `linear_deferred_wgrad` for any other caller); without one they
+    trace as before.
 """
 
 from __future__ import annotations
@@ -222,13 +228,27 @@ class _LinearDeferredWgrad(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+@torch.compiler.disable  # the store's deferral is decided in backward: Python state, eager
+def _linear_deferred_wgrad_eager(x: torch.Tensor, weight: torch.Tensor,
+                                 bias: Optional[torch.Tensor], store: WeightGradStore,
+                                 dgrad_group) -> torch.Tensor:
+    return _LinearDeferredWgrad.apply(x, weight, bias, store, dgrad_group)
+
+
 def linear_deferred_wgrad(x: torch.Tensor, weight: torch.Tensor,
                           bias: Optional[torch.Tensor] = None,
                           store: Optional[WeightGradStore] = None,
                           dgrad_group=None) -> torch.Tensor:
     """F.linear(x, weight, bias) whose weight/bias gradients go to `store` while it defers.
     `dgrad_group`: all-reduce the input gradient over this group (a column-parallel layer
-    whose input is replicated over tensor-parallel ranks); None: no communication."""
+    whose input is replicated over tensor-parallel ranks); None: no communication.
+
+    Under torch.compile with a store it leaves the graph (one break each side) and runs eager:
+    traced, dynamo would read `store.deferring_now` once, at trace time (False: the forward is
+    not deferring), and fold the non-deferred weight gradient into the compiled backward, so B
+    would compute what W should. Without a store (normal training) it is traced."""
+    if store is not None and torch.compiler.is_compiling():
+        return _linear_deferred_wgrad_eager(x, weight, bias, store, dgrad_group)
     return _LinearDeferredWgrad.apply(x, weight, bias, store, dgrad_group)
 
 

@@ -23,7 +23,9 @@ Weight-gradient deferral (weight_grad.py): while a schedule's store is attached
 `experts_linear` (y_NO = x_NI W_e^T on expert e's rows), whose backward computes dX now and
 dW_e = dY_e^T X_e (w_EOI, all experts at once) now or in the W step: the same GEMMs autograd
 runs for `_grouped_mm` (grouped_mm) or for the per-expert F.linear (loop). Without a store
-the plain functions above run, unchanged.
+the plain functions above run, unchanged. With a store the experts leave torch.compile's graph
+and run eager (`RoutedExperts._eager`): whether to defer is decided in the backward, which a
+traced function would have fixed at trace time.
 """
 
 from __future__ import annotations
@@ -347,10 +349,10 @@ class RoutedExperts(torch.nn.Module):
         merged = self.weight_grad_merger is not None and grad
         store = None if merged else self.weight_grad_store
         into_main_grad = self.grads_into_main_grad and grad and not merged and store is None
-        if self.fp8 and (store is not None or merged):  # Python state: outside torch.compile
-            return self._fp8_eager(x_ND, tokens_per_expert_E, impl, store, merged, into_main_grad)
+        if store is not None or (self.fp8 and merged):  # Python state: outside torch.compile
+            return self._eager(x_ND, tokens_per_expert_E, impl, store, merged, into_main_grad)
         # FP8 (traced under torch.compile: fp8/ops.py's custom operators) or the weight
-        # gradients going elsewhere than autograd
+        # gradients going elsewhere than autograd (the merger's segments, the fp32 sums)
         if self.fp8 or merged or store is not None or into_main_grad:
             return self._through_experts_linear(x_ND, tokens_per_expert_E, impl, store, merged,
                                                 into_main_grad)
@@ -363,10 +365,13 @@ class RoutedExperts(torch.nn.Module):
             x_ND, fc1, fc2 = x_ND.to(dtype), fc1.to(dtype), fc2.to(dtype)
         return run(x_ND, fc1, fc2, tokens_per_expert_E)
 
-    @torch.compiler.disable  # a schedule's store or the step's merger: Python state, eager
-    def _fp8_eager(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
-                   impl: Optional[str], store: Optional[WeightGradStore], merged: bool,
-                   into_main_grad: bool) -> torch.Tensor:
+    @torch.compiler.disable  # a schedule's store or the step's FP8 merger: Python state, eager
+    def _eager(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+               impl: Optional[str], store: Optional[WeightGradStore], merged: bool,
+               into_main_grad: bool) -> torch.Tensor:
+        """The experts outside torch.compile: a store's deferral is decided in the backward
+        (traced, dynamo would fold its trace-time answer, not deferring, into the compiled
+        backward and B would compute W's gradients); the FP8 merger's caches are Python."""
         return self._through_experts_linear(x_ND, tokens_per_expert_E, impl, store, merged,
                                             into_main_grad)
 
